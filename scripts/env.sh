@@ -1,0 +1,52 @@
+# Sourced by the other scripts: prepares everything lmim-bench needs and exports the environment.
+# - a Python virtual environment with torch==2.11.0 (the libtorch that tch 0.24.0 binds), numpy, safetensors,
+#   timm, torchvision and scipy, kept in a cache directory outside the clone so that every clone reuses it;
+# - Debian packages: the Fashion-MNIST data set for the demo;
+# - the build, also kept in the cache (CARGO_TARGET_DIR), so a fresh clone does not rebuild libtorch bindings.
+# LMIM_CACHE overrides the cache directory; an existing LIBTORCH (a libtorch unpacked somewhere) is used as is.
+set -euo pipefail
+
+LMIM_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export LMIM_ROOT
+export LMIM_CACHE="${LMIM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lmim-bench}"
+mkdir -p "$LMIM_CACHE"
+VENV="$LMIM_CACHE/venv"
+PY_REQS="torch==2.11.0 torchvision==0.26.0 numpy safetensors timm scipy pillow"
+STAMP="$VENV/.lmim-reqs"
+
+log() { printf '[lmim-bench setup] %s\n' "$*" >&2; }
+
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$PY_REQS" ]; then
+    command -v python3 >/dev/null || { log "python3 is required"; exit 2; }
+    log "creating the Python environment in $VENV (torch 2.11.0 from PyPI, a few GB, once)"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet $PY_REQS
+    echo "$PY_REQS" > "$STAMP"
+fi
+export LMIM_PYTHON="$VENV/bin/python"
+
+if [ -z "${LIBTORCH:-}" ]; then
+    # tch's build script finds libtorch inside the active Python's torch package.
+    export LIBTORCH_USE_PYTORCH=1
+    export VIRTUAL_ENV="$VENV"
+    export PATH="$VENV/bin:$PATH"
+fi
+export LIBTORCH_BYPASS_VERSION_CHECK="${LIBTORCH_BYPASS_VERSION_CHECK:-0}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$LMIM_CACHE/target}"
+
+# Fashion-MNIST as Debian ships it: the small real data set of the demo and the tests.
+FMNIST_DIR="${LMIM_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
+if [ ! -e "$FMNIST_DIR/train-images-idx3-ubyte.gz" ] && [ -z "${LMIM_FASHION_MNIST:-}" ]; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        log "installing Debian's dataset-fashion-mnist"
+        (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ||
+            { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }) ||
+            log "could not install dataset-fashion-mnist; install it (apt-get install dataset-fashion-mnist) or set LMIM_FASHION_MNIST"
+    elif command -v sudo >/dev/null; then
+        sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null ||
+            log "could not install dataset-fashion-mnist; install it or set LMIM_FASHION_MNIST"
+    else
+        log "Fashion-MNIST is missing: run 'apt-get install dataset-fashion-mnist' as root, or set LMIM_FASHION_MNIST"
+    fi
+fi
+export LMIM_FASHION_MNIST="$FMNIST_DIR"

@@ -1,0 +1,287 @@
+//! Checkpoints as safetensors with timm's key names, plus import of PyTorch `.pth` state dicts.
+//!
+//! Metadata entries: `arch` (timm name), `config` (the model config as JSON), `format` (`lmim-bench`), and any
+//! extra entries a caller adds (training state uses `step`, `epoch`, ...). Files are written to a temporary name in
+//! the same directory and renamed, so a crash never leaves a half-written checkpoint under the final name.
+pub mod pth;
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use sha2::{Digest, Sha256};
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::{VisionTransformer, VitConfig};
+
+/// Tensors with names, in a stable order, and string metadata.
+#[derive(Debug, Default)]
+pub struct Checkpoint {
+    pub tensors: Vec<(String, Tensor)>,
+    pub metadata: BTreeMap<String, String>,
+    pub path: PathBuf,
+}
+
+impl Checkpoint {
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t)
+    }
+    pub fn shapes(&self) -> HashMap<String, Vec<i64>> {
+        self.tensors.iter().map(|(n, t)| (n.clone(), t.size())).collect()
+    }
+}
+
+fn to_dtype(kind: Kind) -> Option<Dtype> {
+    Some(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        _ => return None,
+    })
+}
+
+fn to_kind(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F64 => Kind::Double,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// Raw bytes of a tensor in its own dtype, contiguous, on the CPU.
+pub fn tensor_bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.detach().to_device(Device::Cpu).contiguous();
+    let n = t.numel();
+    let mut buf = vec![0u8; n * t.kind().elt_size_in_bytes()];
+    t.copy_data_u8(&mut buf, n);
+    buf
+}
+
+/// Writes `path.tmp-<pid>` and renames it over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// Saves named tensors with metadata as safetensors, atomically.
+pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
+    let mut owned = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let dtype = to_dtype(t.kind()).ok_or_else(|| Error::checkpoint(path, format!("tensor `{name}` has unsupported kind {:?}", t.kind())))?;
+        let shape: Vec<usize> = t.size().iter().map(|&s| s as usize).collect();
+        owned.push((name.clone(), dtype, shape, tensor_bytes(t)));
+    }
+    let views = owned
+        .iter()
+        .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    let meta: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Loads a safetensors file onto the CPU.
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::checkpoint(path, format!("cannot parse safetensors ({e}); truncated or not a safetensors file?")))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    let metadata = header.metadata().clone().unwrap_or_default().into_iter().collect();
+    let mut tensors = Vec::new();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    for name in names {
+        let view = st.tensor(&name).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+        let kind = to_kind(view.dtype()).ok_or_else(|| Error::checkpoint(path, format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&s| s as i64).collect();
+        tensors.push((name, Tensor::from_data_size(view.data(), &shape, kind)));
+    }
+    Ok(Checkpoint { tensors, metadata, path: path.to_path_buf() })
+}
+
+/// Loads a checkpoint of any supported format: safetensors, or a PyTorch `.pth`/`.pt`/`.bin` pickle.
+pub fn load_any(path: &Path) -> Result<Checkpoint> {
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
+    if n >= 2 && &magic[..2] == b"PK" {
+        pth::load(path)
+    } else {
+        load(path)
+    }
+}
+
+/// Hex SHA-256 of a file's bytes.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Missing and unexpected keys found when loading into a model.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct LoadReport {
+    pub missing: Vec<String>,
+    pub unexpected: Vec<String>,
+}
+
+impl LoadReport {
+    pub fn summary(&self) -> String {
+        let show = |v: &[String]| if v.is_empty() { "none".to_string() } else { v.join(", ") };
+        format!("missing keys: {}; unexpected keys: {}", show(&self.missing), show(&self.unexpected))
+    }
+}
+
+/// Copies tensors into the var store's variables with the same names. A shape mismatch is an error; missing keys
+/// listed in `allow_missing` (by prefix) are tolerated, any other missing key is an error.
+pub fn load_into(vs: &nn::VarStore, ckpt: &Checkpoint, allow_missing: &[&str]) -> Result<LoadReport> {
+    let vars = vs.variables();
+    let mut report = LoadReport::default();
+    let by_name: HashMap<&str, &Tensor> = ckpt.tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &vars[name];
+        match by_name.get(name.as_str()) {
+            Some(src) => {
+                if src.size() != var.size() {
+                    return Err(Error::ShapeMismatch { path: ckpt.path.clone(), name: name.clone(), found: src.size(), expected: var.size() });
+                }
+                tch::no_grad(|| {
+                    let mut v = var.shallow_clone();
+                    v.copy_(&src.to_kind(var.kind()).to_device(var.device()))
+                });
+            }
+            None => report.missing.push(name.clone()),
+        }
+    }
+    report.unexpected = ckpt.tensors.iter().map(|(n, _)| n.clone()).filter(|n| !vars.contains_key(n)).collect();
+    let fatal: Vec<String> = report.missing.iter().filter(|m| !allow_missing.iter().any(|p| m.starts_with(p))).cloned().collect();
+    if !fatal.is_empty() {
+        return Err(Error::MissingKeys { path: ckpt.path.clone(), names: fatal });
+    }
+    Ok(report)
+}
+
+/// Brings state dicts from other code bases to timm's ViT names:
+/// - strips the `module.` prefix of DDP checkpoints;
+/// - for a Latent MIM model (keys under `encoder.`), keeps the online encoder and drops its projection head;
+/// - converts the Latent MIM Linear patch embedding (`embed.proj`, input in (row, col, channel) order) into timm's
+///   conv weight `[D, 3, p, p]`, and the `pos_embed.pos_embeds` buffer `[N+1, D]` into `pos_embed [1, N+1, D]`.
+pub fn to_timm_names(mut ckpt: Checkpoint) -> Checkpoint {
+    let strip = |t: &mut Vec<(String, Tensor)>, prefix: &str| {
+        if !t.is_empty() && t.iter().all(|(n, _)| n.starts_with(prefix)) {
+            for (n, _) in t.iter_mut() {
+                *n = n[prefix.len()..].to_string();
+            }
+        }
+    };
+    strip(&mut ckpt.tensors, "module.");
+    if ckpt.tensors.iter().any(|(n, _)| n.starts_with("encoder.")) {
+        ckpt.tensors.retain(|(n, _)| n.starts_with("encoder.") && !n.starts_with("encoder.head."));
+        strip(&mut ckpt.tensors, "encoder.");
+    }
+    let mut out = Vec::with_capacity(ckpt.tensors.len());
+    for (name, t) in std::mem::take(&mut ckpt.tensors) {
+        match name.as_str() {
+            "embed.proj.weight" if t.dim() == 2 => {
+                let d = t.size()[0];
+                let p = ((t.size()[1] / 3) as f64).sqrt().round() as i64;
+                out.push(("patch_embed.proj.weight".to_string(), t.reshape([d, p, p, 3]).permute([0, 3, 1, 2]).contiguous()));
+            }
+            "embed.proj.bias" => out.push(("patch_embed.proj.bias".to_string(), t)),
+            "pos_embed.pos_embeds" => out.push(("pos_embed".to_string(), t.unsqueeze(0))),
+            "mask_proj.weight" | "mask_proj.bias" => {}
+            _ => out.push((name, t)),
+        }
+    }
+    ckpt.tensors = out;
+    ckpt
+}
+
+/// A ViT with its var store, built from a checkpoint.
+pub struct LoadedVit {
+    pub vs: nn::VarStore,
+    pub model: VisionTransformer,
+    pub report: LoadReport,
+    pub sha256: String,
+}
+
+/// Resolves the architecture: `arch` given by the user, else the checkpoint's `config`/`arch` metadata, else a
+/// guess from the tensor shapes.
+pub fn resolve_config(ckpt: &Checkpoint, arch: Option<&str>) -> Result<VitConfig> {
+    if let Some(a) = arch {
+        let cfg = VitConfig::from_arch(a)?;
+        return Ok(cfg);
+    }
+    if let Some(cfg) = ckpt.metadata.get("config") {
+        return serde_json::from_str(cfg).map_err(|e| Error::checkpoint(&ckpt.path, format!("metadata `config` is not a ViT config: {e}")));
+    }
+    if let Some(a) = ckpt.metadata.get("arch") {
+        return VitConfig::from_arch(a);
+    }
+    VitConfig::infer(&ckpt.shapes()).ok_or_else(|| {
+        Error::checkpoint(&ckpt.path, "no `arch` metadata and the tensor shapes match no known architecture; pass --arch")
+    })
+}
+
+/// Loads a ViT encoder from any supported checkpoint. Head tensors are ignored unless `num_classes` > 0.
+pub fn load_vit(path: &Path, arch: Option<&str>, device: Device, num_classes: i64) -> Result<LoadedVit> {
+    let sha256 = sha256_file(path)?;
+    let ckpt = to_timm_names(load_any(path)?);
+    let mut cfg = resolve_config(&ckpt, arch)?;
+    if let Some(meta_arch) = ckpt.metadata.get("arch") {
+        if arch.is_some_and(|a| a != meta_arch) {
+            return Err(Error::checkpoint(path, format!("checkpoint is `{meta_arch}` but --arch says `{}`", arch.unwrap_or_default())));
+        }
+    }
+    cfg.num_classes = num_classes;
+    let vs = nn::VarStore::new(device);
+    let model = VisionTransformer::new(&vs.root(), &cfg);
+    let mut report = load_into(&vs, &ckpt, &["head.", "fc_norm."])?;
+    if num_classes == 0 {
+        report.unexpected.retain(|n| !n.starts_with("head.") && !n.starts_with("fc_norm."));
+    }
+    Ok(LoadedVit { vs, model, report, sha256 })
+}
+
+/// Saves a ViT's variables under timm names with `arch` and `config` metadata.
+pub fn save_vit(path: &Path, vs: &nn::VarStore, cfg: &VitConfig, extra: &BTreeMap<String, String>) -> Result<()> {
+    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut meta = extra.clone();
+    meta.insert("format".into(), "lmim-bench".into());
+    meta.insert("arch".into(), cfg.arch.clone());
+    meta.insert("config".into(), serde_json::to_string(cfg).expect("config serialises"));
+    save(path, &tensors, &meta)
+}

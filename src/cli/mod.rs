@@ -1,0 +1,93 @@
+//! Command-line interface: argument parsing (clap derive; the doc comments are the `--help`), and the mapping of
+//! errors to exit codes: 0 ok, 1 a check failed or a run went wrong, 2 usage or input error.
+pub mod data;
+mod model_cmds;
+
+use clap::{Parser, Subcommand};
+
+/// Latent MIM pretraining and NN / LP / Ft evaluation of Vision Transformers, on libtorch.
+#[derive(Debug, Parser)]
+#[command(name = "lmim-bench", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print versions (crate, git commit, libtorch, CUDA, cuDNN), devices and the libtorch path.
+    Info(model_cmds::InfoArgs),
+    /// Run a ViT forward pass on generated images and print the output shapes and speed.
+    Forward(model_cmds::ForwardArgs),
+    /// Convert a checkpoint (PyTorch .pth/.pt or safetensors; timm, MAE or Latent MIM keys) into a timm-named
+    /// safetensors ViT checkpoint with `arch` and `config` metadata.
+    Convert(model_cmds::ConvertArgs),
+    /// Prepare and inspect data sets (the Fashion-MNIST demo set, generated sets, fingerprints).
+    Data(data::DataArgs),
+}
+
+/// An error that carries the exit code the command should end with.
+#[derive(Debug)]
+pub struct ExitError {
+    pub code: i32,
+    pub message: String,
+}
+
+impl std::fmt::Display for ExitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+impl std::error::Error for ExitError {}
+
+/// Exit code of an error: the library's own classification where there is one, 2 for I/O and parse problems of
+/// the user's inputs, 1 otherwise.
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<ExitError>() {
+            return e.code;
+        }
+        if let Some(e) = cause.downcast_ref::<crate::Error>() {
+            return e.exit_code();
+        }
+        if let Some(e) = cause.downcast_ref::<std::io::Error>() {
+            return if e.kind() == std::io::ErrorKind::BrokenPipe { 0 } else { 2 };
+        }
+    }
+    1
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Info(a) => model_cmds::info(a),
+        Command::Forward(a) => model_cmds::forward(a),
+        Command::Convert(a) => model_cmds::convert(a),
+        Command::Data(a) => data::run(a),
+    }
+}
+
+/// Entry point of the binary; returns the process exit code.
+pub fn main() -> i32 {
+    // A closed stdout pipe (`lmim-bench table | head`) ends the process quietly, as in other Unix tools.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            let code = exit_code(&e);
+            if code != 0 {
+                eprintln!("error: {e:#}");
+            }
+            code
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! `info`, `forward` and `convert`.
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use tch::{nn, Kind, Tensor};
+
+use crate::checkpoint;
+use crate::info::{device_name, parse_device, Info};
+use crate::model::{VisionTransformer, VitConfig};
+use crate::results::write_output;
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn info(a: InfoArgs) -> anyhow::Result<()> {
+    let info = Info::collect();
+    let text = if a.json { serde_json::to_string_pretty(&info)? + "\n" } else { info.human() };
+    write_output("-", &text)?;
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ForwardArgs {
+    /// Architecture (timm name) of a freshly initialised model; ignored with --checkpoint.
+    #[arg(long, default_value = "vit_pico_patch4_32")]
+    pub arch: String,
+    /// Load the weights from this checkpoint instead of a random initialisation.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Number of generated images.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: i64,
+    /// Timed repetitions after one warm-up pass.
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn forward(a: ForwardArgs) -> anyhow::Result<()> {
+    let device = parse_device(&a.device)?;
+    tch::manual_seed(0);
+    let (vs, model) = match &a.checkpoint {
+        Some(p) => {
+            let l = checkpoint::load_vit(p, None, device, 0).with_context(|| format!("loading {}", p.display()))?;
+            (l.vs, l.model)
+        }
+        None => {
+            let cfg = VitConfig::from_arch(&a.arch)?;
+            let vs = nn::VarStore::new(device);
+            let m = VisionTransformer::new(&vs.root(), &cfg);
+            (vs, m)
+        }
+    };
+    let cfg = &model.cfg;
+    if a.batch_size < 1 {
+        return Err(crate::Error::option("--batch-size", "must be at least 1").into());
+    }
+    let images = Tensor::randn([a.batch_size, 3, cfg.img_size, cfg.img_size], (Kind::Float, device));
+    let out = tch::no_grad(|| model.forward_features(&images, &[-1], false));
+    let mut secs = Vec::new();
+    for _ in 0..a.repeat {
+        let t = Instant::now();
+        let o = tch::no_grad(|| model.forward_features(&images, &[], false));
+        let _ = o.tokens.sum(Kind::Float).double_value(&[]);
+        secs.push(t.elapsed().as_secs_f64());
+    }
+    let best = secs.iter().cloned().fold(f64::INFINITY, f64::min);
+    let report = serde_json::json!({
+        "arch": cfg.arch,
+        "params": crate::model::vit::count_params(&vs),
+        "device": device_name(device),
+        "input": images.size(),
+        "tokens": out.tokens.size(),
+        "cls": out.cls().size(),
+        "patch_tokens": out.patch_tokens().size(),
+        "last_block": out.intermediates[0].size(),
+        "finite": out.tokens.isfinite().all().int64_value(&[]) == 1,
+        "img_per_s": if best.is_finite() { a.batch_size as f64 / best } else { 0.0 },
+    });
+    let text = if a.json {
+        serde_json::to_string_pretty(&report)? + "\n"
+    } else {
+        format!(
+            "{} ({} parameters) on {}: input {:?} -> tokens {:?} (CLS {:?}, patches {:?}); {:.1} img/s\n",
+            cfg.arch, report["params"], report["device"].as_str().unwrap_or(""), images.size(), out.tokens.size(),
+            out.cls().size(), out.patch_tokens().size(), report["img_per_s"].as_f64().unwrap_or(0.0)
+        )
+    };
+    write_output("-", &text)?;
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Input checkpoint: a PyTorch .pth/.pt state dict (possibly nested under `model` or `state_dict`, possibly
+    /// with a `module.` prefix) or a safetensors file.
+    pub input: PathBuf,
+    /// Output safetensors file.
+    pub output: PathBuf,
+    /// Architecture (timm name) when the input has no metadata and cannot be inferred from its shapes.
+    #[arg(long)]
+    pub arch: Option<String>,
+}
+
+pub fn convert(a: ConvertArgs) -> anyhow::Result<()> {
+    let loaded = checkpoint::load_vit(&a.input, a.arch.as_deref(), tch::Device::Cpu, 0)
+        .with_context(|| format!("reading {}", a.input.display()))?;
+    let mut meta = std::collections::BTreeMap::new();
+    meta.insert("converted_from".to_string(), a.input.display().to_string());
+    meta.insert("source_sha256".to_string(), loaded.sha256.clone());
+    checkpoint::save_vit(&a.output, &loaded.vs, &loaded.model.cfg, &meta).with_context(|| format!("writing {}", a.output.display()))?;
+    eprintln!("{} -> {} ({}; {})", a.input.display(), a.output.display(), loaded.model.cfg.arch, loaded.report.summary());
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Data: ImageFolder / ImageNet datasets, JPEG decoding, torchvision-compatible transforms and a prefetching loader.

@@ -1,0 +1,53 @@
+//! The library's error type. Every variant names the file or option that is at fault, so the command layer
+//! can print it as is; `exit_code` maps errors to the CLI's convention (2 = usage or input error).
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid checkpoint: {reason}")]
+    BadCheckpoint { path: PathBuf, reason: String },
+    #[error("{path}: tensor `{name}` has shape {found:?}, the model expects {expected:?}")]
+    ShapeMismatch { path: PathBuf, name: String, found: Vec<i64>, expected: Vec<i64> },
+    #[error("{path}: missing tensors the model needs: {}", names.join(", "))]
+    MissingKeys { path: PathBuf, names: Vec<String> },
+    #[error("unknown architecture `{0}` (known: {known})", known = crate::model::vit::ARCH_NAMES.join(", "))]
+    UnknownArch(String),
+    #[error("{path}: {reason}")]
+    BadConfig { path: PathBuf, reason: String },
+    #[error("option {option}: {reason}")]
+    BadOption { option: String, reason: String },
+    #[error("{path}: {reason}")]
+    BadData { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Torch(#[from] tch::TchError),
+    #[error("training diverged: {0}")]
+    Diverged(String),
+}
+
+impl Error {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+    pub fn option(option: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::BadOption { option: option.into(), reason: reason.into() }
+    }
+    pub fn data(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::BadData { path: path.into(), reason: reason.into() }
+    }
+    pub fn checkpoint(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::BadCheckpoint { path: path.into(), reason: reason.into() }
+    }
+
+    /// Exit code under the CLI convention: 2 for bad input or usage, 1 for anything that went wrong at run time.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Torch(_) | Error::Diverged(_) => 1,
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => 0,
+            _ => 2,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,96 @@
+//! Versions and devices: what `lmim-bench info` prints and what every results record carries.
+use serde::Serialize;
+use tch::Cuda;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Info {
+    pub crate_version: String,
+    pub git_commit: String,
+    pub libtorch_version: String,
+    pub libtorch_path: String,
+    pub cuda_available: bool,
+    pub cuda_devices: i64,
+    pub cudnn_version: Option<i64>,
+    pub cuda_runtime_version: Option<i64>,
+    pub cpu_threads: i32,
+    pub mkldnn: bool,
+    pub openmp: bool,
+}
+
+/// The libtorch version: read from the torch package the binary was linked against (`torch/version.py`), or from
+/// a plain libtorch's `build-version` file.
+fn libtorch_version(lib: &str) -> String {
+    let lib = std::path::Path::new(lib);
+    let candidates = [lib.join("../version.py"), lib.join("../build-version")];
+    for c in candidates {
+        if let Ok(text) = std::fs::read_to_string(&c) {
+            if let Some(line) = text.lines().find(|l| l.starts_with("__version__")) {
+                return line.split('=').nth(1).unwrap_or("").trim().trim_matches(|c| c == '\'' || c == '"').to_string();
+            }
+            if !text.contains('=') {
+                return text.trim().to_string();
+            }
+        }
+    }
+    "unknown".into()
+}
+
+impl Info {
+    pub fn collect() -> Self {
+        let lib = option_env!("LMIM_LIBTORCH_LIB").unwrap_or("").to_string();
+        let cuda = Cuda::is_available();
+        Info {
+            crate_version: env!("CARGO_PKG_VERSION").to_string(),
+            git_commit: option_env!("LMIM_GIT_COMMIT").unwrap_or("unknown").to_string(),
+            libtorch_version: libtorch_version(&lib),
+            libtorch_path: lib,
+            cuda_available: cuda,
+            cuda_devices: Cuda::device_count(),
+            cudnn_version: (cuda && Cuda::cudnn_is_available()).then(tch::utils::version_cudnn),
+            cuda_runtime_version: cuda.then(tch::utils::version_cudart),
+            cpu_threads: tch::get_num_threads(),
+            mkldnn: tch::utils::has_mkldnn(),
+            openmp: tch::utils::has_openmp(),
+        }
+    }
+
+    pub fn human(&self) -> String {
+        let mut s = String::new();
+        s.push_str(&format!("lmim-bench {} (commit {})\n", self.crate_version, self.git_commit));
+        s.push_str(&format!("libtorch   {} at {}\n", self.libtorch_version, self.libtorch_path));
+        if self.cuda_available {
+            s.push_str(&format!(
+                "CUDA       {} device(s), runtime {}, cuDNN {}\n",
+                self.cuda_devices,
+                self.cuda_runtime_version.map_or("?".into(), |v| v.to_string()),
+                self.cudnn_version.map_or("?".into(), |v| v.to_string())
+            ));
+        } else {
+            s.push_str("CUDA       not available (CPU only)\n");
+        }
+        s.push_str(&format!("CPU        {} torch threads, oneDNN {}, OpenMP {}\n", self.cpu_threads, self.mkldnn, self.openmp));
+        s
+    }
+}
+
+/// The device to run on: `auto` picks CUDA when present.
+pub fn parse_device(s: &str) -> crate::Result<tch::Device> {
+    match s {
+        "auto" => Ok(tch::Device::cuda_if_available()),
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => Ok(tch::Device::Cuda(0)),
+        s if s.starts_with("cuda:") => s[5..]
+            .parse()
+            .map(tch::Device::Cuda)
+            .map_err(|_| crate::Error::option("--device", format!("`{s}` is not cpu, cuda or cuda:N"))),
+        s => Err(crate::Error::option("--device", format!("`{s}` is not auto, cpu, cuda or cuda:N"))),
+    }
+}
+
+pub fn device_name(d: tch::Device) -> String {
+    match d {
+        tch::Device::Cpu => format!("cpu ({} threads)", tch::get_num_threads()),
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}"),
+    }
+}

@@ -1,0 +1,12 @@
+//! lmim-bench: Latent MIM pretraining and k-NN / linear-probe / fine-tune evaluation of ViTs on libtorch.
+//!
+//! The binary `lmim-bench` is a thin layer over this crate; tests and benchmarks call the same code.
+pub mod checkpoint;
+pub mod cli;
+pub mod data;
+pub mod error;
+pub mod info;
+pub mod model;
+pub mod results;
+
+pub use error::{Error, Result};

@@ -1,0 +1,360 @@
+//! Vision Transformer encoder with timm's parameter names.
+//!
+//! Variable paths follow `timm.models.vision_transformer.VisionTransformer`, so a timm state dict loads as is:
+//! `cls_token`, `pos_embed`, `patch_embed.proj.{weight,bias}`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,
+//! mlp.fc2}`, `norm`, and optionally `fc_norm` and `head` for classifiers.
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::{Kind, Tensor};
+
+use super::pos_embed::{sincos_2d, PosEmbedKind};
+use crate::error::{Error, Result};
+
+/// Architectures known by name. The patch-16 ones are timm's; `vit_pico_patch4_32` is this project's tiny size
+/// for CPU tests and the demo (32-pixel inputs, an 8x8 grid).
+pub const ARCH_NAMES: &[&str] = &[
+    "vit_pico_patch4_32",
+    "vit_tiny_patch16_224",
+    "vit_small_patch16_224",
+    "vit_base_patch16_224",
+    "vit_large_patch16_224",
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct VitConfig {
+    /// timm name of the architecture, written into checkpoints as `arch`.
+    pub arch: String,
+    pub img_size: i64,
+    pub patch_size: i64,
+    pub in_chans: i64,
+    pub embed_dim: i64,
+    pub depth: i64,
+    pub num_heads: i64,
+    pub mlp_ratio: f64,
+    pub qkv_bias: bool,
+    pub ln_eps: f64,
+    /// Largest stochastic-depth rate; block i gets `drop_path_rate * i / (depth - 1)` as in timm.
+    pub drop_path_rate: f64,
+    /// Every block gets `drop_path_rate` (the Latent MIM encoder does this) instead of timm's linear ramp.
+    pub drop_path_uniform: bool,
+    /// Formula of the fixed position embedding used when a model is created fresh.
+    pub pos_embed: PosEmbedKind,
+    /// Size of the classification head; 0 means no head (an encoder).
+    pub num_classes: i64,
+    /// Pooling for the head: "token" (CLS after `norm`) or "avg" (mean of patch tokens, then `fc_norm`).
+    pub global_pool: String,
+}
+
+impl Default for VitConfig {
+    fn default() -> Self {
+        VitConfig::from_arch("vit_base_patch16_224").expect("known arch")
+    }
+}
+
+impl VitConfig {
+    pub fn from_arch(arch: &str) -> Result<Self> {
+        let (img, patch, dim, depth, heads) = match arch {
+            "vit_pico_patch4_32" => (32, 4, 96, 4, 3),
+            "vit_tiny_patch16_224" => (224, 16, 192, 12, 3),
+            "vit_small_patch16_224" => (224, 16, 384, 12, 6),
+            "vit_base_patch16_224" => (224, 16, 768, 12, 12),
+            "vit_large_patch16_224" => (224, 16, 1024, 24, 16),
+            other => return Err(Error::UnknownArch(other.to_string())),
+        };
+        Ok(VitConfig {
+            arch: arch.to_string(),
+            img_size: img,
+            patch_size: patch,
+            in_chans: 3,
+            embed_dim: dim,
+            depth,
+            num_heads: heads,
+            mlp_ratio: 4.0,
+            qkv_bias: true,
+            ln_eps: 1e-6,
+            drop_path_rate: 0.0,
+            drop_path_uniform: false,
+            pos_embed: PosEmbedKind::Mae,
+            num_classes: 0,
+            global_pool: "token".into(),
+        })
+    }
+
+    /// Guesses the architecture from tensor shapes (a plain timm export carries no metadata).
+    pub fn infer(shapes: &std::collections::HashMap<String, Vec<i64>>) -> Option<Self> {
+        let proj = shapes.get("patch_embed.proj.weight")?;
+        let pos = shapes.get("pos_embed")?;
+        let depth = (0..).take_while(|i| shapes.contains_key(&format!("blocks.{i}.norm1.weight"))).count() as i64;
+        let (dim, patch) = (proj[0], proj[2]);
+        let tokens = pos[pos.len() - 2] - 1;
+        let grid = (tokens as f64).sqrt().round() as i64;
+        ARCH_NAMES.iter().filter_map(|a| VitConfig::from_arch(a).ok()).find(|c| {
+            c.embed_dim == dim && c.patch_size == patch && c.depth == depth && c.img_size / c.patch_size == grid
+        })
+    }
+
+    pub fn grid(&self) -> i64 {
+        self.img_size / self.patch_size
+    }
+    pub fn num_patches(&self) -> i64 {
+        self.grid() * self.grid()
+    }
+    pub fn patch_dim(&self) -> i64 {
+        self.in_chans * self.patch_size * self.patch_size
+    }
+    pub fn drop_path_rates(&self) -> Vec<f64> {
+        let d = self.depth.max(1);
+        (0..d)
+            .map(|i| {
+                if self.drop_path_uniform || d == 1 {
+                    self.drop_path_rate
+                } else {
+                    self.drop_path_rate * i as f64 / (d - 1) as f64
+                }
+            })
+            .collect()
+    }
+}
+
+/// Stochastic depth: drops the whole residual branch per sample with probability `p` during training.
+pub fn drop_path(x: &Tensor, p: f64, train: bool) -> Tensor {
+    if !train || p <= 0.0 {
+        return x.shallow_clone();
+    }
+    let keep = 1.0 - p;
+    let mut shape = vec![x.size()[0]];
+    shape.extend(std::iter::repeat(1).take(x.dim() - 1));
+    let mask = Tensor::empty(&shape[..], (x.kind(), x.device())).bernoulli_float_(keep);
+    x * mask / keep
+}
+
+#[derive(Debug)]
+pub struct Attention {
+    qkv: nn::Linear,
+    proj: nn::Linear,
+    num_heads: i64,
+}
+
+impl Attention {
+    pub fn new(p: nn::Path, dim: i64, num_heads: i64, qkv_bias: bool) -> Self {
+        let qkv = nn::linear(&p / "qkv", dim, 3 * dim, nn::LinearConfig { bias: qkv_bias, ..Default::default() });
+        let proj = nn::linear(&p / "proj", dim, dim, Default::default());
+        Attention { qkv, proj, num_heads }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (b, n, d) = x.size3().expect("attention input is [B, N, D]");
+        let h = self.num_heads;
+        // Rows of qkv are [q; k; v], each head-major, as in timm.
+        let qkv = self.qkv.forward(x).reshape([b, n, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, false, None, false);
+        self.proj.forward(&out.transpose(1, 2).reshape([b, n, d]))
+    }
+}
+
+#[derive(Debug)]
+pub struct Mlp {
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+}
+
+impl Mlp {
+    pub fn new(p: nn::Path, dim: i64, hidden: i64) -> Self {
+        Mlp { fc1: nn::linear(&p / "fc1", dim, hidden, Default::default()), fc2: nn::linear(&p / "fc2", hidden, dim, Default::default()) }
+    }
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        self.fc2.forward(&self.fc1.forward(x).gelu("none"))
+    }
+}
+
+pub fn layer_norm(p: nn::Path, dim: i64, eps: f64) -> nn::LayerNorm {
+    nn::layer_norm(p, vec![dim], nn::LayerNormConfig { eps, ..Default::default() })
+}
+
+#[derive(Debug)]
+pub struct Block {
+    norm1: nn::LayerNorm,
+    attn: Attention,
+    norm2: nn::LayerNorm,
+    mlp: Mlp,
+    drop_path: f64,
+}
+
+impl Block {
+    pub fn new(p: nn::Path, cfg: &VitConfig, drop_path: f64) -> Self {
+        let d = cfg.embed_dim;
+        Block {
+            norm1: layer_norm(&p / "norm1", d, cfg.ln_eps),
+            attn: Attention::new(&p / "attn", d, cfg.num_heads, cfg.qkv_bias),
+            norm2: layer_norm(&p / "norm2", d, cfg.ln_eps),
+            mlp: Mlp::new(&p / "mlp", d, (d as f64 * cfg.mlp_ratio) as i64),
+            drop_path,
+        }
+    }
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        let x = x + drop_path(&self.attn.forward(&self.norm1.forward(x)), self.drop_path, train);
+        &x + drop_path(&self.mlp.forward(&self.norm2.forward(&x)), self.drop_path, train)
+    }
+}
+
+/// What a forward pass returns. `tokens` are the final tokens after `norm`, CLS first.
+#[derive(Debug)]
+pub struct VitOutput {
+    pub tokens: Tensor,
+    /// Outputs of the blocks asked for (before the final norm), in the order asked.
+    pub intermediates: Vec<Tensor>,
+}
+
+impl VitOutput {
+    pub fn cls(&self) -> Tensor {
+        self.tokens.select(1, 0)
+    }
+    pub fn patch_tokens(&self) -> Tensor {
+        self.tokens.narrow(1, 1, self.tokens.size()[1] - 1)
+    }
+}
+
+#[derive(Debug)]
+pub struct VisionTransformer {
+    pub cfg: VitConfig,
+    pub cls_token: Tensor,
+    pub pos_embed: Tensor,
+    pub patch_embed: nn::Conv2D,
+    pub blocks: Vec<Block>,
+    pub norm: nn::LayerNorm,
+    pub fc_norm: Option<nn::LayerNorm>,
+    pub head: Option<nn::Linear>,
+}
+
+impl VisionTransformer {
+    /// Creates the variables under `p` with timm's names. A fresh model gets timm/MAE-style initialisation and a
+    /// fixed sine-cosine position embedding (registered as a non-trainable variable, as MAE freezes it).
+    pub fn new(p: &nn::Path, cfg: &VitConfig) -> Self {
+        let d = cfg.embed_dim;
+        let cls_token = p.var("cls_token", &[1, 1, d], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
+        let pos_embed = p.zeros_no_train("pos_embed", &[1, cfg.num_patches() + 1, d]);
+        tch::no_grad(|| {
+            let pe = sincos_2d(d, cfg.grid(), cfg.pos_embed, true).to_device(pos_embed.device());
+            pos_embed.view([-1, d]).copy_(&pe);
+        });
+        let patch_embed = nn::conv2d(
+            p / "patch_embed" / "proj",
+            cfg.in_chans,
+            d,
+            cfg.patch_size,
+            nn::ConvConfig { stride: cfg.patch_size, ..Default::default() },
+        );
+        let rates = cfg.drop_path_rates();
+        let blocks = (0..cfg.depth).map(|i| Block::new(p / "blocks" / i, cfg, rates[i as usize])).collect();
+        let avg = cfg.global_pool == "avg";
+        let norm = layer_norm(p / "norm", d, cfg.ln_eps);
+        let (fc_norm, head) = if cfg.num_classes > 0 {
+            let fc_norm = avg.then(|| layer_norm(p / "fc_norm", d, cfg.ln_eps));
+            (fc_norm, Some(nn::linear(p / "head", d, cfg.num_classes, Default::default())))
+        } else {
+            (None, None)
+        };
+        VisionTransformer { cfg: cfg.clone(), cls_token, pos_embed, patch_embed, blocks, norm, fc_norm, head }
+    }
+
+    /// Position embedding for a `grid x grid` input. At the trained grid it is the stored one; for another grid
+    /// it is interpolated bicubically from the stored one, as timm resamples `pos_embed`.
+    pub fn pos_embed_for_grid(&self, grid: i64) -> Tensor {
+        if grid == self.cfg.grid() {
+            return self.pos_embed.shallow_clone();
+        }
+        let d = self.cfg.embed_dim;
+        let g0 = self.cfg.grid();
+        let cls = self.pos_embed.narrow(1, 0, 1);
+        let patches = self.pos_embed.narrow(1, 1, g0 * g0).reshape([1, g0, g0, d]).permute([0, 3, 1, 2]);
+        let resized = patches.upsample_bicubic2d([grid, grid], false, None, None).permute([0, 2, 3, 1]).reshape([1, grid * grid, d]);
+        Tensor::cat(&[cls, resized], 1)
+    }
+
+    /// Patch tokens of images `[B, C, H, W]` with position embeddings added: `[B, N, D]`.
+    pub fn embed_images(&self, images: &Tensor) -> Tensor {
+        let x = images.apply(&self.patch_embed);
+        let (b, d, gh, gw) = x.size4().expect("patch embedding is [B, D, H, W]");
+        assert_eq!(gh, gw, "square inputs only");
+        let x = x.reshape([b, d, gh * gw]).transpose(1, 2);
+        x + self.pos_embed_for_grid(gh).narrow(1, 1, gh * gw)
+    }
+
+    /// Embeds pre-cut patches `[B, L, C*p*p]` (flattened in (channel, row, col) order, i.e. the conv weight's
+    /// layout) at grid positions `pid` `[B, L]`. This is how Latent MIM feeds a subset of jittered patches.
+    pub fn embed_patches(&self, patches: &Tensor, pid: &Tensor) -> Tensor {
+        let d = self.cfg.embed_dim;
+        let w = self.patch_embed.ws.reshape([d, -1]);
+        let x = patches.linear(&w, self.patch_embed.bs.as_ref());
+        let pe = self.pos_embed.select(0, 0).narrow(0, 1, self.cfg.num_patches());
+        x + pe.index_select(0, &pid.flatten(0, -1)).reshape([pid.size()[0], pid.size()[1], d])
+    }
+
+    fn prepend_cls(&self, x: &Tensor) -> Tensor {
+        let b = x.size()[0];
+        let cls = (&self.cls_token + self.pos_embed.narrow(1, 0, 1)).expand([b, 1, self.cfg.embed_dim], false);
+        Tensor::cat(&[cls.to_kind(x.kind()), x.shallow_clone()], 1)
+    }
+
+    /// Runs the blocks on embedded tokens (CLS included) and returns the normed tokens, keeping the outputs of
+    /// the blocks listed in `keep` (indices may be negative, counting from the end).
+    pub fn run_blocks(&self, x: Tensor, keep: &[i64], train: bool) -> VitOutput {
+        let depth = self.blocks.len() as i64;
+        let keep: Vec<i64> = keep.iter().map(|&i| if i < 0 { depth + i } else { i }).collect();
+        let mut slots: Vec<Option<Tensor>> = keep.iter().map(|_| None).collect();
+        let mut x = x;
+        for (i, blk) in self.blocks.iter().enumerate() {
+            x = blk.forward(&x, train);
+            for (slot, &k) in slots.iter_mut().zip(&keep) {
+                if k == i as i64 {
+                    *slot = Some(x.shallow_clone());
+                }
+            }
+        }
+        let intermediates = slots.into_iter().map(|s| s.expect("block index within depth")).collect();
+        VitOutput { tokens: self.norm.forward(&x), intermediates }
+    }
+
+    /// Forward over whole images: the final tokens and the requested intermediate block outputs.
+    pub fn forward_features(&self, images: &Tensor, keep: &[i64], train: bool) -> VitOutput {
+        let x = self.prepend_cls(&self.embed_images(images));
+        self.run_blocks(x, keep, train)
+    }
+
+    /// Forward over a subset of patches at positions `pid`, with the CLS token prepended.
+    pub fn forward_patches(&self, patches: &Tensor, pid: &Tensor, keep: &[i64], train: bool) -> VitOutput {
+        let x = self.prepend_cls(&self.embed_patches(patches, pid));
+        self.run_blocks(x, keep, train)
+    }
+
+    /// Classifier logits (needs `num_classes > 0`): CLS token, or mean of patch tokens then `fc_norm`, as timm.
+    pub fn forward_head(&self, out: &VitOutput) -> Tensor {
+        let head = self.head.as_ref().expect("model built with a head");
+        let pooled = match &self.fc_norm {
+            Some(fc) => fc.forward(&out.patch_tokens().mean_dim(1, false, None)),
+            None => out.cls(),
+        };
+        head.forward(&pooled)
+    }
+
+    pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
+        let out = self.forward_features(images, &[], train);
+        self.forward_head(&out)
+    }
+}
+
+/// Number of elements of all trainable variables in a var store.
+pub fn count_params(vs: &nn::VarStore) -> i64 {
+    vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+}
+
+pub fn kind_of(name: &str) -> Option<Kind> {
+    match name {
+        "f32" | "float32" => Some(Kind::Float),
+        "bf16" | "bfloat16" => Some(Kind::BFloat16),
+        "f16" | "float16" => Some(Kind::Half),
+        _ => None,
+    }
+}

@@ -1,0 +1,225 @@
+//! Results as data: one JSON record per run (versioned schema, with provenance), one CSV row per run appended to a
+//! table, and a Markdown renderer.
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::write_atomic;
+use crate::error::{Error, Result};
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Where a run's inputs came from.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+pub struct Provenance {
+    pub git_commit: String,
+    pub crate_version: String,
+    pub libtorch_version: String,
+    pub device: String,
+    pub hostname: String,
+    pub command: String,
+}
+
+impl Provenance {
+    pub fn current(device: &str) -> Self {
+        let info = crate::info::Info::collect();
+        Provenance {
+            git_commit: info.git_commit,
+            crate_version: info.crate_version,
+            libtorch_version: info.libtorch_version,
+            device: device.to_string(),
+            hostname: std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_default(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+        }
+    }
+}
+
+/// One run of one protocol on one checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunRecord {
+    pub schema_version: u32,
+    /// Protocol name (`knn`, `nn-loo`, `linear`, `linear-sweep`, `finetune`, `pretrain`, ...).
+    pub protocol: String,
+    pub protocol_version: String,
+    /// Headline and secondary metrics, e.g. `top1`, `top5`, `top1@k20`.
+    pub metrics: BTreeMap<String, f64>,
+    /// The metric that the table shows for this protocol.
+    pub headline: String,
+    pub checkpoint: Option<String>,
+    pub checkpoint_sha256: Option<String>,
+    /// Short human name of the model (the table row); defaults to the checkpoint file stem.
+    pub model_name: String,
+    pub arch: Option<String>,
+    pub dataset: Option<String>,
+    pub dataset_fingerprint: Option<serde_json::Value>,
+    pub config: serde_json::Value,
+    pub seed: u64,
+    pub provenance: Provenance,
+    pub started_at: String,
+    pub duration_s: f64,
+    /// Extra data (per-k scores, all heads of a sweep, ...).
+    #[serde(default)]
+    pub details: serde_json::Value,
+}
+
+impl RunRecord {
+    pub fn new(protocol: &str, protocol_version: &str, headline: &str) -> Self {
+        RunRecord {
+            schema_version: SCHEMA_VERSION,
+            protocol: protocol.into(),
+            protocol_version: protocol_version.into(),
+            metrics: BTreeMap::new(),
+            headline: headline.into(),
+            checkpoint: None,
+            checkpoint_sha256: None,
+            model_name: String::new(),
+            arch: None,
+            dataset: None,
+            dataset_fingerprint: None,
+            config: serde_json::Value::Null,
+            seed: 0,
+            provenance: Provenance::default(),
+            started_at: now_rfc3339(),
+            duration_s: 0.0,
+            details: serde_json::Value::Null,
+        }
+    }
+
+    pub fn headline_value(&self) -> Option<f64> {
+        self.metrics.get(&self.headline).copied()
+    }
+
+    pub fn file_name(&self) -> String {
+        let stamp = self.started_at.replace([':', '-'], "").replace('T', "-");
+        let stamp = stamp.split('.').next().unwrap_or(&stamp).trim_end_matches('Z').to_string();
+        format!("{}-{}-{}.json", sanitize(&self.model_name), self.protocol, stamp)
+    }
+
+    /// Writes `<dir>/<name>.json` atomically and appends a row to `<dir>/results.csv`; returns the JSON path.
+    pub fn write(&self, dir: &Path) -> Result<PathBuf> {
+        let path = dir.join(self.file_name());
+        let json = serde_json::to_vec_pretty(self).expect("record serialises");
+        write_atomic(&path, &json)?;
+        append_csv(&dir.join("results.csv"), self)?;
+        Ok(path)
+    }
+
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let rec: RunRecord = serde_json::from_str(&text).map_err(|e| Error::data(path, format!("not a results record: {e}")))?;
+        if rec.schema_version != SCHEMA_VERSION {
+            return Err(Error::data(path, format!("results schema {} is not supported (this build reads {SCHEMA_VERSION})", rec.schema_version)));
+        }
+        Ok(rec)
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    let s: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' { c } else { '-' }).collect();
+    if s.is_empty() { "model".into() } else { s }
+}
+
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+const CSV_HEADER: &[&str] = &[
+    "started_at", "model", "protocol", "protocol_version", "headline", "value", "top1", "top5", "arch", "checkpoint_sha256",
+    "dataset_fingerprint", "seed", "git_commit", "duration_s",
+];
+
+fn fingerprint_id(rec: &RunRecord) -> String {
+    rec.dataset_fingerprint
+        .as_ref()
+        .and_then(|f| f.get("paths_sha256").or_else(|| f.get("hash")).and_then(|v| v.as_str()).map(|s| s.chars().take(12).collect()))
+        .unwrap_or_default()
+}
+
+fn append_csv(path: &Path, rec: &RunRecord) -> Result<()> {
+    let fresh = !path.exists();
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
+    let mut w = csv::Writer::from_writer(file);
+    let io = |e: csv::Error| Error::io(path, std::io::Error::other(e));
+    if fresh {
+        w.write_record(CSV_HEADER).map_err(io)?;
+    }
+    let f = |k: &str| rec.metrics.get(k).map(|v| format!("{v:.4}")).unwrap_or_default();
+    w.write_record([
+        rec.started_at.clone(),
+        rec.model_name.clone(),
+        rec.protocol.clone(),
+        rec.protocol_version.clone(),
+        rec.headline.clone(),
+        rec.headline_value().map(|v| format!("{v:.4}")).unwrap_or_default(),
+        f("top1"),
+        f("top5"),
+        rec.arch.clone().unwrap_or_default(),
+        rec.checkpoint_sha256.clone().unwrap_or_default(),
+        fingerprint_id(rec),
+        rec.seed.to_string(),
+        rec.provenance.git_commit.clone(),
+        format!("{:.1}", rec.duration_s),
+    ])
+    .map_err(io)?;
+    w.flush().map_err(|e| Error::io(path, e))
+}
+
+/// Collects records from files and directories (recursively, `*.json` that parse as records).
+pub fn collect_records(inputs: &[PathBuf]) -> Result<Vec<RunRecord>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let mut entries: Vec<PathBuf> = walk_json(input)?;
+            entries.sort();
+            for p in entries {
+                // Directories also hold configs and metric logs: keep only what parses as a record.
+                if let Ok(rec) = RunRecord::read(&p) {
+                    out.push(rec);
+                }
+            }
+        } else if input.exists() {
+            out.push(RunRecord::read(input)?);
+        } else {
+            return Err(Error::data(input, "no such results file or directory"));
+        }
+    }
+    Ok(out)
+}
+
+fn walk_json(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let p = entry.map_err(|e| Error::io(dir, e))?.path();
+        if p.is_dir() {
+            out.extend(walk_json(&p)?);
+        } else if p.extension().is_some_and(|e| e == "json") {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// Renders rows as a GitHub Markdown table.
+pub fn markdown_table(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut s = String::new();
+    s.push_str(&format!("| {} |\n", header.join(" | ")));
+    s.push_str(&format!("|{}|\n", header.iter().map(|_| "---").collect::<Vec<_>>().join("|")));
+    for r in rows {
+        s.push_str(&format!("| {} |\n", r.join(" | ")));
+    }
+    s
+}
+
+/// Writes text to a path, or to stdout for `-`; a closed stdout pipe is not an error.
+pub fn write_output(path: &str, text: &str) -> Result<()> {
+    if path == "-" {
+        let mut out = std::io::stdout().lock();
+        return match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => r.map_err(|e| Error::io("<stdout>", e)),
+        };
+    }
+    write_atomic(Path::new(path), text.as_bytes())
+}
