@@ -8,5 +8,6 @@ pub mod error;
 pub mod info;
 pub mod model;
 pub mod results;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -117,6 +117,37 @@ impl VitConfig {
     }
 }
 
+thread_local! {
+    static AMP_KIND: std::cell::Cell<Option<Kind>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with mixed precision: matrix products (linear layers, the patch embedding, attention) in `kind`
+/// (bf16 on CUDA), while LayerNorms, the residual stream, losses and the fp32 master weights stay in f32. This is
+/// what CUDA autocast does; libtorch's autocast API as exposed by tch only offers fp16, hence the explicit casts.
+pub fn with_amp<T>(kind: Option<Kind>, f: impl FnOnce() -> T) -> T {
+    let prev = AMP_KIND.with(|k| k.replace(kind));
+    let out = f();
+    AMP_KIND.with(|k| k.set(prev));
+    out
+}
+
+pub fn amp_kind() -> Option<Kind> {
+    AMP_KIND.with(|k| k.get())
+}
+
+/// A linear layer under the current mixed-precision setting.
+pub fn linear(l: &nn::Linear, x: &Tensor) -> Tensor {
+    match amp_kind() {
+        Some(k) => x.to_kind(k).linear(&l.ws.to_kind(k), l.bs.as_ref().map(|b| b.to_kind(k))),
+        None => x.linear(&l.ws, l.bs.as_ref()),
+    }
+}
+
+/// LayerNorm in f32 whatever the input precision, as autocast does.
+pub fn norm(ln: &nn::LayerNorm, x: &Tensor) -> Tensor {
+    ln.forward(&x.to_kind(Kind::Float))
+}
+
 /// Stochastic depth: drops the whole residual branch per sample with probability `p` during training.
 pub fn drop_path(x: &Tensor, p: f64, train: bool) -> Tensor {
     if !train || p <= 0.0 {
@@ -147,10 +178,10 @@ impl Attention {
         let (b, n, d) = x.size3().expect("attention input is [B, N, D]");
         let h = self.num_heads;
         // Rows of qkv are [q; k; v], each head-major, as in timm.
-        let qkv = self.qkv.forward(x).reshape([b, n, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
+        let qkv = linear(&self.qkv, x).reshape([b, n, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
         let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, false, None, false);
-        self.proj.forward(&out.transpose(1, 2).reshape([b, n, d]))
+        linear(&self.proj, &out.transpose(1, 2).reshape([b, n, d])).to_kind(Kind::Float)
     }
 }
 
@@ -165,7 +196,7 @@ impl Mlp {
         Mlp { fc1: nn::linear(&p / "fc1", dim, hidden, Default::default()), fc2: nn::linear(&p / "fc2", hidden, dim, Default::default()) }
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        self.fc2.forward(&self.fc1.forward(x).gelu("none"))
+        linear(&self.fc2, &linear(&self.fc1, x).gelu("none")).to_kind(Kind::Float)
     }
 }
 
@@ -194,8 +225,8 @@ impl Block {
         }
     }
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let x = x + drop_path(&self.attn.forward(&self.norm1.forward(x)), self.drop_path, train);
-        &x + drop_path(&self.mlp.forward(&self.norm2.forward(&x)), self.drop_path, train)
+        let x = x + drop_path(&self.attn.forward(&norm(&self.norm1, x)), self.drop_path, train);
+        &x + drop_path(&self.mlp.forward(&norm(&self.norm2, &x)), self.drop_path, train)
     }
 }
 
@@ -275,7 +306,18 @@ impl VisionTransformer {
 
     /// Patch tokens of images `[B, C, H, W]` with position embeddings added: `[B, N, D]`.
     pub fn embed_images(&self, images: &Tensor) -> Tensor {
-        let x = images.apply(&self.patch_embed);
+        let x = match amp_kind() {
+            Some(k) => images.to_kind(k).conv2d(
+                &self.patch_embed.ws.to_kind(k),
+                self.patch_embed.bs.as_ref().map(|b| b.to_kind(k)),
+                [self.cfg.patch_size],
+                [0],
+                [1],
+                1,
+            ),
+            None => images.apply(&self.patch_embed),
+        }
+        .to_kind(Kind::Float);
         let (b, d, gh, gw) = x.size4().expect("patch embedding is [B, D, H, W]");
         assert_eq!(gh, gw, "square inputs only");
         let x = x.reshape([b, d, gh * gw]).transpose(1, 2);
@@ -287,7 +329,8 @@ impl VisionTransformer {
     pub fn embed_patches(&self, patches: &Tensor, pid: &Tensor) -> Tensor {
         let d = self.cfg.embed_dim;
         let w = self.patch_embed.ws.reshape([d, -1]);
-        let x = patches.linear(&w, self.patch_embed.bs.as_ref());
+        let lin = nn::Linear { ws: w, bs: self.patch_embed.bs.as_ref().map(|b| b.shallow_clone()) };
+        let x = linear(&lin, patches).to_kind(Kind::Float);
         let pe = self.pos_embed.select(0, 0).narrow(0, 1, self.cfg.num_patches());
         x + pe.index_select(0, &pid.flatten(0, -1)).reshape([pid.size()[0], pid.size()[1], d])
     }
@@ -314,7 +357,7 @@ impl VisionTransformer {
             }
         }
         let intermediates = slots.into_iter().map(|s| s.expect("block index within depth")).collect();
-        VitOutput { tokens: self.norm.forward(&x), intermediates }
+        VitOutput { tokens: norm(&self.norm, &x), intermediates }
     }
 
     /// Forward over whole images: the final tokens and the requested intermediate block outputs.
@@ -333,10 +376,10 @@ impl VisionTransformer {
     pub fn forward_head(&self, out: &VitOutput) -> Tensor {
         let head = self.head.as_ref().expect("model built with a head");
         let pooled = match &self.fc_norm {
-            Some(fc) => fc.forward(&out.patch_tokens().mean_dim(1, false, None)),
+            Some(fc) => norm(fc, &out.patch_tokens().mean_dim(1, false, None)),
             None => out.cls(),
         };
-        head.forward(&pooled)
+        linear(head, &pooled).to_kind(Kind::Float)
     }
 
     pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {

@@ -1,0 +1,3 @@
+//! Training: optimisers with checkpointable state, the reference schedules, and the pretraining loop.
+pub mod optim;
+pub mod schedule;
