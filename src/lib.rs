@@ -2,11 +2,13 @@
 //!
 //! The binary `lmim-bench` is a thin layer over this crate; tests and benchmarks call the same code.
 pub mod checkpoint;
+pub mod config;
 pub mod cli;
 pub mod data;
 pub mod error;
 pub mod info;
 pub mod model;
+pub mod protocols;
 pub mod results;
 pub mod train;
 

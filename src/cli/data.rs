@@ -1,9 +1,213 @@
-//! `lmim-bench data ...` (being written).
-use clap::Args;
+//! `lmim-bench data ...`: the Fashion-MNIST demo set, generated sets, and dataset counts and fingerprints.
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+use crate::data::fmnist::{self, PrepareOptions};
+use crate::data::synth::{self, SynthOptions};
+use crate::data::{Dataset, OpenOptions};
+use crate::error::Error;
 
 #[derive(Debug, Args)]
-pub struct DataArgs {}
+pub struct DataArgs {
+    #[command(subcommand)]
+    cmd: DataCmd,
+}
 
-pub fn run(_a: DataArgs) -> anyhow::Result<()> {
-    anyhow::bail!("not yet")
+#[derive(Debug, Subcommand)]
+enum DataCmd {
+    /// Convert Debian's Fashion-MNIST (package dataset-fashion-mnist) into an ImageFolder tree of 28x28 JPEGs with
+    /// train/ and val/ splits; class folders `0_tshirt_top` .. `9_ankle_boot` so that sorted indices equal the
+    /// labels. Does nothing when the output was already made with the same options.
+    PrepareDemo(PrepareDemoArgs),
+    /// Generate an ImageFolder tree of JPEGs (class-dependent colours, gradients and shapes, plus noise),
+    /// deterministic from the seed.
+    Synth(SynthArgs),
+    /// Print image and class counts and the fingerprint of each split of a dataset.
+    Info(InfoArgs),
+}
+
+#[derive(Debug, Args)]
+struct PrepareDemoArgs {
+    /// Folder with the four gzipped IDX files (default: $LMIM_FASHION_MNIST, else /usr/share/datasets/fashion-mnist).
+    #[arg(long)]
+    source: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long, default_value = "data/fashion-mnist")]
+    out: PathBuf,
+    /// Train images per class: the first N of each class in the training file.
+    #[arg(long, default_value_t = 500)]
+    train_per_class: usize,
+    /// Val images per class, taken from the test file (default: all 10 000).
+    #[arg(long)]
+    val_per_class: Option<usize>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct SynthArgs {
+    /// Output folder (replaced only when it was made by `data synth` or `data prepare-demo`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of classes.
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// Train images per class.
+    #[arg(long, default_value_t = 20)]
+    train_per_class: usize,
+    /// Val images per class.
+    #[arg(long, default_value_t = 10)]
+    val_per_class: usize,
+    /// Image size: S (square) or WxH, e.g. 500x375 like an ImageNet photo.
+    #[arg(long, default_value = "64")]
+    size: String,
+    /// Seed of the generated content.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// JPEG quality (1-100).
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
+    quality: u8,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct InfoArgs {
+    /// Dataset root, with train/ and/or val/ inside.
+    #[arg(long)]
+    data: PathBuf,
+    /// Only this split (default: train and val, those present).
+    #[arg(long)]
+    split: Option<String>,
+    /// An empty class folder is an error instead of a warning.
+    #[arg(long)]
+    strict: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32), Error> {
+    let bad = || Error::option("--size", format!("`{s}` is not S or WxH"));
+    let (w, h) = match s.split_once(['x', 'X']) {
+        Some((w, h)) => (w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?),
+        None => {
+            let v = s.trim().parse().map_err(|_| bad())?;
+            (v, v)
+        }
+    };
+    if !(8..=8192).contains(&w) || !(8..=8192).contains(&h) {
+        return Err(Error::option("--size", format!("{w}x{h} is outside 8..8192")));
+    }
+    Ok((w, h))
+}
+
+pub fn run(args: DataArgs) -> anyhow::Result<()> {
+    match args.cmd {
+        DataCmd::PrepareDemo(a) => {
+            let opts = PrepareOptions {
+                source: a.source.unwrap_or_else(fmnist::default_source),
+                out: a.out,
+                train_per_class: a.train_per_class,
+                val_per_class: a.val_per_class,
+            };
+            let r = fmnist::prepare_demo(&opts)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let verb = if r.reused { "up to date" } else { "written" };
+                println!(
+                    "{}: {verb} (train {} images, val {} images, 10 classes)",
+                    r.out.display(),
+                    r.train_images,
+                    r.val_images
+                );
+            }
+        }
+        DataCmd::Synth(a) => {
+            let (width, height) = parse_size(&a.size)?;
+            let opts = SynthOptions {
+                out: a.out,
+                classes: a.classes,
+                train_per_class: a.train_per_class,
+                val_per_class: a.val_per_class,
+                width,
+                height,
+                seed: a.seed,
+                quality: a.quality,
+            };
+            let r = synth::synth(&opts)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let verb = if r.reused { "up to date" } else { "written" };
+                println!(
+                    "{}: {verb} (train {} images, val {} images, {} classes, {width}x{height})",
+                    r.out.display(),
+                    r.train_images,
+                    r.val_images,
+                    opts.classes
+                );
+            }
+        }
+        DataCmd::Info(a) => info(a)?,
+    }
+    Ok(())
+}
+
+fn info(a: InfoArgs) -> anyhow::Result<()> {
+    let opts = OpenOptions { strict: a.strict, quiet: false };
+    let splits: Vec<String> = match &a.split {
+        Some(s) => vec![s.clone()],
+        None => {
+            // Surfaces an unreadable or missing root as the dataset error (exit 2).
+            let found: Vec<String> = ["train", "val"].iter().filter(|s| a.data.join(s).is_dir()).map(|s| s.to_string()).collect();
+            if found.is_empty() {
+                return Err(match Dataset::open_with(&a.data, "train", &opts) {
+                    Err(e) => e.into(),
+                    Ok(_) => Error::data(&a.data, "no train/ or val/ split").into(),
+                });
+            }
+            found
+        }
+    };
+    let mut out = serde_json::Map::new();
+    let mut text = String::new();
+    for split in &splits {
+        let ds = Dataset::open_with(&a.data, split, &opts)?;
+        let fp = ds.fingerprint()?;
+        let counts = ds.class_counts();
+        let (min, max) = (counts.iter().min().copied().unwrap_or(0), counts.iter().max().copied().unwrap_or(0));
+        text += &format!(
+            "  {split}: {} images, {} classes ({} to {} per class{}), layout {}\n    fingerprint: files {} classes {}\n",
+            fp.num_files,
+            fp.num_classes,
+            min,
+            max,
+            if ds.empty_classes.is_empty() { String::new() } else { format!(", {} empty", ds.empty_classes.len()) },
+            ds.layout,
+            fp.files_hash,
+            fp.classes_hash,
+        );
+        out.insert(
+            split.clone(),
+            serde_json::json!({
+                "fingerprint": fp,
+                "layout": ds.layout,
+                "classes": ds.classes,
+                "class_counts": counts,
+                "empty_classes": ds.empty_classes,
+            }),
+        );
+    }
+    if a.json {
+        let v = serde_json::json!({ "root": a.data, "splits": out });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}\n{text}", a.data.display());
+    }
+    Ok(())
 }

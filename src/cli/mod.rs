@@ -1,7 +1,10 @@
 //! Command-line interface: argument parsing (clap derive; the doc comments are the `--help`), and the mapping of
 //! errors to exit codes: 0 ok, 1 a check failed or a run went wrong, 2 usage or input error.
 pub mod data;
+pub mod eval;
 mod model_cmds;
+pub mod report;
+mod train_cmds;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +27,17 @@ pub enum Command {
     Convert(model_cmds::ConvertArgs),
     /// Prepare and inspect data sets (the Fashion-MNIST demo set, generated sets, fingerprints).
     Data(data::DataArgs),
+    /// Pretrain a ViT with Latent MIM (config file plus `--set key=value` overrides); resumes from the newest
+    /// checkpoint in the output directory.
+    Pretrain(train_cmds::PretrainArgs),
+    /// Extract features of a checkpoint over a data split into a cached safetensors file.
+    Extract(eval::ExtractArgs),
+    /// Evaluate a checkpoint with a protocol (knn, nn-loo, linear, linear-sweep, finetune) and write a results record.
+    Eval(eval::EvalArgs),
+    /// Render results records as an NN / LP / Ft table beside the reference numbers (Markdown, CSV or JSON).
+    Table(report::TableArgs),
+    /// Compare results with a reference or a baseline; exit 1 when a metric falls below reference - tolerance.
+    Check(report::CheckArgs),
 }
 
 /// An error that carries the exit code the command should end with.
@@ -63,6 +77,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Forward(a) => model_cmds::forward(a),
         Command::Convert(a) => model_cmds::convert(a),
         Command::Data(a) => data::run(a),
+        Command::Pretrain(a) => train_cmds::pretrain(a),
+        Command::Extract(a) => eval::extract(a),
+        Command::Eval(a) => eval::eval(a),
+        Command::Table(a) => report::table(a),
+        Command::Check(a) => report::check(a),
     }
 }
 

@@ -1,1 +1,21 @@
 //! Data: ImageFolder / ImageNet datasets, JPEG decoding, torchvision-compatible transforms and a prefetching loader.
+//!
+//! - [`dataset`]: `Dataset::open(root, split)` over ImageFolder trees and the flat ImageNet val layout, with a
+//!   fingerprint for results records.
+//! - [`decode`]: bytes to RGB (zune-jpeg for JPEG, the `image` crate for PNG).
+//! - [`transforms`]: `RandomResizedCrop`, `RandomHorizontalFlip`, `Resize` + `CenterCrop`, `ToTensor` + `Normalize`,
+//!   matching torchvision on PIL images.
+//! - [`loader`]: worker threads that decode and augment ahead into a bounded queue; deterministic shuffle, sharding
+//!   and resumable positions.
+//! - [`fmnist`] and [`synth`]: the demo dataset (Debian's Fashion-MNIST) and generated ImageFolder trees.
+pub mod dataset;
+pub mod decode;
+pub mod fmnist;
+pub mod loader;
+pub mod synth;
+pub mod transforms;
+
+pub use dataset::{Dataset, Fingerprint, OpenOptions};
+pub use decode::{decode_image, load_rgb, RgbImage};
+pub use loader::{sample_rng, Batch, EpochIter, Loader, LoaderConfig};
+pub use transforms::{CropBox, Interp, Op, Transform, IMAGENET_MEAN, IMAGENET_STD};

@@ -300,7 +300,10 @@ impl Lmim {
 
     fn init_weights(&self, vs: &nn::VarStore) {
         tch::no_grad(|| {
-            for (name, mut t) in vs.variables() {
+            // Sorted, so that the random draws do not depend on the hash map's order.
+            let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, mut t) in vars {
                 if name.ends_with("pos_embed") || name.starts_with("target_encoder.") {
                     continue;
                 }

@@ -1,0 +1,324 @@
+//! A prefetching loader: a producer thread assembles batches in order, each batch's samples decoded and augmented
+//! in parallel on a rayon pool straight into the batch tensor, and hands them over through a bounded channel.
+//!
+//! Everything random is a function of (seed, epoch, sample index): the epoch order comes from (seed, epoch) and
+//! each sample's augmentation from its own ChaCha stream, so batches do not depend on the number of workers or on
+//! thread scheduling, and an epoch resumed at batch k yields exactly batches k.. of the uninterrupted run.
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Receiver};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use tch::{Device, Kind, Tensor};
+
+use super::dataset::Dataset;
+use super::decode::load_rgb;
+use super::transforms::Transform;
+use crate::error::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct LoaderConfig {
+    pub batch_size: usize,
+    /// Shuffle every epoch (train); off keeps the dataset order (eval).
+    pub shuffle: bool,
+    /// Drop the last partial batch of each rank.
+    pub drop_last: bool,
+    pub seed: u64,
+    /// Data-parallel shard: this process takes positions rank, rank+world_size, ... of the padded epoch order.
+    pub rank: usize,
+    pub world_size: usize,
+    /// Decode/augment threads.
+    pub workers: usize,
+    /// Batches prepared ahead of the consumer.
+    pub prefetch: usize,
+    /// A file that cannot be decoded is an error instead of a warning and a skip.
+    pub strict: bool,
+    /// Put batches in pinned memory (only when CUDA is available) for non-blocking copies to the GPU.
+    pub pin_memory: bool,
+    /// No warnings on stderr (the skips are still counted).
+    pub quiet: bool,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            batch_size: 64,
+            shuffle: true,
+            drop_last: false,
+            seed: 0,
+            rank: 0,
+            world_size: 1,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            prefetch: 2,
+            strict: false,
+            pin_memory: true,
+            quiet: false,
+        }
+    }
+}
+
+/// A batch: `images` `[B,3,H,W]` f32 normalised, `labels` `[B]` i64, and the dataset indices of its samples.
+/// B is smaller than the batch size for the last batch, or when undecodable files were skipped.
+#[derive(Debug)]
+pub struct Batch {
+    pub images: Tensor,
+    pub labels: Tensor,
+    pub indices: Vec<usize>,
+    /// Position of this batch in the epoch (the value to resume from is `batch + 1`).
+    pub batch: usize,
+    /// Samples of this batch that were skipped because they could not be read.
+    pub skipped: usize,
+}
+
+/// The rng for one sample's augmentation: ChaCha8 keyed by the seed, on stream (epoch, index).
+pub fn sample_rng(seed: u64, epoch: u64, index: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream((epoch << 32) ^ index as u64);
+    rng
+}
+
+fn shuffle_rng(seed: u64, epoch: u64) -> ChaCha8Rng {
+    // A key distinct from the augmentation streams.
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x9E37_79B9_7F4A_7C15);
+    rng.set_stream(epoch);
+    rng
+}
+
+struct Shared {
+    dataset: Dataset,
+    transform: Transform,
+    out_hw: (u32, u32),
+    cfg: LoaderConfig,
+    pool: rayon::ThreadPool,
+    skipped: AtomicUsize,
+    warned: Mutex<HashSet<usize>>,
+}
+
+#[derive(Clone)]
+pub struct Loader {
+    shared: Arc<Shared>,
+}
+
+impl Loader {
+    pub fn new(dataset: Dataset, transform: Transform, cfg: LoaderConfig) -> Result<Loader> {
+        let out_hw = transform.validate()?;
+        if cfg.batch_size == 0 {
+            return Err(Error::option("batch_size", "must be positive"));
+        }
+        if cfg.world_size == 0 || cfg.rank >= cfg.world_size {
+            return Err(Error::option("rank", format!("rank {} is not in 0..{}", cfg.rank, cfg.world_size)));
+        }
+        if dataset.is_empty() {
+            return Err(Error::data(&dataset.dir, "the dataset has no samples"));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(cfg.workers.max(1))
+            .thread_name(|i| format!("lmim-data-{i}"))
+            .build()
+            .map_err(|e| Error::option("workers", e.to_string()))?;
+        Ok(Loader {
+            shared: Arc::new(Shared {
+                dataset,
+                transform,
+                out_hw,
+                cfg,
+                pool,
+                skipped: AtomicUsize::new(0),
+                warned: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+
+    pub fn dataset(&self) -> &Dataset {
+        &self.shared.dataset
+    }
+
+    pub fn config(&self) -> &LoaderConfig {
+        &self.shared.cfg
+    }
+
+    /// (h, w) of the images.
+    pub fn image_hw(&self) -> (u32, u32) {
+        self.shared.out_hw
+    }
+
+    /// Files skipped so far (each time one is met).
+    pub fn skipped(&self) -> usize {
+        self.shared.skipped.load(Ordering::Relaxed)
+    }
+
+    /// This rank's sample order for `epoch`: the epoch permutation, padded by wrapping around to a multiple of
+    /// the world size (as torch's DistributedSampler), then every world_size-th position from rank.
+    pub fn epoch_indices(&self, epoch: u64) -> Vec<usize> {
+        let cfg = &self.shared.cfg;
+        let n = self.shared.dataset.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        if cfg.shuffle {
+            order.shuffle(&mut shuffle_rng(cfg.seed, epoch));
+        }
+        let per_rank = n.div_ceil(cfg.world_size);
+        (0..per_rank).map(|i| order[(cfg.rank + i * cfg.world_size) % n]).collect()
+    }
+
+    /// Batches per epoch for this rank.
+    pub fn num_batches(&self) -> usize {
+        let cfg = &self.shared.cfg;
+        let per_rank = self.shared.dataset.len().div_ceil(cfg.world_size);
+        if cfg.drop_last {
+            per_rank / cfg.batch_size
+        } else {
+            per_rank.div_ceil(cfg.batch_size)
+        }
+    }
+
+    /// Decodes and transforms one sample as the loader would in `epoch`: CHW f32.
+    pub fn load_sample(&self, index: usize, epoch: u64) -> Result<Vec<f32>> {
+        let (h, w) = self.shared.out_hw;
+        let mut out = vec![0f32; 3 * h as usize * w as usize];
+        self.shared.process(index, epoch, &mut out)?;
+        Ok(out)
+    }
+
+    /// The batches of `epoch`.
+    pub fn epoch(&self, epoch: u64) -> EpochIter {
+        self.iter_from(epoch, 0)
+    }
+
+    /// The batches `start_batch..` of `epoch`, identical to those of an uninterrupted epoch.
+    pub fn iter_from(&self, epoch: u64, start_batch: usize) -> EpochIter {
+        let shared = self.shared.clone();
+        let indices = self.epoch_indices(epoch);
+        let nb = self.num_batches();
+        let bs = shared.cfg.batch_size;
+        let (tx, rx) = bounded(shared.cfg.prefetch.max(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("lmim-data-producer".into())
+            .spawn(move || {
+                for k in start_batch..nb {
+                    if stop2.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let ids = &indices[k * bs..((k + 1) * bs).min(indices.len())];
+                    match shared.make_batch(k, ids, epoch) {
+                        Ok(None) => continue,
+                        Ok(Some(b)) => {
+                            if tx.send(Ok(b)).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            break;
+                        }
+                    }
+                }
+            })
+            .expect("cannot spawn the data loader thread");
+        EpochIter { rx: Some(rx), stop, handle: Some(handle), remaining: nb.saturating_sub(start_batch), total: nb }
+    }
+}
+
+impl Shared {
+    fn process(&self, index: usize, epoch: u64, out: &mut [f32]) -> Result<()> {
+        let path = &self.dataset.samples[index].0;
+        let img = load_rgb(path)?;
+        let mut rng = sample_rng(self.cfg.seed, epoch, index);
+        self.transform.apply(img, &mut rng, out).map_err(|r| Error::data(path, r))
+    }
+
+    /// One batch, or None when every sample of it was skipped.
+    fn make_batch(&self, k: usize, ids: &[usize], epoch: u64) -> Result<Option<Batch>> {
+        let (h, w) = self.out_hw;
+        let per = 3 * h as usize * w as usize;
+        let b = ids.len();
+        let images = Tensor::empty([b as i64, 3, h as i64, w as i64], (Kind::Float, Device::Cpu));
+        // SAFETY: `images` is a fresh contiguous CPU f32 tensor of b*per values owned here; the slices are
+        // disjoint and the pool returns before `images` is used again.
+        let base = images.data_ptr() as usize;
+        let results: Vec<Result<()>> = self.pool.install(|| {
+            ids.par_iter()
+                .enumerate()
+                .map(|(j, &idx)| {
+                    let out = unsafe { std::slice::from_raw_parts_mut((base as *mut f32).add(j * per), per) };
+                    self.process(idx, epoch, out)
+                })
+                .collect()
+        });
+        let mut keep = Vec::with_capacity(b);
+        for (j, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(()) => keep.push(j),
+                Err(e) if self.cfg.strict => return Err(e),
+                Err(e) => {
+                    self.skipped.fetch_add(1, Ordering::Relaxed);
+                    if !self.cfg.quiet && self.warned.lock().unwrap().insert(ids[j]) {
+                        eprintln!("warning: skipped: {e}");
+                    }
+                }
+            }
+        }
+        if keep.is_empty() {
+            return Ok(None);
+        }
+        let skipped = b - keep.len();
+        let mut images = if skipped > 0 {
+            let k64: Vec<i64> = keep.iter().map(|&j| j as i64).collect();
+            images.index_select(0, &Tensor::from_slice(&k64))
+        } else {
+            images
+        };
+        let indices: Vec<usize> = keep.iter().map(|&j| ids[j]).collect();
+        let labels: Vec<i64> = indices.iter().map(|&i| self.dataset.samples[i].1).collect();
+        if self.cfg.pin_memory && tch::Cuda::is_available() {
+            images = images.pin_memory(Device::Cuda(0));
+        }
+        Ok(Some(Batch { images, labels: Tensor::from_slice(&labels), indices, batch: k, skipped }))
+    }
+}
+
+/// The batches of one epoch in order. Dropping it stops the producer.
+pub struct EpochIter {
+    rx: Option<Receiver<Result<Batch>>>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+    remaining: usize,
+    total: usize,
+}
+
+impl EpochIter {
+    /// Batches not yet yielded (an upper bound: all-skipped batches are not yielded).
+    pub fn remaining(&self) -> usize {
+        self.remaining
+    }
+}
+
+impl Iterator for EpochIter {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let item = self.rx.as_ref()?.recv().ok();
+        self.remaining = match &item {
+            Some(Ok(b)) => self.total.saturating_sub(b.batch + 1),
+            _ => 0,
+        };
+        item
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Dropping the receiver unblocks a producer waiting to send.
+        self.rx.take();
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}

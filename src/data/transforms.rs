@@ -1,0 +1,394 @@
+//! torchvision transforms on 8-bit RGB images, matching torchvision on PIL images.
+//!
+//! Resizing uses fast_image_resize's convolution with the Catmull-Rom kernel (a = -0.5), which is PIL's
+//! antialiased bicubic: the kernel is widened by the downscale factor and the two separable passes round to u8 in
+//! between, as PIL does. Crops follow torchvision's integer arithmetic (Python's round-half-even included).
+use std::cell::RefCell;
+
+use fast_image_resize as fr;
+use rand::Rng;
+
+use super::decode::RgbImage;
+use crate::error::{Error, Result};
+
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Interpolation, as torchvision's `InterpolationMode` on PIL images (antialiased).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interp {
+    Bicubic,
+    Bilinear,
+}
+
+impl Interp {
+    fn alg(self) -> fr::ResizeAlg {
+        match self {
+            Interp::Bicubic => fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom),
+            Interp::Bilinear => fr::ResizeAlg::Convolution(fr::FilterType::Bilinear),
+        }
+    }
+}
+
+/// A crop box in torchvision's order of arguments: `F.crop(img, top, left, height, width)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct CropBox {
+    pub top: u32,
+    pub left: u32,
+    pub height: u32,
+    pub width: u32,
+}
+
+/// One step of a per-sample pipeline on the u8 image; `ToTensor` + `Normalize` always end it (see [`Transform`]).
+///
+/// Later steps go here too: `RandAugment` as a u8-image op (before the normalisation, as in timm);
+/// `RandomErasing` acts on the normalised CHW output, so it will be a post-normalisation op in
+/// [`Transform::apply`]; Mixup/CutMix mix whole batches and belong to the loader's batch assembly.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub enum Op {
+    /// `RandomResizedCrop(size=(h, w), scale, ratio, interpolation)`.
+    RandomResizedCrop { size: (u32, u32), scale: (f64, f64), ratio: (f64, f64), interp: Interp },
+    /// `Resize(size)` with an int: the shorter side becomes `size`, the longer keeps the aspect (truncated).
+    Resize { size: u32, interp: Interp },
+    /// `CenterCrop((h, w))`; zero padding where the image is smaller, as torchvision.
+    CenterCrop { size: (u32, u32) },
+    /// `RandomHorizontalFlip(p)`.
+    RandomHorizontalFlip { p: f64 },
+}
+
+/// A per-sample pipeline: `ops` on the u8 image, then `ToTensor` and `Normalize(mean, std)` into CHW f32.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Transform {
+    pub ops: Vec<Op>,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// Python's `round()` (half to even), which torchvision uses for crop sizes and offsets.
+fn py_round(x: f64) -> i64 {
+    x.round_ties_even() as i64
+}
+
+/// torchvision's `RandomResizedCrop.get_params`: 10 tries of area in `scale` and log-uniform aspect in `ratio`,
+/// then the central crop clamped to the ratio range.
+pub fn random_resized_crop_params(
+    width: u32,
+    height: u32,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut impl Rng,
+) -> CropBox {
+    let (wi, hi) = (width as i64, height as i64);
+    let area = (wi * hi) as f64;
+    let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
+    for _ in 0..10 {
+        let target_area = area * uniform(rng, scale.0, scale.1);
+        let aspect = uniform(rng, lr0, lr1).exp();
+        let w = py_round((target_area * aspect).sqrt());
+        let h = py_round((target_area / aspect).sqrt());
+        if 0 < w && w <= wi && 0 < h && h <= hi {
+            let top = rng.gen_range(0..=hi - h);
+            let left = rng.gen_range(0..=wi - w);
+            return CropBox { top: top as u32, left: left as u32, height: h as u32, width: w as u32 };
+        }
+    }
+    let in_ratio = wi as f64 / hi as f64;
+    let (rmin, rmax) = (ratio.0.min(ratio.1), ratio.0.max(ratio.1));
+    let (w, h) = if in_ratio < rmin {
+        (wi, py_round(wi as f64 / rmin))
+    } else if in_ratio > rmax {
+        (py_round(hi as f64 * rmax), hi)
+    } else {
+        (wi, hi)
+    };
+    CropBox { top: ((hi - h) / 2) as u32, left: ((wi - w) / 2) as u32, height: h as u32, width: w as u32 }
+}
+
+fn uniform(rng: &mut impl Rng, a: f64, b: f64) -> f64 {
+    a + (b - a) * rng.gen::<f64>()
+}
+
+thread_local! {
+    // Reused per thread: the resizer keeps its intermediate buffers.
+    static RESIZER: RefCell<fr::Resizer> = RefCell::new(fr::Resizer::new());
+}
+
+fn resize_impl(
+    src: &RgbImage,
+    int_crop: Option<CropBox>,
+    float_crop: Option<(f64, f64, f64, f64)>,
+    out_w: u32,
+    out_h: u32,
+    interp: Interp,
+) -> std::result::Result<RgbImage, String> {
+    let src_ref = fr::images::ImageRef::new(src.width, src.height, &src.data, fr::PixelType::U8x3)
+        .map_err(|e| format!("resize: {e}"))?;
+    let mut dst = RgbImage::new(out_w, out_h);
+    {
+        let mut dst_img = fr::images::Image::from_slice_u8(out_w, out_h, &mut dst.data, fr::PixelType::U8x3)
+            .map_err(|e| format!("resize: {e}"))?;
+        let mut opts = fr::ResizeOptions::new().resize_alg(interp.alg());
+        if let Some((left, top, w, h)) = float_crop {
+            opts = opts.crop(left, top, w, h);
+        }
+        RESIZER.with(|r| {
+            let mut r = r.borrow_mut();
+            match int_crop {
+                // A real sub-image: PIL crops first, so the kernel is clipped at the crop's edges, not the image's.
+                Some(b) => {
+                    let view = fr::images::CroppedImage::new(&src_ref, b.left, b.top, b.width, b.height)
+                        .map_err(|e| format!("crop: {e}"))?;
+                    r.resize(&view, &mut dst_img, &opts).map_err(|e| format!("resize: {e}"))
+                }
+                None => r.resize(&src_ref, &mut dst_img, &opts).map_err(|e| format!("resize: {e}")),
+            }
+        })?;
+    }
+    Ok(dst)
+}
+
+/// Crops with zero padding outside the image (torchvision's `F.crop` on PIL).
+fn crop_padded(img: &RgbImage, top: i64, left: i64, h: u32, w: u32) -> RgbImage {
+    let mut out = RgbImage::new(w, h);
+    let (iw, ih) = (img.width as i64, img.height as i64);
+    let x0 = left.max(0);
+    let x1 = (left + w as i64).min(iw);
+    if x1 <= x0 {
+        return out;
+    }
+    for y in 0..h as i64 {
+        let sy = top + y;
+        if sy < 0 || sy >= ih {
+            continue;
+        }
+        let src = &img.data[((sy * iw + x0) * 3) as usize..((sy * iw + x1) * 3) as usize];
+        let d0 = ((y * w as i64 + (x0 - left)) * 3) as usize;
+        out.data[d0..d0 + src.len()].copy_from_slice(src);
+    }
+    out
+}
+
+/// torchvision's `F.resized_crop(img, top, left, h, w, size=[out_h, out_w], interp)`.
+pub fn crop_resize(
+    img: &RgbImage,
+    top: u32,
+    left: u32,
+    h: u32,
+    w: u32,
+    size: (u32, u32),
+    interp: Interp,
+) -> std::result::Result<RgbImage, String> {
+    if h == 0 || w == 0 || size.0 == 0 || size.1 == 0 {
+        return Err(format!("empty crop {h}x{w} or output size {size:?}"));
+    }
+    let b = CropBox { top, left, height: h, width: w };
+    if top as u64 + h as u64 <= img.height as u64 && left as u64 + w as u64 <= img.width as u64 {
+        resize_impl(img, Some(b), None, size.1, size.0, interp)
+    } else {
+        let c = crop_padded(img, top as i64, left as i64, h, w);
+        resize_impl(&c, None, None, size.1, size.0, interp)
+    }
+}
+
+/// The output size of torchvision's `Resize(size)` with an int: the shorter side becomes `size`.
+pub fn resized_dims(width: u32, height: u32, size: u32) -> (u32, u32) {
+    let (short, long) = if width <= height { (width, height) } else { (height, width) };
+    let new_long = (size as u64 * long as u64 / short.max(1) as u64) as u32;
+    if width <= height {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    }
+}
+
+/// `Resize(size)` (shorter side).
+pub fn resize_shorter(img: &RgbImage, size: u32, interp: Interp) -> std::result::Result<RgbImage, String> {
+    let (w, h) = resized_dims(img.width, img.height, size);
+    if (w, h) == (img.width, img.height) {
+        return Ok(img.clone());
+    }
+    resize_impl(img, None, None, w, h, interp)
+}
+
+fn center_offsets(width: u32, height: u32, size: (u32, u32)) -> (i64, i64) {
+    let top = py_round((height as f64 - size.0 as f64) / 2.0);
+    let left = py_round((width as f64 - size.1 as f64) / 2.0);
+    (top, left)
+}
+
+/// `CenterCrop((h, w))`.
+pub fn center_crop(img: &RgbImage, size: (u32, u32)) -> RgbImage {
+    let (top, left) = center_offsets(img.width, img.height, size);
+    crop_padded(img, top, left, size.0, size.1)
+}
+
+/// `Resize(size)` then `CenterCrop(crop)` in one resampling pass that computes only the kept pixels: the crop
+/// becomes a fractional source box with the same scale and centres as the full resize, and the kernel is still
+/// clipped at the image's edges, so the result is that of the two steps.
+pub fn resize_center_crop(
+    img: &RgbImage,
+    size: u32,
+    crop: (u32, u32),
+    interp: Interp,
+) -> std::result::Result<RgbImage, String> {
+    let (rw, rh) = resized_dims(img.width, img.height, size);
+    if crop.0 > rh || crop.1 > rw {
+        return Ok(center_crop(&resize_shorter(img, size, interp)?, crop));
+    }
+    let (top, left) = center_offsets(rw, rh, crop);
+    let sx = img.width as f64 / rw as f64;
+    let sy = img.height as f64 / rh as f64;
+    let fbox = (left as f64 * sx, top as f64 * sy, crop.1 as f64 * sx, crop.0 as f64 * sy);
+    resize_impl(img, None, Some(fbox), crop.1, crop.0, interp)
+}
+
+/// Flips left-right in place.
+pub fn hflip(img: &mut RgbImage) {
+    let w = img.width as usize;
+    for row in img.data.chunks_exact_mut(w * 3) {
+        for x in 0..w / 2 {
+            let (a, b) = (x * 3, (w - 1 - x) * 3);
+            for c in 0..3 {
+                row.swap(a + c, b + c);
+            }
+        }
+    }
+}
+
+/// `ToTensor` + `Normalize(mean, std)`: HWC u8 to CHW f32 `(v/255 - mean)/std`, computed as torch does in f32.
+pub fn to_tensor_normalize(img: &RgbImage, mean: [f32; 3], std: [f32; 3], out: &mut [f32]) {
+    let plane = img.width as usize * img.height as usize;
+    assert_eq!(out.len(), 3 * plane, "output buffer does not match the image size");
+    let mut lut = [[0f32; 256]; 3];
+    for c in 0..3 {
+        for v in 0..256 {
+            lut[c][v] = (v as f32 / 255.0 - mean[c]) / std[c];
+        }
+    }
+    let (r, rest) = out.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for (i, px) in img.data.chunks_exact(3).enumerate() {
+        r[i] = lut[0][px[0] as usize];
+        g[i] = lut[1][px[1] as usize];
+        b[i] = lut[2][px[2] as usize];
+    }
+}
+
+impl Transform {
+    /// The Latent MIM pretraining recipe: `RandomResizedCrop(size, scale=(scale_min, 1), bicubic)` + flip.
+    pub fn train(size: u32, scale_min: f64) -> Self {
+        Transform {
+            ops: vec![
+                Op::RandomResizedCrop {
+                    size: (size, size),
+                    scale: (scale_min, 1.0),
+                    ratio: (3.0 / 4.0, 4.0 / 3.0),
+                    interp: Interp::Bicubic,
+                },
+                Op::RandomHorizontalFlip { p: 0.5 },
+            ],
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        }
+    }
+
+    /// The evaluation transform: `Resize(resize, bicubic)` + `CenterCrop(crop)`, e.g. 256 and 224.
+    pub fn eval(resize: u32, crop: u32) -> Self {
+        Transform {
+            ops: vec![Op::Resize { size: resize, interp: Interp::Bicubic }, Op::CenterCrop { size: (crop, crop) }],
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
+        }
+    }
+
+    /// Checks the parameters and that the pipeline ends at a fixed size, which it returns as (h, w).
+    pub fn validate(&self) -> Result<(u32, u32)> {
+        let bad = |r: String| Error::option("transform", r);
+        let mut fixed = None;
+        for op in &self.ops {
+            match *op {
+                Op::RandomResizedCrop { size, scale, ratio, .. } => {
+                    if size.0 == 0 || size.1 == 0 {
+                        return Err(bad(format!("RandomResizedCrop size {size:?} must be positive")));
+                    }
+                    if !(scale.0 > 0.0 && scale.0 <= scale.1) || !(ratio.0 > 0.0 && ratio.0 <= ratio.1) {
+                        return Err(bad(format!(
+                            "RandomResizedCrop needs 0 < scale.0 <= scale.1 and 0 < ratio.0 <= ratio.1, got scale {scale:?} ratio {ratio:?}"
+                        )));
+                    }
+                    fixed = Some(size);
+                }
+                Op::Resize { size, .. } => {
+                    if size == 0 {
+                        return Err(bad("Resize size must be positive".into()));
+                    }
+                    fixed = None;
+                }
+                Op::CenterCrop { size } => {
+                    if size.0 == 0 || size.1 == 0 {
+                        return Err(bad(format!("CenterCrop size {size:?} must be positive")));
+                    }
+                    fixed = Some(size);
+                }
+                Op::RandomHorizontalFlip { p } => {
+                    if !(0.0..=1.0).contains(&p) {
+                        return Err(bad(format!("RandomHorizontalFlip p={p} must be in [0, 1]")));
+                    }
+                }
+            }
+        }
+        if self.std.iter().any(|&s| s == 0.0) {
+            return Err(bad("Normalize std must not be zero".into()));
+        }
+        fixed.ok_or_else(|| bad("the pipeline must end with a fixed size (a crop) to batch its outputs".into()))
+    }
+
+    /// Runs the u8 ops. Randomness is drawn in op order from `rng`, so a per-sample rng makes it reproducible.
+    pub fn apply_u8(&self, mut img: RgbImage, rng: &mut impl Rng) -> std::result::Result<RgbImage, String> {
+        let mut i = 0;
+        while i < self.ops.len() {
+            match self.ops[i] {
+                Op::RandomResizedCrop { size, scale, ratio, interp } => {
+                    let b = random_resized_crop_params(img.width, img.height, scale, ratio, rng);
+                    img = crop_resize(&img, b.top, b.left, b.height, b.width, size, interp)?;
+                }
+                Op::Resize { size, interp } => {
+                    if let Some(Op::CenterCrop { size: crop }) = self.ops.get(i + 1) {
+                        img = resize_center_crop(&img, size, *crop, interp)?;
+                        i += 1;
+                    } else {
+                        img = resize_shorter(&img, size, interp)?;
+                    }
+                }
+                Op::CenterCrop { size } => {
+                    if (img.height, img.width) != size {
+                        img = center_crop(&img, size);
+                    }
+                }
+                Op::RandomHorizontalFlip { p } => {
+                    if rng.gen::<f64>() < p {
+                        hflip(&mut img);
+                    }
+                }
+            }
+            i += 1;
+        }
+        Ok(img)
+    }
+
+    /// The whole pipeline into `out` (CHW, `3*h*w` values, (h, w) from [`Transform::validate`]).
+    pub fn apply(&self, img: RgbImage, rng: &mut impl Rng, out: &mut [f32]) -> std::result::Result<(), String> {
+        let img = self.apply_u8(img, rng)?;
+        if out.len() != 3 * img.width as usize * img.height as usize {
+            return Err(format!(
+                "transform produced {}x{} but the output holds {} values",
+                img.height,
+                img.width,
+                out.len()
+            ));
+        }
+        to_tensor_normalize(&img, self.mean, self.std, out);
+        Ok(())
+    }
+}

@@ -1,0 +1,1 @@
+//! Evaluation protocols: feature extraction, k-NN (DINO) and leave-one-out 1-NN, linear probe, fine-tuning.

@@ -1,0 +1,144 @@
+//! Pretraining is safe to kill: a run killed with SIGKILL mid-epoch and resumed ends bitwise equal to an
+//! uninterrupted run (CPU); a corrupt newest checkpoint is a clear error and the previous one stays; a NaN loss
+//! stops the run naming the step.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use assert_cmd::cargo::CommandCargoExt;
+use lmim_bench::checkpoint;
+
+fn bin() -> Command {
+    Command::cargo_bin("lmim-bench").unwrap()
+}
+
+fn synth(dir: &Path) -> PathBuf {
+    let data = dir.join("synth");
+    let st = bin()
+        .args(["data", "synth", "--out", data.to_str().unwrap(), "--classes", "4", "--train-per-class", "96", "--val-per-class", "8", "--size", "40"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    data
+}
+
+fn pretrain_cmd(data: &Path, out: &Path, extra: &[&str]) -> Command {
+    let mut c = bin();
+    c.args(["pretrain", "-q", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/configs/lmim_tiny.toml")])
+        .args(["--data", data.to_str().unwrap(), "-o", out.to_str().unwrap()])
+        .args(["--set", "epochs=4", "--set", "batch_size=32", "--set", "checkpoint_every=2", "--set", "keep_last=50", "--set", "num_workers=2"])
+        .args(extra)
+        .env("OMP_NUM_THREADS", "1");
+    c
+}
+
+fn newest(dir: &Path) -> PathBuf {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("checkpoints")).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+    v.sort();
+    v.pop().expect("a checkpoint")
+}
+
+fn tensors(p: &Path) -> Vec<(String, tch::Tensor)> {
+    checkpoint::load(p).unwrap().tensors
+}
+
+#[test]
+fn killed_and_resumed_run_equals_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let full = dir.path().join("full");
+    let st = pretrain_cmd(&data, &full, &[]).status().unwrap();
+    assert!(st.success());
+
+    let killed = dir.path().join("killed");
+    let mut child = pretrain_cmd(&data, &killed, &[]).spawn().unwrap();
+    let t0 = Instant::now();
+    // Kill once a few mid-epoch checkpoints exist (3 steps per epoch at batch 32 x 384 images / 4 epochs).
+    loop {
+        let n = std::fs::read_dir(killed.join("checkpoints")).map(|r| r.count()).unwrap_or(0);
+        if n >= 3 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "run ended before it could be killed");
+        assert!(t0.elapsed() < Duration::from_secs(120));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "run ended before it could be killed");
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the first run was killed");
+    let before = newest(&killed);
+    let out = pretrain_cmd(&data, &killed, &[]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from"), "the second run resumed");
+    assert!(before != newest(&killed));
+
+    let (a, b) = (tensors(&newest(&full)), tensors(&newest(&killed)));
+    assert_eq!(a.len(), b.len());
+    for ((na, ta), (nb, tb)) in a.iter().zip(&b) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs between the uninterrupted and the resumed run");
+    }
+    let ea = tensors(&full.join("encoder.safetensors"));
+    let eb = tensors(&killed.join("encoder.safetensors"));
+    assert!(ea.iter().zip(&eb).all(|((_, x), (_, y))| x.equal(y)), "exported encoders differ");
+    assert!(ea.iter().any(|(n, _)| n == "blocks.0.attn.qkv.weight") && !ea.iter().any(|(n, _)| n.starts_with("head.")), "timm names, no projection head");
+}
+
+#[test]
+fn corrupt_checkpoint_is_a_clear_error_and_the_previous_one_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let out = dir.path().join("run");
+    assert!(pretrain_cmd(&data, &out, &["--set", "epochs=1"]).status().unwrap().success());
+    let all: Vec<PathBuf> = {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(out.join("checkpoints")).unwrap().map(|e| e.unwrap().path()).collect();
+        v.sort();
+        v
+    };
+    assert!(all.len() >= 2);
+    let last = all.last().unwrap();
+    let bytes = std::fs::read(last).unwrap();
+    std::fs::write(last, &bytes[..bytes.len() / 3]).unwrap();
+    let res = pretrain_cmd(&data, &out, &["--set", "epochs=2"]).output().unwrap();
+    assert_eq!(res.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&res.stderr);
+    let prev = &all[all.len() - 2];
+    assert!(err.contains(last.file_name().unwrap().to_str().unwrap()) && err.contains(prev.file_name().unwrap().to_str().unwrap()), "{err}");
+    assert!(prev.exists() && checkpoint::load(prev).is_ok(), "the previous checkpoint is intact");
+    // And resuming from it explicitly works.
+    let res = pretrain_cmd(&data, &out, &["--set", "epochs=2", "--resume-from", prev.to_str().unwrap()]).output().unwrap();
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+}
+
+#[test]
+fn nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let out = dir.path().join("run");
+    let res = pretrain_cmd(&data, &out, &["--set", "blr=1e9", "--set", "checkpoint_every=1"]).output().unwrap();
+    assert_eq!(res.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("loss is NaN at step") || err.contains("loss is inf at step"), "{err}");
+    let kept = newest(&out);
+    assert!(err.contains(kept.to_str().unwrap()), "{err}");
+    assert!(checkpoint::load(&kept).is_ok());
+}
+
+#[test]
+fn bad_config_keys_and_values_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let out = dir.path().join("run");
+    let res = pretrain_cmd(&data, &out, &["--set", "patch_gapp=2"]).output().unwrap();
+    assert_eq!(res.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("unknown key `patch_gapp`"));
+    let res = pretrain_cmd(&data, &out, &["--set", "loss=mse"]).output().unwrap();
+    assert_eq!(res.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("loss"));
+    let res = pretrain_cmd(&dir.path().join("nowhere"), &out, &[]).output().unwrap();
+    assert_eq!(res.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("nowhere"));
+}
