@@ -1,1 +1,2 @@
 //! Evaluation protocols: feature extraction, k-NN (DINO) and leave-one-out 1-NN, linear probe, fine-tuning.
+pub mod linear;

@@ -116,3 +116,67 @@ pub fn grad_norm<'a>(params: impl Iterator<Item = &'a Tensor> + Clone, max_norm:
     }
     total
 }
+
+/// LARS as in MAE's `util/lars.py`: for tensors with ndim > 1, weight decay is added to the gradient and the update
+/// is scaled by `trust_coefficient * |p| / |update|` (1 when either norm is 0); biases get plain momentum SGD.
+pub struct Lars {
+    pub params: Vec<Param>,
+    pub momentum: f64,
+    pub trust_coefficient: f64,
+    mu: Vec<Tensor>,
+}
+
+impl Lars {
+    pub fn new(params: Vec<Param>, momentum: f64, trust_coefficient: f64) -> Self {
+        let mu = params.iter().map(|p| p.tensor.zeros_like()).collect();
+        Lars { params, momentum, trust_coefficient, mu }
+    }
+
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            let mut g = p.tensor.grad();
+            if g.defined() {
+                let _ = g.detach_().zero_();
+            }
+        }
+    }
+
+    pub fn step(&mut self, lr: f64) {
+        tch::no_grad(|| {
+            for (p, mu) in self.params.iter_mut().zip(&mut self.mu) {
+                let g = p.tensor.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let mut dp = g.shallow_clone();
+                if p.tensor.dim() > 1 {
+                    dp = &dp + &p.tensor * p.weight_decay;
+                    let param_norm = p.tensor.norm();
+                    let update_norm = dp.norm();
+                    let one = param_norm.ones_like();
+                    let ratio = (&param_norm * self.trust_coefficient) / &update_norm;
+                    let q = ratio.where_self(&update_norm.gt(0.0), &one).where_self(&param_norm.gt(0.0), &one);
+                    dp = dp * q;
+                }
+                let _ = mu.g_mul_scalar_(self.momentum);
+                let _ = mu.g_add_(&dp);
+                let _ = p.tensor.g_add_(&(&*mu * (-lr * p.lr_scale)));
+            }
+        });
+    }
+
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.params.iter().zip(&self.mu).map(|(p, m)| (format!("mu.{}", p.name), m.shallow_clone())).collect()
+    }
+
+    pub fn load_state(&mut self, get: impl Fn(&str) -> Option<Tensor>) -> Result<(), String> {
+        tch::no_grad(|| {
+            for (p, m) in self.params.iter().zip(&mut self.mu) {
+                let key = format!("mu.{}", p.name);
+                let src = get(&key).ok_or_else(|| format!("optimizer state `{key}` is missing"))?;
+                m.copy_(&src.to_device(m.device()));
+            }
+            Ok(())
+        })
+    }
+}
