@@ -11,5 +11,6 @@ pub mod model;
 pub mod protocols;
 pub mod results;
 pub mod train;
+pub mod viz;
 
 pub use error::{Error, Result};

@@ -5,7 +5,7 @@ use clap::{Args, Subcommand};
 
 use crate::data::fmnist::{self, PrepareOptions};
 use crate::data::synth::{self, SynthOptions};
-use crate::data::{Dataset, OpenOptions};
+use crate::data::{Dataset, Loader, LoaderConfig, OpenOptions, Transform};
 use crate::error::Error;
 
 #[derive(Debug, Args)]
@@ -25,6 +25,28 @@ enum DataCmd {
     Synth(SynthArgs),
     /// Print image and class counts and the fingerprint of each split of a dataset.
     Info(InfoArgs),
+    /// Decode every image of a split through the loader; unreadable files are reported (warning on stderr) and
+    /// counted, or with --strict the first one is an error.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// Dataset root, with the split folder inside.
+    #[arg(long)]
+    data: PathBuf,
+    /// Split to check.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Stop at the first unreadable file or empty class folder, with exit code 2.
+    #[arg(long)]
+    strict: bool,
+    /// Decoding threads (default: all cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -154,6 +176,7 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
             }
         }
         DataCmd::Info(a) => info(a)?,
+        DataCmd::Check(a) => check(a)?,
     }
     Ok(())
 }
@@ -164,7 +187,8 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         Some(s) => vec![s.clone()],
         None => {
             // Surfaces an unreadable or missing root as the dataset error (exit 2).
-            let found: Vec<String> = ["train", "val"].iter().filter(|s| a.data.join(s).is_dir()).map(|s| s.to_string()).collect();
+            let found: Vec<String> =
+                ["train", "val"].iter().filter(|s| a.data.join(s).is_dir()).map(|s| s.to_string()).collect();
             if found.is_empty() {
                 return Err(match Dataset::open_with(&a.data, "train", &opts) {
                     Err(e) => e.into(),
@@ -208,6 +232,29 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}\n{text}", a.data.display());
+    }
+    Ok(())
+}
+
+fn check(a: CheckArgs) -> anyhow::Result<()> {
+    let ds = Dataset::open_with(&a.data, &a.split, &OpenOptions { strict: a.strict, quiet: false })?;
+    let n = ds.len();
+    let mut cfg =
+        LoaderConfig { batch_size: 64, shuffle: false, strict: a.strict, pin_memory: false, ..Default::default() };
+    if let Some(w) = a.workers {
+        cfg.workers = w.max(1);
+    }
+    // A small output keeps the check about decoding.
+    let loader = Loader::new(ds, Transform::eval(32, 32), cfg)?;
+    let mut ok = 0;
+    for b in loader.epoch(0) {
+        ok += b?.indices.len();
+    }
+    let skipped = loader.skipped();
+    if a.json {
+        println!("{}", serde_json::json!({ "split": a.split, "images": n, "ok": ok, "skipped": skipped }));
+    } else {
+        println!("{}: {n} images, {ok} ok, {skipped} skipped", a.data.join(&a.split).display());
     }
     Ok(())
 }

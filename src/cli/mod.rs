@@ -5,6 +5,7 @@ pub mod eval;
 mod model_cmds;
 pub mod report;
 mod train_cmds;
+pub mod visualize;
 
 use clap::{Parser, Subcommand};
 
@@ -38,6 +39,9 @@ pub enum Command {
     Table(report::TableArgs),
     /// Compare results with a reference or a baseline; exit 1 when a metric falls below reference - tolerance.
     Check(report::CheckArgs),
+    /// Segmentation maps by hierarchical clustering of an image's patch features, nested at a few levels, and
+    /// a t-SNE of the same features: one PNG figure and one JSON of labels and points per image.
+    Visualize(visualize::VisualizeArgs),
 }
 
 /// An error that carries the exit code the command should end with.
@@ -82,6 +86,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => eval::eval(a),
         Command::Table(a) => report::table(a),
         Command::Check(a) => report::check(a),
+        Command::Visualize(a) => visualize::visualize(a),
     }
 }
 

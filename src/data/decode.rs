@@ -38,7 +38,21 @@ pub fn decode_image(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     }
 }
 
+/// Whether the stream ends its last scan with an EOI marker. zune-jpeg fills a short stream with grey instead of
+/// failing, while PIL raises "image file is truncated". 0xFFD9 / 0xFFDA cannot occur inside entropy-coded data,
+/// so the last EOI must have no SOS after it (an EXIF thumbnail's EOI comes before the main scans). Only the
+/// tail after the last EOI is scanned, usually two bytes.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let Some(eoi) = bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]) else {
+        return false;
+    };
+    !bytes[eoi..].windows(2).any(|w| w == [0xFF, 0xDA])
+}
+
 fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    if !jpeg_is_complete(bytes) {
+        return Err("truncated JPEG (no end-of-image marker after the last scan)".into());
+    }
     // Strict mode: a truncated stream is an error (PIL raises "image file is truncated"), not a grey tail.
     let opts = DecoderOptions::default()
         .set_strict_mode(true)
@@ -52,10 +66,12 @@ fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
         return Err(format!("JPEG has unsupported size {w}x{h}"));
     }
     let data = dec.decode().map_err(|e| format!("corrupt or truncated JPEG: {e:?}"))?;
-    match dec.get_output_colorspace() {
-        Some(ColorSpace::RGB) => {}
+    // zune-jpeg keeps greyscale as one channel; PIL's convert("RGB") replicates it.
+    let data = match dec.get_output_colorspace() {
+        Some(ColorSpace::RGB) => data,
+        Some(ColorSpace::Luma) => data.iter().flat_map(|&v| [v, v, v]).collect(),
         other => return Err(format!("JPEG decoded to unexpected colour space {other:?}")),
-    }
+    };
     RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| "JPEG decoded to a buffer of the wrong size".into())
 }
 

@@ -62,7 +62,9 @@ pub struct PrepareReport {
 fn read_gz(path: &Path) -> Result<Vec<u8>> {
     let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let mut buf = Vec::new();
-    flate2::read::GzDecoder::new(f).read_to_end(&mut buf).map_err(|e| Error::data(path, format!("cannot gunzip: {e}")))?;
+    flate2::read::GzDecoder::new(f)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::data(path, format!("cannot gunzip: {e}")))?;
     Ok(buf)
 }
 
@@ -111,7 +113,10 @@ pub(crate) fn check_replaceable(out: &Path) -> Result<()> {
     if empty {
         Ok(())
     } else {
-        Err(Error::data(out, format!("exists, is not empty and has no {MANIFEST}; not replacing it (choose another --out)")))
+        Err(Error::data(
+            out,
+            format!("exists, is not empty and has no {MANIFEST}; not replacing it (choose another --out)"),
+        ))
     }
 }
 
@@ -171,15 +176,23 @@ pub fn prepare_demo(opts: &PrepareOptions) -> Result<PrepareReport> {
         "jpeg_quality": JPEG_QUALITY,
     });
     if let Some(m) = read_manifest(&opts.out) {
-        if m.kind == "fashion-mnist" && m.options == options && opts.out.join("train").is_dir() && opts.out.join("val").is_dir() {
-            return Ok(PrepareReport { out: opts.out.clone(), train_images: m.train_images, val_images: m.val_images, reused: true });
+        if m.kind == "fashion-mnist"
+            && m.options == options
+            && opts.out.join("train").is_dir()
+            && opts.out.join("val").is_dir()
+        {
+            return Ok(PrepareReport {
+                out: opts.out.clone(),
+                train_images: m.train_images,
+                val_images: m.val_images,
+                reused: true,
+            });
         }
     }
     let mut splits = Vec::new();
-    for (split, img_f, lab_f, per_class) in [
-        ("train", files[0], files[1], Some(opts.train_per_class)),
-        ("val", files[2], files[3], opts.val_per_class),
-    ] {
+    for (split, img_f, lab_f, per_class) in
+        [("train", files[0], files[1], Some(opts.train_per_class)), ("val", files[2], files[3], opts.val_per_class)]
+    {
         let (n, r, c, px) = read_idx_images(&src.join(img_f))?;
         let labels = read_idx_labels(&src.join(lab_f))?;
         if labels.len() != n {

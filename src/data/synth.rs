@@ -111,7 +111,8 @@ pub fn synth(opts: &SynthOptions) -> Result<SynthReport> {
         classes: classes.clone(),
     };
     write_tree(&opts.out, &manifest, |tmp: &Path| {
-        for (si, (split, per)) in [("train", opts.train_per_class), ("val", opts.val_per_class)].into_iter().enumerate() {
+        for (si, (split, per)) in [("train", opts.train_per_class), ("val", opts.val_per_class)].into_iter().enumerate()
+        {
             if per == 0 {
                 continue;
             }

@@ -32,7 +32,7 @@ impl Interp {
 }
 
 /// A crop box in torchvision's order of arguments: `F.crop(img, top, left, height, width)`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct CropBox {
     pub top: u32,
     pub left: u32,
@@ -261,9 +261,9 @@ pub fn to_tensor_normalize(img: &RgbImage, mean: [f32; 3], std: [f32; 3], out: &
     let plane = img.width as usize * img.height as usize;
     assert_eq!(out.len(), 3 * plane, "output buffer does not match the image size");
     let mut lut = [[0f32; 256]; 3];
-    for c in 0..3 {
-        for v in 0..256 {
-            lut[c][v] = (v as f32 / 255.0 - mean[c]) / std[c];
+    for (c, table) in lut.iter_mut().enumerate() {
+        for (v, x) in table.iter_mut().enumerate() {
+            *x = (v as f32 / 255.0 - mean[c]) / std[c];
         }
     }
     let (r, rest) = out.split_at_mut(plane);
@@ -312,7 +312,7 @@ impl Transform {
                     if size.0 == 0 || size.1 == 0 {
                         return Err(bad(format!("RandomResizedCrop size {size:?} must be positive")));
                     }
-                    if !(scale.0 > 0.0 && scale.0 <= scale.1) || !(ratio.0 > 0.0 && ratio.0 <= ratio.1) {
+                    if !(scale.0 > 0.0 && scale.0 <= scale.1 && ratio.0 > 0.0 && ratio.0 <= ratio.1) {
                         return Err(bad(format!(
                             "RandomResizedCrop needs 0 < scale.0 <= scale.1 and 0 < ratio.0 <= ratio.1, got scale {scale:?} ratio {ratio:?}"
                         )));
@@ -338,7 +338,7 @@ impl Transform {
                 }
             }
         }
-        if self.std.iter().any(|&s| s == 0.0) {
+        if self.std.contains(&0.0) {
             return Err(bad("Normalize std must not be zero".into()));
         }
         fixed.ok_or_else(|| bad("the pipeline must end with a fixed size (a crop) to batch its outputs".into()))

@@ -1,5 +1,8 @@
 //! Results as data: one JSON record per run (versioned schema, with provenance), one CSV row per run appended to a
 //! table, and a Markdown renderer.
+pub mod check;
+pub mod table;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,450 @@
+//! Feature extraction: an encoder over a data split with the eval transform, into a safetensors file
+//! (`features` [N, D] f32 or f16, `labels` [N] i64, metadata), with a cache shared by all protocols.
+//!
+//! The cache key hashes everything that changes the numbers: checkpoint sha256, the resolved model config, the
+//! dataset fingerprint and split, the transform, the feature kind and blocks, and the precision. A second protocol on
+//! the same checkpoint and data reuses the file; a changed checkpoint or transform never does.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self, load_vit};
+use crate::data::{Dataset, Loader, LoaderConfig, Op, Transform};
+use crate::error::{Error, Result};
+use crate::model::vit::{norm, with_amp};
+use crate::model::VisionTransformer;
+
+/// Version of the features file layout and of the cache key; bump when either changes meaning.
+pub const FEATURES_FORMAT: &str = "lmim-bench-features/1";
+
+/// Which vector represents an image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FeatureKind {
+    /// CLS token after the final LayerNorm (DINO's k-NN feature).
+    Cls,
+    /// Mean of the patch tokens after the final LayerNorm.
+    Avg,
+    /// CLS and patch mean, concatenated.
+    ClsAvg,
+    /// Mean of the patch tokens before the final LayerNorm (the Latent MIM NN monitor's feature).
+    AvgPrenorm,
+}
+
+impl FeatureKind {
+    pub const NAMES: &'static [&'static str] = &["cls", "avg", "cls+avg", "avg-prenorm"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FeatureKind::Cls => "cls",
+            FeatureKind::Avg => "avg",
+            FeatureKind::ClsAvg => "cls+avg",
+            FeatureKind::AvgPrenorm => "avg-prenorm",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "cls" => FeatureKind::Cls,
+            "avg" | "avgpool" => FeatureKind::Avg,
+            "cls+avg" | "cls_avg" => FeatureKind::ClsAvg,
+            "avg-prenorm" | "avg_prenorm" => FeatureKind::AvgPrenorm,
+            other => return Err(Error::option("--feature", format!("`{other}` is not one of {}", Self::NAMES.join(", ")))),
+        })
+    }
+}
+
+impl std::fmt::Display for FeatureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Features of one split, on the CPU.
+#[derive(Debug)]
+pub struct FeatureSet {
+    /// [N, D], f32 (or f16 as stored).
+    pub features: Tensor,
+    /// [N] i64 class indices.
+    pub labels: Tensor,
+    pub meta: FeatureMeta,
+}
+
+/// What a features file says about itself. Files written by other tools may lack everything but the tensors.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FeatureMeta {
+    pub format: Option<String>,
+    pub checkpoint: Option<String>,
+    pub checkpoint_sha256: Option<String>,
+    pub arch: Option<String>,
+    pub model_config: Option<serde_json::Value>,
+    /// Human description of the transform, e.g. `Resize(256, bicubic) + CenterCrop(224) + Normalize(imagenet)`.
+    pub transform: Option<String>,
+    pub feature: Option<String>,
+    pub last_blocks: Option<i64>,
+    pub precision: Option<String>,
+    pub dataset_root: Option<String>,
+    pub split: Option<String>,
+    pub dataset_fingerprint: Option<serde_json::Value>,
+    /// sha256 of the fingerprint's JSON: one string to compare.
+    pub dataset_hash: Option<String>,
+    pub num_classes: Option<i64>,
+    pub class_names: Option<Vec<String>>,
+    pub cache_key: Option<String>,
+    pub created_at: Option<String>,
+}
+
+impl FeatureMeta {
+    fn to_map(&self) -> BTreeMap<String, String> {
+        let v = serde_json::to_value(self).expect("meta serialises");
+        let mut m = BTreeMap::new();
+        for (k, v) in v.as_object().expect("object") {
+            match v {
+                serde_json::Value::Null => {}
+                serde_json::Value::String(s) => {
+                    m.insert(k.clone(), s.clone());
+                }
+                other => {
+                    m.insert(k.clone(), other.to_string());
+                }
+            }
+        }
+        m
+    }
+
+    fn from_map(m: &BTreeMap<String, String>) -> Self {
+        let s = |k: &str| m.get(k).cloned();
+        let j = |k: &str| m.get(k).and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok());
+        FeatureMeta {
+            format: s("format"),
+            checkpoint: s("checkpoint"),
+            checkpoint_sha256: s("checkpoint_sha256"),
+            arch: s("arch"),
+            model_config: j("model_config"),
+            transform: s("transform"),
+            feature: s("feature"),
+            last_blocks: m.get("last_blocks").and_then(|v| v.parse().ok()),
+            precision: s("precision"),
+            dataset_root: s("dataset_root"),
+            split: s("split"),
+            dataset_fingerprint: j("dataset_fingerprint"),
+            dataset_hash: s("dataset_hash"),
+            num_classes: m.get("num_classes").and_then(|v| v.parse().ok()),
+            class_names: m.get("class_names").and_then(|v| serde_json::from_str(v).ok()),
+            cache_key: s("cache_key"),
+            created_at: s("created_at"),
+        }
+    }
+}
+
+impl FeatureSet {
+    pub fn len(&self) -> i64 {
+        self.labels.size()[0]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dim(&self) -> i64 {
+        self.features.size()[1]
+    }
+
+    /// Number of classes: the metadata's, else max label + 1.
+    pub fn num_classes(&self) -> i64 {
+        self.meta.num_classes.unwrap_or_else(|| if self.is_empty() { 0 } else { self.labels.max().int64_value(&[]) + 1 })
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors = [("features".to_string(), self.features.shallow_clone()), ("labels".to_string(), self.labels.shallow_clone())];
+        checkpoint::save(path, &tensors, &self.meta.to_map())
+    }
+
+    /// Reads and checks a features file: `features` 2-D float, `labels` 1-D integer, the same N, labels within
+    /// the class count. Every problem is a data error naming the file.
+    pub fn load(path: &Path) -> Result<FeatureSet> {
+        if !path.is_file() {
+            return Err(Error::data(path, "no such features file"));
+        }
+        let ck = checkpoint::load(path).map_err(|e| match e {
+            Error::BadCheckpoint { reason, .. } => Error::data(path, format!("not a features file: {reason}")),
+            other => other,
+        })?;
+        let get = |name: &str| {
+            ck.get(name).map(|t| t.shallow_clone()).ok_or_else(|| {
+                let have: Vec<&str> = ck.tensors.iter().map(|(n, _)| n.as_str()).collect();
+                Error::data(path, format!("no tensor `{name}` (the file has: {}); expected `features` [N, D] and `labels` [N]", have.join(", ")))
+            })
+        };
+        let features = get("features")?;
+        let labels = get("labels")?;
+        if features.dim() != 2 {
+            return Err(Error::data(path, format!("`features` must be [N, D], found shape {:?}", features.size())));
+        }
+        if !matches!(features.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
+            return Err(Error::data(path, format!("`features` must be floating point, found {:?}", features.kind())));
+        }
+        if labels.dim() != 1 {
+            return Err(Error::data(path, format!("`labels` must be [N], found shape {:?}", labels.size())));
+        }
+        if !matches!(labels.kind(), Kind::Int64 | Kind::Int | Kind::Int16 | Kind::Int8 | Kind::Uint8) {
+            return Err(Error::data(path, format!("`labels` must be integers, found {:?}", labels.kind())));
+        }
+        let (n, nl) = (features.size()[0], labels.size()[0]);
+        if n != nl {
+            return Err(Error::data(path, format!("`features` has {n} rows but `labels` has {nl}")));
+        }
+        if n == 0 {
+            return Err(Error::data(path, "the features file is empty (N = 0)"));
+        }
+        let labels = labels.to_kind(Kind::Int64);
+        let meta = FeatureMeta::from_map(&ck.metadata);
+        let (lo, hi) = (labels.min().int64_value(&[]), labels.max().int64_value(&[]));
+        if lo < 0 {
+            return Err(Error::data(path, format!("negative label {lo}")));
+        }
+        if let Some(c) = meta.num_classes {
+            if hi >= c {
+                return Err(Error::data(path, format!("label {hi} is not below num_classes = {c}")));
+            }
+        }
+        if let (Some(c), Some(names)) = (meta.num_classes, &meta.class_names) {
+            if names.len() as i64 != c {
+                return Err(Error::data(path, format!("num_classes = {c} but {} class names", names.len())));
+            }
+        }
+        Ok(FeatureSet { features, labels, meta })
+    }
+}
+
+/// What to extract, and how.
+#[derive(Clone, Debug)]
+pub struct ExtractRequest {
+    pub checkpoint: PathBuf,
+    pub arch: Option<String>,
+    pub data_root: PathBuf,
+    pub split: String,
+    pub feature: FeatureKind,
+    /// Features of the last n blocks, concatenated (block order); 1 = the last block only.
+    pub last_blocks: i64,
+    pub batch_size: usize,
+    pub device: Device,
+    /// Eval crop fraction: Resize(floor(img_size / crop_pct)) then CenterCrop(img_size), as timm.
+    pub crop_pct: f64,
+    /// Store f16 instead of f32 (half the size; the protocols compute in f32 either way).
+    pub half: bool,
+    /// None: no cache (always extract).
+    pub cache_dir: Option<PathBuf>,
+    /// Decode threads (None: all cores).
+    pub workers: Option<usize>,
+    pub quiet: bool,
+}
+
+/// How a request was served.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExtractReport {
+    pub cache_key: String,
+    /// The cached file (None without a cache).
+    pub path: Option<PathBuf>,
+    pub cache_hit: bool,
+    pub seconds: f64,
+    pub images_per_s: Option<f64>,
+}
+
+/// The eval transform for a model input size: Resize(floor(size / crop_pct), bicubic) + CenterCrop(size).
+pub fn eval_transform(img_size: i64, crop_pct: f64) -> Result<Transform> {
+    if !(crop_pct > 0.0 && crop_pct <= 1.0) {
+        return Err(Error::option("crop_pct", format!("{crop_pct} is not in (0, 1]")));
+    }
+    let crop = img_size as u32;
+    // floor as timm's `scale_size = math.floor(img_size / crop_pct)`; the epsilon keeps 224 / 0.875 at 256.
+    let resize = (img_size as f64 / crop_pct + 1e-9).floor() as u32;
+    Ok(Transform::eval(resize, crop))
+}
+
+/// `Resize(256, bicubic) + CenterCrop(224) + Normalize(imagenet)`.
+pub fn describe_transform(t: &Transform) -> String {
+    let mut parts: Vec<String> = t
+        .ops
+        .iter()
+        .map(|op| match op {
+            Op::Resize { size, interp } => format!("Resize({size}, {})", interp_name(*interp)),
+            Op::CenterCrop { size } if size.0 == size.1 => format!("CenterCrop({})", size.0),
+            Op::CenterCrop { size } => format!("CenterCrop({}x{})", size.0, size.1),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    let imagenet = t.mean == crate::data::IMAGENET_MEAN && t.std == crate::data::IMAGENET_STD;
+    parts.push(if imagenet { "Normalize(imagenet)".into() } else { format!("Normalize({:?}, {:?})", t.mean, t.std) });
+    parts.join(" + ")
+}
+
+fn interp_name(i: crate::data::Interp) -> &'static str {
+    match i {
+        crate::data::Interp::Bicubic => "bicubic",
+        crate::data::Interp::Bilinear => "bilinear",
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// sha256 of a dataset fingerprint's JSON.
+pub fn fingerprint_hash(fp: &serde_json::Value) -> String {
+    sha256_hex(fp.to_string().as_bytes())
+}
+
+/// Feature vectors `[B, D']` of a batch of images (no grad, f32).
+pub fn image_features(model: &VisionTransformer, images: &Tensor, kind: FeatureKind, last_blocks: i64) -> Tensor {
+    let depth = model.blocks.len() as i64;
+    let keep: Vec<i64> = (depth - last_blocks..depth).collect();
+    let out = model.forward_features(images, &keep, false);
+    let parts: Vec<Tensor> = out
+        .intermediates
+        .iter()
+        .map(|block_out| {
+            let tokens = if kind == FeatureKind::AvgPrenorm { block_out.shallow_clone() } else { norm(&model.norm, block_out) };
+            let tokens = tokens.to_kind(Kind::Float);
+            let n = tokens.size()[1];
+            let cls = || tokens.select(1, 0);
+            let avg = || tokens.narrow(1, 1, n - 1).mean_dim(1, false, Kind::Float);
+            match kind {
+                FeatureKind::Cls => cls(),
+                FeatureKind::Avg | FeatureKind::AvgPrenorm => avg(),
+                FeatureKind::ClsAvg => Tensor::cat(&[cls(), avg()], 1),
+            }
+        })
+        .collect();
+    Tensor::cat(&parts, 1)
+}
+
+fn precision_of(device: Device) -> (&'static str, Option<Kind>) {
+    if device.is_cuda() {
+        ("bf16-amp", Some(Kind::BFloat16))
+    } else {
+        ("f32", None)
+    }
+}
+
+/// Features of a split, from the cache when a file with the same key is there, else extracted (and cached).
+pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
+    let t0 = Instant::now();
+    if req.last_blocks < 1 {
+        return Err(Error::option("--last-blocks", "must be at least 1"));
+    }
+    if req.batch_size == 0 {
+        return Err(Error::option("--batch-size", "must be positive"));
+    }
+    let loaded = load_vit(&req.checkpoint, req.arch.as_deref(), req.device, 0)?;
+    let cfg = loaded.model.cfg.clone();
+    if req.last_blocks > cfg.depth {
+        return Err(Error::option("--last-blocks", format!("{} is more than the model's {} blocks", req.last_blocks, cfg.depth)));
+    }
+    let dataset = Dataset::open(&req.data_root, &req.split)?;
+    if dataset.is_empty() {
+        return Err(Error::data(&dataset.dir, "the split has no images"));
+    }
+    let fp = serde_json::to_value(dataset.fingerprint()?).expect("fingerprint serialises");
+    let transform = eval_transform(cfg.img_size, req.crop_pct)?;
+    let (precision, amp) = precision_of(req.device);
+    let dtype = if req.half { "f16" } else { "f32" };
+    let key_src = serde_json::json!({
+        "format": FEATURES_FORMAT,
+        "checkpoint_sha256": loaded.sha256,
+        "model_config": cfg,
+        "dataset_fingerprint": fp,
+        "split": req.split,
+        "transform": transform,
+        "feature": req.feature.name(),
+        "last_blocks": req.last_blocks,
+        "precision": precision,
+        "dtype": dtype,
+    });
+    let key = sha256_hex(key_src.to_string().as_bytes());
+    let cache_path = req.cache_dir.as_ref().map(|d| {
+        let name = format!("{}-{}-{}-{}.safetensors", cfg.arch, req.split, req.feature.name().replace('+', "_"), &key[..20]);
+        d.join(name)
+    });
+    if let Some(p) = cache_path.as_ref().filter(|p| p.is_file()) {
+        // A file that does not load, or carries another key, is recomputed and overwritten.
+        if let Ok(set) = FeatureSet::load(p) {
+            if set.meta.cache_key.as_deref() == Some(key.as_str()) && set.len() == dataset.len() as i64 {
+                let report = ExtractReport { cache_key: key, path: Some(p.clone()), cache_hit: true, seconds: t0.elapsed().as_secs_f64(), images_per_s: None };
+                return Ok((set, report));
+            }
+        }
+    }
+
+    let n = dataset.len();
+    let num_classes = dataset.classes.len() as i64;
+    let class_names = dataset.classes.clone();
+    let dataset_dir = dataset.dir.clone();
+    let mut lcfg = LoaderConfig { batch_size: req.batch_size, shuffle: false, drop_last: false, strict: true, quiet: req.quiet, ..Default::default() };
+    if let Some(w) = req.workers {
+        lcfg.workers = w.max(1);
+    }
+    let loader = Loader::new(dataset, transform.clone(), lcfg)?;
+    let t_extract = Instant::now();
+    let pb = if req.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(n as u64) };
+    let mut feats: Option<Tensor> = None;
+    let labels = Tensor::full([n as i64], -1i64, (Kind::Int64, Device::Cpu));
+    let mut filled = 0usize;
+    for batch in loader.epoch(0) {
+        let b = batch?;
+        let x = b.images.to_device(req.device);
+        let f = tch::no_grad(|| with_amp(amp, || image_features(&loaded.model, &x, req.feature, req.last_blocks)));
+        let f = f.to_device(Device::Cpu).to_kind(Kind::Float);
+        let dst = feats.get_or_insert_with(|| Tensor::zeros([n as i64, f.size()[1]], (Kind::Float, Device::Cpu)));
+        let idx: Vec<i64> = b.indices.iter().map(|&i| i as i64).collect();
+        let idx = Tensor::from_slice(&idx);
+        let _ = dst.index_copy_(0, &idx, &f);
+        let _ = labels.shallow_clone().index_copy_(0, &idx, &b.labels.to_device(Device::Cpu));
+        filled += b.indices.len();
+        pb.inc(b.indices.len() as u64);
+    }
+    pb.finish_and_clear();
+    let features = feats.ok_or_else(|| Error::data(&dataset_dir, "the split has no images"))?;
+    if filled != n || labels.min().int64_value(&[]) < 0 {
+        return Err(Error::data(&dataset_dir, format!("extracted {filled} of {n} images (unreadable files?)")));
+    }
+    if features.isfinite().logical_not().any().int64_value(&[]) != 0 {
+        return Err(Error::Diverged(format!("{}: the model produced non-finite features", req.checkpoint.display())));
+    }
+    let extract_s = t_extract.elapsed().as_secs_f64();
+    let features = if req.half { features.to_kind(Kind::Half) } else { features };
+    let meta = FeatureMeta {
+        format: Some(FEATURES_FORMAT.into()),
+        checkpoint: Some(req.checkpoint.display().to_string()),
+        checkpoint_sha256: Some(loaded.sha256.clone()),
+        arch: Some(cfg.arch.clone()),
+        model_config: Some(serde_json::to_value(&cfg).expect("config serialises")),
+        transform: Some(describe_transform(&transform)),
+        feature: Some(req.feature.name().into()),
+        last_blocks: Some(req.last_blocks),
+        precision: Some(precision.into()),
+        dataset_root: Some(req.data_root.display().to_string()),
+        split: Some(req.split.clone()),
+        dataset_hash: Some(fingerprint_hash(&fp)),
+        dataset_fingerprint: Some(fp),
+        num_classes: Some(num_classes),
+        class_names: Some(class_names),
+        cache_key: Some(key.clone()),
+        created_at: Some(crate::results::now_rfc3339()),
+    };
+    let set = FeatureSet { features, labels, meta };
+    if let Some(p) = &cache_path {
+        set.save(p)?;
+    }
+    let report = ExtractReport {
+        cache_key: key,
+        path: cache_path,
+        cache_hit: false,
+        seconds: t0.elapsed().as_secs_f64(),
+        images_per_s: Some(n as f64 / extract_s.max(1e-9)),
+    };
+    Ok((set, report))
+}

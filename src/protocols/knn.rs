@@ -1,0 +1,461 @@
+//! Nearest-neighbour protocols on L2-normalised features with cosine similarity:
+//! - DINO's weighted k-NN (`facebookresearch/dino:eval_knn.py`): each of the k most similar train features votes
+//!   for its label with weight exp(sim / T); top-1 and top-5 of the summed votes, all k from one search;
+//! - the Latent MIM reference code's leave-one-out 1-NN on the val split: the most similar other val image decides.
+//!
+//! The search is a chunked matmul + top-k in libtorch: queries in chunks, the bank in chunks whose top-k lists are
+//! merged, so memory stays bounded by `query_chunk x bank_chunk` similarities. Results are deterministic and do
+//! not depend on the chunk sizes: neighbours are ordered by (similarity desc, bank index asc) and classes by
+//! (votes desc, class index asc); top-5 ranks only the classes among the k neighbours, so a class without a vote
+//! never counts (DINO's k < 5 fix).
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+pub const KNN_TOML: &str = include_str!("../../protocols/knn.toml");
+pub const NN_LOO_TOML: &str = include_str!("../../protocols/nn_loo.toml");
+
+/// Eval transform of a protocol file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TransformSpec {
+    /// Resize to floor(img_size / crop_pct), then center-crop img_size.
+    pub crop_pct: f64,
+    pub interpolation: String,
+}
+
+/// A protocol file (`protocols/knn.toml`, `protocols/nn_loo.toml`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProtocolSpec {
+    pub name: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    pub feature: String,
+    #[serde(default = "one")]
+    pub last_blocks: i64,
+    /// k-NN only.
+    #[serde(default)]
+    pub ks: Vec<i64>,
+    #[serde(default)]
+    pub temperature: Option<f64>,
+    #[serde(default)]
+    pub headline_k: Option<i64>,
+    /// Splits: `bank` and `query` (k-NN: train and val; LOO: val and val).
+    pub bank_split: String,
+    pub query_split: String,
+    pub transform: TransformSpec,
+    #[serde(default)]
+    pub source: String,
+}
+
+fn one() -> i64 {
+    1
+}
+
+impl ProtocolSpec {
+    /// Parses and checks a protocol file's text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &std::path::Path) -> Result<Self> {
+        let spec: ProtocolSpec = toml::from_str(text).map_err(|e| Error::BadConfig { path: origin.into(), reason: e.to_string() })?;
+        spec.validate().map_err(|reason| Error::BadConfig { path: origin.into(), reason })?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        super::extract::FeatureKind::parse(&self.feature).map_err(|e| e.to_string())?;
+        if self.last_blocks < 1 {
+            return Err("last_blocks must be at least 1".into());
+        }
+        if self.transform.interpolation != "bicubic" {
+            return Err(format!("interpolation `{}`: only bicubic is implemented", self.transform.interpolation));
+        }
+        if !(self.transform.crop_pct > 0.0 && self.transform.crop_pct <= 1.0) {
+            return Err(format!("crop_pct {} is not in (0, 1]", self.transform.crop_pct));
+        }
+        if self.name == "knn" {
+            if self.ks.is_empty() || self.ks.iter().any(|&k| k < 1) {
+                return Err("ks must be a non-empty list of positive integers".into());
+            }
+            match self.temperature {
+                Some(t) if t > 0.0 && t.is_finite() => {}
+                _ => return Err("temperature must be a positive number".into()),
+            }
+            match self.headline_k {
+                Some(k) if self.ks.contains(&k) => {}
+                _ => return Err("headline_k must be one of ks".into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The protocol file: an explicit path, else `protocols/<file>` in the working directory, else the copy built
+    /// into the binary. Returns the spec and where it came from.
+    pub fn resolve(name: &str, explicit: Option<&std::path::Path>) -> Result<(Self, String)> {
+        let (file, builtin) = match name {
+            "knn" => ("knn.toml", KNN_TOML),
+            "nn-loo" => ("nn_loo.toml", NN_LOO_TOML),
+            other => return Err(Error::option("--protocol", format!("no protocol file for `{other}`"))),
+        };
+        let (text, origin) = match explicit {
+            Some(p) => (std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?, p.to_path_buf()),
+            None => {
+                let local = std::path::Path::new("protocols").join(file);
+                match std::fs::read_to_string(&local) {
+                    Ok(t) => (t, local),
+                    Err(_) => (builtin.to_string(), std::path::PathBuf::from(format!("<built-in protocols/{file}>"))),
+                }
+            }
+        };
+        let spec = Self::parse(&text, &origin)?;
+        if spec.name != name {
+            return Err(Error::BadConfig { path: origin, reason: format!("the file is for protocol `{}`, not `{name}`", spec.name) });
+        }
+        Ok((spec, origin.display().to_string()))
+    }
+}
+
+/// Search settings.
+#[derive(Clone, Debug)]
+pub struct SearchConfig {
+    /// Queries per similarity block.
+    pub query_chunk: i64,
+    /// Bank rows per similarity block (their top-k lists are merged).
+    pub bank_chunk: i64,
+    pub device: Device,
+}
+
+impl SearchConfig {
+    /// Blocks of at most 2^26 similarities (256 MiB in f32) on the CPU, 2^29 on CUDA.
+    pub fn auto(device: Device, n_bank: i64) -> Self {
+        let budget: i64 = if device.is_cuda() { 1 << 29 } else { 1 << 26 };
+        let query_chunk = 1024;
+        let bank_chunk = (budget / query_chunk).min(n_bank.max(1));
+        SearchConfig { query_chunk, bank_chunk, device }
+    }
+
+    pub fn backend_name(&self) -> String {
+        match self.device {
+            Device::Cpu => "torch-cpu".into(),
+            Device::Cuda(i) => format!("torch-cuda:{i}"),
+            d => format!("torch-{d:?}"),
+        }
+    }
+}
+
+/// `x / max(||x||_2, 1e-12)` per row, as `torch.nn.functional.normalize`.
+pub fn l2_normalize(x: &Tensor) -> Tensor {
+    let n = x.norm_scalaropt_dim(2, [1i64].as_slice(), true).clamp_min(1e-12);
+    x / n
+}
+
+fn check_finite(x: &Tensor, what: &str) -> Result<()> {
+    if x.isfinite().logical_not().any().int64_value(&[]) != 0 {
+        return Err(Error::data(what, "features contain NaN or infinity"));
+    }
+    Ok(())
+}
+
+/// Orders each row's candidates by (value desc, index asc).
+fn order_candidates(vals: &Tensor, idx: &Tensor) -> (Tensor, Tensor) {
+    let (si, p1) = idx.sort(1, false);
+    let sv = vals.gather(1, &p1, false);
+    let (sv, p2) = sv.sort_stable(true, 1, true);
+    (sv, si.gather(1, &p2, false))
+}
+
+/// Top-`k` of each row of `sims` [q, b] by (value desc, column asc); indices are columns + `offset`.
+fn block_topk(sims: &Tensor, k: i64, offset: i64) -> (Tensor, Tensor) {
+    let (q, b) = (sims.size()[0], sims.size()[1]);
+    if b <= k {
+        let idx = Tensor::arange(b, (Kind::Int64, sims.device())).unsqueeze(0).expand([q, b], false).contiguous();
+        let (v, i) = order_candidates(sims, &idx);
+        return (v, i + offset);
+    }
+    let (v, i) = sims.topk(k + 1, 1, true, true);
+    let sel_v = v.narrow(1, 0, k).contiguous();
+    let sel_i = i.narrow(1, 0, k).contiguous();
+    // A tie across the k-th place: top-k picks any of the tied columns, the rule wants the lowest ones.
+    let tied = v.select(1, k - 1).eq_tensor(&v.select(1, k)).nonzero().view([-1]);
+    let n_tied = tied.size()[0];
+    if n_tied > 0 {
+        let rows: Vec<i64> = Vec::<i64>::try_from(&tied.to_device(Device::Cpu)).expect("row indices");
+        for r in rows {
+            let row = sims.get(r);
+            let thr = v.get(r).get(k - 1);
+            let above = row.gt_tensor(&thr).nonzero().view([-1]);
+            let equal = row.eq_tensor(&thr).nonzero().view([-1]);
+            let need = k - above.size()[0];
+            let cols = Tensor::cat(&[above, equal.narrow(0, 0, need)], 0);
+            sel_v.get(r).copy_(&row.index_select(0, &cols));
+            sel_i.get(r).copy_(&cols);
+        }
+    }
+    let (v, i) = order_candidates(&sel_v, &sel_i);
+    (v, i + offset)
+}
+
+/// For each query row, the `k` most similar bank rows by (similarity desc, index asc): values [q, k'] and bank
+/// indices [q, k'], k' = min(k, bank size). Inputs are already normalised and on the search device. With
+/// `self_offset = Some(o)`, query i is bank row o + i and is excluded (leave-one-out).
+pub fn search_block(queries: &Tensor, bank: &Tensor, k: i64, bank_chunk: i64, self_offset: Option<i64>) -> (Tensor, Tensor) {
+    let n_bank = bank.size()[0];
+    let q = queries.size()[0];
+    let mut best: Option<(Tensor, Tensor)> = None;
+    let mut start = 0;
+    while start < n_bank {
+        let len = bank_chunk.min(n_bank - start);
+        let sims = queries.mm(&bank.narrow(0, start, len).transpose(0, 1));
+        if let Some(o) = self_offset {
+            // Query i sits at bank row o + i; mask it where it falls into this block.
+            let lo = (start - o).max(0);
+            let hi = (start + len - o).min(q);
+            if lo < hi {
+                let rows = Tensor::arange_start(lo, hi, (Kind::Int64, sims.device()));
+                let flat = &rows * len + (&rows + o - start);
+                let _ = sims.view([-1]).index_fill_(0, &flat, f64::NEG_INFINITY);
+            }
+        }
+        let (v, i) = block_topk(&sims, k, start);
+        best = Some(match best {
+            None => (v, i),
+            Some((bv, bi)) => {
+                // The earlier blocks hold lower indices, so a stable sort keeps them first among equal values.
+                let mv = Tensor::cat(&[bv, v], 1);
+                let mi = Tensor::cat(&[bi, i], 1);
+                let (sv, p) = mv.sort_stable(true, 1, true);
+                let kk = k.min(sv.size()[1]);
+                (sv.narrow(1, 0, kk), mi.gather(1, &p, false).narrow(1, 0, kk))
+            }
+        });
+        start += len;
+    }
+    best.expect("non-empty bank")
+}
+
+/// Scores of one k.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct KnnScore {
+    pub k: i64,
+    /// k actually used (the bank may be smaller).
+    pub k_used: i64,
+    pub top1: f64,
+    pub top5: f64,
+    pub correct1: i64,
+    pub correct5: i64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KnnResult {
+    pub scores: Vec<KnnScore>,
+    pub temperature: f64,
+    pub n_queries: i64,
+    pub n_bank: i64,
+    pub num_classes: i64,
+    pub backend: String,
+    pub seconds: f64,
+}
+
+impl KnnResult {
+    pub fn score(&self, k: i64) -> Option<&KnnScore> {
+        self.scores.iter().find(|s| s.k == k)
+    }
+}
+
+fn check_inputs(feats: &Tensor, labels: &Tensor, num_classes: i64, what: &str) -> Result<()> {
+    if feats.dim() != 2 || labels.dim() != 1 || feats.size()[0] != labels.size()[0] {
+        return Err(Error::data(what, format!("features {:?} and labels {:?} do not match", feats.size(), labels.size())));
+    }
+    if feats.size()[0] == 0 {
+        return Err(Error::data(what, "no samples"));
+    }
+    let (lo, hi) = (labels.min().int64_value(&[]), labels.max().int64_value(&[]));
+    if lo < 0 || hi >= num_classes {
+        return Err(Error::data(what, format!("labels span {lo}..={hi}, outside 0..{num_classes}")));
+    }
+    check_finite(feats, what)
+}
+
+/// Correct counts per k (`ks` ascending). Votes are accumulated in plain f64 in neighbour order (similarity
+/// desc), so that two classes holding equal similarities get bit-equal votes and the (votes desc, class asc) tie
+/// rule is exact; `f64::exp` is libm's, the same for every position.
+struct Votes {
+    ks: Vec<usize>,
+    temperature: f64,
+    votes: Vec<f64>,
+    seen: Vec<bool>,
+    c1: Vec<i64>,
+    c5: Vec<i64>,
+}
+
+impl Votes {
+    fn new(ks: Vec<usize>, temperature: f64, num_classes: usize) -> Self {
+        let n = ks.len();
+        Votes { ks, temperature, votes: vec![0.0; num_classes], seen: vec![false; num_classes], c1: vec![0; n], c5: vec![0; n] }
+    }
+
+    /// One chunk: `sims` and `labels` are [q, kmax] row-major, neighbours in order.
+    fn add(&mut self, sims: &[f64], labels: &[i64], kmax: usize, query_labels: &[i64]) {
+        let mut touched: Vec<usize> = Vec::with_capacity(kmax);
+        for (qi, &truth) in query_labels.iter().enumerate() {
+            let row = qi * kmax;
+            let mut next = 0;
+            for (j, &k) in self.ks.iter().enumerate() {
+                while next < k.min(kmax) {
+                    let c = labels[row + next] as usize;
+                    if !self.seen[c] {
+                        self.seen[c] = true;
+                        touched.push(c);
+                    }
+                    self.votes[c] += (sims[row + next] / self.temperature).exp();
+                    next += 1;
+                }
+                let votes = &self.votes;
+                let mut ranked = touched.clone();
+                ranked.sort_by(|&a, &b| votes[b].total_cmp(&votes[a]).then(a.cmp(&b)));
+                let truth = truth as usize;
+                if ranked.first() == Some(&truth) {
+                    self.c1[j] += 1;
+                }
+                if ranked.iter().take(5).any(|&c| c == truth) {
+                    self.c5[j] += 1;
+                }
+            }
+            for &c in &touched {
+                self.votes[c] = 0.0;
+                self.seen[c] = false;
+            }
+            touched.clear();
+        }
+    }
+}
+
+/// The k values and the temperature of a weighted k-NN.
+#[derive(Clone, Debug)]
+pub struct KnnParams<'a> {
+    pub ks: &'a [i64],
+    pub temperature: f64,
+}
+
+/// DINO's weighted k-NN: `bank` (train) votes for `queries` (val). Features in any float dtype (computed in it;
+/// f16/bf16 are raised to f32), labels i64.
+pub fn weighted_knn(
+    bank: &Tensor,
+    bank_labels: &Tensor,
+    queries: &Tensor,
+    query_labels: &Tensor,
+    num_classes: i64,
+    params: &KnnParams,
+    search: &SearchConfig,
+) -> Result<KnnResult> {
+    let t0 = Instant::now();
+    let (ks, temperature) = (params.ks, params.temperature);
+    if ks.is_empty() || ks.iter().any(|&k| k < 1) {
+        return Err(Error::option("--k", "needs positive values"));
+    }
+    if !(temperature > 0.0 && temperature.is_finite()) {
+        return Err(Error::option("--temperature", "must be positive"));
+    }
+    if search.query_chunk < 1 || search.bank_chunk < 1 {
+        return Err(Error::option("--query-chunk/--bank-chunk", "must be positive"));
+    }
+    check_inputs(bank, bank_labels, num_classes, "train features")?;
+    check_inputs(queries, query_labels, num_classes, "val features")?;
+    if bank.size()[1] != queries.size()[1] {
+        return Err(Error::data("val features", format!("dimension {} differs from the train features' {}", queries.size()[1], bank.size()[1])));
+    }
+    let _guard = tch::no_grad_guard();
+    let dev = search.device;
+    let work = |t: &Tensor| match t.kind() {
+        Kind::Double => t.to_device(dev),
+        _ => t.to_device(dev).to_kind(Kind::Float),
+    };
+    let bank_n = l2_normalize(&work(bank));
+    let bank_labels = bank_labels.to_device(dev);
+    let n_bank = bank_n.size()[0];
+    let kmax = *ks.iter().max().unwrap();
+    let n_q = queries.size()[0];
+    // Counted for the k in ascending order, reported in the caller's order.
+    let mut order: Vec<usize> = (0..ks.len()).collect();
+    order.sort_by_key(|&j| ks[j]);
+    let ks_sorted: Vec<usize> = order.iter().map(|&j| ks[j] as usize).collect();
+    let mut votes = Votes::new(ks_sorted, temperature, num_classes as usize);
+    let mut start = 0;
+    while start < n_q {
+        let len = search.query_chunk.min(n_q - start);
+        let q = l2_normalize(&work(&queries.narrow(0, start, len)));
+        let ql = query_labels.narrow(0, start, len).to_device(dev);
+        let (vals, idx) = search_block(&q, &bank_n, kmax, search.bank_chunk, None);
+        let kk = vals.size()[1] as usize;
+        let neigh_labels = bank_labels.index_select(0, &idx.reshape([-1]));
+        let to_vec_f = |t: &Tensor| Vec::<f64>::try_from(&t.to_device(Device::Cpu).to_kind(Kind::Double).contiguous().view([-1])).expect("f64 values");
+        let to_vec_i = |t: &Tensor| Vec::<i64>::try_from(&t.to_device(Device::Cpu).contiguous().view([-1])).expect("i64 values");
+        votes.add(&to_vec_f(&vals), &to_vec_i(&neigh_labels), kk, &to_vec_i(&ql));
+        start += len;
+    }
+    let (c1, c5) = (&votes.c1, &votes.c5);
+    let pct = |c: i64| 100.0 * c as f64 / n_q as f64;
+    let scores = order
+        .iter()
+        .enumerate()
+        .map(|(s, &j)| (j, KnnScore { k: ks[j], k_used: ks[j].min(n_bank), top1: pct(c1[s]), top5: pct(c5[s]), correct1: c1[s], correct5: c5[s] }))
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into_values()
+        .collect();
+    Ok(KnnResult {
+        scores,
+        temperature,
+        n_queries: n_q,
+        n_bank,
+        num_classes,
+        backend: search.backend_name(),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NnLooResult {
+    pub top1: f64,
+    pub correct: i64,
+    pub n: i64,
+    pub backend: String,
+    pub seconds: f64,
+}
+
+/// Leave-one-out 1-NN: for every row, the most similar other row (cosine; lowest index among ties) decides.
+pub fn nn_loo(feats: &Tensor, labels: &Tensor, num_classes: i64, search: &SearchConfig) -> Result<NnLooResult> {
+    let t0 = Instant::now();
+    check_inputs(feats, labels, num_classes, "val features")?;
+    let n = feats.size()[0];
+    if n < 2 {
+        return Err(Error::data("val features", "leave-one-out needs at least 2 images"));
+    }
+    let _guard = tch::no_grad_guard();
+    let dev = search.device;
+    let f = match feats.kind() {
+        Kind::Double => feats.to_device(dev),
+        _ => feats.to_device(dev).to_kind(Kind::Float),
+    };
+    let bank = l2_normalize(&f);
+    let labels = labels.to_device(dev);
+    let mut correct = 0i64;
+    let mut start = 0;
+    while start < n {
+        let len = search.query_chunk.min(n - start);
+        let q = bank.narrow(0, start, len);
+        let (_, idx) = search_block(&q, &bank, 1, search.bank_chunk, Some(start));
+        let pred = labels.index_select(0, &idx.reshape([-1]));
+        correct += pred.eq_tensor(&labels.narrow(0, start, len)).sum(Kind::Int64).int64_value(&[]);
+        start += len;
+    }
+    Ok(NnLooResult {
+        top1: 100.0 * correct as f64 / n as f64,
+        correct,
+        n,
+        backend: search.backend_name(),
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}

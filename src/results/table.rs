@@ -1,0 +1,370 @@
+//! The NN / k-NN / LP / Ft table: one row per model (model name + checkpoint sha256), the latest record of each
+//! protocol in its column, and the published reference rows beside them. Within a column, a row whose protocol
+//! version or dataset fingerprint differs from the column's most common one is marked (`†`, `‡`) and explained in
+//! a footnote, so numbers made differently are never silently compared.
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::check::{Entry, ReferenceFile};
+use super::{markdown_table, RunRecord};
+
+/// Protocol, Markdown header, CSV prefix. The first four are always shown.
+const COLUMNS: &[(&str, &str, &str)] = &[
+    ("nn-loo", "NN (LOO 1-NN)", "nn"),
+    ("knn", "k-NN", "knn"),
+    ("linear", "LP", "lp"),
+    ("finetune", "Ft", "ft"),
+    ("linear-sweep", "LP sweep", "lp_sweep"),
+];
+const ALWAYS: usize = 4;
+const MARK_VERSION: &str = "†";
+const MARK_DATA: &str = "‡";
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Cell {
+    pub value: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top5: Option<f64>,
+    /// k of a k-NN headline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dataset_fingerprint: Option<String>,
+    /// `†`, `‡` and reference note numbers.
+    pub marks: Vec<String>,
+    /// Records of this protocol for this row (the latest is shown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub records: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// `run` or `reference`.
+    pub kind: String,
+    pub model: String,
+    pub checkpoint_sha256: Option<String>,
+    pub arch: Option<String>,
+    pub dataset: Option<String>,
+    /// Protocol -> cell.
+    pub cells: BTreeMap<String, Cell>,
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Table {
+    pub columns: Vec<String>,
+    pub rows: Vec<Row>,
+    pub footnotes: Vec<String>,
+    pub reference_file: Option<String>,
+    pub reference_version: Option<String>,
+}
+
+/// Short id of a record's dataset fingerprint: its `hash` field, else the sha256 of its JSON.
+pub fn fingerprint_id(rec: &RunRecord) -> Option<String> {
+    let fp = rec.dataset_fingerprint.as_ref()?;
+    let h = match fp.get("hash").and_then(|v| v.as_str()) {
+        Some(h) => h.to_string(),
+        None => crate::protocols::extract::fingerprint_hash(fp),
+    };
+    Some(h.chars().take(12).collect())
+}
+
+fn num(v: &serde_json::Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(|x| x.as_f64())
+}
+
+fn cell_of(recs: &[&RunRecord]) -> Option<Cell> {
+    let rec = recs.iter().max_by(|a, b| a.started_at.cmp(&b.started_at))?;
+    let value = rec.headline_value().or_else(|| rec.metrics.get("top1").copied())?;
+    Some(Cell {
+        value,
+        top5: rec.metrics.get("top5").copied(),
+        k: rec.config.get("headline_k").and_then(|k| k.as_i64()),
+        lr: num(&rec.config, "lr").or_else(|| num(&rec.config, "blr")),
+        version: Some(rec.protocol_version.clone()),
+        dataset_fingerprint: fingerprint_id(rec),
+        marks: Vec::new(),
+        records: Some(recs.len()),
+        started_at: Some(rec.started_at.clone()),
+        source: None,
+        verified: None,
+    })
+}
+
+/// The most common value (ties: the smallest), among the present ones.
+fn mode<'a>(values: impl Iterator<Item = &'a str>) -> Option<String> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in values {
+        *counts.entry(v).or_default() += 1;
+    }
+    let best = counts.values().copied().max()?;
+    counts.into_iter().find(|(_, c)| *c == best).map(|(v, _)| v.to_string())
+}
+
+/// Builds the table from records and, optionally, a reference file.
+pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table {
+    let known = |p: &str| COLUMNS.iter().any(|c| c.0 == p);
+    let mut groups: BTreeMap<(String, String), Vec<&RunRecord>> = BTreeMap::new();
+    for r in records.iter().filter(|r| known(&r.protocol)) {
+        groups.entry((r.model_name.clone(), r.checkpoint_sha256.clone().unwrap_or_default())).or_default().push(r);
+    }
+    let mut name_count: BTreeMap<&str, usize> = BTreeMap::new();
+    for (name, _) in groups.keys() {
+        *name_count.entry(name.as_str()).or_default() += 1;
+    }
+    let mut rows = Vec::new();
+    for ((name, sha), recs) in &groups {
+        let mut cells = BTreeMap::new();
+        for (proto, _, _) in COLUMNS {
+            let of: Vec<&RunRecord> = recs.iter().copied().filter(|r| r.protocol == *proto).collect();
+            if let Some(c) = cell_of(&of) {
+                cells.insert(proto.to_string(), c);
+            }
+        }
+        let model = if name_count[name.as_str()] > 1 && !sha.is_empty() { format!("{name} [{}]", &sha[..8.min(sha.len())]) } else { name.clone() };
+        let latest = recs.iter().map(|r| r.started_at.as_str()).max().unwrap_or("");
+        let dataset = recs.iter().find_map(|r| r.dataset.clone()).map(|d| {
+            std::path::Path::new(&d).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or(d)
+        });
+        rows.push(Row {
+            kind: "run".into(),
+            model,
+            checkpoint_sha256: (!sha.is_empty()).then(|| sha.clone()),
+            arch: recs.iter().find_map(|r| r.arch.clone()),
+            dataset,
+            cells,
+            source: format!("run {}", latest.split('T').next().unwrap_or(latest)),
+        });
+    }
+
+    let mut footnotes = Vec::new();
+    for (proto, header, _) in COLUMNS {
+        let present: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].cells.contains_key(*proto)).collect();
+        if present.len() < 2 {
+            continue;
+        }
+        let base_v = mode(present.iter().filter_map(|&i| rows[i].cells[*proto].version.as_deref()));
+        let base_f = mode(present.iter().filter_map(|&i| rows[i].cells[*proto].dataset_fingerprint.as_deref()));
+        for &i in &present {
+            let model = rows[i].model.clone();
+            let dataset = rows[i].dataset.clone().unwrap_or_else(|| "?".into());
+            let cell = rows[i].cells.get_mut(*proto).expect("present");
+            if cell.version != base_v {
+                cell.marks.push(MARK_VERSION.into());
+                footnotes.push(format!(
+                    "{MARK_VERSION} {model}, {header}: protocol version {} (the column's others: {})",
+                    cell.version.as_deref().unwrap_or("?"),
+                    base_v.as_deref().unwrap_or("?")
+                ));
+            }
+            if cell.dataset_fingerprint != base_f {
+                cell.marks.push(MARK_DATA.into());
+                footnotes.push(format!(
+                    "{MARK_DATA} {model}, {header}: dataset {dataset} (fingerprint {}; the column's others: {})",
+                    cell.dataset_fingerprint.as_deref().unwrap_or("none"),
+                    base_f.as_deref().unwrap_or("none")
+                ));
+            }
+        }
+    }
+
+    if let Some(rf) = reference {
+        let mut order: Vec<&str> = Vec::new();
+        let mut by_model: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
+        for e in rf.entries.iter().filter(|e| known(&e.protocol) && e.metric == "top1") {
+            if !by_model.contains_key(e.model.as_str()) {
+                order.push(&e.model);
+            }
+            by_model.entry(&e.model).or_default().push(e);
+        }
+        let mut unverified = false;
+        let mut note_no = 0;
+        for m in order {
+            let entries = &by_model[m];
+            let first = entries[0];
+            let mut cells = BTreeMap::new();
+            let mut sources: Vec<String> = Vec::new();
+            for e in entries {
+                let mut marks = Vec::new();
+                if let Some(n) = &e.note {
+                    note_no += 1;
+                    footnotes.push(format!("[{note_no}] {} {}: {n}", first.method.as_deref().unwrap_or(m), header_of(&e.protocol)));
+                    marks.push(format!("[{note_no}]"));
+                }
+                if e.verified == Some(false) {
+                    marks.push("°".into());
+                    unverified = true;
+                }
+                if let Some(s) = &e.source {
+                    if !sources.contains(s) {
+                        sources.push(s.clone());
+                    }
+                }
+                cells.insert(
+                    e.protocol.clone(),
+                    Cell {
+                        value: e.value,
+                        top5: None,
+                        k: (e.protocol == "knn").then_some(20),
+                        lr: None,
+                        version: rf.version.as_ref().map(|v| format!("reference v{v}")),
+                        dataset_fingerprint: None,
+                        marks,
+                        records: None,
+                        started_at: None,
+                        source: e.source.clone(),
+                        verified: e.verified,
+                    },
+                );
+            }
+            let epochs = first.pretrain_epochs.map(|e| format!(" {e} ep")).unwrap_or_default();
+            rows.push(Row {
+                kind: "reference".into(),
+                model: format!("{}{epochs} (published)", first.method.as_deref().unwrap_or(m)),
+                checkpoint_sha256: None,
+                arch: rf.arch.clone(),
+                dataset: rf.dataset.clone(),
+                cells,
+                source: sources.join("; "),
+            });
+        }
+        if unverified {
+            footnotes.push("° not confirmed in a primary source ([MEM] or [unverified] in the spec)".into());
+        }
+    }
+
+    let columns = COLUMNS
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| *i < ALWAYS || rows.iter().any(|r| r.cells.contains_key(c.0)))
+        .map(|(_, c)| c.0.to_string())
+        .collect();
+    Table {
+        columns,
+        rows,
+        footnotes,
+        reference_file: reference.map(|r| r.origin.clone()),
+        reference_version: reference.and_then(|r| r.version.clone()),
+    }
+}
+
+fn header_of(proto: &str) -> &'static str {
+    COLUMNS.iter().find(|c| c.0 == proto).map(|c| c.1).unwrap_or("?")
+}
+
+fn csv_prefix(proto: &str) -> &'static str {
+    COLUMNS.iter().find(|c| c.0 == proto).map(|c| c.2).unwrap_or("?")
+}
+
+fn cell_text(c: &Cell, reference: bool) -> String {
+    let mut s = if reference { format!("{:.1}", c.value) } else { format!("{:.2}", c.value) };
+    if let Some(k) = c.k.filter(|_| !reference) {
+        s.push_str(&format!(" (k={k})"));
+    }
+    if let Some(lr) = c.lr {
+        s.push_str(&format!(" (lr {lr})"));
+    }
+    for m in &c.marks {
+        s.push(' ');
+        s.push_str(m);
+    }
+    s
+}
+
+impl Table {
+    pub fn markdown(&self) -> String {
+        let mut header = vec!["model".to_string(), "arch".into(), "data".into()];
+        for p in &self.columns {
+            header.push(header_of(p).into());
+            if p == "knn" {
+                header.push("k-NN top-5".into());
+            }
+        }
+        header.push("protocol versions".into());
+        header.push("source".into());
+        let rows: Vec<Vec<String>> = self
+            .rows
+            .iter()
+            .map(|r| {
+                let reference = r.kind == "reference";
+                let model = if reference { format!("*{}*", r.model) } else { r.model.clone() };
+                let mut v = vec![model, r.arch.clone().unwrap_or_default(), r.dataset.clone().unwrap_or_default()];
+                for p in &self.columns {
+                    v.push(r.cells.get(p).map(|c| cell_text(c, reference)).unwrap_or_else(|| "–".into()));
+                    if p == "knn" {
+                        v.push(r.cells.get(p).and_then(|c| c.top5).map(|t| format!("{t:.2}")).unwrap_or_else(|| "–".into()));
+                    }
+                }
+                let versions: Vec<String> = if reference {
+                    r.cells.values().next().and_then(|c| c.version.clone()).into_iter().collect()
+                } else {
+                    r.cells.iter().map(|(p, c)| format!("{p} v{}", c.version.as_deref().unwrap_or("?"))).collect()
+                };
+                v.push(versions.join(", "));
+                v.push(r.source.clone());
+                v
+            })
+            .collect();
+        let mut s = markdown_table(&header, &rows);
+        if !self.footnotes.is_empty() {
+            s.push('\n');
+            for f in &self.footnotes {
+                s.push_str(&format!("{f}  \n"));
+            }
+        }
+        s
+    }
+
+    pub fn csv(&self) -> String {
+        let mut header = vec!["kind", "model", "checkpoint_sha256", "arch", "dataset"].into_iter().map(String::from).collect::<Vec<_>>();
+        for p in &self.columns {
+            let c = csv_prefix(p);
+            header.push(format!("{c}_top1"));
+            if p == "knn" {
+                header.push(format!("{c}_top5"));
+                header.push(format!("{c}_k"));
+            }
+            header.push(format!("{c}_version"));
+            header.push(format!("{c}_marks"));
+        }
+        header.push("source".into());
+        let mut w = csv::Writer::from_writer(Vec::new());
+        w.write_record(&header).expect("in-memory csv");
+        for r in &self.rows {
+            let mut v = vec![
+                r.kind.clone(),
+                r.model.clone(),
+                r.checkpoint_sha256.clone().unwrap_or_default(),
+                r.arch.clone().unwrap_or_default(),
+                r.dataset.clone().unwrap_or_default(),
+            ];
+            for p in &self.columns {
+                let c = r.cells.get(p);
+                v.push(c.map(|c| format!("{}", c.value)).unwrap_or_default());
+                if p == "knn" {
+                    v.push(c.and_then(|c| c.top5).map(|t| t.to_string()).unwrap_or_default());
+                    v.push(c.and_then(|c| c.k).map(|k| k.to_string()).unwrap_or_default());
+                }
+                v.push(c.and_then(|c| c.version.clone()).unwrap_or_default());
+                v.push(c.map(|c| c.marks.join(" ")).unwrap_or_default());
+            }
+            v.push(r.source.clone());
+            w.write_record(&v).expect("in-memory csv");
+        }
+        String::from_utf8(w.into_inner().expect("flush")).expect("utf-8")
+    }
+
+    pub fn json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("table serialises") + "\n"
+    }
+}

@@ -1,0 +1,224 @@
+//! Dataset order and labels against torchvision's ImageFolder, and the loader's determinism, resume and sharding.
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use lmim_bench::data::synth::{synth, SynthOptions};
+use lmim_bench::data::{Batch, Dataset, Loader, LoaderConfig, Transform};
+
+fn make_synth(dir: &Path, classes: usize, train: usize) -> std::path::PathBuf {
+    let out = dir.join("synth");
+    synth(&SynthOptions {
+        out: out.clone(),
+        classes,
+        train_per_class: train,
+        val_per_class: 2,
+        width: 40,
+        height: 30,
+        seed: 3,
+        quality: 90,
+    })
+    .unwrap();
+    out
+}
+
+fn loader(root: &Path, cfg: LoaderConfig) -> Loader {
+    Loader::new(Dataset::open(root, "train").unwrap(), Transform::train(16, 0.2), cfg).unwrap()
+}
+
+fn cfg(workers: usize) -> LoaderConfig {
+    LoaderConfig { batch_size: 8, seed: 11, workers, pin_memory: false, ..Default::default() }
+}
+
+fn collect(it: impl Iterator<Item = lmim_bench::Result<Batch>>) -> Vec<Batch> {
+    it.map(|b| b.unwrap()).collect()
+}
+
+fn same(a: &[Batch], b: &[Batch]) {
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.batch, y.batch);
+        assert_eq!(x.indices, y.indices);
+        assert!(x.images.equal(&y.images), "batch {} images differ", x.batch);
+        assert!(x.labels.equal(&y.labels));
+    }
+}
+
+#[test]
+fn order_and_labels_match_torchvision_imagefolder() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 4, 3);
+    // Extra structure ImageFolder handles: a nested folder, a PNG, upper-case extensions, a non-image file.
+    let a = root.join("train/class_001");
+    std::fs::create_dir_all(a.join("sub")).unwrap();
+    std::fs::copy(a.join("000000.jpg"), a.join("sub/x.JPEG")).unwrap();
+    std::fs::copy(a.join("000001.jpg"), a.join("B.jpeg")).unwrap();
+    image::RgbImage::from_pixel(9, 7, image::Rgb([1, 2, 3])).save(a.join("p.png")).unwrap();
+    std::fs::write(a.join("readme.txt"), "not an image").unwrap();
+    let ds = Dataset::open(&root, "train").unwrap();
+    let json = dir.path().join("ref.json");
+    common::run_py("imagefolder_data.py", &[root.join("train").to_str().unwrap(), json.to_str().unwrap()]);
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let classes: Vec<String> = serde_json::from_value(r["classes"].clone()).unwrap();
+    let samples: Vec<(String, i64)> = serde_json::from_value(r["samples"].clone()).unwrap();
+    assert_eq!(ds.classes, classes);
+    let ours: Vec<(String, i64)> = ds
+        .samples
+        .iter()
+        .map(|(p, l)| (p.strip_prefix(root.join("train")).unwrap().to_string_lossy().into_owned(), *l))
+        .collect();
+    assert_eq!(ours, samples);
+
+    // The fingerprint is stable and sees a changed file size.
+    let f1 = ds.fingerprint().unwrap();
+    assert_eq!(f1, Dataset::open(&root, "train").unwrap().fingerprint().unwrap());
+    assert_eq!((f1.num_files, f1.num_classes), (15, 4));
+    std::fs::write(a.join("B.jpeg"), std::fs::read(a.join("000002.jpg")).unwrap()).unwrap();
+    let f2 = Dataset::open(&root, "train").unwrap().fingerprint().unwrap();
+    assert_eq!(f1.classes_hash, f2.classes_hash);
+    assert_ne!(f1.files_hash, f2.files_hash);
+}
+
+#[test]
+fn same_batches_for_any_worker_count_and_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 5, 7); // 35 images: 4 full batches and one of 3
+    let one = collect(loader(&root, cfg(1)).epoch(2));
+    let three = collect(loader(&root, LoaderConfig { prefetch: 1, ..cfg(3) }).epoch(2));
+    let eight = collect(loader(&root, LoaderConfig { prefetch: 4, ..cfg(8) }).epoch(2));
+    assert_eq!(one.len(), 5);
+    assert_eq!(one.last().unwrap().indices.len(), 3);
+    assert_eq!(one[0].images.size(), vec![8, 3, 16, 16]);
+    assert_eq!(one[0].labels.size(), vec![8]);
+    same(&one, &three);
+    same(&one, &eight);
+
+    // Every sample once per epoch, with its folder's label.
+    let ds = Dataset::open(&root, "train").unwrap();
+    let mut seen: Vec<usize> = one.iter().flat_map(|b| b.indices.clone()).collect();
+    for b in &one {
+        let labels: Vec<i64> = Vec::try_from(&b.labels).unwrap();
+        for (&i, &l) in b.indices.iter().zip(&labels) {
+            let folder = ds.samples[i].0.parent().unwrap().file_name().unwrap().to_str().unwrap();
+            assert_eq!(ds.classes[l as usize], folder);
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, (0..35).collect::<Vec<_>>());
+
+    // Another epoch: another order and other crops; another seed: another order.
+    let e3 = collect(loader(&root, cfg(2)).epoch(3));
+    assert_ne!(one[0].indices, e3[0].indices);
+    let other_seed = collect(loader(&root, LoaderConfig { seed: 12, ..cfg(2) }).epoch(2));
+    assert_ne!(one[0].indices, other_seed[0].indices);
+    // Unshuffled: dataset order.
+    let plain = collect(loader(&root, LoaderConfig { shuffle: false, ..cfg(2) }).epoch(0));
+    assert_eq!(plain[0].indices, (0..8).collect::<Vec<_>>());
+}
+
+#[test]
+fn resume_at_batch_k_gives_the_tail_of_the_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 5, 7);
+    let l = loader(&root, cfg(2));
+    let full = collect(l.epoch(4));
+    for k in [0, 1, 3, 4, 5] {
+        let tail = collect(loader(&root, cfg(2)).iter_from(4, k));
+        same(&full[k..], &tail);
+    }
+    // Stopping early (dropping the iterator) and resuming later matches too.
+    let mut it = l.epoch(4);
+    let first: Vec<Batch> = (0..2).map(|_| it.next().unwrap().unwrap()).collect();
+    drop(it);
+    same(&full[..2], &first);
+    same(&full[2..], &collect(l.iter_from(4, 2)));
+}
+
+#[test]
+fn shards_partition_the_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 5, 7); // 35 images
+    for world in [1usize, 2, 3, 5] {
+        let mut all = Vec::new();
+        let per_rank = 35usize.div_ceil(world);
+        for rank in 0..world {
+            let l = loader(&root, LoaderConfig { rank, world_size: world, ..cfg(2) });
+            let idx = l.epoch_indices(6);
+            assert_eq!(idx.len(), per_rank);
+            let from_batches: Vec<usize> = collect(l.epoch(6)).iter().flat_map(|b| b.indices.clone()).collect();
+            assert_eq!(from_batches, idx);
+            all.extend(idx);
+        }
+        // Padding repeats the first few samples of the epoch order, as DistributedSampler does.
+        assert_eq!(all.len(), per_rank * world);
+        let mut counts: HashMap<usize, usize> = HashMap::new();
+        for i in &all {
+            *counts.entry(*i).or_default() += 1;
+        }
+        assert_eq!(counts.len(), 35, "world {world}: every sample in some shard");
+        assert_eq!(counts.values().filter(|&&c| c == 2).count(), per_rank * world - 35);
+    }
+    // drop_last: only full batches.
+    let l = loader(&root, LoaderConfig { drop_last: true, ..cfg(2) });
+    assert_eq!(l.num_batches(), 4);
+    assert!(collect(l.epoch(0)).iter().all(|b| b.indices.len() == 8));
+    // Invalid shard.
+    let ds = Dataset::open(&root, "train").unwrap();
+    assert!(Loader::new(ds, Transform::train(16, 0.2), LoaderConfig { rank: 2, world_size: 2, ..cfg(1) }).is_err());
+}
+
+#[test]
+fn eval_loader_matches_single_sample_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 3, 4);
+    let ds = Dataset::open(&root, "val").unwrap();
+    let l = Loader::new(ds, Transform::eval(36, 32), LoaderConfig { shuffle: false, batch_size: 4, ..cfg(2) }).unwrap();
+    let batches = collect(l.epoch(0));
+    assert_eq!(batches.len(), 2);
+    let b = &batches[1];
+    let one = l.load_sample(b.indices[1], 0).unwrap();
+    let t = tch::Tensor::from_slice(&one).view([3, 32, 32]);
+    assert!(b.images.get(1).equal(&t));
+}
+
+#[test]
+fn imagenet_flat_val_maps_ids_to_sorted_wnids() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = make_synth(dir.path(), 1, 1);
+    let jpg = std::fs::read(src.join("train/class_000/000000.jpg")).unwrap();
+    let root = dir.path().join("imagenet");
+    // The devkit's id order is not the sorted wnid order.
+    let wnids = ["n03000000", "n01000000", "n02000000"];
+    for w in wnids {
+        std::fs::create_dir_all(root.join("train").join(w)).unwrap();
+        std::fs::write(root.join("train").join(w).join(format!("{w}_1.JPEG")), &jpg).unwrap();
+    }
+    std::fs::create_dir_all(root.join("val")).unwrap();
+    for i in 1..=4 {
+        std::fs::write(root.join(format!("val/ILSVRC2012_val_{i:08}.JPEG")), &jpg).unwrap();
+    }
+    // Without the id -> wnid map the labels would be guesses: an error.
+    std::fs::create_dir_all(root.join("anno")).unwrap();
+    std::fs::write(root.join("anno/ILSVRC2012_validation_ground_truth.txt"), "1\n3\n2\n1\n").unwrap();
+    let err = Dataset::open(&root, "val").unwrap_err();
+    assert!(err.to_string().contains("map_clsloc.txt"), "{err}");
+    std::fs::write(root.join("map_clsloc.txt"), "n03000000 1 c\nn01000000 2 a\nn02000000 3 b\n").unwrap();
+    let val = Dataset::open(&root, "val").unwrap();
+    let train = Dataset::open(&root, "train").unwrap();
+    assert_eq!(val.layout, "imagenet_val_flat");
+    assert_eq!(val.classes, train.classes);
+    assert_eq!(val.classes, vec!["n01000000", "n02000000", "n03000000"]);
+    let labels: Vec<i64> = val.samples.iter().map(|s| s.1).collect();
+    // ids 1, 3, 2, 1 -> n03, n02, n01, n03 -> sorted indices 2, 1, 0, 2.
+    assert_eq!(labels, vec![2, 1, 0, 2]);
+    // Kaggle's LOC_val_solution.csv (wnid per image) takes precedence.
+    std::fs::write(
+        root.join("LOC_val_solution.csv"),
+        "ImageId,PredictionString\nILSVRC2012_val_00000001,n01000000 1 2 3 4\nILSVRC2012_val_00000002,n01000000 1 1 1 1\n\
+         ILSVRC2012_val_00000003,n02000000 1 1 1 1\nILSVRC2012_val_00000004,n03000000 1 1 1 1\n",
+    )
+    .unwrap();
+    let labels: Vec<i64> = Dataset::open(&root, "val").unwrap().samples.iter().map(|s| s.1).collect();
+    assert_eq!(labels, vec![0, 0, 1, 2]);
+}

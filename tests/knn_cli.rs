@@ -1,0 +1,122 @@
+//! Bad input to `extract` / `eval` ends with exit code 2 and a message that names the problem: an arch that does
+//! not match the checkpoint, an empty split, a features file whose `features` and `labels` differ in N, train and
+//! val features with different class counts, and a back-end that is not built.
+use std::path::Path;
+
+use assert_cmd::Command;
+use lmim_bench::checkpoint;
+use lmim_bench::model::{VisionTransformer, VitConfig};
+use predicates::str::contains;
+use tch::{nn, Device, Kind, Tensor};
+
+fn bin() -> Command {
+    Command::cargo_bin("lmim-bench").unwrap()
+}
+
+fn pico(path: &Path) {
+    tch::manual_seed(0);
+    let cfg = VitConfig::from_arch("vit_pico_patch4_32").unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _m = VisionTransformer::new(&vs.root(), &cfg);
+    checkpoint::save_vit(path, &vs, &cfg, &Default::default()).unwrap();
+}
+
+fn features(path: &Path, n: i64, n_labels: i64, classes: i64) {
+    let meta = [("num_classes".to_string(), classes.to_string())].into_iter().collect();
+    let x = Tensor::randn([n, 8], (Kind::Float, Device::Cpu));
+    let y = Tensor::arange(n_labels, (Kind::Int64, Device::Cpu)).remainder(classes.min(3));
+    checkpoint::save(path, &[("features".into(), x), ("labels".into(), y)], &meta).unwrap();
+}
+
+fn image(path: &Path) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    image::RgbImage::from_fn(28, 28, |x, y| image::Rgb([(x * 9) as u8, (y * 9) as u8, 128])).save(path).unwrap();
+}
+
+#[test]
+fn arch_mismatch_is_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("pico.safetensors");
+    pico(&ckpt);
+    image(&dir.path().join("data/train/a/0.png"));
+    image(&dir.path().join("data/val/a/0.png"));
+    bin()
+        .args(["eval", "--protocol", "knn", "--device", "cpu", "--arch", "vit_tiny_patch16_224", "--quiet"])
+        .arg("--checkpoint")
+        .arg(&ckpt)
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .arg("--output")
+        .arg(dir.path().join("runs"))
+        .assert()
+        .code(2)
+        .stderr(contains("checkpoint is `vit_pico_patch4_32` but --arch says `vit_tiny_patch16_224`"));
+}
+
+#[test]
+fn empty_split_is_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("pico.safetensors");
+    pico(&ckpt);
+    image(&dir.path().join("data/train/a/0.png"));
+    std::fs::create_dir_all(dir.path().join("data/val/a")).unwrap();
+    bin()
+        .args(["extract", "--device", "cpu", "--split", "val", "--quiet"])
+        .arg("--checkpoint")
+        .arg(&ckpt)
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .arg("--cache-dir")
+        .arg(dir.path().join("cache"))
+        .assert()
+        .code(2)
+        .stderr(contains("no images"));
+    bin()
+        .args(["eval", "--protocol", "nn-loo", "--device", "cpu", "--quiet"])
+        .arg("--checkpoint")
+        .arg(&ckpt)
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .arg("--output")
+        .arg(dir.path().join("runs"))
+        .assert()
+        .code(2)
+        .stderr(contains("val"))
+        .stderr(contains("no images"));
+}
+
+#[test]
+fn mismatched_feature_files_are_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    features(&d.join("short_labels.st"), 10, 9, 3);
+    features(&d.join("train.st"), 12, 12, 10);
+    features(&d.join("val5.st"), 12, 12, 5);
+    let eval = |train: &str, val: &str| {
+        let mut c = bin();
+        c.args(["eval", "--protocol", "knn", "--device", "cpu", "--quiet"])
+            .arg("--train-features")
+            .arg(d.join(train))
+            .arg("--val-features")
+            .arg(d.join(val))
+            .arg("--output")
+            .arg(d.join("runs"));
+        c
+    };
+    eval("train.st", "short_labels.st").assert().code(2).stderr(contains("`features` has 10 rows but `labels` has 9"));
+    eval("train.st", "val5.st").assert().code(2).stderr(contains("5 classes but the train features have 10"));
+    eval("train.st", "missing.st").assert().code(2).stderr(contains("no such features file"));
+    bin()
+        .args(["eval", "--protocol", "knn", "--backend", "faiss"])
+        .arg("--train-features")
+        .arg(d.join("train.st"))
+        .arg("--val-features")
+        .arg(d.join("train.st"))
+        .assert()
+        .code(2)
+        .stderr(contains("faiss is not built"));
+    // Neither a checkpoint nor feature files.
+    bin().args(["eval", "--protocol", "knn"]).assert().code(2).stderr(contains("--train-features and --val-features"));
+    // Nothing was written for the failed runs.
+    assert!(!d.join("runs").exists());
+}
