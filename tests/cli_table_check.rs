@@ -2,8 +2,6 @@
 //! for mixed protocol versions and datasets; check's printed comparison and exit codes 0 (pass), 1 (a metric
 //! below reference - tolerance, a missing result, a baseline drop) and 2 (bad input); and a baseline check that
 //! catches a broken checkpoint in a real k-NN run on the demo data.
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -245,7 +243,6 @@ fn baseline_check_fails_for_a_broken_checkpoint() {
     let d = dir.path();
     let data = d.join("demo");
     bin().args(["data", "prepare-demo", "--train-per-class", "30", "--val-per-class", "20"]).arg("--out").arg(&data).assert().success();
-    common::run_py("ref_extract.py", &["rgb", data.to_str().unwrap()]);
     tch::manual_seed(0);
     let cfg = VitConfig::from_arch("vit_pico_patch4_32").unwrap();
     let vs = nn::VarStore::new(Device::Cpu);

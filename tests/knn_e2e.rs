@@ -26,14 +26,13 @@ fn random_pico(path: &Path, seed: i64) {
 fn demo_data(dir: &Path) -> PathBuf {
     let data = dir.join("demo");
     bin()
-        .args(["data", "prepare-demo", "--train-per-class", "50", "--val-per-class", "30"])
+        // 1000 val images: the accuracies are compared to 0.5 points, and pixel-level differences of the two
+        // pipelines flip a few predictions of a random-init model either way.
+        .args(["data", "prepare-demo", "--train-per-class", "100", "--val-per-class", "100"])
         .arg("--out")
         .arg(&data)
         .assert()
         .success();
-    // The demo JPEGs are greyscale, which the JPEG decoder does not expand to RGB yet; rewritten as 3-channel
-    // JPEGs (same grey values), both pipelines read the same RGB files.
-    common::run_py("ref_extract.py", &["rgb", data.to_str().unwrap()]);
     data
 }
 

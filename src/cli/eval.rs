@@ -69,6 +69,10 @@ pub enum Protocol {
     Knn,
     /// The Latent MIM code's leave-one-out 1-NN on val (protocols/nn_loo.toml).
     NnLoo,
+    /// MAE's linear probe: LARS, BN + Linear head, the backbone on every augmented crop (protocols/linear.toml).
+    Linear,
+    /// 52 linear heads on cached features, chosen on held-out train data (protocols/linear_sweep.toml).
+    LinearSweep,
 }
 
 impl Protocol {
@@ -76,8 +80,39 @@ impl Protocol {
         match self {
             Protocol::Knn => "knn",
             Protocol::NnLoo => "nn-loo",
+            Protocol::Linear => "linear",
+            Protocol::LinearSweep => "linear-sweep",
         }
     }
+}
+
+fn eval_linear(a: &EvalArgs) -> anyhow::Result<()> {
+    let (Some(checkpoint), Some(data)) = (a.checkpoint.as_deref(), a.data.as_deref()) else {
+        return Err(Error::option("--checkpoint/--data", "the linear protocols need both (they run the encoder)").into());
+    };
+    let inp = super::linear_cmds::LinearInputs {
+        checkpoint,
+        arch: a.arch.as_deref(),
+        data,
+        device: &a.device,
+        output: &a.output,
+        name: a.name.clone(),
+        quiet: a.quiet,
+        workers: a.workers,
+        protocol_file: a.protocol_file.as_deref(),
+        sets: &a.sets,
+    };
+    let rec = match a.protocol {
+        Protocol::Linear => super::linear_cmds::linear(&inp)?,
+        _ => super::linear_cmds::sweep(&inp)?,
+    };
+    let text = if a.json {
+        serde_json::to_string_pretty(&rec)? + "\n"
+    } else {
+        format!("{} {}: top-1 {:.2}, top-5 {:.2}\n", rec.model_name, rec.protocol, rec.metrics["top1"], rec.metrics["top5"])
+    };
+    crate::results::write_output("-", &text)?;
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -95,6 +130,9 @@ pub struct EvalArgs {
     /// Protocol.
     #[arg(long, value_enum)]
     pub protocol: Protocol,
+    /// Override a protocol-file key of the linear protocols, e.g. `--set epochs=20` (repeatable; recorded).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
     /// Encoder checkpoint; features are extracted (or taken from the cache).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
@@ -358,8 +396,8 @@ fn check_pair(train: &FeatureSet, val: &FeatureSet) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The feature kind of the features actually used: a file's own (an explicit --feature must agree with it),
-/// reflected in the version when it is not the protocol's.
+/// The feature kind and blocks of the features actually used: a file's own (an explicit --feature must agree),
+/// reflected in the version when they are not the protocol's.
 fn file_feature(a: &EvalArgs, set: &FeatureSet, s: &mut Settings) -> anyhow::Result<String> {
     let f = set.meta.feature.clone().unwrap_or_else(|| "unknown".into());
     if let (Some(asked), Some(have)) = (&a.feature, &set.meta.feature) {
@@ -367,10 +405,15 @@ fn file_feature(a: &EvalArgs, set: &FeatureSet, s: &mut Settings) -> anyhow::Res
             return Err(Error::option("--feature", format!("`{asked}` but the features file holds `{have}` features")).into());
         }
     }
-    s.overrides.retain(|o| !o.starts_with("feature="));
+    s.overrides.retain(|o| !o.starts_with("feature=") && !o.starts_with("last_blocks="));
     if f != FeatureKind::parse(&s.spec.feature)?.name() {
         s.overrides.push(format!("feature={f}"));
     }
+    let blocks = set.meta.last_blocks.unwrap_or(s.last_blocks);
+    if blocks != s.spec.last_blocks {
+        s.overrides.push(format!("last_blocks={blocks}"));
+    }
+    s.last_blocks = blocks;
     Ok(f)
 }
 
@@ -388,6 +431,9 @@ fn combined_fingerprint(parts: &[(&str, &FeatureSet)]) -> Option<serde_json::Val
 }
 
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    if matches!(a.protocol, Protocol::Linear | Protocol::LinearSweep) {
+        return eval_linear(&a);
+    }
     let t0 = Instant::now();
     let started_at = crate::results::now_rfc3339();
     let mut s = Settings::new(&a)?;
@@ -463,6 +509,7 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
             table.push(format!("leave-one-out 1-NN on {} val images: top-1 {:.2}", r.n, r.top1));
             serde_json::json!({ "nn_loo": r, "val": val.source, "n_val": val.set.len() })
         }
+        Protocol::Linear | Protocol::LinearSweep => unreachable!("dispatched to eval_linear at the top"),
     };
     let meta = &val.set.meta;
     let ckpt = a.checkpoint.as_ref().map(|p| p.display().to_string()).or_else(|| meta.checkpoint.clone());

@@ -2,6 +2,7 @@
 //! errors to exit codes: 0 ok, 1 a check failed or a run went wrong, 2 usage or input error.
 pub mod data;
 pub mod eval;
+mod linear_cmds;
 mod model_cmds;
 pub mod report;
 mod train_cmds;
@@ -31,6 +32,8 @@ pub enum Command {
     /// Pretrain a ViT with Latent MIM (config file plus `--set key=value` overrides); resumes from the newest
     /// checkpoint in the output directory.
     Pretrain(train_cmds::PretrainArgs),
+    /// Write the randomly initialised encoder of a pretraining config (step 0), for baseline evaluations.
+    Init(train_cmds::InitArgs),
     /// Extract features of a checkpoint over a data split into a cached safetensors file.
     Extract(eval::ExtractArgs),
     /// Evaluate a checkpoint with a protocol (knn, nn-loo, linear, linear-sweep, finetune) and write a results record.
@@ -82,6 +85,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(a) => model_cmds::convert(a),
         Command::Data(a) => data::run(a),
         Command::Pretrain(a) => train_cmds::pretrain(a),
+        Command::Init(a) => train_cmds::init(a),
         Command::Extract(a) => eval::extract(a),
         Command::Eval(a) => eval::eval(a),
         Command::Table(a) => report::table(a),

@@ -137,3 +137,25 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
     eprintln!("done: {} steps, final loss {:.4}, {:.1} img/s; encoder {}; record {}", summary.steps, summary.final_loss, summary.img_per_s, summary.encoder, path.display());
     Ok(())
 }
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Pretraining config whose encoder to initialise (the same initialisation as step 0 of `pretrain`).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Override a config key (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Output safetensors file (timm names, `arch`/`config` metadata).
+    #[arg(long, short)]
+    pub output: PathBuf,
+}
+
+/// Writes the randomly initialised encoder of a pretraining config: the baseline row of a results table.
+pub fn init(a: InitArgs) -> anyhow::Result<()> {
+    let cfg: PretrainConfig = crate::config::load(a.config.as_deref(), &a.sets)?;
+    let trainer = Trainer::new(&cfg, tch::Device::Cpu)?;
+    trainer.export_encoder(&a.output).with_context(|| format!("writing {}", a.output.display()))?;
+    eprintln!("{}: randomly initialised {} (seed {})", a.output.display(), trainer.model.vit_cfg.arch, cfg.seed);
+    Ok(())
+}

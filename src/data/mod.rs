@@ -8,6 +8,7 @@
 //! - [`loader`]: worker threads that decode and augment ahead into a bounded queue; deterministic shuffle, sharding
 //!   and resumable positions.
 //! - [`fmnist`] and [`synth`]: the demo dataset (Debian's Fashion-MNIST) and generated ImageFolder trees.
+pub mod augment;
 pub mod dataset;
 pub mod decode;
 pub mod fmnist;

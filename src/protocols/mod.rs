@@ -3,3 +3,4 @@ pub mod linear;
 pub mod linear_sweep;
 pub mod extract;
 pub mod knn;
+pub mod finetune;

@@ -6,16 +6,12 @@ Usage:
       OUT: safetensors with `{split}_cls` (CLS after the final norm), `{split}_avg_prenorm` (mean of the last
       block's patch tokens before the final norm) and `{split}_labels` for train and val, and `knn_top1`,
       `knn_top5` (k=20, T=0.07, cls features) and `loo_top1` (avg-prenorm) from ref_knn.py's formulas, in percent.
-  ref_extract.py rgb DATA
-      rewrites every JPEG under DATA as a 3-channel JPEG (see tests/knn_e2e.rs).
 """
-import glob
 import os
 import sys
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 from torchvision import datasets, transforms
@@ -63,17 +59,8 @@ def features(ckpt, data, out):
     print("ok")
 
 
-def rgb(data):
-    for p in glob.glob(os.path.join(data, "**", "*.jpg"), recursive=True):
-        im = Image.open(p)
-        if im.mode != "RGB":
-            im.convert("RGB").save(p, quality=95)
-
-
 if __name__ == "__main__":
     if sys.argv[1] == "features":
         features(*sys.argv[2:5])
-    elif sys.argv[1] == "rgb":
-        rgb(sys.argv[2])
     else:
         sys.exit(f"unknown command {sys.argv[1]}")

@@ -1,0 +1,69 @@
+//! Fine-tuning end to end on the demo data (Fashion-MNIST subset): a random-init pico ViT, and one loaded from an
+//! encoder checkpoint with a fresh head, train for a couple of epochs with the full augmentation pipeline.
+use std::collections::BTreeMap;
+
+use assert_cmd::Command;
+use lmim_bench::checkpoint;
+use lmim_bench::model::{VisionTransformer, VitConfig};
+use lmim_bench::protocols::finetune::{run_finetune, run_finetune_with, FinetuneConfig, RunOptions};
+use tch::{nn, Device};
+
+fn small_cfg(epochs: usize) -> FinetuneConfig {
+    FinetuneConfig {
+        epochs,
+        warmup_epochs: 1.0,
+        batch_size: 64,
+        micro_batch_size: 32,
+        blr: 1e-3,
+        workers: 2,
+        device: "cpu".into(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn finetune_demo_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    Command::cargo_bin("lmim-bench")
+        .unwrap()
+        .args(["data", "prepare-demo", "--train-per-class", "30", "--val-per-class", "20"])
+        .arg("--out")
+        .arg(&data)
+        .assert()
+        .success();
+
+    // Random init, 2 epochs, eval each epoch.
+    let cfg = small_cfg(2);
+    let mut logged = Vec::new();
+    let r = run_finetune(None, Some("vit_pico_patch4_32"), &data, &cfg, |v| logged.push(v.clone())).unwrap();
+    assert_eq!(logged.len(), 2);
+    assert_eq!(r.history.len(), 2);
+    assert_eq!(r.accum_iter, 2);
+    // 300 train images / 32 = 9 micro-batches per epoch (drop_last) -> 5 optimiser steps per epoch.
+    assert_eq!(r.steps, 10);
+    for v in [r.top1, r.top5, r.best_top1] {
+        assert!(v.is_finite() && (0.0..=100.0).contains(&v), "accuracy {v}");
+    }
+    assert!(r.top5 >= r.top1 && r.best_top1 >= r.top1);
+    assert!((1..=2).contains(&r.best_epoch));
+    assert!(r.history.iter().all(|h| h["loss"].is_finite()));
+
+    // From an encoder checkpoint (no head): the head and fc_norm are created fresh, the encoder loads.
+    tch::manual_seed(3);
+    let enc_cfg = VitConfig::from_arch("vit_pico_patch4_32").unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _enc = VisionTransformer::new(&vs.root(), &enc_cfg);
+    let ck = dir.path().join("enc.safetensors");
+    checkpoint::save_vit(&ck, &vs, &enc_cfg, &BTreeMap::new()).unwrap();
+    let cfg = FinetuneConfig { eval_every: 5, ..small_cfg(1) };
+    let (r, fm) = run_finetune_with(Some(&ck), None, &data, &cfg, &RunOptions::default(), |_| {}).unwrap();
+    let rep = r.load_report.as_ref().unwrap();
+    assert!(rep.missing.iter().all(|m| m.starts_with("head.") || m.starts_with("fc_norm.")), "{}", rep.summary());
+    assert_eq!(fm.cfg.num_classes, 10);
+    assert_eq!(fm.cfg.global_pool, "avg");
+    assert!(fm.model.fc_norm.is_some());
+    assert!((0.0..=100.0).contains(&r.top1));
+    assert_eq!(r.history.len(), 1);
+    assert!(r.history[0].contains_key("val_top1"), "the last epoch is always evaluated");
+}

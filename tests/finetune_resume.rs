@@ -1,0 +1,59 @@
+//! Fine-tuning checkpoints: resume is exact at epoch boundaries (with model EMA), a changed recipe refuses to
+//! resume, and the export loads as a timm-named classifier. Its own test binary, because torch's global RNG
+//! (drop path) must not be shared with another test running in parallel.
+use assert_cmd::Command;
+use lmim_bench::checkpoint;
+use lmim_bench::protocols::finetune::{run_finetune_with, FinetuneConfig, RunOptions};
+use tch::Device;
+
+fn small_cfg(epochs: usize) -> FinetuneConfig {
+    FinetuneConfig {
+        epochs,
+        warmup_epochs: 1.0,
+        batch_size: 64,
+        micro_batch_size: 32,
+        blr: 1e-3,
+        workers: 2,
+        device: "cpu".into(),
+        ..Default::default()
+    }
+}
+
+/// A run stopped after one epoch and resumed gives the same history and weights as an uninterrupted one (with
+/// model EMA on), and the export is a timm-named classifier that loads with `load_vit`.
+#[test]
+fn finetune_resume_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    Command::cargo_bin("lmim-bench")
+        .unwrap()
+        .args(["data", "prepare-demo", "--train-per-class", "12", "--val-per-class", "4"])
+        .arg("--out")
+        .arg(&data)
+        .assert()
+        .success();
+    let cfg = FinetuneConfig { model_ema: true, model_ema_decay: 0.9, ..small_cfg(2) };
+    let full = RunOptions { output_dir: Some(dir.path().join("full")), ..Default::default() };
+    let (a, fa) = run_finetune_with(None, Some("vit_pico_patch4_32"), &data, &cfg, &full, |_| {}).unwrap();
+    let part = RunOptions { output_dir: Some(dir.path().join("part")), resume: true, stop_after_epochs: Some(1) };
+    let (p1, _) = run_finetune_with(None, Some("vit_pico_patch4_32"), &data, &cfg, &part, |_| {}).unwrap();
+    assert_eq!(p1.history.len(), 1);
+    assert!(p1.exported.is_none());
+    let rest = RunOptions { stop_after_epochs: None, ..part };
+    let (b, fb) = run_finetune_with(None, Some("vit_pico_patch4_32"), &data, &cfg, &rest, |_| {}).unwrap();
+    assert_eq!(b.resumed_from_epoch, Some(1));
+    assert_eq!(a.history, b.history);
+    assert_eq!((a.steps, a.top1, a.ema_top1), (b.steps, b.top1, b.ema_top1));
+    assert!(a.ema_top1.is_some() && a.history[1].contains_key("ema_val_top1"));
+    let vb = fb.vs.variables();
+    for (n, t) in fa.vs.variables() {
+        assert!(t.equal(&vb[&n]), "{n} differs after resume");
+    }
+    // A different recipe refuses to resume from that checkpoint.
+    let other = FinetuneConfig { blr: 2e-3, ..cfg.clone() };
+    assert!(run_finetune_with(None, Some("vit_pico_patch4_32"), &data, &other, &rest, |_| {}).is_err());
+    // The export loads as a 10-class classifier.
+    let exp = a.exported.unwrap();
+    let l = checkpoint::load_vit(&exp, None, Device::Cpu, 10).unwrap();
+    assert!(l.report.missing.is_empty() && l.report.unexpected.is_empty(), "{}", l.report.summary());
+}
