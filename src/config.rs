@@ -36,15 +36,16 @@ pub fn load<T: Serialize + DeserializeOwned + Default>(path: Option<&Path>, sets
         }
         t.insert(last.to_string(), parse_value(value.trim()));
     }
-    let defaults = match toml::Value::try_from(T::default()).expect("defaults serialise") {
-        toml::Value::Table(t) => t,
-        _ => toml::Table::new(),
+    // JSON keeps `None` fields as null where TOML drops them, so optional keys (e.g. `lr`) count as known.
+    let defaults = match serde_json::to_value(T::default()).expect("defaults serialise") {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
     };
     check_keys(&table, &defaults, "", &source)?;
     toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::BadConfig { path: source, reason: e.message().to_string() })
 }
 
-fn check_keys(t: &toml::Table, defaults: &toml::Table, prefix: &str, source: &Path) -> Result<()> {
+fn check_keys(t: &toml::Table, defaults: &serde_json::Map<String, serde_json::Value>, prefix: &str, source: &Path) -> Result<()> {
     for (k, v) in t {
         let full = format!("{prefix}{k}");
         match defaults.get(k) {
@@ -56,7 +57,7 @@ fn check_keys(t: &toml::Table, defaults: &toml::Table, prefix: &str, source: &Pa
                     reason: format!("unknown key `{full}` (known: {})", known.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")),
                 });
             }
-            Some(toml::Value::Table(d)) => {
+            Some(serde_json::Value::Object(d)) => {
                 if let toml::Value::Table(sub) = v {
                     check_keys(sub, d, &format!("{full}."), source)?;
                 }

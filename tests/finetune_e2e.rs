@@ -36,7 +36,12 @@ fn finetune_demo_data() {
     // Random init, 2 epochs, eval each epoch.
     let cfg = small_cfg(2);
     let mut logged = Vec::new();
-    let r = run_finetune(None, Some("vit_pico_patch4_32"), &data, &cfg, |v| logged.push(v.clone())).unwrap();
+    let t0 = std::time::Instant::now();
+    let r = run_finetune(None, Some("vit_pico_patch4_32"), &data, &cfg, |v| {
+        eprintln!("{:.1}s {v}", t0.elapsed().as_secs_f64());
+        logged.push(v.clone())
+    })
+    .unwrap();
     assert_eq!(logged.len(), 2);
     assert_eq!(r.history.len(), 2);
     assert_eq!(r.accum_iter, 2);

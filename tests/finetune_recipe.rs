@@ -128,8 +128,8 @@ fn recipe_matches_mae_and_timm() {
 fn protocol_file_equals_defaults() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("protocols/finetune.toml");
     let file = FinetuneConfig::from_toml(&path).unwrap();
-    let mut def = FinetuneConfig::default();
-    def.workers = file.workers; // machine-dependent, not in the file
+    // `workers` is machine-dependent and not in the file.
+    let def = FinetuneConfig { workers: file.workers, ..Default::default() };
     assert_eq!(file, def);
     file.validate().unwrap();
 }

@@ -73,6 +73,8 @@ pub enum Protocol {
     Linear,
     /// 52 linear heads on cached features, chosen on held-out train data (protocols/linear_sweep.toml).
     LinearSweep,
+    /// MAE's full fine-tuning (protocols/finetune.toml); without --checkpoint, from a random init of --arch.
+    Finetune,
 }
 
 impl Protocol {
@@ -82,8 +84,39 @@ impl Protocol {
             Protocol::NnLoo => "nn-loo",
             Protocol::Linear => "linear",
             Protocol::LinearSweep => "linear-sweep",
+            Protocol::Finetune => "finetune",
         }
     }
+}
+
+fn eval_finetune(a: &EvalArgs) -> anyhow::Result<()> {
+    let Some(data) = a.data.as_deref() else {
+        return Err(Error::option("--data", "fine-tuning needs a dataset root with train/ and val/").into());
+    };
+    let inp = super::finetune_cmds::FinetuneInputs {
+        checkpoint: a.checkpoint.as_deref(),
+        arch: a.arch.as_deref(),
+        data,
+        device: &a.device,
+        output: &a.output,
+        name: a.name.clone(),
+        quiet: a.quiet,
+        workers: a.workers,
+        protocol_file: a.protocol_file.as_deref(),
+        sets: &a.sets,
+        fresh: a.fresh,
+    };
+    print_record(a, &super::finetune_cmds::finetune(&inp)?)
+}
+
+fn print_record(a: &EvalArgs, rec: &RunRecord) -> anyhow::Result<()> {
+    let text = if a.json {
+        serde_json::to_string_pretty(rec)? + "\n"
+    } else {
+        format!("{} {}: top-1 {:.2}, top-5 {:.2}\n", rec.model_name, rec.protocol, rec.metrics["top1"], rec.metrics["top5"])
+    };
+    crate::results::write_output("-", &text)?;
+    Ok(())
 }
 
 fn eval_linear(a: &EvalArgs) -> anyhow::Result<()> {
@@ -106,13 +139,7 @@ fn eval_linear(a: &EvalArgs) -> anyhow::Result<()> {
         Protocol::Linear => super::linear_cmds::linear(&inp)?,
         _ => super::linear_cmds::sweep(&inp)?,
     };
-    let text = if a.json {
-        serde_json::to_string_pretty(&rec)? + "\n"
-    } else {
-        format!("{} {}: top-1 {:.2}, top-5 {:.2}\n", rec.model_name, rec.protocol, rec.metrics["top1"], rec.metrics["top5"])
-    };
-    crate::results::write_output("-", &text)?;
-    Ok(())
+    print_record(a, &rec)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -130,7 +157,8 @@ pub struct EvalArgs {
     /// Protocol.
     #[arg(long, value_enum)]
     pub protocol: Protocol,
-    /// Override a protocol-file key of the linear protocols, e.g. `--set epochs=20` (repeatable; recorded).
+    /// Override a protocol-file key of the linear and fine-tuning protocols, e.g. `--set epochs=20` (repeatable;
+    /// recorded).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
     /// Encoder checkpoint; features are extracted (or taken from the cache).
@@ -195,6 +223,9 @@ pub struct EvalArgs {
     pub json: bool,
     #[arg(long)]
     pub quiet: bool,
+    /// Fine-tuning: start over instead of resuming from the checkpoint in `<output>/<name>-finetune/`.
+    #[arg(long)]
+    pub fresh: bool,
 }
 
 pub fn extract(a: ExtractArgs) -> anyhow::Result<()> {
@@ -434,6 +465,9 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     if matches!(a.protocol, Protocol::Linear | Protocol::LinearSweep) {
         return eval_linear(&a);
     }
+    if a.protocol == Protocol::Finetune {
+        return eval_finetune(&a);
+    }
     let t0 = Instant::now();
     let started_at = crate::results::now_rfc3339();
     let mut s = Settings::new(&a)?;
@@ -509,7 +543,7 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
             table.push(format!("leave-one-out 1-NN on {} val images: top-1 {:.2}", r.n, r.top1));
             serde_json::json!({ "nn_loo": r, "val": val.source, "n_val": val.set.len() })
         }
-        Protocol::Linear | Protocol::LinearSweep => unreachable!("dispatched to eval_linear at the top"),
+        Protocol::Linear | Protocol::LinearSweep | Protocol::Finetune => unreachable!("dispatched at the top"),
     };
     let meta = &val.set.meta;
     let ckpt = a.checkpoint.as_ref().map(|p| p.display().to_string()).or_else(|| meta.checkpoint.clone());

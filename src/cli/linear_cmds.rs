@@ -30,7 +30,7 @@ pub struct LinearInputs<'a> {
 }
 
 /// The protocol file: the given one, else `protocols/<name>.toml` when present, else the built-in copy.
-fn protocol_config<T: serde::Serialize + serde::de::DeserializeOwned + Default>(file: Option<&Path>, default: &str, builtin: &str, sets: &[String]) -> anyhow::Result<T> {
+pub(super) fn protocol_config<T: serde::Serialize + serde::de::DeserializeOwned + Default>(file: Option<&Path>, default: &str, builtin: &str, sets: &[String]) -> anyhow::Result<T> {
     if let Some(f) = file {
         return Ok(crate::config::load(Some(f), sets)?);
     }

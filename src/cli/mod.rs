@@ -2,6 +2,7 @@
 //! errors to exit codes: 0 ok, 1 a check failed or a run went wrong, 2 usage or input error.
 pub mod data;
 pub mod eval;
+mod finetune_cmds;
 mod linear_cmds;
 mod model_cmds;
 pub mod report;

@@ -462,8 +462,8 @@ pub fn auto_contrast(img: RgbImage) -> RgbImage {
     for c in 0..3 {
         let lo = (0..256).find(|&i| hist[c][i] > 0).unwrap_or(0);
         let hi = (0..256).rev().find(|&i| hist[c][i] > 0).unwrap_or(255);
-        for i in 0..256 {
-            luts[c][i] = if hi <= lo {
+        for (i, l) in luts[c].iter_mut().enumerate() {
+            *l = if hi <= lo {
                 i as u8
             } else {
                 let scale = 255.0 / (hi - lo) as f64;
@@ -483,8 +483,8 @@ pub fn equalize(img: RgbImage) -> RgbImage {
         let nz: Vec<u64> = hist[c].iter().copied().filter(|&v| v > 0).collect();
         let step = if nz.len() <= 1 { 0 } else { (nz.iter().sum::<u64>() - nz[nz.len() - 1]) / 255 };
         if step == 0 {
-            for i in 0..256 {
-                luts[c][i] = i as u8;
+            for (i, l) in luts[c].iter_mut().enumerate() {
+                *l = i as u8;
             }
             continue;
         }

@@ -335,6 +335,24 @@ impl TrainData {
         Ok(out)
     }
 
+    /// The batches of `epoch`, assembled by a producer thread two batches ahead of the training loop.
+    pub fn epoch_batches(self: &std::sync::Arc<Self>, epoch: u64) -> impl Iterator<Item = Result<(Tensor, Tensor)>> {
+        let (tx, rx) = crossbeam_channel::bounded(2);
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let order = me.epoch_order(epoch);
+            for b in 0..me.num_batches() {
+                let item = me.batch(&order, b, epoch);
+                let stop = item.is_err();
+                // A closed channel means the consumer stopped early.
+                if tx.send(item).is_err() || stop {
+                    break;
+                }
+            }
+        });
+        rx.into_iter()
+    }
+
     /// Batch `b` of `epoch`: images `[B,3,S,S]` and labels `[B]`.
     pub fn batch(&self, order: &[usize], b: usize, epoch: u64) -> Result<(Tensor, Tensor)> {
         let idx = &order[b * self.batch_size..(b + 1) * self.batch_size];
@@ -480,6 +498,10 @@ struct Progress {
     history: Vec<BTreeMap<String, f64>>,
 }
 
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
 fn save_state(path: &Path, fm: &FinetuneModel, opt: &AdamW, ema: Option<&Ema>, cfg: &FinetuneConfig, p: &Progress) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = fm.vs.variables().into_iter().map(|(n, t)| (format!("model.{n}"), t)).collect();
     tensors.extend(opt.state().into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
@@ -494,7 +516,8 @@ fn save_state(path: &Path, fm: &FinetuneModel, opt: &AdamW, ema: Option<&Ema>, c
         ("arch".to_string(), fm.cfg.arch.clone()),
         ("epoch".to_string(), p.epoch.to_string()),
         ("step".to_string(), p.steps.to_string()),
-        ("best".to_string(), serde_json::to_string(&(p.best, p.best_epoch, p.last, p.ema_best, p.ema_last)).expect("json")),
+        // JSON has no -inf: "not evaluated yet" is stored as null.
+        ("best".to_string(), serde_json::to_string(&(finite(p.best), p.best_epoch, p.last, finite(p.ema_best), p.ema_last)).expect("json")),
         ("history".to_string(), serde_json::to_string(&p.history).expect("json")),
     ]);
     crate::checkpoint::save(path, &tensors, &meta)
@@ -523,10 +546,11 @@ fn load_state(path: &Path, fm: &FinetuneModel, opt: &mut AdamW, ema: Option<&Ema
     let (epoch, steps) = (num("epoch")? as usize, num("step")?);
     let optim = sub("optim.");
     opt.load_state(|k| optim.get(k).map(|t| t.shallow_clone()), steps).map_err(bad)?;
-    type Best = (f64, usize, (f64, f64), f64, Option<f64>);
+    type Best = (Option<f64>, usize, (f64, f64), Option<f64>, Option<f64>);
     let (best, best_epoch, last, ema_best, ema_last): Best =
         serde_json::from_str(ck.metadata.get("best").map_or("", |s| s)).map_err(|e| bad(format!("bad `best`: {e}")))?;
     let history = serde_json::from_str(ck.metadata.get("history").map_or("", |s| s)).map_err(|e| bad(format!("bad `history`: {e}")))?;
+    let (best, ema_best) = (best.unwrap_or(f64::NEG_INFINITY), ema_best.unwrap_or(f64::NEG_INFINITY));
     Ok(Progress { epoch, steps, best, best_epoch, last, ema_best, ema_last, history })
 }
 
@@ -555,7 +579,7 @@ pub fn run_finetune_with(
     }
     let fm = build_model(model_ckpt, arch, num_classes, cfg, device)?;
     let size = fm.cfg.img_size as u32;
-    let train = TrainData::new(train_set, size, cfg)?;
+    let train = std::sync::Arc::new(TrainData::new(train_set, size, cfg)?);
     let per_epoch = train.num_batches();
     if per_epoch == 0 {
         return Err(Error::data(data_root, format!("the train split has fewer samples than micro_batch_size {}", cfg.micro_batch_size)));
@@ -591,11 +615,10 @@ pub fn run_finetune_with(
         tch::manual_seed(cfg.seed.wrapping_add(1 + epoch as u64) as i64);
         let mut mix_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x00A1_1C0D);
         mix_rng.set_stream(epoch as u64);
-        let order = train.epoch_order(epoch as u64);
         let mut loss_sum = 0.0;
         opt.zero_grad();
-        for it in 0..per_epoch {
-            let (x, y) = train.batch(&order, it, epoch as u64)?;
+        for (it, b) in train.epoch_batches(epoch as u64).enumerate() {
+            let (x, y) = b?;
             let (x, y) = (x.to_device(device), y.to_device(device));
             if it % accum == 0 {
                 lr = lr_at_from_zero(epoch as f64 + it as f64 / per_epoch as f64, base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs as f64);
