@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use lmim_bench::protocols::knn::{weighted_knn, KnnParams, SearchConfig};
+use lmim_bench::protocols::knn::{faiss_available, weighted_knn, Backend, KnnParams, SearchConfig};
 use tch::{Device, Kind, Tensor};
 
 fn env(name: &str, default: i64) -> i64 {
@@ -48,36 +48,43 @@ fn main() {
     let queries = Tensor::randn([q, d], opts);
     let bl = Tensor::randint(1000, [n], (Kind::Int64, Device::Cpu));
     let ql = Tensor::randint(1000, [q], (Kind::Int64, Device::Cpu));
-    let search = SearchConfig::auto(Device::Cpu, n);
+    let torch = SearchConfig::with_backend(Device::Cpu, n, Backend::Torch);
+    let mut backends = vec![torch.clone()];
+    if faiss_available() {
+        backends.push(SearchConfig::with_backend(Device::Cpu, n, Backend::Faiss));
+    }
     println!(
-        "k-NN, {q} queries x {n} bank x {d}-d, f32, CPU ({} torch threads), query chunk {}, bank chunk {}; median of {repeat}\n",
+        "k-NN, {q} queries x {n} bank x {d}-d, f32, CPU ({} torch threads), query chunk {}, bank chunk {} (torch); median of {repeat}\n",
         tch::get_num_threads(),
-        search.query_chunk,
-        search.bank_chunk
+        torch.query_chunk,
+        torch.bank_chunk
     );
-    println!("| ks | lmim-bench torch-cpu (s) | NumPy (s) | queries/s lmim-bench | ratio NumPy / lmim-bench |");
-    println!("|---|---|---|---|---|");
-    // Warm-up: libtorch's thread pool and allocator.
-    let _ = weighted_knn(&bank.narrow(0, 0, 1000), &bl.narrow(0, 0, 1000), &queries.narrow(0, 0, 100), &ql.narrow(0, 0, 100), 1000, &KnnParams { ks: &[20], temperature: 0.07 }, &search);
+    println!("| ks | back-end | lmim-bench (s) | NumPy (s) | queries/s lmim-bench | ratio NumPy / lmim-bench |");
+    println!("|---|---|---|---|---|---|");
     let mut numpy_version = String::from("?");
     for ks in [vec![20i64], vec![10, 20, 100, 200]] {
-        let mut times = Vec::new();
-        for _ in 0..repeat {
-            let t = Instant::now();
-            let r = weighted_knn(&bank, &bl, &queries, &ql, 1000, &KnnParams { ks: &ks, temperature: 0.07 }, &search).expect("k-NN runs");
-            times.push(t.elapsed().as_secs_f64());
-            assert_eq!(r.n_queries, q);
-        }
-        let ours = median(times);
         let kmax = *ks.iter().max().unwrap();
-        let (np, ratio) = match numpy(q, n, d, kmax, repeat) {
-            Some((s, v)) => {
-                numpy_version = v;
-                (format!("{s:.2}"), format!("{:.2}", s / ours))
+        let np = numpy(q, n, d, kmax, repeat);
+        for search in &backends {
+            // Warm-up: thread pools and allocator.
+            let _ = weighted_knn(&bank.narrow(0, 0, 1000), &bl.narrow(0, 0, 1000), &queries.narrow(0, 0, 100), &ql.narrow(0, 0, 100), 1000, &KnnParams { ks: &[20], temperature: 0.07 }, search);
+            let mut times = Vec::new();
+            for _ in 0..repeat {
+                let t = Instant::now();
+                let r = weighted_knn(&bank, &bl, &queries, &ql, 1000, &KnnParams { ks: &ks, temperature: 0.07 }, search).expect("k-NN runs");
+                times.push(t.elapsed().as_secs_f64());
+                assert_eq!(r.n_queries, q);
             }
-            None => ("–".into(), "–".into()),
-        };
-        println!("| {ks:?} | {ours:.2} | {np} | {:.0} | {ratio} |", q as f64 / ours);
+            let ours = median(times);
+            let (np_s, ratio) = match &np {
+                Some((s, v)) => {
+                    numpy_version = v.clone();
+                    (format!("{s:.2}"), format!("{:.2}", s / ours))
+                }
+                None => ("–".into(), "–".into()),
+            };
+            println!("| {ks:?} | {} | {ours:.2} | {np_s} | {:.0} | {ratio} |", search.backend_name(), q as f64 / ours);
+        }
     }
     println!("\nNumPy {numpy_version}: normalise, matmul per 1024 queries, argpartition top-max(k), then the votes.");
 }

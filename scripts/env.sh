@@ -33,20 +33,30 @@ if [ -z "${LIBTORCH:-}" ]; then
 fi
 export LIBTORCH_BYPASS_VERSION_CHECK="${LIBTORCH_BYPASS_VERSION_CHECK:-0}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$LMIM_CACHE/target}"
+# faiss's C++ build (cmake, run by faiss-sys) would otherwise compile on one core.
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+
+# Debian packages: cmake and OpenBLAS build faiss (the CPU k-NN back-end, cargo feature `faiss`).
+apt_install() {
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        apt-get install -y -qq "$@" >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "$@" >/dev/null; }
+    elif command -v sudo >/dev/null; then
+        sudo apt-get install -y -qq "$@" >/dev/null
+    else
+        return 1
+    fi
+}
+if ! command -v cmake >/dev/null || ! dpkg -s libopenblas-dev >/dev/null 2>&1; then
+    log "installing cmake and OpenBLAS (to build faiss)"
+    apt_install cmake libopenblas-dev ||
+        log "could not install cmake/libopenblas-dev; install them, or build without faiss: cargo build --no-default-features"
+fi
 
 # Fashion-MNIST as Debian ships it: the small real data set of the demo and the tests.
 FMNIST_DIR="${LMIM_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
 if [ ! -e "$FMNIST_DIR/train-images-idx3-ubyte.gz" ] && [ -z "${LMIM_FASHION_MNIST:-}" ]; then
-    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-        log "installing Debian's dataset-fashion-mnist"
-        (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 ||
-            { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null; }) ||
-            log "could not install dataset-fashion-mnist; install it (apt-get install dataset-fashion-mnist) or set LMIM_FASHION_MNIST"
-    elif command -v sudo >/dev/null; then
-        sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null ||
-            log "could not install dataset-fashion-mnist; install it or set LMIM_FASHION_MNIST"
-    else
+    log "installing Debian's dataset-fashion-mnist"
+    apt_install dataset-fashion-mnist ||
         log "Fashion-MNIST is missing: run 'apt-get install dataset-fashion-mnist' as root, or set LMIM_FASHION_MNIST"
-    fi
 fi
 export LMIM_FASHION_MNIST="$FMNIST_DIR"

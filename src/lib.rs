@@ -1,6 +1,7 @@
 //! lmim-bench: Latent MIM pretraining and k-NN / linear-probe / fine-tune evaluation of ViTs on libtorch.
 //!
 //! The binary `lmim-bench` is a thin layer over this crate; tests and benchmarks call the same code.
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod cli;

@@ -106,15 +106,23 @@ fn mismatched_feature_files_are_exit_2() {
     eval("train.st", "short_labels.st").assert().code(2).stderr(contains("`features` has 10 rows but `labels` has 9"));
     eval("train.st", "val5.st").assert().code(2).stderr(contains("5 classes but the train features have 10"));
     eval("train.st", "missing.st").assert().code(2).stderr(contains("no such features file"));
-    bin()
-        .args(["eval", "--protocol", "knn", "--backend", "faiss"])
+    // faiss: named in the record where it is built in, a clear error where it is not.
+    let faiss = bin()
+        .args(["eval", "--protocol", "knn", "--backend", "faiss", "--device", "cpu", "--json"])
         .arg("--train-features")
         .arg(d.join("train.st"))
         .arg("--val-features")
         .arg(d.join("train.st"))
-        .assert()
-        .code(2)
-        .stderr(contains("faiss is not built"));
+        .arg("--output")
+        .arg(d.join("faiss-runs"))
+        .assert();
+    if lmim_bench::protocols::knn::faiss_available() {
+        let rec: serde_json::Value = serde_json::from_slice(&faiss.code(0).get_output().stdout).unwrap();
+        assert_eq!(rec["config"]["backend"], "faiss-cpu");
+        assert_eq!(rec["details"]["knn"]["backend"], "faiss-cpu");
+    } else {
+        faiss.code(2).stderr(contains("faiss is not built"));
+    }
     // Neither a checkpoint nor feature files.
     bin().args(["eval", "--protocol", "knn"]).assert().code(2).stderr(contains("--train-features and --val-features"));
     // Nothing was written for the failed runs.

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use assert_cmd::Command;
 use lmim_bench::checkpoint;
-use lmim_bench::protocols::knn::{nn_loo, weighted_knn, KnnParams, SearchConfig};
+use lmim_bench::protocols::knn::{faiss_available, nn_loo, weighted_knn, Backend, KnnParams, SearchConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Kind, Tensor};
@@ -110,13 +110,19 @@ fn reference(dir: &Path, name: &str, c: &Case, ks: &[i64], temps: &[f64]) -> Ref
     Reference { top1: rows("top1"), top5: rows("top5"), loo: r.get("loo").unwrap().int64_value(&[0]) }
 }
 
+/// Both back-ends (faiss where it is built in), several chunkings.
 fn chunkings() -> Vec<SearchConfig> {
     let cpu = Device::Cpu;
-    vec![
-        SearchConfig::auto(cpu, 10_000),
-        SearchConfig { query_chunk: 37, bank_chunk: 50, device: cpu },
-        SearchConfig { query_chunk: 7, bank_chunk: 13, device: cpu },
-    ]
+    let mut v = vec![
+        SearchConfig::with_backend(cpu, 10_000, Backend::Torch),
+        SearchConfig { query_chunk: 37, bank_chunk: 50, device: cpu, backend: Backend::Torch },
+        SearchConfig { query_chunk: 7, bank_chunk: 13, device: cpu, backend: Backend::Torch },
+    ];
+    if faiss_available() {
+        v.push(SearchConfig::with_backend(cpu, 10_000, Backend::Faiss));
+        v.push(SearchConfig { query_chunk: 7, bank_chunk: 13, device: cpu, backend: Backend::Faiss });
+    }
+    v
 }
 
 fn assert_matches(c: &Case, r: &Reference, ks: &[i64], temps: &[f64], what: &str) {
@@ -125,13 +131,13 @@ fn assert_matches(c: &Case, r: &Reference, ks: &[i64], temps: &[f64], what: &str
             let res = weighted_knn(&c.train, &c.train_labels, &c.val, &c.val_labels, c.classes, &KnnParams { ks, temperature: t }, &search).unwrap();
             for (j, s) in res.scores.iter().enumerate() {
                 assert_eq!(s.k, ks[j]);
-                let ctx = format!("{what}: T={t} k={} chunks {}x{}", s.k, search.query_chunk, search.bank_chunk);
+                let ctx = format!("{what}: T={t} k={} chunks {}x{} {}", s.k, search.query_chunk, search.bank_chunk, search.backend_name());
                 assert_eq!(s.correct1, r.top1[a][j], "top-1 {ctx}");
                 assert_eq!(s.correct5, r.top5[a][j], "top-5 {ctx}");
             }
         }
         let loo = nn_loo(&c.val, &c.val_labels, c.classes, &search).unwrap();
-        assert_eq!(loo.correct, r.loo, "{what}: LOO 1-NN, chunks {}x{}", search.query_chunk, search.bank_chunk);
+        assert_eq!(loo.correct, r.loo, "{what}: LOO 1-NN, chunks {}x{} {}", search.query_chunk, search.bank_chunk, search.backend_name());
     }
 }
 
@@ -231,29 +237,34 @@ fn t2(rows: &[&[f32]]) -> Tensor {
 
 #[test]
 fn tie_rules_top5_with_small_k_and_self_exclusion() {
-    let cpu = SearchConfig { query_chunk: 2, bank_chunk: 2, device: Device::Cpu };
+    for backend in [Backend::Torch, Backend::Faiss].into_iter().filter(|&b| b == Backend::Torch || faiss_available()) {
+        tie_rules(&SearchConfig { query_chunk: 2, bank_chunk: 2, device: Device::Cpu, backend });
+    }
+}
+
+fn tie_rules(cpu: &SearchConfig) {
     // Bank rows 0..4 are equally similar to the query; the lowest indices win the two places.
     let bank = t2(&[&[1.0, 0.0], &[1.0, 0.0], &[1.0, 0.0], &[1.0, 0.0], &[0.0, 1.0]]);
     let bl = Tensor::from_slice(&[3i64, 1, 2, 2, 0]);
     let q = t2(&[&[1.0, 0.0]]);
-    let r = weighted_knn(&bank, &bl, &q, &Tensor::from_slice(&[3i64]), 4, &KnnParams { ks: &[1, 2], temperature: 0.07 }, &cpu).unwrap();
+    let r = weighted_knn(&bank, &bl, &q, &Tensor::from_slice(&[3i64]), 4, &KnnParams { ks: &[1, 2], temperature: 0.07 }, cpu).unwrap();
     // k=1: the neighbour is row 0 (class 3). k=2: rows 0 and 1 tie in votes; class 1 < 3 wins the tie.
     assert_eq!((r.scores[0].correct1, r.scores[1].correct1), (1, 0));
     // Top-5 with k=2: only classes 1 and 3 got votes, and 3 is among them.
     assert_eq!(r.scores[1].correct5, 1);
-    let r = weighted_knn(&bank, &bl, &q, &Tensor::from_slice(&[0i64]), 4, &KnnParams { ks: &[2], temperature: 0.07 }, &cpu).unwrap();
+    let r = weighted_knn(&bank, &bl, &q, &Tensor::from_slice(&[0i64]), 4, &KnnParams { ks: &[2], temperature: 0.07 }, cpu).unwrap();
     // Class 0 got no vote among 2 neighbours: not a top-5 hit although there are only 4 classes.
     assert_eq!(r.scores[0].correct5, 0);
 
     // LOO: the point itself never counts; its duplicate (another index) does.
     let f = t2(&[&[1.0, 0.0], &[0.0, 1.0], &[0.0, 1.0], &[0.7, 0.7]]);
     let l = Tensor::from_slice(&[0i64, 1, 1, 0]);
-    let r = nn_loo(&f, &l, 2, &cpu).unwrap();
+    let r = nn_loo(&f, &l, 2, cpu).unwrap();
     // 0 -> 3, 1 -> 2, 2 -> 1 (exact duplicates), 3 -> 0 (rows 0, 1, 2 tie at cos 0.707; the lowest index wins).
     assert_eq!((r.correct, r.n), (4, 4));
     let l = Tensor::from_slice(&[0i64, 1, 0, 1]);
     // 1 -> 2 (label 0, wrong for 1), 2 -> 1 (wrong), 3 -> 0 (label 0, wrong for 1), 0 -> 3 (wrong).
-    assert_eq!(nn_loo(&f, &l, 2, &cpu).unwrap().correct, 0);
+    assert_eq!(nn_loo(&f, &l, 2, cpu).unwrap().correct, 0);
 }
 
 #[test]

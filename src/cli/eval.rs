@@ -144,11 +144,11 @@ fn eval_linear(a: &EvalArgs) -> anyhow::Result<()> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
-    /// The torch backend on --device.
+    /// faiss on the CPU when it is built in, libtorch on CUDA.
     Auto,
     /// Chunked libtorch matmul + top-k on --device.
     Torch,
-    /// Not built in this version.
+    /// faiss's exact inner-product index (IndexFlatIP), CPU.
     Faiss,
 }
 
@@ -471,10 +471,13 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let started_at = crate::results::now_rfc3339();
     let mut s = Settings::new(&a)?;
-    if a.backend == Backend::Faiss {
-        return Err(Error::option("--backend", "faiss is not built into this version; use torch (the default)").into());
-    }
     let device = parse_device(&a.device)?;
+    if a.backend == Backend::Faiss && !knn::faiss_available() {
+        return Err(Error::option("--backend", "faiss is not built into this binary (cargo feature `faiss`); use torch").into());
+    }
+    if a.backend == Backend::Faiss && device != tch::Device::Cpu {
+        return Err(Error::option("--backend", "faiss runs on the CPU here; add --device cpu or use torch").into());
+    }
     let from_model = a.checkpoint.is_some() || a.data.is_some();
     let from_files = a.train_features.is_some() || a.val_features.is_some();
     if from_model && from_files {
@@ -509,7 +512,11 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let num_classes = val.set.num_classes();
 
     let n_bank = train.as_ref().map_or(val.set.len(), |t| t.set.len());
-    let mut search = SearchConfig::auto(device, n_bank);
+    let mut search = match a.backend {
+        Backend::Auto => SearchConfig::auto(device, n_bank),
+        Backend::Torch => SearchConfig::with_backend(device, n_bank, knn::Backend::Torch),
+        Backend::Faiss => SearchConfig::with_backend(device, n_bank, knn::Backend::Faiss),
+    };
     if let Some(q) = a.query_chunk {
         search.query_chunk = q;
     }

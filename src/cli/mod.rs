@@ -1,5 +1,6 @@
 //! Command-line interface: argument parsing (clap derive; the doc comments are the `--help`), and the mapping of
 //! errors to exit codes: 0 ok, 1 a check failed or a run went wrong, 2 usage or input error.
+mod bench_cmds;
 pub mod data;
 pub mod eval;
 mod finetune_cmds;
@@ -46,6 +47,9 @@ pub enum Command {
     /// Segmentation maps by hierarchical clustering of an image's patch features, nested at a few levels, and
     /// a t-SNE of the same features: one PNG figure and one JSON of labels and points per image.
     Visualize(visualize::VisualizeArgs),
+    /// Time the training loops (pretraining step, fine-tuning step, linear sweep) and print JSON with img/s and
+    /// peak memory.
+    Bench(bench_cmds::BenchArgs),
 }
 
 /// An error that carries the exit code the command should end with.
@@ -92,6 +96,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Table(a) => report::table(a),
         Command::Check(a) => report::check(a),
         Command::Visualize(a) => visualize::visualize(a),
+        Command::Bench(a) => bench_cmds::bench(a),
     }
 }
 
@@ -102,6 +107,7 @@ pub fn main() -> i32 {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    crate::protocols::knn::quiet_faiss_blas();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

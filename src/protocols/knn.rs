@@ -118,30 +118,196 @@ impl ProtocolSpec {
     }
 }
 
+/// The search implementation: libtorch (chunked matmul + top-k on `device`), or faiss's exact inner-product
+/// index on the CPU (`IndexFlatIP`, f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Torch,
+    Faiss,
+}
+
 /// Search settings.
 #[derive(Clone, Debug)]
 pub struct SearchConfig {
-    /// Queries per similarity block.
+    /// Queries per similarity block (and per faiss search call).
     pub query_chunk: i64,
-    /// Bank rows per similarity block (their top-k lists are merged).
+    /// Bank rows per similarity block (their top-k lists are merged); torch only.
     pub bank_chunk: i64,
     pub device: Device,
+    pub backend: Backend,
 }
 
 impl SearchConfig {
-    /// Blocks of at most 2^26 similarities (256 MiB in f32) on the CPU, 2^29 on CUDA.
+    /// faiss on the CPU when it is built in, else torch; blocks of at most 2^26 similarities (256 MiB in f32)
+    /// on the CPU, 2^29 on CUDA.
     pub fn auto(device: Device, n_bank: i64) -> Self {
+        let backend = if device == Device::Cpu && faiss_available() { Backend::Faiss } else { Backend::Torch };
+        Self::with_backend(device, n_bank, backend)
+    }
+
+    pub fn with_backend(device: Device, n_bank: i64, backend: Backend) -> Self {
         let budget: i64 = if device.is_cuda() { 1 << 29 } else { 1 << 26 };
         let query_chunk = 1024;
         let bank_chunk = (budget / query_chunk).min(n_bank.max(1));
-        SearchConfig { query_chunk, bank_chunk, device }
+        SearchConfig { query_chunk, bank_chunk, device, backend }
     }
 
     pub fn backend_name(&self) -> String {
-        match self.device {
-            Device::Cpu => "torch-cpu".into(),
-            Device::Cuda(i) => format!("torch-cuda:{i}"),
-            d => format!("torch-{d:?}"),
+        match (self.backend, self.device) {
+            (Backend::Faiss, _) => "faiss-cpu".into(),
+            (Backend::Torch, Device::Cpu) => "torch-cpu".into(),
+            (Backend::Torch, Device::Cuda(i)) => format!("torch-cuda:{i}"),
+            (Backend::Torch, d) => format!("torch-{d:?}"),
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.query_chunk < 1 || self.bank_chunk < 1 {
+            return Err(Error::option("--query-chunk/--bank-chunk", "must be positive"));
+        }
+        if self.backend == Backend::Faiss {
+            if !faiss_available() {
+                return Err(Error::option("--backend", "faiss is not built into this binary (cargo feature `faiss`)"));
+            }
+            if self.device != Device::Cpu {
+                return Err(Error::option("--backend", "faiss runs on the CPU here; use --device cpu or the torch back-end"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the BLAS that faiss links from competing with libtorch's threads (a no-op without faiss). The binary
+/// calls it at start; library users that train in-process should too.
+pub fn quiet_faiss_blas() {
+    #[cfg(feature = "faiss")]
+    faiss_bank::single_threaded_blas();
+}
+
+/// Whether this build has the faiss back-end (cargo feature `faiss`).
+pub fn faiss_available() -> bool {
+    cfg!(feature = "faiss")
+}
+
+/// A normalised bank ready for searching with either back-end.
+enum Bank {
+    Torch(Tensor),
+    #[cfg(feature = "faiss")]
+    Faiss(faiss_bank::FaissBank),
+}
+
+impl Bank {
+    fn new(bank: Tensor, search: &SearchConfig) -> Result<Bank> {
+        match search.backend {
+            Backend::Torch => Ok(Bank::Torch(bank)),
+            #[cfg(feature = "faiss")]
+            Backend::Faiss => Ok(Bank::Faiss(faiss_bank::FaissBank::new(bank)?)),
+            #[cfg(not(feature = "faiss"))]
+            Backend::Faiss => unreachable!("SearchConfig::check refuses faiss without the feature"),
+        }
+    }
+
+    /// As [`search_block`]: the top `k` by (similarity desc, index asc), query i excluded at row o + i.
+    fn search(&mut self, queries: &Tensor, k: i64, bank_chunk: i64, self_offset: Option<i64>) -> Result<(Tensor, Tensor)> {
+        match self {
+            Bank::Torch(b) => Ok(search_block(queries, b, k, bank_chunk, self_offset)),
+            #[cfg(feature = "faiss")]
+            Bank::Faiss(f) => f.search(queries, k, self_offset),
+        }
+    }
+}
+
+#[cfg(feature = "faiss")]
+mod faiss_bank {
+    use faiss::{FlatIndex, Index};
+    use tch::{Device, Kind, Tensor};
+
+    use crate::error::{Error, Result};
+
+    pub struct FaissBank {
+        index: FlatIndex,
+        /// The same rows in f32, for the exact recount of a row whose k-th place is tied.
+        bank: Tensor,
+    }
+
+    #[link(name = "openblas")]
+    extern "C" {
+        fn openblas_set_num_threads(n: std::os::raw::c_int);
+    }
+
+    /// OpenBLAS (linked for faiss) keeps its own worker threads beside libtorch's OpenMP pool; measured on 2 cores,
+    /// they halve the speed of training steps that never call OpenBLAS. They are held at one thread except while
+    /// faiss searches.
+    pub fn single_threaded_blas() {
+        // SAFETY: a plain setter of OpenBLAS's thread count, callable at any time.
+        unsafe { openblas_set_num_threads(1) }
+    }
+
+    struct BlasThreads;
+    impl BlasThreads {
+        fn enter() -> Self {
+            // SAFETY: as above.
+            unsafe { openblas_set_num_threads(tch::get_num_threads().max(1)) };
+            BlasThreads
+        }
+    }
+    impl Drop for BlasThreads {
+        fn drop(&mut self) {
+            single_threaded_blas();
+        }
+    }
+
+    fn faiss_err(e: faiss::error::Error) -> Error {
+        Error::data("faiss", e.to_string())
+    }
+
+    impl FaissBank {
+        pub fn new(bank: Tensor) -> Result<Self> {
+            let bank = bank.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+            let d = bank.size()[1];
+            let mut index = FlatIndex::new_ip(d as u32).map_err(faiss_err)?;
+            let flat = Vec::<f32>::try_from(&bank.view([-1])).map_err(|e| Error::data("features", e.to_string()))?;
+            index.add(&flat).map_err(faiss_err)?;
+            Ok(FaissBank { index, bank })
+        }
+
+        /// faiss picks any of several equal similarities at the k-th place; the rule wants the lowest indices, so
+        /// such rows (rare in real features) are recounted exactly with libtorch.
+        pub fn search(&mut self, queries: &Tensor, k: i64, self_offset: Option<i64>) -> Result<(Tensor, Tensor)> {
+            let q = queries.to_device(Device::Cpu).to_kind(Kind::Float).contiguous();
+            let (nq, n_bank) = (q.size()[0], self.bank.size()[0]);
+            let avail = n_bank - i64::from(self_offset.is_some());
+            let kk = k.min(avail);
+            // One more than needed shows a tie across the k-th place; one more again for the excluded self.
+            let ask = (k + 1 + i64::from(self_offset.is_some())).min(n_bank) as usize;
+            let flat = Vec::<f32>::try_from(&q.view([-1])).map_err(|e| Error::data("features", e.to_string()))?;
+            let res = {
+                let _threads = BlasThreads::enter();
+                self.index.search(&flat, ask).map_err(faiss_err)?
+            };
+            let (mut vals, mut idx) = (Vec::with_capacity((nq * kk) as usize), Vec::with_capacity((nq * kk) as usize));
+            for r in 0..nq as usize {
+                let me = self_offset.map(|o| o + r as i64);
+                let mut row: Vec<(f32, i64)> = (0..ask)
+                    .filter_map(|j| res.labels[r * ask + j].get().map(|l| (res.distances[r * ask + j], l as i64)))
+                    .filter(|&(_, l)| Some(l) != me)
+                    .collect();
+                row.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                let tied = row.len() > kk as usize && row[kk as usize - 1].0 == row[kk as usize].0;
+                if tied || (row.len() < kk as usize) {
+                    let sims = self.bank.mv(&q.get(r as i64)).unsqueeze(0);
+                    if let Some(m) = me {
+                        let _ = sims.get(0).get(m).fill_(f64::NEG_INFINITY);
+                    }
+                    let (v, i) = super::block_topk(&sims, kk, 0);
+                    vals.extend(Vec::<f32>::try_from(&v.view([-1])).expect("f32"));
+                    idx.extend(Vec::<i64>::try_from(&i.view([-1])).expect("i64"));
+                } else {
+                    vals.extend(row.iter().take(kk as usize).map(|x| x.0));
+                    idx.extend(row.iter().take(kk as usize).map(|x| x.1));
+                }
+            }
+            Ok((Tensor::from_slice(&vals).view([nq, kk]), Tensor::from_slice(&idx).view([nq, kk])))
         }
     }
 }
@@ -359,9 +525,7 @@ pub fn weighted_knn(
     if !(temperature > 0.0 && temperature.is_finite()) {
         return Err(Error::option("--temperature", "must be positive"));
     }
-    if search.query_chunk < 1 || search.bank_chunk < 1 {
-        return Err(Error::option("--query-chunk/--bank-chunk", "must be positive"));
-    }
+    search.check()?;
     check_inputs(bank, bank_labels, num_classes, "train features")?;
     check_inputs(queries, query_labels, num_classes, "val features")?;
     if bank.size()[1] != queries.size()[1] {
@@ -376,6 +540,7 @@ pub fn weighted_knn(
     let bank_n = l2_normalize(&work(bank));
     let bank_labels = bank_labels.to_device(dev);
     let n_bank = bank_n.size()[0];
+    let mut bank_s = Bank::new(bank_n, search)?;
     let kmax = *ks.iter().max().unwrap();
     let n_q = queries.size()[0];
     // Counted for the k in ascending order, reported in the caller's order.
@@ -388,7 +553,8 @@ pub fn weighted_knn(
         let len = search.query_chunk.min(n_q - start);
         let q = l2_normalize(&work(&queries.narrow(0, start, len)));
         let ql = query_labels.narrow(0, start, len).to_device(dev);
-        let (vals, idx) = search_block(&q, &bank_n, kmax, search.bank_chunk, None);
+        let (vals, idx) = bank_s.search(&q, kmax, search.bank_chunk, None)?;
+        let idx = idx.to_device(dev);
         let kk = vals.size()[1] as usize;
         let neigh_labels = bank_labels.index_select(0, &idx.reshape([-1]));
         let to_vec_f = |t: &Tensor| Vec::<f64>::try_from(&t.to_device(Device::Cpu).to_kind(Kind::Double).contiguous().view([-1])).expect("f64 values");
@@ -433,6 +599,7 @@ pub fn nn_loo(feats: &Tensor, labels: &Tensor, num_classes: i64, search: &Search
     if n < 2 {
         return Err(Error::data("val features", "leave-one-out needs at least 2 images"));
     }
+    search.check()?;
     let _guard = tch::no_grad_guard();
     let dev = search.device;
     let f = match feats.kind() {
@@ -441,12 +608,14 @@ pub fn nn_loo(feats: &Tensor, labels: &Tensor, num_classes: i64, search: &Search
     };
     let bank = l2_normalize(&f);
     let labels = labels.to_device(dev);
+    let mut bank_s = Bank::new(bank.shallow_clone(), search)?;
     let mut correct = 0i64;
     let mut start = 0;
     while start < n {
         let len = search.query_chunk.min(n - start);
         let q = bank.narrow(0, start, len);
-        let (_, idx) = search_block(&q, &bank, 1, search.bank_chunk, Some(start));
+        let (_, idx) = bank_s.search(&q, 1, search.bank_chunk, Some(start))?;
+        let idx = idx.to_device(dev);
         let pred = labels.index_select(0, &idx.reshape([-1]));
         correct += pred.eq_tensor(&labels.narrow(0, start, len)).sum(Kind::Int64).int64_value(&[]);
         start += len;

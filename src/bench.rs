@@ -1,0 +1,200 @@
+//! Throughput of the training loops, measured with the same code the commands run: one Latent MIM pretraining
+//! step (views, online + target encoders, decoder, loss, backward, AdamW, EMA), one fine-tuning step (Mixup/CutMix,
+//! forward with drop path, backward, AdamW with layer decay; optionally with the real augmentation pipeline feeding
+//! it), and the 52-head linear sweep on random features. `lmim-bench bench` writes the results as JSON.
+use std::path::Path;
+use std::time::Instant;
+
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::data::augment::{mixup_cutmix, MixupConfig};
+use crate::data::dataset::Dataset;
+use crate::error::{Error, Result};
+use crate::model::lmim::random_views;
+use crate::model::vit::with_amp;
+use crate::protocols::finetune::{build_model, finetune_params, soft_target_ce, FinetuneConfig, TrainData};
+use crate::protocols::linear_sweep::{run_sweep, SweepConfig, SweepFeatures};
+use crate::train::optim::AdamW;
+use crate::train::pretrain::Trainer;
+use crate::train::pretrain::PretrainConfig;
+
+/// Steps not timed (allocator, kernel selection), then timed steps.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Timing {
+    pub warmup: usize,
+    pub steps: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchResult {
+    pub what: String,
+    pub arch: String,
+    pub batch: i64,
+    pub steps: usize,
+    pub seconds: f64,
+    pub s_per_step: f64,
+    /// Images (or, for the sweep, feature rows x epochs) per second.
+    pub items_per_s: f64,
+    /// Peak resident memory of the process (VmHWM), all phases included.
+    pub peak_rss_mib: Option<f64>,
+    pub device: String,
+    pub precision: String,
+    pub threads: i64,
+    pub details: serde_json::Value,
+}
+
+/// The process's peak resident set size in MiB (Linux), `None` elsewhere.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+fn amp_for(precision: &str, device: Device) -> Option<Kind> {
+    match precision {
+        "bf16" => Some(Kind::BFloat16),
+        "auto" if device.is_cuda() => Some(Kind::BFloat16),
+        _ => None,
+    }
+}
+
+/// Runs `step(i)` for warmup + steps iterations and times the last `steps`, synchronising the device around them.
+fn timed(t: Timing, device: Device, mut step: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    if t.steps == 0 {
+        return Err(Error::option("--steps", "must be positive"));
+    }
+    for i in 0..t.warmup {
+        step(i)?;
+    }
+    sync(device);
+    let start = Instant::now();
+    for i in 0..t.steps {
+        step(t.warmup + i)?;
+    }
+    sync(device);
+    Ok(start.elapsed().as_secs_f64())
+}
+
+fn result(what: &str, arch: &str, batch: i64, t: Timing, secs: f64, items_per_step: f64, device: Device, amp: Option<Kind>, details: serde_json::Value) -> BenchResult {
+    BenchResult {
+        what: what.into(),
+        arch: arch.into(),
+        batch,
+        steps: t.steps,
+        seconds: secs,
+        s_per_step: secs / t.steps as f64,
+        items_per_s: items_per_step * t.steps as f64 / secs,
+        peak_rss_mib: peak_rss_mib(),
+        device: crate::info::device_name(device),
+        precision: if amp.is_some() { "bf16".into() } else { "f32".into() },
+        threads: tch::get_num_threads() as i64,
+        details,
+    }
+}
+
+/// Latent MIM pretraining steps on random images of the config's training size (the model, not the loader).
+pub fn pretrain_steps(cfg: &PretrainConfig, batch: i64, t: Timing, device: Device) -> Result<BenchResult> {
+    let mut tr = Trainer::new(cfg, device)?;
+    let amp = amp_for(&cfg.precision, device);
+    let vit = tr.model.vit_cfg.clone();
+    let size = cfg.model.train_size()?;
+    let images = Tensor::randn([batch, 3, size, size], (Kind::Float, device));
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut last_loss = f64::NAN;
+    let secs = timed(t, device, |_| {
+        let views = random_views(&images, vit.patch_size, cfg.model.patch_gap, cfg.model.num_vis, &mut rng);
+        tr.model.ema_update(&tr.vs, cfg.model.target_mom);
+        let out = with_amp(amp, || tr.model.forward(&views, 0.5, true));
+        out.loss.backward();
+        tr.opt.step(1e-4);
+        tr.opt.zero_grad();
+        last_loss = out.loss.double_value(&[]);
+        Ok(())
+    })?;
+    let details = serde_json::json!({ "train_size": size, "num_vis": cfg.model.num_vis, "patch_gap": cfg.model.patch_gap,
+        "decoder_depth": cfg.model.decoder_depth, "last_loss": last_loss, "input": "random images on the device" });
+    Ok(result("pretrain-step", &vit.arch, batch, t, secs, batch as f64, device, amp, details))
+}
+
+/// Fine-tuning steps of `arch` at `cfg.micro_batch_size`: on random images, or with `data` on batches from the
+/// recipe's augmentation pipeline (decode, RandomResizedCrop, RandAugment, RandomErasing on worker threads).
+pub fn finetune_steps(arch: &str, cfg: &FinetuneConfig, t: Timing, device: Device, data: Option<&Path>) -> Result<BenchResult> {
+    cfg.validate()?;
+    let amp = amp_for(&cfg.precision, device);
+    let feed = match data {
+        Some(root) => {
+            let ds = Dataset::open(root, "train")?;
+            Some((ds.classes.len() as i64, ds))
+        }
+        None => None,
+    };
+    let classes = feed.as_ref().map_or(1000, |f| f.0);
+    let fm = build_model(None, Some(arch), classes, cfg, device)?;
+    let mut opt = AdamW::new(finetune_params(&fm.vs, fm.cfg.depth, cfg), cfg.beta1, cfg.beta2, 1e-8);
+    let b = cfg.micro_batch_size as i64;
+    let size = fm.cfg.img_size;
+    let mix = MixupConfig {
+        mixup_alpha: cfg.mixup,
+        cutmix_alpha: cfg.cutmix,
+        prob: cfg.mixup_prob,
+        switch_prob: cfg.mixup_switch_prob,
+        label_smoothing: cfg.smoothing,
+        num_classes: classes,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut batches: Box<dyn Iterator<Item = Result<(Tensor, Tensor)>>> = match feed {
+        Some((_, ds)) => {
+            let td = std::sync::Arc::new(TrainData::new(ds, size as u32, cfg)?);
+            if td.num_batches() < t.warmup + t.steps {
+                return Err(Error::option("--steps", format!("the data gives {} batches of {b}, fewer than warmup + steps", td.num_batches())));
+            }
+            Box::new(td.epoch_batches(0))
+        }
+        None => {
+            let x = Tensor::randn([b, 3, size, size], (Kind::Float, Device::Cpu));
+            let y = Tensor::randint(classes, [b], (Kind::Int64, Device::Cpu));
+            Box::new(std::iter::repeat_with(move || Ok((x.shallow_clone(), y.shallow_clone()))))
+        }
+    };
+    let secs = timed(t, device, |_| {
+        let (x, y) = batches.next().ok_or_else(|| Error::option("--steps", "the data ran out"))??;
+        let (x, y) = (x.to_device(device), y.to_device(device));
+        let (xm, target, _) = mixup_cutmix(&x, &y, &mix, &mut rng);
+        let logits = with_amp(amp, || fm.model.forward(&xm, true));
+        soft_target_ce(&logits, &target).backward();
+        opt.step(1e-4);
+        opt.zero_grad();
+        Ok(())
+    })?;
+    let input = if data.is_some() { "augmentation pipeline (RandAugment, RandomErasing, Mixup/CutMix)" } else { "random images, Mixup/CutMix" };
+    let details = serde_json::json!({ "input": input, "drop_path": cfg.drop_path, "layer_decay": cfg.layer_decay, "classes": classes });
+    Ok(result("finetune-step", arch, b, t, secs, b as f64, device, amp, details))
+}
+
+/// The 52-head linear sweep (`cfg.epochs` epochs) on `n` random feature rows of width `dim` (4 blocks + avgpool).
+pub fn sweep(n: i64, dim: i64, classes: i64, cfg: &SweepConfig, device: Device) -> Result<BenchResult> {
+    let feats = |n: i64| SweepFeatures {
+        cls: Tensor::randn([n, 4, dim], (Kind::Float, Device::Cpu)),
+        avg: Tensor::randn([n, dim], (Kind::Float, Device::Cpu)),
+        labels: Tensor::randint(classes, [n], (Kind::Int64, Device::Cpu)),
+    };
+    let (train, val) = (feats(n), feats((n / 10).max(classes)));
+    let t = Timing { warmup: 0, steps: 1 };
+    let mut heads = 0;
+    let secs = timed(t, device, |_| {
+        heads = run_sweep(&train, &val, classes, cfg, device)?.heads.len();
+        Ok(())
+    })?;
+    let details = serde_json::json!({ "n_train": n, "dim": dim, "classes": classes, "heads": heads, "epochs": cfg.epochs, "batch_size": cfg.batch_size });
+    Ok(result("linear-sweep", &format!("features {n}x{dim}"), cfg.batch_size as i64, t, secs, (n as usize * cfg.epochs) as f64, device, None, details))
+}

@@ -1,0 +1,99 @@
+//! `lmim-bench bench`: throughput of the training loops as JSON (stdout or a file), for the benchmark records in
+//! benchmarks/ and for comparisons beside other implementations on the same machine.
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use crate::bench::{self, BenchResult, Timing};
+use crate::info::parse_device;
+use crate::protocols::finetune::FinetuneConfig;
+use crate::protocols::linear_sweep::SweepConfig;
+use crate::train::pretrain::PretrainConfig;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub what: BenchWhat,
+    /// Device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", global = true)]
+    pub device: String,
+    /// Untimed steps before the timed ones.
+    #[arg(long, default_value_t = 2, global = true)]
+    pub warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5, global = true)]
+    pub steps: usize,
+    /// Write the JSON result here (`-` for stdout).
+    #[arg(long, short, default_value = "-", global = true)]
+    pub output: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchWhat {
+    /// Latent MIM pretraining steps on random images (config file plus `--set key=value`).
+    Pretrain {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Images per step (default: the config's batch_size).
+        #[arg(long)]
+        batch_size: Option<i64>,
+    },
+    /// Fine-tuning steps with the recipe of protocols/finetune.toml (`--set` overrides it).
+    Finetune {
+        #[arg(long, default_value = "vit_base_patch16_224")]
+        arch: String,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Images per step.
+        #[arg(long, default_value_t = 128)]
+        batch_size: usize,
+        /// Feed the steps from this ImageFolder's train/ split through the full augmentation pipeline.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// The 52-head linear sweep on random features (protocols/linear_sweep.toml, `--set` overrides it).
+    Sweep {
+        #[arg(long, default_value_t = 100_000)]
+        n: i64,
+        #[arg(long, default_value_t = 768)]
+        dim: i64,
+        #[arg(long, default_value_t = 1000)]
+        classes: i64,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
+}
+
+pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    let device = parse_device(&a.device)?;
+    let t = Timing { warmup: a.warmup, steps: a.steps };
+    let r: BenchResult = match &a.what {
+        BenchWhat::Pretrain { config, sets, batch_size } => {
+            let mut cfg: PretrainConfig = crate::config::load(config.as_deref(), sets)?;
+            cfg.device = a.device.clone();
+            let b = batch_size.unwrap_or(cfg.batch_size);
+            bench::pretrain_steps(&cfg, b, t, device).context("timing pretraining steps")?
+        }
+        BenchWhat::Finetune { arch, sets, batch_size, data } => {
+            let mut cfg: FinetuneConfig =
+                super::linear_cmds::protocol_config(None, "protocols/finetune.toml", include_str!("../../protocols/finetune.toml"), sets)?;
+            cfg.micro_batch_size = *batch_size;
+            cfg.batch_size = *batch_size;
+            cfg.device = a.device.clone();
+            bench::finetune_steps(arch, &cfg, t, device, data.as_deref()).context("timing fine-tuning steps")?
+        }
+        BenchWhat::Sweep { n, dim, classes, sets } => {
+            let cfg: SweepConfig =
+                super::linear_cmds::protocol_config(None, "protocols/linear_sweep.toml", include_str!("../../protocols/linear_sweep.toml"), sets)?;
+            bench::sweep(*n, *dim, *classes, &cfg, device).context("timing the linear sweep")?
+        }
+    };
+    let mut v = serde_json::to_value(&r)?;
+    v["provenance"] = serde_json::to_value(crate::results::Provenance::current(&r.device))?;
+    v["time"] = serde_json::json!(crate::results::now_rfc3339());
+    crate::results::write_output(&a.output, &(serde_json::to_string_pretty(&v)? + "\n"))?;
+    Ok(())
+}
