@@ -33,10 +33,11 @@ for model in random-init lmim-pretrained; do
     done
     "$BIN" eval --protocol linear --checkpoint "$ck" --data "$DATA" --name "pico-$model" --output "$OUT" --quiet "${LP[@]}"
 done
-"$BIN" eval --protocol finetune --checkpoint "$WORK/lmim-pretrained.safetensors" --data "$DATA" --name pico-lmim-pretrained \
-    --output "$OUT" --quiet --fresh "${FT[@]}"
-"$BIN" eval --protocol finetune --arch vit_pico_patch4_32 --data "$DATA" --name pico-random-init \
-    --output "$OUT" --quiet --fresh "${FT[@]}"
+# Fine-tuning the pretrained encoder and, from scratch, the same encoder at its initialisation (fresh heads both).
+for model in lmim-pretrained random-init; do
+    "$BIN" eval --protocol finetune --checkpoint "$WORK/$model.safetensors" --data "$DATA" --name "pico-$model" \
+        --output "$OUT" --quiet --fresh "${FT[@]}"
+done
 # Run folders hold weights; the records, metrics and configs stay.
 for d in "$OUT"/*-finetune; do
     rm -f "$d"/*.safetensors

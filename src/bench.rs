@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::augment::{mixup_cutmix, MixupConfig};
+use crate::data::augment::mixup_cutmix;
 use crate::data::dataset::Dataset;
 use crate::error::{Error, Result};
 use crate::model::lmim::random_views;
@@ -143,14 +143,7 @@ pub fn finetune_steps(arch: &str, cfg: &FinetuneConfig, t: Timing, device: Devic
     let mut opt = AdamW::new(finetune_params(&fm.vs, fm.cfg.depth, cfg), cfg.beta1, cfg.beta2, 1e-8);
     let b = cfg.micro_batch_size as i64;
     let size = fm.cfg.img_size;
-    let mix = MixupConfig {
-        mixup_alpha: cfg.mixup,
-        cutmix_alpha: cfg.cutmix,
-        prob: cfg.mixup_prob,
-        switch_prob: cfg.mixup_switch_prob,
-        label_smoothing: cfg.smoothing,
-        num_classes: classes,
-    };
+    let mix = cfg.mixup_config(classes);
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut batches: Box<dyn Iterator<Item = Result<(Tensor, Tensor)>>> = match feed {
         Some((_, ds)) => {

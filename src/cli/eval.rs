@@ -89,11 +89,8 @@ impl Protocol {
     }
 }
 
-fn eval_finetune(a: &EvalArgs) -> anyhow::Result<()> {
-    let Some(data) = a.data.as_deref() else {
-        return Err(Error::option("--data", "fine-tuning needs a dataset root with train/ and val/").into());
-    };
-    let inp = super::finetune_cmds::FinetuneInputs {
+fn inputs<'a>(a: &'a EvalArgs, data: &'a Path) -> super::linear_cmds::ProtocolInputs<'a> {
+    super::linear_cmds::ProtocolInputs {
         checkpoint: a.checkpoint.as_deref(),
         arch: a.arch.as_deref(),
         data,
@@ -105,8 +102,14 @@ fn eval_finetune(a: &EvalArgs) -> anyhow::Result<()> {
         protocol_file: a.protocol_file.as_deref(),
         sets: &a.sets,
         fresh: a.fresh,
+    }
+}
+
+fn eval_finetune(a: &EvalArgs) -> anyhow::Result<()> {
+    let Some(data) = a.data.as_deref() else {
+        return Err(Error::option("--data", "fine-tuning needs a dataset root with train/ and val/").into());
     };
-    print_record(a, &super::finetune_cmds::finetune(&inp)?)
+    print_record(a, &super::finetune_cmds::finetune(&inputs(a, data))?)
 }
 
 fn print_record(a: &EvalArgs, rec: &RunRecord) -> anyhow::Result<()> {
@@ -120,21 +123,10 @@ fn print_record(a: &EvalArgs, rec: &RunRecord) -> anyhow::Result<()> {
 }
 
 fn eval_linear(a: &EvalArgs) -> anyhow::Result<()> {
-    let (Some(checkpoint), Some(data)) = (a.checkpoint.as_deref(), a.data.as_deref()) else {
+    let (Some(_), Some(data)) = (a.checkpoint.as_deref(), a.data.as_deref()) else {
         return Err(Error::option("--checkpoint/--data", "the linear protocols need both (they run the encoder)").into());
     };
-    let inp = super::linear_cmds::LinearInputs {
-        checkpoint,
-        arch: a.arch.as_deref(),
-        data,
-        device: &a.device,
-        output: &a.output,
-        name: a.name.clone(),
-        quiet: a.quiet,
-        workers: a.workers,
-        protocol_file: a.protocol_file.as_deref(),
-        sets: &a.sets,
-    };
+    let inp = inputs(a, data);
     let rec = match a.protocol {
         Protocol::Linear => super::linear_cmds::linear(&inp)?,
         _ => super::linear_cmds::sweep(&inp)?,

@@ -1,33 +1,17 @@
 //! `eval --protocol finetune`: MAE's full fine-tuning recipe, with its state kept in a run folder so that a killed
 //! run resumes, and one results record at the end.
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
 
 use crate::data::dataset::Dataset;
 use crate::protocols::finetune::{run_finetune_with, FinetuneConfig, RunOptions, CHECKPOINT_NAME};
+use super::linear_cmds::ProtocolInputs;
 use crate::results::{Provenance, RunRecord};
 
-/// What the fine-tuning protocol needs from the command line.
-pub struct FinetuneInputs<'a> {
-    /// Pretrained encoder; without it the model starts from a random init of `arch` (the from-scratch baseline).
-    pub checkpoint: Option<&'a Path>,
-    pub arch: Option<&'a str>,
-    pub data: &'a Path,
-    pub device: &'a str,
-    pub output: &'a Path,
-    pub name: Option<String>,
-    pub quiet: bool,
-    pub workers: Option<usize>,
-    pub protocol_file: Option<&'a Path>,
-    pub sets: &'a [String],
-    /// Start over even when the run folder holds a checkpoint.
-    pub fresh: bool,
-}
-
-pub fn finetune(inp: &FinetuneInputs) -> anyhow::Result<RunRecord> {
+pub fn finetune(inp: &ProtocolInputs) -> anyhow::Result<RunRecord> {
     if inp.checkpoint.is_none() && inp.arch.is_none() {
         return Err(crate::Error::option("--checkpoint/--arch", "fine-tuning needs a pretrained --checkpoint, or --arch to train from scratch").into());
     }
@@ -88,7 +72,7 @@ pub fn finetune(inp: &FinetuneInputs) -> anyhow::Result<RunRecord> {
     rec.provenance = Provenance::current(&res.device);
     rec.duration_s = t0.elapsed().as_secs_f64();
     rec.details = serde_json::json!({
-        "init": if inp.checkpoint.is_some() { "pretrained" } else { "random (from scratch)" },
+        "init": if inp.checkpoint.is_some() { "checkpoint" } else { "random (from scratch)" },
         "history": res.history, "best_epoch": res.best_epoch, "steps": res.steps, "lr": res.lr,
         "accum_iter": res.accum_iter, "precision": res.precision, "resumed_from_epoch": res.resumed_from_epoch,
         "exported": res.exported, "run_dir": run_dir,

@@ -15,9 +15,10 @@ use crate::protocols::linear::{train_probe, ImageBatches, LinearConfig};
 use crate::protocols::linear_sweep::{heads_json, run_sweep, sweep_features, SweepConfig, SweepFeatures};
 use crate::results::{Provenance, RunRecord};
 
-/// What both linear protocols need from the command line.
-pub struct LinearInputs<'a> {
-    pub checkpoint: &'a Path,
+/// What the training protocols (linear, linear-sweep, finetune) need from the command line.
+pub struct ProtocolInputs<'a> {
+    /// The encoder; the linear protocols require it, fine-tuning without it starts from a random init of `arch`.
+    pub checkpoint: Option<&'a Path>,
     pub arch: Option<&'a str>,
     pub data: &'a Path,
     pub device: &'a str,
@@ -27,6 +28,14 @@ pub struct LinearInputs<'a> {
     pub workers: Option<usize>,
     pub protocol_file: Option<&'a Path>,
     pub sets: &'a [String],
+    /// Fine-tuning: start over instead of resuming.
+    pub fresh: bool,
+}
+
+impl ProtocolInputs<'_> {
+    fn checkpoint(&self) -> anyhow::Result<&Path> {
+        self.checkpoint.ok_or_else(|| crate::Error::option("--checkpoint", "the linear protocols need an encoder checkpoint").into())
+    }
 }
 
 /// The protocol file: the given one, else `protocols/<name>.toml` when present, else the built-in copy.
@@ -79,7 +88,7 @@ fn open_splits(data: &Path) -> anyhow::Result<(Dataset, Dataset)> {
     Ok((train, val))
 }
 
-fn loader(ds: Dataset, t: Transform, batch: usize, shuffle: bool, seed: u64, inp: &LinearInputs) -> crate::Result<Loader> {
+fn loader(ds: Dataset, t: Transform, batch: usize, shuffle: bool, seed: u64, inp: &ProtocolInputs) -> crate::Result<Loader> {
     let mut cfg = LoaderConfig { batch_size: batch, shuffle, drop_last: false, seed, quiet: inp.quiet, ..Default::default() };
     if let Some(w) = inp.workers {
         cfg.workers = w;
@@ -87,10 +96,11 @@ fn loader(ds: Dataset, t: Transform, batch: usize, shuffle: bool, seed: u64, inp
     Loader::new(ds, t, cfg)
 }
 
-fn base_record(protocol: &str, version: &str, inp: &LinearInputs, sha: &str, arch: &str, train: &Dataset, device: Device) -> anyhow::Result<RunRecord> {
+fn base_record(protocol: &str, version: &str, inp: &ProtocolInputs, sha: &str, arch: &str, train: &Dataset, device: Device) -> anyhow::Result<RunRecord> {
     let mut rec = RunRecord::new(protocol, version, "top1");
-    rec.model_name = inp.name.clone().unwrap_or_else(|| inp.checkpoint.file_stem().map_or("model".into(), |s| s.to_string_lossy().to_string()));
-    rec.checkpoint = Some(inp.checkpoint.display().to_string());
+    let ckpt = inp.checkpoint()?;
+    rec.model_name = inp.name.clone().unwrap_or_else(|| ckpt.file_stem().map_or("model".into(), |s| s.to_string_lossy().to_string()));
+    rec.checkpoint = Some(ckpt.display().to_string());
     rec.checkpoint_sha256 = Some(sha.to_string());
     rec.arch = Some(arch.to_string());
     rec.dataset = Some(inp.data.display().to_string());
@@ -100,11 +110,12 @@ fn base_record(protocol: &str, version: &str, inp: &LinearInputs, sha: &str, arc
 }
 
 /// The MAE linear probe.
-pub fn linear(inp: &LinearInputs) -> anyhow::Result<RunRecord> {
+pub fn linear(inp: &ProtocolInputs) -> anyhow::Result<RunRecord> {
     let cfg: LinearConfig = protocol_config(inp.protocol_file, "protocols/linear.toml", include_str!("../../protocols/linear.toml"), inp.sets)?;
     cfg.validate()?;
     let device = parse_device(inp.device)?;
-    let loaded = load_vit(inp.checkpoint, inp.arch, device, 0).with_context(|| format!("loading {}", inp.checkpoint.display()))?;
+    let ckpt = inp.checkpoint()?;
+    let loaded = load_vit(ckpt, inp.arch, device, 0).with_context(|| format!("loading {}", ckpt.display()))?;
     let (train_ds, val_ds) = open_splits(inp.data)?;
     let size = loaded.model.cfg.img_size as u32;
     let mut rec = base_record("linear", &cfg.version, inp, &loaded.sha256, &loaded.model.cfg.arch, &train_ds, device)?;
@@ -154,7 +165,7 @@ fn features(model: &crate::model::VisionTransformer, ld: &Loader, device: Device
 }
 
 /// The DINOv2-style sweep of 52 heads on cached features.
-pub fn sweep(inp: &LinearInputs) -> anyhow::Result<RunRecord> {
+pub fn sweep(inp: &ProtocolInputs) -> anyhow::Result<RunRecord> {
     let cfg: SweepConfig = protocol_config(inp.protocol_file, "protocols/linear_sweep.toml", include_str!("../../protocols/linear_sweep.toml"), inp.sets)?;
     let device = parse_device(inp.device)?;
     let amp = match cfg.precision.as_str() {
@@ -162,7 +173,8 @@ pub fn sweep(inp: &LinearInputs) -> anyhow::Result<RunRecord> {
         "auto" if device.is_cuda() => Some(Kind::BFloat16),
         _ => None,
     };
-    let loaded = load_vit(inp.checkpoint, inp.arch, device, 0).with_context(|| format!("loading {}", inp.checkpoint.display()))?;
+    let ckpt = inp.checkpoint()?;
+    let loaded = load_vit(ckpt, inp.arch, device, 0).with_context(|| format!("loading {}", ckpt.display()))?;
     let (train_ds, val_ds) = open_splits(inp.data)?;
     let mut rec = base_record("linear-sweep", &cfg.version, inp, &loaded.sha256, &loaded.model.cfg.arch, &train_ds, device)?;
     let classes = train_ds.classes.len() as i64;

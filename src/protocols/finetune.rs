@@ -155,6 +155,18 @@ impl FinetuneConfig {
         self.lr.unwrap_or(self.blr * (self.micro_batch_size * self.accum_iter()) as f64 / 256.0)
     }
 
+    /// timm's Mixup/CutMix settings of this recipe.
+    pub fn mixup_config(&self, num_classes: i64) -> MixupConfig {
+        MixupConfig {
+            mixup_alpha: self.mixup,
+            cutmix_alpha: self.cutmix,
+            prob: self.mixup_prob,
+            switch_prob: self.mixup_switch_prob,
+            label_smoothing: self.smoothing,
+            num_classes,
+        }
+    }
+
     pub fn mixup_active(&self) -> bool {
         self.mixup_prob > 0.0 && (self.mixup > 0.0 || self.cutmix > 0.0)
     }
@@ -590,14 +602,7 @@ pub fn run_finetune_with(
         Transform::eval(resize, size),
         LoaderConfig { batch_size: cfg.micro_batch_size, shuffle: false, drop_last: false, seed: cfg.seed, workers: cfg.workers.max(1), quiet: true, ..Default::default() },
     )?;
-    let mix = MixupConfig {
-        mixup_alpha: cfg.mixup,
-        cutmix_alpha: cfg.cutmix,
-        prob: cfg.mixup_prob,
-        switch_prob: cfg.mixup_switch_prob,
-        label_smoothing: cfg.smoothing,
-        num_classes,
-    };
+    let mix = cfg.mixup_config(num_classes);
     let mut opt = AdamW::new(finetune_params(&fm.vs, fm.cfg.depth, cfg), cfg.beta1, cfg.beta2, 1e-8);
     let mut ema = if cfg.model_ema { Some(Ema::new(&fm, cfg.model_ema_decay, device)?) } else { None };
     let accum = cfg.accum_iter();
