@@ -136,7 +136,7 @@ fn eval_linear(a: &EvalArgs) -> anyhow::Result<()> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
-    /// faiss on the CPU when it is built in, libtorch on CUDA.
+    /// libtorch (the faster of the two on the CPU here, see benchmarks/knn.md).
     Auto,
     /// Chunked libtorch matmul + top-k on --device.
     Torch,
