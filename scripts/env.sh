@@ -36,7 +36,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$LMIM_CACHE/target}"
 # faiss's C++ build (cmake, run by faiss-sys) would otherwise compile on one core.
 export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 
-# Debian packages: cmake and OpenBLAS build faiss (the CPU k-NN back-end, cargo feature `faiss`).
+# Debian packages: cmake and OpenBLAS build faiss (the optional CPU k-NN back-end, cargo feature `faiss`).
 apt_install() {
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
         apt-get install -y -qq "$@" >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq "$@" >/dev/null; }
@@ -46,10 +46,11 @@ apt_install() {
         return 1
     fi
 }
-if ! command -v cmake >/dev/null || ! dpkg -s libopenblas-dev >/dev/null 2>&1; then
+# Only for builds with the optional `faiss` feature (LMIM_FAISS=1 asks the set-up for them).
+if [ "${LMIM_FAISS:-0}" = 1 ] && { ! command -v cmake >/dev/null || ! dpkg -s libopenblas-dev >/dev/null 2>&1; }; then
     log "installing cmake and OpenBLAS (to build faiss)"
     apt_install cmake libopenblas-dev ||
-        log "could not install cmake/libopenblas-dev; install them, or build without faiss: cargo build --no-default-features"
+        log "could not install cmake/libopenblas-dev; install them to build with --features faiss"
 fi
 
 # Fashion-MNIST as Debian ships it: the small real data set of the demo and the tests.
