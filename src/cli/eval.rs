@@ -464,12 +464,12 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let started_at = crate::results::now_rfc3339();
     let mut s = Settings::new(&a)?;
     let device = parse_device(&a.device)?;
-    if a.backend == Backend::Faiss && !knn::faiss_available() {
-        return Err(Error::option("--backend", "faiss is not built into this binary (cargo feature `faiss`); use torch").into());
-    }
-    if a.backend == Backend::Faiss && device != tch::Device::Cpu {
-        return Err(Error::option("--backend", "faiss runs on the CPU here; add --device cpu or use torch").into());
-    }
+    let backend = match a.backend {
+        Backend::Faiss => knn::Backend::Faiss,
+        Backend::Auto | Backend::Torch => knn::Backend::Torch,
+    };
+    // The search's own check, before any features are extracted.
+    SearchConfig::with_backend(device, 1, backend).check()?;
     let from_model = a.checkpoint.is_some() || a.data.is_some();
     let from_files = a.train_features.is_some() || a.val_features.is_some();
     if from_model && from_files {
@@ -504,11 +504,7 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let num_classes = val.set.num_classes();
 
     let n_bank = train.as_ref().map_or(val.set.len(), |t| t.set.len());
-    let mut search = match a.backend {
-        Backend::Auto => SearchConfig::auto(device, n_bank),
-        Backend::Torch => SearchConfig::with_backend(device, n_bank, knn::Backend::Torch),
-        Backend::Faiss => SearchConfig::with_backend(device, n_bank, knn::Backend::Faiss),
-    };
+    let mut search = SearchConfig::with_backend(device, n_bank, backend);
     if let Some(q) = a.query_chunk {
         search.query_chunk = q;
     }

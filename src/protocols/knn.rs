@@ -161,7 +161,8 @@ impl SearchConfig {
         }
     }
 
-    fn check(&self) -> Result<()> {
+    /// Positive chunks, and faiss only where it is built in and on the CPU.
+    pub fn check(&self) -> Result<()> {
         if self.query_chunk < 1 || self.bank_chunk < 1 {
             return Err(Error::option("--query-chunk/--bank-chunk", "must be positive"));
         }
