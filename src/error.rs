@@ -45,6 +45,8 @@ impl Error {
         match self {
             Error::Torch(_) | Error::Diverged(_) => 1,
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => 0,
+            // A full or read-only disk is a failure of the run, not a bad input.
+            Error::Io { source, .. } if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::ReadOnlyFilesystem) => 1,
             _ => 2,
         }
     }

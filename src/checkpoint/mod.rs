@@ -240,19 +240,25 @@ pub struct LoadedVit {
 /// Resolves the architecture: `arch` given by the user, else the checkpoint's `config`/`arch` metadata, else a
 /// guess from the tensor shapes.
 pub fn resolve_config(ckpt: &Checkpoint, arch: Option<&str>) -> Result<VitConfig> {
-    if let Some(a) = arch {
-        let cfg = VitConfig::from_arch(a)?;
-        return Ok(cfg);
+    let mut cfg = if let Some(a) = arch {
+        VitConfig::from_arch(a)?
+    } else if let Some(cfg) = ckpt.metadata.get("config") {
+        serde_json::from_str(cfg).map_err(|e| Error::checkpoint(&ckpt.path, format!("metadata `config` is not a ViT config: {e}")))?
+    } else if let Some(a) = ckpt.metadata.get("arch") {
+        VitConfig::from_arch(a)?
+    } else {
+        VitConfig::infer(&ckpt.shapes()).ok_or_else(|| {
+            Error::checkpoint(&ckpt.path, "no `arch` metadata and the tensor shapes match no known architecture; pass --arch")
+        })?
+    };
+    // An average-pooled classifier (timm `global_pool='avg'`, MAE fine-tuned) has `fc_norm` and no final `norm`.
+    let has = |k: &str| ckpt.tensors.iter().any(|(n, _)| n == k);
+    if has("fc_norm.weight") && !has("norm.weight") {
+        cfg.global_pool = crate::model::vit::GlobalPool::Avg;
+    } else if has("norm.weight") {
+        cfg.global_pool = crate::model::vit::GlobalPool::Token;
     }
-    if let Some(cfg) = ckpt.metadata.get("config") {
-        return serde_json::from_str(cfg).map_err(|e| Error::checkpoint(&ckpt.path, format!("metadata `config` is not a ViT config: {e}")));
-    }
-    if let Some(a) = ckpt.metadata.get("arch") {
-        return VitConfig::from_arch(a);
-    }
-    VitConfig::infer(&ckpt.shapes()).ok_or_else(|| {
-        Error::checkpoint(&ckpt.path, "no `arch` metadata and the tensor shapes match no known architecture; pass --arch")
-    })
+    Ok(cfg)
 }
 
 /// Loads a ViT encoder from any supported checkpoint. Head tensors are ignored unless `num_classes` > 0.

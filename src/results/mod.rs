@@ -1,6 +1,7 @@
 //! Results as data: one JSON record per run (versioned schema, with provenance), one CSV row per run appended to a
 //! table, and a Markdown renderer.
 pub mod check;
+pub mod metrics_log;
 pub mod table;
 
 use std::collections::BTreeMap;
@@ -119,7 +120,8 @@ impl RunRecord {
     }
 }
 
-fn sanitize(s: &str) -> String {
+/// A file-name-safe form of a model name.
+pub fn sanitize(s: &str) -> String {
     let s: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' { c } else { '-' }).collect();
     if s.is_empty() { "model".into() } else { s }
 }
@@ -133,11 +135,14 @@ const CSV_HEADER: &[&str] = &[
     "dataset_fingerprint", "seed", "git_commit", "duration_s",
 ];
 
-fn fingerprint_id(rec: &RunRecord) -> String {
-    rec.dataset_fingerprint
-        .as_ref()
-        .and_then(|f| f.get("paths_sha256").or_else(|| f.get("hash")).and_then(|v| v.as_str()).map(|s| s.chars().take(12).collect()))
-        .unwrap_or_default()
+/// Short id of a record's dataset fingerprint: its `hash` field, else the sha256 of its JSON.
+pub fn fingerprint_id(rec: &RunRecord) -> Option<String> {
+    let fp = rec.dataset_fingerprint.as_ref()?;
+    let h = match fp.get("hash").and_then(|v| v.as_str()) {
+        Some(h) => h.to_string(),
+        None => crate::protocols::extract::fingerprint_hash(fp),
+    };
+    Some(h.chars().take(12).collect())
 }
 
 fn append_csv(path: &Path, rec: &RunRecord) -> Result<()> {
@@ -160,7 +165,7 @@ fn append_csv(path: &Path, rec: &RunRecord) -> Result<()> {
         f("top5"),
         rec.arch.clone().unwrap_or_default(),
         rec.checkpoint_sha256.clone().unwrap_or_default(),
-        fingerprint_id(rec),
+        fingerprint_id(rec).unwrap_or_default(),
         rec.seed.to_string(),
         rec.provenance.git_commit.clone(),
         format!("{:.1}", rec.duration_s),
