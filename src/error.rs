@@ -24,6 +24,11 @@ pub enum Error {
     Torch(#[from] tch::TchError),
     #[error("training diverged: {0}")]
     Diverged(String),
+    #[error(
+        "{dir}: another run ({}) is writing into this folder; wait for it to finish or choose another output folder",
+        .pid.map_or_else(|| "PID unknown".to_string(), |p| format!("PID {p}"))
+    )]
+    FolderBusy { dir: PathBuf, pid: Option<u32> },
 }
 
 impl Error {
