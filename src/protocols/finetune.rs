@@ -670,6 +670,8 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let key = sha.as_deref().map_or_else(|| format!("scratch-s{}", cfg.seed), |s| s[..12].to_string());
     let run_dir = req.output.join(format!("{}-finetune-{key}", crate::results::sanitize(&name)));
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+    let _lock = crate::fsutil::RunLock::acquire(&run_dir)?;
+    crate::fsutil::clean_stale_temps(&run_dir)?;
     if req.run.fresh {
         let ck = run_dir.join(CHECKPOINT_NAME);
         if ck.exists() {

@@ -683,7 +683,11 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     let stem = req.config.as_ref().and_then(|p| p.file_stem()).map_or("default".into(), |s| s.to_string_lossy().to_string());
     let out = req.output.clone().unwrap_or_else(|| PathBuf::from("results/runs").join(format!("pretrain-{stem}")));
     let paths = RunPaths { dir: out.clone() };
-    std::fs::create_dir_all(&out).map_err(|e| Error::io(&out, e))?;
+    std::fs::create_dir_all(paths.checkpoints()).map_err(|e| Error::io(paths.checkpoints(), e))?;
+    // One writer per run folder; partial files of killed writers would otherwise block the resume.
+    let _lock = crate::fsutil::RunLock::acquire(&out)?;
+    crate::fsutil::clean_stale_temps(&out)?;
+    crate::fsutil::clean_stale_temps(&paths.checkpoints())?;
     let device = crate::info::parse_device(&cfg.device)?;
     let train_size = cfg.model.train_size()? as u32;
     let root = Path::new(&cfg.data);
