@@ -39,17 +39,18 @@ fn finetune_cli_record_resume_and_errors() {
     let recs = lmim_bench::results::collect_records(&[out.clone()]).unwrap();
     assert_eq!(recs.len(), 1);
     let r = &recs[0];
-    assert_eq!((r.protocol.as_str(), r.protocol_version.as_str()), ("finetune", "mae-finetune-1"));
+    assert_eq!((r.protocol.as_str(), r.protocol_version.as_str()), ("finetune", "mae-finetune-2+batch_size=32,epochs=1,lr=0.001,micro_batch_size=16"));
     assert_eq!(r.arch.as_deref(), Some("vit_pico_patch4_32"));
     assert!(r.checkpoint.is_none() && r.dataset_fingerprint.is_some());
     let top1 = r.metrics["top1"];
     assert!((0.0..=100.0).contains(&top1) && r.metrics["top5"] >= top1, "{:?}", r.metrics);
-    // The optional key `lr` is accepted by --set and recorded; 80 images / 16 = 5 micro-batches, 2 per step.
+    // The optional key `lr` is accepted by --set and recorded; 80 images / 16 = 5 micro-batches, 2 per step: 2 whole
+    // steps (the trailing micro-batch is dropped, as every training protocol here does).
     assert_eq!(r.config["lr"], serde_json::json!(0.001));
-    assert_eq!(r.details["steps"], serde_json::json!(3));
+    assert_eq!(r.details["steps"], serde_json::json!(2));
     assert_eq!(r.details["init"], serde_json::json!("random (from scratch)"));
 
-    let run = out.join("pico-scratch-finetune");
+    let run = out.join("pico-scratch-finetune-scratch-s0");
     for f in ["finetune.toml", "metrics.jsonl", "finetune-last.safetensors", "finetuned.safetensors"] {
         assert!(run.join(f).is_file(), "{f} missing in {}", run.display());
     }

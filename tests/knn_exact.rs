@@ -212,7 +212,7 @@ fn cli_eval_on_feature_files_matches_reference() {
     assert_eq!(rec["protocol"], "knn");
     // Changed settings are part of the version, so the table never mixes them with the standard protocol.
     let version = rec["protocol_version"].as_str().unwrap();
-    assert!(version.starts_with("1+") && version.contains("T=0.5") && version.contains("headline_k=5"), "{version}");
+    assert!(version.starts_with("1+") && version.contains("temperature=0.5") && version.contains("headline_k=5"), "{version}");
     assert!(d.join("runs/results.csv").exists());
 
     let out = bin()

@@ -64,7 +64,7 @@ fn every_protocol_runs_in_process_and_records_what_it_did() {
     // 80 train images in micro-batches of 16 = 5; steps of 32 = 2 micro-batches: 2 whole steps per epoch.
     let lin = run(&request(Protocol::Linear, &data, &ck, &out, &["epochs=2", "warmup_epochs=1", "batch_size=32", "micro_batch_size=16", "eval_every=1"])).unwrap();
     check_common(&lin, Protocol::Linear);
-    assert_eq!(lin.protocol_version, "mae-linprobe-2+batch_size=32,epochs=2,eval_every=1,micro_batch_size=16,warmup_epochs=1");
+    assert_eq!(lin.protocol_version, "mae-linprobe-2+batch_size=32,epochs=2.0,eval_every=1,micro_batch_size=16,warmup_epochs=1.0");
     assert_eq!(lin.details["steps_per_epoch"], 2);
     assert_eq!(lin.details["steps"], 4);
     assert_eq!(lin.config["lr"].as_f64(), Some(0.1 * 32.0 / 256.0), "lr = blr x global batch / 256");

@@ -277,11 +277,11 @@ fn copy_file(from: &Path, to: &Path) -> anyhow::Result<()> {
 /// The human summary of a record: the headline, and per-k scores for k-NN.
 fn summary(rec: &RunRecord) -> String {
     let m = |k: &str| rec.metrics.get(k).copied().unwrap_or(f64::NAN);
-    let mut s = format!("{} {} on {}: top-1 {:.2}", rec.protocol, rec.protocol_version, rec.model_name, m("top1"));
+    let mut s = format!("{} {}: top-1 {:.2}", rec.model_name, rec.protocol, m("top1"));
     if rec.metrics.contains_key("top5") {
         s.push_str(&format!(", top-5 {:.2}", m("top5")));
     }
-    s.push('\n');
+    s.push_str(&format!(" (protocol v{})\n", rec.protocol_version));
     if let Some(scores) = rec.details.pointer("/knn/scores").and_then(|v| v.as_array()) {
         let headline = rec.config.get("headline_k").and_then(|v| v.as_i64());
         for sc in scores {

@@ -717,9 +717,7 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     if let Some(p) = &resume {
         trainer.check_resume(p, req.resume_anyway)?;
         trainer.load_checkpoint(p)?;
-        if !req.quiet {
-            eprintln!("resuming from {} (epoch {}, step {})", p.display(), trainer.pos.epoch, trainer.pos.step);
-        }
+        eprintln!("resuming from {} (epoch {}, step {})", p.display(), trainer.pos.epoch, trainer.pos.step);
     }
     crate::config::save(&cfg, &paths.config())?;
     let monitor = NnMonitor::new(root, trainer.model.vit_cfg.img_size, workers, device, req.quiet)?;
