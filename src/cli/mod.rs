@@ -6,6 +6,7 @@ pub mod eval;
 mod finetune_cmds;
 mod linear_cmds;
 mod model_cmds;
+pub mod plot;
 pub mod report;
 mod train_cmds;
 pub mod visualize;
@@ -47,6 +48,9 @@ pub enum Command {
     /// Segmentation maps by hierarchical clustering of an image's patch features, nested at a few levels, and
     /// a t-SNE of the same features: one PNG figure and one JSON of labels and points per image.
     Visualize(visualize::VisualizeArgs),
+    /// Draw training curves of runs (loss, lr, monitors over steps; one line per run) or, with --results, a bar
+    /// chart of NN / k-NN / LP / Ft per model beside the published numbers, as PNG.
+    Plot(plot::PlotArgs),
     /// Time the training loops (pretraining step, fine-tuning step, linear sweep) and print JSON with img/s and
     /// peak memory.
     Bench(bench_cmds::BenchArgs),
@@ -96,6 +100,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Table(a) => report::table(a),
         Command::Check(a) => report::check(a),
         Command::Visualize(a) => visualize::visualize(a),
+        Command::Plot(a) => plot::plot(a),
         Command::Bench(a) => bench_cmds::bench(a),
     }
 }

@@ -8,6 +8,7 @@
 //! 3, 4, 5 clusters, a 28 x 28 grid (448 px for 16-px patches), alpha 0.6, perplexity 30.
 pub mod cluster;
 pub mod figure;
+pub mod plot;
 pub mod tsne;
 
 use std::collections::HashSet;
