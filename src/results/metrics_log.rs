@@ -25,7 +25,8 @@ pub struct MetricsLog {
 
 impl MetricsLog {
     /// Opens `dir/jsonl_name` for appending (created with `dir` if absent) and, with `tensorboard`, a new event
-    /// file in `dir/tb/`.
+    /// file in `dir/tb/`. TensorBoard shows all event files of a folder as one run, so two logs of different runs
+    /// need different `dir`s (a resumed run in the same `dir` continues its curves).
     pub fn open(dir: &Path, jsonl_name: &str, tensorboard: bool) -> Result<MetricsLog> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let jsonl_path = dir.join(jsonl_name);
@@ -68,7 +69,7 @@ impl MetricsLog {
         tb.flush()
     }
 
-    /// A text summary, e.g. the run's config.
+    /// A text summary, e.g. the run's config; nothing without TensorBoard output (the JSON lines hold numbers).
     pub fn text(&mut self, tag: &str, text: &str) -> Result<()> {
         match self.tb.as_mut() {
             Some(tb) => {
