@@ -32,6 +32,8 @@ for model in random-init lmim-pretrained; do
         "$BIN" eval --protocol "$protocol" --checkpoint "$ck" --data "$DATA" --name "pico-$model" --output "$OUT" --quiet
     done
     "$BIN" eval --protocol linear --checkpoint "$ck" --data "$DATA" --name "pico-$model" --output "$OUT" --quiet "${LP[@]}"
+    "$BIN" eval --protocol linear --checkpoint "$ck" --data "$DATA" --name "pico-$model" --output "$OUT" --quiet "${LP[@]}" \
+        feature=global_pool
 done
 # Fine-tuning the pretrained encoder and, from scratch, the same encoder at its initialisation (fresh heads both).
 for model in lmim-pretrained random-init; do

@@ -1,25 +1,23 @@
-//! Throughput of the training loops, measured with the same code the commands run: one Latent MIM pretraining
-//! step (views, online + target encoders, decoder, loss, backward, AdamW, EMA), one fine-tuning step (Mixup/CutMix,
-//! forward with drop path, backward, AdamW with layer decay; optionally with the real augmentation pipeline feeding
-//! it), and the 52-head linear sweep on random features. `lmim-bench bench` writes the results as JSON.
+//! Throughput of the training loops, measured with the same code the commands run: the step skeleton
+//! (`train::step::run_epoch`) driving the Latent MIM step of `pretrain` (views, online + target encoders, decoder,
+//! loss, backward, AdamW, EMA) and the fine-tuning step of `eval --protocol finetune` (Mixup/CutMix, forward with
+//! drop path, backward, AdamW with layer decay; optionally fed by the real augmentation pipeline), and the 52-head
+//! linear sweep on random features. `lmim-bench bench` writes the results as JSON.
 use std::path::Path;
 use std::time::Instant;
 
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::data::augment::mixup_cutmix;
-use crate::data::dataset::Dataset;
+use crate::config::Precision;
+use crate::data::loader::Batch;
 use crate::error::{Error, Result};
-use crate::model::lmim::random_views;
-use crate::model::vit::with_amp;
-use crate::protocols::finetune::{build_model, finetune_params, soft_target_ce, FinetuneConfig, TrainData};
+use crate::model::VitConfig;
+use crate::protocols::finetune::{loaders, FinetuneConfig, Finetuner};
 use crate::protocols::linear_sweep::{run_sweep, SweepConfig, SweepFeatures};
-use crate::train::optim::AdamW;
-use crate::train::pretrain::Trainer;
-use crate::train::pretrain::PretrainConfig;
+use crate::protocols::RunOptions;
+use crate::train::pretrain::{PretrainConfig, Trainer};
+use crate::train::step::one_step;
 
 /// Steps not timed (allocator, kernel selection), then timed steps.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -60,14 +58,6 @@ fn sync(device: Device) {
     }
 }
 
-fn amp_for(precision: &str, device: Device) -> Option<Kind> {
-    match precision {
-        "bf16" => Some(Kind::BFloat16),
-        "auto" if device.is_cuda() => Some(Kind::BFloat16),
-        _ => None,
-    }
-}
-
 /// Runs `step(i)` for warmup + steps iterations and times the last `steps`, synchronising the device around them.
 fn timed(t: Timing, device: Device, mut step: impl FnMut(usize) -> Result<()>) -> Result<f64> {
     if t.steps == 0 {
@@ -102,23 +92,17 @@ fn result(what: &str, arch: &str, batch: i64, t: Timing, secs: f64, items_per_st
     }
 }
 
-/// Latent MIM pretraining steps on random images of the config's training size (the model, not the loader).
+/// Latent MIM pretraining steps (one micro-batch of `batch` each) on random images of the config's training size:
+/// the model and the step of `pretrain`, not the loader.
 pub fn pretrain_steps(cfg: &PretrainConfig, batch: i64, t: Timing, device: Device) -> Result<BenchResult> {
     let mut tr = Trainer::new(cfg, device)?;
-    let amp = amp_for(&cfg.precision, device);
+    let amp = cfg.precision.autocast(device);
     let vit = tr.model.vit_cfg.clone();
     let size = cfg.model.train_size()?;
     let images = Tensor::randn([batch, 3, size, size], (Kind::Float, device));
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let mut last_loss = f64::NAN;
-    let secs = timed(t, device, |_| {
-        let views = random_views(&images, vit.patch_size, cfg.model.patch_gap, cfg.model.num_vis, &mut rng);
-        tr.model.ema_update(&tr.vs, cfg.model.target_mom);
-        let out = with_amp(amp, || tr.model.forward(&views, 0.5, true));
-        out.loss.backward();
-        tr.opt.step(1e-4);
-        tr.opt.zero_grad();
-        last_loss = out.loss.double_value(&[]);
+    let secs = timed(t, device, |i| {
+        last_loss = tr.timed_step(vec![images.shallow_clone()], i)?;
         Ok(())
     })?;
     let details = serde_json::json!({ "train_size": size, "num_vis": cfg.model.num_vis, "patch_gap": cfg.model.patch_gap,
@@ -126,47 +110,40 @@ pub fn pretrain_steps(cfg: &PretrainConfig, batch: i64, t: Timing, device: Devic
     Ok(result("pretrain-step", &vit.arch, batch, t, secs, batch as f64, device, amp, details))
 }
 
-/// Fine-tuning steps of `arch` at `cfg.micro_batch_size`: on random images, or with `data` on batches from the
-/// recipe's augmentation pipeline (decode, RandomResizedCrop, RandAugment, RandomErasing on worker threads).
-pub fn finetune_steps(arch: &str, cfg: &FinetuneConfig, t: Timing, device: Device, data: Option<&Path>) -> Result<BenchResult> {
+/// Fine-tuning steps of `arch` at `cfg.micro_batch_size` (the step of `eval --protocol finetune`): on random
+/// images, or with `data` on batches from the recipe's loader (decode, RandomResizedCrop, RandAugment,
+/// RandomErasing on worker threads).
+pub fn finetune_steps(arch: &str, cfg: &FinetuneConfig, t: Timing, device: Device, precision: Precision, data: Option<&Path>) -> Result<BenchResult> {
     cfg.validate()?;
-    let amp = amp_for(&cfg.precision, device);
+    let amp = precision.autocast(device);
+    let run = RunOptions { quiet: true, ..Default::default() };
     let feed = match data {
         Some(root) => {
-            let ds = Dataset::open(root, "train")?;
-            Some((ds.classes.len() as i64, ds))
+            let (train, _) = loaders(root, VitConfig::from_arch(arch)?.img_size as u32, cfg, &run)?;
+            if train.num_batches() < t.warmup + t.steps {
+                return Err(Error::option("--steps", format!("the data gives {} batches of {}, fewer than warmup + steps", train.num_batches(), cfg.micro_batch_size)));
+            }
+            Some(train)
         }
         None => None,
     };
-    let classes = feed.as_ref().map_or(1000, |f| f.0);
-    let fm = build_model(None, Some(arch), classes, cfg, device)?;
-    let mut opt = AdamW::new(finetune_params(&fm.vs, fm.cfg.depth, cfg), cfg.beta1, cfg.beta2, 1e-8);
+    let classes = feed.as_ref().map_or(1000, |f| f.dataset().classes.len() as i64);
+    let mut ft = Finetuner::new(None, Some(arch), classes, cfg, device, precision)?;
     let b = cfg.micro_batch_size as i64;
-    let size = fm.cfg.img_size;
-    let mix = cfg.mixup_config(classes);
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut batches: Box<dyn Iterator<Item = Result<(Tensor, Tensor)>>> = match feed {
-        Some((_, ds)) => {
-            let td = std::sync::Arc::new(TrainData::new(ds, size as u32, cfg)?);
-            if td.num_batches() < t.warmup + t.steps {
-                return Err(Error::option("--steps", format!("the data gives {} batches of {b}, fewer than warmup + steps", td.num_batches())));
-            }
-            Box::new(td.epoch_batches(0))
-        }
+    let size = ft.fm.cfg.img_size;
+    let mut batches: Box<dyn Iterator<Item = Result<Batch>>> = match &feed {
+        Some(train) => Box::new(train.epoch(0)),
         None => {
             let x = Tensor::randn([b, 3, size, size], (Kind::Float, Device::Cpu));
             let y = Tensor::randint(classes, [b], (Kind::Int64, Device::Cpu));
-            Box::new(std::iter::repeat_with(move || Ok((x.shallow_clone(), y.shallow_clone()))))
+            let indices: Vec<usize> = (0..b as usize).collect();
+            Box::new(std::iter::repeat_with(move || Ok(Batch { images: x.shallow_clone(), labels: y.shallow_clone(), indices: indices.clone(), batch: 0, skipped: 0 })))
         }
     };
-    let secs = timed(t, device, |_| {
-        let (x, y) = batches.next().ok_or_else(|| Error::option("--steps", "the data ran out"))??;
-        let (x, y) = (x.to_device(device), y.to_device(device));
-        let (xm, target, _) = mixup_cutmix(&x, &y, &mix, &mut rng);
-        let logits = with_amp(amp, || fm.model.forward(&xm, true));
-        soft_target_ce(&logits, &target).backward();
-        opt.step(1e-4);
-        opt.zero_grad();
+    let clip = cfg.clip_grad;
+    let secs = timed(t, device, |i| {
+        let batch = batches.next().ok_or_else(|| Error::option("--steps", "the data ran out"))??;
+        one_step(&mut ft, vec![batch], i, clip)?;
         Ok(())
     })?;
     let input = if data.is_some() { "augmentation pipeline (RandAugment, RandomErasing, Mixup/CutMix)" } else { "random images, Mixup/CutMix" };

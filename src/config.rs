@@ -1,12 +1,57 @@
-//! Config files: TOML read into serde structs with defaults, `--set key=value` overrides, and a check that every
-//! key is known (a typo in a config is an error that names the file and the key, not a silently ignored value).
-use std::path::Path;
+//! Config files: TOML read into serde structs with defaults, `key=value` overrides, and a check that every key is
+//! known (a typo in a config is an error that names the file and the key, not a silently ignored value). One
+//! loader serves pretraining configs and protocol files alike.
+use std::path::{Path, PathBuf};
 
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tch::{Device, Kind};
 
 use crate::error::{Error, Result};
 
-/// Parses `value` of a `--set` as TOML (number, bool, array, quoted string); bare words are strings.
+/// Numeric precision of the forward passes: `auto` is bf16 autocast on CUDA and f32 on the CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Auto,
+    Bf16,
+    F32,
+}
+
+impl Precision {
+    /// The autocast dtype on `device`, `None` for f32.
+    pub fn autocast(self, device: Device) -> Option<Kind> {
+        match self {
+            Precision::Bf16 => Some(Kind::BFloat16),
+            Precision::Auto if device.is_cuda() => Some(Kind::BFloat16),
+            _ => None,
+        }
+    }
+    /// The name of what actually runs on `device` (`bf16` or `f32`), for records.
+    pub fn effective(self, device: Device) -> &'static str {
+        if self.autocast(device).is_some() {
+            "bf16"
+        } else {
+            "f32"
+        }
+    }
+}
+
+/// Where a config's text comes from, for error messages.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub text: String,
+    pub origin: PathBuf,
+}
+
+impl Source {
+    pub fn file(path: &Path) -> Result<Source> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        Ok(Source { text, origin: path.to_path_buf() })
+    }
+}
+
+/// Parses `value` of an override as TOML (number, bool, array, quoted string); bare words are strings.
 fn parse_value(value: &str) -> toml::Value {
     let doc = format!("v = {value}");
     match doc.parse::<toml::Table>() {
@@ -15,37 +60,61 @@ fn parse_value(value: &str) -> toml::Value {
     }
 }
 
-/// Loads a config: defaults, then the file (if any), then the `key=value` overrides (dotted keys for nested
-/// tables). Unknown keys are errors.
-pub fn load<T: Serialize + DeserializeOwned + Default>(path: Option<&Path>, sets: &[String]) -> Result<T> {
-    let source = path.map(|p| p.to_path_buf()).unwrap_or_else(|| "<defaults>".into());
-    let mut table = match path {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
-            text.parse::<toml::Table>().map_err(|e| Error::BadConfig { path: p.into(), reason: e.to_string() })?
-        }
-        None => toml::Table::new(),
-    };
+fn apply_sets(table: &mut toml::Table, sets: &[String]) -> Result<()> {
     for s in sets {
         let (key, value) = s.split_once('=').ok_or_else(|| Error::option("--set", format!("`{s}` is not key=value")))?;
         let mut parts: Vec<&str> = key.trim().split('.').collect();
         let last = parts.pop().unwrap_or_default();
-        let mut t = &mut table;
+        let mut t = &mut *table;
         for p in parts {
-            t = t.entry(p).or_insert_with(|| toml::Value::Table(Default::default())).as_table_mut().ok_or_else(|| Error::option("--set", format!("`{key}`: `{p}` is not a table")))?;
+            t = t
+                .entry(p)
+                .or_insert_with(|| toml::Value::Table(Default::default()))
+                .as_table_mut()
+                .ok_or_else(|| Error::option("--set", format!("`{key}`: `{p}` is not a table")))?;
         }
         t.insert(last.to_string(), parse_value(value.trim()));
     }
+    Ok(())
+}
+
+/// Loads a config: defaults, then the file (if any), then the `key=value` overrides (dotted keys for nested
+/// tables). Unknown keys are errors naming the file; a value that does not fit its key names the override when the
+/// file alone is fine.
+pub fn load<T: Serialize + DeserializeOwned + Default>(path: Option<&Path>, sets: &[String]) -> Result<T> {
+    match path {
+        Some(p) => load_source(Some(&Source::file(p)?), sets),
+        None => load_source(None, sets),
+    }
+}
+
+/// As [`load`], from text already read (a built-in protocol file).
+pub fn load_source<T: Serialize + DeserializeOwned + Default>(src: Option<&Source>, sets: &[String]) -> Result<T> {
+    let origin = src.map_or_else(|| PathBuf::from("<defaults>"), |s| s.origin.clone());
+    let table = match src {
+        Some(s) => s.text.parse::<toml::Table>().map_err(|e| Error::BadConfig { path: origin.clone(), reason: e.to_string() })?,
+        None => toml::Table::new(),
+    };
     // JSON keeps `None` fields as null where TOML drops them, so optional keys (e.g. `lr`) count as known.
     let defaults = match serde_json::to_value(T::default()).expect("defaults serialise") {
         serde_json::Value::Object(m) => m,
         _ => serde_json::Map::new(),
     };
-    check_keys(&table, &defaults, "", &source)?;
-    toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| Error::BadConfig { path: source, reason: e.message().to_string() })
+    check_keys(&table, &defaults, "", &origin.display().to_string())?;
+    let parse = |t: toml::Table| toml::Value::Table(t).try_into::<T>();
+    if sets.is_empty() {
+        return parse(table).map_err(|e| Error::BadConfig { path: origin, reason: e.message().to_string() });
+    }
+    let mut with_sets = table.clone();
+    apply_sets(&mut with_sets, sets)?;
+    check_keys(&with_sets, &defaults, "", "--set")?;
+    parse(with_sets).map_err(|e| match parse(table) {
+        Ok(_) => Error::option("--set", format!("{} ({})", e.message(), sets.join(" "))),
+        Err(f) => Error::BadConfig { path: origin, reason: f.message().to_string() },
+    })
 }
 
-fn check_keys(t: &toml::Table, defaults: &serde_json::Map<String, serde_json::Value>, prefix: &str, source: &Path) -> Result<()> {
+fn check_keys(t: &toml::Table, defaults: &serde_json::Map<String, serde_json::Value>, prefix: &str, source: &str) -> Result<()> {
     for (k, v) in t {
         let full = format!("{prefix}{k}");
         match defaults.get(k) {
@@ -66,6 +135,34 @@ fn check_keys(t: &toml::Table, defaults: &serde_json::Map<String, serde_json::Va
         }
     }
     Ok(())
+}
+
+/// The keys whose values differ between two configs, as `key=value` of `now` (dotted for nested tables, sorted),
+/// so that a protocol version can say what was overridden.
+pub fn changed_keys<T: Serialize>(base: &T, now: &T) -> Vec<String> {
+    fn walk(prefix: &str, a: &serde_json::Value, b: &serde_json::Value, out: &mut Vec<String>) {
+        match (a, b) {
+            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
+                for (k, vb) in y {
+                    let va = x.get(k).unwrap_or(&serde_json::Value::Null);
+                    walk(&format!("{prefix}{k}."), va, vb, out);
+                }
+            }
+            _ if a != b => {
+                let v = match b {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                out.push(format!("{}={v}", prefix.trim_end_matches('.')));
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    let (a, b) = (serde_json::to_value(base).expect("config serialises"), serde_json::to_value(now).expect("config serialises"));
+    walk("", &a, &b, &mut out);
+    out.sort();
+    out
 }
 
 /// Writes a config as TOML (beside a run's outputs, so the run can be repeated).

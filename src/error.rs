@@ -24,6 +24,11 @@ pub enum Error {
     Torch(#[from] tch::TchError),
     #[error("training diverged: {0}")]
     Diverged(String),
+    #[error(
+        "{dir}: another run ({}) is writing into this folder; wait for it to finish or choose another output folder",
+        .pid.map_or_else(|| "PID unknown".to_string(), |p| format!("PID {p}"))
+    )]
+    FolderBusy { dir: PathBuf, pid: Option<u32> },
 }
 
 impl Error {
@@ -45,6 +50,8 @@ impl Error {
         match self {
             Error::Torch(_) | Error::Diverged(_) => 1,
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => 0,
+            // A full or read-only disk is a failure of the run, not a bad input.
+            Error::Io { source, .. } if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::ReadOnlyFilesystem) => 1,
             _ => 2,
         }
     }

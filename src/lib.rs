@@ -7,6 +7,7 @@ pub mod config;
 pub mod cli;
 pub mod data;
 pub mod error;
+pub mod fsutil;
 pub mod info;
 pub mod model;
 pub mod protocols;

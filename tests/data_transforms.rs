@@ -147,3 +147,25 @@ fn train_transform_shapes_and_flip() {
     assert_eq!(o, o2);
     assert!(Transform { ops: vec![], ..Transform::eval(256, 224) }.validate().is_err());
 }
+
+/// MAE's linear-probe crop (util/crop.py): one draw, no retries, width and height clamped to the image. The sizes
+/// equal MAE's rule on the same uniform draws, and boxes always lie inside the image.
+#[test]
+fn mae_single_draw_crop_matches_reference() {
+    use lmim_bench::data::transforms::{crop_once_size, random_resized_crop_once_params};
+    let py = common::python();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/ref_mae_crop.py");
+    let out = std::process::Command::new(py).arg(script).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<(u32, u32, f64, f64, u32, u32)> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 100);
+    for (w, h, ua, ur, eh, ew) in rows {
+        let got = crop_once_size(w, h, (0.08, 1.0), (0.75, 4.0 / 3.0), ua, ur);
+        assert_eq!(got, (eh, ew), "{w}x{h} draws ({ua}, {ur})");
+    }
+    let mut rng = sample_rng(0, 0, 0);
+    for _ in 0..500 {
+        let b = random_resized_crop_once_params(40, 300, (0.08, 1.0), (0.75, 4.0 / 3.0), &mut rng);
+        assert!(b.width >= 1 && b.height >= 1 && b.left + b.width <= 40 && b.top + b.height <= 300, "{b:?}");
+    }
+}

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use lmim_bench::checkpoint;
 use lmim_bench::data::augment::{box_lam, mix_batch, mixup_target, MixBox};
+use lmim_bench::model::vit::GlobalPool;
 use lmim_bench::model::{VisionTransformer, VitConfig};
 use lmim_bench::protocols::finetune::{finetune_params, label_smoothing_ce, param_groups_lrd, soft_target_ce, FinetuneConfig};
 use lmim_bench::train::schedule::lr_at_from_zero;
@@ -29,7 +30,7 @@ fn recipe_matches_mae_and_timm() {
     // --- Layer-wise lr decay groups over our pico ViT (timm names), compared with param_groups_lrd on timm's.
     let mut vcfg = VitConfig::from_arch("vit_pico_patch4_32").unwrap();
     vcfg.num_classes = 10;
-    vcfg.global_pool = "avg".into();
+    vcfg.global_pool = GlobalPool::Avg;
     let vs = nn::VarStore::new(Device::Cpu);
     let _model = VisionTransformer::new(&vs.root(), &vcfg);
     let mut shapes: Vec<(String, Vec<i64>)> = vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
@@ -127,9 +128,7 @@ fn recipe_matches_mae_and_timm() {
 #[test]
 fn protocol_file_equals_defaults() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("protocols/finetune.toml");
-    let file = FinetuneConfig::from_toml(&path).unwrap();
-    // `workers` is machine-dependent and not in the file.
-    let def = FinetuneConfig { workers: file.workers, ..Default::default() };
-    assert_eq!(file, def);
+    let file: FinetuneConfig = lmim_bench::config::load(Some(&path), &[]).unwrap();
+    assert_eq!(file, FinetuneConfig::default());
     file.validate().unwrap();
 }

@@ -3,8 +3,13 @@
 //! (drop path) must not be shared with another test running in parallel.
 use assert_cmd::Command;
 use lmim_bench::checkpoint;
-use lmim_bench::protocols::finetune::{run_finetune_with, FinetuneConfig, RunOptions};
+use lmim_bench::protocols::finetune::{run_finetune_with, FinetuneConfig, FinetuneOptions};
+use lmim_bench::protocols::RunOptions;
 use tch::Device;
+
+fn cpu() -> RunOptions {
+    RunOptions { device: "cpu".into(), workers: Some(2), ..Default::default() }
+}
 
 fn small_cfg(epochs: usize) -> FinetuneConfig {
     FinetuneConfig {
@@ -13,8 +18,6 @@ fn small_cfg(epochs: usize) -> FinetuneConfig {
         batch_size: 64,
         micro_batch_size: 32,
         blr: 1e-3,
-        workers: 2,
-        device: "cpu".into(),
         ..Default::default()
     }
 }
@@ -33,14 +36,14 @@ fn finetune_resume_is_exact() {
         .assert()
         .success();
     let cfg = FinetuneConfig { model_ema: true, model_ema_decay: 0.9, ..small_cfg(2) };
-    let full = RunOptions { output_dir: Some(dir.path().join("full")), ..Default::default() };
-    let (a, fa) = run_finetune_with(None, Some("vit_pico_patch4_32"), &data, &cfg, &full, |_| {}).unwrap();
-    let part = RunOptions { output_dir: Some(dir.path().join("part")), resume: true, stop_after_epochs: Some(1) };
-    let (p1, _) = run_finetune_with(None, Some("vit_pico_patch4_32"), &data, &cfg, &part, |_| {}).unwrap();
+    let full = FinetuneOptions { output_dir: Some(dir.path().join("full")), ..Default::default() };
+    let (a, fa) = run_finetune_with(None, Some("vit_pico_patch4_32"), &data, &cfg, &cpu(), &full, |_| Ok(())).unwrap();
+    let part = FinetuneOptions { output_dir: Some(dir.path().join("part")), resume: true, stop_after_epochs: Some(1) };
+    let (p1, _) = run_finetune_with(None, Some("vit_pico_patch4_32"), &data, &cfg, &cpu(), &part, |_| Ok(())).unwrap();
     assert_eq!(p1.history.len(), 1);
     assert!(p1.exported.is_none());
-    let rest = RunOptions { stop_after_epochs: None, ..part };
-    let (b, fb) = run_finetune_with(None, Some("vit_pico_patch4_32"), &data, &cfg, &rest, |_| {}).unwrap();
+    let rest = FinetuneOptions { stop_after_epochs: None, ..part };
+    let (b, fb) = run_finetune_with(None, Some("vit_pico_patch4_32"), &data, &cfg, &cpu(), &rest, |_| Ok(())).unwrap();
     assert_eq!(b.resumed_from_epoch, Some(1));
     assert_eq!(a.history, b.history);
     assert_eq!((a.steps, a.top1, a.ema_top1), (b.steps, b.top1, b.ema_top1));
@@ -51,7 +54,7 @@ fn finetune_resume_is_exact() {
     }
     // A different recipe refuses to resume from that checkpoint.
     let other = FinetuneConfig { blr: 2e-3, ..cfg.clone() };
-    assert!(run_finetune_with(None, Some("vit_pico_patch4_32"), &data, &other, &rest, |_| {}).is_err());
+    assert!(run_finetune_with(None, Some("vit_pico_patch4_32"), &data, &other, &cpu(), &rest, |_| Ok(())).is_err());
     // The export loads as a 10-class classifier.
     let exp = a.exported.unwrap();
     let l = checkpoint::load_vit(&exp, None, Device::Cpu, 10).unwrap();

@@ -253,7 +253,19 @@ fn tie_rules(cpu: &SearchConfig) {
     // Top-5 with k=2: only classes 1 and 3 got votes, and 3 is among them.
     assert_eq!(r.scores[1].correct5, 1);
     let r = weighted_knn(&bank, &bl, &q, &Tensor::from_slice(&[0i64]), 4, &KnnParams { ks: &[2], temperature: 0.07 }, cpu).unwrap();
-    // Class 0 got no vote among 2 neighbours: not a top-5 hit although there are only 4 classes.
+    // k = 2: DINO's top-5 is over min(5, k) = 2 classes, the two voted ones; class 0 is not among them.
+    assert_eq!(r.scores[0].correct5, 0);
+    // k = 5 with only classes 1 and 3 voted: DINO ranks every class (unvoted ones at 0, by index), so classes 0 and
+    // 2 fill places 3 and 4 of the top-5 (facebookresearch/dino eval_knn.py sorts all class probabilities).
+    let row: &[f32] = &[1.0, 0.0];
+    let bank6 = t2(&[row; 6]);
+    let bl6 = Tensor::from_slice(&[3i64, 1, 3, 1, 3, 1]);
+    for (truth, hit) in [(0i64, 1), (2, 1), (3, 1)] {
+        let r = weighted_knn(&bank6, &bl6, &q, &Tensor::from_slice(&[truth]), 4, &KnnParams { ks: &[5], temperature: 0.07 }, cpu).unwrap();
+        assert_eq!(r.scores[0].correct5, hit, "truth {truth}");
+    }
+    // 8 classes, 2 voted: the top-5 holds 1, 3 and the unvoted 0, 2, 4, so class 5 is out.
+    let r = weighted_knn(&bank6, &bl6, &q, &Tensor::from_slice(&[5i64]), 8, &KnnParams { ks: &[5], temperature: 0.07 }, cpu).unwrap();
     assert_eq!(r.scores[0].correct5, 0);
 
     // LOO: the point itself never counts; its duplicate (another index) does.

@@ -90,7 +90,6 @@ fn pth_tensors_equal_the_safetensors_reference() {
         "protocol3",
         "protocol4",
         "protocol5",
-        "whole_module",
         "big_endian",
     ];
     for name in expected {
@@ -175,7 +174,10 @@ fn truncated_and_random_files_are_errors() {
 #[test]
 fn unsupported_files_explain_why() {
     let dir = fixtures();
-    assert_err_names_file(&dir.join("bad_legacy.pth"), "legacy (pre-1.6) torch.save format is not supported");
+    assert_err_names_file(&dir.join("bad_legacy.pth"), "legacy torch.save format (not zip)");
+    // A whole pickled model names classes outside the weights allow-list, as torch.load(weights_only=True) does.
+    let err = assert_err_names_file(&dir.join("bad_whole_module.pth"), "is not allowed in a weights file");
+    assert!(err.contains("`timm.") && err.contains("state_dict()"), "{err}");
     assert_err_names_file(&dir.join("bad_no_pickle.pth"), "data.pkl");
     assert_err_names_file(&dir.join("bad_no_tensors.pth"), "no tensors");
 }

@@ -44,7 +44,7 @@ fn tiny_pretraining_improves_knn_and_matches_the_golden_file() {
     let pre = tmp.path().join("pretrain");
     let dirs = [data.to_str().unwrap(), pre.to_str().unwrap()];
     let st = bin()
-        .args(["pretrain", "-q", "-c", cfg, "--data", dirs[0], "-o", dirs[1], "--set", "epochs=6", "--set", "batch_size=32", "--set", "blr=1e-2", "--set", "num_workers=2"])
+        .args(["pretrain", "-q", "-c", cfg, "--data", dirs[0], "-o", dirs[1], "--set", "epochs=6", "--set", "batch_size=32", "--set", "micro_batch_size=32", "--set", "blr=1e-2", "--set", "num_workers=2"])
         .output()
         .unwrap();
     assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));

@@ -4,6 +4,7 @@ mod common;
 use std::path::Path;
 
 use lmim_bench::checkpoint::{self, load_vit};
+use lmim_bench::model::vit::GlobalPool;
 use tch::{Device, Tensor};
 
 /// Tolerance on the final tokens, max abs difference (fp32; the tokens are LayerNorm outputs of order 1).
@@ -36,12 +37,33 @@ fn check_model(dir: &Path, name: &str) {
     assert!(again.tokens.equal(&out.tokens), "{name}: .pth -> safetensors round trip changed the outputs");
 }
 
+/// A timm classifier (`global_pool` avg or token, 10 classes) loads with its pooling detected from its keys, gives
+/// timm's logits, and its export loads back into timm with `strict=True`.
+fn check_classifier(dir: &Path, name: &str, pool: GlobalPool) {
+    let path = dir.join(format!("{name}.safetensors"));
+    let loaded = load_vit(&path, None, Device::Cpu, 10).unwrap();
+    assert_eq!(loaded.model.cfg.global_pool, pool, "{name}: pooling read from the keys");
+    assert_eq!(loaded.model.norm.is_none(), pool == GlobalPool::Avg, "{name}: an average-pooled model has no final norm");
+    assert!(loaded.report.missing.is_empty() && loaded.report.unexpected.is_empty(), "{name}: {}", loaded.report.summary());
+    let io = io(dir, name);
+    let logits = tch::no_grad(|| loaded.model.forward(io.get("images").unwrap(), false));
+    let err = common::max_abs(&logits, io.get("logits").unwrap());
+    assert!(err < TOL, "{name}: logits differ from timm by {err}");
+    let export = dir.join(format!("{name}_export.safetensors"));
+    checkpoint::save_vit(&export, &loaded.vs, &loaded.model.cfg, &Default::default()).unwrap();
+    let io_path = dir.join(format!("{name}_io.safetensors"));
+    let pool_name = if pool == GlobalPool::Avg { "avg" } else { "token" };
+    common::run_py("timm_strict_load.py", &[export.to_str().unwrap(), io_path.to_str().unwrap(), pool_name]);
+}
+
 #[test]
 fn vit_matches_timm_and_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     common::run_py("ref_vit.py", &[dir.path().to_str().unwrap()]);
     check_model(dir.path(), "vit_pico_patch4_32");
     check_model(dir.path(), "vit_base_patch16_224");
+    check_classifier(dir.path(), "pico_cls_avg", GlobalPool::Avg);
+    check_classifier(dir.path(), "pico_cls_token", GlobalPool::Token);
 }
 
 #[test]
@@ -59,6 +81,10 @@ fn sincos_pos_embed_matches_formula() {
     for (i, e) in expect.iter().enumerate() {
         assert!((row.double_value(&[i as i64]) - e).abs() < 1e-6, "element {i}");
     }
+    // Another grid: the reference scales linspace(0, 1, G) by G, i.e. u = c * G / (G - 1) (8 / 7 here).
+    let pe8 = sincos_2d(8, 8, PosEmbedKind::Lmim, false);
+    let u: f64 = 5.0 * 8.0 / 7.0;
+    assert!((pe8.get(5).double_value(&[0]) - u.sin()).abs() < 1e-6, "column 5 of an 8 x 8 grid");
 }
 
 #[test]

@@ -2,14 +2,15 @@
 //!
 //! Metadata entries: `arch` (timm name), `config` (the model config as JSON), `format` (`lmim-bench`), and any
 //! extra entries a caller adds (training state uses `step`, `epoch`, ...). Files are written to a temporary name in
-//! the same directory and renamed, so a crash never leaves a half-written checkpoint under the final name.
+//! the same directory, synced and renamed, so a crash never leaves a half-written checkpoint under the final name
+//! (see `crate::fsutil`), and the same tensors and metadata always give the same bytes (and the same SHA-256).
 pub mod pth;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 use sha2::{Digest, Sha256};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -74,17 +75,67 @@ pub fn tensor_bytes(t: &Tensor) -> Vec<u8> {
     buf
 }
 
-/// Writes `path.tmp-<pid>` and renames it over `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+pub use crate::fsutil::{clean_stale_temps, write_atomic};
+
+/// Opens a checkpoint for reading, refusing anything but a regular file: `/dev/zero` or a FIFO would make hashing
+/// or parsing read forever, and a directory has no bytes to hash. The check is on the opened file, so the path
+/// cannot be swapped between check and read.
+pub fn open_regular(path: &Path) -> Result<std::fs::File> {
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = f.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() { "a directory" } else { "a device, pipe or socket" };
+        return Err(Error::checkpoint(path, format!("{what}, not a regular file")));
     }
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    Ok(f)
 }
 
-/// Saves named tensors with metadata as safetensors, atomically.
+/// The safetensors encoding of `tensors` with `metadata`, byte for byte the same for the same input (the header
+/// is written here because `safetensors::serialize` takes the metadata as a `HashMap`, whose order changes from
+/// one call to the next, so two saves of the same model hashed differently). Same layout as safetensors'
+/// own writer (huggingface/safetensors, safetensors/src/tensor.rs): tensors by descending dtype, then name; the
+/// JSON header padded with spaces to a multiple of 8 bytes.
+fn serialize_deterministic(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+    let mut order: Vec<usize> = (0..tensors.len()).collect();
+    order.sort_by(|&a, &b| tensors[b].1.cmp(&tensors[a].1).then_with(|| tensors[a].0.cmp(&tensors[b].0)));
+    if let Some(w) = order.windows(2).find(|w| tensors[w[0]].0 == tensors[w[1]].0) {
+        return Err(Error::checkpoint(path, format!("tensor name `{}` appears twice", tensors[w[0]].0)));
+    }
+    let mut header = String::from("{\"__metadata__\":");
+    header.push_str(&json(metadata));
+    let mut offset = 0usize;
+    for &i in &order {
+        let (name, dtype, shape, bytes) = &tensors[i];
+        let numel = shape.iter().product::<usize>();
+        if numel * dtype.bitsize() / 8 != bytes.len() {
+            return Err(Error::checkpoint(path, format!("tensor `{name}`: {} bytes for shape {shape:?}", bytes.len())));
+        }
+        header.push_str(&format!(
+            ",{}:{{\"dtype\":{},\"shape\":{},\"data_offsets\":[{offset},{}]}}",
+            json(name),
+            json(dtype),
+            json(shape),
+            offset + bytes.len()
+        ));
+        offset += bytes.len();
+    }
+    header.push('}');
+    let mut header = header.into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + header.len() + offset);
+    out.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    out.extend_from_slice(&header);
+    for &i in &order {
+        out.extend_from_slice(&tensors[i].3);
+    }
+    Ok(out)
+}
+
+fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {
+    serde_json::to_string(v).expect("header values serialise")
+}
+
+/// Saves named tensors with metadata as safetensors, atomically; the same input gives the same bytes.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
@@ -92,19 +143,14 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<Strin
         let shape: Vec<usize> = t.size().iter().map(|&s| s as usize).collect();
         owned.push((name.clone(), dtype, shape, tensor_bytes(t)));
     }
-    let views = owned
-        .iter()
-        .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::checkpoint(path, e.to_string()))?;
-    let meta: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    let bytes = serialize_deterministic(path, &owned, metadata)?;
     write_atomic(path, &bytes)
 }
 
 /// Loads a safetensors file onto the CPU.
 pub fn load(path: &Path) -> Result<Checkpoint> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::new();
+    open_regular(path)?.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::checkpoint(path, format!("cannot parse safetensors ({e}); truncated or not a safetensors file?")))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::checkpoint(path, e.to_string()))?;
@@ -121,12 +167,12 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     Ok(Checkpoint { tensors, metadata, path: path.to_path_buf() })
 }
 
-/// Loads a checkpoint of any supported format: safetensors, or a PyTorch `.pth`/`.pt`/`.bin` pickle.
+/// Loads a checkpoint of any supported format: safetensors, or a PyTorch `.pth`/`.pt`/`.bin` pickle. A file in
+/// the legacy (pre-zip) `torch.save` format is reported as such, not as a broken safetensors file.
 pub fn load_any(path: &Path) -> Result<Checkpoint> {
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
-    if n >= 2 && &magic[..2] == b"PK" {
+    let mut head = Vec::with_capacity(512);
+    open_regular(path)?.take(512).read_to_end(&mut head).map_err(|e| Error::io(path, e))?;
+    if head.starts_with(b"PK") || pth::is_legacy_torch_save(&head) {
         pth::load(path)
     } else {
         load(path)
@@ -135,7 +181,7 @@ pub fn load_any(path: &Path) -> Result<Checkpoint> {
 
 /// Hex SHA-256 of a file's bytes.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut f = open_regular(path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -240,19 +286,25 @@ pub struct LoadedVit {
 /// Resolves the architecture: `arch` given by the user, else the checkpoint's `config`/`arch` metadata, else a
 /// guess from the tensor shapes.
 pub fn resolve_config(ckpt: &Checkpoint, arch: Option<&str>) -> Result<VitConfig> {
-    if let Some(a) = arch {
-        let cfg = VitConfig::from_arch(a)?;
-        return Ok(cfg);
+    let mut cfg = if let Some(a) = arch {
+        VitConfig::from_arch(a)?
+    } else if let Some(cfg) = ckpt.metadata.get("config") {
+        serde_json::from_str(cfg).map_err(|e| Error::checkpoint(&ckpt.path, format!("metadata `config` is not a ViT config: {e}")))?
+    } else if let Some(a) = ckpt.metadata.get("arch") {
+        VitConfig::from_arch(a)?
+    } else {
+        VitConfig::infer(&ckpt.shapes()).ok_or_else(|| {
+            Error::checkpoint(&ckpt.path, "no `arch` metadata and the tensor shapes match no known architecture; pass --arch")
+        })?
+    };
+    // An average-pooled classifier (timm `global_pool='avg'`, MAE fine-tuned) has `fc_norm` and no final `norm`.
+    let has = |k: &str| ckpt.tensors.iter().any(|(n, _)| n == k);
+    if has("fc_norm.weight") && !has("norm.weight") {
+        cfg.global_pool = crate::model::vit::GlobalPool::Avg;
+    } else if has("norm.weight") {
+        cfg.global_pool = crate::model::vit::GlobalPool::Token;
     }
-    if let Some(cfg) = ckpt.metadata.get("config") {
-        return serde_json::from_str(cfg).map_err(|e| Error::checkpoint(&ckpt.path, format!("metadata `config` is not a ViT config: {e}")));
-    }
-    if let Some(a) = ckpt.metadata.get("arch") {
-        return VitConfig::from_arch(a);
-    }
-    VitConfig::infer(&ckpt.shapes()).ok_or_else(|| {
-        Error::checkpoint(&ckpt.path, "no `arch` metadata and the tensor shapes match no known architecture; pass --arch")
-    })
+    Ok(cfg)
 }
 
 /// Loads a ViT encoder from any supported checkpoint. Head tensors are ignored unless `num_classes` > 0.

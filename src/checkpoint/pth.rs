@@ -10,8 +10,15 @@
 //! - `byteorder` (`little` or `big`; absent means little) and `version`.
 //!
 //! This module runs a small pickle virtual machine over `data.pkl` that builds an inert object graph (nothing is
-//! ever executed or imported: unknown classes and functions become opaque objects), picks the state dict out of
-//! it, and builds the tensors from the storage bytes honouring offsets and strides.
+//! ever executed or imported), picks the state dict out of it, and builds the tensors from the storage bytes
+//! honouring offsets and strides.
+//!
+//! Checkpoints are untrusted input, so the reader is as strict as `torch.load(weights_only=True)`:
+//! - a pickle may only name the globals that weights need (see [`check_global`]; the list follows
+//!   `_get_allowed_globals` in pytorch/pytorch, torch/_weights_only_unpickler.py); any other global, such as
+//!   `posix.system`, makes the whole file an error that names it;
+//! - a storage may not claim more bytes than the file can hold, and the tensors may not expand (stride-0 or
+//!   overlapping views) to much more memory than the file holds; both are checked before anything is allocated.
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -24,6 +31,12 @@ use crate::error::{Error, Result};
 
 /// Keys under which training scripts store the model's state dict, in order of preference.
 const STATE_DICT_KEYS: [&str; 4] = ["model", "state_dict", "module", "model_state"];
+/// A view may always materialise this much, however small its storage (a small `expand`ed tensor).
+const VIEW_SLACK_BYTES: u64 = 1 << 20;
+/// All tensors together may take at most this many times the file's size (tied weights, views of one buffer).
+const EXPANSION_FACTOR: u64 = 4;
+/// Deflate cannot expand data by more than this factor, which bounds what a compressed entry can hold.
+const DEFLATE_MAX_RATIO: u64 = 1032;
 /// Nesting deeper than this is not searched for tensors.
 const MAX_DEPTH: usize = 64;
 /// The walk over the object graph visits at most this many nodes (guards against exponential DAGs).
@@ -32,7 +45,7 @@ const MAX_VISITS: usize = 10_000_000;
 /// Loads the tensors of a `torch.save` zip checkpoint onto the CPU.
 pub fn load(path: &Path) -> Result<Checkpoint> {
     let bad = |reason: String| Error::checkpoint(path, reason);
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = super::open_regular(path)?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut head = [0u8; 512];
     let n = read_prefix(&file, &mut head).map_err(|e| Error::io(path, e))?;
@@ -77,7 +90,14 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
         return Err(bad(reason));
     }
 
-    let mut storages = StorageCache { zip: &mut zip, prefix: &prefix, big_endian, tensors: HashMap::new() };
+    let mut storages = StorageCache {
+        zip: &mut zip,
+        prefix: &prefix,
+        big_endian,
+        file_len,
+        budget: file_len.saturating_mul(EXPANSION_FACTOR).saturating_add(VIEW_SLACK_BYTES),
+        tensors: HashMap::new(),
+    };
     let mut tensors = Vec::with_capacity(entries.len());
     for (name, id) in entries {
         let Node::Tensor(desc) = &nodes[id] else { unreachable!("select_state_dict returns tensors only") };
@@ -104,13 +124,23 @@ fn read_prefix(mut f: &File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Why a file that does not start like a zip archive cannot be read.
-fn not_zip_reason(head: &[u8]) -> String {
-    // The legacy format starts with a pickled magic number: PROTO 2, LONG1 of 10 bytes.
+/// Whether the first bytes of a file are those of the legacy (pre-1.6, not zip) `torch.save` format: a pickle
+/// stream (which starts with the pickled magic number), or the older tar archive.
+pub fn is_legacy_torch_save(head: &[u8]) -> bool {
+    // PROTO 2, then the magic number 0x1950a86a20f9469cfc6c as a LONG1 of 10 bytes (torch/serialization.py).
     const LEGACY: &[u8] = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19";
     let is_tar = head.len() >= 262 && &head[257..262] == b"ustar";
-    if head.starts_with(LEGACY) || is_tar || (head.len() >= 2 && head[0] == 0x80 && head[1] <= 5) {
-        "legacy (pre-1.6) torch.save format is not supported; re-save with torch>=1.6".to_string()
+    // A pickle's PROTO opcode; byte 8 of a safetensors file is the `{` of its header, which a pickle never has.
+    let is_pickle = head.len() >= 2 && head[0] == 0x80 && head[1] <= 5 && head.get(8) != Some(&b'{');
+    head.starts_with(LEGACY) || is_tar || is_pickle
+}
+
+/// Why a file that does not start like a zip archive cannot be read.
+fn not_zip_reason(head: &[u8]) -> String {
+    if is_legacy_torch_save(head) {
+        "legacy torch.save format (not zip), which this reader does not support; re-save it with PyTorch >= 1.6 as \
+         torch.save(torch.load(path), path, _use_new_zipfile_serialization=True)"
+            .to_string()
     } else if head.is_empty() {
         "empty file, not a zip archive".to_string()
     } else {
@@ -604,6 +634,7 @@ impl<'a> Unpickler<'a> {
                 op::GLOBAL => {
                     let module = self.line_str()?;
                     let name = self.line_str()?;
+                    check_global(&module, &name)?;
                     self.push(Node::Global { module, name });
                 }
                 op::STACK_GLOBAL => {
@@ -612,6 +643,7 @@ impl<'a> Unpickler<'a> {
                     let (Some(module), Some(name)) = (self.as_str(module), self.as_str(name)) else {
                         return Err("STACK_GLOBAL needs two strings".into());
                     };
+                    check_global(module, name)?;
                     let node = Node::Global { module: module.to_string(), name: name.to_string() };
                     self.push(node);
                 }
@@ -637,6 +669,7 @@ impl<'a> Unpickler<'a> {
                 op::INST => {
                     let module = self.line_str()?;
                     let name = self.line_str()?;
+                    check_global(&module, &name)?;
                     let items = self.pop_mark()?;
                     let cls = self.add(Node::Global { module, name });
                     let args = self.add(Node::Tuple(items));
@@ -805,6 +838,76 @@ impl<'a> Unpickler<'a> {
         };
         Ok(node)
     }
+}
+
+/// Refuses a pickle global that a weights file has no business naming. The allow-list is that of
+/// `torch.load(weights_only=True)` (`_get_allowed_globals` in pytorch/pytorch, torch/_weights_only_unpickler.py):
+/// the tensor rebuild functions, storage, tensor and dtype classes, `torch.Size`, `torch.device`,
+/// `collections.OrderedDict`, and inert builtins. Added to it, because the MAE, DeiT and timm training scripts save
+/// them beside the weights and this reader never calls anything: `argparse.Namespace` (the `args` entry) and
+/// NumPy's scalar and array reconstructors (metrics saved as NumPy values).
+fn check_global(module: &str, name: &str) -> VmResult<()> {
+    // Python 2 names (protocol 0-2 pickles from Python 2), as pickle's own compatibility mapping renames them.
+    let module = match module {
+        "__builtin__" => "builtins",
+        "copy_reg" => "copyreg",
+        m => m,
+    };
+    let allowed = match module {
+        "torch._utils" => matches!(
+            name,
+            "_rebuild_tensor"
+                | "_rebuild_tensor_v2"
+                | "_rebuild_tensor_v3"
+                | "_rebuild_parameter"
+                | "_rebuild_parameter_with_state"
+                | "_rebuild_from_type"
+                | "_rebuild_qtensor"
+                | "_rebuild_sparse_tensor"
+                | "_rebuild_meta_tensor_no_storage"
+                | "_rebuild_wrapper_subclass"
+                | "_rebuild_device_tensor_from_numpy"
+                | "_rebuild_device_tensor_from_cpu_tensor"
+        ),
+        "torch._tensor" => name == "_rebuild_from_type_v2",
+        "torch" | "torch.storage" | "torch.cuda" => {
+            matches!(name, "Size" | "Tensor" | "device" | "TypedStorage" | "UntypedStorage")
+                || (name.ends_with("Storage") && storage_kind(name).is_ok())
+                || (name.ends_with("Tensor") && name.len() > "Tensor".len() && name.bytes().all(|b| b.is_ascii_alphanumeric()))
+                || dtype_kind(name).is_ok()
+                || is_other_torch_dtype(name)
+                || name.starts_with("per_tensor_")
+                || name.starts_with("per_channel_")
+        }
+        "torch.nn.parameter" => name == "Parameter",
+        "torch.serialization" => name == "_get_layout",
+        "collections" => matches!(name, "OrderedDict" | "Counter"),
+        "_codecs" => name == "encode",
+        "builtins" => matches!(
+            name,
+            "set" | "frozenset" | "dict" | "list" | "tuple" | "bytearray" | "bytes" | "complex" | "int" | "float" | "bool" | "str"
+        ),
+        "argparse" => name == "Namespace",
+        "numpy.core.multiarray" | "numpy._core.multiarray" => matches!(name, "_reconstruct" | "scalar"),
+        "numpy" => matches!(name, "ndarray" | "dtype"),
+        "numpy.dtypes" => name.ends_with("DType") && name.bytes().all(|b| b.is_ascii_alphanumeric()),
+        _ => false,
+    };
+    if allowed {
+        return Ok(());
+    }
+    Err(format!(
+        "pickle global `{module}.{name}` is not allowed in a weights file: only the classes and functions that \
+         rebuild tensors and plain containers may appear (the allow-list of torch.load(weights_only=True)), so the \
+         file is refused without running anything. If it is a whole pickled model or another Python object you \
+         trust, load it in Python and save `model.state_dict()` instead"
+    ))
+}
+
+/// Dtype names that torch's allow-list has but [`dtype_kind`] does not map (tensors of them are refused later).
+fn is_other_torch_dtype(name: &str) -> bool {
+    let bits = |prefix: &str| name.strip_prefix(prefix).and_then(|b| b.parse::<u32>().ok()).is_some_and(|b| (1..=64).contains(&b));
+    bits("uint") || bits("int") || name.starts_with("float8_") || matches!(name, "float4_e2m1fn_x2" | "qint8" | "quint8" | "qint32" | "quint4x2" | "quint2x4" | "bits1x8" | "bits2x4" | "bits4x2" | "bits8" | "bits16" | "complex32")
 }
 
 fn kind_name(n: &Node) -> &'static str {
@@ -1111,11 +1214,16 @@ struct StorageCache<'z, R: Read + std::io::Seek> {
     zip: &'z mut zip::ZipArchive<R>,
     prefix: &'z str,
     big_endian: bool,
+    /// The checkpoint file's size, which bounds what its storages can hold.
+    file_len: u64,
+    /// Bytes the tensors built from now on may still take.
+    budget: u64,
     tensors: HashMap<(String, Kind), Tensor>,
 }
 
 impl<R: Read + std::io::Seek> StorageCache<'_, R> {
-    /// The storage `key` as a 1-d tensor of `kind`; `nbytes` is its size according to the pickle.
+    /// The storage `key` as a 1-d tensor of `kind`; `nbytes` is its size according to the pickle, which
+    /// `check_claim` has bounded.
     fn get(&mut self, key: &str, nbytes: usize, kind: Kind) -> std::result::Result<&Tensor, String> {
         let cache_key = (key.to_string(), kind);
         if !self.tensors.contains_key(&cache_key) {
@@ -1137,6 +1245,38 @@ impl<R: Read + std::io::Seek> StorageCache<'_, R> {
             self.tensors.insert(cache_key.clone(), t);
         }
         Ok(&self.tensors[&cache_key])
+    }
+
+    /// Refuses, before reading or allocating, a storage that claims more bytes than its archive entry can hold: a
+    /// stored entry holds at most the file's size, a deflated one at most deflate's ratio times its own size.
+    fn check_claim(&mut self, key: &str, nbytes: u64) -> std::result::Result<(), String> {
+        let name = format!("{}data/{key}", self.prefix);
+        let capacity = match self.zip.by_name(&name) {
+            Ok(f) if f.compression() == zip::CompressionMethod::Stored => self.file_len,
+            Ok(f) => f.compressed_size().saturating_mul(DEFLATE_MAX_RATIO).min(self.file_len.saturating_mul(DEFLATE_MAX_RATIO)),
+            Err(zip::result::ZipError::FileNotFound) => return Err(format!("storage `{name}` is missing from the archive")),
+            Err(e) => return Err(format!("cannot read `{name}` in the zip archive: {e}")),
+        };
+        if nbytes > capacity {
+            return Err(format!(
+                "storage `{name}` claims {nbytes} bytes, more than the {}-byte file can hold (corrupt or forged)",
+                self.file_len
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes `nbytes` of the tensors' memory budget, refusing a view that would expand far beyond the file.
+    fn reserve(&mut self, nbytes: u64) -> std::result::Result<(), String> {
+        if nbytes > self.budget {
+            return Err(format!(
+                "the tensors would take more than {EXPANSION_FACTOR} times the file's {} bytes (views that repeat a \
+                 storage: stride-0 or overlapping strides, corrupt or forged)",
+                self.file_len
+            ));
+        }
+        self.budget -= nbytes;
+        Ok(())
     }
 }
 
@@ -1175,6 +1315,17 @@ fn build_tensor<R: Read + std::io::Seek>(
             desc.offset, desc.size, desc.stride
         ));
     }
+    // A view materialises count elements: with stride 0 or overlapping strides that can be far more than its
+    // storage holds (a 4-element storage viewed as 10^5 x 10^5).
+    storages.check_claim(key, nbytes as u64)?;
+    let out_bytes = (count as u64).saturating_mul(kind.elt_size_in_bytes() as u64);
+    if out_bytes > (nbytes as u64).max(VIEW_SLACK_BYTES) {
+        return Err(format!(
+            "view (size {:?}, stride {:?}) would expand a storage of {nbytes} bytes to {out_bytes} bytes (corrupt or forged)",
+            desc.size, desc.stride
+        ));
+    }
+    storages.reserve(out_bytes)?;
     let storage = storages.get(key, nbytes, kind)?;
     storage
         .f_as_strided(desc.size.as_slice(), desc.stride.as_slice(), desc.offset)

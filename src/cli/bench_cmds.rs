@@ -6,7 +6,9 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::bench::{self, BenchResult, Timing};
+use crate::config::Precision;
 use crate::info::parse_device;
+use crate::protocols::Protocol;
 use crate::protocols::finetune::FinetuneConfig;
 use crate::protocols::linear_sweep::SweepConfig;
 use crate::train::pretrain::PretrainConfig;
@@ -18,6 +20,9 @@ pub struct BenchArgs {
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", global = true)]
     pub device: String,
+    /// Precision of the fine-tuning step (pretraining takes the config's `precision`).
+    #[arg(long, value_enum, default_value = "auto", global = true)]
+    pub precision: Precision,
     /// Untimed steps before the timed ones.
     #[arg(long, default_value_t = 2, global = true)]
     pub warmup: usize,
@@ -37,7 +42,7 @@ pub enum BenchWhat {
         config: Option<PathBuf>,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
-        /// Images per step (default: the config's batch_size).
+        /// Images per step (default: the config's micro_batch_size).
         #[arg(long)]
         batch_size: Option<i64>,
     },
@@ -74,20 +79,23 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         BenchWhat::Pretrain { config, sets, batch_size } => {
             let mut cfg: PretrainConfig = crate::config::load(config.as_deref(), sets)?;
             cfg.device = a.device.clone();
-            let b = batch_size.unwrap_or(cfg.batch_size);
+            let b = batch_size.unwrap_or(cfg.micro_batch_size);
+            // One micro-batch per timed step.
+            cfg.micro_batch_size = b;
+            cfg.batch_size = b;
             bench::pretrain_steps(&cfg, b, t, device).context("timing pretraining steps")?
         }
         BenchWhat::Finetune { arch, sets, batch_size, data } => {
-            let mut cfg: FinetuneConfig =
-                super::linear_cmds::protocol_config(None, "protocols/finetune.toml", include_str!("../../protocols/finetune.toml"), sets)?;
+            let mut cfg: FinetuneConfig = Protocol::Finetune.load(None, sets)?.cfg;
             cfg.micro_batch_size = *batch_size;
             cfg.batch_size = *batch_size;
-            cfg.device = a.device.clone();
-            bench::finetune_steps(arch, &cfg, t, device, data.as_deref()).context("timing fine-tuning steps")?
+            bench::finetune_steps(arch, &cfg, t, device, a.precision, data.as_deref()).context("timing fine-tuning steps")?
         }
         BenchWhat::Sweep { n, dim, classes, sets } => {
-            let cfg: SweepConfig =
-                super::linear_cmds::protocol_config(None, "protocols/linear_sweep.toml", include_str!("../../protocols/linear_sweep.toml"), sets)?;
+            if *n < 2 || *dim < 1 || *classes < 1 {
+                return Err(crate::Error::option("--n/--dim/--classes", "need n >= 2 rows, dim >= 1 and classes >= 1").into());
+            }
+            let cfg: SweepConfig = Protocol::LinearSweep.load(None, sets)?.cfg;
             bench::sweep(*n, *dim, *classes, &cfg, device).context("timing the linear sweep")?
         }
     };

@@ -3,8 +3,6 @@
 mod bench_cmds;
 pub mod data;
 pub mod eval;
-mod finetune_cmds;
-mod linear_cmds;
 mod model_cmds;
 pub mod plot;
 pub mod report;
@@ -56,27 +54,10 @@ pub enum Command {
     Bench(bench_cmds::BenchArgs),
 }
 
-/// An error that carries the exit code the command should end with.
-#[derive(Debug)]
-pub struct ExitError {
-    pub code: i32,
-    pub message: String,
-}
-
-impl std::fmt::Display for ExitError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-impl std::error::Error for ExitError {}
-
 /// Exit code of an error: the library's own classification where there is one, 2 for I/O and parse problems of
 /// the user's inputs, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
-        if let Some(e) = cause.downcast_ref::<ExitError>() {
-            return e.code;
-        }
         if let Some(e) = cause.downcast_ref::<crate::Error>() {
             return e.exit_code();
         }
@@ -87,7 +68,11 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
     1
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs a command; returns the exit code of a completed command (1 for a failed check).
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    if let Command::Check(a) = cli.command {
+        return report::check(a);
+    }
     match cli.command {
         Command::Info(a) => model_cmds::info(a),
         Command::Forward(a) => model_cmds::forward(a),
@@ -98,11 +83,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Extract(a) => eval::extract(a),
         Command::Eval(a) => eval::eval(a),
         Command::Table(a) => report::table(a),
-        Command::Check(a) => report::check(a),
+        Command::Check(_) => unreachable!("handled above"),
         Command::Visualize(a) => visualize::visualize(a),
         Command::Plot(a) => plot::plot(a),
         Command::Bench(a) => bench_cmds::bench(a),
     }
+    .map(|()| 0)
 }
 
 /// Entry point of the binary; returns the process exit code.
@@ -121,7 +107,7 @@ pub fn main() -> i32 {
         }
     };
     match run(cli) {
-        Ok(()) => 0,
+        Ok(code) => code,
         Err(e) => {
             let code = exit_code(&e);
             if code != 0 {

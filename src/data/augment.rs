@@ -172,7 +172,7 @@ pub fn mixup_cutmix(x: &Tensor, labels: &Tensor, cfg: &MixupConfig, rng: &mut im
 
 /// timm's `RandomErasing(probability, mode="pixel", max_count=1)`: area fraction in [min_area, max_area],
 /// log-uniform aspect in [min_aspect, 1/min_aspect], up to 10 attempts.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RandomErasing {
     pub probability: f64,
     pub min_area: f64,
@@ -236,7 +236,7 @@ pub fn erase_box(img: &mut [f32], c: usize, h: usize, w: usize, b: EraseBox, mut
 // RandAugment.
 
 /// timm's `_RAND_INCREASING_TRANSFORMS`, the op set of `rand-...-inc1`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum AugOp {
     AutoContrast,
     Equalize,
@@ -274,7 +274,7 @@ pub const RAND_INCREASING_OPS: [AugOp; 15] = [
 ];
 
 /// A RandAugment policy as parsed from timm's config string (`rand-m9-mstd0.5-inc1`; `n` defaults to 2).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RandAugment {
     pub num_layers: usize,
     pub magnitude: f64,

@@ -25,8 +25,20 @@ impl RgbImage {
     }
 }
 
-// Guards against decompression bombs; PIL's default limit is ~89 Mpx (warning) / 179 Mpx (error).
+// Guards against decompression bombs; PIL's default limit is ~89 Mpx (warning) / 179 Mpx (error). The same
+// limit holds for every format, checked on the header's size before any pixel is decoded.
 const MAX_PIXELS: usize = 179_000_000;
+
+/// Refuses a zero-sized image or one above [`MAX_PIXELS`], from the size its header declares.
+fn check_size(format: &str, w: usize, h: usize) -> std::result::Result<(), String> {
+    if w == 0 || h == 0 {
+        return Err(format!("{format} has zero size {w}x{h}"));
+    }
+    if w.saturating_mul(h) > MAX_PIXELS {
+        return Err(format!("{format} is {w}x{h}, more than the {MAX_PIXELS}-pixel limit (a decompression bomb?)"));
+    }
+    Ok(())
+}
 
 /// Decodes JPEG (zune-jpeg, SIMD) or anything else the `image` crate reads (PNG) into RGB. The format comes from
 /// the bytes, not the file name: ImageNet has a PNG and CMYK JPEGs named `.JPEG`.
@@ -62,9 +74,7 @@ fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     let mut dec = JpegDecoder::new_with_options(bytes, opts);
     dec.decode_headers().map_err(|e| format!("not a valid JPEG: {e:?}"))?;
     let (w, h) = dec.dimensions().ok_or("not a valid JPEG: no dimensions")?;
-    if w == 0 || h == 0 || w * h > MAX_PIXELS {
-        return Err(format!("JPEG has unsupported size {w}x{h}"));
-    }
+    check_size("JPEG", w, h)?;
     let data = dec.decode().map_err(|e| format!("corrupt or truncated JPEG: {e:?}"))?;
     // zune-jpeg keeps greyscale as one channel; PIL's convert("RGB") replicates it.
     let data = match dec.get_output_colorspace() {
@@ -77,6 +87,11 @@ fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
 
 fn decode_other(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     let format = image::guess_format(bytes).map_err(|_| "not an image file (unknown format)".to_string())?;
+    // The size from the header alone: `Limits::max_alloc` would let a 20000x20000 PNG (1.2 GB of RGB) through.
+    let (w, h) = image::ImageReader::with_format(std::io::Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| format!("cannot decode {format:?} image: {e}"))?;
+    check_size(&format!("{format:?} image"), w as usize, h as usize)?;
     let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_alloc = Some((MAX_PIXELS * 8) as u64);

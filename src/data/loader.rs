@@ -142,11 +142,6 @@ impl Loader {
         &self.shared.cfg
     }
 
-    /// (h, w) of the images.
-    pub fn image_hw(&self) -> (u32, u32) {
-        self.shared.out_hw
-    }
-
     /// Files skipped so far (each time one is met).
     pub fn skipped(&self) -> usize {
         self.shared.skipped.load(Ordering::Relaxed)
@@ -221,7 +216,7 @@ impl Loader {
                 }
             })
             .expect("cannot spawn the data loader thread");
-        EpochIter { rx: Some(rx), stop, handle: Some(handle), remaining: nb.saturating_sub(start_batch), total: nb }
+        EpochIter { rx: Some(rx), stop, handle: Some(handle) }
     }
 }
 
@@ -288,27 +283,13 @@ pub struct EpochIter {
     rx: Option<Receiver<Result<Batch>>>,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
-    remaining: usize,
-    total: usize,
-}
-
-impl EpochIter {
-    /// Batches not yet yielded (an upper bound: all-skipped batches are not yielded).
-    pub fn remaining(&self) -> usize {
-        self.remaining
-    }
 }
 
 impl Iterator for EpochIter {
     type Item = Result<Batch>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let item = self.rx.as_ref()?.recv().ok();
-        self.remaining = match &item {
-            Some(Ok(b)) => self.total.saturating_sub(b.batch + 1),
-            _ => 0,
-        };
-        item
+        self.rx.as_ref()?.recv().ok()
     }
 }
 

@@ -40,21 +40,26 @@ pub struct CropBox {
     pub width: u32,
 }
 
-/// One step of a per-sample pipeline on the u8 image; `ToTensor` + `Normalize` always end it (see [`Transform`]).
-///
-/// Later steps go here too: `RandAugment` as a u8-image op (before the normalisation, as in timm);
-/// `RandomErasing` acts on the normalised CHW output, so it will be a post-normalisation op in
-/// [`Transform::apply`]; Mixup/CutMix mix whole batches and belong to the loader's batch assembly.
+/// One step of a per-sample pipeline. The ops before `ToTensor` + `Normalize` act on the u8 image; only
+/// `RandomErasing` acts on the normalised CHW output, as in timm, and must come last. (Mixup/CutMix mix whole
+/// batches: they are applied by the fine-tuning step.)
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub enum Op {
     /// `RandomResizedCrop(size=(h, w), scale, ratio, interpolation)`.
     RandomResizedCrop { size: (u32, u32), scale: (f64, f64), ratio: (f64, f64), interp: Interp },
+    /// MAE's `util/crop.py` RandomResizedCrop (the linear probe's): one draw of area and aspect, the crop clamped
+    /// to the image, instead of torchvision's 10 tries with a central fallback.
+    RandomResizedCropOnce { size: (u32, u32), scale: (f64, f64), ratio: (f64, f64), interp: Interp },
     /// `Resize(size)` with an int: the shorter side becomes `size`, the longer keeps the aspect (truncated).
     Resize { size: u32, interp: Interp },
     /// `CenterCrop((h, w))`; zero padding where the image is smaller, as torchvision.
     CenterCrop { size: (u32, u32) },
     /// `RandomHorizontalFlip(p)`.
     RandomHorizontalFlip { p: f64 },
+    /// timm's RandAugment on the u8 image.
+    RandAugment(crate::data::augment::RandAugment),
+    /// timm's RandomErasing (pixel mode) on the normalised output; last.
+    RandomErasing(crate::data::augment::RandomErasing),
 }
 
 /// A per-sample pipeline: `ops` on the u8 image, then `ToTensor` and `Normalize(mean, std)` into CHW f32.
@@ -103,6 +108,29 @@ pub fn random_resized_crop_params(
         (wi, hi)
     };
     CropBox { top: ((hi - h) / 2) as u32, left: ((wi - w) / 2) as u32, height: h as u32, width: w as u32 }
+}
+
+/// MAE's `util/crop.py` `RandomResizedCrop.get_params`: target area uniform in `scale` times the image area,
+/// log-uniform aspect in `ratio`, width and height rounded and clamped to the image, then a uniform offset.
+pub fn random_resized_crop_once_params(width: u32, height: u32, scale: (f64, f64), ratio: (f64, f64), rng: &mut impl Rng) -> CropBox {
+    let (u_area, u_ratio) = (rng.gen::<f64>(), rng.gen::<f64>());
+    let (h, w) = crop_once_size(width, height, scale, ratio, u_area, u_ratio);
+    let (hi, wi) = (height as i64, width as i64);
+    let (h, w) = (h as i64, w as i64);
+    let top = rng.gen_range(0..=hi - h);
+    let left = rng.gen_range(0..=wi - w);
+    CropBox { top: top as u32, left: left as u32, height: h as u32, width: w as u32 }
+}
+
+/// The (height, width) of MAE's single-draw crop for the uniform draws `u_area`, `u_ratio` in [0, 1).
+pub fn crop_once_size(width: u32, height: u32, scale: (f64, f64), ratio: (f64, f64), u_area: f64, u_ratio: f64) -> (u32, u32) {
+    let (wi, hi) = (width as i64, height as i64);
+    let target_area = (wi * hi) as f64 * (scale.0 + (scale.1 - scale.0) * u_area);
+    let (lr0, lr1) = (ratio.0.ln(), ratio.1.ln());
+    let aspect = (lr0 + (lr1 - lr0) * u_ratio).exp();
+    let w = py_round((target_area * aspect).sqrt()).clamp(1, wi);
+    let h = py_round((target_area / aspect).sqrt()).clamp(1, hi);
+    (h as u32, w as u32)
 }
 
 fn uniform(rng: &mut impl Rng, a: f64, b: f64) -> f64 {
@@ -293,6 +321,22 @@ impl Transform {
         }
     }
 
+    /// MAE's linear-probe training transform: its single-draw RandomResizedCrop (bicubic) + flip.
+    pub fn linprobe_train(size: u32, scale_min: f64) -> Self {
+        let mut t = Transform::train(size, scale_min);
+        t.ops[0] = Op::RandomResizedCropOnce { size: (size, size), scale: (scale_min, 1.0), ratio: (3.0 / 4.0, 4.0 / 3.0), interp: Interp::Bicubic };
+        t
+    }
+
+    /// MAE's fine-tuning transform (timm `create_transform(is_training=True)`): RandomResizedCrop(0.08-1, bicubic)
+    /// + flip, RandAugment, normalisation, RandomErasing.
+    pub fn finetune_train(size: u32, randaug: Option<crate::data::augment::RandAugment>, erasing: Option<crate::data::augment::RandomErasing>) -> Self {
+        let mut t = Transform::train(size, 0.08);
+        t.ops.extend(randaug.map(Op::RandAugment));
+        t.ops.extend(erasing.map(Op::RandomErasing));
+        t
+    }
+
     /// The evaluation transform: `Resize(resize, bicubic)` + `CenterCrop(crop)`, e.g. 256 and 224.
     pub fn eval(resize: u32, crop: u32) -> Self {
         Transform {
@@ -306,9 +350,9 @@ impl Transform {
     pub fn validate(&self) -> Result<(u32, u32)> {
         let bad = |r: String| Error::option("transform", r);
         let mut fixed = None;
-        for op in &self.ops {
+        for (i, op) in self.ops.iter().enumerate() {
             match *op {
-                Op::RandomResizedCrop { size, scale, ratio, .. } => {
+                Op::RandomResizedCrop { size, scale, ratio, .. } | Op::RandomResizedCropOnce { size, scale, ratio, .. } => {
                     if size.0 == 0 || size.1 == 0 {
                         return Err(bad(format!("RandomResizedCrop size {size:?} must be positive")));
                     }
@@ -336,6 +380,15 @@ impl Transform {
                         return Err(bad(format!("RandomHorizontalFlip p={p} must be in [0, 1]")));
                     }
                 }
+                Op::RandAugment(_) => {}
+                Op::RandomErasing(ref e) => {
+                    if i + 1 != self.ops.len() {
+                        return Err(bad("RandomErasing acts on the normalised output and must be the last op".into()));
+                    }
+                    if !(0.0..=1.0).contains(&e.probability) {
+                        return Err(bad(format!("RandomErasing probability {} must be in [0, 1]", e.probability)));
+                    }
+                }
             }
         }
         if self.std.contains(&0.0) {
@@ -353,6 +406,12 @@ impl Transform {
                     let b = random_resized_crop_params(img.width, img.height, scale, ratio, rng);
                     img = crop_resize(&img, b.top, b.left, b.height, b.width, size, interp)?;
                 }
+                Op::RandomResizedCropOnce { size, scale, ratio, interp } => {
+                    let b = random_resized_crop_once_params(img.width, img.height, scale, ratio, rng);
+                    img = crop_resize(&img, b.top, b.left, b.height, b.width, size, interp)?;
+                }
+                Op::RandAugment(ref ra) => img = ra.apply(img, rng),
+                Op::RandomErasing(_) => {}
                 Op::Resize { size, interp } => {
                     if let Some(Op::CenterCrop { size: crop }) = self.ops.get(i + 1) {
                         img = resize_center_crop(&img, size, *crop, interp)?;
@@ -389,6 +448,9 @@ impl Transform {
             ));
         }
         to_tensor_normalize(&img, self.mean, self.std, out);
+        if let Some(Op::RandomErasing(er)) = self.ops.last() {
+            er.apply(out, 3, img.height as usize, img.width as usize, rng);
+        }
         Ok(())
     }
 }

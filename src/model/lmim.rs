@@ -1,5 +1,5 @@
 //! The Latent MIM model: online encoder with its projection head, EMA target encoder, cross-attention decoder,
-//! the patch-gap patchify, the random views and the losses (`../shared/spec/latentmim.md`, sections 2 to 4).
+//! the patch-gap patchify, the random views and the losses (yibingwei-1/LatentMIM: models_lmim.py and its loss; the paper, sections 3 and 4).
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tch::nn;
@@ -26,8 +26,7 @@ pub struct LmimModelConfig {
     pub num_vis: i64,
     /// Pixels between patch windows; training crops are `grid * (patch + patch_gap)` wide.
     pub patch_gap: i64,
-    /// `infonce_patches` (the method) or `norm_l2` (direct regression, the ablation).
-    pub loss: String,
+    pub loss: LossKind,
     pub tau: f64,
     /// Weight of the average-similarity regulariser (0 disables it).
     pub avg_sim_coeff: f64,
@@ -50,7 +49,7 @@ impl Default for LmimModelConfig {
             proj_mlp_dim: 4096,
             num_vis: 20,
             patch_gap: 4,
-            loss: "infonce_patches".into(),
+            loss: LossKind::InfoncePatches,
             tau: 0.2,
             avg_sim_coeff: 0.1,
             sim_init: 0.75,
@@ -59,6 +58,17 @@ impl Default for LmimModelConfig {
             drop_path: 0.0,
         }
     }
+}
+
+/// The latent reconstruction loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LossKind {
+    /// Patch-level InfoNCE against the target latents (the method).
+    #[default]
+    InfoncePatches,
+    /// Direct regression of normalised latents (the paper's ablation).
+    NormL2,
 }
 
 impl LmimModelConfig {
@@ -87,17 +97,27 @@ impl LmimModelConfig {
     pub fn validate(&self) -> Result<()> {
         let v = self.vit_config()?;
         let bad = |k: &str, r: String| Err(Error::option(k, r));
-        if !matches!(self.loss.as_str(), "infonce_patches" | "norm_l2") {
-            return bad("loss", format!("`{}` is not infonce_patches or norm_l2", self.loss));
-        }
         if self.num_vis < 1 || self.num_vis >= v.num_patches() {
             return bad("num_vis", format!("{} must be between 1 and {}", self.num_vis, v.num_patches() - 1));
         }
         if self.patch_gap < 0 {
             return bad("patch_gap", "must be >= 0".into());
         }
+        if self.decoder_heads < 1 || self.decoder_depth < 1 || self.proj_mlp_depth < 1 {
+            return bad("decoder_heads", "decoder_heads, decoder_depth and proj_mlp_depth must be >= 1".into());
+        }
+        // Far above any published model; larger values would only fail later as an allocation abort.
+        if !(1..=65536).contains(&self.decoder_dim) || !(1..=65536).contains(&self.proj_mlp_dim) || self.decoder_depth > 256 {
+            return bad("decoder_dim", "decoder_dim and proj_mlp_dim must be in 1..=65536, decoder_depth at most 256".into());
+        }
+        if self.patch_gap > 4096 {
+            return bad("patch_gap", format!("{} pixels is more than any crop can hold", self.patch_gap));
+        }
         if self.decoder_dim % self.decoder_heads != 0 || self.decoder_dim % 4 != 0 {
             return bad("decoder_dim", format!("{} must be divisible by decoder_heads and by 4", self.decoder_dim));
+        }
+        if !(self.tau > 0.0 && self.tau.is_finite()) || !(0.0..=1.0).contains(&self.target_mom) {
+            return bad("tau", "tau must be a positive number and target_mom in [0, 1]".into());
         }
         if self.tau <= 0.0 {
             return bad("tau", "must be > 0".into());
@@ -365,9 +385,9 @@ impl Lmim {
         });
         let z_vis = self.encoder.forward(&vis_pix, &views.vis_pid, train);
         let z_pred = self.decoder.forward(&z_vis, &views.vis_pid, &views.mask_pid);
-        let loss_main = match self.cfg.loss.as_str() {
-            "norm_l2" => norm_l2(&z_pred, &z_trg),
-            _ => infonce_patches(&z_pred, &z_trg, self.cfg.tau),
+        let loss_main = match self.cfg.loss {
+            LossKind::NormL2 => norm_l2(&z_pred, &z_trg),
+            LossKind::InfoncePatches => infonce_patches(&z_pred, &z_trg, self.cfg.tau),
         };
         let avg_sim_pred = avg_sim(&z_pred);
         let avg_sim_vis = avg_sim(&z_vis.narrow(1, 1, z_vis.size()[1] - 1));

@@ -3,7 +3,8 @@
 //! Both MAE and Latent MIM use the same formula: for a token at grid column `c` and row `r`,
 //! `[sin(u w), cos(u w), sin(v w), cos(v w)]` with `w_k = 10000^(-4k/D)`, the column (x) half first, and an
 //! all-zero row for the class token. They differ only in the coordinates: MAE uses integer positions, Latent MIM
-//! rescales `linspace(0, 1, G)` to `[0, 14]`, i.e. `u = c * 14 / (G - 1)` on a 14-wide grid.
+//! rescales `linspace(0, 1, G)` by the grid size, i.e. `u = c * G / (G - 1)` (yibingwei-1/LatentMIM, the
+//! `pos_embed` of its encoder; 14 / 13 for ViT-B/16 at 224).
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -13,7 +14,7 @@ pub enum PosEmbedKind {
     /// Integer grid positions, as MAE's `get_2d_sincos_pos_embed`.
     #[default]
     Mae,
-    /// Positions `linspace(0, 1, G) * 14`, as the Latent MIM reference code.
+    /// Positions `linspace(0, 1, G) * G`, as the Latent MIM reference code.
     Lmim,
 }
 
@@ -23,7 +24,7 @@ pub fn sincos_2d(dim: i64, grid: i64, kind: PosEmbedKind, with_cls: bool) -> Ten
     let quarter = dim / 4;
     let scale = match kind {
         PosEmbedKind::Mae => 1.0,
-        PosEmbedKind::Lmim if grid > 1 => 14.0 / (grid - 1) as f64,
+        PosEmbedKind::Lmim if grid > 1 => grid as f64 / (grid - 1) as f64,
         PosEmbedKind::Lmim => 0.0,
     };
     let mut rows = Vec::with_capacity(((grid * grid + 1) * dim) as usize);

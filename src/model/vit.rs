@@ -42,8 +42,19 @@ pub struct VitConfig {
     pub pos_embed: PosEmbedKind,
     /// Size of the classification head; 0 means no head (an encoder).
     pub num_classes: i64,
-    /// Pooling for the head: "token" (CLS after `norm`) or "avg" (mean of patch tokens, then `fc_norm`).
-    pub global_pool: String,
+    /// Pooling for the head, as timm: `token` (CLS after `norm`) or `avg` (mean of the last block's patch tokens,
+    /// then `fc_norm`; the final `norm` is then an Identity and has no weights, as in timm and MAE's
+    /// `models_vit.py` with `global_pool=True`).
+    pub global_pool: GlobalPool,
+}
+
+/// timm's `global_pool` of a ViT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GlobalPool {
+    #[default]
+    Token,
+    Avg,
 }
 
 impl Default for VitConfig {
@@ -77,7 +88,7 @@ impl VitConfig {
             drop_path_uniform: false,
             pos_embed: PosEmbedKind::Mae,
             num_classes: 0,
-            global_pool: "token".into(),
+            global_pool: GlobalPool::Token,
         })
     }
 
@@ -254,7 +265,8 @@ pub struct VisionTransformer {
     pub pos_embed: Tensor,
     pub patch_embed: nn::Conv2D,
     pub blocks: Vec<Block>,
-    pub norm: nn::LayerNorm,
+    /// None with `global_pool = avg` (timm's Identity).
+    pub norm: Option<nn::LayerNorm>,
     pub fc_norm: Option<nn::LayerNorm>,
     pub head: Option<nn::Linear>,
 }
@@ -279,14 +291,10 @@ impl VisionTransformer {
         );
         let rates = cfg.drop_path_rates();
         let blocks = (0..cfg.depth).map(|i| Block::new(p / "blocks" / i, cfg, rates[i as usize])).collect();
-        let avg = cfg.global_pool == "avg";
-        let norm = layer_norm(p / "norm", d, cfg.ln_eps);
-        let (fc_norm, head) = if cfg.num_classes > 0 {
-            let fc_norm = avg.then(|| layer_norm(p / "fc_norm", d, cfg.ln_eps));
-            (fc_norm, Some(nn::linear(p / "head", d, cfg.num_classes, Default::default())))
-        } else {
-            (None, None)
-        };
+        let avg = cfg.global_pool == GlobalPool::Avg;
+        let norm = (!avg).then(|| layer_norm(p / "norm", d, cfg.ln_eps));
+        let fc_norm = avg.then(|| layer_norm(p / "fc_norm", d, cfg.ln_eps));
+        let head = (cfg.num_classes > 0).then(|| nn::linear(p / "head", d, cfg.num_classes, Default::default()));
         VisionTransformer { cfg: cfg.clone(), cls_token, pos_embed, patch_embed, blocks, norm, fc_norm, head }
     }
 
@@ -357,7 +365,7 @@ impl VisionTransformer {
             }
         }
         let intermediates = slots.into_iter().map(|s| s.expect("block index within depth")).collect();
-        VitOutput { tokens: norm(&self.norm, &x), intermediates }
+        VitOutput { tokens: self.final_norm(&x), intermediates }
     }
 
     /// Forward over whole images: the final tokens and the requested intermediate block outputs.
@@ -373,13 +381,25 @@ impl VisionTransformer {
     }
 
     /// Classifier logits (needs `num_classes > 0`): CLS token, or mean of patch tokens then `fc_norm`, as timm.
-    pub fn forward_head(&self, out: &VitOutput) -> Tensor {
-        let head = self.head.as_ref().expect("model built with a head");
-        let pooled = match &self.fc_norm {
+    /// The final `norm` (an identity for average-pooled models, which have none).
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        match &self.norm {
+            Some(n) => norm(n, x),
+            None => x.to_kind(Kind::Float),
+        }
+    }
+
+    /// timm's `forward_head(pre_logits=True)`: the CLS token, or `fc_norm` of the patch-token mean.
+    pub fn pooled(&self, out: &VitOutput) -> Tensor {
+        match &self.fc_norm {
             Some(fc) => norm(fc, &out.patch_tokens().mean_dim(1, false, None)),
             None => out.cls(),
-        };
-        linear(head, &pooled).to_kind(Kind::Float)
+        }
+    }
+
+    pub fn forward_head(&self, out: &VitOutput) -> Tensor {
+        let head = self.head.as_ref().expect("model built with a head");
+        linear(head, &self.pooled(out)).to_kind(Kind::Float)
     }
 
     pub fn forward(&self, images: &Tensor, train: bool) -> Tensor {
@@ -391,13 +411,4 @@ impl VisionTransformer {
 /// Number of elements of all trainable variables in a var store.
 pub fn count_params(vs: &nn::VarStore) -> i64 {
     vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
-}
-
-pub fn kind_of(name: &str) -> Option<Kind> {
-    match name {
-        "f32" | "float32" => Some(Kind::Float),
-        "bf16" | "bfloat16" => Some(Kind::BFloat16),
-        "f16" | "float16" => Some(Kind::Half),
-        _ => None,
-    }
 }

@@ -14,8 +14,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self, load_vit};
 use crate::data::{Dataset, Loader, LoaderConfig, Op, Transform};
+use crate::config::Precision;
 use crate::error::{Error, Result};
-use crate::model::vit::{norm, with_amp};
+use crate::model::vit::with_amp;
 use crate::model::VisionTransformer;
 
 /// Version of the features file layout and of the cache key; bump when either changes meaning.
@@ -25,12 +26,16 @@ pub const FEATURES_FORMAT: &str = "lmim-bench-features/1";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FeatureKind {
     /// CLS token after the final LayerNorm (DINO's k-NN feature).
+    #[serde(rename = "cls")]
     Cls,
     /// Mean of the patch tokens after the final LayerNorm.
+    #[serde(rename = "avg", alias = "avgpool")]
     Avg,
     /// CLS and patch mean, concatenated.
+    #[serde(rename = "cls+avg", alias = "cls_avg")]
     ClsAvg,
     /// Mean of the patch tokens before the final LayerNorm (the Latent MIM NN monitor's feature).
+    #[serde(rename = "avg-prenorm", alias = "avg_prenorm")]
     AvgPrenorm,
 }
 
@@ -240,6 +245,8 @@ pub struct ExtractRequest {
     pub cache_dir: Option<PathBuf>,
     /// Decode threads (None: all cores).
     pub workers: Option<usize>,
+    /// `f32` unless asked otherwise (see [`precision_of`]).
+    pub precision: Precision,
     pub quiet: bool,
 }
 
@@ -307,7 +314,7 @@ pub fn image_features(model: &VisionTransformer, images: &Tensor, kind: FeatureK
         .intermediates
         .iter()
         .map(|block_out| {
-            let tokens = if kind == FeatureKind::AvgPrenorm { block_out.shallow_clone() } else { norm(&model.norm, block_out) };
+            let tokens = if kind == FeatureKind::AvgPrenorm { block_out.shallow_clone() } else { model.final_norm(block_out) };
             let tokens = tokens.to_kind(Kind::Float);
             let n = tokens.size()[1];
             let cls = || tokens.select(1, 0);
@@ -322,11 +329,12 @@ pub fn image_features(model: &VisionTransformer, images: &Tensor, kind: FeatureK
     Tensor::cat(&parts, 1)
 }
 
-fn precision_of(device: Device) -> (&'static str, Option<Kind>) {
-    if device.is_cuda() {
-        ("bf16-amp", Some(Kind::BFloat16))
-    } else {
-        ("f32", None)
+/// The record's name of an extraction precision and its autocast dtype. Extraction defaults to f32 outside
+/// autocast, as DINO's `eval_knn.py` and the Latent MIM NN monitor: bf16 can flip near-ties of the k-NN vote.
+fn precision_of(p: Precision, device: Device) -> (&'static str, Option<Kind>) {
+    match p.autocast(device) {
+        Some(_) => ("bf16-amp", Some(Kind::BFloat16)),
+        None => ("f32", None),
     }
 }
 
@@ -350,7 +358,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     }
     let fp = serde_json::to_value(dataset.fingerprint()?).expect("fingerprint serialises");
     let transform = eval_transform(cfg.img_size, req.crop_pct)?;
-    let (precision, amp) = precision_of(req.device);
+    let (precision, amp) = precision_of(req.precision, req.device);
     let dtype = if req.half { "f16" } else { "f32" };
     let key_src = serde_json::json!({
         "format": FEATURES_FORMAT,

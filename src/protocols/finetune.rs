@@ -1,30 +1,32 @@
 //! Full fine-tuning with MAE's recipe (`facebookresearch/mae:main_finetune.py`): AdamW with layer-wise lr decay
 //! (`util/lr_decay.py:param_groups_lrd`), linear warmup from 0 then cosine to `min_lr` set per iteration
-//! (`util/lr_sched.py`), drop path ramped linearly over the blocks, global average pooling with `fc_norm`, a fresh
-//! head with trunc-normal(2e-5) weights, Mixup/CutMix with label smoothing and soft-target cross entropy,
-//! RandAugment and RandomErasing, gradient accumulation and bf16 on CUDA.
+//! (`util/lr_sched.py`), drop path ramped linearly over the blocks, global average pooling of the last block's
+//! patch tokens with `fc_norm` and no final `norm` (`models_vit.py`, `global_pool=True`), a fresh head with
+//! trunc-normal(2e-5) weights, Mixup/CutMix with label smoothing and soft-target cross entropy, RandAugment and
+//! RandomErasing in the shared loader, gradient accumulation and bf16 on CUDA. The step is the shared skeleton of
+//! `train::step`; a run keeps its state in a run folder so that a killed run resumes.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::checkpoint::{load_any, load_into, resolve_config, to_timm_names, LoadReport};
+use super::record::{RecordBuilder, SplitPrint};
+use super::{EvalRequest, Protocol, RunOptions};
+use crate::checkpoint::{load_any, load_into, resolve_config, sha256_file, to_timm_names, LoadReport};
 use crate::data::augment::{mixup_cutmix, MixupConfig, RandAugment, RandomErasing};
-use crate::data::dataset::Dataset;
-use crate::data::decode::load_rgb;
-use crate::data::loader::{sample_rng, Loader, LoaderConfig};
-use crate::data::transforms::{to_tensor_normalize, Transform};
+use crate::data::loader::{Batch, Loader};
+use crate::data::transforms::Transform;
 use crate::error::{Error, Result};
-use crate::model::vit::with_amp;
+use crate::model::vit::{with_amp, GlobalPool};
 use crate::model::{VisionTransformer, VitConfig};
-use crate::protocols::linear::topk_correct;
+use crate::results::metrics_log::MetricsLog;
+use crate::results::RunRecord;
 use crate::train::optim::{AdamW, Param};
 use crate::train::schedule::lr_at_from_zero;
+use crate::train::step::{evaluate_topk, run_epoch, Flow, Optimizer, StepRule, TrainStep};
 
 /// The fine-tuning recipe. Defaults are MAE's ViT-B/16 command (`FINETUNE.md`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -36,9 +38,8 @@ pub struct FinetuneConfig {
     /// Base lr; the lr is `blr * effective_batch / 256` unless `lr` is given.
     pub blr: f64,
     pub lr: Option<f64>,
-    /// Effective batch (per optimiser step).
+    /// Global batch per optimiser step, reached by accumulating `micro_batch_size` batches.
     pub batch_size: usize,
-    /// Batch per forward pass; `accum_iter = ceil(batch_size / micro_batch_size)`.
     pub micro_batch_size: usize,
     pub weight_decay: f64,
     pub beta1: f64,
@@ -54,8 +55,8 @@ pub struct FinetuneConfig {
     pub reprob: f64,
     /// timm RandAugment policy; empty turns it off.
     pub randaug: String,
-    /// "avg" (mean of patch tokens + `fc_norm`) or "token" (CLS).
-    pub global_pool: String,
+    /// `avg` (mean of the last block's patch tokens + `fc_norm`, no final norm) or `token` (CLS after the norm).
+    pub global_pool: GlobalPool,
     pub model_ema: bool,
     /// timm `ModelEma` decay, applied after every optimiser step; the EMA model is evaluated beside the model.
     pub model_ema_decay: f64,
@@ -63,17 +64,14 @@ pub struct FinetuneConfig {
     pub clip_grad: Option<f64>,
     /// Eval crop = model image size; resize = int(size / crop_pct) (timm's 0.875).
     pub crop_pct: f64,
-    pub workers: usize,
     pub seed: u64,
-    pub device: String,
-    pub precision: String,
     pub eval_every: usize,
 }
 
 impl Default for FinetuneConfig {
     fn default() -> Self {
         FinetuneConfig {
-            version: "mae-finetune-1".into(),
+            version: "mae-finetune-2".into(),
             epochs: 100,
             warmup_epochs: 5.0,
             blr: 5e-4,
@@ -93,46 +91,32 @@ impl Default for FinetuneConfig {
             mixup_switch_prob: 0.5,
             reprob: 0.25,
             randaug: "rand-m9-mstd0.5-inc1".into(),
-            global_pool: "avg".into(),
+            global_pool: GlobalPool::Avg,
             model_ema: false,
             model_ema_decay: 0.9999,
             clip_grad: None,
             crop_pct: 0.875,
-            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
             seed: 0,
-            device: "auto".into(),
-            precision: "auto".into(),
             eval_every: 1,
         }
     }
 }
 
 impl FinetuneConfig {
-    /// Reads a TOML recipe (e.g. `protocols/finetune.toml`); missing keys keep the defaults.
-    pub fn from_toml(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        toml::from_str(&text).map_err(|e| Error::BadConfig { path: path.to_path_buf(), reason: e.to_string() })
-    }
-
     pub fn validate(&self) -> Result<()> {
         let bad = |o: &str, r: &str| Err(Error::option(o, r));
         if self.epochs == 0 {
             return bad("epochs", "must be positive");
         }
-        if self.batch_size == 0 || self.micro_batch_size == 0 {
-            return bad("batch_size", "batch_size and micro_batch_size must be positive");
+        crate::train::accum_for(self.batch_size as i64, self.micro_batch_size as i64, 1)?;
+        if !(self.blr > 0.0 && self.blr.is_finite()) || self.lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
+            return bad("blr", "the learning rate must be a positive number");
         }
         if !(self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
             return bad("layer_decay", "must be in (0, 1]");
         }
         if !(0.0..1.0).contains(&self.drop_path) {
             return bad("drop_path", "must be in [0, 1)");
-        }
-        if !matches!(self.global_pool.as_str(), "avg" | "token") {
-            return bad("global_pool", "must be `avg` or `token`");
-        }
-        if !matches!(self.precision.as_str(), "auto" | "bf16" | "f32") {
-            return bad("precision", "must be auto, bf16 or f32");
         }
         if !(0.0..=1.0).contains(&self.model_ema_decay) {
             return bad("model_ema_decay", "must be in [0, 1]");
@@ -147,12 +131,19 @@ impl FinetuneConfig {
     }
 
     pub fn accum_iter(&self) -> usize {
-        self.batch_size.div_ceil(self.micro_batch_size)
+        crate::train::accum_for(self.batch_size as i64, self.micro_batch_size as i64, 1).unwrap_or(1) as usize
     }
 
-    /// Absolute lr: `lr`, else `blr * (micro_batch_size * accum_iter) / 256`.
+    /// Absolute lr: `lr`, else `blr * batch_size / 256`.
     pub fn lr(&self) -> f64 {
-        self.lr.unwrap_or(self.blr * (self.micro_batch_size * self.accum_iter()) as f64 / 256.0)
+        self.lr.unwrap_or_else(|| crate::train::scaled_lr(self.blr, self.batch_size as i64))
+    }
+
+    /// RandAugment and RandomErasing of the recipe.
+    pub fn augmentations(&self) -> Result<(Option<RandAugment>, Option<RandomErasing>)> {
+        let randaug = if self.randaug.is_empty() { None } else { Some(RandAugment::parse(&self.randaug).map_err(|e| Error::option("randaug", e))?) };
+        let erasing = (self.reprob > 0.0).then(|| RandomErasing { probability: self.reprob, ..Default::default() });
+        Ok((randaug, erasing))
     }
 
     /// timm's Mixup/CutMix settings of this recipe.
@@ -258,7 +249,7 @@ pub fn build_model(ckpt: Option<&Path>, arch: Option<&str>, num_classes: i64, cf
         }
     };
     vcfg.num_classes = num_classes;
-    vcfg.global_pool = cfg.global_pool.clone();
+    vcfg.global_pool = cfg.global_pool;
     vcfg.drop_path_rate = cfg.drop_path;
     vcfg.drop_path_uniform = false;
     let vs = nn::VarStore::new(device);
@@ -289,98 +280,6 @@ pub fn build_model(ckpt: Option<&Path>, arch: Option<&str>, num_classes: i64, cf
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Data.
-
-/// The training pipeline of MAE's `build_transform(is_train=True)`: RandomResizedCrop(size, (0.08, 1), bicubic) +
-/// flip, RandAugment on the u8 image, ToTensor + Normalize, RandomErasing. Batches come from rayon workers.
-pub struct TrainData {
-    pub dataset: Dataset,
-    pub transform: Transform,
-    pub randaug: Option<RandAugment>,
-    pub erasing: Option<RandomErasing>,
-    pub size: u32,
-    pub seed: u64,
-    pub batch_size: usize,
-    pool: rayon::ThreadPool,
-}
-
-impl TrainData {
-    pub fn new(dataset: Dataset, size: u32, cfg: &FinetuneConfig) -> Result<Self> {
-        let randaug = if cfg.randaug.is_empty() { None } else { Some(RandAugment::parse(&cfg.randaug).map_err(|e| Error::option("randaug", e))?) };
-        let erasing = (cfg.reprob > 0.0).then(|| RandomErasing { probability: cfg.reprob, ..Default::default() });
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(cfg.workers.max(1))
-            .build()
-            .map_err(|e| Error::option("workers", e.to_string()))?;
-        Ok(TrainData { dataset, transform: Transform::train(size, 0.08), randaug, erasing, size, seed: cfg.seed, batch_size: cfg.micro_batch_size, pool })
-    }
-
-    /// Full batches per epoch (drop_last, as MAE's train loader).
-    pub fn num_batches(&self) -> usize {
-        self.dataset.len() / self.batch_size
-    }
-
-    /// The shuffled sample order of an epoch.
-    pub fn epoch_order(&self, epoch: u64) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.dataset.len()).collect();
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ 0x5EED_F1E7);
-        rng.set_stream(epoch);
-        order.shuffle(&mut rng);
-        order
-    }
-
-    /// One sample, CHW f32, with its own rng (seed, epoch, index).
-    pub fn sample(&self, index: usize, epoch: u64) -> Result<Vec<f32>> {
-        let (path, _) = &self.dataset.samples[index];
-        let mut rng = sample_rng(self.seed, epoch, index);
-        let img = load_rgb(path)?;
-        let mut img = self.transform.apply_u8(img, &mut rng).map_err(|e| Error::data(path, e))?;
-        if let Some(ra) = &self.randaug {
-            img = ra.apply(img, &mut rng);
-        }
-        let s = self.size as usize;
-        let mut out = vec![0f32; 3 * s * s];
-        to_tensor_normalize(&img, self.transform.mean, self.transform.std, &mut out);
-        if let Some(er) = &self.erasing {
-            er.apply(&mut out, 3, s, s, &mut rng);
-        }
-        Ok(out)
-    }
-
-    /// The batches of `epoch`, assembled by a producer thread two batches ahead of the training loop.
-    pub fn epoch_batches(self: &std::sync::Arc<Self>, epoch: u64) -> impl Iterator<Item = Result<(Tensor, Tensor)>> {
-        let (tx, rx) = crossbeam_channel::bounded(2);
-        let me = self.clone();
-        std::thread::spawn(move || {
-            let order = me.epoch_order(epoch);
-            for b in 0..me.num_batches() {
-                let item = me.batch(&order, b, epoch);
-                let stop = item.is_err();
-                // A closed channel means the consumer stopped early.
-                if tx.send(item).is_err() || stop {
-                    break;
-                }
-            }
-        });
-        rx.into_iter()
-    }
-
-    /// Batch `b` of `epoch`: images `[B,3,S,S]` and labels `[B]`.
-    pub fn batch(&self, order: &[usize], b: usize, epoch: u64) -> Result<(Tensor, Tensor)> {
-        let idx = &order[b * self.batch_size..(b + 1) * self.batch_size];
-        let samples: Vec<Result<Vec<f32>>> = self.pool.install(|| idx.par_iter().map(|&i| self.sample(i, epoch)).collect());
-        let mut flat = Vec::with_capacity(idx.len() * 3 * (self.size * self.size) as usize);
-        for s in samples {
-            flat.extend_from_slice(&s?);
-        }
-        let s = self.size as i64;
-        let x = Tensor::from_slice(&flat).view([idx.len() as i64, 3, s, s]);
-        let y = Tensor::from_slice(&idx.iter().map(|&i| self.dataset.samples[i].1).collect::<Vec<i64>>());
-        Ok((x, y))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------------------------
 // Loss and evaluation.
 
 /// timm's `SoftTargetCrossEntropy`: mean over the batch of `sum(-target * log_softmax(logits))`.
@@ -396,33 +295,24 @@ pub fn label_smoothing_ce(logits: &Tensor, labels: &Tensor, smoothing: f64) -> T
     (nll * (1.0 - smoothing) + smooth * smoothing).mean(Kind::Float)
 }
 
-/// Top-1 / top-5 (percent) over a loader's epoch 0.
+/// Top-1 / top-5 (percent) of a classifier over a loader's epoch 0.
 pub fn evaluate(model: &VisionTransformer, val: &Loader, device: Device, amp: Option<Kind>) -> Result<(f64, f64)> {
-    let (mut n, mut c1, mut c5) = (0i64, 0i64, 0i64);
-    for b in val.epoch(0) {
-        let b = b?;
-        let logits = tch::no_grad(|| with_amp(amp, || model.forward(&b.images.to_device(device), false)));
-        let (a, a5) = topk_correct(&logits, &b.labels.to_device(device));
-        n += b.labels.size()[0];
-        c1 += a;
-        c5 += a5;
-    }
-    if n == 0 {
-        return Err(Error::data(&val.dataset().dir, "the validation split yielded no images"));
-    }
-    Ok((100.0 * c1 as f64 / n as f64, 100.0 * c5 as f64 / n as f64))
+    let batches = val.epoch(0).map(|b| b.map(|b| (b.images, b.labels)));
+    evaluate_topk(batches, &val.dataset().dir, |x| with_amp(amp, || model.forward(&x.to_device(device), false)))
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // Training.
 
+
 /// Where a run keeps its state. With `output_dir`, a checkpoint `finetune-last.safetensors` (model, optimizer,
-/// EMA, epoch, step, history) is written atomically after every epoch and the fine-tuned classifier is exported
-/// as `finetuned.safetensors` (timm names, `arch`/`config` metadata) at the end; `resume` continues from the
-/// checkpoint when it exists. Resuming is exact at epoch boundaries: every epoch reseeds its data order,
-/// augmentation, Mixup and torch (drop path) randomness from (seed, epoch).
+/// EMA, epoch, step, history, the source checkpoint's sha256) is written atomically after every epoch and the
+/// fine-tuned classifier is exported as `finetuned.safetensors` (timm names, `arch`/`config` metadata) at the end;
+/// `resume` continues from the checkpoint when it exists. Resuming is exact at epoch boundaries: the data order
+/// and every augmentation are keyed by (seed, epoch, sample), Mixup by (seed, epoch, micro-batch), drop path by
+/// (seed, epoch).
 #[derive(Debug, Clone, Default)]
-pub struct RunOptions {
+pub struct FinetuneOptions {
     pub output_dir: Option<PathBuf>,
     pub resume: bool,
     /// Stop (after checkpointing) once this many epochs are done, e.g. to split a run over time-limited jobs;
@@ -456,18 +346,7 @@ pub struct FinetuneResult {
     /// The epoch a resumed run started from.
     pub resumed_from_epoch: Option<usize>,
     pub exported: Option<PathBuf>,
-}
-
-/// Fine-tunes a ViT on `data_root/{train,val}` with the recipe `cfg`: from `model_ckpt` (head made fresh), or
-/// from a random init of `arch` when no checkpoint is given. `log` gets one JSON object per epoch.
-pub fn run_finetune(
-    model_ckpt: Option<&Path>,
-    arch: Option<&str>,
-    data_root: &Path,
-    cfg: &FinetuneConfig,
-    log: impl FnMut(&serde_json::Value),
-) -> Result<FinetuneResult> {
-    run_finetune_with(model_ckpt, arch, data_root, cfg, &RunOptions::default(), log).map(|(r, _)| r)
+    pub skipped_files: usize,
 }
 
 /// Exponential moving average of all model variables (timm's `ModelEma`), held in a second model for evaluation.
@@ -499,6 +378,8 @@ impl Ema {
     }
 }
 
+/// Evaluation results carried through a run (and its checkpoints).
+#[derive(Debug, Clone)]
 struct Progress {
     epoch: usize,
     steps: i64,
@@ -514,191 +395,233 @@ fn finite(x: f64) -> Option<f64> {
     x.is_finite().then_some(x)
 }
 
-fn save_state(path: &Path, fm: &FinetuneModel, opt: &AdamW, ema: Option<&Ema>, cfg: &FinetuneConfig, p: &Progress) -> Result<()> {
-    let mut tensors: Vec<(String, Tensor)> = fm.vs.variables().into_iter().map(|(n, t)| (format!("model.{n}"), t)).collect();
-    tensors.extend(opt.state().into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
-    if let Some(e) = ema {
-        tensors.extend(e.vs.variables().into_iter().map(|(n, t)| (format!("ema.{n}"), t)));
-    }
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    let meta = BTreeMap::from([
-        ("format".to_string(), "lmim-bench-finetune".to_string()),
-        ("finetune_config".to_string(), serde_json::to_string(cfg).expect("json")),
-        ("config".to_string(), serde_json::to_string(&fm.cfg).expect("json")),
-        ("arch".to_string(), fm.cfg.arch.clone()),
-        ("epoch".to_string(), p.epoch.to_string()),
-        ("step".to_string(), p.steps.to_string()),
-        // JSON has no -inf: "not evaluated yet" is stored as null.
-        ("best".to_string(), serde_json::to_string(&(finite(p.best), p.best_epoch, p.last, finite(p.ema_best), p.ema_last)).expect("json")),
-        ("history".to_string(), serde_json::to_string(&p.history).expect("json")),
-    ]);
-    crate::checkpoint::save(path, &tensors, &meta)
+/// A fine-tuning run, set up: model, optimiser, EMA, data, and the state of the step.
+pub struct Finetuner {
+    pub fm: FinetuneModel,
+    pub opt: AdamW,
+    pub ema: Option<Ema>,
+    pub cfg: FinetuneConfig,
+    pub device: Device,
+    amp: Option<Kind>,
+    mix: MixupConfig,
+    source_sha256: Option<String>,
 }
 
-fn load_state(path: &Path, fm: &FinetuneModel, opt: &mut AdamW, ema: Option<&Ema>, cfg: &FinetuneConfig) -> Result<Progress> {
-    let ck = crate::checkpoint::load(path)?;
-    let bad = |r: String| Error::checkpoint(path, r);
-    let saved: FinetuneConfig = serde_json::from_str(ck.metadata.get("finetune_config").ok_or_else(|| bad("no `finetune_config` metadata".into()))?)
-        .map_err(|e| bad(format!("bad `finetune_config`: {e}")))?;
-    // Only the epoch count may grow on resume; the data workers do not change results.
-    let norm = |c: &FinetuneConfig| FinetuneConfig { epochs: 0, workers: 0, device: String::new(), ..c.clone() };
-    if norm(&saved) != norm(cfg) {
-        return Err(bad("the checkpoint was made with a different fine-tuning recipe".into()));
+/// The fine-tuning step: Mixup/CutMix (or label smoothing), forward with drop path, the recipe's loss; the model
+/// EMA after each optimiser step.
+impl TrainStep for Finetuner {
+    type Batch = Batch;
+    fn batch_len(b: &Batch) -> usize {
+        b.indices.len()
     }
-    let sub = |prefix: &str| crate::checkpoint::Checkpoint {
-        tensors: ck.tensors.iter().filter_map(|(n, t)| n.strip_prefix(prefix).map(|s| (s.to_string(), t.shallow_clone()))).collect(),
-        metadata: BTreeMap::new(),
-        path: path.to_path_buf(),
-    };
-    load_into(&fm.vs, &sub("model."), &[])?;
-    if let Some(e) = ema {
-        load_into(&e.vs, &sub("ema."), &[])?;
+    fn begin_step(&mut self, t: f64) -> f64 {
+        lr_at_from_zero(t, self.cfg.lr(), self.cfg.min_lr, self.cfg.warmup_epochs, self.cfg.epochs as f64)
     }
-    let num = |k: &str| ck.metadata.get(k).and_then(|v| v.parse::<i64>().ok()).ok_or_else(|| bad(format!("no `{k}` metadata")));
-    let (epoch, steps) = (num("epoch")? as usize, num("step")?);
-    let optim = sub("optim.");
-    opt.load_state(|k| optim.get(k).map(|t| t.shallow_clone()), steps).map_err(bad)?;
-    type Best = (Option<f64>, usize, (f64, f64), Option<f64>, Option<f64>);
-    let (best, best_epoch, last, ema_best, ema_last): Best =
-        serde_json::from_str(ck.metadata.get("best").map_or("", |s| s)).map_err(|e| bad(format!("bad `best`: {e}")))?;
-    let history = serde_json::from_str(ck.metadata.get("history").map_or("", |s| s)).map_err(|e| bad(format!("bad `history`: {e}")))?;
-    let (best, ema_best) = (best.unwrap_or(f64::NEG_INFINITY), ema_best.unwrap_or(f64::NEG_INFINITY));
-    Ok(Progress { epoch, steps, best, best_epoch, last, ema_best, ema_last, history })
+    fn loss(&mut self, b: Batch, epoch: usize, iter: usize) -> Result<Tensor> {
+        let (x, y) = (b.images.to_device(self.device), b.labels.to_device(self.device));
+        let (model, amp, cfg) = (&self.fm.model, self.amp, &self.cfg);
+        Ok(if cfg.mixup_active() {
+            let mut rng = mix_rng(cfg.seed, epoch, iter);
+            let (xm, target, _) = mixup_cutmix(&x, &y, &self.mix, &mut rng);
+            soft_target_ce(&with_amp(amp, || model.forward(&xm, true)), &target)
+        } else {
+            let logits = with_amp(amp, || model.forward(&x, true));
+            if cfg.smoothing > 0.0 {
+                label_smoothing_ce(&logits, &y, cfg.smoothing)
+            } else {
+                logits.cross_entropy_for_logits(&y)
+            }
+        })
+    }
+    fn optimizer(&mut self) -> &mut dyn Optimizer {
+        &mut self.opt
+    }
+    fn end_step(&mut self) {
+        if let Some(e) = self.ema.as_mut() {
+            e.update(&self.fm.vs);
+        }
+    }
+    fn what(&self) -> &'static str {
+        "fine-tuning"
+    }
 }
 
-/// As [`run_finetune`], with checkpoints/resume/export (`opts`), also returning the fine-tuned model.
+/// Mixup/CutMix draws of one micro-batch, keyed by its place in the run rather than by a running stream.
+fn mix_rng(seed: u64, epoch: usize, iter: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x00A1_1C0D);
+    rng.set_stream(((epoch as u64) << 32) | iter as u64);
+    rng
+}
+
+impl Finetuner {
+    /// Builds the classifier (from `ckpt`, or a random init of `arch`) for `num_classes`, its optimiser and EMA.
+    pub fn new(ckpt: Option<&Path>, arch: Option<&str>, num_classes: i64, cfg: &FinetuneConfig, device: Device, precision: crate::config::Precision) -> Result<Self> {
+        cfg.validate()?;
+        tch::manual_seed(cfg.seed as i64);
+        let fm = build_model(ckpt, arch, num_classes, cfg, device)?;
+        let opt = AdamW::new(finetune_params(&fm.vs, fm.cfg.depth, cfg), cfg.beta1, cfg.beta2, 1e-8);
+        let ema = if cfg.model_ema { Some(Ema::new(&fm, cfg.model_ema_decay, device)?) } else { None };
+        let source_sha256 = ckpt.map(sha256_file).transpose()?;
+        Ok(Finetuner { fm, opt, ema, cfg: cfg.clone(), device, amp: precision.autocast(device), mix: cfg.mixup_config(num_classes), source_sha256 })
+    }
+
+    pub fn rule(&self) -> StepRule {
+        StepRule { accum: self.cfg.accum_iter(), clip: self.cfg.clip_grad }
+    }
+
+    /// One epoch of training; returns the mean loss and the last lr.
+    fn train_epoch(&mut self, train: &Loader, epoch: usize, steps: &mut i64) -> Result<(f64, f64)> {
+        // Drop path draws from torch's generator: reseeded per epoch, so a resumed run matches.
+        tch::manual_seed(self.cfg.seed.wrapping_add(1 + epoch as u64) as i64);
+        self.opt.zero_grad();
+        let per_epoch = train.num_batches();
+        let mut batches = train.epoch(epoch as u64);
+        let rule = self.rule();
+        let st = run_epoch(self, rule, &mut batches, epoch, 0, per_epoch, steps, &|_| false, &mut |_, _| Ok(Flow::Continue))?;
+        Ok((st.mean_loss(), st.lr))
+    }
+
+    fn save_state(&self, path: &Path, p: &Progress) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = self.fm.vs.variables().into_iter().map(|(n, t)| (format!("model.{n}"), t)).collect();
+        tensors.extend(self.opt.state().into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
+        if let Some(e) = &self.ema {
+            tensors.extend(e.vs.variables().into_iter().map(|(n, t)| (format!("ema.{n}"), t)));
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let meta = BTreeMap::from([
+            ("format".to_string(), "lmim-bench-finetune".to_string()),
+            ("finetune_config".to_string(), serde_json::to_string(&self.cfg).expect("json")),
+            ("config".to_string(), serde_json::to_string(&self.fm.cfg).expect("json")),
+            ("arch".to_string(), self.fm.cfg.arch.clone()),
+            ("source_sha256".to_string(), self.source_sha256.clone().unwrap_or_default()),
+            ("epoch".to_string(), p.epoch.to_string()),
+            ("step".to_string(), p.steps.to_string()),
+            // JSON has no -inf: "not evaluated yet" is stored as null.
+            ("best".to_string(), serde_json::to_string(&(finite(p.best), p.best_epoch, p.last, finite(p.ema_best), p.ema_last)).expect("json")),
+            ("history".to_string(), serde_json::to_string(&p.history).expect("json")),
+        ]);
+        crate::checkpoint::save(path, &tensors, &meta)
+    }
+
+    fn load_state(&mut self, path: &Path) -> Result<Progress> {
+        let ck = crate::checkpoint::load(path)?;
+        let bad = |r: String| Error::checkpoint(path, r);
+        let saved: FinetuneConfig = serde_json::from_str(ck.metadata.get("finetune_config").ok_or_else(|| bad("no `finetune_config` metadata".into()))?)
+            .map_err(|e| bad(format!("bad `finetune_config`: {e}")))?;
+        // Only the epoch count may grow on resume.
+        let changed: Vec<String> = crate::config::changed_keys(&saved, &self.cfg).into_iter().filter(|k| !k.starts_with("epochs=")).collect();
+        if !changed.is_empty() {
+            return Err(bad(format!("the run was made with a different fine-tuning recipe ({}); use --fresh or another --output", changed.join(", "))));
+        }
+        let src = ck.metadata.get("source_sha256").cloned().unwrap_or_default();
+        if src != self.source_sha256.clone().unwrap_or_default() {
+            return Err(bad("the run fine-tunes another source checkpoint (sha256 differs); use --fresh or another --output".into()));
+        }
+        let sub = |prefix: &str| crate::checkpoint::Checkpoint {
+            tensors: ck.tensors.iter().filter_map(|(n, t)| n.strip_prefix(prefix).map(|s| (s.to_string(), t.shallow_clone()))).collect(),
+            metadata: BTreeMap::new(),
+            path: path.to_path_buf(),
+        };
+        load_into(&self.fm.vs, &sub("model."), &[])?;
+        if let Some(e) = &self.ema {
+            load_into(&e.vs, &sub("ema."), &[])?;
+        }
+        let num = |k: &str| ck.metadata.get(k).and_then(|v| v.parse::<i64>().ok()).ok_or_else(|| bad(format!("no `{k}` metadata")));
+        let (epoch, steps) = (num("epoch")? as usize, num("step")?);
+        let optim = sub("optim.");
+        self.opt.load_state(|k| optim.get(k).map(|t| t.shallow_clone()), steps).map_err(bad)?;
+        type Best = (Option<f64>, usize, (f64, f64), Option<f64>, Option<f64>);
+        let (best, best_epoch, last, ema_best, ema_last): Best =
+            serde_json::from_str(ck.metadata.get("best").map_or("", |s| s)).map_err(|e| bad(format!("bad `best`: {e}")))?;
+        let history = serde_json::from_str(ck.metadata.get("history").map_or("", |s| s)).map_err(|e| bad(format!("bad `history`: {e}")))?;
+        let (best, ema_best) = (best.unwrap_or(f64::NEG_INFINITY), ema_best.unwrap_or(f64::NEG_INFINITY));
+        Ok(Progress { epoch, steps, best, best_epoch, last, ema_best, ema_last, history })
+    }
+
+    /// Evaluates the model (and its EMA) into the epoch's log entry.
+    fn evaluate_into(&self, val: &Loader, p: &mut Progress, entry: &mut BTreeMap<String, f64>, epoch: usize) -> Result<()> {
+        p.last = evaluate(&self.fm.model, val, self.device, self.amp)?;
+        entry.insert("val_top1".into(), p.last.0);
+        entry.insert("val_top5".into(), p.last.1);
+        if p.last.0 > p.best {
+            p.best = p.last.0;
+            p.best_epoch = epoch + 1;
+        }
+        if let Some(e) = &self.ema {
+            let (t1, t5) = evaluate(&e.model, val, self.device, self.amp)?;
+            entry.insert("ema_val_top1".into(), t1);
+            entry.insert("ema_val_top5".into(), t5);
+            p.ema_last = Some(t1);
+            p.ema_best = p.ema_best.max(t1);
+        }
+        Ok(())
+    }
+}
+
+/// The train loader (RandomResizedCrop, flip, RandAugment, normalisation, RandomErasing) and the eval loader.
+pub fn loaders(data_root: &Path, size: u32, cfg: &FinetuneConfig, run: &RunOptions) -> Result<(Loader, Loader)> {
+    let (train_ds, val_ds) = super::open_splits(data_root)?;
+    let (randaug, erasing) = cfg.augmentations()?;
+    let train = super::train_loader(train_ds, Transform::finetune_train(size, randaug, erasing), cfg.micro_batch_size, cfg.seed, run)?;
+    let resize = (size as f64 / cfg.crop_pct) as u32;
+    let val = super::eval_loader(val_ds, Transform::eval(resize, size), cfg.micro_batch_size, run)?;
+    Ok((train, val))
+}
+
+/// Fine-tunes a ViT on `data_root/{train,val}` with the recipe `cfg`: from `model_ckpt` (head made fresh), or
+/// from a random init of `arch` when no checkpoint is given; checkpoints, resume and export as `opts` say. `log`
+/// gets one JSON object per epoch. Returns the result and the fine-tuned model.
 pub fn run_finetune_with(
     model_ckpt: Option<&Path>,
     arch: Option<&str>,
     data_root: &Path,
     cfg: &FinetuneConfig,
-    opts: &RunOptions,
-    mut log: impl FnMut(&serde_json::Value),
+    run: &RunOptions,
+    opts: &FinetuneOptions,
+    mut log: impl FnMut(&serde_json::Value) -> Result<()>,
 ) -> Result<(FinetuneResult, FinetuneModel)> {
     cfg.validate()?;
-    let device = crate::info::parse_device(&cfg.device)?;
-    let amp = match cfg.precision.as_str() {
-        "bf16" => Some(Kind::BFloat16),
-        "auto" if device.is_cuda() => Some(Kind::BFloat16),
-        _ => None,
-    };
-    tch::manual_seed(cfg.seed as i64);
-    let train_set = Dataset::open(data_root, "train")?;
-    let val_set = Dataset::open(data_root, "val")?;
-    let num_classes = train_set.classes.len() as i64;
-    if val_set.classes != train_set.classes {
-        return Err(Error::data(data_root, "train and val have different class lists"));
+    let device = run.device()?;
+    let precision = run.precision.unwrap_or_default();
+    let classes = super::open_splits(data_root)?.0.classes.len() as i64;
+    let mut ft = Finetuner::new(model_ckpt, arch, classes, cfg, device, precision)?;
+    let (train, val) = loaders(data_root, ft.fm.cfg.img_size as u32, cfg, run)?;
+    if ft.rule().used_iters(train.num_batches()) == 0 {
+        return Err(Error::data(data_root, format!("the train split gives fewer micro-batches of {} than one step of {}", cfg.micro_batch_size, cfg.batch_size)));
     }
-    let fm = build_model(model_ckpt, arch, num_classes, cfg, device)?;
-    let size = fm.cfg.img_size as u32;
-    let train = std::sync::Arc::new(TrainData::new(train_set, size, cfg)?);
-    let per_epoch = train.num_batches();
-    if per_epoch == 0 {
-        return Err(Error::data(data_root, format!("the train split has fewer samples than micro_batch_size {}", cfg.micro_batch_size)));
-    }
-    let resize = (size as f64 / cfg.crop_pct) as u32;
-    let val = Loader::new(
-        val_set,
-        Transform::eval(resize, size),
-        LoaderConfig { batch_size: cfg.micro_batch_size, shuffle: false, drop_last: false, seed: cfg.seed, workers: cfg.workers.max(1), quiet: true, ..Default::default() },
-    )?;
-    let mix = cfg.mixup_config(num_classes);
-    let mut opt = AdamW::new(finetune_params(&fm.vs, fm.cfg.depth, cfg), cfg.beta1, cfg.beta2, 1e-8);
-    let mut ema = if cfg.model_ema { Some(Ema::new(&fm, cfg.model_ema_decay, device)?) } else { None };
-    let accum = cfg.accum_iter();
-    let base_lr = cfg.lr();
     let ckpt_path = opts.output_dir.as_ref().map(|d| d.join(CHECKPOINT_NAME));
     let mut p = Progress { epoch: 0, steps: 0, best: f64::NEG_INFINITY, best_epoch: 0, last: (0.0, 0.0), ema_best: f64::NEG_INFINITY, ema_last: None, history: Vec::new() };
     let mut resumed_from_epoch = None;
     if let Some(path) = ckpt_path.as_ref().filter(|p| opts.resume && p.exists()) {
-        p = load_state(path, &fm, &mut opt, ema.as_ref(), cfg)?;
+        p = ft.load_state(path)?;
         resumed_from_epoch = Some(p.epoch);
     }
-    let mut lr = 0.0;
     for epoch in p.epoch..cfg.epochs {
-        // Per-epoch seeding makes a resumed run identical to an uninterrupted one.
-        tch::manual_seed(cfg.seed.wrapping_add(1 + epoch as u64) as i64);
-        let mut mix_rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0x00A1_1C0D);
-        mix_rng.set_stream(epoch as u64);
-        let mut loss_sum = 0.0;
-        opt.zero_grad();
-        for (it, b) in train.epoch_batches(epoch as u64).enumerate() {
-            let (x, y) = b?;
-            let (x, y) = (x.to_device(device), y.to_device(device));
-            if it % accum == 0 {
-                lr = lr_at_from_zero(epoch as f64 + it as f64 / per_epoch as f64, base_lr, cfg.min_lr, cfg.warmup_epochs, cfg.epochs as f64);
-            }
-            let loss = if cfg.mixup_active() {
-                let (xm, target, _) = mixup_cutmix(&x, &y, &mix, &mut mix_rng);
-                let logits = with_amp(amp, || fm.model.forward(&xm, true));
-                soft_target_ce(&logits, &target)
-            } else {
-                let logits = with_amp(amp, || fm.model.forward(&x, true));
-                if cfg.smoothing > 0.0 {
-                    label_smoothing_ce(&logits, &y, cfg.smoothing)
-                } else {
-                    logits.cross_entropy_for_logits(&y)
-                }
-            };
-            let lv = loss.double_value(&[]);
-            if !lv.is_finite() {
-                return Err(Error::Diverged(format!(
-                    "fine-tuning loss is {lv} at epoch {epoch}, iteration {it} (optimizer step {})",
-                    p.steps
-                )));
-            }
-            (loss / accum as f64).backward();
-            loss_sum += lv;
-            if (it + 1) % accum == 0 || it + 1 == per_epoch {
-                if let Some(c) = cfg.clip_grad {
-                    opt.grad_norm(Some(c));
-                }
-                opt.step(lr);
-                opt.zero_grad();
-                p.steps += 1;
-                if let Some(e) = ema.as_mut() {
-                    e.update(&fm.vs);
-                }
-            }
-        }
+        let (loss, lr) = ft.train_epoch(&train, epoch, &mut p.steps)?;
         let mut entry = BTreeMap::from([
             ("epoch".to_string(), epoch as f64 + 1.0),
-            ("loss".to_string(), loss_sum / per_epoch as f64),
+            ("loss".to_string(), loss),
             ("lr".to_string(), lr),
-            ("steps".to_string(), p.steps as f64),
+            ("step".to_string(), p.steps as f64),
         ]);
         if (epoch + 1) % cfg.eval_every.max(1) == 0 || epoch + 1 == cfg.epochs {
-            p.last = evaluate(&fm.model, &val, device, amp)?;
-            entry.insert("val_top1".into(), p.last.0);
-            entry.insert("val_top5".into(), p.last.1);
-            if p.last.0 > p.best {
-                p.best = p.last.0;
-                p.best_epoch = epoch + 1;
-            }
-            if let Some(e) = &ema {
-                let (t1, t5) = evaluate(&e.model, &val, device, amp)?;
-                entry.insert("ema_val_top1".into(), t1);
-                entry.insert("ema_val_top5".into(), t5);
-                p.ema_last = Some(t1);
-                p.ema_best = p.ema_best.max(t1);
-            }
+            ft.evaluate_into(&val, &mut p, &mut entry, epoch)?;
         }
-        log(&serde_json::to_value(&entry).expect("json"));
+        log(&serde_json::to_value(&entry).expect("json"))?;
         p.history.push(entry);
         p.epoch = epoch + 1;
         if let Some(path) = &ckpt_path {
-            save_state(path, &fm, &opt, ema.as_ref(), cfg, &p)?;
+            ft.save_state(path, &p)?;
         }
         if opts.stop_after_epochs.is_some_and(|n| p.epoch >= n) {
             break;
         }
     }
-    let finished = p.epoch >= cfg.epochs;
     let exported = match &opts.output_dir {
-        Some(dir) if finished => {
+        Some(dir) if p.epoch >= cfg.epochs => {
             let path = dir.join(EXPORT_NAME);
             let meta = BTreeMap::from([("finetune_config".to_string(), serde_json::to_string(cfg).expect("json"))]);
-            crate::checkpoint::save_vit(&path, &fm.vs, &fm.cfg, &meta)?;
+            crate::checkpoint::save_vit(&path, &ft.fm.vs, &ft.fm.cfg, &meta)?;
             Some(path)
         }
         _ => None,
@@ -710,18 +633,83 @@ pub fn run_finetune_with(
         best_epoch: p.best_epoch,
         history: p.history,
         steps: p.steps,
-        arch: fm.cfg.arch.clone(),
-        num_classes,
-        lr: base_lr,
-        accum_iter: accum,
+        arch: ft.fm.cfg.arch.clone(),
+        num_classes: classes,
+        lr: cfg.lr(),
+        accum_iter: cfg.accum_iter(),
         device: crate::info::device_name(device),
-        precision: if amp.is_some() { "bf16".into() } else { "f32".into() },
+        precision: precision.effective(device).into(),
         checkpoint: model_ckpt.map(Path::to_path_buf),
-        load_report: fm.report.clone(),
+        load_report: ft.fm.report.clone(),
         ema_top1: p.ema_last,
-        ema_best_top1: ema.as_ref().map(|_| p.ema_best),
+        ema_best_top1: ft.ema.as_ref().map(|_| p.ema_best),
         resumed_from_epoch,
         exported,
+        skipped_files: train.skipped() + val.skipped(),
     };
-    Ok((result, fm))
+    Ok((result, ft.fm))
+}
+
+/// `eval --protocol finetune`: the run keeps its state in `<output>/<name>-finetune-<sha12 of the source>/`
+/// (config, metrics, checkpoint, export), so two checkpoints never share a run folder; it resumes by default.
+pub fn run(req: &EvalRequest) -> Result<RunRecord> {
+    if req.checkpoint.is_none() && req.arch.is_none() {
+        return Err(Error::option("--checkpoint/--arch", "fine-tuning needs a pretrained --checkpoint, or --arch to train from scratch"));
+    }
+    let loaded = Protocol::Finetune.load::<FinetuneConfig>(req.protocol_file.as_deref(), &req.sets)?;
+    let cfg = &loaded.cfg;
+    cfg.validate()?;
+    let data = req.data()?;
+    let (train_ds, val_ds) = super::open_splits(data)?;
+    let prints = [SplitPrint::of_dataset("train", &train_ds)?, SplitPrint::of_dataset("val", &val_ds)?];
+    let sha = req.checkpoint.as_deref().map(sha256_file).transpose()?;
+    let name = match &req.checkpoint {
+        Some(_) => req.model_name("model"),
+        None => req.name.clone().unwrap_or_else(|| format!("{}-scratch", req.arch.as_deref().unwrap_or("vit"))),
+    };
+    let key = sha.as_deref().map_or_else(|| format!("scratch-s{}", cfg.seed), |s| s[..12].to_string());
+    let run_dir = req.output.join(format!("{}-finetune-{key}", crate::results::sanitize(&name)));
+    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+    let _lock = crate::fsutil::RunLock::acquire(&run_dir)?;
+    crate::fsutil::clean_stale_temps(&run_dir)?;
+    if req.run.fresh {
+        let ck = run_dir.join(CHECKPOINT_NAME);
+        if ck.exists() {
+            std::fs::remove_file(&ck).map_err(|e| Error::io(&ck, e))?;
+        }
+    }
+    crate::config::save(cfg, &run_dir.join("finetune.toml"))?;
+    let mut log = MetricsLog::open(&run_dir, "metrics.jsonl", req.run.tensorboard)?;
+    let overrides = loaded.overrides(&[]);
+    let b = RecordBuilder::new(Protocol::Finetune, &cfg.version, &overrides);
+    let opts = FinetuneOptions { output_dir: Some(run_dir.clone()), resume: true, stop_after_epochs: None };
+    let quiet = req.run.quiet;
+    let (res, _) = run_finetune_with(req.checkpoint.as_deref(), req.arch.as_deref(), data, cfg, &req.run, &opts, |v| {
+        if !quiet {
+            eprintln!("finetune {v}");
+        }
+        log.log(v)
+    })?;
+    let mut b = b
+        .model(name, req.checkpoint.as_deref(), sha, Some(res.arch.clone()))
+        .data(Some(data.display().to_string()), &prints)
+        .config(&loaded.origin, cfg, &overrides, &req.run, serde_json::json!({ "lr": res.lr, "accum_iter": res.accum_iter, "precision": res.precision }))
+        .seed(cfg.seed)
+        .metric("top1", res.top1)
+        .metric("top5", res.top5)
+        .metric("best_top1", res.best_top1);
+    if let (Some(l), Some(best)) = (res.ema_top1, res.ema_best_top1) {
+        b = b.metric("ema_top1", l).metric("ema_best_top1", best);
+    }
+    let device = res.device.clone();
+    b.finish(
+        serde_json::json!({
+            "init": if req.checkpoint.is_some() { "checkpoint" } else { "random (from scratch)" },
+            "history": res.history, "best_epoch": res.best_epoch, "steps": res.steps,
+            "resumed_from_epoch": res.resumed_from_epoch, "exported": res.exported, "run_dir": run_dir,
+            "load_report": res.load_report.as_ref().map(|r| r.summary()), "skipped_files": res.skipped_files,
+        }),
+        &device,
+        &req.output,
+    )
 }

@@ -6,123 +6,114 @@
 //! The search is a chunked matmul + top-k in libtorch: queries in chunks, the bank in chunks whose top-k lists are
 //! merged, so memory stays bounded by `query_chunk x bank_chunk` similarities. Results are deterministic and do
 //! not depend on the chunk sizes: neighbours are ordered by (similarity desc, bank index asc) and classes by
-//! (votes desc, class index asc); top-5 ranks only the classes among the k neighbours, so a class without a vote
-//! never counts (DINO's k < 5 fix).
+//! (votes desc, class index asc). Top-5 follows DINO: every class is ranked (a class without a vote has 0), and
+//! the first `min(5, k)` count, so with fewer than 5 voted classes the rest are filled by the lowest unvoted ones.
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use super::extract::FeatureKind;
 use crate::error::{Error, Result};
 
-pub const KNN_TOML: &str = include_str!("../../protocols/knn.toml");
-pub const NN_LOO_TOML: &str = include_str!("../../protocols/nn_loo.toml");
 
 /// Eval transform of a protocol file.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct TransformSpec {
     /// Resize to floor(img_size / crop_pct), then center-crop img_size.
     pub crop_pct: f64,
     pub interpolation: String,
 }
 
-/// A protocol file (`protocols/knn.toml`, `protocols/nn_loo.toml`).
+impl Default for TransformSpec {
+    fn default() -> Self {
+        TransformSpec { crop_pct: 0.875, interpolation: "bicubic".into() }
+    }
+}
+
+/// A neighbour protocol file (`protocols/knn.toml`, `protocols/nn_loo.toml`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ProtocolSpec {
     pub name: String,
     pub version: String,
-    #[serde(default)]
     pub description: String,
-    pub feature: String,
-    #[serde(default = "one")]
+    pub feature: FeatureKind,
     pub last_blocks: i64,
     /// k-NN only.
-    #[serde(default)]
     pub ks: Vec<i64>,
-    #[serde(default)]
     pub temperature: Option<f64>,
-    #[serde(default)]
     pub headline_k: Option<i64>,
     /// Splits: `bank` and `query` (k-NN: train and val; LOO: val and val).
     pub bank_split: String,
     pub query_split: String,
     pub transform: TransformSpec,
-    #[serde(default)]
     pub source: String,
 }
 
-fn one() -> i64 {
-    1
+impl Default for ProtocolSpec {
+    fn default() -> Self {
+        ProtocolSpec {
+            name: String::new(),
+            version: String::new(),
+            description: String::new(),
+            feature: FeatureKind::Cls,
+            last_blocks: 1,
+            ks: Vec::new(),
+            temperature: None,
+            headline_k: None,
+            bank_split: "train".into(),
+            query_split: "val".into(),
+            transform: TransformSpec::default(),
+            source: String::new(),
+        }
+    }
 }
 
 impl ProtocolSpec {
-    /// Parses and checks a protocol file's text; `origin` names it in errors.
-    pub fn parse(text: &str, origin: &std::path::Path) -> Result<Self> {
-        let spec: ProtocolSpec = toml::from_str(text).map_err(|e| Error::BadConfig { path: origin.into(), reason: e.to_string() })?;
-        spec.validate().map_err(|reason| Error::BadConfig { path: origin.into(), reason })?;
-        Ok(spec)
-    }
-
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        super::extract::FeatureKind::parse(&self.feature).map_err(|e| e.to_string())?;
+    /// Checks the settings; `origin` names the file (or the override) in errors. k-NN's list of k is sorted.
+    pub fn validate(&mut self, origin: &str) -> Result<()> {
+        let bad = |reason: String| Error::BadConfig { path: origin.into(), reason };
         if self.last_blocks < 1 {
-            return Err("last_blocks must be at least 1".into());
+            return Err(bad("last_blocks must be at least 1".into()));
         }
         if self.transform.interpolation != "bicubic" {
-            return Err(format!("interpolation `{}`: only bicubic is implemented", self.transform.interpolation));
+            return Err(bad(format!("interpolation `{}`: only bicubic is implemented", self.transform.interpolation)));
         }
         if !(self.transform.crop_pct > 0.0 && self.transform.crop_pct <= 1.0) {
-            return Err(format!("crop_pct {} is not in (0, 1]", self.transform.crop_pct));
+            return Err(bad(format!("crop_pct {} is not in (0, 1]", self.transform.crop_pct)));
         }
         if self.name == "knn" {
             if self.ks.is_empty() || self.ks.iter().any(|&k| k < 1) {
-                return Err("ks must be a non-empty list of positive integers".into());
+                return Err(bad("ks must be a non-empty list of positive integers, e.g. [10, 20, 100, 200]".into()));
             }
+            self.ks.sort_unstable();
+            self.ks.dedup();
             match self.temperature {
                 Some(t) if t > 0.0 && t.is_finite() => {}
-                _ => return Err("temperature must be a positive number".into()),
+                _ => return Err(bad("temperature must be a positive number".into())),
             }
             match self.headline_k {
                 Some(k) if self.ks.contains(&k) => {}
-                _ => return Err("headline_k must be one of ks".into()),
+                Some(k) => return Err(bad(format!("headline_k {k} is not among ks {:?}", self.ks))),
+                None => return Err(bad("headline_k must be one of ks".into())),
             }
+        } else if !self.ks.is_empty() || self.temperature.is_some() || self.headline_k.is_some() {
+            return Err(bad(format!("`{}` is a 1-NN without voting: ks, temperature and headline_k do not apply", self.name)));
         }
         Ok(())
-    }
-
-    /// The protocol file: an explicit path, else `protocols/<file>` in the working directory, else the copy built
-    /// into the binary. Returns the spec and where it came from.
-    pub fn resolve(name: &str, explicit: Option<&std::path::Path>) -> Result<(Self, String)> {
-        let (file, builtin) = match name {
-            "knn" => ("knn.toml", KNN_TOML),
-            "nn-loo" => ("nn_loo.toml", NN_LOO_TOML),
-            other => return Err(Error::option("--protocol", format!("no protocol file for `{other}`"))),
-        };
-        let (text, origin) = match explicit {
-            Some(p) => (std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?, p.to_path_buf()),
-            None => {
-                let local = std::path::Path::new("protocols").join(file);
-                match std::fs::read_to_string(&local) {
-                    Ok(t) => (t, local),
-                    Err(_) => (builtin.to_string(), std::path::PathBuf::from(format!("<built-in protocols/{file}>"))),
-                }
-            }
-        };
-        let spec = Self::parse(&text, &origin)?;
-        if spec.name != name {
-            return Err(Error::BadConfig { path: origin, reason: format!("the file is for protocol `{}`, not `{name}`", spec.name) });
-        }
-        Ok((spec, origin.display().to_string()))
     }
 }
 
 /// The search implementation: libtorch (chunked matmul + top-k on `device`), or faiss's exact inner-product
 /// index on the CPU (`IndexFlatIP`, f32).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum Backend {
+    /// Chunked libtorch matmul + top-k on the device (the faster of the two on the CPU, benchmarks/knn.md).
     Torch,
+    /// faiss's exact inner-product index (IndexFlatIP), CPU; cargo feature `faiss`.
     Faiss,
 }
 
@@ -487,7 +478,10 @@ impl Votes {
                 if ranked.first() == Some(&truth) {
                     self.c1[j] += 1;
                 }
-                if ranked.iter().take(5).any(|&c| c == truth) {
+                let n5 = k.min(5);
+                let in_top5 = ranked.iter().take(n5).any(|&c| c == truth)
+                    || (ranked.len() < n5 && !self.seen[truth] && (0..truth).filter(|&c| !self.seen[c]).count() < n5 - ranked.len());
+                if in_top5 {
                     self.c5[j] += 1;
                 }
             }

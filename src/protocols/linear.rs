@@ -1,29 +1,47 @@
 //! Linear probing: the MAE recipe (`--protocol linear`, the headline LP number) with the backbone run on every
 //! augmented crop, and a DINOv2-style sweep of many heads on cached features (`--protocol linear-sweep`).
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
+use super::record::{RecordBuilder, SplitPrint};
+use super::{EvalRequest, Protocol};
+use crate::checkpoint::load_vit;
+use crate::data::loader::{Batch, Loader};
+use crate::data::transforms::Transform;
 use crate::error::{Error, Result};
-use crate::model::vit::with_amp;
+use crate::info::device_name;
+use crate::model::vit::{layer_norm, norm, with_amp};
 use crate::model::VisionTransformer;
+use crate::results::metrics_log::MetricsLog;
+use crate::results::RunRecord;
 use crate::train::optim::{Lars, Param};
 use crate::train::schedule::lr_at_from_zero;
+use crate::train::step::{evaluate_topk, run_epoch, Flow, Optimizer, StepRule, TrainStep};
 
-/// `protocols/linear.toml`: the MAE linear-probe recipe. Every key can be overridden with `--set`.
+/// The probe's input feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeFeature {
+    /// The CLS token after the final norm (MAE's default, `--global_pool` off).
+    Cls,
+    /// MAE's `--global_pool`: `fc_norm(mean of the last block's patch tokens)` before the final norm, `fc_norm` a
+    /// fresh LayerNorm (weight 1, bias 0, frozen like the rest of the encoder).
+    GlobalPool,
+}
+
+/// `protocols/linear.toml`: the MAE linear-probe recipe. Every key can be overridden with `key=value`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct LinearConfig {
     pub version: String,
-    /// `cls` (CLS token after the final norm, MAE's default) or `avg` (mean of the normed patch tokens).
-    pub feature: String,
+    pub feature: ProbeFeature,
     pub epochs: f64,
     pub warmup_epochs: f64,
     /// Base lr; lr = blr * batch_size / 256.
     pub blr: f64,
-    /// Effective batch (16384 in MAE); reached by gradient accumulation over `micro_batch_size` chunks.
+    /// Global batch per optimiser step (16384 in MAE), reached by accumulating `micro_batch_size` batches.
     pub batch_size: i64,
     pub micro_batch_size: i64,
     pub weight_decay: f64,
@@ -33,10 +51,6 @@ pub struct LinearConfig {
     pub crop_scale_min: f64,
     pub min_lr: f64,
     pub seed: u64,
-    pub device: String,
-    /// `auto` (bf16 on CUDA), `bf16` or `f32`.
-    pub precision: String,
-    pub num_workers: usize,
     /// Epochs between evaluations on the validation split (the last epoch is always evaluated).
     pub eval_every: usize,
 }
@@ -44,8 +58,8 @@ pub struct LinearConfig {
 impl Default for LinearConfig {
     fn default() -> Self {
         LinearConfig {
-            version: "mae-linprobe-1".into(),
-            feature: "cls".into(),
+            version: "mae-linprobe-2".into(),
+            feature: ProbeFeature::Cls,
             epochs: 90.0,
             warmup_epochs: 10.0,
             blr: 0.1,
@@ -57,9 +71,6 @@ impl Default for LinearConfig {
             crop_scale_min: 0.08,
             min_lr: 0.0,
             seed: 0,
-            device: "auto".into(),
-            precision: "auto".into(),
-            num_workers: 0,
             eval_every: 10,
         }
     }
@@ -67,22 +78,20 @@ impl Default for LinearConfig {
 
 impl LinearConfig {
     pub fn validate(&self) -> Result<()> {
-        if !matches!(self.feature.as_str(), "cls" | "avg") {
-            return Err(Error::option("feature", format!("`{}` is not cls or avg", self.feature)));
-        }
-        if self.batch_size < 1 || self.micro_batch_size < 1 {
-            return Err(Error::option("batch_size", "batch_size and micro_batch_size must be >= 1"));
-        }
-        if self.epochs <= 0.0 || self.warmup_epochs < 0.0 || self.warmup_epochs > self.epochs {
+        crate::train::accum_for(self.batch_size, self.micro_batch_size, 1)?;
+        if !(self.epochs > 0.0 && self.epochs.is_finite()) || self.warmup_epochs < 0.0 || self.warmup_epochs > self.epochs {
             return Err(Error::option("epochs", "need epochs > 0 and 0 <= warmup_epochs <= epochs"));
+        }
+        if !(self.blr > 0.0 && self.blr.is_finite()) {
+            return Err(Error::option("blr", "must be a positive number"));
         }
         Ok(())
     }
     pub fn accum_iter(&self) -> i64 {
-        (self.batch_size + self.micro_batch_size - 1) / self.micro_batch_size
+        crate::train::accum_for(self.batch_size, self.micro_batch_size, 1).unwrap_or(1)
     }
     pub fn lr(&self) -> f64 {
-        self.blr * self.batch_size as f64 / 256.0
+        crate::train::scaled_lr(self.blr, self.batch_size)
     }
 }
 
@@ -124,36 +133,37 @@ impl ProbeHead {
     }
 }
 
-/// The pooled feature the probe reads from a frozen encoder.
-pub fn probe_features(model: &VisionTransformer, images: &Tensor, feature: &str, amp: Option<Kind>) -> Tensor {
-    tch::no_grad(|| {
-        with_amp(amp, || {
-            let out = model.forward_features(images, &[], false);
-            match feature {
-                "avg" => out.patch_tokens().mean_dim(1, false, Some(Kind::Float)),
-                _ => out.cls().to_kind(Kind::Float),
-            }
+/// The frozen encoder and how the probe reads it.
+pub struct ProbeEncoder<'a> {
+    pub model: &'a VisionTransformer,
+    pub feature: ProbeFeature,
+    /// MAE's fresh `fc_norm` for the global-pool feature.
+    fc_norm: nn::LayerNorm,
+    _vs: nn::VarStore,
+}
+
+impl<'a> ProbeEncoder<'a> {
+    pub fn new(model: &'a VisionTransformer, feature: ProbeFeature, device: Device) -> Self {
+        let vs = nn::VarStore::new(device);
+        let fc_norm = layer_norm(vs.root() / "fc_norm", model.cfg.embed_dim, 1e-6);
+        ProbeEncoder { model, feature, fc_norm, _vs: vs }
+    }
+
+    /// The pooled feature `[B, D]` (no grad, f32).
+    pub fn features(&self, images: &Tensor, amp: Option<Kind>) -> Tensor {
+        let last = self.model.cfg.depth - 1;
+        tch::no_grad(|| {
+            with_amp(amp, || match self.feature {
+                ProbeFeature::Cls => self.model.forward_features(images, &[], false).cls().to_kind(Kind::Float),
+                ProbeFeature::GlobalPool => {
+                    let out = self.model.forward_features(images, &[last], false);
+                    let x = &out.intermediates[0];
+                    let n = x.size()[1];
+                    norm(&self.fc_norm, &x.narrow(1, 1, n - 1).mean_dim(1, false, Kind::Float))
+                }
+            })
         })
-    })
-}
-
-/// Top-1 and top-5 accuracy in percent of `logits [N, C]` against `labels [N]`: counts of correct predictions.
-pub fn topk_correct(logits: &Tensor, labels: &Tensor) -> (i64, i64) {
-    let c = logits.size()[1];
-    let k = c.min(5);
-    let (_, idx) = logits.topk(k, 1, true, true);
-    let hits = idx.eq_tensor(&labels.unsqueeze(1));
-    let top1 = hits.narrow(1, 0, 1).sum(Kind::Int64).int64_value(&[]);
-    let top5 = hits.any_dim(1, false).sum(Kind::Int64).int64_value(&[]);
-    (top1, top5)
-}
-
-/// Where a linear run gets its batches: augmented training crops and evaluation crops, `[B, 3, S, S]` + labels.
-pub trait ImageBatches {
-    fn num_classes(&self) -> i64;
-    fn train_batches_per_epoch(&self) -> usize;
-    fn train_epoch(&self, epoch: usize) -> Box<dyn Iterator<Item = Result<(Tensor, Tensor)>> + '_>;
-    fn val_batches(&self) -> Box<dyn Iterator<Item = Result<(Tensor, Tensor)>> + '_>;
+    }
 }
 
 /// Result of a probe run.
@@ -165,81 +175,82 @@ pub struct LinearResult {
     pub best_epoch: usize,
     pub history: Vec<BTreeMap<String, f64>>,
     pub steps: i64,
+    pub steps_per_epoch: usize,
 }
 
-/// Evaluates the head on the validation batches: (top1 %, top5 %).
-pub fn evaluate(model: &VisionTransformer, head: &ProbeHead, data: &dyn ImageBatches, cfg: &LinearConfig, device: Device, amp: Option<Kind>) -> Result<(f64, f64)> {
-    let (mut n, mut c1, mut c5) = (0i64, 0i64, 0i64);
-    for b in data.val_batches() {
-        let (x, y) = b?;
-        let f = probe_features(model, &x.to_device(device), &cfg.feature, amp);
-        let logits = tch::no_grad(|| head.forward(&f, false));
-        let (a, b5) = topk_correct(&logits, &y.to_device(device));
-        n += y.size()[0];
-        c1 += a;
-        c5 += b5;
-    }
-    if n == 0 {
-        return Err(Error::data(Path::new("val"), "the validation split yielded no images"));
-    }
-    Ok((100.0 * c1 as f64 / n as f64, 100.0 * c5 as f64 / n as f64))
+/// The probe's step: features of the frozen encoder, BN + Linear, cross entropy, LARS.
+struct ProbeStep<'a> {
+    enc: &'a ProbeEncoder<'a>,
+    head: &'a ProbeHead,
+    opt: Lars,
+    cfg: &'a LinearConfig,
+    device: Device,
+    amp: Option<Kind>,
 }
 
-/// The MAE linear probe: LARS on the head, lr warmup from 0 then cosine, evaluation every `eval_every` epochs.
-/// `log` receives one JSON object per epoch.
+impl TrainStep for ProbeStep<'_> {
+    type Batch = Batch;
+    fn batch_len(b: &Batch) -> usize {
+        b.indices.len()
+    }
+    fn begin_step(&mut self, t: f64) -> f64 {
+        lr_at_from_zero(t, self.cfg.lr(), self.cfg.min_lr, self.cfg.warmup_epochs, self.cfg.epochs)
+    }
+    fn loss(&mut self, b: Batch, _epoch: usize, _iter: usize) -> Result<Tensor> {
+        let f = self.enc.features(&b.images.to_device(self.device), self.amp);
+        Ok(self.head.forward(&f, true).cross_entropy_for_logits(&b.labels.to_device(self.device)))
+    }
+    fn optimizer(&mut self) -> &mut dyn Optimizer {
+        &mut self.opt
+    }
+    fn what(&self) -> &'static str {
+        "linear probe"
+    }
+}
+
+/// Top-1 / top-5 of the probe on the validation loader.
+pub fn evaluate(enc: &ProbeEncoder, head: &ProbeHead, val: &Loader, device: Device, amp: Option<Kind>) -> Result<(f64, f64)> {
+    let batches = val.epoch(0).map(|b| b.map(|b| (b.images, b.labels)));
+    evaluate_topk(batches, &val.dataset().dir, |x| head.forward(&enc.features(&x.to_device(device), amp), false))
+}
+
+/// The MAE linear probe on a frozen encoder: LARS on the head, lr warmup from 0 then cosine, whole optimiser steps
+/// only (`drop_last`), evaluation every `eval_every` epochs. `log` receives one JSON object per epoch.
 pub fn train_probe(
     model: &VisionTransformer,
-    data: &dyn ImageBatches,
+    train: &Loader,
+    val: &Loader,
     cfg: &LinearConfig,
     device: Device,
-    mut log: impl FnMut(&serde_json::Value),
+    amp: Option<Kind>,
+    mut log: impl FnMut(&serde_json::Value) -> Result<()>,
 ) -> Result<LinearResult> {
     cfg.validate()?;
-    let amp = match cfg.precision.as_str() {
-        "bf16" => Some(Kind::BFloat16),
-        "auto" if device.is_cuda() => Some(Kind::BFloat16),
-        _ => None,
-    };
     tch::manual_seed(cfg.seed as i64);
     let vs = nn::VarStore::new(device);
-    let head = ProbeHead::new(&vs.root(), model.cfg.embed_dim, data.num_classes());
+    let classes = train.dataset().classes.len() as i64;
+    let head = ProbeHead::new(&vs.root(), model.cfg.embed_dim, classes);
+    let enc = ProbeEncoder::new(model, cfg.feature, device);
     let mut opt = Lars::new(head.params(), cfg.momentum, cfg.trust_coefficient);
     for p in &mut opt.params {
         p.weight_decay = cfg.weight_decay;
     }
-    let accum = cfg.accum_iter() as usize;
-    let per_epoch = data.train_batches_per_epoch();
+    let rule = StepRule { accum: cfg.accum_iter() as usize, clip: None };
+    let per_epoch = train.num_batches();
+    if rule.used_iters(per_epoch) == 0 {
+        return Err(Error::option("batch_size", format!("the train split gives {per_epoch} micro-batches of {}, fewer than one step of {}", cfg.micro_batch_size, cfg.batch_size)));
+    }
+    let mut st = ProbeStep { enc: &enc, head: &head, opt, cfg, device, amp };
     let epochs = cfg.epochs.ceil() as usize;
     let (mut best, mut best_epoch, mut last) = (f64::NEG_INFINITY, 0, (0.0, 0.0));
     let mut history = Vec::new();
-    let mut lr = 0.0;
     let mut steps = 0i64;
     for epoch in 0..epochs {
-        let mut loss_sum = 0.0;
-        let mut seen = 0usize;
-        for (it, b) in data.train_epoch(epoch).enumerate() {
-            let (x, y) = b?;
-            if it % accum == 0 {
-                lr = lr_at_from_zero(epoch as f64 + it as f64 / per_epoch.max(1) as f64, cfg.lr(), cfg.min_lr, cfg.warmup_epochs, cfg.epochs);
-            }
-            let f = probe_features(model, &x.to_device(device), &cfg.feature, amp);
-            let loss = head.forward(&f, true).cross_entropy_for_logits(&y.to_device(device));
-            let lv = loss.double_value(&[]);
-            if !lv.is_finite() {
-                return Err(Error::Diverged(format!("linear probe loss is {lv} at epoch {epoch}, batch {it}")));
-            }
-            (loss / accum as f64).backward();
-            loss_sum += lv;
-            seen += 1;
-            if (it + 1) % accum == 0 || it + 1 == per_epoch {
-                opt.step(lr);
-                opt.zero_grad();
-                steps += 1;
-            }
-        }
-        let mut entry = BTreeMap::from([("epoch".to_string(), epoch as f64 + 1.0), ("loss".to_string(), loss_sum / seen.max(1) as f64), ("lr".to_string(), lr)]);
+        let mut batches = train.epoch(epoch as u64);
+        let stats = run_epoch(&mut st, rule, &mut batches, epoch, 0, per_epoch, &mut steps, &|_| false, &mut |_, _| Ok(Flow::Continue))?;
+        let mut entry = BTreeMap::from([("epoch".to_string(), epoch as f64 + 1.0), ("loss".to_string(), stats.mean_loss()), ("lr".to_string(), stats.lr), ("step".to_string(), steps as f64)]);
         if (epoch + 1) % cfg.eval_every.max(1) == 0 || epoch + 1 == epochs {
-            last = evaluate(model, &head, data, cfg, device, amp)?;
+            last = evaluate(&enc, &head, val, device, amp)?;
             entry.insert("val_top1".into(), last.0);
             entry.insert("val_top5".into(), last.1);
             if last.0 > best {
@@ -247,8 +258,49 @@ pub fn train_probe(
                 best_epoch = epoch + 1;
             }
         }
-        log(&serde_json::to_value(&entry).expect("json"));
+        log(&serde_json::to_value(&entry).expect("json"))?;
         history.push(entry);
     }
-    Ok(LinearResult { top1: last.0, top5: last.1, best_top1: best, best_epoch, history, steps })
+    Ok(LinearResult { top1: last.0, top5: last.1, best_top1: best, best_epoch, history, steps, steps_per_epoch: rule.used_iters(per_epoch) / rule.accum })
+}
+
+/// `eval --protocol linear`.
+pub fn run(req: &EvalRequest) -> Result<RunRecord> {
+    let loaded = Protocol::Linear.load::<LinearConfig>(req.protocol_file.as_deref(), &req.sets)?;
+    let cfg = &loaded.cfg;
+    cfg.validate()?;
+    let device = req.run.device()?;
+    let amp = req.run.precision.unwrap_or_default().autocast(device);
+    let ckpt = req.checkpoint()?;
+    let enc = load_vit(ckpt, req.arch.as_deref(), device, 0)?;
+    let (train_ds, val_ds) = super::open_splits(req.data()?)?;
+    let prints = [SplitPrint::of_dataset("train", &train_ds)?, SplitPrint::of_dataset("val", &val_ds)?];
+    let size = enc.model.cfg.img_size as u32;
+    let micro = cfg.micro_batch_size as usize;
+    let train = super::train_loader(train_ds, Transform::linprobe_train(size, cfg.crop_scale_min), micro, cfg.seed, &req.run)?;
+    let val = super::eval_loader(val_ds, super::extract::eval_transform(size as i64, 0.875)?, micro, &req.run)?;
+    let name = req.model_name("model");
+    let overrides = loaded.overrides(&[]);
+    let b = RecordBuilder::new(Protocol::Linear, &cfg.version, &overrides);
+    let mut log = MetricsLog::open(&req.output, &format!("{}-linear-metrics.jsonl", crate::results::sanitize(&name)), req.run.tensorboard)?;
+    let quiet = req.run.quiet;
+    let res = train_probe(&enc.model, &train, &val, cfg, device, amp, |v| {
+        if !quiet {
+            eprintln!("linear {v}");
+        }
+        log.log(v)
+    })?;
+    let extra = serde_json::json!({ "lr": cfg.lr(), "accum_iter": cfg.accum_iter(), "precision": req.run.precision.unwrap_or_default().effective(device) });
+    b.model(name, Some(ckpt), Some(enc.sha256.clone()), Some(enc.model.cfg.arch.clone()))
+        .data(Some(req.data()?.display().to_string()), &prints)
+        .config(&loaded.origin, cfg, &overrides, &req.run, extra)
+        .seed(cfg.seed)
+        .metric("top1", res.top1)
+        .metric("top5", res.top5)
+        .metric("best_top1", res.best_top1)
+        .finish(
+            serde_json::json!({ "history": res.history, "best_epoch": res.best_epoch, "steps": res.steps, "steps_per_epoch": res.steps_per_epoch, "skipped_files": train.skipped() + val.skipped() }),
+            &device_name(device),
+            &req.output,
+        )
 }

@@ -11,9 +11,15 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use super::linear::topk_correct;
+use super::record::{RecordBuilder, SplitPrint};
+use super::{EvalRequest, Protocol};
+use crate::checkpoint::load_vit;
+use crate::data::loader::Loader;
+use crate::info::device_name;
+use crate::results::RunRecord;
+use crate::train::step::topk_correct;
 use crate::error::{Error, Result};
-use crate::model::vit::{norm, with_amp};
+use crate::model::vit::with_amp;
 use crate::model::VisionTransformer;
 
 pub const LRS: [f64; 13] = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1];
@@ -33,8 +39,6 @@ pub struct SweepConfig {
     pub holdout_frac: f64,
     pub holdout_min: usize,
     pub seed: u64,
-    pub device: String,
-    pub precision: String,
 }
 
 impl Default for SweepConfig {
@@ -49,9 +53,26 @@ impl Default for SweepConfig {
             holdout_frac: 0.01,
             holdout_min: 1000,
             seed: 0,
-            device: "auto".into(),
-            precision: "auto".into(),
         }
+    }
+}
+
+impl SweepConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 || self.batch_size < 1 {
+            return Err(Error::option("epochs", "epochs and batch_size must be positive"));
+        }
+        if self.lrs.is_empty() || self.lrs.iter().any(|lr| !(*lr > 0.0 && lr.is_finite())) {
+            return Err(Error::option("lrs", "must be a non-empty list of positive learning rates"));
+        }
+        // The cache holds the CLS tokens of the last 4 blocks.
+        if self.n_last_blocks.is_empty() || self.n_last_blocks.iter().any(|&n| !(1..=4).contains(&n)) {
+            return Err(Error::option("n_last_blocks", format!("{:?}: each entry must be between 1 and 4 (the cached blocks)", self.n_last_blocks)));
+        }
+        if !(0.0..1.0).contains(&self.holdout_frac) {
+            return Err(Error::option("holdout_frac", "must be in [0, 1)"));
+        }
+        Ok(())
     }
 }
 
@@ -92,7 +113,7 @@ pub fn sweep_features(model: &VisionTransformer, images: &Tensor, amp: Option<Ki
             let depth = model.blocks.len() as i64;
             let keep: Vec<i64> = (depth.saturating_sub(4)..depth).collect();
             let out = model.forward_features(images, &keep, false);
-            let cls: Vec<Tensor> = out.intermediates.iter().map(|t| norm(&model.norm, &t.select(1, 0))).collect();
+            let cls: Vec<Tensor> = out.intermediates.iter().map(|t| model.final_norm(&t.select(1, 0))).collect();
             let mut cls = Tensor::stack(&cls, 1).to_kind(Kind::Float);
             if cls.size()[1] < 4 {
                 // Fewer than 4 blocks: repeat the first so that "last 4" is defined.
@@ -147,6 +168,7 @@ fn scores(logits: &Tensor, labels: &Tensor, heads: i64, classes: i64) -> Vec<(f6
 
 /// Trains all heads on `train` (minus a held-out part), chooses on the held-out part, reports on `val`.
 pub fn run_sweep(train: &SweepFeatures, val: &SweepFeatures, classes: i64, cfg: &SweepConfig, device: Device) -> Result<SweepResult> {
+    cfg.validate()?;
     if train.len() < 2 || val.is_empty() {
         return Err(Error::option("data", "the sweep needs at least 2 training and 1 validation images"));
     }
@@ -158,7 +180,7 @@ pub fn run_sweep(train: &SweepFeatures, val: &SweepFeatures, classes: i64, cfg: 
     let hold = train.select(&Tensor::from_slice(&perm[..holdout as usize]));
     let fit = train.select(&Tensor::from_slice(&perm[holdout as usize..]));
     tch::manual_seed(cfg.seed as i64);
-    let scale = cfg.batch_size as f64 / 256.0;
+    let scale = crate::train::scaled_lr(1.0, cfg.batch_size);
     let h = cfg.lrs.len() as i64;
     let mut groups: Vec<HeadGroup> = Vec::new();
     for &n in &cfg.n_last_blocks {
@@ -238,4 +260,64 @@ pub fn heads_json(r: &SweepResult) -> serde_json::Value {
         })
         .collect();
     serde_json::json!(rows)
+}
+
+/// The sweep's features of a whole split, on the CPU.
+fn split_features(model: &VisionTransformer, ld: &Loader, device: Device, amp: Option<Kind>) -> Result<SweepFeatures> {
+    let (mut cls, mut avg, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    for b in ld.epoch(0) {
+        let b = b?;
+        let (c, a) = sweep_features(model, &b.images.to_device(device), amp);
+        cls.push(c.to_device(Device::Cpu));
+        avg.push(a.to_device(Device::Cpu));
+        labels.push(b.labels);
+    }
+    if labels.is_empty() {
+        return Err(Error::data(ld.dataset().dir.clone(), "the split yielded no images"));
+    }
+    Ok(SweepFeatures { cls: Tensor::cat(&cls, 0), avg: Tensor::cat(&avg, 0), labels: Tensor::cat(&labels, 0) })
+}
+
+/// `eval --protocol linear-sweep`: one backbone pass per split, then every head on the cached features. It stays
+/// a one-process job: after the feature pass, all 52 heads over ImageNet's cached rows are minutes of work.
+pub fn run(req: &EvalRequest) -> Result<RunRecord> {
+    let loaded = Protocol::LinearSweep.load::<SweepConfig>(req.protocol_file.as_deref(), &req.sets)?;
+    let cfg = &loaded.cfg;
+    cfg.validate()?;
+    let device = req.run.device()?;
+    let precision = req.run.precision.unwrap_or_default();
+    let amp = precision.autocast(device);
+    let ckpt = req.checkpoint()?;
+    let enc = load_vit(ckpt, req.arch.as_deref(), device, 0)?;
+    let (train_ds, val_ds) = super::open_splits(req.data()?)?;
+    let prints = [SplitPrint::of_dataset("train", &train_ds)?, SplitPrint::of_dataset("val", &val_ds)?];
+    let classes = train_ds.classes.len() as i64;
+    let overrides = loaded.overrides(&[]);
+    let b = RecordBuilder::new(Protocol::LinearSweep, &cfg.version, &overrides);
+    let t = super::extract::eval_transform(enc.model.cfg.img_size, 0.875)?;
+    let t0 = std::time::Instant::now();
+    let train_ld = super::eval_loader(train_ds, t.clone(), req.run.batch_size, &req.run)?;
+    let val_ld = super::eval_loader(val_ds, t, req.run.batch_size, &req.run)?;
+    let train = split_features(&enc.model, &train_ld, device, amp)?;
+    let val = split_features(&enc.model, &val_ld, device, amp)?;
+    let extract_s = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    let res = run_sweep(&train, &val, classes, cfg, device)?;
+    let extra = serde_json::json!({ "precision": precision.effective(device) });
+    b.model(req.model_name("model"), Some(ckpt), Some(enc.sha256.clone()), Some(enc.model.cfg.arch.clone()))
+        .data(Some(req.data()?.display().to_string()), &prints)
+        .config(&loaded.origin, cfg, &overrides, &req.run, extra)
+        .seed(cfg.seed)
+        .metric("top1", res.best.val_top1)
+        .metric("top5", res.best.val_top5)
+        .metric("holdout_top1", res.best.holdout_top1)
+        .finish(
+            serde_json::json!({
+                "best": res.best, "heads": heads_json(&res), "holdout_size": res.holdout_size, "train_size": res.train_size,
+                "extract_s": extract_s, "train_heads_s": t1.elapsed().as_secs_f64(),
+                "selection": "best head on a held-out part of the training split, reported on val",
+            }),
+            &device_name(device),
+            &req.output,
+        )
 }

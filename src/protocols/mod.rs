@@ -1,6 +1,288 @@
-//! Evaluation protocols: feature extraction, k-NN (DINO) and leave-one-out 1-NN, linear probe, fine-tuning.
+//! Evaluation protocols: feature extraction, k-NN (DINO) and leave-one-out 1-NN, linear probe, linear sweep,
+//! fine-tuning. Evaluation is one library call, [`run`], on an [`EvalRequest`]; the command layer only parses
+//! arguments and prints the record.
+pub mod extract;
+pub mod finetune;
+pub mod knn;
 pub mod linear;
 pub mod linear_sweep;
-pub mod extract;
-pub mod knn;
-pub mod finetune;
+pub mod neighbors;
+pub mod record;
+
+use std::path::{Path, PathBuf};
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::config::{Precision, Source};
+use crate::data::dataset::Dataset;
+use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::transforms::Transform;
+use crate::error::{Error, Result};
+use crate::results::RunRecord;
+
+/// The evaluation protocols; each has a versioned definition in `protocols/<file>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// The Latent MIM code's leave-one-out 1-NN on val (protocols/nn_loo.toml): the "NN" column.
+    NnLoo,
+    /// DINO's weighted k-NN, train bank -> val (protocols/knn.toml).
+    Knn,
+    /// MAE's linear probe: LARS, BN + Linear head, the backbone on every augmented crop (protocols/linear.toml).
+    Linear,
+    /// MAE's full fine-tuning (protocols/finetune.toml); without --checkpoint, from a random init of --arch.
+    Finetune,
+    /// 52 linear heads on cached features, chosen on held-out train data (protocols/linear_sweep.toml).
+    LinearSweep,
+}
+
+impl Protocol {
+    /// In table order.
+    pub const ALL: [Protocol; 5] = [Protocol::NnLoo, Protocol::Knn, Protocol::Linear, Protocol::Finetune, Protocol::LinearSweep];
+
+    /// The name in records, tables and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Knn => "knn",
+            Protocol::NnLoo => "nn-loo",
+            Protocol::Linear => "linear",
+            Protocol::LinearSweep => "linear-sweep",
+            Protocol::Finetune => "finetune",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Protocol> {
+        Protocol::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// The protocol file under `protocols/`.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Protocol::Knn => "knn.toml",
+            Protocol::NnLoo => "nn_loo.toml",
+            Protocol::Linear => "linear.toml",
+            Protocol::LinearSweep => "linear_sweep.toml",
+            Protocol::Finetune => "finetune.toml",
+        }
+    }
+
+    /// The copy of the protocol file built into the binary.
+    pub fn builtin(self) -> &'static str {
+        match self {
+            Protocol::Knn => include_str!("../../protocols/knn.toml"),
+            Protocol::NnLoo => include_str!("../../protocols/nn_loo.toml"),
+            Protocol::Linear => include_str!("../../protocols/linear.toml"),
+            Protocol::LinearSweep => include_str!("../../protocols/linear_sweep.toml"),
+            Protocol::Finetune => include_str!("../../protocols/finetune.toml"),
+        }
+    }
+
+    /// Table header and CSV column prefix.
+    pub fn column(self) -> (&'static str, &'static str) {
+        match self {
+            Protocol::NnLoo => ("NN (LOO 1-NN)", "nn"),
+            Protocol::Knn => ("k-NN", "knn"),
+            Protocol::Linear => ("LP", "lp"),
+            Protocol::Finetune => ("Ft", "ft"),
+            Protocol::LinearSweep => ("LP sweep", "lp_sweep"),
+        }
+    }
+
+    /// The protocol file: `explicit`, else `protocols/<file>` in the working directory, else the built-in copy.
+    pub fn source(self, explicit: Option<&Path>) -> Result<Source> {
+        if let Some(p) = explicit {
+            return Source::file(p);
+        }
+        let local = Path::new("protocols").join(self.file_name());
+        if local.is_file() {
+            return Source::file(&local);
+        }
+        Ok(Source { text: self.builtin().to_string(), origin: PathBuf::from(format!("<built-in protocols/{}>", self.file_name())) })
+    }
+
+    /// Loads the protocol's recipe with the overrides applied. Returns the recipe, the recipe of the file alone
+    /// (to name what was overridden) and the file's origin.
+    pub fn load<T: Serialize + DeserializeOwned + Default>(self, explicit: Option<&Path>, sets: &[String]) -> Result<Loaded<T>> {
+        let src = self.source(explicit)?;
+        let base: T = crate::config::load_source(Some(&src), &[])?;
+        let cfg: T = crate::config::load_source(Some(&src), sets)?;
+        Ok(Loaded { cfg, base, origin: src.origin.display().to_string() })
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A protocol recipe as loaded.
+#[derive(Debug, Clone)]
+pub struct Loaded<T> {
+    pub cfg: T,
+    pub base: T,
+    pub origin: String,
+}
+
+impl<T: Serialize> Loaded<T> {
+    /// `key=value` of every key whose value differs from the protocol file, excluding `ignore`.
+    pub fn overrides(&self, ignore: &[&str]) -> Vec<String> {
+        crate::config::changed_keys(&self.base, &self.cfg)
+            .into_iter()
+            .filter(|kv| !ignore.iter().any(|i| kv.split('=').next() == Some(i)))
+            .collect()
+    }
+}
+
+/// The version written in a record: the file's version, plus `+key=value,...` for what was overridden, so that
+/// `table` and `check` never mistake a shortened run for the recipe.
+pub fn version_with(version: &str, overrides: &[String]) -> String {
+    if overrides.is_empty() {
+        version.to_string()
+    } else {
+        format!("{version}+{}", overrides.join(","))
+    }
+}
+
+/// How a run executes, apart from the protocol's recipe: these never change results (beyond round-off for
+/// `precision`, which is recorded).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunOptions {
+    /// `auto`, `cpu`, `cuda`, `cuda:N`.
+    pub device: String,
+    /// Decode threads (None: all cores).
+    pub workers: Option<usize>,
+    /// None: the protocol's default (f32 for the feature protocols, `auto` for the training ones).
+    pub precision: Option<Precision>,
+    /// Images per forward pass of feature extraction.
+    pub batch_size: usize,
+    /// Feature cache (None: always extract).
+    pub cache_dir: Option<PathBuf>,
+    pub quiet: bool,
+    /// Fine-tuning: start over instead of resuming from the run folder.
+    pub fresh: bool,
+    /// k-NN search back-end and block sizes.
+    pub backend: knn::Backend,
+    pub query_chunk: Option<i64>,
+    pub bank_chunk: Option<i64>,
+    /// A file that cannot be decoded stops the run instead of being skipped (and counted).
+    pub strict: bool,
+    /// TensorBoard event files beside the metrics of the training protocols.
+    pub tensorboard: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            device: "auto".into(),
+            workers: None,
+            precision: None,
+            batch_size: 128,
+            cache_dir: None,
+            quiet: true,
+            fresh: false,
+            backend: knn::Backend::Torch,
+            query_chunk: None,
+            bank_chunk: None,
+            strict: false,
+            tensorboard: true,
+        }
+    }
+}
+
+impl RunOptions {
+    pub fn device(&self) -> Result<tch::Device> {
+        crate::info::parse_device(&self.device)
+    }
+    pub fn loader_workers(&self) -> usize {
+        self.workers.unwrap_or_else(|| crate::data::loader::LoaderConfig::default().workers)
+    }
+}
+
+/// One evaluation: a protocol on a checkpoint (or on feature files for the neighbour protocols).
+#[derive(Debug, Clone)]
+pub struct EvalRequest {
+    pub protocol: Protocol,
+    pub checkpoint: Option<PathBuf>,
+    /// Architecture when the checkpoint does not say (fine-tuning from scratch without a checkpoint).
+    pub arch: Option<String>,
+    /// Dataset root with train/ and val/.
+    pub data: Option<PathBuf>,
+    /// Feature files instead of checkpoint + data (k-NN, nn-loo).
+    pub train_features: Option<PathBuf>,
+    pub val_features: Option<PathBuf>,
+    pub protocol_file: Option<PathBuf>,
+    /// `key=value` overrides of the protocol file.
+    pub sets: Vec<String>,
+    /// Model name of the record (default: the checkpoint's file stem).
+    pub name: Option<String>,
+    /// Folder of the records and results.csv (and the fine-tuning run folders).
+    pub output: PathBuf,
+    pub run: RunOptions,
+}
+
+impl EvalRequest {
+    pub fn new(protocol: Protocol, output: impl Into<PathBuf>) -> Self {
+        EvalRequest {
+            protocol,
+            checkpoint: None,
+            arch: None,
+            data: None,
+            train_features: None,
+            val_features: None,
+            protocol_file: None,
+            sets: Vec::new(),
+            name: None,
+            output: output.into(),
+            run: RunOptions::default(),
+        }
+    }
+
+    pub(crate) fn checkpoint(&self) -> Result<&Path> {
+        self.checkpoint.as_deref().ok_or_else(|| Error::option("--checkpoint", format!("the {} protocol needs an encoder checkpoint", self.protocol)))
+    }
+
+    pub(crate) fn data(&self) -> Result<&Path> {
+        self.data.as_deref().ok_or_else(|| Error::option("--data", format!("the {} protocol needs a dataset root with train/ and val/", self.protocol)))
+    }
+
+    /// The record's model name: `--name`, else the checkpoint's file stem.
+    pub(crate) fn model_name(&self, fallback: &str) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            self.checkpoint.as_ref().and_then(|c| c.file_stem()).map_or(fallback.to_string(), |s| s.to_string_lossy().into_owned())
+        })
+    }
+}
+
+/// The train and val splits of a dataset root; their class lists must agree.
+pub(crate) fn open_splits(root: &Path) -> Result<(Dataset, Dataset)> {
+    let train = Dataset::open(root, "train")?;
+    let val = Dataset::open(root, "val")?;
+    if train.classes != val.classes {
+        return Err(Error::data(root, format!("train has {} classes and val {}: the class folders differ", train.classes.len(), val.classes.len())));
+    }
+    Ok((train, val))
+}
+
+/// A training loader of the protocols: shuffled per (seed, epoch), whole batches only (`drop_last`, as the
+/// reference's train loaders), bad files skipped the same way everywhere (or refused with `strict`).
+pub(crate) fn train_loader(ds: Dataset, t: Transform, batch: usize, seed: u64, run: &RunOptions) -> Result<Loader> {
+    let cfg = LoaderConfig { batch_size: batch, shuffle: true, drop_last: true, seed, workers: run.loader_workers(), strict: run.strict, quiet: run.quiet, ..Default::default() };
+    Loader::new(ds, t, cfg)
+}
+
+/// An evaluation loader: dataset order, every image.
+pub(crate) fn eval_loader(ds: Dataset, t: Transform, batch: usize, run: &RunOptions) -> Result<Loader> {
+    let cfg = LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, workers: run.loader_workers(), strict: run.strict, quiet: run.quiet, ..Default::default() };
+    Loader::new(ds, t, cfg)
+}
+
+/// Runs the request's protocol, writes its record (JSON + a CSV row) into `req.output` and returns it.
+pub fn run(req: &EvalRequest) -> Result<RunRecord> {
+    match req.protocol {
+        Protocol::Knn | Protocol::NnLoo => neighbors::run(req),
+        Protocol::Linear => linear::run(req),
+        Protocol::LinearSweep => linear_sweep::run(req),
+        Protocol::Finetune => finetune::run(req),
+    }
+}

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::write_atomic;
 use crate::error::{Error, Result};
+use crate::fsutil::{append_lines_locked, write_atomic, write_new_file};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -98,17 +98,23 @@ impl RunRecord {
         self.metrics.get(&self.headline).copied()
     }
 
-    pub fn file_name(&self) -> String {
-        let stamp = self.started_at.replace([':', '-'], "").replace('T', "-");
-        let stamp = stamp.split('.').next().unwrap_or(&stamp).trim_end_matches('Z').to_string();
-        format!("{}-{}-{}.json", sanitize(&self.model_name), self.protocol, stamp)
+    /// `<model>-<protocol>-<YYYYMMDD-HHMMSS-mmm>` from the start time, to the millisecond.
+    fn file_stem(&self) -> String {
+        let stamp = self.started_at.replace([':', '-'], "").replace('T', "-").replace('.', "-");
+        format!("{}-{}-{}", sanitize(&self.model_name), self.protocol, stamp.trim_end_matches('Z'))
     }
 
-    /// Writes `<dir>/<name>.json` atomically and appends a row to `<dir>/results.csv`; returns the JSON path.
+    /// The record's file name (`write` adds `-2`, `-3`, ... when another record already has it).
+    pub fn file_name(&self) -> String {
+        format!("{}.json", self.file_stem())
+    }
+
+    /// Writes the record as a new `<dir>/<name>.json` and appends its row to `<dir>/results.csv`; returns the JSON
+    /// path. Concurrent writers never lose a record: the JSON file is created under a name nobody holds (complete
+    /// and synced before the name appears) and the row is appended under a lock (see `fsutil`).
     pub fn write(&self, dir: &Path) -> Result<PathBuf> {
-        let path = dir.join(self.file_name());
         let json = serde_json::to_vec_pretty(self).expect("record serialises");
-        write_atomic(&path, &json)?;
+        let path = write_new_file(dir, &self.file_stem(), "json", &json)?;
         append_csv(&dir.join("results.csv"), self)?;
         Ok(path)
     }
@@ -123,7 +129,8 @@ impl RunRecord {
     }
 }
 
-fn sanitize(s: &str) -> String {
+/// A file-name-safe form of a model name.
+pub fn sanitize(s: &str) -> String {
     let s: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' { c } else { '-' }).collect();
     if s.is_empty() { "model".into() } else { s }
 }
@@ -137,23 +144,28 @@ const CSV_HEADER: &[&str] = &[
     "dataset_fingerprint", "seed", "git_commit", "duration_s",
 ];
 
-fn fingerprint_id(rec: &RunRecord) -> String {
-    rec.dataset_fingerprint
-        .as_ref()
-        .and_then(|f| f.get("paths_sha256").or_else(|| f.get("hash")).and_then(|v| v.as_str()).map(|s| s.chars().take(12).collect()))
-        .unwrap_or_default()
+/// Short id of a record's dataset fingerprint: its `hash` field, else the sha256 of its JSON.
+pub fn fingerprint_id(rec: &RunRecord) -> Option<String> {
+    let fp = rec.dataset_fingerprint.as_ref()?;
+    let h = match fp.get("hash").and_then(|v| v.as_str()) {
+        Some(h) => h.to_string(),
+        None => crate::protocols::extract::fingerprint_hash(fp),
+    };
+    Some(h.chars().take(12).collect())
 }
 
+/// One CSV line, with its newline, as the csv crate quotes it.
+fn csv_line<I: IntoIterator<Item = T>, T: AsRef<[u8]>>(fields: I) -> Vec<u8> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(fields).expect("writing to memory");
+    w.into_inner().map_err(|e| e.into_error()).expect("writing to memory")
+}
+
+/// Appends the record's row to the table: the header only into an empty table, and both as whole lines in one
+/// write under an exclusive lock, so concurrent runs neither interleave rows nor write the header twice.
 fn append_csv(path: &Path, rec: &RunRecord) -> Result<()> {
-    let fresh = !path.exists();
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| Error::io(path, e))?;
-    let mut w = csv::Writer::from_writer(file);
-    let io = |e: csv::Error| Error::io(path, std::io::Error::other(e));
-    if fresh {
-        w.write_record(CSV_HEADER).map_err(io)?;
-    }
     let f = |k: &str| rec.metrics.get(k).map(|v| format!("{v:.4}")).unwrap_or_default();
-    w.write_record([
+    let row = csv_line([
         rec.started_at.clone(),
         rec.model_name.clone(),
         rec.protocol.clone(),
@@ -164,13 +176,12 @@ fn append_csv(path: &Path, rec: &RunRecord) -> Result<()> {
         f("top5"),
         rec.arch.clone().unwrap_or_default(),
         rec.checkpoint_sha256.clone().unwrap_or_default(),
-        fingerprint_id(rec),
+        fingerprint_id(rec).unwrap_or_default(),
         rec.seed.to_string(),
         rec.provenance.git_commit.clone(),
         format!("{:.1}", rec.duration_s),
-    ])
-    .map_err(io)?;
-    w.flush().map_err(|e| Error::io(path, e))
+    ]);
+    append_lines_locked(path, &csv_line(CSV_HEADER), &row)
 }
 
 /// Reads back a `results.csv` written by `RunRecord::write`: one record per row with what the row keeps (model,

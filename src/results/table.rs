@@ -7,17 +7,31 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::check::{Entry, ReferenceFile};
+use crate::protocols::Protocol;
 use super::{markdown_table, RunRecord};
 
-/// Protocol, Markdown header, CSV prefix. The first four are always shown.
-const COLUMNS: &[(&str, &str, &str)] = &[
-    ("nn-loo", "NN (LOO 1-NN)", "nn"),
-    ("knn", "k-NN", "knn"),
-    ("linear", "LP", "lp"),
-    ("finetune", "Ft", "ft"),
-    ("linear-sweep", "LP sweep", "lp_sweep"),
-];
+/// NN, k-NN, LP and Ft are always shown.
 const ALWAYS: usize = 4;
+/// The MAE probe on the global-pool feature gets a column of its own beside the CLS probe.
+const LP_GAP: &str = "linear:global_pool";
+
+/// Column key, Markdown header and CSV prefix, in table order: the protocols, with LP on the global-pool feature
+/// after the CLS probe.
+fn columns() -> Vec<(String, &'static str, &'static str)> {
+    let mut cols: Vec<(String, &'static str, &'static str)> = Protocol::ALL.iter().map(|p| (p.name().to_string(), p.column().0, p.column().1)).collect();
+    cols.push((LP_GAP.into(), "LP (avg pool)", "lp_gap"));
+    cols
+}
+
+/// The column a record belongs to.
+fn column_key(r: &RunRecord) -> String {
+    let gap = r.protocol == Protocol::Linear.name() && r.config.get("feature").and_then(|f| f.as_str()) == Some("global_pool");
+    if gap {
+        LP_GAP.into()
+    } else {
+        r.protocol.clone()
+    }
+}
 const MARK_VERSION: &str = "†";
 const MARK_DATA: &str = "‡";
 
@@ -29,8 +43,11 @@ pub struct Cell {
     /// k of a k-NN headline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub k: Option<i64>,
+    /// The absolute lr, and the base lr it was scaled from (`blr * batch / 256`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blr: Option<f64>,
     pub version: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dataset_fingerprint: Option<String>,
@@ -69,15 +86,7 @@ pub struct Table {
     pub reference_version: Option<String>,
 }
 
-/// Short id of a record's dataset fingerprint: its `hash` field, else the sha256 of its JSON.
-pub fn fingerprint_id(rec: &RunRecord) -> Option<String> {
-    let fp = rec.dataset_fingerprint.as_ref()?;
-    let h = match fp.get("hash").and_then(|v| v.as_str()) {
-        Some(h) => h.to_string(),
-        None => crate::protocols::extract::fingerprint_hash(fp),
-    };
-    Some(h.chars().take(12).collect())
-}
+pub use super::fingerprint_id;
 
 fn num(v: &serde_json::Value, key: &str) -> Option<f64> {
     v.get(key).and_then(|x| x.as_f64())
@@ -90,7 +99,8 @@ fn cell_of(recs: &[&RunRecord]) -> Option<Cell> {
         value,
         top5: rec.metrics.get("top5").copied(),
         k: rec.config.get("headline_k").and_then(|k| k.as_i64()),
-        lr: num(&rec.config, "lr").or_else(|| num(&rec.config, "blr")),
+        lr: num(&rec.config, "lr"),
+        blr: num(&rec.config, "blr"),
         version: Some(rec.protocol_version.clone()),
         dataset_fingerprint: fingerprint_id(rec),
         marks: Vec::new(),
@@ -113,7 +123,8 @@ fn mode<'a>(values: impl Iterator<Item = &'a str>) -> Option<String> {
 
 /// Builds the table from records and, optionally, a reference file.
 pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table {
-    let known = |p: &str| COLUMNS.iter().any(|c| c.0 == p);
+    let cols = columns();
+    let known = |p: &str| Protocol::from_name(p).is_some();
     let mut groups: BTreeMap<(String, String), Vec<&RunRecord>> = BTreeMap::new();
     for r in records.iter().filter(|r| known(&r.protocol)) {
         groups.entry((r.model_name.clone(), r.checkpoint_sha256.clone().unwrap_or_default())).or_default().push(r);
@@ -125,8 +136,8 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
     let mut rows = Vec::new();
     for ((name, sha), recs) in &groups {
         let mut cells = BTreeMap::new();
-        for (proto, _, _) in COLUMNS {
-            let of: Vec<&RunRecord> = recs.iter().copied().filter(|r| r.protocol == *proto).collect();
+        for (proto, _, _) in &cols {
+            let of: Vec<&RunRecord> = recs.iter().copied().filter(|r| column_key(r) == *proto).collect();
             if let Some(c) = cell_of(&of) {
                 cells.insert(proto.to_string(), c);
             }
@@ -148,7 +159,8 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
     }
 
     let mut footnotes = Vec::new();
-    for (proto, header, _) in COLUMNS {
+    for (proto, header, _) in &cols {
+        let proto = &proto.as_str();
         let present: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].cells.contains_key(*proto)).collect();
         if present.len() < 2 {
             continue;
@@ -215,8 +227,9 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
                     Cell {
                         value: e.value,
                         top5: None,
-                        k: (e.protocol == "knn").then_some(20),
+                        k: (e.protocol == Protocol::Knn.name()).then_some(20),
                         lr: None,
+                        blr: None,
                         version: rf.version.as_ref().map(|v| format!("reference v{v}")),
                         dataset_fingerprint: None,
                         marks,
@@ -239,15 +252,15 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
             });
         }
         if unverified {
-            footnotes.push("° not confirmed in a primary source ([MEM] or [unverified] in the spec)".into());
+            footnotes.push("° not confirmed in a primary source (see the source column)".into());
         }
     }
 
-    let columns = COLUMNS
+    let columns = cols
         .iter()
         .enumerate()
-        .filter(|(i, c)| *i < ALWAYS || rows.iter().any(|r| r.cells.contains_key(c.0)))
-        .map(|(_, c)| c.0.to_string())
+        .filter(|(i, c)| *i < ALWAYS || rows.iter().any(|r| r.cells.contains_key(&c.0)))
+        .map(|(_, c)| c.0.clone())
         .collect();
     Table {
         columns,
@@ -259,11 +272,11 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
 }
 
 fn header_of(proto: &str) -> &'static str {
-    COLUMNS.iter().find(|c| c.0 == proto).map(|c| c.1).unwrap_or("?")
+    columns().into_iter().find(|c| c.0 == proto).map(|c| c.1).unwrap_or("?")
 }
 
 fn csv_prefix(proto: &str) -> &'static str {
-    COLUMNS.iter().find(|c| c.0 == proto).map(|c| c.2).unwrap_or("?")
+    columns().into_iter().find(|c| c.0 == proto).map(|c| c.2).unwrap_or("?")
 }
 
 fn cell_text(c: &Cell, reference: bool) -> String {
@@ -271,8 +284,10 @@ fn cell_text(c: &Cell, reference: bool) -> String {
     if let Some(k) = c.k.filter(|_| !reference) {
         s.push_str(&format!(" (k={k})"));
     }
-    if let Some(lr) = c.lr {
-        s.push_str(&format!(" (lr {lr})"));
+    match (c.lr, c.blr) {
+        (Some(lr), _) => s.push_str(&format!(" (lr {lr})")),
+        (None, Some(blr)) => s.push_str(&format!(" (blr {blr})")),
+        _ => {}
     }
     for m in &c.marks {
         s.push(' ');
@@ -286,7 +301,7 @@ impl Table {
         let mut header = vec!["model".to_string(), "arch".into(), "data".into()];
         for p in &self.columns {
             header.push(header_of(p).into());
-            if p == "knn" {
+            if p == Protocol::Knn.name() {
                 header.push("k-NN top-5".into());
             }
         }
@@ -301,7 +316,7 @@ impl Table {
                 let mut v = vec![model, r.arch.clone().unwrap_or_default(), r.dataset.clone().unwrap_or_default()];
                 for p in &self.columns {
                     v.push(r.cells.get(p).map(|c| cell_text(c, reference)).unwrap_or_else(|| "–".into()));
-                    if p == "knn" {
+                    if p == Protocol::Knn.name() {
                         v.push(r.cells.get(p).and_then(|c| c.top5).map(|t| format!("{t:.2}")).unwrap_or_else(|| "–".into()));
                     }
                 }
@@ -330,7 +345,7 @@ impl Table {
         for p in &self.columns {
             let c = csv_prefix(p);
             header.push(format!("{c}_top1"));
-            if p == "knn" {
+            if p == Protocol::Knn.name() {
                 header.push(format!("{c}_top5"));
                 header.push(format!("{c}_k"));
             }
@@ -351,7 +366,7 @@ impl Table {
             for p in &self.columns {
                 let c = r.cells.get(p);
                 v.push(c.map(|c| format!("{}", c.value)).unwrap_or_default());
-                if p == "knn" {
+                if p == Protocol::Knn.name() {
                     v.push(c.and_then(|c| c.top5).map(|t| t.to_string()).unwrap_or_default());
                     v.push(c.and_then(|c| c.k).map(|k| k.to_string()).unwrap_or_default());
                 }

@@ -1,4 +1,4 @@
-//! AdamW and SGD with their state held as named tensors, so that checkpoints carry them and a resumed run
+//! AdamW and LARS with their state held as named tensors, so that checkpoints carry them and a resumed run
 //! continues bit for bit. The update follows PyTorch's single-tensor AdamW exactly (decoupled weight decay first,
 //! then the bias-corrected Adam step).
 use tch::{Kind, Tensor};
@@ -36,12 +36,7 @@ impl AdamW {
     }
 
     pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            let mut g = p.tensor.grad();
-            if g.defined() {
-                let _ = g.detach_().zero_();
-            }
-        }
+        zero_grads(&self.params)
     }
 
     /// One step with base learning rate `lr` (times each parameter's `lr_scale`).
@@ -109,6 +104,16 @@ impl AdamW {
     }
 }
 
+/// Zeroes the gradients of `params` in place (kept allocated, as PyTorch's `set_to_none=False`).
+fn zero_grads(params: &[Param]) {
+    for p in params {
+        let mut g = p.tensor.grad();
+        if g.defined() {
+            let _ = g.detach_().zero_();
+        }
+    }
+}
+
 /// Global L2 norm of the gradients of `params`; with `max_norm`, scales them down to that norm as PyTorch's
 /// `clip_grad_norm_` does (factor `max_norm / (norm + 1e-6)`, only when below 1).
 pub fn grad_norm<'a>(params: impl Iterator<Item = &'a Tensor> + Clone, max_norm: Option<f64>) -> f64 {
@@ -147,12 +152,7 @@ impl Lars {
     }
 
     pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            let mut g = p.tensor.grad();
-            if g.defined() {
-                let _ = g.detach_().zero_();
-            }
-        }
+        zero_grads(&self.params)
     }
 
     pub fn step(&mut self, lr: f64) {
@@ -177,20 +177,5 @@ impl Lars {
                 let _ = p.tensor.g_add_(&(&*mu * (-lr * p.lr_scale)));
             }
         });
-    }
-
-    pub fn state(&self) -> Vec<(String, Tensor)> {
-        self.params.iter().zip(&self.mu).map(|(p, m)| (format!("mu.{}", p.name), m.shallow_clone())).collect()
-    }
-
-    pub fn load_state(&mut self, get: impl Fn(&str) -> Option<Tensor>) -> Result<(), String> {
-        tch::no_grad(|| {
-            for (p, m) in self.params.iter().zip(&mut self.mu) {
-                let key = format!("mu.{}", p.name);
-                let src = get(&key).ok_or_else(|| format!("optimizer state `{key}` is missing"))?;
-                m.copy_(&src.to_device(m.device()));
-            }
-            Ok(())
-        })
     }
 }

@@ -12,14 +12,25 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::optim::{AdamW, Param};
 use super::schedule::{lr_at, momentum_at, sim_target_at};
+use super::step::{run_epoch, Flow, Optimizer, StepEvent, StepRule, TrainStep};
 use crate::checkpoint;
+use crate::config::Precision;
 use crate::error::{Error, Result};
 use crate::model::lmim::{decays, export_encoder, random_views, Lmim, LmimModelConfig};
+use crate::data::dataset::Dataset;
+use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::transforms::Transform;
 use crate::model::vit::with_amp;
+use crate::model::VisionTransformer;
+use crate::protocols::extract::{eval_transform, image_features, FeatureKind};
+use crate::protocols::knn::{nn_loo, SearchConfig};
+use crate::results::metrics_log::MetricsLog;
+use crate::results::{Provenance, RunRecord};
 
-/// Pretraining config. Keys follow the reference command (`blr`, `min_lr_frac`, `accum_iter`, ...).
+/// Pretraining config. Keys follow the reference command (`blr`, `min_lr_frac`, `epochs`, ...); the batch is
+/// named as the global batch of an optimiser step, and the accumulation follows from it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct PretrainConfig {
     #[serde(flatten)]
     pub model: LmimModelConfig,
@@ -27,16 +38,17 @@ pub struct PretrainConfig {
     pub data: String,
     pub epochs: f64,
     pub warmup_epochs: f64,
-    /// Base learning rate; lr = blr * batch_size * accum_iter * world_size / 256.
+    /// Base learning rate; lr = blr * batch_size / 256.
     pub blr: f64,
     /// Floor (and warmup start) of the lr, as a fraction of the peak lr.
     pub min_lr_frac: f64,
     pub weight_decay: f64,
     pub beta1: f64,
     pub beta2: f64,
-    /// Micro-batch size per process.
+    /// Global batch of an optimiser step: 4096 in the reference (8 GPUs x 256 x accum 2).
     pub batch_size: i64,
-    pub accum_iter: i64,
+    /// Batch of one forward pass of one process; accumulation = batch_size / (micro_batch_size x processes).
+    pub micro_batch_size: i64,
     /// Gradient clipping by global norm; 0 disables it (the reference does not clip).
     pub clip_grad: f64,
     /// RandomResizedCrop scale range of the training crop.
@@ -45,15 +57,20 @@ pub struct PretrainConfig {
     pub seed: u64,
     /// `auto` (CUDA if present), `cpu`, `cuda`, `cuda:N`.
     pub device: String,
-    /// `auto` (bf16 on CUDA, f32 on CPU), `bf16` or `f32`.
-    pub precision: String,
+    pub precision: Precision,
+    /// Decode threads (0: all cores).
     pub num_workers: usize,
-    /// Optimiser steps between metric lines.
+    /// Optimiser steps between metric lines (each the mean over its window).
     pub log_every: i64,
     /// Optimiser steps between checkpoints (0: only at the end of each epoch).
     pub checkpoint_every: i64,
     /// Checkpoints kept on disk (the newest ones).
     pub keep_last: usize,
+    /// Epochs between permanent checkpoints that keep_last never removes (the reference's `save_freq`; 0: none).
+    pub save_every: usize,
+    /// Epochs between evaluations of the leave-one-out 1-NN monitor on the `val` split, when there is one (the
+    /// reference's `eval_freq`; the first and last epochs are always evaluated; 0: never).
+    pub nn_every: usize,
 }
 
 impl Default for PretrainConfig {
@@ -68,46 +85,56 @@ impl Default for PretrainConfig {
             weight_decay: 0.05,
             beta1: 0.9,
             beta2: 0.95,
-            batch_size: 256,
-            accum_iter: 2,
+            batch_size: 4096,
+            micro_batch_size: 256,
             clip_grad: 0.0,
             crop_scale_min: 0.2,
             crop_scale_max: 1.0,
             seed: 0,
             device: "auto".into(),
-            precision: "auto".into(),
+            precision: Precision::Auto,
             num_workers: 0,
             log_every: 20,
             checkpoint_every: 0,
             keep_last: 3,
+            save_every: 100,
+            nn_every: 10,
         }
     }
 }
+
+/// Keys that may differ when a run is resumed: they change how it runs or what it writes, not its trajectory.
+pub const RESUMABLE_KEYS: &[&str] = &["epochs", "data", "device", "num_workers", "log_every", "checkpoint_every", "keep_last", "save_every", "nn_every"];
 
 impl PretrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         let bad = |k: &str, r: &str| Err(Error::option(k, r));
-        if self.epochs <= 0.0 || self.epochs.fract() != 0.0 {
+        if !(self.epochs > 0.0 && self.epochs <= 1e6) || self.epochs.fract() != 0.0 {
             return bad("epochs", "must be a positive whole number");
         }
         if self.warmup_epochs < 0.0 || self.warmup_epochs > self.epochs {
             return bad("warmup_epochs", "must be between 0 and epochs");
         }
-        if self.batch_size < 1 || self.accum_iter < 1 {
-            return bad("batch_size", "batch_size and accum_iter must be >= 1");
+        if !(self.blr > 0.0 && self.blr.is_finite()) {
+            return bad("blr", "must be a positive number");
         }
-        if !matches!(self.precision.as_str(), "auto" | "bf16" | "f32") {
-            return bad("precision", "must be auto, bf16 or f32");
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad("beta2", "beta1 and beta2 must be in [0, 1)");
         }
+        if !(0.0 < self.crop_scale_min && self.crop_scale_min <= self.crop_scale_max && self.crop_scale_max <= 1.0) {
+            return bad("crop_scale_min", "need 0 < crop_scale_min <= crop_scale_max <= 1");
+        }
+        self.accum_iter(1)?;
         Ok(())
     }
 
-    pub fn effective_batch(&self) -> i64 {
-        self.batch_size * self.accum_iter
+    /// Micro-batches per optimiser step and process.
+    pub fn accum_iter(&self, world_size: i64) -> Result<i64> {
+        super::accum_for(self.batch_size, self.micro_batch_size, world_size)
     }
     pub fn peak_lr(&self) -> f64 {
-        self.blr * self.effective_batch() as f64 / 256.0
+        super::scaled_lr(self.blr, self.batch_size)
     }
 }
 
@@ -135,6 +162,10 @@ impl RunPaths {
     }
     pub fn encoder(&self) -> PathBuf {
         self.dir.join("encoder.safetensors")
+    }
+    /// A permanent checkpoint (every `save_every` epochs), never rotated away.
+    pub fn permanent(&self, epoch: usize) -> PathBuf {
+        self.checkpoints().join("keep").join(format!("epoch-{epoch:05}.safetensors"))
     }
     pub fn checkpoint(&self, step: i64) -> PathBuf {
         self.checkpoints().join(format!("ckpt-{step:08}.safetensors"))
@@ -182,6 +213,66 @@ pub struct Trainer {
     pub pos: Position,
     pub device: Device,
     amp: Option<Kind>,
+    /// Hash of the training split's fingerprint, stored in checkpoints so that a resume on other data is refused.
+    pub dataset_hash: Option<String>,
+    /// Micro-batches per epoch of the data source (sets the fractional epoch of the schedules).
+    iters_per_epoch: usize,
+    step_state: StepState,
+    window: Window,
+}
+
+/// The schedules' values of the current optimiser step.
+#[derive(Debug, Clone, Copy, Default)]
+struct StepState {
+    lr: f64,
+    mom: f64,
+    sim_target: f64,
+}
+
+/// Sums of the per-micro-batch statistics over the current logging window and over the epoch.
+#[derive(Debug, Clone, Default)]
+struct Window {
+    names: Vec<&'static str>,
+    sums: Vec<f64>,
+    epoch_sums: Vec<f64>,
+    n: usize,
+    epoch_n: usize,
+    images: usize,
+    grad_norm: Vec<f64>,
+}
+
+impl Window {
+    const NAMES: [&'static str; 7] = ["loss", "loss_main", "loss_reg", "avg_sim_pred", "avg_sim_vis", "avg_sim_trg", "target_std"];
+
+    fn add(&mut self, values: &[f64]) {
+        if self.sums.is_empty() {
+            self.names = Self::NAMES.to_vec();
+            self.sums = vec![0.0; values.len()];
+            self.epoch_sums = vec![0.0; values.len()];
+        }
+        for ((s, e), v) in self.sums.iter_mut().zip(&mut self.epoch_sums).zip(values) {
+            *s += v;
+            *e += v;
+        }
+        self.n += 1;
+        self.epoch_n += 1;
+    }
+
+    fn means(&self, epoch: bool) -> BTreeMap<String, f64> {
+        let (sums, n) = if epoch { (&self.epoch_sums, self.epoch_n) } else { (&self.sums, self.n) };
+        self.names.iter().zip(sums).map(|(k, s)| (k.to_string(), s / n.max(1) as f64)).collect()
+    }
+
+    fn reset(&mut self, epoch: bool) {
+        self.sums.iter_mut().for_each(|s| *s = 0.0);
+        self.n = 0;
+        self.images = 0;
+        self.grad_norm.clear();
+        if epoch {
+            self.epoch_sums.iter_mut().for_each(|s| *s = 0.0);
+            self.epoch_n = 0;
+        }
+    }
 }
 
 fn seed_for(seed: u64, epoch: usize, iter: usize) -> u64 {
@@ -190,6 +281,49 @@ fn seed_for(seed: u64, epoch: usize, iter: usize) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// The Latent MIM step (reference order): EMA update of the target and the schedules at the start of each
+/// optimiser step, views keyed by (seed, epoch, micro-batch), online + target encoders, decoder, loss.
+impl TrainStep for Trainer {
+    type Batch = Tensor;
+    fn batch_len(b: &Tensor) -> usize {
+        b.size()[0] as usize
+    }
+    fn begin_step(&mut self, t: f64) -> f64 {
+        let cfg = &self.cfg;
+        let lr = cfg.peak_lr();
+        self.step_state = StepState {
+            lr: lr_at(t, lr, lr * cfg.min_lr_frac, cfg.warmup_epochs, cfg.epochs),
+            mom: momentum_at(t, cfg.model.target_mom, cfg.epochs),
+            sim_target: sim_target_at(t, cfg.model.sim_init, cfg.model.sim_end, cfg.epochs),
+        };
+        self.model.ema_update(&self.vs, self.step_state.mom);
+        self.step_state.lr
+    }
+    fn loss(&mut self, images: Tensor, epoch: usize, iter: usize) -> Result<Tensor> {
+        let images = images.to_device(self.device);
+        let sub_seed = seed_for(self.cfg.seed, epoch, iter);
+        let mut rng = ChaCha8Rng::seed_from_u64(sub_seed);
+        tch::manual_seed(sub_seed as i64 & i64::MAX);
+        let vit = &self.model.vit_cfg;
+        let views = random_views(&images, vit.patch_size, self.cfg.model.patch_gap, self.cfg.model.num_vis, &mut rng);
+        let out = with_amp(self.amp, || self.model.forward(&views, self.step_state.sim_target, true));
+        // One host sync for all the monitors of the micro-batch.
+        let stats = tch::no_grad(|| {
+            Tensor::stack(&[&out.loss, &out.loss_main, &out.loss_reg, &out.avg_sim_pred, &out.avg_sim_vis, &out.avg_sim_trg, &out.target_std].map(|t| t.to_kind(Kind::Double)), 0).to_device(Device::Cpu)
+        });
+        let values: Vec<f64> = Vec::<f64>::try_from(&stats).map_err(Error::Torch)?;
+        self.window.add(&values);
+        self.window.images += images.size()[0] as usize;
+        Ok(out.loss)
+    }
+    fn optimizer(&mut self) -> &mut dyn Optimizer {
+        &mut self.opt
+    }
+    fn what(&self) -> &'static str {
+        "pretraining"
+    }
 }
 
 impl Trainer {
@@ -207,12 +341,23 @@ impl Trainer {
             })
             .collect();
         let opt = AdamW::new(params, cfg.beta1, cfg.beta2, 1e-8);
-        let amp = match cfg.precision.as_str() {
-            "bf16" => Some(Kind::BFloat16),
-            "auto" if device.is_cuda() => Some(Kind::BFloat16),
-            _ => None,
-        };
-        Ok(Trainer { cfg: cfg.clone(), vs, model, opt, pos: Position::default(), device, amp })
+        let amp = cfg.precision.autocast(device);
+        Ok(Trainer { cfg: cfg.clone(), vs, model, opt, pos: Position::default(), device, amp, dataset_hash: None, iters_per_epoch: 1, step_state: StepState::default(), window: Window::default() })
+    }
+
+    /// The step rule of this run (one process).
+    pub fn rule(&self) -> Result<StepRule> {
+        let clip = (self.cfg.clip_grad > 0.0).then_some(self.cfg.clip_grad);
+        Ok(StepRule { accum: self.cfg.accum_iter(1)? as usize, clip })
+    }
+
+    /// One optimiser step on `micro_batches` outside any epoch loop (what `bench pretrain` times).
+    pub fn timed_step(&mut self, micro_batches: Vec<Tensor>, index: usize) -> Result<f64> {
+        self.iters_per_epoch = micro_batches.len().max(1);
+        let clip = self.rule()?.clip;
+        let loss = super::step::one_step(self, micro_batches, index, clip);
+        self.window.reset(true);
+        loss
     }
 
     /// Writes model, target, optimiser state and position to `path` atomically.
@@ -227,7 +372,36 @@ impl Trainer {
         meta.insert("step".to_string(), self.pos.step.to_string());
         meta.insert("config".to_string(), serde_json::to_string(&self.cfg).expect("config serialises"));
         meta.insert("arch".to_string(), self.model.vit_cfg.arch.clone());
+        if let Some(h) = &self.dataset_hash {
+            meta.insert("dataset_hash".to_string(), h.clone());
+        }
         checkpoint::save(path, &tensors, &meta)
+    }
+
+    /// Refuses to resume from `path` when its recipe or data differ from this run's (keys named), unless `anyway`.
+    pub fn check_resume(&self, path: &Path, anyway: bool) -> Result<()> {
+        let ck = checkpoint::load(path)?;
+        let saved: PretrainConfig = ck
+            .metadata
+            .get("config")
+            .ok_or_else(|| Error::checkpoint(path, "no `config` metadata"))
+            .and_then(|c| serde_json::from_str(c).map_err(|e| Error::checkpoint(path, format!("metadata `config` does not parse: {e}"))))?;
+        let mut changed: Vec<String> = crate::config::changed_keys(&saved, &self.cfg)
+            .into_iter()
+            .filter(|kv| !RESUMABLE_KEYS.iter().any(|k| kv.split('=').next() == Some(k)))
+            .collect();
+        if let (Some(a), Some(b)) = (ck.metadata.get("dataset_hash"), &self.dataset_hash) {
+            if a != b {
+                changed.push("the training data (dataset fingerprint)".into());
+            }
+        }
+        if changed.is_empty() || anyway {
+            return Ok(());
+        }
+        Err(Error::option(
+            "--resume-anyway",
+            format!("{} was made with another recipe: {} differ(s); start a new --output, or pass --resume-anyway", path.display(), changed.join(", ")),
+        ))
     }
 
     /// Restores everything [`Trainer::save_checkpoint`] wrote. A checkpoint of another model is an error.
@@ -253,120 +427,135 @@ impl Trainer {
         Ok(())
     }
 
-    /// Runs until `cfg.epochs`, resuming from `self.pos`. Metric lines go to `paths.metrics()`.
-    pub fn train(&mut self, data: &dyn BatchSource, paths: &RunPaths, quiet: bool) -> Result<PretrainSummary> {
+    /// Whether every model and target variable is finite (checked before a checkpoint is written, so that a
+    /// diverging update never becomes the "last good" checkpoint).
+    fn weights_finite(&self) -> bool {
+        tch::no_grad(|| self.vs.variables().values().all(|t| t.isfinite().all().int64_value(&[]) != 0))
+    }
+
+    /// Runs until `cfg.epochs`, resuming from `self.pos`. Metric lines (means over each logging window, and over
+    /// each epoch) go to `log`; the NN monitor runs on `monitor` when given.
+    pub fn train(&mut self, data: &dyn BatchSource, paths: &RunPaths, log: &mut MetricsLog, monitor: Option<&NnMonitor>, quiet: bool) -> Result<PretrainSummary> {
         let cfg = self.cfg.clone();
+        let rule = self.rule()?;
         let iters_per_epoch = data.batches_per_epoch();
-        let accum = cfg.accum_iter as usize;
-        // Micro-batches that complete an optimiser step; the reference discards the gradient of a trailing one.
-        let used_iters = iters_per_epoch / accum * accum;
+        self.iters_per_epoch = iters_per_epoch;
+        let used_iters = rule.used_iters(iters_per_epoch);
         if used_iters == 0 {
-            return Err(Error::option("batch_size", format!("the data set gives {iters_per_epoch} batches per epoch, fewer than accum_iter = {accum}")));
+            return Err(Error::option("batch_size", format!("the data set gives {iters_per_epoch} micro-batches per epoch, fewer than one step of {} ({} x {})", cfg.batch_size, cfg.micro_batch_size, rule.accum)));
         }
         let epochs = cfg.epochs as usize;
-        let total_steps = (epochs * used_iters / accum) as u64;
-        let (lr, min_lr) = (cfg.peak_lr(), cfg.peak_lr() * cfg.min_lr_frac);
+        let total_steps = (epochs * used_iters / rule.accum) as u64;
         let bar = progress_bar(total_steps, quiet);
         bar.set_position(self.pos.step as u64);
         std::fs::create_dir_all(paths.checkpoints()).map_err(|e| Error::io(paths.checkpoints(), e))?;
-        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(paths.metrics()).map_err(|e| Error::io(paths.metrics(), e))?;
-        let (mut cur_lr, mut mom, mut sim_t) = (0.0, 0.0, 0.0);
         let mut last_loss = f64::NAN;
         let mut monitors = BTreeMap::new();
-        let mut window_imgs = 0usize;
         let mut window_start = Instant::now();
         let run_start = Instant::now();
         let mut run_imgs = 0usize;
         let mut last_ckpt: Option<PathBuf> = paths.list_checkpoints().last().cloned();
+        let mut nn_last: Option<f64> = None;
+        if self.pos.step == 0 {
+            if let Some(m) = monitor.filter(|_| cfg.nn_every > 0) {
+                let top1 = m.evaluate(&self.model.encoder.vit)?;
+                log.log(&serde_json::json!({ "step": 0, "epoch": 0.0, "nn_top1": top1 }))?;
+                nn_last = Some(top1);
+            }
+        }
+        self.window.reset(true);
         while self.pos.epoch < epochs {
             let epoch = self.pos.epoch;
-            let mut batches = data.epoch_batches(epoch, self.pos.iter);
-            while self.pos.iter < used_iters {
-                let it = self.pos.iter;
-                let images = batches.next().ok_or_else(|| Error::data(&cfg.data, format!("the loader ended early in epoch {epoch} at batch {it}")))??;
-                let images = images.to_device(self.device);
-                if it % accum == 0 {
-                    let t = epoch as f64 + it as f64 / iters_per_epoch as f64;
-                    cur_lr = lr_at(t, lr, min_lr, cfg.warmup_epochs, cfg.epochs);
-                    mom = momentum_at(t, cfg.model.target_mom, cfg.epochs);
-                    sim_t = sim_target_at(t, cfg.model.sim_init, cfg.model.sim_end, cfg.epochs);
-                    self.model.ema_update(&self.vs, mom);
+            let start = self.pos.iter;
+            let mut batches = data.epoch_batches(epoch, start);
+            let want_norm = |step: i64| step % cfg.log_every.max(1) == 0;
+            let mut on_step = |tr: &mut Trainer, ev: &StepEvent| -> Result<Flow> {
+                tr.pos.iter = ev.next_iter;
+                tr.pos.step = ev.step;
+                if ev.epoch_end {
+                    tr.pos.epoch += 1;
+                    tr.pos.iter = 0;
                 }
-                let sub_seed = seed_for(cfg.seed, epoch, it);
-                let mut rng = ChaCha8Rng::seed_from_u64(sub_seed);
-                tch::manual_seed(sub_seed as i64 & i64::MAX);
-                let vit = &self.model.vit_cfg;
-                let views = random_views(&images, vit.patch_size, cfg.model.patch_gap, cfg.model.num_vis, &mut rng);
-                let out = with_amp(self.amp, || self.model.forward(&views, sim_t, true));
-                let loss = out.loss.double_value(&[]);
-                if !loss.is_finite() {
-                    let keep = last_ckpt.as_ref().map_or("none".to_string(), |p| p.display().to_string());
-                    return Err(Error::Diverged(format!(
-                        "loss is {loss} at step {} (epoch {epoch}, micro-batch {it}); stopped, last good checkpoint: {keep}",
-                        self.pos.step + 1
-                    )));
+                if let Some(g) = ev.grad_norm {
+                    tr.window.grad_norm.push(g);
                 }
-                (&out.loss / cfg.accum_iter as f64).backward();
-                window_imgs += images.size()[0] as usize;
-                run_imgs += images.size()[0] as usize;
-                self.pos.iter += 1;
-                if (it + 1) % accum != 0 {
-                    continue;
-                }
-                let clip = (cfg.clip_grad > 0.0).then_some(cfg.clip_grad);
-                let gnorm = self.opt.grad_norm(clip);
-                self.opt.step(cur_lr);
-                self.opt.zero_grad();
-                self.pos.step += 1;
-                last_loss = loss;
+                last_loss = ev.loss;
+                run_imgs += ev.images;
                 bar.inc(1);
-                bar.set_message(format!("epoch {epoch} loss {loss:.4}"));
-                if self.pos.iter == used_iters {
-                    self.pos.epoch += 1;
-                    self.pos.iter = 0;
-                }
-                let log_now = self.pos.step % cfg.log_every.max(1) == 0 || self.pos.iter == 0;
-                if log_now {
+                bar.set_message(format!("epoch {epoch} loss {:.4}{}", ev.loss, nn_last.map_or(String::new(), |n| format!(" nn {n:.1}"))));
+                if ev.step % cfg.log_every.max(1) == 0 || ev.epoch_end {
                     let secs = window_start.elapsed().as_secs_f64().max(1e-9);
-                    monitors = BTreeMap::from([
-                        ("loss_main".to_string(), out.loss_main.double_value(&[])),
-                        ("loss_reg".to_string(), out.loss_reg.double_value(&[])),
-                        ("avg_sim_pred".to_string(), out.avg_sim_pred.double_value(&[])),
-                        ("avg_sim_vis".to_string(), out.avg_sim_vis.double_value(&[])),
-                        ("avg_sim_trg".to_string(), out.avg_sim_trg.double_value(&[])),
-                        ("target_std".to_string(), out.target_std.double_value(&[])),
-                    ]);
+                    monitors = tr.window.means(false);
+                    let st = tr.step_state;
                     let mut line = serde_json::json!({
-                        "step": self.pos.step, "epoch": epoch as f64 + it as f64 / iters_per_epoch as f64,
-                        "loss": loss, "lr": cur_lr, "momentum": mom, "sim_target": sim_t, "grad_norm": gnorm,
-                        "img_per_s": window_imgs as f64 / secs,
+                        "step": ev.step, "epoch": epoch as f64 + ev.next_iter as f64 / iters_per_epoch as f64,
+                        "lr": st.lr, "mom": st.mom, "sim_trg": st.sim_target,
+                        "img_per_s": tr.window.images as f64 / secs,
                     });
+                    if let Some(g) = tr.window.grad_norm.last() {
+                        line["grad_norm"] = serde_json::json!(g);
+                    }
                     for (k, v) in &monitors {
                         line[k] = serde_json::json!(v);
                     }
-                    use std::io::Write;
-                    writeln!(log, "{line}").map_err(|e| Error::io(paths.metrics(), e))?;
-                    window_imgs = 0;
+                    log.log(&line)?;
+                    tr.window.reset(false);
                     window_start = Instant::now();
                 }
-                let epoch_end = self.pos.iter == 0;
-                if epoch_end || (cfg.checkpoint_every > 0 && self.pos.step % cfg.checkpoint_every == 0) {
-                    let path = paths.checkpoint(self.pos.step);
-                    self.save_checkpoint(&path)?;
+                if ev.epoch_end || (cfg.checkpoint_every > 0 && ev.step % cfg.checkpoint_every == 0) {
+                    if !tr.weights_finite() {
+                        let keep = last_ckpt.as_ref().map_or("none".to_string(), |p| p.display().to_string());
+                        return Err(Error::Diverged(format!(
+                            "the weights are not finite after step {} (epoch {epoch}); nothing was saved. The last good checkpoint is {keep}: resume from it with `--resume-from` and a lower blr",
+                            ev.step
+                        )));
+                    }
+                    let path = paths.checkpoint(tr.pos.step);
+                    tr.save_checkpoint(&path)?;
                     last_ckpt = Some(path);
+                    if ev.epoch_end && cfg.save_every > 0 && tr.pos.epoch % cfg.save_every == 0 {
+                        let keep = paths.permanent(tr.pos.epoch);
+                        std::fs::create_dir_all(keep.parent().expect("has a parent")).map_err(|e| Error::io(&keep, e))?;
+                        tr.save_checkpoint(&keep)?;
+                    }
                     let all = paths.list_checkpoints();
                     for old in all.iter().take(all.len().saturating_sub(cfg.keep_last.max(1))) {
                         let _ = std::fs::remove_file(old);
                     }
                 }
-                if epoch_end {
-                    self.export_encoder(&paths.encoder())?;
-                    break;
-                }
+                Ok(Flow::Continue)
+            };
+            let mut step = self.pos.step;
+            let stats = run_epoch(self, rule, &mut batches, epoch, start, iters_per_epoch, &mut step, &want_norm, &mut on_step)
+                .map_err(|e| match e {
+                    Error::Diverged(m) if !m.contains("last good") => {
+                        let keep = paths.list_checkpoints().last().map_or("none".to_string(), |p| p.display().to_string());
+                        Error::Diverged(format!("{m}; stopped. The last good checkpoint is {keep}: resume from it with `--resume-from` and a lower blr"))
+                    }
+                    other => other,
+                })?;
+            if stats.stopped {
+                break;
             }
+            let mut line = serde_json::json!({ "step": self.pos.step, "epoch": self.pos.epoch as f64, "epoch_mean": true });
+            for (k, v) in self.window.means(true) {
+                line[k] = serde_json::json!(v);
+            }
+            let done = self.pos.epoch;
+            if let Some(m) = monitor.filter(|_| cfg.nn_every > 0 && (done % cfg.nn_every == 0 || done == epochs || done == 1)) {
+                let top1 = m.evaluate(&self.model.encoder.vit)?;
+                line["nn_top1"] = serde_json::json!(top1);
+                nn_last = Some(top1);
+            }
+            log.log(&line)?;
+            self.window.reset(true);
+            self.export_encoder(&paths.encoder())?;
         }
         bar.finish_and_clear();
         self.export_encoder(&paths.encoder())?;
+        if let Some(n) = nn_last {
+            monitors.insert("nn_top1".into(), n);
+        }
         Ok(PretrainSummary {
             steps: self.pos.step,
             epochs,
@@ -389,6 +578,43 @@ impl Trainer {
         meta.insert("config".to_string(), serde_json::to_string(&vit_cfg).expect("config serialises"));
         meta.insert("step".to_string(), self.pos.step.to_string());
         checkpoint::save(path, &export_encoder(&self.vs), &meta)
+    }
+}
+
+/// The leave-one-out 1-NN monitor of the reference (`main_lmim.py`): mean of the last block's patch tokens before
+/// the final norm, f32 outside autocast, over the whole `val` split (the reference drops the last partial batch of
+/// a shuffled distributed sampler; this uses every image, as `eval --protocol nn-loo`).
+pub struct NnMonitor {
+    loader: Loader,
+    device: Device,
+    classes: i64,
+}
+
+impl NnMonitor {
+    /// None when the data root has no `val` split.
+    pub fn new(root: &Path, img_size: i64, workers: usize, device: Device, quiet: bool) -> Result<Option<NnMonitor>> {
+        if !root.join("val").is_dir() {
+            return Ok(None);
+        }
+        let ds = Dataset::open(root, "val")?;
+        let classes = ds.classes.len() as i64;
+        let cfg = LoaderConfig { batch_size: 256, shuffle: false, drop_last: false, workers, quiet, ..Default::default() };
+        Ok(Some(NnMonitor { loader: Loader::new(ds, eval_transform(img_size, 0.875)?, cfg)?, device, classes }))
+    }
+
+    pub fn evaluate(&self, vit: &VisionTransformer) -> Result<f64> {
+        let (mut feats, mut labels) = (Vec::new(), Vec::new());
+        for b in self.loader.epoch(0) {
+            let b = b?;
+            let f = tch::no_grad(|| image_features(vit, &b.images.to_device(self.device), FeatureKind::AvgPrenorm, 1));
+            feats.push(f.to_device(Device::Cpu));
+            labels.push(b.labels);
+        }
+        if feats.is_empty() {
+            return Err(Error::data(&self.loader.dataset().dir, "the val split yielded no images"));
+        }
+        let search = SearchConfig::auto(self.device, labels.iter().map(|l| l.size()[0]).sum());
+        Ok(nn_loo(&Tensor::cat(&feats, 0), &Tensor::cat(&labels, 0), self.classes, &search)?.top1)
     }
 }
 
@@ -415,4 +641,133 @@ pub fn latest_checkpoint(paths: &RunPaths) -> Result<Option<PathBuf>> {
         return Err(Error::checkpoint(last, format!("{e}; the previous checkpoint is {prev} (resume from it with --resume-from)")));
     }
     Ok(Some(last.clone()))
+}
+
+/// A pretraining run as the command gives it.
+#[derive(Debug, Clone, Default)]
+pub struct PretrainRequest {
+    pub config: Option<PathBuf>,
+    /// `key=value` overrides.
+    pub sets: Vec<String>,
+    /// Overrides the config's `data`.
+    pub data: Option<PathBuf>,
+    /// Default: results/runs/pretrain-<config name>.
+    pub output: Option<PathBuf>,
+    pub no_resume: bool,
+    pub resume_from: Option<PathBuf>,
+    /// Resume even when the recipe or data differ from the checkpoint's.
+    pub resume_anyway: bool,
+    pub quiet: bool,
+    pub tensorboard: bool,
+}
+
+struct LoaderSource(Loader);
+
+impl BatchSource for LoaderSource {
+    fn batches_per_epoch(&self) -> usize {
+        self.0.num_batches()
+    }
+    fn epoch_batches(&self, epoch: usize, start: usize) -> Box<dyn Iterator<Item = Result<Tensor>> + '_> {
+        Box::new(self.0.iter_from(epoch as u64, start).map(|b| b.map(|b| b.images)))
+    }
+}
+
+/// Pretrains as `req` says (resuming from the newest checkpoint of the output folder unless told otherwise) and
+/// writes the run's record into the output folder.
+pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
+    let mut cfg: PretrainConfig = crate::config::load(req.config.as_deref(), &req.sets)?;
+    if let Some(d) = &req.data {
+        cfg.data = d.display().to_string();
+    }
+    cfg.validate()?;
+    let stem = req.config.as_ref().and_then(|p| p.file_stem()).map_or("default".into(), |s| s.to_string_lossy().to_string());
+    let out = req.output.clone().unwrap_or_else(|| PathBuf::from("results/runs").join(format!("pretrain-{stem}")));
+    let paths = RunPaths { dir: out.clone() };
+    std::fs::create_dir_all(paths.checkpoints()).map_err(|e| Error::io(paths.checkpoints(), e))?;
+    // One writer per run folder; partial files of killed writers would otherwise block the resume.
+    let _lock = crate::fsutil::RunLock::acquire(&out)?;
+    crate::fsutil::clean_stale_temps(&out)?;
+    crate::fsutil::clean_stale_temps(&paths.checkpoints())?;
+    let device = crate::info::parse_device(&cfg.device)?;
+    let train_size = cfg.model.train_size()? as u32;
+    let root = Path::new(&cfg.data);
+    let dataset = Dataset::open(root, "train")?;
+    let fingerprint = serde_json::to_value(dataset.fingerprint()?).expect("fingerprint serialises");
+    let dataset_hash = crate::protocols::extract::fingerprint_hash(&fingerprint);
+    let mut transform = Transform::train(train_size, cfg.crop_scale_min);
+    if let crate::data::Op::RandomResizedCrop { scale, .. } = &mut transform.ops[0] {
+        scale.1 = cfg.crop_scale_max;
+    }
+    let workers = if cfg.num_workers == 0 { LoaderConfig::default().workers } else { cfg.num_workers };
+    let loader_cfg = LoaderConfig { batch_size: cfg.micro_batch_size as usize, shuffle: true, drop_last: true, seed: cfg.seed, workers, quiet: req.quiet, ..Default::default() };
+    let source = LoaderSource(Loader::new(dataset, transform, loader_cfg)?);
+
+    let mut trainer = Trainer::new(&cfg, device)?;
+    trainer.dataset_hash = Some(dataset_hash.clone());
+    let resume = match (&req.resume_from, req.no_resume) {
+        (Some(p), _) => Some(p.clone()),
+        (None, false) => latest_checkpoint(&paths)?,
+        (None, true) => {
+            if let Some(p) = paths.list_checkpoints().last() {
+                return Err(Error::option("--no-resume", format!("{} already holds checkpoints (newest {}); choose another --output", out.display(), p.display())));
+            }
+            None
+        }
+    };
+    if let Some(p) = &resume {
+        trainer.check_resume(p, req.resume_anyway)?;
+        trainer.load_checkpoint(p)?;
+        if !req.quiet {
+            eprintln!("resuming from {} (epoch {}, step {})", p.display(), trainer.pos.epoch, trainer.pos.step);
+        }
+    }
+    crate::config::save(&cfg, &paths.config())?;
+    let monitor = NnMonitor::new(root, trainer.model.vit_cfg.img_size, workers, device, req.quiet)?;
+    if !req.quiet {
+        eprintln!(
+            "pretraining {} on {} ({}), batch {} = {} x {} accumulated, lr {:.3e}, {} epochs -> {}",
+            trainer.model.vit_cfg.arch,
+            cfg.data,
+            crate::info::device_name(device),
+            cfg.batch_size,
+            cfg.micro_batch_size,
+            cfg.accum_iter(1)?,
+            cfg.peak_lr(),
+            cfg.epochs,
+            out.display()
+        );
+    }
+    let started = crate::results::now_rfc3339();
+    let t0 = Instant::now();
+    let mut log = MetricsLog::open(&out, "metrics.jsonl", req.tensorboard)?;
+    log.text("config", &toml::to_string_pretty(&cfg).unwrap_or_default())?;
+    let mut summary = trainer.train(&source, &paths, &mut log, monitor.as_ref(), req.quiet)?;
+    summary.resumed_from = resume.map(|p| p.display().to_string());
+
+    let mut rec = RunRecord::new("pretrain", "lmim-2", "final_loss");
+    rec.metrics.insert("final_loss".into(), summary.final_loss);
+    rec.metrics.insert("img_per_s".into(), summary.img_per_s);
+    rec.metrics.insert("steps".into(), summary.steps as f64);
+    rec.metrics.extend(summary.final_monitors.clone());
+    rec.metrics.retain(|_, v| v.is_finite());
+    rec.model_name = out.file_name().map_or("pretrain".into(), |s| s.to_string_lossy().to_string());
+    rec.checkpoint = Some(summary.encoder.clone());
+    rec.checkpoint_sha256 = Some(checkpoint::sha256_file(&paths.encoder())?);
+    rec.arch = Some(trainer.model.vit_cfg.arch.clone());
+    rec.dataset = Some(cfg.data.clone());
+    rec.dataset_fingerprint = Some(crate::protocols::record::combined_fingerprint(&[crate::protocols::record::SplitPrint {
+        role: "train".into(),
+        fingerprint,
+        hash: dataset_hash,
+    }]));
+    rec.config = serde_json::to_value(&cfg).expect("config serialises");
+    rec.config["accum_iter"] = serde_json::json!(cfg.accum_iter(1)?);
+    rec.config["world_size"] = serde_json::json!(1);
+    rec.seed = cfg.seed;
+    rec.provenance = Provenance::current(&crate::info::device_name(device));
+    rec.started_at = started;
+    rec.duration_s = t0.elapsed().as_secs_f64();
+    rec.details = serde_json::to_value(&summary).expect("summary serialises");
+    rec.write(&out)?;
+    Ok(rec)
 }

@@ -43,10 +43,13 @@ def knn_counts(train, tl, val, vl, ks, T):
             for n in order[i, : min(k, tr.shape[0])]:
                 c = int(tl[n])
                 votes[c] = votes.get(c, 0.0) + math.exp(float(sims[i, n]) / T)
-            ranked = sorted(votes, key=lambda c: (-votes[c], c))
+            # facebookresearch/dino eval_knn.py: the votes of all classes (0 for the classes without a neighbour)
+            # sorted descending, top-5 over the first min(5, k); equal votes go to the lower class index.
+            num_classes = int(max(tl.max(), vl.max())) + 1
+            ranked = sorted(range(num_classes), key=lambda c: (-votes.get(c, 0.0), c))
             truth = int(vl[i])
             c1[j] += ranked[0] == truth
-            c5[j] += truth in ranked[:5]
+            c5[j] += truth in ranked[: min(5, k)]
     return c1, c5
 
 

@@ -1,4 +1,4 @@
-"""Reference of one Latent MIM training step, written from ../shared/spec/latentmim.md in plain PyTorch.
+"""Reference of one Latent MIM training step, written from the method description (yibingwei-1/LatentMIM, the Latent MIM paper) in plain PyTorch.
 
 Usage: ref_lmim_step.py IN.safetensors OUT.safetensors
 IN holds the model weights under lmim-bench's names (encoder.*, target_encoder.*, decoder.*; timm-style ViT names,

@@ -1,0 +1,275 @@
+//! Durable, concurrency-safe file writing: atomic replacement with fsync, publication that never overwrites,
+//! appends of whole lines under an exclusive lock, a per-folder run lock, and the clean-up of temporary files that
+//! a killed process left behind.
+//!
+//! Temporary files are named `<name>.tmp-<PID>` (`<name>.tmp-<PID>-<N>` when one process writes several at once),
+//! so that [`clean_stale_temps`] can tell a dead writer's leftovers from a live writer's work in progress.
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+
+/// Distinguishes the temporary files of one process's threads.
+static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh temporary name next to `path`: `<name>.tmp-<PID>` for the first, `<name>.tmp-<PID>-<N>` after.
+fn temp_path(path: &Path) -> PathBuf {
+    let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(format!(".tmp-{}", std::process::id()));
+    if seq > 0 {
+        name.push(format!("-{seq}"));
+    }
+    path.with_file_name(name)
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// Flushes a directory's entries (a rename or a new name) to disk.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
+}
+
+/// Writes `bytes` to a fresh temporary file next to `path` and syncs it; the caller publishes it.
+fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
+    let dir = parent_dir(path);
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    // A name taken already is the leftover of an earlier process that had the same PID: take the next one.
+    let (tmp, mut file) = loop {
+        let tmp = temp_path(path);
+        match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io(&tmp, e)),
+        }
+    };
+    if let Err(e) = file.write_all(bytes).and_then(|_| file.sync_all()) {
+        // A full disk must not leave a half-written temporary behind as well.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
+    Ok(tmp)
+}
+
+/// Replaces `path` with `bytes` atomically: after a crash the file holds either the old or the new content, and
+/// once this returns the new content is on disk (the file is synced before the rename, the folder after it).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = write_temp(path, bytes)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    fsync_dir(parent_dir(path))
+}
+
+/// Writes `bytes` under a new name that no other writer holds: `<stem>.<ext>`, else `<stem>-2.<ext>`, `-3`, ...
+/// The content is complete and synced before the name appears (a hard link, which fails if the name exists,
+/// rather than a rename, which would overwrite). Returns the path written.
+pub fn write_new_file(dir: &Path, stem: &str, ext: &str, bytes: &[u8]) -> Result<PathBuf> {
+    let first = dir.join(format!("{stem}.{ext}"));
+    let tmp = write_temp(&first, bytes)?;
+    let result = (|| {
+        for n in 1..=100_000u32 {
+            let path = if n == 1 { first.clone() } else { dir.join(format!("{stem}-{n}.{ext}")) };
+            match std::fs::hard_link(&tmp, &path) {
+                Ok(()) => return Ok(path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                // File systems without hard links: O_EXCL creation still never clobbers another writer.
+                Err(_) => match OpenOptions::new().write(true).create_new(true).open(&path) {
+                    Ok(mut f) => {
+                        return match f.write_all(bytes).and_then(|_| f.sync_all()) {
+                            Ok(()) => Ok(path),
+                            Err(e) => {
+                                let _ = std::fs::remove_file(&path);
+                                Err(Error::io(&path, e))
+                            }
+                        };
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(Error::io(&path, e)),
+                },
+            }
+        }
+        Err(Error::io(&first, std::io::Error::other("100000 files of this name exist already")))
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let path = result?;
+    fsync_dir(dir)?;
+    Ok(path)
+}
+
+/// The PID in a temporary name `<name>.tmp-<PID>` or `<name>.tmp-<PID>-<N>`.
+fn temp_owner(file_name: &str) -> Option<i32> {
+    let (_, tail) = file_name.rsplit_once(".tmp-")?;
+    let (pid, seq) = tail.split_once('-').unwrap_or((tail, "0"));
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok().filter(|&p| p > 0)
+}
+
+/// Whether a process with this PID exists on this machine (EPERM: it exists but belongs to someone else).
+pub fn pid_alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists and may be signalled.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Removes the temporary files (`*.tmp-<PID>`) in `dir` whose writer is no longer running, such as a checkpoint
+/// that a `kill -9` interrupted; files of live processes are kept. Not recursive. A missing folder has nothing
+/// to clean. Returns the files removed.
+///
+/// PIDs are those of this machine: do not share a folder between machines' concurrent runs.
+pub fn clean_stale_temps(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(temp_owner) else { continue };
+        if pid_alive(pid) || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            // Another cleaner got there first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// Takes an exclusive `flock` on an open file; `Ok(false)` when `nonblocking` and another holder has it.
+fn flock_exclusive(f: &File, nonblocking: bool) -> std::io::Result<bool> {
+    let op = libc::LOCK_EX | if nonblocking { libc::LOCK_NB } else { 0 };
+    loop {
+        // SAFETY: flock on a file descriptor that `f` keeps open.
+        if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) if nonblocking => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// Appends text to a line-oriented file (a CSV table) safely when several processes append at once:
+/// - under an exclusive `flock` on the file, so appends never interleave;
+/// - `header` is written only when the file holds no complete line yet (checked under the lock, so exactly one
+///   writer writes it; a header torn by an earlier failure is replaced);
+/// - a last line left without its newline by an earlier failure (a full disk) is ended first, so the new line is
+///   not glued to it;
+/// - header and lines go out in one write, and the file is synced before the lock is released.
+///
+/// `lines` must be whole lines, each ending with `\n`.
+pub fn append_lines_locked(path: &Path, header: &[u8], lines: &[u8]) -> Result<()> {
+    let io = |e| Error::io(path, e);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let mut f = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(io)?;
+    flock_exclusive(&f, false).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    let mut buf = Vec::with_capacity(header.len() + lines.len() + 1);
+    if !has_complete_line(&mut f, len).map_err(io)? {
+        f.set_len(0).map_err(io)?;
+        buf.extend_from_slice(header);
+    } else if last_byte(&mut f, len).map_err(io)? != Some(b'\n') {
+        buf.push(b'\n');
+    }
+    buf.extend_from_slice(lines);
+    // O_APPEND: the write goes to the end even if the file was truncated above.
+    f.write_all(&buf).map_err(io)?;
+    f.sync_data().map_err(io)
+    // The lock goes with the file descriptor.
+}
+
+fn last_byte(f: &mut File, len: u64) -> std::io::Result<Option<u8>> {
+    if len == 0 {
+        return Ok(None);
+    }
+    f.seek(SeekFrom::Start(len - 1))?;
+    let mut b = [0u8; 1];
+    f.read_exact(&mut b)?;
+    Ok(Some(b[0]))
+}
+
+/// Whether the file has at least one `\n` (a header line that was written in full).
+fn has_complete_line(f: &mut File, len: u64) -> std::io::Result<bool> {
+    if len == 0 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::Start(0))?;
+    let mut buf = [0u8; 8192];
+    let mut reader = f.take(len);
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        if buf[..n].contains(&b'\n') {
+            return Ok(true);
+        }
+    }
+}
+
+/// An exclusive lock on a run folder (`flock` on `<dir>/.lock`), held while a run writes into it and released
+/// when dropped (also when the process dies, since the kernel drops the lock with the file descriptor). A second
+/// run that tries to write into the same folder gets [`Error::FolderBusy`] naming the folder and the holder's PID.
+#[derive(Debug)]
+pub struct RunLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl RunLock {
+    /// Locks `dir` (created if missing) without waiting.
+    pub fn acquire(dir: &Path) -> Result<RunLock> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        let path = dir.join(".lock");
+        let io = |e| Error::io(&path, e);
+        // Not truncated on open: the file holds the current holder's PID, which a refused run reports.
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+        if !flock_exclusive(&file, true).map_err(io)? {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let pid = text.trim().parse::<u32>().ok();
+            return Err(Error::FolderBusy { dir: dir.to_path_buf(), pid });
+        }
+        file.set_len(0).map_err(io)?;
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        file.write_all(format!("{}\n", std::process::id()).as_bytes()).map_err(io)?;
+        Ok(RunLock { file, path })
+    }
+
+    /// The lock file, `<dir>/.lock`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        // The file stays: removing it would let a third run lock a new file while a second still waits on the
+        // old one. Emptying it tells a reader that nobody holds it.
+        let _ = self.file.set_len(0);
+    }
+}

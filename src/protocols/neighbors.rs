@@ -1,0 +1,192 @@
+//! `knn` and `nn-loo` as library calls: the protocol file with its overrides, features extracted (or cached, or
+//! given as files), the search, and the record.
+use std::path::Path;
+
+use super::extract::{self, ExtractReport, ExtractRequest, FeatureSet};
+use super::knn::{self, KnnParams, ProtocolSpec, SearchConfig};
+use super::record::{RecordBuilder, SplitPrint};
+use super::{EvalRequest, Protocol};
+use crate::config::Precision;
+use crate::error::{Error, Result};
+use crate::info::device_name;
+use crate::results::RunRecord;
+
+/// One split's features, with where they came from.
+struct Split {
+    set: FeatureSet,
+    source: serde_json::Value,
+}
+
+fn load_file(path: &Path) -> Result<Split> {
+    let set = FeatureSet::load(path)?;
+    let source = serde_json::json!({ "file": path, "cache_key": set.meta.cache_key });
+    Ok(Split { set, source })
+}
+
+fn extract_split(req: &EvalRequest, spec: &ProtocolSpec, split: &str, device: tch::Device) -> Result<Split> {
+    let run = &req.run;
+    let er = ExtractRequest {
+        checkpoint: req.checkpoint()?.to_path_buf(),
+        arch: req.arch.clone(),
+        data_root: req.data()?.to_path_buf(),
+        split: split.to_string(),
+        feature: spec.feature,
+        last_blocks: spec.last_blocks,
+        batch_size: run.batch_size,
+        device,
+        crop_pct: spec.transform.crop_pct,
+        half: false,
+        cache_dir: run.cache_dir.clone(),
+        workers: run.workers,
+        precision: run.precision.unwrap_or(Precision::F32),
+        quiet: run.quiet,
+    };
+    let (set, report): (FeatureSet, ExtractReport) = extract::extract(&er)?;
+    if !run.quiet {
+        let how = if report.cache_hit { "from the cache".to_string() } else { format!("extracted in {:.1} s", report.seconds) };
+        eprintln!("{split}: {} x {} features, {how}", set.len(), set.dim());
+    }
+    Ok(Split { set, source: serde_json::to_value(&report).expect("report serialises") })
+}
+
+/// Train and val feature files must describe the same model, feature and label space.
+fn check_pair(train: &FeatureSet, val: &FeatureSet) -> Result<()> {
+    let bad = |reason: String| Error::data("val features", reason);
+    let (ct, cv) = (train.num_classes(), val.num_classes());
+    if ct != cv {
+        return Err(bad(format!("{cv} classes but the train features have {ct}")));
+    }
+    if let (Some(a), Some(b)) = (&train.meta.class_names, &val.meta.class_names) {
+        if a != b {
+            let first = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(0);
+            return Err(bad(format!("class names differ from the train split's (first at index {first}: `{}` vs `{}`)", b[first], a[first])));
+        }
+    }
+    if let (Some(a), Some(b)) = (&train.meta.checkpoint_sha256, &val.meta.checkpoint_sha256) {
+        if a != b {
+            return Err(bad(format!("made by checkpoint {} but the train features by {}", &b[..12.min(b.len())], &a[..12.min(a.len())])));
+        }
+    }
+    if let (Some(a), Some(b)) = (&train.meta.feature, &val.meta.feature) {
+        if a != b {
+            return Err(bad(format!("feature `{b}` but the train features are `{a}`")));
+        }
+    }
+    if train.dim() != val.dim() {
+        return Err(bad(format!("dimension {} but the train features have {}", val.dim(), train.dim())));
+    }
+    Ok(())
+}
+
+/// The feature and blocks of a features file replace the recipe's (an explicit override must agree), and the
+/// overrides then say so.
+fn adopt_file_feature(set: &FeatureSet, spec: &mut ProtocolSpec, base: &ProtocolSpec, sets: &[String]) -> Result<()> {
+    let Some(have) = &set.meta.feature else { return Ok(()) };
+    let asked = sets.iter().any(|s| s.trim_start().starts_with("feature="));
+    if asked && spec.feature.name() != have {
+        return Err(Error::option("feature", format!("`{}` but the features file holds `{have}` features", spec.feature)));
+    }
+    spec.feature = serde_json::from_value(serde_json::json!(have)).map_err(|_| Error::data("features file", format!("unknown feature `{have}`")))?;
+    spec.last_blocks = set.meta.last_blocks.unwrap_or(base.last_blocks);
+    Ok(())
+}
+
+fn print(set: &FeatureSet) -> Option<SplitPrint> {
+    let fp = set.meta.dataset_fingerprint.clone()?;
+    let hash = set.meta.dataset_hash.clone().unwrap_or_else(|| extract::fingerprint_hash(&fp));
+    Some(SplitPrint { role: set.meta.split.clone().unwrap_or_else(|| "split".into()), fingerprint: fp, hash })
+}
+
+pub fn run(req: &EvalRequest) -> Result<RunRecord> {
+    let mut loaded = req.protocol.load::<ProtocolSpec>(req.protocol_file.as_deref(), &req.sets)?;
+    let origin = loaded.origin.clone();
+    loaded.base.validate(&origin)?;
+    let set_origin = if req.sets.is_empty() { origin.clone() } else { "--set".to_string() };
+    loaded.cfg.validate(&set_origin)?;
+    if loaded.cfg.name != req.protocol.name() {
+        return Err(Error::BadConfig { path: origin.into(), reason: format!("the file is for protocol `{}`, not `{}`", loaded.cfg.name, req.protocol) });
+    }
+    let device = req.run.device()?;
+    // The search's own check, before any features are extracted.
+    SearchConfig::with_backend(device, 1, req.run.backend).check()?;
+    let knn = req.protocol == Protocol::Knn;
+    let from_model = req.checkpoint.is_some() || req.data.is_some();
+    let from_files = req.train_features.is_some() || req.val_features.is_some();
+    if from_model && from_files {
+        return Err(Error::option("--checkpoint/--data", "give either --checkpoint and --data, or feature files, not both"));
+    }
+    if from_model && (req.checkpoint.is_none() || req.data.is_none()) {
+        return Err(Error::option("--checkpoint/--data", "both are needed to extract features"));
+    }
+    if !from_model {
+        if req.val_features.is_none() || (knn && req.train_features.is_none()) {
+            let what = if knn { "--train-features and --val-features" } else { "--val-features" };
+            return Err(Error::option("--checkpoint", format!("give --checkpoint and --data, or {what}")));
+        }
+        if !knn && req.train_features.is_some() {
+            return Err(Error::option("--train-features", "nn-loo uses the val split only"));
+        }
+    }
+    let load = |file: &Option<std::path::PathBuf>, split: &str, spec: &ProtocolSpec| match file {
+        Some(f) => load_file(f),
+        None => extract_split(req, spec, split, device),
+    };
+    let spec = loaded.cfg.clone();
+    let val = load(&req.val_features, &spec.query_split, &spec)?;
+    let train = if knn { Some(load(&req.train_features, &spec.bank_split, &spec)?) } else { None };
+    adopt_file_feature(&val.set, &mut loaded.cfg, &loaded.base, &req.sets)?;
+    if let Some(t) = &train {
+        check_pair(&t.set, &val.set)?;
+    }
+    let spec = &loaded.cfg;
+    let num_classes = val.set.num_classes();
+    let n_bank = train.as_ref().map_or(val.set.len(), |t| t.set.len());
+    let mut search = SearchConfig::with_backend(device, n_bank, req.run.backend);
+    search.query_chunk = req.run.query_chunk.unwrap_or(search.query_chunk);
+    search.bank_chunk = req.run.bank_chunk.unwrap_or(search.bank_chunk);
+    search.check()?;
+
+    let overrides = loaded.overrides(&[]);
+    let mut b = RecordBuilder::new(req.protocol, &spec.version, &overrides);
+    let details = match &train {
+        Some(t) => {
+            let r = knn::weighted_knn(&t.set.features, &t.set.labels, &val.set.features, &val.set.labels, num_classes, &KnnParams { ks: &spec.ks, temperature: spec.temperature.unwrap_or(0.07) }, &search)?;
+            for sc in &r.scores {
+                b = b.metric(&format!("top1@k{}", sc.k), sc.top1).metric(&format!("top5@k{}", sc.k), sc.top5);
+            }
+            let headline = spec.headline_k.unwrap_or(20);
+            let h = r.score(headline).expect("headline k is among ks (validated)");
+            b = b.metric("top1", h.top1).metric("top5", h.top5);
+            serde_json::json!({ "knn": r, "train": t.source, "val": val.source, "n_train": t.set.len(), "n_val": val.set.len() })
+        }
+        None => {
+            let r = knn::nn_loo(&val.set.features, &val.set.labels, num_classes, &search)?;
+            b = b.metric("top1", r.top1);
+            serde_json::json!({ "nn_loo": r, "val": val.source, "n_val": val.set.len() })
+        }
+    };
+    let meta = &val.set.meta;
+    let ckpt = req.checkpoint.clone().or_else(|| meta.checkpoint.as_ref().map(Into::into));
+    let name = req.name.clone().unwrap_or_else(|| ckpt.as_ref().and_then(|c| c.file_stem()).map_or("features".into(), |s| s.to_string_lossy().into_owned()));
+    let mut prints: Vec<SplitPrint> = Vec::new();
+    prints.extend(train.as_ref().and_then(|t| print(&t.set)).map(|mut p| {
+        p.role = "train".into();
+        p
+    }));
+    prints.extend(print(&val.set).map(|mut p| {
+        p.role = "val".into();
+        p
+    }));
+    let root = req.data.as_ref().map(|d| d.display().to_string()).or_else(|| meta.dataset_root.clone());
+    let extra = serde_json::json!({
+        "transform": meta.transform,
+        "precision": meta.precision,
+        "backend": search.backend_name(),
+        "query_chunk": search.query_chunk,
+        "bank_chunk": search.bank_chunk,
+    });
+    b.model(name, ckpt.as_deref(), meta.checkpoint_sha256.clone(), meta.arch.clone())
+        .data(root, &prints)
+        .config(&origin, spec, &overrides, &req.run, extra)
+        .finish(details, &device_name(device), &req.output)
+}
