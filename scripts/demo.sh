@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The embedded default, on the CPU in a few minutes: sets everything up, makes the Fashion-MNIST demo set,
 # pretrains a tiny ViT with Latent MIM, evaluates it and its random initialisation with k-NN, the Latent MIM
-# leave-one-out NN and the linear-probe sweep, and prints the NN / LP table beside the published numbers.
+# leave-one-out NN and the linear-probe sweep, prints the NN / LP table beside the published numbers, and draws
+# the pretraining curves and the results as bars (PNG).
 # LMIM_DEMO_OUT overrides the output folder (default results/demo).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -25,3 +26,6 @@ for model in random-init lmim-pretrained; do
 done
 "$BIN" table "$OUT/runs" -o "$OUT/table.md"
 cat "$OUT/table.md"
+"$BIN" plot "$OUT/pretrain" -o "$OUT/curves.png" >/dev/null
+"$BIN" plot --results "$OUT/runs" -o "$OUT/bars.png" >/dev/null
+echo "figures: $OUT/curves.png (pretraining curves), $OUT/bars.png (NN / k-NN / LP per model)"

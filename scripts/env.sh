@@ -1,6 +1,7 @@
 # Sourced by the other scripts: prepares everything lmim-bench needs and exports the environment.
 # - a Python virtual environment with torch==2.11.0 (the libtorch that tch 0.24.0 binds), numpy, safetensors,
-#   timm, torchvision and scipy, kept in a cache directory outside the clone so that every clone reuses it;
+#   timm, torchvision, scipy and tensorboard (its event reader checks the event files lmim-bench writes), kept in
+#   a cache directory outside the clone so that every clone reuses it;
 # - Debian packages: the Fashion-MNIST data set for the demo;
 # - the build, also kept in the cache (CARGO_TARGET_DIR), so a fresh clone does not rebuild libtorch bindings.
 # LMIM_CACHE overrides the cache directory; an existing LIBTORCH (a libtorch unpacked somewhere) is used as is.
@@ -11,7 +12,7 @@ export LMIM_ROOT
 export LMIM_CACHE="${LMIM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lmim-bench}"
 mkdir -p "$LMIM_CACHE"
 VENV="$LMIM_CACHE/venv"
-PY_REQS="torch==2.11.0 torchvision==0.26.0 numpy safetensors timm scipy pillow"
+PY_REQS="torch==2.11.0 torchvision==0.26.0 numpy safetensors timm scipy pillow tensorboard"
 STAMP="$VENV/.lmim-reqs"
 
 log() { printf '[lmim-bench setup] %s\n' "$*" >&2; }

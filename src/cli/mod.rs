@@ -4,6 +4,7 @@ mod bench_cmds;
 pub mod data;
 pub mod eval;
 mod model_cmds;
+pub mod plot;
 pub mod report;
 mod train_cmds;
 pub mod visualize;
@@ -45,6 +46,9 @@ pub enum Command {
     /// Segmentation maps by hierarchical clustering of an image's patch features, nested at a few levels, and
     /// a t-SNE of the same features: one PNG figure and one JSON of labels and points per image.
     Visualize(visualize::VisualizeArgs),
+    /// Draw training curves of runs (loss, lr, monitors over steps; one line per run) or, with --results, a bar
+    /// chart of NN / k-NN / LP / Ft per model beside the published numbers, as PNG.
+    Plot(plot::PlotArgs),
     /// Time the training loops (pretraining step, fine-tuning step, linear sweep) and print JSON with img/s and
     /// peak memory.
     Bench(bench_cmds::BenchArgs),
@@ -81,6 +85,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Table(a) => report::table(a),
         Command::Check(_) => unreachable!("handled above"),
         Command::Visualize(a) => visualize::visualize(a),
+        Command::Plot(a) => plot::plot(a),
         Command::Bench(a) => bench_cmds::bench(a),
     }
     .map(|()| 0)

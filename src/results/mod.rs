@@ -1,8 +1,11 @@
 //! Results as data: one JSON record per run (versioned schema, with provenance), one CSV row per run appended to a
-//! table, and a Markdown renderer.
+//! table, and a Markdown renderer; the training curves as JSON lines and TensorBoard event files.
 pub mod check;
 pub mod metrics_log;
 pub mod table;
+pub mod tensorboard;
+
+pub use metrics_log::MetricsLog;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -179,6 +182,46 @@ fn append_csv(path: &Path, rec: &RunRecord) -> Result<()> {
         format!("{:.1}", rec.duration_s),
     ]);
     append_lines_locked(path, &csv_line(CSV_HEADER), &row)
+}
+
+/// Reads back a `results.csv` written by `RunRecord::write`: one record per row with what the row keeps (model,
+/// protocol and version, headline value, top-1/5, arch, checkpoint and dataset ids, seed, commit, duration).
+pub fn read_csv(path: &Path) -> Result<Vec<RunRecord>> {
+    let mut r = csv::Reader::from_path(path).map_err(|e| Error::data(path, e.to_string()))?;
+    let header = r.headers().map_err(|e| Error::data(path, e.to_string()))?.clone();
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let Some(idx) = CSV_HEADER.iter().map(|h| col(h)).collect::<Option<Vec<usize>>>() else {
+        return Err(Error::data(path, format!("not a results.csv (expected the columns {})", CSV_HEADER.join(","))));
+    };
+    let mut out = Vec::new();
+    for (i, row) in r.records().enumerate() {
+        let row = row.map_err(|e| Error::data(path, format!("row {}: {e}", i + 2)))?;
+        let get = |name: &str| CSV_HEADER.iter().position(|h| *h == name).and_then(|k| row.get(idx[k])).unwrap_or("").to_string();
+        let num = |name: &str| -> Result<Option<f64>> {
+            let s = get(name);
+            if s.is_empty() {
+                return Ok(None);
+            }
+            s.parse().map(Some).map_err(|_| Error::data(path, format!("row {}: {name} `{s}` is not a number", i + 2)))
+        };
+        let mut rec = RunRecord::new(&get("protocol"), &get("protocol_version"), &get("headline"));
+        rec.started_at = get("started_at");
+        rec.model_name = get("model");
+        for (key, v) in [(get("headline"), num("value")?), ("top1".into(), num("top1")?), ("top5".into(), num("top5")?)] {
+            if let Some(v) = v {
+                rec.metrics.insert(key, v);
+            }
+        }
+        let opt = |s: String| (!s.is_empty()).then_some(s);
+        rec.arch = opt(get("arch"));
+        rec.checkpoint_sha256 = opt(get("checkpoint_sha256"));
+        rec.dataset_fingerprint = opt(get("dataset_fingerprint")).map(|h| serde_json::json!({ "hash": h }));
+        rec.seed = num("seed")?.unwrap_or(0.0) as u64;
+        rec.provenance.git_commit = get("git_commit");
+        rec.duration_s = num("duration_s")?.unwrap_or(0.0);
+        out.push(rec);
+    }
+    Ok(out)
 }
 
 /// Collects records from files and directories (recursively, `*.json` that parse as records).

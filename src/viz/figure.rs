@@ -20,7 +20,7 @@ fn font() -> &'static FontRef<'static> {
 }
 
 /// Width in pixels of `text` at `px` pixels per em.
-fn text_width(text: &str, px: f32) -> f32 {
+pub(crate) fn text_width(text: &str, px: f32) -> f32 {
     let f = font().as_scaled(PxScale::from(px));
     let mut prev = None;
     let mut w = 0.0;
@@ -36,7 +36,7 @@ fn text_width(text: &str, px: f32) -> f32 {
 }
 
 /// Draws `text` into an RGB buffer of width `w` with its left edge at `x` and its ascender line at `top`.
-fn draw_text(buf: &mut [u8], w: u32, text: &str, x: f32, top: f32, px: f32, color: [u8; 3]) {
+pub(crate) fn draw_text(buf: &mut [u8], w: u32, text: &str, x: f32, top: f32, px: f32, color: [u8; 3]) {
     let h = buf.len() as i64 / (3 * w as i64);
     let f = font().as_scaled(PxScale::from(px));
     let baseline = top + f.ascent();

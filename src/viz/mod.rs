@@ -6,8 +6,11 @@
 //! features with t-SNE, coloured by the finest level. The choices follow `latentmim.md` section 7 (our
 //! defaults, the paper does not state them): last block before the norm, Ward on L2-normalised features, cuts at
 //! 3, 4, 5 clusters, a 28 x 28 grid (448 px for 16-px patches), alpha 0.6, perplexity 30.
+//!
+//! `plot` draws the other figures, training curves and result bars (`lmim-bench plot`).
 pub mod cluster;
 pub mod figure;
+pub mod plot;
 pub mod tsne;
 
 use std::collections::HashSet;
