@@ -282,7 +282,10 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let name = req.model_name("model");
     let overrides = loaded.overrides(&[]);
     let b = RecordBuilder::new(Protocol::Linear, &cfg.version, &overrides);
-    let mut log = MetricsLog::open(&req.output, &format!("{}-linear-metrics.jsonl", crate::results::sanitize(&name)), req.run.tensorboard)?;
+    // A folder per (model, feature, source checkpoint): TensorBoard shows one run per folder.
+    let feature = serde_json::to_value(cfg.feature).expect("feature serialises");
+    let run_dir = req.output.join(format!("{}-linear-{}-{}", crate::results::sanitize(&name), feature.as_str().unwrap_or("cls"), &enc.sha256[..12]));
+    let mut log = MetricsLog::open(&run_dir, "metrics.jsonl", req.run.tensorboard)?;
     let quiet = req.run.quiet;
     let res = train_probe(&enc.model, &train, &val, cfg, device, amp, |v| {
         if !quiet {
@@ -299,7 +302,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         .metric("top5", res.top5)
         .metric("best_top1", res.best_top1)
         .finish(
-            serde_json::json!({ "history": res.history, "best_epoch": res.best_epoch, "steps": res.steps, "steps_per_epoch": res.steps_per_epoch, "skipped_files": train.skipped() + val.skipped() }),
+            serde_json::json!({ "history": res.history, "best_epoch": res.best_epoch, "steps": res.steps, "steps_per_epoch": res.steps_per_epoch, "skipped_files": train.skipped() + val.skipped(), "run_dir": run_dir }),
             &device_name(device),
             &req.output,
         )

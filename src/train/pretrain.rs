@@ -537,9 +537,11 @@ impl Trainer {
             if stats.stopped {
                 break;
             }
-            let mut line = serde_json::json!({ "step": self.pos.step, "epoch": self.pos.epoch as f64, "epoch_mean": true });
+            // The epoch means (the reference logs these) under `epoch_<name>`, apart from the window means at the
+            // same step.
+            let mut line = serde_json::json!({ "step": self.pos.step, "epoch": self.pos.epoch as f64 });
             for (k, v) in self.window.means(true) {
-                line[k] = serde_json::json!(v);
+                line[format!("epoch_{k}")] = serde_json::json!(v);
             }
             let done = self.pos.epoch;
             if let Some(m) = monitor.filter(|_| cfg.nn_every > 0 && (done % cfg.nn_every == 0 || done == epochs || done == 1)) {
