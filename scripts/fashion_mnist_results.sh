@@ -12,6 +12,8 @@ BIN="$CARGO_TARGET_DIR/debug/lmim-bench"
 OUT="${LMIM_RESULTS_OUT:-results/fashion-mnist}"
 DATA=data/fashion-mnist
 WORK=results/runs/fashion-mnist-work
+# A fresh results folder: records of earlier runs (other protocol versions) would share the table.
+rm -rf "$OUT" "$WORK"
 mkdir -p "$OUT" "$WORK"
 
 "$BIN" data prepare-demo --out "$DATA"
@@ -32,17 +34,20 @@ for model in random-init lmim-pretrained; do
         "$BIN" eval --protocol "$protocol" --checkpoint "$ck" --data "$DATA" --name "pico-$model" --output "$OUT" --quiet
     done
     "$BIN" eval --protocol linear --checkpoint "$ck" --data "$DATA" --name "pico-$model" --output "$OUT" --quiet "${LP[@]}"
-    "$BIN" eval --protocol linear --checkpoint "$ck" --data "$DATA" --name "pico-$model" --output "$OUT" --quiet "${LP[@]}" \
-        feature=global_pool
 done
+# MAE's global-pool probe feature beside the CLS one, on the pretrained encoder.
+"$BIN" eval --protocol linear --checkpoint "$WORK/lmim-pretrained.safetensors" --data "$DATA" --name "pico-lmim-pretrained" \
+    --output "$OUT" --quiet "${LP[@]}" feature=global_pool
 # Fine-tuning the pretrained encoder and, from scratch, the same encoder at its initialisation (fresh heads both).
 for model in lmim-pretrained random-init; do
     "$BIN" eval --protocol finetune --checkpoint "$WORK/$model.safetensors" --data "$DATA" --name "pico-$model" \
         --output "$OUT" --quiet --fresh "${FT[@]}"
 done
 # Run folders hold weights; the records, metrics and configs stay.
-for d in "$OUT"/*-finetune; do
+for d in "$OUT"/*-finetune-*/; do
     rm -f "$d"/*.safetensors
 done
 "$BIN" table "$OUT" -o "$OUT/table.md"
+"$BIN" plot "$WORK/pretrain" -o "$OUT/curves.png"
+"$BIN" plot --results "$OUT" -o "$OUT/bars.png"
 cat "$OUT/table.md"

@@ -74,15 +74,22 @@ impl Info {
 }
 
 /// The device to run on: `auto` picks CUDA when present.
+/// A device name as the commands take it. A CUDA device that this machine does not have is refused here, before
+/// libtorch would abort on it.
 pub fn parse_device(s: &str) -> crate::Result<tch::Device> {
+    let cuda = |i: usize| {
+        let n = tch::Cuda::device_count() as usize;
+        if i < n {
+            Ok(tch::Device::Cuda(i))
+        } else {
+            Err(crate::Error::option("--device", format!("`{s}`: this machine has {n} CUDA device(s)")))
+        }
+    };
     match s {
         "auto" => Ok(tch::Device::cuda_if_available()),
         "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => Ok(tch::Device::Cuda(0)),
-        s if s.starts_with("cuda:") => s[5..]
-            .parse()
-            .map(tch::Device::Cuda)
-            .map_err(|_| crate::Error::option("--device", format!("`{s}` is not cpu, cuda or cuda:N"))),
+        "cuda" => cuda(0),
+        s if s.starts_with("cuda:") => s[5..].parse().map_err(|_| crate::Error::option("--device", format!("`{s}` is not cpu, cuda or cuda:N"))).and_then(cuda),
         s => Err(crate::Error::option("--device", format!("`{s}` is not auto, cpu, cuda or cuda:N"))),
     }
 }
