@@ -118,3 +118,28 @@ fn overrides_are_checked_and_blamed_on_the_override() {
     let e = err(Protocol::Linear, &["device=\"cpu\""]);
     assert!(e.contains("unknown key `device`"), "{e}");
 }
+
+/// A checkpoint whose `config` metadata cannot make a ViT, and absurd worker counts, are input errors (exit 2)
+/// named as such, not panics or aborts inside libtorch.
+#[test]
+fn impossible_model_configs_and_worker_counts_are_input_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, ck) = setup(dir.path());
+    let mut c = checkpoint::load(&ck).unwrap();
+    for (key, value) in [("num_heads", 0), ("patch_size", 0), ("embed_dim", 1 << 30)] {
+        let mut cfg: serde_json::Value = serde_json::from_str(&c.metadata["config"]).unwrap();
+        cfg[key] = serde_json::json!(value);
+        c.metadata.insert("config".into(), cfg.to_string());
+        let bad = dir.path().join(format!("bad-{key}.safetensors"));
+        checkpoint::save(&bad, &c.tensors, &c.metadata).unwrap();
+        let e = checkpoint::load_vit(&bad, None, Device::Cpu, 0).err().expect("refused");
+        assert_eq!(e.exit_code(), 2, "{key}: {e}");
+        assert!(e.to_string().contains(&format!("bad-{key}.safetensors")), "{key}: {e}");
+        c = checkpoint::load(&ck).unwrap();
+    }
+    let out = dir.path().join("results");
+    let mut req = request(Protocol::NnLoo, &data, &ck, &out, &[]);
+    req.run.workers = Some(100_000_000);
+    let e = run(&req).unwrap_err();
+    assert!(e.exit_code() == 2 && e.to_string().contains("workers"), "{e}");
+}

@@ -304,6 +304,7 @@ pub fn resolve_config(ckpt: &Checkpoint, arch: Option<&str>) -> Result<VitConfig
     } else if has("norm.weight") {
         cfg.global_pool = crate::model::vit::GlobalPool::Token;
     }
+    cfg.validate().map_err(|e| Error::checkpoint(&ckpt.path, e.to_string()))?;
     Ok(cfg)
 }
 

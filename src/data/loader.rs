@@ -110,6 +110,10 @@ impl Loader {
         if cfg.batch_size == 0 {
             return Err(Error::option("batch_size", "must be positive"));
         }
+        // A thread per worker: far more than any machine's cores only exhausts the process (seen: a hang, then abort).
+        if cfg.workers > 1024 {
+            return Err(Error::option("workers", format!("{} decode threads is more than 1024", cfg.workers)));
+        }
         if cfg.world_size == 0 || cfg.rank >= cfg.world_size {
             return Err(Error::option("rank", format!("rank {} is not in 0..{}", cfg.rank, cfg.world_size)));
         }

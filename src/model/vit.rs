@@ -64,6 +64,25 @@ impl Default for VitConfig {
 }
 
 impl VitConfig {
+    /// Sizes a ViT can be built with: positive, consistent, and within what memory can hold (a checkpoint's `config`
+    /// metadata is input like any other).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |r: String| Err(Error::option("config", format!("{}: {r}", self.arch)));
+        if self.patch_size < 1 || self.img_size < self.patch_size || self.img_size > 8192 {
+            return bad(format!("img_size {} and patch_size {} must satisfy 1 <= patch_size <= img_size <= 8192", self.img_size, self.patch_size));
+        }
+        if !(1..=1024).contains(&self.depth) || !(1..=1024).contains(&self.num_heads) || !(1..=65536).contains(&self.embed_dim) {
+            return bad(format!("depth {}, num_heads {} and embed_dim {} must be in 1..=1024, 1..=1024, 1..=65536", self.depth, self.num_heads, self.embed_dim));
+        }
+        if self.embed_dim % self.num_heads != 0 || self.embed_dim % 4 != 0 {
+            return bad(format!("embed_dim {} must be divisible by num_heads {} and by 4", self.embed_dim, self.num_heads));
+        }
+        if !(self.mlp_ratio > 0.0 && self.mlp_ratio <= 64.0) || self.in_chans < 1 || self.num_classes < 0 {
+            return bad("mlp_ratio must be in (0, 64], in_chans >= 1, num_classes >= 0".into());
+        }
+        Ok(())
+    }
+
     pub fn from_arch(arch: &str) -> Result<Self> {
         let (img, patch, dim, depth, heads) = match arch {
             "vit_pico_patch4_32" => (32, 4, 96, 4, 3),
