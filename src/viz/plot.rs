@@ -3,6 +3,7 @@
 //!
 //! plotters draws lines, bars and grids in pixel coordinates; text goes through `figure`'s embedded font, as
 //! in the `visualize` figures (plotters is built without a font back-end).
+use crate::protocols::Protocol;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -265,8 +266,8 @@ fn panel<DB: DrawingBackend>(
     Ok(())
 }
 
-/// The protocols of the bar chart, as the table's columns: protocol, label.
-pub const BAR_PROTOCOLS: &[(&str, &str)] = &[("nn-loo", "NN (LOO 1-NN)"), ("knn", "k-NN"), ("linear", "LP"), ("finetune", "Ft")];
+/// The protocols of the bar chart: the table's always-shown columns, labelled as there.
+pub const BAR_PROTOCOLS: [Protocol; 4] = [Protocol::NnLoo, Protocol::Knn, Protocol::Linear, Protocol::Finetune];
 
 const BAR_H: u32 = 11;
 const BAR_GAP: u32 = 2;
@@ -280,7 +281,7 @@ const VALUE_W: u32 = 44;
 fn bar_sections(table: &Table) -> Vec<(String, Vec<&crate::results::table::Row>)> {
     let mut out = Vec::new();
     for (kind, name) in [("run", "runs"), ("reference", "published")] {
-        let rows: Vec<_> = table.rows.iter().filter(|r| r.kind == kind && BAR_PROTOCOLS.iter().any(|(p, _)| r.cells.contains_key(*p))).collect();
+        let rows: Vec<_> = table.rows.iter().filter(|r| r.kind == kind && BAR_PROTOCOLS.iter().any(|p| r.cells.contains_key(p.name()))).collect();
         if rows.is_empty() {
             continue;
         }
@@ -319,10 +320,11 @@ pub fn render_bars(table: &Table) -> Result<RgbImage> {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         let mut lx = MARGIN as i32;
         let ly = (MARGIN + TITLE_H) as i32;
-        for (i, (_, name)) in BAR_PROTOCOLS.iter().enumerate() {
+        for (i, p) in BAR_PROTOCOLS.iter().enumerate() {
+            let name = p.column().0;
             let [cr, cg, cb] = color(i as u32);
             root.draw(&Rectangle::new([(lx, ly + 3), (lx + 14, ly + 13)], RGBColor(cr, cg, cb).filled())).map_err(draw_err)?;
-            texts.push(text(*name, (lx + 20) as f32, ly as f32, 13.0, INK));
+            texts.push(text(name, (lx + 20) as f32, ly as f32, 13.0, INK));
             lx += 20 + text_width(name, 13.0) as i32 + 22;
         }
         for v in &ticks {
@@ -342,9 +344,9 @@ pub fn render_bars(table: &Table) -> Result<RgbImage> {
             for r in rows {
                 let block_h = BAR_PROTOCOLS.len() as i32 * (BAR_H + BAR_GAP) as i32;
                 texts.push(text(r.model.clone(), MARGIN as f32, (y + block_h / 2) as f32 - 8.0, 13.0, INK));
-                for (i, (proto, _)) in BAR_PROTOCOLS.iter().enumerate() {
+                for (i, proto) in BAR_PROTOCOLS.iter().enumerate() {
                     let top = y + i as i32 * (BAR_H + BAR_GAP) as i32;
-                    match r.cells.get(*proto) {
+                    match r.cells.get(proto.name()) {
                         Some(c) => {
                             let [cr, cg, cb] = color(i as u32);
                             // Published numbers in lighter shades: another data set and model size.
