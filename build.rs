@@ -1,6 +1,8 @@
 // Links the binary against libtorch so that it starts without LD_LIBRARY_PATH and, on a GPU machine,
 // really loads libtorch_cuda: the linker would otherwise drop it because no symbol is referenced directly.
-use std::path::Path;
+// Compiles the C++ shim (csrc/: c10d for data parallelism, the fused AdamW kernel) against the same libtorch's
+// headers.
+use std::path::{Path, PathBuf};
 
 fn main() {
     git_commit();
@@ -10,9 +12,85 @@ fn main() {
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     println!("cargo:rustc-env=LMIM_LIBTORCH_LIB={lib}");
-    if Path::new(&lib).join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    let cuda = Path::new(&lib).join("libtorch_cuda.so").exists();
+    if cuda {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,-lc10_cuda,--as-needed");
     }
+    c10d_shim(Path::new(&lib), cuda);
+}
+
+/// Every C++ file of the shim (the NCCL one only with the CUDA headers).
+const SHIM_SOURCES: [&str; 3] = ["csrc/c10d_shim.cpp", "csrc/optim_shim.cpp", "csrc/nccl_shim.cpp"];
+
+/// The shim needs gloo's headers, which the torch wheel does not ship (Debian's libgloo-dev, or a folder named by
+/// LMIM_GLOO_INCLUDE), and for NCCL the CUDA runtime + crt + cccl and NCCL headers of the CUDA wheels.
+fn c10d_shim(lib: &Path, cuda: bool) {
+    for f in SHIM_SOURCES {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    println!("cargo:rerun-if-env-changed=LMIM_GLOO_INCLUDE");
+    let torch = lib.parent().expect("libtorch lib dir has a parent");
+    let include = torch.join("include");
+    let gloo = std::env::var_os("LMIM_GLOO_INCLUDE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/include"));
+    if !gloo.join("gloo/config.h").exists() {
+        panic!(
+            "gloo's headers are not in {} (the torch wheel does not ship them): install Debian's libgloo-dev \
+             (scripts/env.sh does) or set LMIM_GLOO_INCLUDE to a folder holding gloo/",
+            gloo.display()
+        );
+    }
+    let base = |b: &mut cc::Build| {
+        b.cpp(true)
+            .std("c++17")
+            .define("_GLIBCXX_USE_CXX11_ABI", "1")
+            .define("USE_C10D_GLOO", None)
+            .include(&include)
+            .include(include.join("torch/csrc/api/include"))
+            .include(&gloo)
+            .flag_if_supported("-Wno-interference-size")
+            .warnings(false);
+    };
+    let mut shim = cc::Build::new();
+    base(&mut shim);
+    shim.file("csrc/c10d_shim.cpp").file("csrc/optim_shim.cpp");
+    // The CUDA wheels' headers sit beside torch in site-packages.
+    let nvidia = torch.parent().map(|p| p.join("nvidia"));
+    let cuda_inc = nvidia.as_ref().map(|n| n.join("cu13/include"));
+    let nccl_inc = nvidia.as_ref().map(|n| n.join("nccl/include"));
+    let nccl = cuda
+        && cuda_inc.as_ref().is_some_and(|p| p.join("cuda_runtime.h").exists() && p.join("crt/host_config.h").exists())
+        && nccl_inc.as_ref().is_some_and(|p| p.join("nccl.h").exists());
+    if nccl {
+        shim.define("LMIM_WITH_NCCL", None)
+            .file("csrc/nccl_shim.cpp")
+            .define("USE_C10D_NCCL", None)
+            .define("USE_CUDA", None)
+            .include(cuda_inc.unwrap())
+            .include(nccl_inc.unwrap());
+        println!("cargo:rustc-cfg=lmim_nccl");
+    } else if cuda {
+        println!("cargo:warning=NCCL is left out: the CUDA (crt, cccl) or NCCL headers are not beside torch; scripts/env.sh installs them");
+    }
+    println!("cargo:rustc-check-cfg=cfg(lmim_nccl)");
+    // The build script reruns on every commit (git_commit); the shim takes a minute to compile, so it is rebuilt
+    // only when its sources or headers' location change.
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let mut key = format!("{} {} {nccl}\n", include.display(), gloo.display());
+    for f in SHIM_SOURCES {
+        key.push_str(&std::fs::read_to_string(f).unwrap_or_default());
+    }
+    let stamp = out.join("lmim_c10d.key");
+    if out.join("liblmim_c10d.a").exists() && std::fs::read_to_string(&stamp).is_ok_and(|k| k == key) {
+        println!("cargo:rustc-link-search=native={}", out.display());
+        println!("cargo:rustc-link-lib=static=lmim_c10d");
+        println!("cargo:rustc-link-lib=stdc++");
+    } else {
+        shim.compile("lmim_c10d");
+        std::fs::write(&stamp, key).expect("write the shim's build key");
+    }
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
 }
 
 /// Records the commit the binary was built from; results carry it as provenance.

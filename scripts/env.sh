@@ -2,7 +2,7 @@
 # - a Python virtual environment with torch==2.11.0 (the libtorch that tch 0.24.0 binds), numpy, safetensors,
 #   timm, torchvision, scipy and tensorboard (its event reader checks the event files lmim-bench writes), kept in
 #   a cache directory outside the clone so that every clone reuses it;
-# - Debian packages: the Fashion-MNIST data set for the demo;
+# - Debian packages: the Fashion-MNIST data set for the demo, gloo's headers for the torch.distributed shim;
 # - the build, also kept in the cache (CARGO_TARGET_DIR), so a fresh clone does not rebuild libtorch bindings.
 # LMIM_CACHE overrides the cache directory; an existing LIBTORCH (a libtorch unpacked somewhere) is used as is.
 set -euo pipefail
@@ -12,7 +12,9 @@ export LMIM_ROOT
 export LMIM_CACHE="${LMIM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lmim-bench}"
 mkdir -p "$LMIM_CACHE"
 VENV="$LMIM_CACHE/venv"
-PY_REQS="torch==2.11.0 torchvision==0.26.0 numpy safetensors timm scipy pillow tensorboard"
+# nvidia-cuda-crt / -cccl: the CUDA headers that torch's ProcessGroupNCCL.hpp needs and the CUDA runtime wheel lacks,
+# at the CUDA 13.0 of torch 2.11's wheels (the build compiles the NCCL part of the c10d shim against them).
+PY_REQS="torch==2.11.0 torchvision==0.26.0 numpy safetensors timm scipy pillow tensorboard nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85"
 STAMP="$VENV/.lmim-reqs"
 
 log() { printf '[lmim-bench setup] %s\n' "$*" >&2; }
@@ -52,6 +54,13 @@ if [ "${LMIM_FAISS:-0}" = 1 ] && { ! command -v cmake >/dev/null || ! dpkg -s li
     log "installing cmake and OpenBLAS (to build faiss)"
     apt_install cmake libopenblas-dev ||
         log "could not install cmake/libopenblas-dev; install them to build with --features faiss"
+fi
+
+# gloo's headers (the torch wheel ships none) for the c10d shim that build.rs compiles: Debian's libgloo-dev.
+if [ -z "${LMIM_GLOO_INCLUDE:-}" ] && [ ! -e /usr/include/gloo/config.h ]; then
+    log "installing Debian's libgloo-dev (gloo headers for the torch.distributed shim)"
+    apt_install libgloo-dev ||
+        { log "gloo headers are missing: run 'apt-get install libgloo-dev' as root, or set LMIM_GLOO_INCLUDE"; exit 2; }
 fi
 
 # Fashion-MNIST as Debian ships it: the small real data set of the demo and the tests.

@@ -168,3 +168,25 @@ pub fn sweep(n: i64, dim: i64, classes: i64, cfg: &SweepConfig, device: Device) 
     let details = serde_json::json!({ "n_train": n, "dim": dim, "classes": classes, "heads": heads, "epochs": cfg.epochs, "batch_size": cfg.batch_size });
     Ok(result("linear-sweep", &format!("features {n}x{dim}"), cfg.batch_size as i64, t, secs, (n as usize * cfg.epochs) as f64, device, None, details))
 }
+
+/// The gradient all-reduce of data-parallel training (`dist::World::average_gradients`: 25 MB buckets, all in
+/// flight at once, then divided by the world size) over the parameters of `arch`, between the processes of the
+/// job (start it with torchrun or the RANK / WORLD_SIZE / MASTER_* variables). Items per second are gradients.
+pub fn allreduce(arch: &str, t: Timing, device: Device) -> Result<BenchResult> {
+    let cfg = VitConfig::from_arch(arch)?;
+    let vs = tch::nn::VarStore::new(device);
+    let _vit = crate::model::VisionTransformer::new(&vs.root(), &cfg);
+    let params = vs.trainable_variables();
+    // Gradients of ones, allocated as backward allocates them.
+    let total = params.iter().map(|p| p.sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, device)), |a, b| a + b);
+    total.backward();
+    let n: i64 = params.iter().map(|p| p.numel() as i64).sum();
+    let world = crate::dist::world();
+    let secs = timed(t, device, |_| world.average_gradients(params.iter()))?;
+    let bytes = 4.0 * n as f64;
+    let per = secs / t.steps as f64;
+    // Ring all-reduce moves 2 (w - 1) / w of the data through each link (NCCL's "bus bandwidth").
+    let bus = 2.0 * (world.size as f64 - 1.0) / world.size as f64 * bytes / per / 1e9;
+    let details = serde_json::json!({ "gradients": n, "megabytes": bytes / 1e6, "tensors": params.len(), "bus_gb_per_s": bus, "world": world.describe() });
+    Ok(result("allreduce", arch, 0, t, secs, n as f64, device, None, details))
+}

@@ -29,6 +29,9 @@ pub enum Error {
         .pid.map_or_else(|| "PID unknown".to_string(), |p| format!("PID {p}"))
     )]
     FolderBusy { dir: PathBuf, pid: Option<u32> },
+    /// A collective or the rendezvous of a data-parallel run failed (a peer died, timed out or never came).
+    #[error("distributed: {0}")]
+    Dist(String),
 }
 
 impl Error {
@@ -48,7 +51,7 @@ impl Error {
     /// Exit code under the CLI convention: 2 for bad input or usage, 1 for anything that went wrong at run time.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Torch(_) | Error::Diverged(_) => 1,
+            Error::Torch(_) | Error::Diverged(_) | Error::Dist(_) => 1,
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => 0,
             // A full or read-only disk is a failure of the run, not a bad input.
             Error::Io { source, .. } if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::ReadOnlyFilesystem) => 1,

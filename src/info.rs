@@ -15,6 +15,9 @@ pub struct Info {
     pub cpu_threads: i32,
     pub mkldnn: bool,
     pub openmp: bool,
+    /// Collective back-ends of data-parallel runs (c10d through the shim): gloo always, nccl when built with the
+    /// CUDA headers.
+    pub dist_backends: Vec<String>,
 }
 
 /// The libtorch version: read from the torch package the binary was linked against (`torch/version.py`), or from
@@ -51,6 +54,7 @@ impl Info {
             cpu_threads: tch::get_num_threads(),
             mkldnn: tch::utils::has_mkldnn(),
             openmp: tch::utils::has_openmp(),
+            dist_backends: if crate::dist::has_nccl() { vec!["gloo".into(), "nccl".into()] } else { vec!["gloo".into()] },
         }
     }
 
@@ -69,6 +73,7 @@ impl Info {
             s.push_str("CUDA       not available (CPU only)\n");
         }
         s.push_str(&format!("CPU        {} torch threads, oneDNN {}, OpenMP {}\n", self.cpu_threads, self.mkldnn, self.openmp));
+        s.push_str(&format!("c10d       {}\n", self.dist_backends.join(", ")));
         s
     }
 }
@@ -85,10 +90,13 @@ pub fn parse_device(s: &str) -> crate::Result<tch::Device> {
             Err(crate::Error::option("--device", format!("`{s}`: this machine has {n} CUDA device(s)")))
         }
     };
+    // In a data-parallel run `cuda` (and `auto` with CUDA) is the process's own device, cuda:LOCAL_RANK.
+    let local = crate::dist::world().local_rank;
     match s {
-        "auto" => Ok(tch::Device::cuda_if_available()),
+        "auto" if tch::Cuda::is_available() => cuda(local),
+        "auto" => Ok(tch::Device::Cpu),
         "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => cuda(0),
+        "cuda" => cuda(local),
         s if s.starts_with("cuda:") => s[5..].parse().map_err(|_| crate::Error::option("--device", format!("`{s}` is not cpu, cuda or cuda:N"))).and_then(cuda),
         s => Err(crate::Error::option("--device", format!("`{s}` is not auto, cpu, cuda or cuda:N"))),
     }

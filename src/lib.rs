@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod cli;
 pub mod data;
+pub mod dist;
 pub mod error;
 pub mod fsutil;
 pub mod info;

@@ -32,6 +32,8 @@ pub struct BenchArgs {
     /// Write the JSON result here (`-` for stdout).
     #[arg(long, short, default_value = "-", global = true)]
     pub output: String,
+    #[command(flatten)]
+    pub dist: super::DistArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,6 +61,12 @@ pub enum BenchWhat {
         #[arg(long)]
         data: Option<PathBuf>,
     },
+    /// The gradient all-reduce of data-parallel training over an architecture's parameters, between the
+    /// processes of a torchrun / srun job (a no-op in one process).
+    Allreduce {
+        #[arg(long, default_value = "vit_base_patch16_224")]
+        arch: String,
+    },
     /// The 52-head linear sweep on random features (protocols/linear_sweep.toml, `--set` overrides it).
     Sweep {
         #[arg(long, default_value_t = 100_000)]
@@ -73,6 +81,7 @@ pub enum BenchWhat {
 }
 
 pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    let world = a.dist.init()?;
     let device = parse_device(&a.device)?;
     let t = Timing { warmup: a.warmup, steps: a.steps };
     let r: BenchResult = match &a.what {
@@ -80,17 +89,18 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             let mut cfg: PretrainConfig = crate::config::load(config.as_deref(), sets)?;
             cfg.device = a.device.clone();
             let b = batch_size.unwrap_or(cfg.micro_batch_size);
-            // One micro-batch per timed step.
+            // One micro-batch per process and timed step.
             cfg.micro_batch_size = b;
-            cfg.batch_size = b;
+            cfg.batch_size = b * world.size as i64;
             bench::pretrain_steps(&cfg, b, t, device).context("timing pretraining steps")?
         }
         BenchWhat::Finetune { arch, sets, batch_size, data } => {
             let mut cfg: FinetuneConfig = Protocol::Finetune.load(None, sets)?.cfg;
             cfg.micro_batch_size = *batch_size;
-            cfg.batch_size = *batch_size;
+            cfg.batch_size = *batch_size * world.size;
             bench::finetune_steps(arch, &cfg, t, device, a.precision, data.as_deref()).context("timing fine-tuning steps")?
         }
+        BenchWhat::Allreduce { arch } => bench::allreduce(arch, t, world.device).context("timing the gradient all-reduce")?,
         BenchWhat::Sweep { n, dim, classes, sets } => {
             if *n < 2 || *dim < 1 || *classes < 1 {
                 return Err(crate::Error::option("--n/--dim/--classes", "need n >= 2 rows, dim >= 1 and classes >= 1").into());
@@ -102,6 +112,9 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     let mut v = serde_json::to_value(&r)?;
     v["provenance"] = serde_json::to_value(crate::results::Provenance::current(&r.device))?;
     v["time"] = serde_json::json!(crate::results::now_rfc3339());
-    crate::results::write_output(&a.output, &(serde_json::to_string_pretty(&v)? + "\n"))?;
+    v["world"] = world.describe();
+    if world.is_main() {
+        crate::results::write_output(&a.output, &(serde_json::to_string_pretty(&v)? + "\n"))?;
+    }
     Ok(())
 }

@@ -66,6 +66,8 @@ pub struct ExtractArgs {
     /// No progress bar or warnings.
     #[arg(long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub dist: super::DistArgs,
 }
 
 #[derive(Debug, Args)]
@@ -157,6 +159,8 @@ pub struct EvalArgs {
     /// Fine-tuning: start over instead of resuming from the run folder in `--output`.
     #[arg(long)]
     pub fresh: bool,
+    #[command(flatten)]
+    pub dist: super::DistArgs,
 }
 
 impl EvalArgs {
@@ -200,7 +204,7 @@ impl EvalArgs {
                 precision: self.precision,
                 batch_size: self.batch_size,
                 cache_dir: (!self.no_cache).then(|| self.cache_dir.clone()),
-                quiet: self.quiet,
+                quiet: self.quiet || !crate::dist::world().is_main(),
                 fresh: self.fresh,
                 backend: self.backend,
                 query_chunk: self.query_chunk,
@@ -213,6 +217,7 @@ impl EvalArgs {
 }
 
 pub fn extract(a: ExtractArgs) -> anyhow::Result<()> {
+    let world = a.dist.init()?;
     let device = parse_device(&a.device)?;
     let req = ExtractRequest {
         checkpoint: a.checkpoint.clone(),
@@ -231,6 +236,9 @@ pub fn extract(a: ExtractArgs) -> anyhow::Result<()> {
         quiet: a.quiet,
     };
     let (set, report) = extract::extract(&req).with_context(|| format!("extracting {} features of {}", a.split, a.checkpoint.display()))?;
+    if !world.is_main() {
+        return Ok(());
+    }
     if let Some(out) = &a.out {
         match &report.path {
             Some(p) => copy_file(p, out)?,
@@ -294,8 +302,12 @@ fn summary(rec: &RunRecord) -> String {
 }
 
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
+    let world = a.dist.init()?;
     let req = a.request();
     let rec = crate::protocols::run(&req).with_context(|| format!("evaluating with the {} protocol", a.protocol))?;
+    if !world.is_main() {
+        return Ok(());
+    }
     let text = if a.json { serde_json::to_string_pretty(&rec)? + "\n" } else { format!("{}records: {}\n", summary(&rec), a.output.display()) };
     write_output("-", &text)?;
     Ok(())

@@ -54,6 +54,31 @@ pub enum Command {
     Bench(bench_cmds::BenchArgs),
 }
 
+/// Options of a data-parallel run: one process per device started by `torchrun --no-python` or `srun`, which
+/// set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (or SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID /
+/// SLURM_JOB_NODELIST). Without a launcher the command runs as one process.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DistArgs {
+    /// Collective back-end of a data-parallel run: nccl (the default when CUDA is present) or gloo (CPU).
+    #[arg(long, value_enum, value_name = "BACKEND")]
+    pub dist_backend: Option<crate::dist::Backend>,
+    /// Seconds a rank waits for its peers (rendezvous and every collective) before it exits with an error.
+    #[arg(long, default_value_t = 1800, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub dist_timeout: u64,
+}
+
+impl DistArgs {
+    /// Joins the job's process group (a no-op without a launcher).
+    pub fn init(&self) -> anyhow::Result<&'static crate::dist::World> {
+        let opts = crate::dist::DistOptions {
+            backend: self.dist_backend,
+            timeout: std::time::Duration::from_secs(self.dist_timeout),
+            cuda: tch::Cuda::is_available(),
+        };
+        Ok(crate::dist::init(&opts)?)
+    }
+}
+
 /// Exit code of an error: the library's own classification where there is one, 2 for I/O and parse problems of
 /// the user's inputs, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {

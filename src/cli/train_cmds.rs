@@ -39,9 +39,12 @@ pub struct PretrainArgs {
     /// No progress bar and no loader warnings.
     #[arg(long, short)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub dist: super::DistArgs,
 }
 
 pub fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
+    let world = a.dist.init()?;
     let req = PretrainRequest {
         config: a.config.clone(),
         sets: a.sets.iter().chain(&a.overrides).cloned().collect(),
@@ -54,6 +57,9 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
         tensorboard: !a.no_tensorboard,
     };
     let rec = crate::train::pretrain::run(&req).context("pretraining")?;
+    if !world.is_main() {
+        return Ok(());
+    }
     let m = |k: &str| rec.metrics.get(k).copied().unwrap_or(f64::NAN);
     eprintln!(
         "done: {} steps, final loss {:.4}, {:.1} img/s; encoder {}",

@@ -29,7 +29,7 @@ pub struct LoaderConfig {
     /// Drop the last partial batch of each rank.
     pub drop_last: bool,
     pub seed: u64,
-    /// Data-parallel shard: this process takes positions rank, rank+world_size, ... of the padded epoch order.
+    /// Data-parallel shard of this process (see [`Loader::epoch_indices`]).
     pub rank: usize,
     pub world_size: usize,
     /// Decode/augment threads.
@@ -151,8 +151,10 @@ impl Loader {
         self.shared.skipped.load(Ordering::Relaxed)
     }
 
-    /// This rank's sample order for `epoch`: the epoch permutation, padded by wrapping around to a multiple of
-    /// the world size (as torch's DistributedSampler), then every world_size-th position from rank.
+    /// This rank's sample order for `epoch`. Training (`drop_last`): the epoch order is cut into global
+    /// micro-batches of `batch_size` and rank r takes micro-batches r, r + world, ..., which makes a step's samples independent of how they are spread over ranks and
+    /// accumulation. Evaluation: rank r takes the r-th contiguous block of ceil(n / world) samples, so rank-ordered
+    /// results concatenate into dataset order.
     pub fn epoch_indices(&self, epoch: u64) -> Vec<usize> {
         let cfg = &self.shared.cfg;
         let n = self.shared.dataset.len();
@@ -160,18 +162,37 @@ impl Loader {
         if cfg.shuffle {
             order.shuffle(&mut shuffle_rng(cfg.seed, epoch));
         }
-        let per_rank = n.div_ceil(cfg.world_size);
-        (0..per_rank).map(|i| order[(cfg.rank + i * cfg.world_size) % n]).collect()
+        let (bs, w) = (cfg.batch_size, cfg.world_size);
+        if cfg.drop_last {
+            (cfg.rank..n / bs).step_by(w).flat_map(|g| order[g * bs..][..bs].iter().copied()).collect()
+        } else {
+            let per = n.div_ceil(w);
+            order[(cfg.rank * per).min(n)..((cfg.rank + 1) * per).min(n)].to_vec()
+        }
     }
 
     /// Batches per epoch for this rank.
     pub fn num_batches(&self) -> usize {
         let cfg = &self.shared.cfg;
-        let per_rank = self.shared.dataset.len().div_ceil(cfg.world_size);
+        let n = self.shared.dataset.len();
         if cfg.drop_last {
-            per_rank / cfg.batch_size
+            (n / cfg.batch_size).saturating_sub(cfg.rank).div_ceil(cfg.world_size)
         } else {
-            per_rank.div_ceil(cfg.batch_size)
+            let per = n.div_ceil(cfg.world_size);
+            let mine = ((cfg.rank + 1) * per).min(n).saturating_sub(cfg.rank * per);
+            mine.div_ceil(cfg.batch_size)
+        }
+    }
+
+    /// Micro-batches per epoch over all ranks: the training protocols' schedules and step counts are functions of
+    /// it, not of the rank's share, so they do not depend on the world size.
+    pub fn global_batches(&self) -> usize {
+        let cfg = &self.shared.cfg;
+        let n = self.shared.dataset.len();
+        if cfg.drop_last {
+            n / cfg.batch_size
+        } else {
+            n.div_ceil(cfg.batch_size)
         }
     }
 

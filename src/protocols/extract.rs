@@ -377,27 +377,30 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
         let name = format!("{}-{}-{}-{}.safetensors", cfg.arch, req.split, req.feature.name().replace('+', "_"), &key[..20]);
         d.join(name)
     });
-    if let Some(p) = cache_path.as_ref().filter(|p| p.is_file()) {
+    let world = crate::dist::world();
+    let cached = cache_path.as_ref().filter(|p| p.is_file()).and_then(|p| {
         // A file that does not load, or carries another key, is recomputed and overwritten.
-        if let Ok(set) = FeatureSet::load(p) {
-            if set.meta.cache_key.as_deref() == Some(key.as_str()) && set.len() == dataset.len() as i64 {
-                let report = ExtractReport { cache_key: key, path: Some(p.clone()), cache_hit: true, seconds: t0.elapsed().as_secs_f64(), images_per_s: None };
-                return Ok((set, report));
-            }
-        }
+        FeatureSet::load(p).ok().filter(|set| set.meta.cache_key.as_deref() == Some(key.as_str()) && set.len() == dataset.len() as i64).map(|set| (p.clone(), set))
+    });
+    // Ranks extract together or not at all (a rank that missed the cache would wait for the others forever).
+    let hits = world.sum_f64(&[cached.is_some() as u8 as f64], "the feature cache check")?[0];
+    if let Some((p, set)) = cached.filter(|_| hits as usize == world.size) {
+        let report = ExtractReport { cache_key: key, path: Some(p), cache_hit: true, seconds: t0.elapsed().as_secs_f64(), images_per_s: None };
+        return Ok((set, report));
     }
 
     let n = dataset.len();
     let num_classes = dataset.classes.len() as i64;
     let class_names = dataset.classes.clone();
     let dataset_dir = dataset.dir.clone();
-    let mut lcfg = LoaderConfig { batch_size: req.batch_size, shuffle: false, drop_last: false, strict: true, quiet: req.quiet, ..Default::default() };
+    // Each rank extracts its contiguous block of the split; the blocks are summed into every rank's matrix below.
+    let mut lcfg = LoaderConfig { batch_size: req.batch_size, shuffle: false, drop_last: false, strict: true, rank: world.rank, world_size: world.size, quiet: req.quiet || !world.is_main(), ..Default::default() };
     if let Some(w) = req.workers {
         lcfg.workers = w.max(1);
     }
     let loader = Loader::new(dataset, transform.clone(), lcfg)?;
     let t_extract = Instant::now();
-    let pb = if req.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(n as u64) };
+    let pb = if req.quiet || !world.is_main() { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(n as u64) };
     let mut feats: Option<Tensor> = None;
     let labels = Tensor::full([n as i64], -1i64, (Kind::Int64, Device::Cpu));
     let mut filled = 0usize;
@@ -415,7 +418,21 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
         pb.inc(b.indices.len() as u64);
     }
     pb.finish_and_clear();
-    let features = feats.ok_or_else(|| Error::data(&dataset_dir, "the split has no images"))?;
+    let features = if world.is_distributed() {
+        // Rows of other ranks are zero here (labels -1): the sum over ranks is every row once, exactly (x + 0 = x).
+        // A rank whose block is empty has no matrix yet: it learns the width from the others.
+        let d = world.sum_f64(&[feats.as_ref().map_or(0, |f| f.size()[1]) as f64, feats.is_some() as u8 as f64], "the feature gather")?;
+        let dim = (d[0] / d[1].max(1.0)) as i64;
+        let f = feats.unwrap_or_else(|| Tensor::zeros([n as i64, dim], (Kind::Float, Device::Cpu))).to_device(world.device);
+        let l = (&labels + 1).to_device(world.device);
+        world.all_reduce_sum(&[f.shallow_clone(), l.shallow_clone()], "the feature gather")?;
+        let _ = labels.shallow_clone().copy_(&(l.to_device(Device::Cpu) - 1));
+        filled = world.sum_f64(&[filled as f64], "the feature gather")?[0] as usize;
+        Some(f.to_device(Device::Cpu))
+    } else {
+        feats
+    };
+    let features = features.ok_or_else(|| Error::data(&dataset_dir, "the split has no images"))?;
     if filled != n || labels.min().int64_value(&[]) < 0 {
         return Err(Error::data(&dataset_dir, format!("extracted {filled} of {n} images (unreadable files?)")));
     }
@@ -444,7 +461,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
         created_at: Some(crate::results::now_rfc3339()),
     };
     let set = FeatureSet { features, labels, meta };
-    if let Some(p) = &cache_path {
+    if let Some(p) = cache_path.as_ref().filter(|_| world.is_main()) {
         set.save(p)?;
     }
     let report = ExtractReport {

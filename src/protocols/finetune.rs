@@ -108,7 +108,7 @@ impl FinetuneConfig {
         if self.epochs == 0 {
             return bad("epochs", "must be positive");
         }
-        crate::train::accum_for(self.batch_size as i64, self.micro_batch_size as i64, 1)?;
+        crate::train::accum_for(self.batch_size as i64, self.micro_batch_size as i64, crate::dist::world().size as i64)?;
         if !(self.blr > 0.0 && self.blr.is_finite()) || self.lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
             return bad("blr", "the learning rate must be a positive number");
         }
@@ -131,7 +131,7 @@ impl FinetuneConfig {
     }
 
     pub fn accum_iter(&self) -> usize {
-        crate::train::accum_for(self.batch_size as i64, self.micro_batch_size as i64, 1).unwrap_or(1) as usize
+        crate::train::accum_for(self.batch_size as i64, self.micro_batch_size as i64, crate::dist::world().size as i64).unwrap_or(1) as usize
     }
 
     /// Absolute lr: `lr`, else `blr * batch_size / 256`.
@@ -309,8 +309,7 @@ pub fn evaluate(model: &VisionTransformer, val: &Loader, device: Device, amp: Op
 /// EMA, epoch, step, history, the source checkpoint's sha256) is written atomically after every epoch and the
 /// fine-tuned classifier is exported as `finetuned.safetensors` (timm names, `arch`/`config` metadata) at the end;
 /// `resume` continues from the checkpoint when it exists. Resuming is exact at epoch boundaries: the data order
-/// and every augmentation are keyed by (seed, epoch, sample), Mixup by (seed, epoch, micro-batch), drop path by
-/// (seed, epoch).
+/// and every augmentation are keyed by (seed, epoch, sample), Mixup and drop path by (seed, epoch, micro-batch).
 #[derive(Debug, Clone, Default)]
 pub struct FinetuneOptions {
     pub output_dir: Option<PathBuf>,
@@ -420,6 +419,9 @@ impl TrainStep for Finetuner {
     fn loss(&mut self, b: Batch, epoch: usize, iter: usize) -> Result<Tensor> {
         let (x, y) = (b.images.to_device(self.device), b.labels.to_device(self.device));
         let (model, amp, cfg) = (&self.fm.model, self.amp, &self.cfg);
+        // Drop path draws from torch's generator, keyed by the micro-batch's place in the run (not a running
+        // stream), so a resumed or data-parallel run draws the same.
+        tch::manual_seed((crate::train::pretrain::seed_for(cfg.seed ^ 0xD509_7A7E, epoch, iter) & i64::MAX as u64) as i64);
         Ok(if cfg.mixup_active() {
             let mut rng = mix_rng(cfg.seed, epoch, iter);
             let (xm, target, _) = mixup_cutmix(&x, &y, &self.mix, &mut rng);
@@ -471,10 +473,8 @@ impl Finetuner {
 
     /// One epoch of training; returns the mean loss and the last lr.
     fn train_epoch(&mut self, train: &Loader, epoch: usize, steps: &mut i64) -> Result<(f64, f64)> {
-        // Drop path draws from torch's generator: reseeded per epoch, so a resumed run matches.
-        tch::manual_seed(self.cfg.seed.wrapping_add(1 + epoch as u64) as i64);
         self.opt.zero_grad();
-        let per_epoch = train.num_batches();
+        let per_epoch = train.global_batches();
         let mut batches = train.epoch(epoch as u64);
         let rule = self.rule();
         let st = run_epoch(self, rule, &mut batches, epoch, 0, per_epoch, steps, &|_| false, &mut |_, _| Ok(Flow::Continue))?;
@@ -564,7 +564,7 @@ pub fn loaders(data_root: &Path, size: u32, cfg: &FinetuneConfig, run: &RunOptio
     let (randaug, erasing) = cfg.augmentations()?;
     let train = super::train_loader(train_ds, Transform::finetune_train(size, randaug, erasing), cfg.micro_batch_size, cfg.seed, run)?;
     let resize = (size as f64 / cfg.crop_pct) as u32;
-    let val = super::eval_loader(val_ds, Transform::eval(resize, size), cfg.micro_batch_size, run)?;
+    let val = super::eval_loader(val_ds, Transform::eval(resize, size), cfg.micro_batch_size, run, true)?;
     Ok((train, val))
 }
 
@@ -586,7 +586,7 @@ pub fn run_finetune_with(
     let classes = super::open_splits(data_root)?.0.classes.len() as i64;
     let mut ft = Finetuner::new(model_ckpt, arch, classes, cfg, device, precision)?;
     let (train, val) = loaders(data_root, ft.fm.cfg.img_size as u32, cfg, run)?;
-    if ft.rule().used_iters(train.num_batches()) == 0 {
+    if ft.rule().used_iters(train.global_batches()) == 0 {
         return Err(Error::data(data_root, format!("the train split gives fewer micro-batches of {} than one step of {}", cfg.micro_batch_size, cfg.batch_size)));
     }
     let ckpt_path = opts.output_dir.as_ref().map(|d| d.join(CHECKPOINT_NAME));
@@ -596,6 +596,10 @@ pub fn run_finetune_with(
         p = ft.load_state(path)?;
         resumed_from_epoch = Some(p.epoch);
     }
+    let world = crate::dist::world();
+    let mut named: Vec<(String, Tensor)> = ft.fm.vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    world.sync_parameters(&named)?;
     for epoch in p.epoch..cfg.epochs {
         let (loss, lr) = ft.train_epoch(&train, epoch, &mut p.steps)?;
         let mut entry = BTreeMap::from([
@@ -610,7 +614,7 @@ pub fn run_finetune_with(
         log(&serde_json::to_value(&entry).expect("json"))?;
         p.history.push(entry);
         p.epoch = epoch + 1;
-        if let Some(path) = &ckpt_path {
+        if let Some(path) = ckpt_path.as_ref().filter(|_| world.is_main()) {
             ft.save_state(path, &p)?;
         }
         if opts.stop_after_epochs.is_some_and(|n| p.epoch >= n) {
@@ -618,7 +622,7 @@ pub fn run_finetune_with(
         }
     }
     let exported = match &opts.output_dir {
-        Some(dir) if p.epoch >= cfg.epochs => {
+        Some(dir) if p.epoch >= cfg.epochs && world.is_main() => {
             let path = dir.join(EXPORT_NAME);
             let meta = BTreeMap::from([("finetune_config".to_string(), serde_json::to_string(cfg).expect("json"))]);
             crate::checkpoint::save_vit(&path, &ft.fm.vs, &ft.fm.cfg, &meta)?;
@@ -670,20 +674,25 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let key = sha.as_deref().map_or_else(|| format!("scratch-s{}", cfg.seed), |s| s[..12].to_string());
     let run_dir = req.output.join(format!("{}-finetune-{key}", crate::results::sanitize(&name)));
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-    let _lock = crate::fsutil::RunLock::acquire(&run_dir)?;
-    crate::fsutil::clean_stale_temps(&run_dir)?;
-    if req.run.fresh {
-        let ck = run_dir.join(CHECKPOINT_NAME);
-        if ck.exists() {
-            std::fs::remove_file(&ck).map_err(|e| Error::io(&ck, e))?;
+    // Rank 0 owns the run folder; the others wait until it is set up before they look for a checkpoint.
+    let world = crate::dist::world();
+    let _lock = if world.is_main() { Some(crate::fsutil::RunLock::acquire(&run_dir)?) } else { None };
+    if world.is_main() {
+        crate::fsutil::clean_stale_temps(&run_dir)?;
+        if req.run.fresh {
+            let ck = run_dir.join(CHECKPOINT_NAME);
+            if ck.exists() {
+                std::fs::remove_file(&ck).map_err(|e| Error::io(&ck, e))?;
+            }
         }
+        crate::config::save(cfg, &run_dir.join("finetune.toml"))?;
     }
-    crate::config::save(cfg, &run_dir.join("finetune.toml"))?;
-    let mut log = MetricsLog::open(&run_dir, "metrics.jsonl", req.run.tensorboard)?;
+    world.barrier("the run folder set-up")?;
+    let mut log = if world.is_main() { MetricsLog::open(&run_dir, "metrics.jsonl", req.run.tensorboard)? } else { MetricsLog::discard()? };
     let overrides = loaded.overrides(&[]);
     let b = RecordBuilder::new(Protocol::Finetune, &cfg.version, &overrides);
     let opts = FinetuneOptions { output_dir: Some(run_dir.clone()), resume: true, stop_after_epochs: None };
-    let quiet = req.run.quiet;
+    let quiet = req.run.quiet || !world.is_main();
     let (res, _) = run_finetune_with(req.checkpoint.as_deref(), req.arch.as_deref(), data, cfg, &req.run, &opts, |v| {
         if !quiet {
             eprintln!("finetune {v}");

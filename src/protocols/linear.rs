@@ -78,7 +78,7 @@ impl Default for LinearConfig {
 
 impl LinearConfig {
     pub fn validate(&self) -> Result<()> {
-        crate::train::accum_for(self.batch_size, self.micro_batch_size, 1)?;
+        crate::train::accum_for(self.batch_size, self.micro_batch_size, crate::dist::world().size as i64)?;
         if !(self.epochs > 0.0 && self.epochs.is_finite()) || self.warmup_epochs < 0.0 || self.warmup_epochs > self.epochs {
             return Err(Error::option("epochs", "need epochs > 0 and 0 <= warmup_epochs <= epochs"));
         }
@@ -88,7 +88,7 @@ impl LinearConfig {
         Ok(())
     }
     pub fn accum_iter(&self) -> i64 {
-        crate::train::accum_for(self.batch_size, self.micro_batch_size, 1).unwrap_or(1)
+        crate::train::accum_for(self.batch_size, self.micro_batch_size, crate::dist::world().size as i64).unwrap_or(1)
     }
     pub fn lr(&self) -> f64 {
         crate::train::scaled_lr(self.blr, self.batch_size)
@@ -236,7 +236,7 @@ pub fn train_probe(
         p.weight_decay = cfg.weight_decay;
     }
     let rule = StepRule { accum: cfg.accum_iter() as usize, clip: None };
-    let per_epoch = train.num_batches();
+    let per_epoch = train.global_batches();
     if rule.used_iters(per_epoch) == 0 {
         return Err(Error::option("batch_size", format!("the train split gives {per_epoch} micro-batches of {}, fewer than one step of {}", cfg.micro_batch_size, cfg.batch_size)));
     }
@@ -278,7 +278,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let size = enc.model.cfg.img_size as u32;
     let micro = cfg.micro_batch_size as usize;
     let train = super::train_loader(train_ds, Transform::linprobe_train(size, cfg.crop_scale_min), micro, cfg.seed, &req.run)?;
-    let val = super::eval_loader(val_ds, super::extract::eval_transform(size as i64, 0.875)?, micro, &req.run)?;
+    let val = super::eval_loader(val_ds, super::extract::eval_transform(size as i64, 0.875)?, micro, &req.run, true)?;
     let name = req.model_name("model");
     let overrides = loaded.overrides(&[]);
     let b = RecordBuilder::new(Protocol::Linear, &cfg.version, &overrides);

@@ -281,6 +281,9 @@ fn split_features(model: &VisionTransformer, ld: &Loader, device: Device, amp: O
 /// `eval --protocol linear-sweep`: one backbone pass per split, then every head on the cached features. It stays
 /// a one-process job: after the feature pass, all 52 heads over ImageNet's cached rows are minutes of work.
 pub fn run(req: &EvalRequest) -> Result<RunRecord> {
+    if crate::dist::world().is_distributed() {
+        return Err(Error::option("--protocol", "linear-sweep runs in one process (after one feature pass its 52 heads train on cached features in minutes): start it without torchrun or srun"));
+    }
     let loaded = Protocol::LinearSweep.load::<SweepConfig>(req.protocol_file.as_deref(), &req.sets)?;
     let cfg = &loaded.cfg;
     cfg.validate()?;
@@ -296,8 +299,8 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let b = RecordBuilder::new(Protocol::LinearSweep, &cfg.version, &overrides);
     let t = super::extract::eval_transform(enc.model.cfg.img_size, 0.875)?;
     let t0 = std::time::Instant::now();
-    let train_ld = super::eval_loader(train_ds, t.clone(), req.run.batch_size, &req.run)?;
-    let val_ld = super::eval_loader(val_ds, t, req.run.batch_size, &req.run)?;
+    let train_ld = super::eval_loader(train_ds, t.clone(), req.run.batch_size, &req.run, false)?;
+    let val_ld = super::eval_loader(val_ds, t, req.run.batch_size, &req.run, false)?;
     let train = split_features(&enc.model, &train_ld, device, amp)?;
     let val = split_features(&enc.model, &val_ld, device, amp)?;
     let extract_s = t0.elapsed().as_secs_f64();

@@ -266,14 +266,19 @@ pub(crate) fn open_splits(root: &Path) -> Result<(Dataset, Dataset)> {
 
 /// A training loader of the protocols: shuffled per (seed, epoch), whole batches only (`drop_last`, as the
 /// reference's train loaders), bad files skipped the same way everywhere (or refused with `strict`).
+/// In a data-parallel run each rank gets its share of the global micro-batches.
 pub(crate) fn train_loader(ds: Dataset, t: Transform, batch: usize, seed: u64, run: &RunOptions) -> Result<Loader> {
-    let cfg = LoaderConfig { batch_size: batch, shuffle: true, drop_last: true, seed, workers: run.loader_workers(), strict: run.strict, quiet: run.quiet, ..Default::default() };
+    let w = crate::dist::world();
+    let cfg = LoaderConfig { batch_size: batch, shuffle: true, drop_last: true, seed, rank: w.rank, world_size: w.size, workers: run.loader_workers(), strict: run.strict, quiet: run.quiet, ..Default::default() };
     Loader::new(ds, t, cfg)
 }
 
-/// An evaluation loader: dataset order, every image.
-pub(crate) fn eval_loader(ds: Dataset, t: Transform, batch: usize, run: &RunOptions) -> Result<Loader> {
-    let cfg = LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, workers: run.loader_workers(), strict: run.strict, quiet: run.quiet, ..Default::default() };
+/// An evaluation loader: dataset order, every image; with `shard`, this rank's contiguous block of it (the
+/// top-k evaluation sums its counts over ranks).
+pub(crate) fn eval_loader(ds: Dataset, t: Transform, batch: usize, run: &RunOptions, shard: bool) -> Result<Loader> {
+    let w = crate::dist::world();
+    let (rank, world_size) = if shard { (w.rank, w.size) } else { (0, 1) };
+    let cfg = LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, rank, world_size, workers: run.loader_workers(), strict: run.strict, quiet: run.quiet, ..Default::default() };
     Loader::new(ds, t, cfg)
 }
 

@@ -75,6 +75,10 @@ impl RecordBuilder {
         cfg["protocol_file"] = serde_json::json!(origin);
         cfg["overrides"] = serde_json::json!(overrides);
         cfg["run"] = serde_json::to_value(run).expect("run options serialise");
+        let world = crate::dist::world().describe();
+        if let (serde_json::Value::Object(m), serde_json::Value::Object(w)) = (&mut cfg, world) {
+            m.extend(w);
+        }
         self.rec.config = cfg;
         self
     }
@@ -94,12 +98,15 @@ impl RecordBuilder {
         self
     }
 
-    /// Completes the record (provenance of `device`, duration) and writes it into `output`.
+    /// Completes the record (provenance of `device`, duration) and writes it into `output` (rank 0 only in a
+    /// data-parallel run).
     pub fn finish(mut self, details: serde_json::Value, device: &str, output: &Path) -> Result<RunRecord> {
         self.rec.provenance = Provenance::current(device);
         self.rec.duration_s = self.t0.elapsed().as_secs_f64();
         self.rec.details = details;
-        self.rec.write(output)?;
+        if crate::dist::world().is_main() {
+            self.rec.write(output)?;
+        }
         Ok(self.rec)
     }
 }

@@ -35,6 +35,13 @@ impl MetricsLog {
         Ok(MetricsLog { jsonl_path, jsonl, tb, lines: 0 })
     }
 
+    /// A log that writes nothing: what the ranks other than 0 of a data-parallel run keep.
+    pub fn discard() -> Result<MetricsLog> {
+        let null = PathBuf::from("/dev/null");
+        let jsonl = std::fs::OpenOptions::new().append(true).open(&null).map_err(|e| Error::io(&null, e))?;
+        Ok(MetricsLog { jsonl_path: null, jsonl, tb: None, lines: 0 })
+    }
+
     /// The JSON lines file.
     pub fn jsonl_path(&self) -> &Path {
         &self.jsonl_path

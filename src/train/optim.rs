@@ -3,6 +3,23 @@
 //! then the bias-corrected Adam step).
 use tch::{Kind, Tensor};
 
+extern "C" {
+    fn lmim_optim_last_error() -> *const std::ffi::c_char;
+    fn lmim_fused_adamw(
+        params: *mut *mut torch_sys::C_tensor,
+        grads: *mut *mut torch_sys::C_tensor,
+        exp_avgs: *mut *mut torch_sys::C_tensor,
+        exp_avg_sqs: *mut *mut torch_sys::C_tensor,
+        steps: *mut *mut torch_sys::C_tensor,
+        n: i32,
+        lr: f64,
+        beta1: f64,
+        beta2: f64,
+        weight_decay: f64,
+        eps: f64,
+    ) -> i32;
+}
+
 /// A parameter with its optimiser settings.
 pub struct Param {
     pub name: String,
@@ -18,6 +35,9 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub step: i64,
+    /// libtorch's fused kernel (`aten::_fused_adamw_`, one call per group of parameters sharing lr and weight
+    /// decay) instead of the per-parameter update below; the same formula, equal to fp32 round-off.
+    pub fused: bool,
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
     /// Two flat buffers as large as the largest parameter hold the step's temporaries, so a step allocates
@@ -32,7 +52,7 @@ impl AdamW {
         let largest = params.iter().map(|p| p.tensor.numel()).max().unwrap_or(0) as i64;
         let opts = params.first().map_or((Kind::Float, tch::Device::Cpu), |p| (p.tensor.kind(), p.tensor.device()));
         let scratch = [Tensor::empty([largest], opts), Tensor::empty([largest], opts)];
-        AdamW { params, beta1, beta2, eps, step: 0, exp_avg, exp_avg_sq, scratch }
+        AdamW { params, beta1, beta2, eps, step: 0, fused: true, exp_avg, exp_avg_sq, scratch }
     }
 
     pub fn zero_grad(&mut self) {
@@ -41,6 +61,17 @@ impl AdamW {
 
     /// One step with base learning rate `lr` (times each parameter's `lr_scale`).
     pub fn step(&mut self, lr: f64) {
+        if self.fused {
+            self.step += 1;
+            if let Err(e) = self.fused_step(lr) {
+                // Only a libtorch without the kernel for this dtype/device gets here: fall back for good.
+                eprintln!("warning: fused AdamW unavailable ({e}); using the per-parameter update");
+                self.fused = false;
+                self.step -= 1;
+            } else {
+                return;
+            }
+        }
         self.step += 1;
         let bc1 = 1.0 - self.beta1.powi(self.step as i32);
         let bc2_sqrt = (1.0 - self.beta2.powi(self.step as i32)).sqrt();
@@ -67,6 +98,43 @@ impl AdamW {
                 let _ = p.tensor.addcdiv_(&t1, &denom);
             }
         });
+    }
+
+    fn fused_step(&mut self, lr: f64) -> Result<(), String> {
+        // Groups of (lr scale, weight decay), in parameter order.
+        let mut groups: Vec<((u64, u64), Vec<usize>)> = Vec::new();
+        let mut grads: Vec<Option<Tensor>> = Vec::with_capacity(self.params.len());
+        for (i, p) in self.params.iter().enumerate() {
+            let g = p.tensor.grad();
+            grads.push(g.defined().then_some(g));
+            if grads[i].is_none() {
+                continue;
+            }
+            let key = (p.lr_scale.to_bits(), p.weight_decay.to_bits());
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, ids)) => ids.push(i),
+                None => groups.push((key, vec![i])),
+            }
+        }
+        for ((scale, wd), ids) in groups {
+            let (scale, wd) = (f64::from_bits(scale), f64::from_bits(wd));
+            let t = &self.params[ids[0]].tensor;
+            let step = Tensor::full([], self.step as f64, (Kind::Float, t.device()));
+            let ptr = |t: &Tensor| t.as_ptr() as *mut torch_sys::C_tensor;
+            let mut ps: Vec<_> = ids.iter().map(|&i| ptr(&self.params[i].tensor)).collect();
+            let mut gs: Vec<_> = ids.iter().map(|&i| ptr(grads[i].as_ref().expect("grouped params have grads"))).collect();
+            let mut ms: Vec<_> = ids.iter().map(|&i| ptr(&self.exp_avg[i])).collect();
+            let mut vs: Vec<_> = ids.iter().map(|&i| ptr(&self.exp_avg_sq[i])).collect();
+            let mut ss: Vec<_> = ids.iter().map(|_| ptr(&step)).collect();
+            // SAFETY: every pointer is a live tch tensor handle owned above for the duration of the call.
+            let rc = unsafe {
+                lmim_fused_adamw(ps.as_mut_ptr(), gs.as_mut_ptr(), ms.as_mut_ptr(), vs.as_mut_ptr(), ss.as_mut_ptr(), ids.len() as i32, lr * scale, self.beta1, self.beta2, wd, self.eps)
+            };
+            if rc != 0 {
+                return Err(unsafe { std::ffi::CStr::from_ptr(lmim_optim_last_error()) }.to_string_lossy().into_owned());
+            }
+        }
+        Ok(())
     }
 
     /// Optimiser state as named tensors (for checkpoints): `exp_avg.<name>`, `exp_avg_sq.<name>`.

@@ -71,6 +71,10 @@ pub struct PretrainConfig {
     /// Epochs between evaluations of the leave-one-out 1-NN monitor on the `val` split, when there is one (the
     /// reference's `eval_freq`; the first and last epochs are always evaluated; 0: never).
     pub nn_every: usize,
+    /// Processes of the run and their collective back-end (`gloo`, `nccl`): written by the run for the record, set
+    /// by the launcher (torchrun, srun), not by this key, and free to differ on resume.
+    pub world_size: usize,
+    pub backend: String,
 }
 
 impl Default for PretrainConfig {
@@ -99,12 +103,14 @@ impl Default for PretrainConfig {
             keep_last: 3,
             save_every: 100,
             nn_every: 10,
+            world_size: 1,
+            backend: "gloo".into(),
         }
     }
 }
 
 /// Keys that may differ when a run is resumed: they change how it runs or what it writes, not its trajectory.
-pub const RESUMABLE_KEYS: &[&str] = &["epochs", "data", "device", "num_workers", "log_every", "checkpoint_every", "keep_last", "save_every", "nn_every"];
+pub const RESUMABLE_KEYS: &[&str] = &["epochs", "data", "device", "num_workers", "log_every", "checkpoint_every", "keep_last", "save_every", "nn_every", "world_size", "backend"];
 
 impl PretrainConfig {
     pub fn validate(&self) -> Result<()> {
@@ -125,7 +131,7 @@ impl PretrainConfig {
         if !(0.0 < self.crop_scale_min && self.crop_scale_min <= self.crop_scale_max && self.crop_scale_max <= 1.0) {
             return bad("crop_scale_min", "need 0 < crop_scale_min <= crop_scale_max <= 1");
         }
-        self.accum_iter(1)?;
+        self.accum_iter(crate::dist::world().size as i64)?;
         Ok(())
     }
 
@@ -141,6 +147,7 @@ impl PretrainConfig {
 /// Where training images come from: batches of normalised crops `[B, 3, S, S]` for an epoch, starting at a
 /// given micro-batch, in an order that depends only on (seed, epoch).
 pub trait BatchSource {
+    /// Micro-batches of an epoch over all ranks (this rank gets every world-th of them).
     fn batches_per_epoch(&self) -> usize;
     fn epoch_batches(&self, epoch: usize, start: usize) -> Box<dyn Iterator<Item = Result<Tensor>> + '_>;
 }
@@ -258,9 +265,19 @@ impl Window {
         self.epoch_n += 1;
     }
 
-    fn means(&self, epoch: bool) -> BTreeMap<String, f64> {
+    /// Means over the window's (or epoch's) micro-batches of every rank. Every rank calls it at the same steps.
+    fn means(&self, epoch: bool) -> Result<BTreeMap<String, f64>> {
         let (sums, n) = if epoch { (&self.epoch_sums, self.epoch_n) } else { (&self.sums, self.n) };
-        self.names.iter().zip(sums).map(|(k, s)| (k.to_string(), s / n.max(1) as f64)).collect()
+        let mut local = sums.clone();
+        local.push(n as f64);
+        let all = crate::dist::world().sum_f64(&local, "the monitor all-reduce")?;
+        let n = all[all.len() - 1].max(1.0);
+        Ok(self.names.iter().zip(&all).map(|(k, s)| (k.to_string(), s / n)).collect())
+    }
+
+    /// Images of the window over all ranks.
+    fn global_images(&self) -> Result<f64> {
+        Ok(crate::dist::world().sum_f64(&[self.images as f64], "the throughput all-reduce")?[0])
     }
 
     fn reset(&mut self, epoch: bool) {
@@ -275,7 +292,7 @@ impl Window {
     }
 }
 
-fn seed_for(seed: u64, epoch: usize, iter: usize) -> u64 {
+pub(crate) fn seed_for(seed: u64, epoch: usize, iter: usize) -> u64 {
     // SplitMix-style mixing, so neighbouring (epoch, iter) pairs get unrelated streams.
     let mut z = seed ^ ((epoch as u64) << 32) ^ (iter as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -348,7 +365,7 @@ impl Trainer {
     /// The step rule of this run (one process).
     pub fn rule(&self) -> Result<StepRule> {
         let clip = (self.cfg.clip_grad > 0.0).then_some(self.cfg.clip_grad);
-        Ok(StepRule { accum: self.cfg.accum_iter(1)? as usize, clip })
+        Ok(StepRule { accum: self.cfg.accum_iter(crate::dist::world().size as i64)? as usize, clip })
     }
 
     /// One optimiser step on `micro_batches` outside any epoch loop (what `bench pretrain` times).
@@ -438,11 +455,12 @@ impl Trainer {
     pub fn train(&mut self, data: &dyn BatchSource, paths: &RunPaths, log: &mut MetricsLog, monitor: Option<&NnMonitor>, quiet: bool) -> Result<PretrainSummary> {
         let cfg = self.cfg.clone();
         let rule = self.rule()?;
+        let world = crate::dist::world();
         let iters_per_epoch = data.batches_per_epoch();
         self.iters_per_epoch = iters_per_epoch;
         let used_iters = rule.used_iters(iters_per_epoch);
         if used_iters == 0 {
-            return Err(Error::option("batch_size", format!("the data set gives {iters_per_epoch} micro-batches per epoch, fewer than one step of {} ({} x {})", cfg.batch_size, cfg.micro_batch_size, rule.accum)));
+            return Err(Error::option("batch_size", format!("the data set gives {iters_per_epoch} micro-batches per epoch, fewer than one step of {} ({} x {} x {} process(es))", cfg.batch_size, cfg.micro_batch_size, rule.accum, world.size)));
         }
         let epochs = cfg.epochs as usize;
         let total_steps = (epochs * used_iters / rule.accum) as u64;
@@ -455,9 +473,11 @@ impl Trainer {
         let run_start = Instant::now();
         let mut run_imgs = 0usize;
         let mut last_ckpt: Option<PathBuf> = paths.list_checkpoints().last().cloned();
+        // Only rank 0 writes files and runs the NN monitor (the others wait for it at the next collective).
+        let main = world.is_main();
         let mut nn_last: Option<f64> = None;
         if self.pos.step == 0 {
-            if let Some(m) = monitor.filter(|_| cfg.nn_every > 0) {
+            if let Some(m) = monitor.filter(|_| cfg.nn_every > 0 && main) {
                 let top1 = m.evaluate(&self.model.encoder.vit)?;
                 log.log(&serde_json::json!({ "step": 0, "epoch": 0.0, "nn_top1": top1 }))?;
                 nn_last = Some(top1);
@@ -466,11 +486,12 @@ impl Trainer {
         self.window.reset(true);
         while self.pos.epoch < epochs {
             let epoch = self.pos.epoch;
-            let start = self.pos.iter;
+            // Positions are global micro-batches; each rank has 1 / world of them.
+            let start = self.pos.iter / world.size;
             let mut batches = data.epoch_batches(epoch, start);
             let want_norm = |step: i64| step % cfg.log_every.max(1) == 0;
             let mut on_step = |tr: &mut Trainer, ev: &StepEvent| -> Result<Flow> {
-                tr.pos.iter = ev.next_iter;
+                tr.pos.iter = ev.next_iter * world.size;
                 tr.pos.step = ev.step;
                 if ev.epoch_end {
                     tr.pos.epoch += 1;
@@ -485,12 +506,12 @@ impl Trainer {
                 bar.set_message(format!("epoch {epoch} loss {:.4}{}", ev.loss, nn_last.map_or(String::new(), |n| format!(" nn {n:.1}"))));
                 if ev.step % cfg.log_every.max(1) == 0 || ev.epoch_end {
                     let secs = window_start.elapsed().as_secs_f64().max(1e-9);
-                    monitors = tr.window.means(false);
+                    monitors = tr.window.means(false)?;
                     let st = tr.step_state;
                     let mut line = serde_json::json!({
-                        "step": ev.step, "epoch": epoch as f64 + ev.next_iter as f64 / iters_per_epoch as f64,
+                        "step": ev.step, "epoch": epoch as f64 + (ev.next_iter * world.size) as f64 / iters_per_epoch as f64,
                         "lr": st.lr, "mom": st.mom, "sim_trg": st.sim_target,
-                        "img_per_s": tr.window.images as f64 / secs,
+                        "img_per_s": tr.window.global_images()? / secs,
                     });
                     if let Some(g) = tr.window.grad_norm.last() {
                         line["grad_norm"] = serde_json::json!(g);
@@ -511,6 +532,9 @@ impl Trainer {
                         )));
                     }
                     let path = paths.checkpoint(tr.pos.step);
+                    if !main {
+                        return Ok(Flow::Continue);
+                    }
                     tr.save_checkpoint(&path)?;
                     last_ckpt = Some(path);
                     if ev.epoch_end && cfg.save_every > 0 && tr.pos.epoch % cfg.save_every == 0 {
@@ -540,21 +564,25 @@ impl Trainer {
             // The epoch means (the reference logs these) under `epoch_<name>`, apart from the window means at the
             // same step.
             let mut line = serde_json::json!({ "step": self.pos.step, "epoch": self.pos.epoch as f64 });
-            for (k, v) in self.window.means(true) {
+            for (k, v) in self.window.means(true)? {
                 line[format!("epoch_{k}")] = serde_json::json!(v);
             }
             let done = self.pos.epoch;
-            if let Some(m) = monitor.filter(|_| cfg.nn_every > 0 && (done % cfg.nn_every == 0 || done == epochs || done == 1)) {
+            if let Some(m) = monitor.filter(|_| main && cfg.nn_every > 0 && (done % cfg.nn_every == 0 || done == epochs || done == 1)) {
                 let top1 = m.evaluate(&self.model.encoder.vit)?;
                 line["nn_top1"] = serde_json::json!(top1);
                 nn_last = Some(top1);
             }
             log.log(&line)?;
             self.window.reset(true);
-            self.export_encoder(&paths.encoder())?;
+            if main {
+                self.export_encoder(&paths.encoder())?;
+            }
         }
         bar.finish_and_clear();
-        self.export_encoder(&paths.encoder())?;
+        if main {
+            self.export_encoder(&paths.encoder())?;
+        }
         if let Some(n) = nn_last {
             monitors.insert("nn_top1".into(), n);
         }
@@ -667,7 +695,7 @@ struct LoaderSource(Loader);
 
 impl BatchSource for LoaderSource {
     fn batches_per_epoch(&self) -> usize {
-        self.0.num_batches()
+        self.0.global_batches()
     }
     fn epoch_batches(&self, epoch: usize, start: usize) -> Box<dyn Iterator<Item = Result<Tensor>> + '_> {
         Box::new(self.0.iter_from(epoch as u64, start).map(|b| b.map(|b| b.images)))
@@ -681,15 +709,23 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     if let Some(d) = &req.data {
         cfg.data = d.display().to_string();
     }
+    let world = crate::dist::world();
+    cfg.world_size = world.size;
+    cfg.backend = world.backend.name().into();
     cfg.validate()?;
+    let main = world.is_main();
+    let quiet = req.quiet || !main;
     let stem = req.config.as_ref().and_then(|p| p.file_stem()).map_or("default".into(), |s| s.to_string_lossy().to_string());
     let out = req.output.clone().unwrap_or_else(|| PathBuf::from("results/runs").join(format!("pretrain-{stem}")));
     let paths = RunPaths { dir: out.clone() };
     std::fs::create_dir_all(paths.checkpoints()).map_err(|e| Error::io(paths.checkpoints(), e))?;
-    // One writer per run folder; partial files of killed writers would otherwise block the resume.
-    let _lock = crate::fsutil::RunLock::acquire(&out)?;
-    crate::fsutil::clean_stale_temps(&out)?;
-    crate::fsutil::clean_stale_temps(&paths.checkpoints())?;
+    // One writer per run folder (rank 0 of a data-parallel run); partial files of killed writers would otherwise
+    // block the resume.
+    let _lock = if main { Some(crate::fsutil::RunLock::acquire(&out)?) } else { None };
+    if main {
+        crate::fsutil::clean_stale_temps(&out)?;
+        crate::fsutil::clean_stale_temps(&paths.checkpoints())?;
+    }
     let device = crate::info::parse_device(&cfg.device)?;
     let train_size = cfg.model.train_size()? as u32;
     let root = Path::new(&cfg.data);
@@ -701,7 +737,7 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
         scale.1 = cfg.crop_scale_max;
     }
     let workers = if cfg.num_workers == 0 { LoaderConfig::default().workers } else { cfg.num_workers };
-    let loader_cfg = LoaderConfig { batch_size: cfg.micro_batch_size as usize, shuffle: true, drop_last: true, seed: cfg.seed, workers, quiet: req.quiet, ..Default::default() };
+    let loader_cfg = LoaderConfig { batch_size: cfg.micro_batch_size as usize, shuffle: true, drop_last: true, seed: cfg.seed, rank: world.rank, world_size: world.size, workers, quiet, ..Default::default() };
     let source = LoaderSource(Loader::new(dataset, transform, loader_cfg)?);
 
     let mut trainer = Trainer::new(&cfg, device)?;
@@ -719,19 +755,32 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     if let Some(p) = &resume {
         trainer.check_resume(p, req.resume_anyway)?;
         trainer.load_checkpoint(p)?;
-        eprintln!("resuming from {} (epoch {}, step {})", p.display(), trainer.pos.epoch, trainer.pos.step);
+        if trainer.pos.iter % world.size != 0 {
+            return Err(Error::checkpoint(p, format!("it stopped at micro-batch {} of its epoch, which {} processes cannot split; resume it on a number of processes that divides it", trainer.pos.iter, world.size)));
+        }
+        if main {
+            eprintln!("resuming from {} (epoch {}, step {})", p.display(), trainer.pos.epoch, trainer.pos.step);
+        }
     }
-    crate::config::save(&cfg, &paths.config())?;
-    let monitor = NnMonitor::new(root, trainer.model.vit_cfg.img_size, workers, device, req.quiet)?;
-    if !req.quiet {
+    // Every rank starts from rank 0's weights (and checks that it does).
+    let mut named: Vec<(String, Tensor)> = trainer.vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    world.sync_parameters(&named)?;
+    if main {
+        crate::config::save(&cfg, &paths.config())?;
+    }
+    let monitor = if main { NnMonitor::new(root, trainer.model.vit_cfg.img_size, workers, device, quiet)? } else { None };
+    if !quiet {
         eprintln!(
-            "pretraining {} on {} ({}), batch {} = {} x {} accumulated, lr {:.3e}, {} epochs -> {}",
+            "pretraining {} on {} ({}{}), batch {} = {} x {} accumulated x {} process(es), lr {:.3e}, {} epochs -> {}",
             trainer.model.vit_cfg.arch,
             cfg.data,
             crate::info::device_name(device),
+            if world.is_distributed() { format!(", {} x {} via {}", world.size, world.backend.name(), world.launcher.name()) } else { String::new() },
             cfg.batch_size,
             cfg.micro_batch_size,
-            cfg.accum_iter(1)?,
+            cfg.accum_iter(world.size as i64)?,
+            world.size,
             cfg.peak_lr(),
             cfg.epochs,
             out.display()
@@ -739,9 +788,9 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     }
     let started = crate::results::now_rfc3339();
     let t0 = Instant::now();
-    let mut log = MetricsLog::open(&out, "metrics.jsonl", req.tensorboard)?;
+    let mut log = if main { MetricsLog::open(&out, "metrics.jsonl", req.tensorboard)? } else { MetricsLog::discard()? };
     log.text("config", &toml::to_string_pretty(&cfg).unwrap_or_default())?;
-    let mut summary = trainer.train(&source, &paths, &mut log, monitor.as_ref(), req.quiet)?;
+    let mut summary = trainer.train(&source, &paths, &mut log, monitor.as_ref(), quiet)?;
     summary.resumed_from = resume.map(|p| p.display().to_string());
 
     let mut rec = RunRecord::new("pretrain", "lmim-2", "final_loss");
@@ -752,7 +801,7 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     rec.metrics.retain(|_, v| v.is_finite());
     rec.model_name = out.file_name().map_or("pretrain".into(), |s| s.to_string_lossy().to_string());
     rec.checkpoint = Some(summary.encoder.clone());
-    rec.checkpoint_sha256 = Some(checkpoint::sha256_file(&paths.encoder())?);
+    rec.checkpoint_sha256 = if main { Some(checkpoint::sha256_file(&paths.encoder())?) } else { None };
     rec.arch = Some(trainer.model.vit_cfg.arch.clone());
     rec.dataset = Some(cfg.data.clone());
     rec.dataset_fingerprint = Some(crate::protocols::record::combined_fingerprint(&[crate::protocols::record::SplitPrint {
@@ -761,13 +810,15 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
         hash: dataset_hash,
     }]));
     rec.config = serde_json::to_value(&cfg).expect("config serialises");
-    rec.config["accum_iter"] = serde_json::json!(cfg.accum_iter(1)?);
-    rec.config["world_size"] = serde_json::json!(1);
+    rec.config["accum_iter"] = serde_json::json!(cfg.accum_iter(world.size as i64)?);
+    rec.config["launcher"] = serde_json::json!(world.launcher.name());
     rec.seed = cfg.seed;
     rec.provenance = Provenance::current(&crate::info::device_name(device));
     rec.started_at = started;
     rec.duration_s = t0.elapsed().as_secs_f64();
     rec.details = serde_json::to_value(&summary).expect("summary serialises");
-    rec.write(&out)?;
+    if main {
+        rec.write(&out)?;
+    }
     Ok(rec)
 }

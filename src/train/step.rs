@@ -6,9 +6,15 @@
 //! One rule for every protocol (the reference's `drop_last=True` loaders and `(it + 1) % accum_iter == 0` steps):
 //! an epoch has `floor(batches / accum)` optimiser steps and the micro-batches of a trailing partial step are not
 //! used. The top-k evaluation loop ([`evaluate_topk`]) is shared the same way.
+//!
+//! Data parallel ([`crate::dist`]): rank r's local micro-batch `it` is the epoch's global micro-batch
+//! `it * world + r` (the loader deals global micro-batches out round-robin), which keys the randomness of `loss`, so
+//! world 2 x accum 1 makes the same micro-batches with the same random draws as world 1 x accum 2. At the last
+//! micro-batch of a step the ranks sum their losses (and divergence flags) and average their gradients, then clip
+//! and step identically.
 use tch::{Kind, Tensor};
 
-use super::optim::{grad_norm, AdamW, Lars};
+use super::optim::{grad_norm, AdamW, Lars, Param};
 use crate::error::{Error, Result};
 
 /// What the step skeleton needs of an optimiser.
@@ -17,6 +23,8 @@ pub trait Optimizer {
     fn zero_grad(&mut self);
     /// Global L2 norm of the gradients, clipping them to `max_norm` when given.
     fn grad_norm(&self, max_norm: Option<f64>) -> f64;
+    /// The parameters it updates (their gradients are averaged over ranks before the step).
+    fn params(&self) -> &[Param];
 }
 
 impl Optimizer for AdamW {
@@ -29,6 +37,9 @@ impl Optimizer for AdamW {
     fn grad_norm(&self, max_norm: Option<f64>) -> f64 {
         AdamW::grad_norm(self, max_norm)
     }
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
 }
 
 impl Optimizer for Lars {
@@ -40,6 +51,9 @@ impl Optimizer for Lars {
     }
     fn grad_norm(&self, max_norm: Option<f64>) -> f64 {
         grad_norm(self.params.iter().map(|p| &p.tensor), max_norm)
+    }
+    fn params(&self) -> &[Param] {
+        &self.params
     }
 }
 
@@ -69,9 +83,11 @@ pub struct StepRule {
 }
 
 impl StepRule {
-    /// Micro-batches of an epoch that are used (whole optimiser steps only).
+    /// Micro-batches of this rank that an epoch of `batches_per_epoch` global micro-batches uses (whole optimiser
+    /// steps of `accum` x world micro-batches only).
     pub fn used_iters(&self, batches_per_epoch: usize) -> usize {
-        batches_per_epoch / self.accum * self.accum
+        let accum = self.accum.max(1);
+        batches_per_epoch / (accum * crate::dist::world().size) * accum
     }
 }
 
@@ -79,7 +95,8 @@ impl StepRule {
 #[derive(Debug, Clone)]
 pub struct StepEvent {
     pub epoch: usize,
-    /// The next micro-batch of the epoch (`used_iters` at the end of the epoch).
+    /// This rank's next micro-batch of the epoch (`used_iters` at the end of the epoch); times the world size,
+    /// the global position.
     pub next_iter: usize,
     /// Optimiser steps done in the run.
     pub step: i64,
@@ -115,7 +132,8 @@ impl EpochStats {
     }
 }
 
-/// Runs micro-batches `start_iter..used_iters` of `epoch` from `batches` (which starts at `start_iter`).
+/// Runs this rank's micro-batches `start_iter..used_iters` of `epoch` from `batches` (which starts at
+/// `start_iter`); `batches_per_epoch` counts the epoch's micro-batches over all ranks.
 /// `step` counts optimiser steps over the run; `want_norm(step)` says when the gradient norm is wanted without
 /// clipping (it costs a pass over the gradients and a device sync).
 #[allow(clippy::too_many_arguments)]
@@ -132,24 +150,30 @@ pub fn run_epoch<S: TrainStep + ?Sized>(
 ) -> Result<EpochStats> {
     let accum = rule.accum.max(1);
     let used = rule.used_iters(batches_per_epoch);
+    let world = crate::dist::world();
     let mut st = EpochStats::default();
-    let (mut step_loss, mut step_images) = (0.0, 0usize);
+    let (mut step_loss, mut step_images, mut bad) = (0.0, 0usize, None);
     for it in start_iter..used {
         let batch = batches
             .next()
             .ok_or_else(|| Error::data("<loader>", format!("the data ended early in epoch {epoch} at batch {it} of {used}")))??;
         if it % accum == 0 {
-            st.lr = s.begin_step(epoch as f64 + it as f64 / batches_per_epoch as f64);
+            st.lr = s.begin_step(epoch as f64 + (it * world.size) as f64 / batches_per_epoch as f64);
             step_loss = 0.0;
             step_images = 0;
         }
         step_images += S::batch_len(&batch);
-        let loss = s.loss(batch, epoch, it)?;
+        let global_it = it * world.size + world.rank;
+        let loss = s.loss(batch, epoch, global_it)?;
         let lv = loss.double_value(&[]);
         if !lv.is_finite() {
-            return Err(Error::Diverged(format!("{} loss is {lv} at step {} (epoch {epoch}, micro-batch {it})", s.what(), *step + 1)));
-        }
-        if accum > 1 {
+            let msg = format!("{} loss is {lv} at step {} (epoch {epoch}, micro-batch {global_it})", s.what(), *step + 1);
+            // The other ranks learn of it at the end of the step instead of waiting in the all-reduce.
+            if !world.is_distributed() {
+                return Err(Error::Diverged(msg));
+            }
+            bad.get_or_insert(msg);
+        } else if accum > 1 {
             (loss / accum as f64).backward();
         } else {
             loss.backward();
@@ -159,6 +183,15 @@ pub fn run_epoch<S: TrainStep + ?Sized>(
         st.micro_batches += 1;
         if (it + 1) % accum != 0 {
             continue;
+        }
+        if world.is_distributed() {
+            let sums = world.sum_f64(&[step_loss, bad.is_some() as u8 as f64], "the loss all-reduce")?;
+            if sums[1] > 0.0 {
+                let mine = bad.map_or(String::new(), |m| format!(": {m} on rank {}", world.rank));
+                return Err(Error::Diverged(format!("{} loss is not finite on {} of {} ranks at step {}{mine}", s.what(), sums[1], world.size, *step + 1)));
+            }
+            step_loss = sums[0] / world.size as f64;
+            world.average_gradients(s.optimizer().params().iter().map(|p| &p.tensor))?;
         }
         let opt = s.optimizer();
         let grad_norm = (rule.clip.is_some() || want_norm(*step + 1)).then(|| opt.grad_norm(rule.clip));
@@ -181,6 +214,11 @@ pub fn run_epoch<S: TrainStep + ?Sized>(
             st.stopped = true;
             break;
         }
+    }
+    if world.is_distributed() {
+        let sums = world.sum_f64(&[st.loss_sum, st.micro_batches as f64], "the epoch loss all-reduce")?;
+        st.loss_sum = sums[0];
+        st.micro_batches = sums[1] as usize;
     }
     Ok(st)
 }
@@ -211,10 +249,13 @@ pub fn evaluate_topk(
         c1 += a;
         c5 += a5;
     }
-    if n == 0 {
+    // Each rank saw its shard of the split (see `protocols::eval_loader`).
+    let sums = crate::dist::world().sum_f64(&[n as f64, c1 as f64, c5 as f64], "the evaluation all-reduce")?;
+    let (n, c1, c5) = (sums[0], sums[1], sums[2]);
+    if n == 0.0 {
         return Err(Error::data(split, "the split yielded no images"));
     }
-    Ok((100.0 * c1 as f64 / n as f64, 100.0 * c5 as f64 / n as f64))
+    Ok((100.0 * c1 / n, 100.0 * c5 / n))
 }
 
 /// One optimiser step of `s` over `micro_batches` (accumulated), through the same [`run_epoch`] as the
@@ -224,7 +265,8 @@ pub fn one_step<S: TrainStep + ?Sized>(s: &mut S, micro_batches: Vec<S::Batch>, 
     let rule = StepRule { accum: n.max(1), clip };
     let mut it = micro_batches.into_iter().map(Ok);
     let (mut loss, mut step) = (f64::NAN, 0i64);
-    run_epoch(s, rule, &mut it, index, 0, n, &mut step, &|_| false, &mut |_, ev| {
+    // Every rank brings `n` micro-batches: the step has n x world of them.
+    run_epoch(s, rule, &mut it, index, 0, n * crate::dist::world().size, &mut step, &|_| false, &mut |_, ev| {
         loss = ev.loss;
         Ok(Flow::Continue)
     })?;

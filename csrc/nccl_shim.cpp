@@ -1,0 +1,10 @@
+// ProcessGroupNCCL for c10d_shim.cpp, in its own translation unit: only it needs the CUDA and NCCL headers
+// (the CUDA wheels' nvidia-cuda-runtime/-crt/-cccl and nvidia-nccl-cu13, whose nccl.h must be the version torch pins).
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+
+c10::intrusive_ptr<c10d::Backend> lmim_make_nccl(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
+                                                 std::chrono::milliseconds timeout) {
+  auto opts = c10d::ProcessGroupNCCL::Options::create();
+  opts->timeout = timeout;
+  return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, opts);
+}

@@ -1,0 +1,42 @@
+// libtorch's fused AdamW kernel (aten::_fused_adamw_, CPU and CUDA), which tch 0.24 does not bind: one call per
+// group of parameters that share lr and weight decay, instead of ~10 FFI calls per parameter. `steps` are the
+// per-parameter step counts as float tensors, already incremented for this step (as torch.optim.AdamW does
+// before it calls the kernel), so the kernel's bias corrections use the new step.
+#include <ATen/ATen.h>
+#include <ATen/ops/_fused_adamw.h>
+#include <c10/core/GradMode.h>
+
+#include <string>
+#include <vector>
+
+namespace {
+thread_local std::string last_error;
+
+std::vector<at::Tensor> list(at::Tensor** ts, int n) {
+  std::vector<at::Tensor> v;
+  v.reserve(n);
+  for (int i = 0; i < n; ++i) v.push_back(*ts[i]);
+  return v;
+}
+}  // namespace
+
+extern "C" {
+const char* lmim_optim_last_error() { return last_error.c_str(); }
+
+int lmim_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
+                     at::Tensor** steps, int n, double lr, double beta1, double beta2, double weight_decay, double eps) {
+  try {
+    // The parameters are autograd leaves: an in-place update must not be recorded.
+    c10::NoGradGuard no_grad;
+    auto p = list(params, n), g = list(grads, n), m = list(exp_avgs, n), v = list(exp_avg_sqs, n), s = list(steps, n);
+    std::vector<at::Tensor> none;
+    at::_fused_adamw_(p, g, m, v, none, s, lr, beta1, beta2, weight_decay, eps, false, false);
+    return 0;
+  } catch (const c10::Error& e) {
+    last_error = e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  }
+  return 1;
+}
+}

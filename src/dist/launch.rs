@@ -1,0 +1,189 @@
+//! Where a process sits in a job, read from its launcher's environment, with the variables PyTorch's own
+//! launchers set (torch/distributed/run.py, torch/distributed/elastic/agent/server/api.py) and Slurm's
+//! (`srun`: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST).
+use crate::error::{Error, Result};
+
+/// Who started the processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Launcher {
+    /// One process, no launcher.
+    Single,
+    /// torchrun (torch.distributed.run): its agent serves the TCPStore.
+    Torchrun,
+    /// `srun`, one task per device.
+    Slurm,
+    /// RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set by anything else.
+    Env,
+}
+
+impl Launcher {
+    pub fn name(self) -> &'static str {
+        match self {
+            Launcher::Single => "single",
+            Launcher::Torchrun => "torchrun",
+            Launcher::Slurm => "slurm",
+            Launcher::Env => "env",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchEnv {
+    pub rank: usize,
+    pub world_size: usize,
+    pub local_rank: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    pub launcher: Launcher,
+    /// torchrun's agent already serves the store on MASTER_PORT: every rank connects as a client.
+    pub agent_store: bool,
+    pub restart_count: u32,
+}
+
+/// Port of the store when nothing names one (torch.distributed's default).
+pub const DEFAULT_PORT: u16 = 29500;
+
+impl LaunchEnv {
+    pub fn from_env() -> Result<LaunchEnv> {
+        Self::from_vars(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Reads the variables through `get` (tests pass a map). Precedence: torchrun, then explicit RANK /
+    /// WORLD_SIZE, then Slurm, else a single process.
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<LaunchEnv> {
+        let num = |k: &str| -> Result<Option<usize>> {
+            get(k).map(|v| v.trim().parse::<usize>().map_err(|_| Error::option(k, format!("`{v}` is not a non-negative integer")))).transpose()
+        };
+        let port = |k: &str| -> Result<Option<u16>> {
+            get(k).map(|v| v.trim().parse::<u16>().ok().filter(|&p| p > 0).ok_or_else(|| Error::option(k, format!("`{v}` is not a port (1-65535)")))).transpose()
+        };
+        let torchrun = get("TORCHELASTIC_RUN_ID").is_some() || get("TORCHELASTIC_USE_AGENT_STORE").is_some();
+        let (launcher, rank, world, local) = if torchrun || get("RANK").is_some() || get("WORLD_SIZE").is_some() {
+            let need = |k: &str| num(k)?.ok_or_else(|| Error::option(k, "is not set (RANK and WORLD_SIZE come together)"));
+            let l = if torchrun { Launcher::Torchrun } else { Launcher::Env };
+            (l, need("RANK")?, need("WORLD_SIZE")?, num("LOCAL_RANK")?.unwrap_or(0))
+        } else if let (Some(r), Some(n)) = (num("SLURM_PROCID")?, num("SLURM_NTASKS")?) {
+            (Launcher::Slurm, r, n, num("SLURM_LOCALID")?.unwrap_or(0))
+        } else {
+            return Ok(LaunchEnv { rank: 0, world_size: 1, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: DEFAULT_PORT, launcher: Launcher::Single, agent_store: false, restart_count: 0 });
+        };
+        if world == 0 || rank >= world {
+            return Err(Error::option("RANK", format!("rank {rank} is not in 0..{world} (WORLD_SIZE / SLURM_NTASKS)")));
+        }
+        let master_addr = match (get("MASTER_ADDR"), launcher) {
+            (Some(a), _) => a,
+            (None, Launcher::Slurm) => {
+                let list = get("SLURM_JOB_NODELIST").or_else(|| get("SLURM_NODELIST")).ok_or_else(|| Error::option("MASTER_ADDR", "is not set and neither is SLURM_JOB_NODELIST"))?;
+                expand_nodelist(&list)?.into_iter().next().ok_or_else(|| Error::option("SLURM_JOB_NODELIST", format!("`{list}` names no host")))?
+            }
+            (None, _) if world == 1 => "127.0.0.1".into(),
+            (None, _) => return Err(Error::option("MASTER_ADDR", "is not set: the address of rank 0's host")),
+        };
+        let master_port = match port("MASTER_PORT")? {
+            Some(p) => p,
+            None if launcher == Launcher::Slurm || world == 1 => DEFAULT_PORT,
+            None => return Err(Error::option("MASTER_PORT", "is not set: the port of the rendezvous store")),
+        };
+        let agent_store = get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+        let restart_count = num("TORCHELASTIC_RESTART_COUNT")?.unwrap_or(0) as u32;
+        Ok(LaunchEnv { rank, world_size: world, local_rank: local, master_addr, master_port, launcher, agent_store, restart_count })
+    }
+}
+
+/// The hosts of a Slurm node list, in order: `node[01-04,07],gpu5,rack[1-2]-n[1-2]` gives node01 .. node04,
+/// node07, gpu5, rack1-n1, rack1-n2, rack2-n1, rack2-n2. Ranges keep the zero padding of their first bound.
+pub fn expand_nodelist(list: &str) -> Result<Vec<String>> {
+    let bad = |why: &str| Error::option("SLURM_JOB_NODELIST", format!("`{list}`: {why}"));
+    let mut out = Vec::new();
+    let (mut depth, mut start) = (0i32, 0usize);
+    let mut items = Vec::new();
+    for (i, ch) in list.char_indices() {
+        match ch {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                items.push(&list[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+        if depth < 0 || depth > 1 {
+            return Err(bad("unbalanced or nested brackets"));
+        }
+    }
+    if depth != 0 {
+        return Err(bad("unbalanced brackets"));
+    }
+    items.push(&list[start..]);
+    for item in items.into_iter().map(str::trim).filter(|s| !s.is_empty()) {
+        expand_host(item, &mut out).map_err(|w| bad(&w))?;
+    }
+    Ok(out)
+}
+
+fn expand_host(item: &str, out: &mut Vec<String>) -> std::result::Result<(), String> {
+    let Some(open) = item.find('[') else {
+        out.push(item.to_string());
+        return Ok(());
+    };
+    let close = item[open..].find(']').map(|c| open + c).ok_or("a `[` without `]`")?;
+    let (prefix, ranges, rest) = (&item[..open], &item[open + 1..close], &item[close + 1..]);
+    let mut tails = Vec::new();
+    expand_host(rest, &mut tails)?;
+    for part in ranges.split(',') {
+        let (lo, hi) = part.split_once('-').unwrap_or((part, part));
+        let parse = |s: &str| s.trim().parse::<u64>().map_err(|_| format!("`{part}` is not a number or range"));
+        let (a, b) = (parse(lo)?, parse(hi)?);
+        if b < a || b - a > 100_000 {
+            return Err(format!("range `{part}` is empty or too long"));
+        }
+        let width = lo.trim().len();
+        for n in a..=b {
+            for t in &tails {
+                out.push(format!("{prefix}{n:0width$}{t}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> Result<LaunchEnv> {
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        LaunchEnv::from_vars(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn nodelists() {
+        assert_eq!(expand_nodelist("node[01-04,07]").unwrap(), ["node01", "node02", "node03", "node04", "node07"]);
+        assert_eq!(expand_nodelist("gpu5,node[9-11]").unwrap(), ["gpu5", "node9", "node10", "node11"]);
+        assert_eq!(expand_nodelist("r[1-2]-n[1-2]").unwrap(), ["r1-n1", "r1-n2", "r2-n1", "r2-n2"]);
+        assert_eq!(expand_nodelist("a-ib,b[008-010]-ib").unwrap(), ["a-ib", "b008-ib", "b009-ib", "b010-ib"]);
+        assert!(expand_nodelist("node[1-").is_err());
+        assert!(expand_nodelist("node[3-1]").is_err());
+        assert!(expand_nodelist("node[x]").is_err());
+    }
+
+    #[test]
+    fn launchers() {
+        let single = env(&[]).unwrap();
+        assert_eq!((single.launcher, single.world_size), (Launcher::Single, 1));
+        let t = env(&[("TORCHELASTIC_RUN_ID", "x"), ("TORCHELASTIC_USE_AGENT_STORE", "True"), ("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "3"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1234"), ("TORCHELASTIC_RESTART_COUNT", "2")]).unwrap();
+        assert_eq!((t.launcher, t.rank, t.world_size, t.local_rank, t.agent_store, t.restart_count, t.master_port), (Launcher::Torchrun, 3, 8, 3, true, 2, 1234));
+        let s = env(&[("SLURM_PROCID", "9"), ("SLURM_NTASKS", "32"), ("SLURM_LOCALID", "1"), ("SLURM_JOB_NODELIST", "gpu[07-10]")]).unwrap();
+        assert_eq!((s.launcher, s.rank, s.world_size, s.local_rank, s.master_addr.as_str(), s.master_port), (Launcher::Slurm, 9, 32, 1, "gpu07", DEFAULT_PORT));
+        // MASTER_ADDR wins over the node list; explicit RANK/WORLD_SIZE win over Slurm's.
+        let s2 = env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_JOB_NODELIST", "n1"), ("MASTER_ADDR", "10.0.0.1")]).unwrap();
+        assert_eq!(s2.master_addr, "10.0.0.1");
+        let e = env(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "8"), ("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "9")]).unwrap();
+        assert_eq!((e.launcher, e.rank, e.world_size), (Launcher::Env, 1, 2));
+        assert!(env(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "9")]).is_err());
+        assert!(env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "9")]).unwrap_err().to_string().contains("MASTER_ADDR"));
+        assert!(env(&[("RANK", "x"), ("WORLD_SIZE", "2")]).unwrap_err().to_string().contains("RANK"));
+        assert!(env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "70000")]).is_err());
+    }
+}

@@ -1,0 +1,256 @@
+//! Data-parallel runs on the real c10d Gloo path, 2 processes on localhost: 2 ranks x accum 1 give the weights of
+//! 1 rank x accum 2 (pretraining through RANK/WORLD_SIZE, fine-tuning through `torchrun --no-python`), a 2-rank
+//! k-NN gives the record of a 1-rank one, a 2-rank run resumes exactly on 1 rank, and a rank whose peer dies (or
+//! never comes) exits non-zero with a message naming it, within the timeout.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use assert_cmd::cargo::CommandCargoExt;
+use lmim_bench::checkpoint;
+
+/// Largest difference allowed between weights of runs that split a step differently (fp32 round-off of the
+/// gradient sum in another order, over a few steps).
+const TOL: f64 = 1e-5;
+
+fn bin() -> Command {
+    let mut c = Command::cargo_bin("lmim-bench").unwrap();
+    c.env("OMP_NUM_THREADS", "1").env("GLOO_SOCKET_IFNAME", "lo");
+    c
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The same command as `world` processes with the plain environment of a launcher.
+fn spawn_world(args: &[String], world: usize, timeout_s: u64) -> Vec<Child> {
+    let port = free_port().to_string();
+    (0..world)
+        .map(|r| {
+            bin()
+                .args(args)
+                .args(["--dist-timeout", &timeout_s.to_string()])
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", world.to_string())
+                .env("LOCAL_RANK", r.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+fn wait_all(children: Vec<Child>) -> Vec<Output> {
+    children.into_iter().map(|c| c.wait_with_output().unwrap()).collect()
+}
+
+fn assert_ok(outs: &[Output]) {
+    for (r, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "rank {r} failed: {}", String::from_utf8_lossy(&o.stderr));
+    }
+}
+
+fn run_world(args: &[String], world: usize) -> Vec<Output> {
+    let outs = wait_all(spawn_world(args, world, 120));
+    assert_ok(&outs);
+    outs
+}
+
+fn run_one(args: &[String]) -> Output {
+    let o = bin().args(args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+fn synth(dir: &Path) -> PathBuf {
+    let data = dir.join("synth");
+    run_one(&strings(&["data", "synth", "--out", s(&data), "--classes", "4", "--train-per-class", "32", "--val-per-class", "8", "--size", "40"]));
+    data
+}
+
+/// Max abs difference over the tensors of two checkpoints (same names required); `filter` picks names.
+fn max_diff(a: &Path, b: &Path, filter: impl Fn(&str) -> bool) -> f64 {
+    let (a, b) = (checkpoint::load(a).unwrap(), checkpoint::load(b).unwrap());
+    let names: Vec<&String> = a.tensors.iter().map(|(n, _)| n).filter(|n| filter(n)).collect();
+    assert!(!names.is_empty());
+    let mut worst = 0f64;
+    for n in names {
+        let (ta, tb) = (a.get(n).unwrap(), b.get(n).unwrap_or_else(|| panic!("{n} missing")));
+        assert_eq!(ta.size(), tb.size(), "{n}");
+        worst = worst.max(common::max_abs(ta, tb));
+    }
+    worst
+}
+
+fn pretrain_args(data: &Path, out: &Path) -> Vec<String> {
+    strings(&[
+        "pretrain", "-q", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/configs/lmim_tiny.toml"), "--data", s(data), "-o", s(out), "--no-tensorboard",
+        "epochs=2", "warmup_epochs=1", "batch_size=32", "micro_batch_size=16", "num_workers=1", "nn_every=0", "log_every=1", "keep_last=10", "device=\"cpu\"",
+    ])
+}
+
+fn record(dir: &Path) -> serde_json::Value {
+    let rec = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "json")).expect("a record");
+    serde_json::from_str(&std::fs::read_to_string(rec).unwrap()).unwrap()
+}
+
+#[test]
+fn pretraining_does_not_depend_on_how_a_step_is_split_and_resumes_on_another_world_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let one = dir.path().join("one");
+    run_one(&pretrain_args(&data, &one));
+    let two = dir.path().join("two");
+    let outs = run_world(&pretrain_args(&data, &two), 2);
+    // Only rank 0 reports.
+    assert!(String::from_utf8_lossy(&outs[0].stderr).contains("done:"));
+    assert!(!String::from_utf8_lossy(&outs[1].stderr).contains("done:"));
+
+    let d = max_diff(&one.join("encoder.safetensors"), &two.join("encoder.safetensors"), |_| true);
+    assert!(d < TOL, "2 ranks x accum 1 vs 1 rank x accum 2: encoder differs by {d}");
+    let cfg = std::fs::read_to_string(two.join("config.toml")).unwrap();
+    assert!(cfg.contains("world_size = 2") && cfg.contains("backend = \"gloo\""), "{cfg}");
+    let rec = record(&two);
+    assert_eq!((rec["config"]["world_size"].as_i64(), rec["config"]["accum_iter"].as_i64()), (Some(2), Some(1)));
+    assert_eq!(record(&one)["config"]["accum_iter"].as_i64(), Some(2));
+    // The logged losses are means over both ranks: the same curve.
+    let losses = |d: &Path| -> Vec<f64> {
+        std::fs::read_to_string(d.join("metrics.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?.get("loss")?.as_f64()).collect()
+    };
+    let (l1, l2) = (losses(&one), losses(&two));
+    assert_eq!(l1.len(), l2.len());
+    assert!(l1.len() >= 8);
+    for (a, b) in l1.iter().zip(&l2) {
+        assert!((a - b).abs() < 1e-4, "loss {a} vs {b}");
+    }
+
+    // Resume the 2-rank run on 1 rank from its epoch-1 checkpoint: it ends where the others did.
+    let resumed = dir.path().join("resumed");
+    std::fs::create_dir_all(resumed.join("checkpoints")).unwrap();
+    let mut cks: Vec<PathBuf> = std::fs::read_dir(two.join("checkpoints")).unwrap().map(|e| e.unwrap().path()).collect();
+    cks.sort();
+    assert_eq!(cks.len(), 2, "{cks:?}");
+    std::fs::copy(&cks[0], resumed.join("checkpoints").join(cks[0].file_name().unwrap())).unwrap();
+    let o = run_one(&pretrain_args(&data, &resumed));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("resuming from"));
+    let d = max_diff(&one.join("encoder.safetensors"), &resumed.join("encoder.safetensors"), |_| true);
+    assert!(d < TOL, "2-rank run resumed on 1 rank: encoder differs by {d}");
+}
+
+#[test]
+fn finetuning_under_torchrun_equals_one_process_with_accumulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let args = |out: &Path| {
+        strings(&[
+            "eval", "--protocol", "finetune", "--arch", "vit_pico_patch4_32", "--name", "pico", "--device", "cpu", "--workers", "1", "--quiet", "--no-tensorboard",
+            "--data", s(&data), "--output", s(out), "--set", "epochs=1", "--set", "batch_size=32", "--set", "micro_batch_size=16", "--set", "warmup_epochs=0.5",
+        ])
+    };
+    let one = dir.path().join("one");
+    run_one(&args(&one));
+    let two = dir.path().join("two");
+    let torchrun = common::python().parent().unwrap().join("torchrun");
+    let o = Command::new(&torchrun)
+        .args(["--no-python", "--nproc-per-node=2", "--master-addr=127.0.0.1", &format!("--master-port={}", free_port())])
+        .arg(Command::cargo_bin("lmim-bench").unwrap().get_program())
+        .args(args(&two))
+        .args(["--dist-timeout", "120"])
+        .env("OMP_NUM_THREADS", "1")
+        .env("GLOO_SOCKET_IFNAME", "lo")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "torchrun: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let run = "pico-finetune-scratch-s0";
+    let d = max_diff(&one.join(run).join("finetuned.safetensors"), &two.join(run).join("finetuned.safetensors"), |_| true);
+    assert!(d < TOL, "fine-tuning, 2 ranks vs 1 rank x accum 2: weights differ by {d}");
+    let (r1, r2) = (record(&one), record(&two));
+    assert_eq!(r1["metrics"]["top1"], r2["metrics"]["top1"]);
+    assert_eq!((r2["config"]["world_size"].as_i64(), r2["config"]["launcher"].as_str()), (Some(2), Some("torchrun")));
+    // One record and one CSV row, from rank 0.
+    let csv = std::fs::read_to_string(two.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 2, "{csv}");
+}
+
+#[test]
+fn knn_on_two_ranks_gives_the_one_rank_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let enc = dir.path().join("enc.safetensors");
+    run_one(&strings(&["init", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/configs/lmim_tiny.toml"), "-o", s(&enc)]));
+    let args = |out: &Path| strings(&["eval", "--protocol", "knn", "--device", "cpu", "--quiet", "--workers", "1", "--checkpoint", s(&enc), "--data", s(&data), "--output", s(out), "--batch-size", "7"]);
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    run_one(&args(&one));
+    run_world(&args(&two), 2);
+    let (r1, r2) = (record(&one), record(&two));
+    assert_eq!(r1["metrics"], r2["metrics"]);
+    assert_eq!(r1["details"]["knn"]["scores"], r2["details"]["knn"]["scores"]);
+    assert_eq!(r2["config"]["world_size"].as_i64(), Some(2));
+    // The features behind them: each rank extracts its block, the blocks sum into the dataset-order matrix.
+    let feats = |out: &Path| strings(&["extract", "--device", "cpu", "--quiet", "--workers", "1", "--no-cache", "--checkpoint", s(&enc), "--data", s(&data), "--split", "train", "--batch-size", "5", "--out", s(out)]);
+    let (f1, f2) = (dir.path().join("f1.safetensors"), dir.path().join("f2.safetensors"));
+    run_one(&feats(&f1));
+    run_world(&feats(&f2), 2);
+    assert!(!dir.path().join("f2.safetensors.tmp").exists());
+    assert_eq!(max_diff(&f1, &f2, |_| true), 0.0, "2-rank features differ from 1-rank features");
+}
+
+#[test]
+fn a_dead_or_missing_peer_is_an_error_within_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    // Rank 1 never comes.
+    let t0 = Instant::now();
+    let o = bin()
+        .args(pretrain_args(&data, &dir.path().join("alone")))
+        .args(["--dist-timeout", "3"])
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", free_port().to_string())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("rank 0 of 2") && err.contains("cannot join"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(30));
+
+    // Rank 1 is killed mid-run: rank 0 stops with an error naming itself and what it waited for.
+    let long = dir.path().join("long");
+    let mut args = pretrain_args(&data, &long);
+    args.push("epochs=200".into());
+    let mut kids = spawn_world(&args, 2, 10);
+    std::thread::sleep(Duration::from_secs(4));
+    let _ = kids[1].kill();
+    let t1 = Instant::now();
+    let outs = wait_all(kids);
+    let err0 = String::from_utf8_lossy(&outs[0].stderr);
+    assert_eq!(outs[0].status.code(), Some(1), "{err0}");
+    assert!(err0.contains("rank 0 of 2") && (err0.contains("failed") || err0.contains("cannot join")), "{err0}");
+    assert!(t1.elapsed() < Duration::from_secs(40), "rank 0 took {:?} to notice", t1.elapsed());
+}
+
+/// The default build on a machine with the CUDA wheels (this set-up's) links ProcessGroupNCCL.
+#[test]
+fn nccl_is_built_where_libtorch_has_cuda() {
+    let info = lmim_bench::info::Info::collect();
+    assert!(info.dist_backends.contains(&"gloo".to_string()));
+    if std::path::Path::new(&info.libtorch_path).join("libtorch_cuda.so").exists() {
+        assert!(lmim_bench::dist::has_nccl(), "libtorch_cuda is there but the shim was built without NCCL");
+    }
+}
+
