@@ -46,7 +46,7 @@ pub struct Source {
 
 impl Source {
     pub fn file(path: &Path) -> Result<Source> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsutil::read_regular_text(path, Some(crate::fsutil::TEXT_LIMIT))?;
         Ok(Source { text, origin: path.to_path_buf() })
     }
 }
