@@ -46,7 +46,7 @@ pub struct Source {
 
 impl Source {
     pub fn file(path: &Path) -> Result<Source> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsutil::read_regular_text(path, Some(crate::fsutil::TEXT_LIMIT))?;
         Ok(Source { text, origin: path.to_path_buf() })
     }
 }
@@ -102,16 +102,62 @@ pub fn load_source<T: Serialize + DeserializeOwned + Default>(src: Option<&Sourc
     };
     check_keys(&table, &defaults, "", &origin.display().to_string())?;
     let parse = |t: toml::Table| toml::Value::Table(t).try_into::<T>();
+    // serde's message says what was expected but not for which key: find the key by parsing it alone.
+    let file_error = |table: &toml::Table, e: toml::de::Error| {
+        let reason = match blame_key::<T>(table) {
+            Some(key) => format!("key `{key}`: {}", e.message()),
+            None => e.message().to_string(),
+        };
+        Error::BadConfig { path: origin.clone(), reason }
+    };
     if sets.is_empty() {
-        return parse(table).map_err(|e| Error::BadConfig { path: origin, reason: e.message().to_string() });
+        return parse(table.clone()).map_err(|e| file_error(&table, e));
     }
     let mut with_sets = table.clone();
     apply_sets(&mut with_sets, sets)?;
     check_keys(&with_sets, &defaults, "", "--set")?;
-    parse(with_sets).map_err(|e| match parse(table) {
-        Ok(_) => Error::option("--set", format!("{} ({})", e.message(), sets.join(" "))),
-        Err(f) => Error::BadConfig { path: origin, reason: f.message().to_string() },
+    parse(with_sets.clone()).map_err(|e| match parse(table.clone()) {
+        Ok(_) => {
+            let culprit = blame_key::<T>(&with_sets).and_then(|key| sets.iter().rev().find(|s| s.split_once('=').is_some_and(|(k, _)| k.trim() == key)));
+            match culprit {
+                Some(s) => Error::option("--set", format!("`{}`: {}", s.trim(), e.message())),
+                None => Error::option("--set", format!("{} ({})", e.message(), sets.join(" "))),
+            }
+        }
+        Err(f) => file_error(&table, f),
     })
+}
+
+/// The first (dotted) key of `table` whose value alone, over the defaults, does not parse as `T`.
+fn blame_key<T: Serialize + DeserializeOwned + Default>(table: &toml::Table) -> Option<String> {
+    fn walk<T: DeserializeOwned>(root: &toml::Table, path: &mut Vec<String>, t: &toml::Table, base: &toml::Table) -> Option<String> {
+        for (k, v) in t {
+            path.push(k.clone());
+            let found = match (v, base.get(k)) {
+                (toml::Value::Table(sub), Some(toml::Value::Table(sub_base))) => walk::<T>(root, path, sub, sub_base),
+                _ => {
+                    let mut trial = root.clone();
+                    let mut at = &mut trial;
+                    for p in &path[..path.len() - 1] {
+                        at = at.get_mut(p)?.as_table_mut()?;
+                    }
+                    at.insert(k.clone(), v.clone());
+                    toml::Value::Table(trial).try_into::<T>().is_err().then(|| path.join("."))
+                }
+            };
+            path.pop();
+            if found.is_some() {
+                return found;
+            }
+        }
+        None
+    }
+    let defaults = match toml::Value::try_from(T::default()).ok()? {
+        toml::Value::Table(t) => t,
+        _ => return None,
+    };
+    toml::Value::Table(defaults.clone()).try_into::<T>().ok()?;
+    walk::<T>(&defaults, &mut Vec::new(), table, &defaults)
 }
 
 fn check_keys(t: &toml::Table, defaults: &serde_json::Map<String, serde_json::Value>, prefix: &str, source: &str) -> Result<()> {

@@ -33,6 +33,27 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
+/// Reads a text file the user named (a config, a record, a reference), refusing anything but a regular file:
+/// `/dev/zero` or a FIFO would be read until memory runs out. `limit` bounds the size where a bigger file cannot
+/// be what was meant.
+pub fn read_regular_text(path: &Path, limit: Option<u64>) -> Result<String> {
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let meta = f.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() { "a directory" } else { "a device, pipe or socket" };
+        return Err(Error::data(path, format!("{what}, not a regular file")));
+    }
+    if let Some(limit) = limit.filter(|&l| meta.len() > l) {
+        return Err(Error::data(path, format!("{} bytes, more than the {limit} a file of this kind may have", meta.len())));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(|e| Error::io(path, e))?;
+    Ok(text)
+}
+
+/// Size limit of config, protocol, reference and record files.
+pub const TEXT_LIMIT: u64 = 16 << 20;
+
 /// Flushes a directory's entries (a rename or a new name) to disk.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))

@@ -6,6 +6,8 @@ pub mod eval;
 mod model_cmds;
 pub mod plot;
 pub mod report;
+#[cfg(unix)]
+mod stderr_pipe;
 mod train_cmds;
 pub mod visualize;
 
@@ -123,6 +125,8 @@ pub fn main() -> i32 {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    #[cfg(unix)]
+    let _stderr = stderr_pipe::install();
     crate::protocols::knn::quiet_faiss_blas();
     let cli = match Cli::try_parse() {
         Ok(c) => c,

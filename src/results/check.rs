@@ -139,7 +139,7 @@ impl ReferenceFile {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::data(path, format!("cannot read the reference file: {e}")))?;
+        let text = crate::fsutil::read_regular_text(path, Some(crate::fsutil::TEXT_LIMIT)).map_err(|e| Error::data(path, format!("cannot read the reference file: {e}")))?;
         Self::parse(&text, path)
     }
 

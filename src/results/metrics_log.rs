@@ -30,7 +30,8 @@ impl MetricsLog {
     pub fn open(dir: &Path, jsonl_name: &str, tensorboard: bool) -> Result<MetricsLog> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         let jsonl_path = dir.join(jsonl_name);
-        let jsonl = std::fs::OpenOptions::new().create(true).append(true).open(&jsonl_path).map_err(|e| Error::io(&jsonl_path, e))?;
+        let jsonl = std::fs::OpenOptions::new().create(true).read(true).append(true).open(&jsonl_path).map_err(|e| Error::io(&jsonl_path, e))?;
+        drop_torn_line(&jsonl).map_err(|e| Error::io(&jsonl_path, e))?;
         let tb = if tensorboard { Some(EventWriter::create(&dir.join("tb"))?) } else { None };
         Ok(MetricsLog { jsonl_path, jsonl, tb, lines: 0 })
     }
@@ -94,6 +95,32 @@ impl MetricsLog {
             None => Ok(()),
         }
     }
+}
+
+/// Cuts a last line left without its newline (a write cut short by a full disk or a crash) back to the end of
+/// the last whole line, so that the next line is not glued to it and every line stays JSON (`plot` refuses a
+/// file with a line that is not).
+fn drop_torn_line(f: &std::fs::File) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = f.metadata()?.len();
+    let mut f = f;
+    let mut end = len;
+    let mut buf = [0u8; 4096];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            end = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end < len {
+        f.set_len(end)?;
+    }
+    Ok(())
 }
 
 impl Drop for MetricsLog {

@@ -120,7 +120,7 @@ impl RunRecord {
     }
 
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsutil::read_regular_text(path, Some(crate::fsutil::TEXT_LIMIT))?;
         let rec: RunRecord = serde_json::from_str(&text).map_err(|e| Error::data(path, format!("not a results record: {e}")))?;
         if rec.schema_version != SCHEMA_VERSION {
             return Err(Error::data(path, format!("results schema {} is not supported (this build reads {SCHEMA_VERSION})", rec.schema_version)));

@@ -48,7 +48,7 @@ pub fn metrics_file(path: &Path) -> Result<PathBuf> {
 /// Reads a run's JSON lines; a line that is empty or not a JSON object is an error naming the file and line.
 pub fn load_run(path: &Path) -> Result<Run> {
     let file = metrics_file(path)?;
-    let text = std::fs::read_to_string(&file).map_err(|e| Error::data(&file, e.to_string()))?;
+    let text = crate::fsutil::read_regular_text(&file, None)?;
     let mut lines = Vec::new();
     for (i, l) in text.lines().enumerate() {
         let v: serde_json::Value = serde_json::from_str(l).map_err(|e| Error::data(&file, format!("line {}: not JSON: {e}", i + 1)))?;
