@@ -227,8 +227,9 @@ fn take(ckpt: &mut Checkpoint, prefix: &str, drop_inside: &[&str]) -> (usize, Ve
         match name.strip_prefix(prefix) {
             Some(rest) if !drop_inside.iter().any(|d| rest.starts_with(d)) => kept.push((rest.to_string(), t)),
             Some(rest) => {
-                let head = drop_inside.iter().find(|d| rest.starts_with(**d)).copied().unwrap_or(rest);
-                *dropped.entry(format!("{prefix}{}", head.trim_end_matches('.'))).or_default() += 1;
+                // Named by the sub-module (`head`, `decoder_blocks`, `mask_token`).
+                let head = rest.split('.').next().unwrap_or(rest);
+                *dropped.entry(format!("{prefix}{head}")).or_default() += 1;
             }
             None => {
                 let parts: Vec<&str> = name.split('.').collect();
