@@ -23,7 +23,15 @@ fn bin() -> Command {
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("checkpoint_families-{}", std::process::id()));
+        let parent = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        // What earlier runs left behind (an hour old or more, so that concurrent runs keep theirs).
+        for e in std::fs::read_dir(&parent).into_iter().flatten().flatten() {
+            let old = e.metadata().and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).is_some_and(|age| age.as_secs() > 3600);
+            if old && e.file_name().to_string_lossy().starts_with("checkpoint_families-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        let dir = parent.join(format!("checkpoint_families-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         common::run_py("make_families.py", &[dir.to_str().unwrap()]);
