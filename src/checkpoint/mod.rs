@@ -4,6 +4,7 @@
 //! extra entries a caller adds (training state uses `step`, `epoch`, ...). Files are written to a temporary name in
 //! the same directory, synced and renamed, so a crash never leaves a half-written checkpoint under the final name
 //! (see `crate::fsutil`), and the same tensors and metadata always give the same bytes (and the same SHA-256).
+pub mod families;
 pub mod pth;
 
 use std::collections::{BTreeMap, HashMap};
@@ -16,6 +17,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::{VisionTransformer, VitConfig};
+pub use families::{Conversion, Family};
 
 /// Tensors with names, in a stable order, and string metadata.
 #[derive(Debug, Default)]
@@ -275,30 +277,205 @@ pub fn to_timm_names(mut ckpt: Checkpoint) -> Checkpoint {
     ckpt
 }
 
+/// How to read an encoder checkpoint: the architecture when the file does not say, the family layout when it
+/// must not be detected, and the input size to resample the position embedding to.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadOptions {
+    pub arch: Option<String>,
+    /// None: detect the layout.
+    pub from: Option<Family>,
+    /// Input size; the position embedding is resampled to its grid as timm does. None: the file's own, except
+    /// DINOv2's 518-pixel backbones, which evaluate at 224 as in DINOv2's own evaluations.
+    pub img_size: Option<i64>,
+}
+
+impl LoadOptions {
+    pub fn arch(arch: Option<&str>) -> Self {
+        LoadOptions { arch: arch.map(String::from), ..Default::default() }
+    }
+}
+
+/// Where an encoder's weights came from, as records and converted files state it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SourceInfo {
+    /// The method's layout (`dino`, `ijepa`, ..., `timm`).
+    pub family: String,
+    /// Key prefix of the sub-model taken (`teacher.backbone.`, ...); empty for a bare state dict.
+    pub submodel: String,
+    /// sha256 of the original file (for a file written by `convert`, the file it was converted from).
+    pub source_sha256: String,
+    /// Groups of tensors left out, as `prefix (count)`.
+    pub dropped: Vec<String>,
+    /// The family's own evaluation feature, used unless the protocol is told otherwise.
+    pub eval_feature: Option<String>,
+    /// `detected` or `--from`.
+    pub chosen_by: String,
+    /// `37x37 -> 16x16` when the position embedding was resampled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pos_embed_resampled: Option<String>,
+}
+
+impl SourceInfo {
+    pub fn summary(&self) -> String {
+        let sub = if self.submodel.is_empty() { "the whole state dict".to_string() } else { format!("`{}`", self.submodel.trim_end_matches('.')) };
+        let dropped = if self.dropped.is_empty() { "nothing".to_string() } else { self.dropped.join(", ") };
+        let mut s = format!("{} layout ({}): took {sub}; dropped {dropped}", self.family, self.chosen_by);
+        if let Some(r) = &self.pos_embed_resampled {
+            s.push_str(&format!("; pos_embed resampled {r}"));
+        }
+        if let Some(f) = &self.eval_feature {
+            s.push_str(&format!("; eval feature {f}"));
+        }
+        s
+    }
+
+    /// The metadata entries `convert` writes, so that a converted file keeps naming its source.
+    pub fn to_metadata(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        m.insert("family".into(), self.family.clone());
+        m.insert("submodel".into(), self.submodel.clone());
+        m.insert("source_sha256".into(), self.source_sha256.clone());
+        m.insert("dropped".into(), serde_json::to_string(&self.dropped).expect("strings serialise"));
+        m.insert("chosen_by".into(), self.chosen_by.clone());
+        if let Some(f) = &self.eval_feature {
+            m.insert("eval_feature".into(), f.clone());
+        }
+        if let Some(r) = &self.pos_embed_resampled {
+            m.insert("pos_embed_resampled".into(), r.clone());
+        }
+        m
+    }
+}
+
 /// A ViT with its var store, built from a checkpoint.
 pub struct LoadedVit {
     pub vs: nn::VarStore,
     pub model: VisionTransformer,
     pub report: LoadReport,
     pub sha256: String,
+    pub source: SourceInfo,
+}
+
+/// An encoder's tensors under timm names with the config they build, before any model exists.
+pub struct Imported {
+    pub ckpt: Checkpoint,
+    pub cfg: VitConfig,
+    pub sha256: String,
+    pub source: SourceInfo,
 }
 
 /// Resolves the architecture: `arch` given by the user, else the checkpoint's `config`/`arch` metadata, else a
 /// guess from the tensor shapes.
 pub fn resolve_config(ckpt: &Checkpoint, arch: Option<&str>) -> Result<VitConfig> {
+    resolve_config_with(ckpt, arch, None, None)
+}
+
+/// The attention heads of timm's ViT sizes, by width (the shapes do not say).
+fn heads_for_dim(dim: i64) -> i64 {
+    match dim {
+        96 | 192 => 3,
+        384 => 6,
+        768 => 12,
+        1024 | 1280 => 16,
+        1536 => 24,
+        d => (d / 64).max(1),
+    }
+}
+
+fn size_name(dim: i64) -> String {
+    match dim {
+        96 => "pico".into(),
+        192 => "tiny".into(),
+        384 => "small".into(),
+        768 => "base".into(),
+        1024 => "large".into(),
+        1280 => "huge".into(),
+        1536 => "giant".into(),
+        d => format!("d{d}"),
+    }
+}
+
+/// A timm-style name for a config: a known name when it is one, `vit_small_patch14_reg4_dinov2` for DINOv2 (as
+/// timm names them, without a size), else `vit_<size>_patch<p>[_reg<n>][_gap]_<img>`.
+fn arch_name(cfg: &VitConfig, family: Option<Family>) -> String {
+    for a in crate::model::vit::ARCH_NAMES {
+        if let Ok(k) = VitConfig::from_arch(a) {
+            let same = k.embed_dim == cfg.embed_dim && k.depth == cfg.depth && k.num_heads == cfg.num_heads && k.patch_size == cfg.patch_size && k.img_size == cfg.img_size && k.mlp_ratio == cfg.mlp_ratio;
+            if same && cfg.class_token && cfg.reg_tokens == 0 && cfg.init_values.is_none() && family != Some(Family::Dinov2) {
+                return a.to_string();
+            }
+        }
+    }
+    let reg = if cfg.reg_tokens > 0 { format!("_reg{}", cfg.reg_tokens) } else { String::new() };
+    let size = size_name(cfg.embed_dim);
+    if family == Some(Family::Dinov2) {
+        return format!("vit_{size}_patch{}{reg}_dinov2", cfg.patch_size);
+    }
+    let gap = if cfg.class_token { "" } else { "_gap" };
+    format!("vit_{size}_patch{}{reg}{gap}_{}", cfg.patch_size, cfg.img_size)
+}
+
+fn is_square(n: i64) -> Option<i64> {
+    let g = (n.max(0) as f64).sqrt().round() as i64;
+    (g > 0 && g * g == n).then_some(g)
+}
+
+/// A config from the tensor shapes alone: width, depth, patch and channels from the patch embedding, the MLP
+/// ratio from `fc1`, the prefix tokens from `cls_token` / `reg_token`, the grid from `pos_embed` (with or
+/// without rows for the prefix tokens), layer scale from `ls1.gamma`; heads from timm's size table unless the
+/// family fixes them.
+pub fn infer_config(shapes: &HashMap<String, Vec<i64>>, num_heads: Option<i64>, family: Option<Family>) -> Option<VitConfig> {
+    let proj = shapes.get("patch_embed.proj.weight").filter(|s| s.len() == 4)?;
+    let pos = shapes.get("pos_embed").filter(|s| s.len() == 3)?;
+    let depth = (0..).take_while(|i| shapes.contains_key(&format!("blocks.{i}.norm1.weight"))).count() as i64;
+    let (dim, in_chans, patch) = (proj[0], proj[1], proj[2]);
+    let mut cfg = VitConfig::from_arch("vit_base_patch16_224").ok()?;
+    cfg.embed_dim = dim;
+    cfg.in_chans = in_chans;
+    cfg.patch_size = patch;
+    cfg.depth = depth;
+    cfg.num_heads = num_heads.unwrap_or_else(|| heads_for_dim(dim));
+    if let Some(fc1) = shapes.get("blocks.0.mlp.fc1.weight") {
+        cfg.mlp_ratio = fc1[0] as f64 / dim as f64;
+    }
+    cfg.qkv_bias = shapes.contains_key("blocks.0.attn.qkv.bias");
+    cfg.class_token = shapes.contains_key("cls_token");
+    cfg.reg_tokens = shapes.get("reg_token").map_or(0, |s| s[1]);
+    cfg.init_values = shapes.contains_key("blocks.0.ls1.gamma").then_some(1e-5);
+    let prefix = cfg.num_prefix_tokens();
+    let rows = pos[1];
+    let (grid, no_embed_class) = match (is_square(rows - prefix), is_square(rows)) {
+        (Some(g), _) => (g, false),
+        (None, Some(g)) if prefix > 0 => (g, true),
+        _ => return None,
+    };
+    cfg.no_embed_class = no_embed_class;
+    cfg.img_size = grid * patch;
+    cfg.arch = arch_name(&cfg, family);
+    Some(cfg)
+}
+
+/// [`resolve_config`] with the heads a family fixes and the family (for the architecture's name).
+pub fn resolve_config_with(ckpt: &Checkpoint, arch: Option<&str>, num_heads: Option<i64>, family: Option<Family>) -> Result<VitConfig> {
+    let has = |k: &str| ckpt.tensors.iter().any(|(n, _)| n == k);
     let mut cfg = if let Some(a) = arch {
-        VitConfig::from_arch(a)?
+        let mut c = VitConfig::from_arch(a)?;
+        // The token layout is in the tensors, whatever the size is called.
+        c.class_token = has("cls_token");
+        c.reg_tokens = ckpt.get("reg_token").map_or(0, |t| t.size()[1]);
+        c.init_values = has("blocks.0.ls1.gamma").then_some(1e-5);
+        c.no_embed_class = c.num_prefix_tokens() > 0 && ckpt.get("pos_embed").is_some_and(|t| t.size()[1] == c.num_patches());
+        c
     } else if let Some(cfg) = ckpt.metadata.get("config") {
         serde_json::from_str(cfg).map_err(|e| Error::checkpoint(&ckpt.path, format!("metadata `config` is not a ViT config: {e}")))?
     } else if let Some(a) = ckpt.metadata.get("arch") {
         VitConfig::from_arch(a)?
     } else {
-        VitConfig::infer(&ckpt.shapes()).ok_or_else(|| {
-            Error::checkpoint(&ckpt.path, "no `arch` metadata and the tensor shapes match no known architecture; pass --arch")
+        infer_config(&ckpt.shapes(), num_heads, family).ok_or_else(|| {
+            Error::checkpoint(&ckpt.path, "no `arch` metadata and the tensor shapes match no ViT (patch_embed.proj.weight and pos_embed needed); pass --arch")
         })?
     };
     // An average-pooled classifier (timm `global_pool='avg'`, MAE fine-tuned) has `fc_norm` and no final `norm`.
-    let has = |k: &str| ckpt.tensors.iter().any(|(n, _)| n == k);
     if has("fc_norm.weight") && !has("norm.weight") {
         cfg.global_pool = crate::model::vit::GlobalPool::Avg;
     } else if has("norm.weight") {
@@ -308,24 +485,87 @@ pub fn resolve_config(ckpt: &Checkpoint, arch: Option<&str>) -> Result<VitConfig
     Ok(cfg)
 }
 
-/// Loads a ViT encoder from any supported checkpoint. Head tensors are ignored unless `num_classes` > 0.
-pub fn load_vit(path: &Path, arch: Option<&str>, device: Device, num_classes: i64) -> Result<LoadedVit> {
+/// Reads an encoder checkpoint of any supported format and family layout: its tensors under timm names, the
+/// config they build (position embedding resampled to the asked input size) and where they came from.
+pub fn import(path: &Path, opts: &LoadOptions) -> Result<Imported> {
     let sha256 = sha256_file(path)?;
-    let ckpt = to_timm_names(load_any(path)?);
-    let mut cfg = resolve_config(&ckpt, arch)?;
+    let raw = load_any(path)?;
+    let meta = raw.metadata.clone();
+    let converted = families::convert(raw, opts.from)?;
+    let conv = converted.conversion;
+    let mut ckpt = converted.ckpt;
+    // A file written by `convert` has timm names and says in its metadata what it was converted from.
+    let recorded = meta.get("family").filter(|_| conv.family == Family::Timm && opts.from.is_none());
+    let own = meta.get("format").is_some_and(|f| f == "lmim-bench") && opts.from.is_none();
+    let family = recorded.and_then(|f| Family::parse(f).ok()).unwrap_or(conv.family);
+    let mut source = match recorded {
+        Some(f) => SourceInfo {
+            family: f.clone(),
+            submodel: meta.get("submodel").cloned().unwrap_or_default(),
+            source_sha256: meta.get("source_sha256").cloned().unwrap_or_else(|| sha256.clone()),
+            dropped: meta.get("dropped").and_then(|d| serde_json::from_str(d).ok()).unwrap_or_default(),
+            eval_feature: meta.get("eval_feature").cloned(),
+            chosen_by: meta.get("chosen_by").cloned().unwrap_or_else(|| "detected".into()),
+            pos_embed_resampled: meta.get("pos_embed_resampled").cloned(),
+        },
+        None => SourceInfo {
+            family: if own { "lmim-bench".into() } else { conv.family.name().into() },
+            submodel: conv.submodel.clone(),
+            source_sha256: sha256.clone(),
+            dropped: conv.dropped.clone(),
+            eval_feature: conv.family.eval_feature().map(String::from),
+            chosen_by: conv.chosen_by.clone(),
+            pos_embed_resampled: None,
+        },
+    };
+    let arch = opts.arch.as_deref();
+    let mut cfg = resolve_config_with(&ckpt, arch, converted.num_heads, Some(family))?;
     if let Some(meta_arch) = ckpt.metadata.get("arch") {
         if arch.is_some_and(|a| a != meta_arch) {
             return Err(Error::checkpoint(path, format!("checkpoint is `{meta_arch}` but --arch says `{}`", arch.unwrap_or_default())));
         }
     }
+    // DINOv2's backbones carry a 518-pixel table; its own k-NN and linear evaluations run at 224.
+    let fresh = !ckpt.metadata.contains_key("config");
+    let target = opts.img_size.or((family == Family::Dinov2 && fresh).then_some(224));
+    if let Some(size) = target.filter(|&s| s != cfg.img_size) {
+        if size < cfg.patch_size || size % cfg.patch_size != 0 || size > 8192 {
+            return Err(Error::option("--img-size", format!("{size} is not a multiple of the patch size {} (at most 8192)", cfg.patch_size)));
+        }
+        let (g0, g1) = (cfg.grid(), size / cfg.patch_size);
+        let pos = ckpt.tensors.iter_mut().find(|(n, _)| n == "pos_embed").ok_or_else(|| Error::checkpoint(path, "no pos_embed to resample"))?;
+        if pos.1.size()[1] != cfg.embed_len() {
+            return Err(Error::ShapeMismatch { path: path.to_path_buf(), name: "pos_embed".into(), found: pos.1.size(), expected: vec![1, cfg.embed_len(), cfg.embed_dim] });
+        }
+        pos.1 = crate::model::pos_embed::resample_abs_pos_embed(&pos.1, g0, g1, cfg.pos_prefix());
+        let old_suffix = format!("_{}", cfg.img_size);
+        cfg.img_size = size;
+        if let Some(stem) = cfg.arch.strip_suffix(&old_suffix) {
+            cfg.arch = format!("{stem}_{size}");
+        }
+        source.pos_embed_resampled = Some(format!("{g0}x{g0} -> {g1}x{g1}"));
+    }
+    cfg.validate().map_err(|e| Error::checkpoint(path, e.to_string()))?;
+    Ok(Imported { ckpt, cfg, sha256, source })
+}
+
+/// Loads a ViT encoder from any supported checkpoint. Head tensors are ignored unless `num_classes` > 0.
+pub fn load_vit(path: &Path, arch: Option<&str>, device: Device, num_classes: i64) -> Result<LoadedVit> {
+    load_vit_with(path, &LoadOptions::arch(arch), device, num_classes)
+}
+
+/// [`load_vit`] with a forced family layout and input size.
+pub fn load_vit_with(path: &Path, opts: &LoadOptions, device: Device, num_classes: i64) -> Result<LoadedVit> {
+    let Imported { ckpt, mut cfg, sha256, source } = import(path, opts)?;
     cfg.num_classes = num_classes;
+    cfg.validate().map_err(|e| Error::checkpoint(path, e.to_string()))?;
     let vs = nn::VarStore::new(device);
     let model = VisionTransformer::new(&vs.root(), &cfg);
     let mut report = load_into(&vs, &ckpt, &["head.", "fc_norm."])?;
     if num_classes == 0 {
         report.unexpected.retain(|n| !n.starts_with("head.") && !n.starts_with("fc_norm."));
     }
-    Ok(LoadedVit { vs, model, report, sha256 })
+    Ok(LoadedVit { vs, model, report, sha256, source })
 }
 
 /// Saves a ViT's variables under timm names with `arch` and `config` metadata.

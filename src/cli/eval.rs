@@ -15,9 +15,14 @@ use crate::results::{write_output, RunRecord};
 
 #[derive(Debug, Args)]
 pub struct ExtractArgs {
-    /// Encoder checkpoint (safetensors or .pth; timm, MAE or Latent MIM keys).
+    /// Encoder checkpoint (safetensors or .pth; timm, MAE, DINO, iBOT, MoCo v3, I-JEPA, DINOv2 or Latent MIM
+    /// layouts).
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// Checkpoint layout: timm, mae, dino, ibot, mocov3, ijepa, dinov2, lmim (default: detected; an ambiguous
+    /// file is refused with the candidates).
+    #[arg(long, value_parser = crate::cli::parse_family)]
+    pub from: Option<crate::checkpoint::Family>,
     /// Dataset root with <split>/<class>/*.jpg (or ImageNet's flat val).
     #[arg(long)]
     pub data: PathBuf,
@@ -28,9 +33,9 @@ pub struct ExtractArgs {
     #[arg(long)]
     pub arch: Option<String>,
     /// Feature: cls (CLS after the final norm), avg (patch mean after the norm), cls+avg, avg-prenorm (patch mean
-    /// of the last block before the final norm).
-    #[arg(long, default_value = "cls")]
-    pub feature: String,
+    /// of the last block before the final norm). Default: the checkpoint family's own (avg for I-JEPA), else cls.
+    #[arg(long)]
+    pub feature: Option<String>,
     /// Concatenate the features of the last N blocks.
     #[arg(long, default_value_t = 1)]
     pub last_blocks: i64,
@@ -84,6 +89,10 @@ pub struct EvalArgs {
     /// Encoder checkpoint; features are extracted (or taken from the cache).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// Checkpoint layout: timm, mae, dino, ibot, mocov3, ijepa, dinov2, lmim (default: detected; an ambiguous
+    /// file is refused with the candidates).
+    #[arg(long, value_parser = crate::cli::parse_family)]
+    pub from: Option<crate::checkpoint::Family>,
     /// Dataset root with train/ and val/.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -191,6 +200,7 @@ impl EvalArgs {
             protocol: self.protocol,
             checkpoint: self.checkpoint.clone(),
             arch: self.arch.clone(),
+            from: self.from,
             data: self.data.clone(),
             train_features: self.train_features.clone(),
             val_features: self.val_features.clone(),
@@ -222,9 +232,11 @@ pub fn extract(a: ExtractArgs) -> anyhow::Result<()> {
     let req = ExtractRequest {
         checkpoint: a.checkpoint.clone(),
         arch: a.arch.clone(),
+        from: a.from,
+        feature_is_default: a.feature.is_none(),
         data_root: a.data.clone(),
         split: a.split.clone(),
-        feature: FeatureKind::parse(&a.feature)?,
+        feature: FeatureKind::parse(a.feature.as_deref().unwrap_or("cls"))?,
         last_blocks: a.last_blocks,
         batch_size: a.batch_size,
         device,

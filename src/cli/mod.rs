@@ -83,6 +83,11 @@ impl DistArgs {
 
 /// Exit code of an error: the library's own classification where there is one, 2 for I/O and parse problems of
 /// the user's inputs, 1 otherwise.
+/// `--from FAMILY` (clap reports a bad value as a usage error, exit 2).
+pub(crate) fn parse_family(s: &str) -> Result<crate::checkpoint::Family, String> {
+    crate::checkpoint::Family::parse(s).map_err(|e| e.to_string())
+}
+
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if let Some(e) = cause.downcast_ref::<crate::Error>() {

@@ -33,6 +33,10 @@ pub struct ForwardArgs {
     /// Load the weights from this checkpoint instead of a random initialisation.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
+    /// Checkpoint layout: timm, mae, dino, ibot, mocov3, ijepa, dinov2, lmim (default: detected; an ambiguous
+    /// file is refused with the candidates).
+    #[arg(long, value_parser = crate::cli::parse_family)]
+    pub from: Option<crate::checkpoint::Family>,
     /// Number of generated images.
     #[arg(long, default_value_t = 8)]
     pub batch_size: i64,
@@ -52,7 +56,8 @@ pub fn forward(a: ForwardArgs) -> anyhow::Result<()> {
     tch::manual_seed(0);
     let (vs, model) = match &a.checkpoint {
         Some(p) => {
-            let l = checkpoint::load_vit(p, None, device, 0).with_context(|| format!("loading {}", p.display()))?;
+            let opts = checkpoint::LoadOptions { from: a.from, ..Default::default() };
+            let l = checkpoint::load_vit_with(p, &opts, device, 0).with_context(|| format!("loading {}", p.display()))?;
             (l.vs, l.model)
         }
         None => {
@@ -82,7 +87,7 @@ pub fn forward(a: ForwardArgs) -> anyhow::Result<()> {
         "device": device_name(device),
         "input": images.size(),
         "tokens": out.tokens.size(),
-        "cls": out.cls().size(),
+        "cls": out.has_cls.then(|| out.cls().size()),
         "patch_tokens": out.patch_tokens().size(),
         "last_block": out.intermediates[0].size(),
         "finite": out.tokens.isfinite().all().int64_value(&[]) == 1,
@@ -94,7 +99,7 @@ pub fn forward(a: ForwardArgs) -> anyhow::Result<()> {
         format!(
             "{} ({} parameters) on {}: input {:?} -> tokens {:?} (CLS {:?}, patches {:?}); {:.1} img/s\n",
             cfg.arch, report["params"], report["device"].as_str().unwrap_or(""), images.size(), out.tokens.size(),
-            out.cls().size(), out.patch_tokens().size(), report["img_per_s"].as_f64().unwrap_or(0.0)
+            out.has_cls.then(|| out.cls().size()), out.patch_tokens().size(), report["img_per_s"].as_f64().unwrap_or(0.0)
         )
     };
     write_output("-", &text)?;
@@ -103,23 +108,37 @@ pub fn forward(a: ForwardArgs) -> anyhow::Result<()> {
 
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
-    /// Input checkpoint: a PyTorch .pth/.pt state dict (possibly nested under `model` or `state_dict`, possibly
-    /// with a `module.` prefix) or a safetensors file.
+    /// Input checkpoint: a PyTorch .pth/.pt or safetensors file in any known layout (a timm state dict, possibly
+    /// nested under `model` or `state_dict` with a `module.` prefix; MAE, DINO, iBOT, MoCo v3, I-JEPA and DINOv2
+    /// training or released files; Latent MIM's), detected unless --from says.
     pub input: PathBuf,
-    /// Output safetensors file.
+    /// Output safetensors file (timm names; metadata: config, family, sub-model, source sha256, eval feature).
     pub output: PathBuf,
     /// Architecture (timm name) when the input has no metadata and cannot be inferred from its shapes.
     #[arg(long)]
     pub arch: Option<String>,
+    /// Checkpoint layout: timm, mae, dino, ibot, mocov3, ijepa, dinov2, lmim (default: detected; an ambiguous
+    /// file is refused with the candidates).
+    #[arg(long, value_parser = crate::cli::parse_family)]
+    pub from: Option<crate::checkpoint::Family>,
+    /// Input size to resample the position embedding to, as timm does (default: the file's; 224 for DINOv2).
+    #[arg(long)]
+    pub img_size: Option<i64>,
+    /// Print what was taken and dropped as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub fn convert(a: ConvertArgs) -> anyhow::Result<()> {
-    let loaded = checkpoint::load_vit(&a.input, a.arch.as_deref(), tch::Device::Cpu, 0)
-        .with_context(|| format!("reading {}", a.input.display()))?;
-    let mut meta = std::collections::BTreeMap::new();
+    let opts = checkpoint::LoadOptions { arch: a.arch.clone(), from: a.from, img_size: a.img_size };
+    let loaded = checkpoint::load_vit_with(&a.input, &opts, tch::Device::Cpu, 0).with_context(|| format!("reading {}", a.input.display()))?;
+    let mut meta = loaded.source.to_metadata();
     meta.insert("converted_from".to_string(), a.input.display().to_string());
-    meta.insert("source_sha256".to_string(), loaded.sha256.clone());
     checkpoint::save_vit(&a.output, &loaded.vs, &loaded.model.cfg, &meta).with_context(|| format!("writing {}", a.output.display()))?;
-    eprintln!("{} -> {} ({}; {})", a.input.display(), a.output.display(), loaded.model.cfg.arch, loaded.report.summary());
+    eprintln!("{} -> {} ({}; {}; {})", a.input.display(), a.output.display(), loaded.model.cfg.arch, loaded.source.summary(), loaded.report.summary());
+    if a.json {
+        let report = serde_json::json!({ "arch": loaded.model.cfg.arch, "config": loaded.model.cfg, "source": loaded.source, "load": loaded.report });
+        write_output("-", &(serde_json::to_string_pretty(&report)? + "\n"))?;
+    }
     Ok(())
 }

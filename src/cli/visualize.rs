@@ -12,9 +12,12 @@ use crate::viz::{self, PosEmbedMode, RunInfo, VizOptions};
 
 #[derive(Debug, Args)]
 pub struct VisualizeArgs {
-    /// ViT checkpoint (safetensors or .pth; timm, MAE or Latent MIM keys), e.g. an exported encoder.safetensors.
+    /// ViT checkpoint (safetensors or .pth; any layout `convert` reads), e.g. an exported encoder.safetensors.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// Checkpoint layout (default: detected); see `convert --help`.
+    #[arg(long, value_parser = crate::cli::parse_family)]
+    pub from: Option<crate::checkpoint::Family>,
     /// An image file, or a folder whose .jpg/.jpeg/.png files are all used (repeatable).
     #[arg(long, required = true)]
     pub images: Vec<PathBuf>,
@@ -67,7 +70,8 @@ pub struct VisualizeArgs {
 pub fn visualize(a: VisualizeArgs) -> anyhow::Result<()> {
     let device = parse_device(&a.device)?;
     let images = viz::collect_images(&a.images)?;
-    let loaded = checkpoint::load_vit(&a.checkpoint, a.arch.as_deref(), device, 0)
+    let opts = checkpoint::LoadOptions { arch: a.arch.clone(), from: a.from, img_size: None };
+    let loaded = checkpoint::load_vit_with(&a.checkpoint, &opts, device, 0)
         .with_context(|| format!("loading {}", a.checkpoint.display()))?;
     let opts = VizOptions {
         levels: a.levels,

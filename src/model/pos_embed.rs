@@ -45,3 +45,20 @@ pub fn sincos_2d(dim: i64, grid: i64, kind: PosEmbedKind, with_cls: bool) -> Ten
     let n = grid * grid + i64::from(with_cls);
     Tensor::from_slice(&rows).reshape([n, dim]).to_kind(Kind::Float)
 }
+
+/// timm's `resample_abs_pos_embed` (timm/layers/pos_embed.py) for square grids: the first `num_prefix` rows (CLS,
+/// registers) are kept as they are, the `old_grid x old_grid` patch rows are resized to `new_grid x new_grid` in
+/// f32 with bicubic interpolation and antialias (timm's defaults; align_corners off), and cast back. Input and
+/// output are `[1, rows, D]`.
+pub fn resample_abs_pos_embed(pos_embed: &Tensor, old_grid: i64, new_grid: i64, num_prefix: i64) -> Tensor {
+    if old_grid == new_grid {
+        return pos_embed.shallow_clone();
+    }
+    let d = pos_embed.size()[2];
+    let kind = pos_embed.kind();
+    let prefix = pos_embed.narrow(1, 0, num_prefix);
+    let grid = pos_embed.narrow(1, num_prefix, old_grid * old_grid).to_kind(Kind::Float).reshape([1, old_grid, old_grid, d]).permute([0, 3, 1, 2]);
+    let resized = grid.internal_upsample_bicubic2d_aa([new_grid, new_grid], false, None::<f64>, None::<f64>);
+    let resized = resized.permute([0, 2, 3, 1]).reshape([1, new_grid * new_grid, d]).to_kind(kind);
+    Tensor::cat(&[prefix, resized], 1)
+}

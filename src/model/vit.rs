@@ -2,7 +2,10 @@
 //!
 //! Variable paths follow `timm.models.vision_transformer.VisionTransformer`, so a timm state dict loads as is:
 //! `cls_token`, `pos_embed`, `patch_embed.proj.{weight,bias}`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,
-//! mlp.fc2}`, `norm`, and optionally `fc_norm` and `head` for classifiers.
+//! mlp.fc2}`, `norm`, and optionally `fc_norm` and `head` for classifiers. The variants other methods need are
+//! timm's too: no CLS token (`class_token=False`, I-JEPA), register tokens (`reg_token`, DINOv2 with registers),
+//! layer scale (`blocks.N.ls1.gamma`, `blocks.N.ls2.gamma`) and a position embedding that covers the patches only
+//! (`no_embed_class`).
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -46,6 +49,14 @@ pub struct VitConfig {
     /// then `fc_norm`; the final `norm` is then an Identity and has no weights, as in timm and MAE's
     /// `models_vit.py` with `global_pool=True`).
     pub global_pool: GlobalPool,
+    /// timm `class_token`: a CLS token first (false for I-JEPA, whose feature is the token average).
+    pub class_token: bool,
+    /// timm `reg_tokens`: learned register tokens after the CLS token (DINOv2 with registers).
+    pub reg_tokens: i64,
+    /// timm `no_embed_class`: `pos_embed` covers the patch tokens only; the prefix tokens get none.
+    pub no_embed_class: bool,
+    /// timm `init_values`: layer scale (`ls1.gamma`, `ls2.gamma` per block) when set.
+    pub init_values: Option<f64>,
 }
 
 /// timm's `global_pool` of a ViT.
@@ -80,6 +91,12 @@ impl VitConfig {
         if !(self.mlp_ratio > 0.0 && self.mlp_ratio <= 64.0) || self.in_chans < 1 || self.num_classes < 0 {
             return bad("mlp_ratio must be in (0, 64], in_chans >= 1, num_classes >= 0".into());
         }
+        if !(0..=64).contains(&self.reg_tokens) {
+            return bad(format!("reg_tokens {} must be in 0..=64", self.reg_tokens));
+        }
+        if !self.class_token && self.global_pool == GlobalPool::Token && self.num_classes > 0 {
+            return bad("a model without a CLS token cannot pool by token; use global_pool = avg".into());
+        }
         Ok(())
     }
 
@@ -108,6 +125,10 @@ impl VitConfig {
             pos_embed: PosEmbedKind::Mae,
             num_classes: 0,
             global_pool: GlobalPool::Token,
+            class_token: true,
+            reg_tokens: 0,
+            no_embed_class: false,
+            init_values: None,
         })
     }
 
@@ -126,6 +147,22 @@ impl VitConfig {
 
     pub fn grid(&self) -> i64 {
         self.img_size / self.patch_size
+    }
+    /// CLS and register tokens before the patch tokens (timm `num_prefix_tokens`).
+    pub fn num_prefix_tokens(&self) -> i64 {
+        i64::from(self.class_token) + self.reg_tokens
+    }
+    /// Prefix tokens that have a row in `pos_embed` (none with `no_embed_class`).
+    pub fn pos_prefix(&self) -> i64 {
+        if self.no_embed_class {
+            0
+        } else {
+            self.num_prefix_tokens()
+        }
+    }
+    /// Rows of `pos_embed`.
+    pub fn embed_len(&self) -> i64 {
+        self.num_patches() + self.pos_prefix()
     }
     pub fn num_patches(&self) -> i64 {
         self.grid() * self.grid()
@@ -241,6 +278,8 @@ pub struct Block {
     norm2: nn::LayerNorm,
     mlp: Mlp,
     drop_path: f64,
+    /// Layer scale (timm `LayerScale`, `ls1.gamma` / `ls2.gamma`): per-channel factors on the residual branches.
+    ls: Option<(Tensor, Tensor)>,
 }
 
 impl Block {
@@ -252,35 +291,52 @@ impl Block {
             norm2: layer_norm(&p / "norm2", d, cfg.ln_eps),
             mlp: Mlp::new(&p / "mlp", d, (d as f64 * cfg.mlp_ratio) as i64),
             drop_path,
+            ls: cfg.init_values.map(|v| {
+                let init = nn::Init::Const(v);
+                ((&p / "ls1").var("gamma", &[d], init), (&p / "ls2").var("gamma", &[d], init))
+            }),
         }
     }
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let x = x + drop_path(&self.attn.forward(&norm(&self.norm1, x)), self.drop_path, train);
-        &x + drop_path(&self.mlp.forward(&norm(&self.norm2, &x)), self.drop_path, train)
+        let scale = |t: Tensor, i: usize| match &self.ls {
+            Some((g1, g2)) => t * if i == 1 { g1 } else { g2 },
+            None => t,
+        };
+        let x = x + drop_path(&scale(self.attn.forward(&norm(&self.norm1, x)), 1), self.drop_path, train);
+        &x + drop_path(&scale(self.mlp.forward(&norm(&self.norm2, &x)), 2), self.drop_path, train)
     }
 }
 
-/// What a forward pass returns. `tokens` are the final tokens after `norm`, CLS first.
+/// What a forward pass returns. `tokens` are the final tokens after `norm`: the prefix tokens (CLS, then
+/// registers), then the patches.
 #[derive(Debug)]
 pub struct VitOutput {
     pub tokens: Tensor,
     /// Outputs of the blocks asked for (before the final norm), in the order asked.
     pub intermediates: Vec<Tensor>,
+    /// Number of prefix tokens (CLS and registers) before the patch tokens.
+    pub prefix: i64,
+    pub has_cls: bool,
 }
 
 impl VitOutput {
+    /// The CLS token; a model without one (I-JEPA) has no such feature, which callers check first.
     pub fn cls(&self) -> Tensor {
+        assert!(self.has_cls, "this model has no CLS token");
         self.tokens.select(1, 0)
     }
     pub fn patch_tokens(&self) -> Tensor {
-        self.tokens.narrow(1, 1, self.tokens.size()[1] - 1)
+        self.tokens.narrow(1, self.prefix, self.tokens.size()[1] - self.prefix)
     }
 }
 
 #[derive(Debug)]
 pub struct VisionTransformer {
     pub cfg: VitConfig,
-    pub cls_token: Tensor,
+    /// None without a CLS token (`class_token = false`).
+    pub cls_token: Option<Tensor>,
+    /// `[1, reg_tokens, D]` register tokens, when the config has any.
+    pub reg_token: Option<Tensor>,
     pub pos_embed: Tensor,
     pub patch_embed: nn::Conv2D,
     pub blocks: Vec<Block>,
@@ -295,11 +351,13 @@ impl VisionTransformer {
     /// fixed sine-cosine position embedding (registered as a non-trainable variable, as MAE freezes it).
     pub fn new(p: &nn::Path, cfg: &VitConfig) -> Self {
         let d = cfg.embed_dim;
-        let cls_token = p.var("cls_token", &[1, 1, d], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
-        let pos_embed = p.zeros_no_train("pos_embed", &[1, cfg.num_patches() + 1, d]);
+        let cls_token = cfg.class_token.then(|| p.var("cls_token", &[1, 1, d], nn::Init::Randn { mean: 0.0, stdev: 0.02 }));
+        let reg_token = (cfg.reg_tokens > 0).then(|| p.var("reg_token", &[1, cfg.reg_tokens, d], nn::Init::Randn { mean: 0.0, stdev: 0.02 }));
+        let pos_embed = p.zeros_no_train("pos_embed", &[1, cfg.embed_len(), d]);
         tch::no_grad(|| {
-            let pe = sincos_2d(d, cfg.grid(), cfg.pos_embed, true).to_device(pos_embed.device());
-            pos_embed.view([-1, d]).copy_(&pe);
+            // Prefix rows (if any) stay zero, as MAE's CLS row.
+            let pe = sincos_2d(d, cfg.grid(), cfg.pos_embed, false).to_device(pos_embed.device());
+            pos_embed.view([-1, d]).narrow(0, cfg.pos_prefix(), cfg.num_patches()).copy_(&pe);
         });
         let patch_embed = nn::conv2d(
             p / "patch_embed" / "proj",
@@ -314,21 +372,16 @@ impl VisionTransformer {
         let norm = (!avg).then(|| layer_norm(p / "norm", d, cfg.ln_eps));
         let fc_norm = avg.then(|| layer_norm(p / "fc_norm", d, cfg.ln_eps));
         let head = (cfg.num_classes > 0).then(|| nn::linear(p / "head", d, cfg.num_classes, Default::default()));
-        VisionTransformer { cfg: cfg.clone(), cls_token, pos_embed, patch_embed, blocks, norm, fc_norm, head }
+        VisionTransformer { cfg: cfg.clone(), cls_token, reg_token, pos_embed, patch_embed, blocks, norm, fc_norm, head }
     }
 
     /// Position embedding for a `grid x grid` input. At the trained grid it is the stored one; for another grid
-    /// it is interpolated bicubically from the stored one, as timm resamples `pos_embed`.
+    /// it is resampled as timm's `resample_abs_pos_embed` does (bicubic with antialias, prefix rows kept).
     pub fn pos_embed_for_grid(&self, grid: i64) -> Tensor {
         if grid == self.cfg.grid() {
             return self.pos_embed.shallow_clone();
         }
-        let d = self.cfg.embed_dim;
-        let g0 = self.cfg.grid();
-        let cls = self.pos_embed.narrow(1, 0, 1);
-        let patches = self.pos_embed.narrow(1, 1, g0 * g0).reshape([1, g0, g0, d]).permute([0, 3, 1, 2]);
-        let resized = patches.upsample_bicubic2d([grid, grid], false, None, None).permute([0, 2, 3, 1]).reshape([1, grid * grid, d]);
-        Tensor::cat(&[cls, resized], 1)
+        super::pos_embed::resample_abs_pos_embed(&self.pos_embed, self.cfg.grid(), grid, self.cfg.pos_prefix())
     }
 
     /// Patch tokens of images `[B, C, H, W]` with position embeddings added: `[B, N, D]`.
@@ -348,7 +401,7 @@ impl VisionTransformer {
         let (b, d, gh, gw) = x.size4().expect("patch embedding is [B, D, H, W]");
         assert_eq!(gh, gw, "square inputs only");
         let x = x.reshape([b, d, gh * gw]).transpose(1, 2);
-        x + self.pos_embed_for_grid(gh).narrow(1, 1, gh * gw)
+        x + self.pos_embed_for_grid(gh).narrow(1, self.cfg.pos_prefix(), gh * gw)
     }
 
     /// Embeds pre-cut patches `[B, L, C*p*p]` (flattened in (channel, row, col) order, i.e. the conv weight's
@@ -358,14 +411,28 @@ impl VisionTransformer {
         let w = self.patch_embed.ws.reshape([d, -1]);
         let lin = nn::Linear { ws: w, bs: self.patch_embed.bs.as_ref().map(|b| b.shallow_clone()) };
         let x = linear(&lin, patches).to_kind(Kind::Float);
-        let pe = self.pos_embed.select(0, 0).narrow(0, 1, self.cfg.num_patches());
+        let pe = self.pos_embed.select(0, 0).narrow(0, self.cfg.pos_prefix(), self.cfg.num_patches());
         x + pe.index_select(0, &pid.flatten(0, -1)).reshape([pid.size()[0], pid.size()[1], d])
     }
 
-    fn prepend_cls(&self, x: &Tensor) -> Tensor {
-        let b = x.size()[0];
-        let cls = (&self.cls_token + self.pos_embed.narrow(1, 0, 1)).expand([b, 1, self.cfg.embed_dim], false);
-        Tensor::cat(&[cls.to_kind(x.kind()), x.shallow_clone()], 1)
+    /// Puts the prefix tokens (CLS, registers) before patch tokens that already carry their position embedding.
+    /// Without `no_embed_class` the prefix tokens get their own `pos_embed` rows, as timm adds `pos_embed` after
+    /// concatenating; with it they get none.
+    pub fn prepend_prefix(&self, x: &Tensor) -> Tensor {
+        let (b, d) = (x.size()[0], self.cfg.embed_dim);
+        let mut parts = Vec::with_capacity(3);
+        let mut row = 0;
+        for tok in [&self.cls_token, &self.reg_token].into_iter().flatten() {
+            let n = tok.size()[1];
+            let t = if self.cfg.no_embed_class { tok.shallow_clone() } else { tok + self.pos_embed.narrow(1, row, n) };
+            row += n;
+            parts.push(t.expand([b, n, d], false).to_kind(x.kind()));
+        }
+        if parts.is_empty() {
+            return x.shallow_clone();
+        }
+        parts.push(x.shallow_clone());
+        Tensor::cat(&parts, 1)
     }
 
     /// Runs the blocks on embedded tokens (CLS included) and returns the normed tokens, keeping the outputs of
@@ -384,18 +451,18 @@ impl VisionTransformer {
             }
         }
         let intermediates = slots.into_iter().map(|s| s.expect("block index within depth")).collect();
-        VitOutput { tokens: self.final_norm(&x), intermediates }
+        VitOutput { tokens: self.final_norm(&x), intermediates, prefix: self.cfg.num_prefix_tokens(), has_cls: self.cfg.class_token }
     }
 
     /// Forward over whole images: the final tokens and the requested intermediate block outputs.
     pub fn forward_features(&self, images: &Tensor, keep: &[i64], train: bool) -> VitOutput {
-        let x = self.prepend_cls(&self.embed_images(images));
+        let x = self.prepend_prefix(&self.embed_images(images));
         self.run_blocks(x, keep, train)
     }
 
     /// Forward over a subset of patches at positions `pid`, with the CLS token prepended.
     pub fn forward_patches(&self, patches: &Tensor, pid: &Tensor, keep: &[i64], train: bool) -> VitOutput {
-        let x = self.prepend_cls(&self.embed_patches(patches, pid));
+        let x = self.prepend_prefix(&self.embed_patches(patches, pid));
         self.run_blocks(x, keep, train)
     }
 
@@ -408,10 +475,13 @@ impl VisionTransformer {
         }
     }
 
-    /// timm's `forward_head(pre_logits=True)`: the CLS token, or `fc_norm` of the patch-token mean.
+    /// timm's `forward_head(pre_logits=True)`: the CLS token, or `fc_norm` of the patch-token mean, or (no CLS
+    /// token and no `fc_norm`, timm's `global_pool='avg', fc_norm=False` as for I-JEPA) the mean of the normed
+    /// patch tokens.
     pub fn pooled(&self, out: &VitOutput) -> Tensor {
         match &self.fc_norm {
             Some(fc) => norm(fc, &out.patch_tokens().mean_dim(1, false, None)),
+            None if !out.has_cls => out.patch_tokens().mean_dim(1, false, None),
             None => out.cls(),
         }
     }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{self, load_vit};
+use crate::checkpoint::{self, load_vit_with, Family, LoadOptions};
 use crate::data::{Dataset, Loader, LoaderConfig, Op, Transform};
 use crate::config::Precision;
 use crate::error::{Error, Result};
@@ -100,6 +100,8 @@ pub struct FeatureMeta {
     pub class_names: Option<Vec<String>>,
     pub cache_key: Option<String>,
     pub created_at: Option<String>,
+    /// Where the encoder came from: family layout, sub-model taken, the original file's sha256.
+    pub checkpoint_source: Option<serde_json::Value>,
 }
 
 impl FeatureMeta {
@@ -141,6 +143,7 @@ impl FeatureMeta {
             class_names: m.get("class_names").and_then(|v| serde_json::from_str(v).ok()),
             cache_key: s("cache_key"),
             created_at: s("created_at"),
+            checkpoint_source: j("checkpoint_source"),
         }
     }
 }
@@ -230,6 +233,11 @@ impl FeatureSet {
 pub struct ExtractRequest {
     pub checkpoint: PathBuf,
     pub arch: Option<String>,
+    /// Checkpoint layout; None detects it.
+    pub from: Option<Family>,
+    /// `feature` is the protocol's default rather than asked for: a checkpoint whose family has its own
+    /// evaluation feature (I-JEPA's average pool) uses that instead.
+    pub feature_is_default: bool,
     pub data_root: PathBuf,
     pub split: String,
     pub feature: FeatureKind,
@@ -317,8 +325,10 @@ pub fn image_features(model: &VisionTransformer, images: &Tensor, kind: FeatureK
             let tokens = if kind == FeatureKind::AvgPrenorm { block_out.shallow_clone() } else { model.final_norm(block_out) };
             let tokens = tokens.to_kind(Kind::Float);
             let n = tokens.size()[1];
+            let prefix = model.cfg.num_prefix_tokens();
             let cls = || tokens.select(1, 0);
-            let avg = || tokens.narrow(1, 1, n - 1).mean_dim(1, false, Kind::Float);
+            // Registers are not patches: the average is over the patch tokens only, as timm's `global_pool='avg'`.
+            let avg = || tokens.narrow(1, prefix, n - prefix).mean_dim(1, false, Kind::Float);
             match kind {
                 FeatureKind::Cls => cls(),
                 FeatureKind::Avg | FeatureKind::AvgPrenorm => avg(),
@@ -347,8 +357,15 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     if req.batch_size == 0 {
         return Err(Error::option("--batch-size", "must be positive"));
     }
-    let loaded = load_vit(&req.checkpoint, req.arch.as_deref(), req.device, 0)?;
+    let opts = LoadOptions { arch: req.arch.clone(), from: req.from, img_size: None };
+    let loaded = load_vit_with(&req.checkpoint, &opts, req.device, 0)?;
     let cfg = loaded.model.cfg.clone();
+    let family_feature = loaded.source.eval_feature.as_deref().filter(|_| req.feature_is_default).map(FeatureKind::parse).transpose()?;
+    let feature = family_feature.unwrap_or(req.feature);
+    if !cfg.class_token && matches!(feature, FeatureKind::Cls | FeatureKind::ClsAvg) {
+        return Err(Error::option("feature", format!("`{feature}`: {} has no CLS token; use avg", req.checkpoint.display())));
+    }
+    let req = &ExtractRequest { feature, ..req.clone() };
     if req.last_blocks > cfg.depth {
         return Err(Error::option("--last-blocks", format!("{} is more than the model's {} blocks", req.last_blocks, cfg.depth)));
     }
@@ -372,6 +389,11 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
         "precision": precision,
         "dtype": dtype,
     });
+    let mut key_src = key_src;
+    if !loaded.source.submodel.is_empty() || loaded.source.pos_embed_resampled.is_some() {
+        // Another sub-model of the same file (or another resampling) gives other features.
+        key_src["checkpoint_source"] = serde_json::json!([loaded.source.submodel, loaded.source.pos_embed_resampled]);
+    }
     let key = sha256_hex(key_src.to_string().as_bytes());
     let cache_path = req.cache_dir.as_ref().map(|d| {
         let name = format!("{}-{}-{}-{}.safetensors", cfg.arch, req.split, req.feature.name().replace('+', "_"), &key[..20]);
@@ -459,6 +481,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
         class_names: Some(class_names),
         cache_key: Some(key.clone()),
         created_at: Some(crate::results::now_rfc3339()),
+        checkpoint_source: Some(serde_json::to_value(&loaded.source).expect("source serialises")),
     };
     let set = FeatureSet { features, labels, meta };
     if let Some(p) = cache_path.as_ref().filter(|_| world.is_main()) {

@@ -15,7 +15,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::record::{RecordBuilder, SplitPrint};
 use super::{EvalRequest, Protocol, RunOptions};
-use crate::checkpoint::{load_any, load_into, resolve_config, sha256_file, to_timm_names, LoadReport};
+use crate::checkpoint::{load_into, sha256_file, LoadReport};
 use crate::data::augment::{mixup_cutmix, MixupConfig, RandAugment, RandomErasing};
 use crate::data::loader::{Batch, Loader};
 use crate::data::transforms::Transform;
@@ -233,13 +233,14 @@ pub struct FinetuneModel {
     pub report: Option<LoadReport>,
 }
 
-/// Builds the classifier: from a checkpoint (any format `load_any` reads; its head and `fc_norm` are dropped) or
+/// Builds the classifier: from a checkpoint (any format and family layout `checkpoint::import` reads, detected;
+/// its head and `fc_norm` are dropped) or
 /// fresh from `arch`; drop path and pooling from the recipe; MAE's head init (trunc-normal std 2e-5, bias 0).
 pub fn build_model(ckpt: Option<&Path>, arch: Option<&str>, num_classes: i64, cfg: &FinetuneConfig, device: Device) -> Result<FinetuneModel> {
     let (mut vcfg, loaded) = match ckpt {
         Some(path) => {
-            let mut c = to_timm_names(load_any(path)?);
-            let vcfg = resolve_config(&c, arch)?;
+            let imported = crate::checkpoint::import(path, &crate::checkpoint::LoadOptions::arch(arch))?;
+            let (mut c, vcfg) = (imported.ckpt, imported.cfg);
             c.tensors.retain(|(n, _)| !n.starts_with("head.") && !n.starts_with("fc_norm."));
             (vcfg, Some(c))
         }
@@ -657,6 +658,10 @@ pub fn run_finetune_with(
 /// `eval --protocol finetune`: the run keeps its state in `<output>/<name>-finetune-<sha12 of the source>/`
 /// (config, metrics, checkpoint, export), so two checkpoints never share a run folder; it resumes by default.
 pub fn run(req: &EvalRequest) -> Result<RunRecord> {
+    if let Some(f) = req.from {
+        // The fine-tuning loop reads its checkpoint itself (and on resume); a converted file carries the layout.
+        return Err(Error::option("--from", format!("fine-tuning detects the layout itself; to force `{f}`, convert first: lmim-bench convert --from {f} IN OUT.safetensors")));
+    }
     if req.checkpoint.is_none() && req.arch.is_none() {
         return Err(Error::option("--checkpoint/--arch", "fine-tuning needs a pretrained --checkpoint, or --arch to train from scratch"));
     }

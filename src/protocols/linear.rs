@@ -7,7 +7,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::record::{RecordBuilder, SplitPrint};
 use super::{EvalRequest, Protocol};
-use crate::checkpoint::load_vit;
+use crate::checkpoint::load_vit_with;
 use crate::data::loader::{Batch, Loader};
 use crate::data::transforms::Transform;
 use crate::error::{Error, Result};
@@ -158,8 +158,8 @@ impl<'a> ProbeEncoder<'a> {
                 ProbeFeature::GlobalPool => {
                     let out = self.model.forward_features(images, &[last], false);
                     let x = &out.intermediates[0];
-                    let n = x.size()[1];
-                    norm(&self.fc_norm, &x.narrow(1, 1, n - 1).mean_dim(1, false, Kind::Float))
+                    let (n, prefix) = (x.size()[1], self.model.cfg.num_prefix_tokens());
+                    norm(&self.fc_norm, &x.narrow(1, prefix, n - prefix).mean_dim(1, false, Kind::Float))
                 }
             })
         })
@@ -272,7 +272,10 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let device = req.run.device()?;
     let amp = req.run.precision.unwrap_or_default().autocast(device);
     let ckpt = req.checkpoint()?;
-    let enc = load_vit(ckpt, req.arch.as_deref(), device, 0)?;
+    let enc = load_vit_with(ckpt, &req.load_options(), device, 0)?;
+    if !enc.model.cfg.class_token && cfg.feature == ProbeFeature::Cls {
+        return Err(crate::error::Error::option("feature", format!("`cls`: {} has no CLS token; use feature=\"global_pool\"", ckpt.display())));
+    }
     let (train_ds, val_ds) = super::open_splits(req.data()?)?;
     let prints = [SplitPrint::of_dataset("train", &train_ds)?, SplitPrint::of_dataset("val", &val_ds)?];
     let size = enc.model.cfg.img_size as u32;
@@ -295,6 +298,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     })?;
     let extra = serde_json::json!({ "lr": cfg.lr(), "accum_iter": cfg.accum_iter(), "precision": req.run.precision.unwrap_or_default().effective(device) });
     b.model(name, Some(ckpt), Some(enc.sha256.clone()), Some(enc.model.cfg.arch.clone()))
+        .source(serde_json::to_value(&enc.source).ok())
         .data(Some(req.data()?.display().to_string()), &prints)
         .config(&loaded.origin, cfg, &overrides, &req.run, extra)
         .seed(cfg.seed)

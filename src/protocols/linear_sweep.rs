@@ -13,7 +13,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::record::{RecordBuilder, SplitPrint};
 use super::{EvalRequest, Protocol};
-use crate::checkpoint::load_vit;
+use crate::checkpoint::load_vit_with;
 use crate::data::loader::Loader;
 use crate::info::device_name;
 use crate::results::RunRecord;
@@ -291,7 +291,10 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let precision = req.run.precision.unwrap_or_default();
     let amp = precision.autocast(device);
     let ckpt = req.checkpoint()?;
-    let enc = load_vit(ckpt, req.arch.as_deref(), device, 0)?;
+    let enc = load_vit_with(ckpt, &req.load_options(), device, 0)?;
+    if !enc.model.cfg.class_token {
+        return Err(Error::option("--checkpoint", format!("{} has no CLS token; the sweep's heads read CLS tokens", ckpt.display())));
+    }
     let (train_ds, val_ds) = super::open_splits(req.data()?)?;
     let prints = [SplitPrint::of_dataset("train", &train_ds)?, SplitPrint::of_dataset("val", &val_ds)?];
     let classes = train_ds.classes.len() as i64;
@@ -308,6 +311,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let res = run_sweep(&train, &val, classes, cfg, device)?;
     let extra = serde_json::json!({ "precision": precision.effective(device) });
     b.model(req.model_name("model"), Some(ckpt), Some(enc.sha256.clone()), Some(enc.model.cfg.arch.clone()))
+        .source(serde_json::to_value(&enc.source).ok())
         .data(Some(req.data()?.display().to_string()), &prints)
         .config(&loaded.origin, cfg, &overrides, &req.run, extra)
         .seed(cfg.seed)

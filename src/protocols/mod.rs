@@ -206,6 +206,8 @@ pub struct EvalRequest {
     pub checkpoint: Option<PathBuf>,
     /// Architecture when the checkpoint does not say (fine-tuning from scratch without a checkpoint).
     pub arch: Option<String>,
+    /// The checkpoint's family layout (`--from`); None detects it.
+    pub from: Option<crate::checkpoint::Family>,
     /// Dataset root with train/ and val/.
     pub data: Option<PathBuf>,
     /// Feature files instead of checkpoint + data (k-NN, nn-loo).
@@ -227,6 +229,7 @@ impl EvalRequest {
             protocol,
             checkpoint: None,
             arch: None,
+            from: None,
             data: None,
             train_features: None,
             val_features: None,
@@ -240,6 +243,16 @@ impl EvalRequest {
 
     pub(crate) fn checkpoint(&self) -> Result<&Path> {
         self.checkpoint.as_deref().ok_or_else(|| Error::option("--checkpoint", format!("the {} protocol needs an encoder checkpoint", self.protocol)))
+    }
+
+    /// How to read the checkpoint.
+    pub(crate) fn load_options(&self) -> crate::checkpoint::LoadOptions {
+        crate::checkpoint::LoadOptions { arch: self.arch.clone(), from: self.from, img_size: None }
+    }
+
+    /// The protocol's feature was not asked for on the command line (so a family's own may replace it).
+    pub(crate) fn feature_is_default(&self) -> bool {
+        !self.sets.iter().any(|s| s.trim_start().starts_with("feature="))
     }
 
     pub(crate) fn data(&self) -> Result<&Path> {

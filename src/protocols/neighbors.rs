@@ -28,6 +28,8 @@ fn extract_split(req: &EvalRequest, spec: &ProtocolSpec, split: &str, device: tc
     let er = ExtractRequest {
         checkpoint: req.checkpoint()?.to_path_buf(),
         arch: req.arch.clone(),
+        from: req.from,
+        feature_is_default: req.feature_is_default(),
         data_root: req.data()?.to_path_buf(),
         split: split.to_string(),
         feature: spec.feature,
@@ -186,6 +188,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         "bank_chunk": search.bank_chunk,
     });
     b.model(name, ckpt.as_deref(), meta.checkpoint_sha256.clone(), meta.arch.clone())
+        .source(meta.checkpoint_source.clone())
         .data(root, &prints)
         .config(&origin, spec, &overrides, &req.run, extra)
         .finish(details, &device_name(device), &req.output)

@@ -60,6 +60,12 @@ impl RecordBuilder {
         self
     }
 
+    /// The encoder's provenance (`checkpoint::SourceInfo` as JSON).
+    pub fn source(mut self, source: Option<serde_json::Value>) -> Self {
+        self.rec.checkpoint_source = source;
+        self
+    }
+
     pub fn data(mut self, root: Option<String>, splits: &[SplitPrint]) -> Self {
         self.rec.dataset = root;
         self.rec.dataset_fingerprint = (!splits.is_empty()).then(|| combined_fingerprint(splits));

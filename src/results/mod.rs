@@ -56,6 +56,10 @@ pub struct RunRecord {
     pub headline: String,
     pub checkpoint: Option<String>,
     pub checkpoint_sha256: Option<String>,
+    /// Where the encoder came from (`checkpoint::SourceInfo`): the family layout, the sub-model taken, the
+    /// original file's sha256 and what was dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_source: Option<serde_json::Value>,
     /// Short human name of the model (the table row); defaults to the checkpoint file stem.
     pub model_name: String,
     pub arch: Option<String>,
@@ -81,6 +85,7 @@ impl RunRecord {
             headline: headline.into(),
             checkpoint: None,
             checkpoint_sha256: None,
+            checkpoint_source: None,
             model_name: String::new(),
             arch: None,
             dataset: None,

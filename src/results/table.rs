@@ -69,6 +69,10 @@ pub struct Row {
     /// `run` or `reference`.
     pub kind: String,
     pub model: String,
+    /// The method (`DINO`, `I-JEPA`, ...): a reference row's, or the family of a run's checkpoint. A run row is
+    /// shown right before the published row of its method.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
     pub checkpoint_sha256: Option<String>,
     pub arch: Option<String>,
     pub dataset: Option<String>,
@@ -147,9 +151,15 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
         let dataset = recs.iter().find_map(|r| r.dataset.clone()).map(|d| {
             std::path::Path::new(&d).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or(d)
         });
+        let method = recs
+            .iter()
+            .find_map(|r| r.checkpoint_source.as_ref()?.get("family")?.as_str().and_then(|f| crate::checkpoint::Family::parse(f).ok()))
+            .and_then(|f| f.method())
+            .map(String::from);
         rows.push(Row {
             kind: "run".into(),
             model,
+            method,
             checkpoint_sha256: (!sha.is_empty()).then(|| sha.clone()),
             arch: recs.iter().find_map(|r| r.arch.clone()),
             dataset,
@@ -244,6 +254,7 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
             rows.push(Row {
                 kind: "reference".into(),
                 model: format!("{}{epochs} (published)", first.method.as_deref().unwrap_or(m)),
+                method: first.method.clone(),
                 checkpoint_sha256: None,
                 arch: rf.arch.clone(),
                 dataset: rf.dataset.clone(),
@@ -256,6 +267,30 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
         }
     }
 
+    // Each published row goes right after the runs of the same method, so the two are read side by side.
+    let mut ordered: Vec<Row> = Vec::with_capacity(rows.len());
+    let (runs, refs): (Vec<Row>, Vec<Row>) = rows.into_iter().partition(|r| r.kind == "run");
+    let mut refs: Vec<Option<Row>> = refs.into_iter().map(Some).collect();
+    for r in runs {
+        let method = r.method.clone();
+        ordered.push(r);
+        if let Some(m) = method {
+            for slot in refs.iter_mut() {
+                if slot.as_ref().is_some_and(|x| x.method.as_deref() == Some(m.as_str())) {
+                    ordered.push(slot.take().expect("checked"));
+                }
+            }
+        }
+    }
+    // Runs of one method stay together before its published rows.
+    let mut rows: Vec<Row> = Vec::with_capacity(ordered.len());
+    for r in ordered {
+        match rows.iter().rposition(|x| x.kind == "run" && x.method.is_some() && x.method == r.method).filter(|_| r.kind == "run") {
+            Some(i) => rows.insert(i + 1, r),
+            None => rows.push(r),
+        }
+    }
+    rows.extend(refs.into_iter().flatten());
     let columns = cols
         .iter()
         .enumerate()
@@ -312,7 +347,11 @@ impl Table {
             .iter()
             .map(|r| {
                 let reference = r.kind == "reference";
-                let model = if reference { format!("*{}*", r.model) } else { r.model.clone() };
+                let model = match (&r.method, reference) {
+                    (_, true) => format!("*{}*", r.model),
+                    (Some(m), false) => format!("{} ({m})", r.model),
+                    (None, false) => r.model.clone(),
+                };
                 let mut v = vec![model, r.arch.clone().unwrap_or_default(), r.dataset.clone().unwrap_or_default()];
                 for p in &self.columns {
                     v.push(r.cells.get(p).map(|c| cell_text(c, reference)).unwrap_or_else(|| "–".into()));

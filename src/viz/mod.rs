@@ -228,8 +228,7 @@ pub fn block_tokens(model: &VisionTransformer, x: &Tensor, layer: usize, sincos:
             assert_eq!(gh, gw, "square inputs only");
             let tokens = t.reshape([b, d, gh * gw]).transpose(1, 2);
             let pe = sincos_2d(d, gh, kind, false).to_device(x.device()).unsqueeze(0);
-            let cls = (&model.cls_token + model.pos_embed.narrow(1, 0, 1)).expand([b, 1, d], false);
-            model.run_blocks(Tensor::cat(&[cls, tokens + pe], 1), &keep, false)
+            model.run_blocks(model.prepend_prefix(&(tokens + pe)), &keep, false)
         }
         None => model.forward_features(x, &keep, false),
     });
