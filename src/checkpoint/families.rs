@@ -342,18 +342,10 @@ pub fn convert(mut ckpt: Checkpoint, from: Option<Family>) -> Result<Converted> 
         if name.contains(".mlp.w12.") || name.contains(".mlp.w3.") {
             return Err(Error::checkpoint(&ckpt.path, "SwiGLU feed-forward blocks (DINOv2 ViT-g) are not supported by lmim-bench's ViT"));
         }
-        match name.as_str() {
-            "embed.proj.weight" if t.dim() == 2 => {
-                // Latent MIM's Linear over (row, col, channel) pixels -> timm's conv weight [D, 3, p, p].
-                let d = t.size()[0];
-                let p = ((t.size()[1] / 3) as f64).sqrt().round() as i64;
-                out.push(("patch_embed.proj.weight".to_string(), t.reshape([d, p, p, 3]).permute([0, 3, 1, 2]).contiguous()));
-            }
-            "embed.proj.bias" => out.push(("patch_embed.proj.bias".to_string(), t)),
-            "pos_embed.pos_embeds" => out.push(("pos_embed".to_string(), t.unsqueeze(0))),
-            "mask_proj.weight" | "mask_proj.bias" => {}
-            "register_tokens" => reg = Some(t),
-            _ => out.push((name, t)),
+        if name == "register_tokens" {
+            reg = Some(t);
+        } else if let Some(nt) = super::lmim_to_timm(name, t) {
+            out.push(nt);
         }
     }
     if let Some(reg) = reg {

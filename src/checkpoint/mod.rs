@@ -259,22 +259,25 @@ pub fn to_timm_names(mut ckpt: Checkpoint) -> Checkpoint {
         ckpt.tensors.retain(|(n, _)| n.starts_with("encoder.") && !n.starts_with("encoder.head."));
         strip(&mut ckpt.tensors, "encoder.");
     }
-    let mut out = Vec::with_capacity(ckpt.tensors.len());
-    for (name, t) in std::mem::take(&mut ckpt.tensors) {
-        match name.as_str() {
-            "embed.proj.weight" if t.dim() == 2 => {
-                let d = t.size()[0];
-                let p = ((t.size()[1] / 3) as f64).sqrt().round() as i64;
-                out.push(("patch_embed.proj.weight".to_string(), t.reshape([d, p, p, 3]).permute([0, 3, 1, 2]).contiguous()));
-            }
-            "embed.proj.bias" => out.push(("patch_embed.proj.bias".to_string(), t)),
-            "pos_embed.pos_embeds" => out.push(("pos_embed".to_string(), t.unsqueeze(0))),
-            "mask_proj.weight" | "mask_proj.bias" => {}
-            _ => out.push((name, t)),
-        }
-    }
-    ckpt.tensors = out;
+    ckpt.tensors = std::mem::take(&mut ckpt.tensors).into_iter().filter_map(|(n, t)| lmim_to_timm(n, t)).collect();
     ckpt
+}
+
+/// One tensor of a Latent MIM encoder under timm's name (None: not part of a timm ViT): the Linear patch embedding
+/// over (row, col, channel) pixels becomes timm's conv weight `[D, 3, p, p]`, the `pos_embeds` buffer `[N+1, D]`
+/// becomes `pos_embed [1, N+1, D]`, and the mask projection is dropped. Other names pass through.
+pub(crate) fn lmim_to_timm(name: String, t: Tensor) -> Option<(String, Tensor)> {
+    Some(match name.as_str() {
+        "embed.proj.weight" if t.dim() == 2 => {
+            let d = t.size()[0];
+            let p = ((t.size()[1] / 3) as f64).sqrt().round() as i64;
+            ("patch_embed.proj.weight".to_string(), t.reshape([d, p, p, 3]).permute([0, 3, 1, 2]).contiguous())
+        }
+        "embed.proj.bias" => ("patch_embed.proj.bias".to_string(), t),
+        "pos_embed.pos_embeds" => ("pos_embed".to_string(), t.unsqueeze(0)),
+        "mask_proj.weight" | "mask_proj.bias" => return None,
+        _ => (name, t),
+    })
 }
 
 /// How to read an encoder checkpoint: the architecture when the file does not say, the family layout when it
