@@ -19,8 +19,8 @@ fn main() {
     c10d_shim(Path::new(&lib), cuda);
 }
 
-/// Every C++ file of the shim (the NCCL one only with the CUDA headers).
-const SHIM_SOURCES: [&str; 3] = ["csrc/c10d_shim.cpp", "csrc/optim_shim.cpp", "csrc/nccl_shim.cpp"];
+/// Every C++ file of the shim (the NCCL one compiled only with the CUDA headers; the header is in the build key).
+const SHIM_SOURCES: [&str; 4] = ["csrc/c10d_shim.cpp", "csrc/optim_shim.cpp", "csrc/nccl_shim.cpp", "csrc/shim_error.h"];
 
 /// The shim needs gloo's headers, which the torch wheel does not ship (Debian's libgloo-dev, or a folder named by
 /// LMIM_GLOO_INCLUDE), and for NCCL the CUDA runtime + crt + cccl and NCCL headers of the CUDA wheels.

@@ -9,7 +9,10 @@
 #include <chrono>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
+
+#include "shim_error.h"
 
 #ifdef LMIM_WITH_NCCL
 c10::intrusive_ptr<c10d::Backend> lmim_make_nccl(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
@@ -27,15 +30,7 @@ struct Group {
 
 template <class F>
 int guarded(F&& f) {
-  try {
-    f();
-    return 0;
-  } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  }
-  return 1;
+  return lmim_guarded(last_error, std::forward<F>(f));
 }
 
 std::vector<at::Tensor> tensors(at::Tensor** ts, int n) {

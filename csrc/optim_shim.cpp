@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "shim_error.h"
+
 namespace {
 thread_local std::string last_error;
 
@@ -25,18 +27,12 @@ const char* lmim_optim_last_error() { return last_error.c_str(); }
 
 int lmim_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
                      at::Tensor** steps, int n, double lr, double beta1, double beta2, double weight_decay, double eps) {
-  try {
+  return lmim_guarded(last_error, [&] {
     // The parameters are autograd leaves: an in-place update must not be recorded.
     c10::NoGradGuard no_grad;
     auto p = list(params, n), g = list(grads, n), m = list(exp_avgs, n), v = list(exp_avg_sqs, n), s = list(steps, n);
     std::vector<at::Tensor> none;
     at::_fused_adamw_(p, g, m, v, none, s, lr, beta1, beta2, weight_decay, eps, false, false);
-    return 0;
-  } catch (const c10::Error& e) {
-    last_error = e.what_without_backtrace();
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  }
-  return 1;
+  });
 }
 }
