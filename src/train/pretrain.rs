@@ -265,19 +265,15 @@ impl Window {
         self.epoch_n += 1;
     }
 
-    /// Means over the window's (or epoch's) micro-batches of every rank. Every rank calls it at the same steps.
-    fn means(&self, epoch: bool) -> Result<BTreeMap<String, f64>> {
+    /// Means over the window's (or epoch's) micro-batches of every rank, and the window's images over all ranks,
+    /// in one all-reduce. Every rank calls it at the same steps.
+    fn means(&self, epoch: bool) -> Result<(BTreeMap<String, f64>, f64)> {
         let (sums, n) = if epoch { (&self.epoch_sums, self.epoch_n) } else { (&self.sums, self.n) };
         let mut local = sums.clone();
-        local.push(n as f64);
+        local.extend([n as f64, self.images as f64]);
         let all = crate::dist::world().sum_f64(&local, "the monitor all-reduce")?;
-        let n = all[all.len() - 1].max(1.0);
-        Ok(self.names.iter().zip(&all).map(|(k, s)| (k.to_string(), s / n)).collect())
-    }
-
-    /// Images of the window over all ranks.
-    fn global_images(&self) -> Result<f64> {
-        Ok(crate::dist::world().sum_f64(&[self.images as f64], "the throughput all-reduce")?[0])
+        let (n, images) = (all[sums.len()].max(1.0), all[sums.len() + 1]);
+        Ok((self.names.iter().zip(&all).map(|(k, s)| (k.to_string(), s / n)).collect(), images))
     }
 
     fn reset(&mut self, epoch: bool) {
@@ -506,12 +502,13 @@ impl Trainer {
                 bar.set_message(format!("epoch {epoch} loss {:.4}{}", ev.loss, nn_last.map_or(String::new(), |n| format!(" nn {n:.1}"))));
                 if ev.step % cfg.log_every.max(1) == 0 || ev.epoch_end {
                     let secs = window_start.elapsed().as_secs_f64().max(1e-9);
-                    monitors = tr.window.means(false)?;
+                    let (means, images) = tr.window.means(false)?;
+                    monitors = means;
                     let st = tr.step_state;
                     let mut line = serde_json::json!({
                         "step": ev.step, "epoch": epoch as f64 + (ev.next_iter * world.size) as f64 / iters_per_epoch as f64,
                         "lr": st.lr, "mom": st.mom, "sim_trg": st.sim_target,
-                        "img_per_s": tr.window.global_images()? / secs,
+                        "img_per_s": images / secs,
                     });
                     if let Some(g) = tr.window.grad_norm.last() {
                         line["grad_norm"] = serde_json::json!(g);
@@ -564,7 +561,7 @@ impl Trainer {
             // The epoch means (the reference logs these) under `epoch_<name>`, apart from the window means at the
             // same step.
             let mut line = serde_json::json!({ "step": self.pos.step, "epoch": self.pos.epoch as f64 });
-            for (k, v) in self.window.means(true)? {
+            for (k, v) in self.window.means(true)?.0 {
                 line[format!("epoch_{k}")] = serde_json::json!(v);
             }
             let done = self.pos.epoch;
