@@ -20,7 +20,7 @@ fn main() {
 }
 
 /// Every C++ file of the shim (the NCCL one compiled only with the CUDA headers; the header is in the build key).
-const SHIM_SOURCES: [&str; 4] = ["csrc/c10d_shim.cpp", "csrc/optim_shim.cpp", "csrc/nccl_shim.cpp", "csrc/shim_error.h"];
+const SHIM_SOURCES: [&str; 5] = ["csrc/c10d_shim.cpp", "csrc/optim_shim.cpp", "csrc/nccl_shim.cpp", "csrc/cuda_shim.cpp", "csrc/shim_error.h"];
 
 /// The shim needs gloo's headers, which the torch wheel does not ship (Debian's libgloo-dev, or a folder named by
 /// LMIM_GLOO_INCLUDE), and for NCCL the CUDA runtime + crt + cccl and NCCL headers of the CUDA wheels.
@@ -63,6 +63,7 @@ fn c10d_shim(lib: &Path, cuda: bool) {
     if nccl {
         shim.define("LMIM_WITH_NCCL", None)
             .file("csrc/nccl_shim.cpp")
+            .file("csrc/cuda_shim.cpp")
             .define("USE_C10D_NCCL", None)
             .define("USE_CUDA", None)
             .include(cuda_inc.unwrap())

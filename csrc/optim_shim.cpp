@@ -1,11 +1,13 @@
 // libtorch's fused AdamW kernel (aten::_fused_adamw_, CPU and CUDA), which tch 0.24 does not bind: one call per
 // group of parameters that share lr and weight decay, instead of ~10 FFI calls per parameter. `steps` are the
 // per-parameter step counts as float tensors, already incremented for this step (as torch.optim.AdamW does
-// before it calls the kernel), so the kernel's bias corrections use the new step.
+// before it calls the kernel), so the kernel's bias corrections use the new step. `found_inf` skips the update on the
+// device, as torch.amp.GradScaler uses it, so a non-finite loss needs no host read to be kept out of the weights.
 #include <ATen/ATen.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <c10/core/GradMode.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -26,13 +28,16 @@ extern "C" {
 const char* lmim_optim_last_error() { return last_error.c_str(); }
 
 int lmim_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
-                     at::Tensor** steps, int n, double lr, double beta1, double beta2, double weight_decay, double eps) {
+                     at::Tensor** steps, at::Tensor* found_inf, int n, double lr, double beta1, double beta2, double weight_decay, double eps) {
   return lmim_guarded(last_error, [&] {
     // The parameters are autograd leaves: an in-place update must not be recorded.
     c10::NoGradGuard no_grad;
     auto p = list(params, n), g = list(grads, n), m = list(exp_avgs, n), v = list(exp_avg_sqs, n), s = list(steps, n);
     std::vector<at::Tensor> none;
-    at::_fused_adamw_(p, g, m, v, none, s, lr, beta1, beta2, weight_decay, eps, false, false);
+    // found_inf (may be null): a one-element float tensor; the kernel leaves everything untouched when it is 1.
+    std::optional<at::Tensor> inf;
+    if (found_inf) inf = *found_inf;
+    at::_fused_adamw_(p, g, m, v, none, s, lr, beta1, beta2, weight_decay, eps, false, false, std::nullopt, inf);
   });
 }
 }

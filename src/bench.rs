@@ -17,7 +17,7 @@ use crate::protocols::finetune::{loaders, FinetuneConfig, Finetuner};
 use crate::protocols::linear_sweep::{run_sweep, SweepConfig, SweepFeatures};
 use crate::protocols::RunOptions;
 use crate::train::pretrain::{PretrainConfig, Trainer};
-use crate::train::step::one_step;
+use crate::train::step::run_steps;
 
 /// Steps not timed (allocator, kernel selection), then timed steps.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -58,19 +58,18 @@ fn sync(device: Device) {
     }
 }
 
-/// Runs `step(i)` for warmup + steps iterations and times the last `steps`, synchronising the device around them.
-fn timed(t: Timing, device: Device, mut step: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+/// Runs `run(n, index)` (n optimiser steps as epoch `index` of a run) for the warm-up steps and then for the timed
+/// steps, synchronising the device around the timed ones; returns their seconds.
+fn timed(t: Timing, device: Device, mut run: impl FnMut(usize, usize) -> Result<()>) -> Result<f64> {
     if t.steps == 0 {
         return Err(Error::option("--steps", "must be positive"));
     }
-    for i in 0..t.warmup {
-        step(i)?;
+    if t.warmup > 0 {
+        run(t.warmup, 0)?;
     }
     sync(device);
     let start = Instant::now();
-    for i in 0..t.steps {
-        step(t.warmup + i)?;
-    }
+    run(t.steps, 1)?;
     sync(device);
     Ok(start.elapsed().as_secs_f64())
 }
@@ -101,12 +100,20 @@ pub fn pretrain_steps(cfg: &PretrainConfig, batch: i64, t: Timing, device: Devic
     let size = cfg.model.train_size()?;
     let images = Tensor::randn([batch, 3, size, size], (Kind::Float, device));
     let mut last_loss = f64::NAN;
-    let secs = timed(t, device, |i| {
-        last_loss = tr.timed_step(vec![images.shallow_clone()], i)?;
+    // One counted step (also a warm-up step): the FLOPs for MFU.
+    let (r, flops) = crate::model::flops::count(|| tr.timed_steps(&images, 1, 2));
+    r?;
+    cuda_peak_mib(device, true);
+    let secs = timed(t, device, |n, index| {
+        last_loss = tr.timed_steps(&images, n, index)?;
         Ok(())
     })?;
+    let step_flops = flops.training_step();
     let details = serde_json::json!({ "train_size": size, "num_vis": cfg.model.num_vis, "patch_gap": cfg.model.patch_gap,
-        "decoder_depth": cfg.model.decoder_depth, "last_loss": last_loss, "input": "random images on the device" });
+        "decoder_depth": cfg.model.decoder_depth, "last_loss": last_loss, "input": "random images on the device",
+        "flops_per_step": step_flops, "flops": flops, "tflops_per_s": step_flops * t.steps as f64 / secs / 1e12,
+        "sdpa": sdpa_backend(device, amp.unwrap_or(Kind::Float), batch, vit.num_heads, cfg.model.num_vis + 1, vit.embed_dim / vit.num_heads),
+        "cuda_peak_mib": cuda_peak_mib(device, false) });
     Ok(result("pretrain-step", &vit.arch, batch, t, secs, batch as f64, device, amp, details))
 }
 
@@ -120,7 +127,7 @@ pub fn finetune_steps(arch: &str, cfg: &FinetuneConfig, t: Timing, device: Devic
     let feed = match data {
         Some(root) => {
             let (train, _) = loaders(root, VitConfig::from_arch(arch)?.img_size as u32, cfg, &run)?;
-            if train.num_batches() < t.warmup + t.steps {
+            if train.num_batches() < t.warmup + t.steps + 1 {
                 return Err(Error::option("--steps", format!("the data gives {} batches of {}, fewer than warmup + steps", train.num_batches(), cfg.micro_batch_size)));
             }
             Some(train)
@@ -141,13 +148,24 @@ pub fn finetune_steps(arch: &str, cfg: &FinetuneConfig, t: Timing, device: Devic
         }
     };
     let clip = cfg.clip_grad;
-    let secs = timed(t, device, |i| {
-        let batch = batches.next().ok_or_else(|| Error::option("--steps", "the data ran out"))??;
-        one_step(&mut ft, vec![batch], i, clip)?;
+    let (r, flops) = crate::model::flops::count(|| {
+        let mut one = batches.by_ref().take(1);
+        run_steps(&mut ft, &mut one, 1, 2, clip)
+    });
+    r?;
+    cuda_peak_mib(device, true);
+    let secs = timed(t, device, |n, index| {
+        let mut some = batches.by_ref().take(n);
+        run_steps(&mut ft, &mut some, n, index, clip)?;
         Ok(())
     })?;
     let input = if data.is_some() { "augmentation pipeline (RandAugment, RandomErasing, Mixup/CutMix)" } else { "random images, Mixup/CutMix" };
-    let details = serde_json::json!({ "input": input, "drop_path": cfg.drop_path, "layer_decay": cfg.layer_decay, "classes": classes });
+    let step_flops = flops.training_step();
+    let vit = &ft.fm.cfg;
+    let details = serde_json::json!({ "input": input, "drop_path": cfg.drop_path, "layer_decay": cfg.layer_decay, "classes": classes,
+        "flops_per_step": step_flops, "tflops_per_s": step_flops * t.steps as f64 / secs / 1e12,
+        "sdpa": sdpa_backend(device, amp.unwrap_or(Kind::Float), b, vit.num_heads, vit.num_patches() + 1, vit.embed_dim / vit.num_heads),
+        "cuda_peak_mib": cuda_peak_mib(device, false) });
     Ok(result("finetune-step", arch, b, t, secs, b as f64, device, amp, details))
 }
 
@@ -161,7 +179,7 @@ pub fn sweep(n: i64, dim: i64, classes: i64, cfg: &SweepConfig, device: Device) 
     let (train, val) = (feats(n), feats((n / 10).max(classes)));
     let t = Timing { warmup: 0, steps: 1 };
     let mut heads = 0;
-    let secs = timed(t, device, |_| {
+    let secs = timed(t, device, |_, _| {
         heads = run_sweep(&train, &val, classes, cfg, device)?.heads.len();
         Ok(())
     })?;
@@ -182,11 +200,211 @@ pub fn allreduce(arch: &str, t: Timing, device: Device) -> Result<BenchResult> {
     total.backward();
     let n: i64 = params.iter().map(|p| p.numel() as i64).sum();
     let world = crate::dist::world();
-    let secs = timed(t, device, |_| world.average_gradients(params.iter()))?;
+    let secs = timed(t, device, |n, _| (0..n).try_for_each(|_| world.average_gradients(params.iter())))?;
     let bytes = 4.0 * n as f64;
     let per = secs / t.steps as f64;
     // Ring all-reduce moves 2 (w - 1) / w of the data through each link (NCCL's "bus bandwidth").
     let bus = 2.0 * (world.size as f64 - 1.0) / world.size as f64 * bytes / per / 1e9;
     let details = serde_json::json!({ "gradients": n, "megabytes": bytes / 1e6, "tensors": params.len(), "bus_gb_per_s": bus, "world": world.describe() });
     Ok(result("allreduce", arch, 0, t, secs, n as f64, device, None, details))
+}
+
+extern "C" {
+    #[cfg(lmim_nccl)]
+    fn lmim_cuda_peak_bytes(dev: i32, reset: i32, out: *mut i64) -> i32;
+}
+
+/// Peak bytes of CUDA memory allocated by libtorch's caching allocator on `device` since the last reset, in MiB,
+/// resetting the peak when `reset` (as `torch.cuda.max_memory_allocated` / `reset_peak_memory_stats`). `None` on
+/// the CPU and in builds without the CUDA part of the shim.
+pub fn cuda_peak_mib(device: Device, reset: bool) -> Option<f64> {
+    #[cfg(lmim_nccl)]
+    if let Device::Cuda(i) = device {
+        let mut out = 0i64;
+        // SAFETY: plain integers across the C boundary; the shim catches C++ exceptions.
+        let rc = unsafe { lmim_cuda_peak_bytes(i as i32, reset as i32, &mut out) };
+        return (rc == 0).then(|| out as f64 / (1024.0 * 1024.0));
+    }
+    let _ = (device, reset);
+    None
+}
+
+/// The scaled-dot-product-attention kernel libtorch picks for `[b, heads, tokens, head_dim]` inputs of `kind` on
+/// `device` (`at::_fused_sdp_choice`, the choice `scaled_dot_product_attention` makes).
+pub fn sdpa_backend(device: Device, kind: Kind, b: i64, heads: i64, tokens: i64, head_dim: i64) -> String {
+    let q = Tensor::zeros([b, heads, tokens, head_dim], (kind, device));
+    match Tensor::f_internal_fused_sdp_choice(&q, &q, &q, None::<&Tensor>, 0.0, false, None, false) {
+        Ok(0) => "math".into(),
+        Ok(1) => "flash".into(),
+        Ok(2) => "memory-efficient".into(),
+        Ok(3) => "cudnn".into(),
+        Ok(n) => format!("other ({n})"),
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
+/// Forward passes of `arch` (eval mode, no grad, `forward_features`) on random images at `batch`: inference img/s.
+pub fn infer(arch: &str, batch: i64, t: Timing, device: Device, precision: Precision) -> Result<BenchResult> {
+    let cfg = VitConfig::from_arch(arch)?;
+    let vs = tch::nn::VarStore::new(device);
+    let vit = crate::model::VisionTransformer::new(&vs.root(), &cfg);
+    let amp = precision.autocast(device);
+    let x = Tensor::randn([batch, 3, cfg.img_size, cfg.img_size], (Kind::Float, device));
+    let fwd = || tch::no_grad(|| crate::model::vit::with_amp(amp, || vit.forward_features(&x, &[], false).tokens));
+    let (_, flops) = crate::model::flops::count(fwd);
+    cuda_peak_mib(device, true);
+    let secs = timed(t, device, |n, _| {
+        for _ in 0..n {
+            let _ = fwd();
+        }
+        Ok(())
+    })?;
+    let kind = amp.unwrap_or(Kind::Float);
+    let details = serde_json::json!({ "flops_per_step": flops.forward(), "tflops_per_s": flops.forward() * t.steps as f64 / secs / 1e12,
+        "sdpa": sdpa_backend(device, kind, batch, cfg.num_heads, cfg.num_patches() + 1, cfg.embed_dim / cfg.num_heads),
+        "cuda_peak_mib": cuda_peak_mib(device, false), "input": "random images on the device" });
+    Ok(result("inference", arch, batch, t, secs, batch as f64, device, amp, details))
+}
+
+/// DINO's weighted k-NN (`protocols::knn::weighted_knn`, T = 0.07) of `n_query` random unit queries against
+/// `n_bank` random unit bank rows of width `dim` with `classes` labels, at `k`: the similarity products alone are
+/// 2 x n_query x n_bank x dim FLOPs.
+pub fn knn(n_bank: i64, n_query: i64, dim: i64, k: i64, classes: i64, device: Device) -> Result<BenchResult> {
+    use crate::protocols::knn::{l2_normalize, weighted_knn, KnnParams, SearchConfig};
+    let feats = |n: i64| l2_normalize(&Tensor::randn([n, dim], (Kind::Float, device)));
+    let labels = |n: i64| Tensor::randint(classes, [n], (Kind::Int64, device));
+    let (bank, bank_labels, queries, query_labels) = (feats(n_bank), labels(n_bank), feats(n_query), labels(n_query));
+    let search = SearchConfig::auto(device, n_bank);
+    let ks = [k];
+    let params = KnnParams { ks: &ks, temperature: 0.07 };
+    let t = Timing { warmup: 0, steps: 1 };
+    let mut top1 = 0.0;
+    let secs = timed(t, device, |_, _| {
+        top1 = weighted_knn(&bank, &bank_labels, &queries, &query_labels, classes, &params, &search)?.scores[0].top1;
+        Ok(())
+    })?;
+    let flops = 2.0 * n_query as f64 * n_bank as f64 * dim as f64;
+    let details = serde_json::json!({ "n_bank": n_bank, "n_query": n_query, "dim": dim, "k": k, "classes": classes, "top1_random": top1,
+        "similarity_tflop": flops / 1e12, "tflops_per_s": flops / secs / 1e12, "backend": search.backend_name(), "cuda_peak_mib": cuda_peak_mib(device, false) });
+    Ok(result("knn", &format!("{n_query}x{n_bank}x{dim}"), n_query, t, secs, n_query as f64, device, None, details))
+}
+
+/// The pretraining loader (decode, RandomResizedCrop to `size`, flip, normalise on `workers` threads) over the
+/// train split of the ImageFolder `root`, batches of `batch` for `batches` batches (one epoch, repeated as needed):
+/// does the CPU feed the GPU?
+pub fn loader(root: &Path, size: u32, batch: usize, workers: usize, batches: usize) -> Result<BenchResult> {
+    use crate::data::{Dataset, Loader, LoaderConfig, Transform};
+    let dataset = Dataset::open(root, "train")?;
+    let cfg = LoaderConfig { batch_size: batch, shuffle: true, drop_last: true, workers: workers.max(1), quiet: true, ..Default::default() };
+    let loader = Loader::new(dataset, Transform::train(size, 0.2), cfg)?;
+    let per_epoch = loader.num_batches();
+    if per_epoch == 0 {
+        return Err(Error::data(root, format!("the train split has fewer images than one batch of {batch}")));
+    }
+    let t = Timing { warmup: 0, steps: batches.max(1) };
+    let mut images = 0usize;
+    let secs = timed(t, Device::Cpu, |n, _| {
+        let mut epoch = 0u64;
+        while images < n * batch {
+            for b in loader.epoch(epoch).take(n - images / batch) {
+                images += b?.images.size()[0] as usize;
+            }
+            epoch += 1;
+        }
+        Ok(())
+    })?;
+    let details = serde_json::json!({ "workers": workers, "size": size, "images": images, "train_images": loader.dataset().samples.len(),
+        "transform": "decode, RandomResizedCrop(scale 0.2-1, bicubic), flip, normalise" });
+    Ok(result("loader", &format!("{}", root.display()), batch as i64, t, secs, images as f64 / t.steps as f64, Device::Cpu, None, details))
+}
+
+/// Tolerances of the device parity checks (max |difference|): fp32 forward against timm on the same device; bf16
+/// autocast against timm's bf16 autocast (the mean too: bf16 keeps 8 bits of mantissa, so single elements of
+/// unit-scale features differ by a few 1e-2 where the kernels round differently); one Latent MIM step on the
+/// device against the same step on the CPU, relative to the largest |value| (TF32 is off for fp32 matmuls, as
+/// PyTorch's default, so the difference is the kernels' summation order).
+pub const TOL_F32: f64 = 1e-3;
+pub const TOL_BF16_MAX: f64 = 0.25;
+pub const TOL_BF16_MEAN: f64 = 2e-2;
+pub const TOL_STEP_REL: f64 = 1e-3;
+
+/// A parity check's outcome: its numbers as JSON, and whether they are within the tolerances.
+pub struct Parity {
+    pub report: serde_json::Value,
+    pub pass: bool,
+}
+
+fn diff(a: &Tensor, b: &Tensor) -> (f64, f64) {
+    let d = (a.to_kind(Kind::Double).to_device(Device::Cpu) - b.to_kind(Kind::Double).to_device(Device::Cpu)).abs();
+    (d.max().double_value(&[]), d.mean(Kind::Double).double_value(&[]))
+}
+
+/// `forward_features` of the timm-named weights in `weights` on `device`, in fp32 and in bf16 autocast, against
+/// timm's outputs in `io` (`input`, `out_f32`, `out_bf16`, written by benches/py/gpu_parity_ref.py on the same
+/// device).
+pub fn vit_parity(weights: &Path, io: &Path, arch: &str, device: Device) -> Result<Parity> {
+    let m = crate::checkpoint::load_vit(weights, Some(arch), device, 0)?;
+    let io_ck = crate::checkpoint::load(io)?;
+    let get = |k: &str| io_ck.get(k).map(|t| t.to_device(device)).ok_or_else(|| Error::checkpoint(io, format!("lacks `{k}`")));
+    let x = get("input")?;
+    let ours_f32 = tch::no_grad(|| m.model.forward_features(&x, &[], false).tokens);
+    let (max_f32, mean_f32) = diff(&ours_f32, &get("out_f32")?);
+    let mut report = serde_json::json!({ "arch": arch, "device": crate::info::device_name(device), "batch": x.size()[0],
+        "f32": { "max_abs": max_f32, "mean_abs": mean_f32, "tolerance_max": TOL_F32 } });
+    let mut pass = max_f32 <= TOL_F32;
+    if let Some(timm_bf16) = io_ck.get("out_bf16") {
+        let ours = tch::no_grad(|| crate::model::vit::with_amp(Some(Kind::BFloat16), || m.model.forward_features(&x, &[], false).tokens));
+        let (max_b, mean_b) = diff(&ours, &timm_bf16);
+        report["bf16"] = serde_json::json!({ "max_abs": max_b, "mean_abs": mean_b, "tolerance_max": TOL_BF16_MAX, "tolerance_mean": TOL_BF16_MEAN });
+        pass &= max_b <= TOL_BF16_MAX && mean_b <= TOL_BF16_MEAN;
+    }
+    let cfg = &m.model.cfg;
+    report["sdpa_f32"] = serde_json::json!(sdpa_backend(device, Kind::Float, x.size()[0], cfg.num_heads, cfg.num_patches() + 1, cfg.embed_dim / cfg.num_heads));
+    report["sdpa_bf16"] = serde_json::json!(sdpa_backend(device, Kind::BFloat16, x.size()[0], cfg.num_heads, cfg.num_patches() + 1, cfg.embed_dim / cfg.num_heads));
+    report["pass"] = serde_json::json!(pass);
+    Ok(Parity { report, pass })
+}
+
+/// One Latent MIM step (EMA update, views, both encoders, decoder, loss, backward) in fp32 on `device` against the
+/// same step on the CPU from the same weights and images: the loss, every gradient, and the EMA'd target.
+pub fn lmim_step_parity(cfg: &PretrainConfig, batch: i64, device: Device) -> Result<Parity> {
+    use crate::train::step::TrainStep;
+    let mut cfg = cfg.clone();
+    cfg.precision = Precision::F32;
+    cfg.micro_batch_size = batch;
+    cfg.batch_size = batch;
+    let mut cpu = Trainer::new(&cfg, Device::Cpu)?;
+    let mut dev = Trainer::new(&cfg, device)?;
+    dev.vs.copy(&cpu.vs).map_err(Error::Torch)?;
+    let size = cfg.model.train_size()?;
+    tch::manual_seed(cfg.seed as i64 + 1);
+    let images = Tensor::randn([batch, 3, size, size], (Kind::Float, Device::Cpu));
+    let run = |tr: &mut Trainer| -> Result<Tensor> {
+        tr.begin_step(0.5);
+        let loss = tr.loss(images.shallow_clone(), 0, 0)?;
+        loss.backward();
+        Ok(loss.detach())
+    };
+    let (l_cpu, l_dev) = (run(&mut cpu)?, run(&mut dev)?);
+    let (lc, ld) = (l_cpu.double_value(&[]), l_dev.double_value(&[]));
+    let loss_rel = (lc - ld).abs() / lc.abs().max(1e-12);
+    let (mut worst_grad, mut worst_name) = (0.0f64, String::from("-"));
+    let dev_vars = dev.vs.variables();
+    for (name, t) in cpu.vs.variables() {
+        let other = &dev_vars[&name];
+        let (a, b) = if t.requires_grad() { (t.grad(), other.grad()) } else { (t.shallow_clone(), other.shallow_clone()) };
+        if !a.defined() || !b.defined() {
+            continue;
+        }
+        let scale = a.abs().max().double_value(&[]).max(1e-12);
+        let rel = diff(&a, &b).0 / scale;
+        if rel > worst_grad {
+            (worst_grad, worst_name) = (rel, name);
+        }
+    }
+    let pass = loss_rel <= TOL_STEP_REL && worst_grad <= TOL_STEP_REL;
+    let report = serde_json::json!({ "encoder": cfg.model.encoder, "batch": batch, "device": crate::info::device_name(device),
+        "loss_cpu": lc, "loss_device": ld, "loss_rel_diff": loss_rel,
+        "max_rel_diff_grads_and_target": worst_grad, "worst_tensor": worst_name, "tolerance_rel": TOL_STEP_REL, "pass": pass });
+    Ok(Parity { report, pass })
 }

@@ -1,6 +1,8 @@
-"""Time one training step of the ORIGINAL Latent MIM code (github.com/yibingwei-1/LatentMIM) on the CPU.
+"""Time one training step of the ORIGINAL Latent MIM code (github.com/yibingwei-1/LatentMIM), on the CPU or a GPU.
 
-Usage:  python benches/py/lmim_original_step.py /path/to/LatentMIM BATCH STEPS THREADS
+Usage:  python benches/py/lmim_original_step.py /path/to/LatentMIM BATCH STEPS THREADS [DEVICE [AMP]]
+        DEVICE: cpu (default) or cuda; AMP: none (default), fp16 (as main_lmim.py ships it: autocast + GradScaler)
+        or bf16 (autocast to bfloat16, no scaler).
 
 The checkout is only imported from (nothing from it is copied here). The model is built as `main_lmim.py` builds it
 for the README pre-training command
@@ -19,10 +21,12 @@ iteration is an optimiser step and an EMA step):
     optimizer.zero_grad()
 
 Deviations from the GPU training loop (none patch the checkout's files):
-  * fp32, no autocast: the loop's `torch.cuda.amp.autocast()` is not entered and the GradScaler
-    (`util.misc.NativeScalerWithGradNormCount`) is replaced by a plain backward + step; on a CPU-only run both are
-    disabled no-ops anyway. The `autocast(enabled=False)` blocks inside the attention modules are left as they are.
-  * `torch.cuda.synchronize()` at the end of each iteration is dropped (no CUDA).
+  * AMP none: fp32, no autocast, plain backward + step (on a CPU-only run the loop's autocast and GradScaler are
+    disabled no-ops anyway). AMP fp16: `torch.autocast("cuda", float16)` and a `torch.amp.GradScaler` with
+    scale / unscale / step / update, as `util.misc.NativeScalerWithGradNormCount` does (no clipping: clip_grad is
+    None in the reference command). AMP bf16: autocast to bfloat16 without a scaler. The `autocast(enabled=False)`
+    blocks inside the attention modules are left as they are.
+  * `torch.cuda.synchronize()` ends each timed iteration on CUDA, as the loop does.
   * lr / EMA-momentum / sim-target schedules are held fixed (lr 1e-4, momentum 0.996, sim_trg 0.75 = sim_init at
     epoch 0) instead of being recomputed each iteration: the recomputation is a few Python float ops.
   * No DDP, no data loader, random N(0,1) images instead of normalised ImageNet crops.
@@ -53,10 +57,14 @@ def _commit_of(path):
 
 
 def main():
-    if len(sys.argv) != 5:
+    if len(sys.argv) not in (5, 6, 7):
         sys.exit(__doc__.split("\n\n")[1])
     repo = os.path.abspath(sys.argv[1])
     batch, steps, threads = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    dev_name = sys.argv[5] if len(sys.argv) > 5 else "cpu"
+    amp = sys.argv[6] if len(sys.argv) > 6 else "none"
+    if amp not in ("none", "fp16", "bf16"):
+        sys.exit(f"AMP must be none, fp16 or bf16, not {amp}")
 
     # timm >= 1.0 warns about the deprecated import paths (timm.models.layers, timm.optim.optim_factory) and torch
     # warns about torch.cuda.amp.autocast on every attention call; keep stderr quiet.
@@ -81,7 +89,8 @@ def main():
     img = cfg["grid_size"] * (cfg["patch_size"] + cfg["patch_gap"])  # 280
 
     torch.manual_seed(0)
-    device = torch.device("cpu")
+    device = torch.device(dev_name)
+    cuda = device.type == "cuda"
     model = build_lmim(cfg["encoder"], loss=cfg["loss"], grid_size=cfg["grid_size"], tau=cfg["tau"],
                        target_depth=cfg["target_depth"], decoder_depth=cfg["decoder_depth"],
                        patch_gap=cfg["patch_gap"], num_vis=cfg["num_vis"], avg_sim_coeff=cfg["avg_sim_coeff"],
@@ -99,17 +108,31 @@ def main():
 
     images = torch.randn(batch, 3, img, img, device=device)
 
+    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+
     def step():
-        loss, metrics = model(images, mom=momentum, sim_trg=sim_trg, update_ema=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss, metrics = model(images, mom=momentum, sim_trg=sim_trg, update_ema=True)
         value = loss.item()
         if not (value == value and abs(value) != float("inf")):
             raise SystemExit(f"loss is {value}")
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         optimizer.zero_grad()
+        if cuda:
+            torch.cuda.synchronize()
         return value
 
     step()  # untimed warm-up (also allocates the AdamW state)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -126,6 +149,9 @@ def main():
         "img_per_s": batch / med,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "amp": amp,
+        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "torch": torch.__version__,
     }))
 

@@ -67,6 +67,62 @@ pub enum BenchWhat {
         #[arg(long, default_value = "vit_base_patch16_224")]
         arch: String,
     },
+    /// Inference (forward_features, no grad) of an architecture on random images: img/s.
+    Infer {
+        #[arg(long, default_value = "vit_base_patch16_224")]
+        arch: String,
+        #[arg(long, default_value_t = 256)]
+        batch_size: i64,
+    },
+    /// Weighted k-NN (DINO's, T = 0.07) of random unit features: queries x bank x dim similarity products.
+    Knn {
+        #[arg(long, default_value_t = 1_281_167)]
+        n_bank: i64,
+        #[arg(long, default_value_t = 50_000)]
+        n_query: i64,
+        #[arg(long, default_value_t = 768)]
+        dim: i64,
+        #[arg(long, default_value_t = 20)]
+        k: i64,
+        #[arg(long, default_value_t = 1000)]
+        classes: i64,
+    },
+    /// The pretraining loader (decode, RandomResizedCrop, flip, normalise) over an ImageFolder's train/ split.
+    Loader {
+        /// ImageFolder root (with train/).
+        #[arg(long)]
+        data: PathBuf,
+        /// Crop size (Latent MIM's ViT-B/16 with patch gap 4 trains on 280 px).
+        #[arg(long, default_value_t = 280)]
+        size: u32,
+        #[arg(long, default_value_t = 256)]
+        batch_size: usize,
+        /// Decode threads.
+        #[arg(long, default_value_t = 16)]
+        workers: usize,
+    },
+    /// ViT forward parity against timm on this device, fp32 and bf16 (reference files from
+    /// benches/py/gpu_parity_ref.py); exit 1 when a difference is over its tolerance.
+    Parity {
+        /// timm-named weights (safetensors).
+        #[arg(long)]
+        weights: PathBuf,
+        /// `input`, `out_f32`, `out_bf16` (safetensors).
+        #[arg(long)]
+        io: PathBuf,
+        #[arg(long, default_value = "vit_base_patch16_224")]
+        arch: String,
+    },
+    /// One Latent MIM training step in fp32 on the device against the same step on the CPU (loss and every
+    /// gradient); exit 1 when a difference is over its tolerance.
+    StepParity {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        #[arg(long, default_value_t = 4)]
+        batch_size: i64,
+    },
     /// The 52-head linear sweep on random features (protocols/linear_sweep.toml, `--set` overrides it).
     Sweep {
         #[arg(long, default_value_t = 100_000)]
@@ -80,11 +136,41 @@ pub enum BenchWhat {
     },
 }
 
-pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+/// Runs a benchmark and writes its JSON; returns the exit code (1 when a parity check is over its tolerance).
+pub fn bench(a: BenchArgs) -> anyhow::Result<i32> {
     let world = a.dist.init()?;
     let device = parse_device(&a.device)?;
     let t = Timing { warmup: a.warmup, steps: a.steps };
+    let parity = match &a.what {
+        BenchWhat::Parity { weights, io, arch } => Some(bench::vit_parity(weights, io, arch, device).context("ViT parity against timm")?),
+        BenchWhat::StepParity { config, sets, batch_size } => {
+            let cfg: PretrainConfig = crate::config::load(config.as_deref(), sets)?;
+            Some(bench::lmim_step_parity(&cfg, *batch_size, device).context("Latent MIM step parity against the CPU")?)
+        }
+        _ => None,
+    };
+    if let Some(p) = parity {
+        let mut v = p.report;
+        v["provenance"] = serde_json::to_value(crate::results::Provenance::current(&crate::info::device_name(device)))?;
+        v["time"] = serde_json::json!(crate::results::now_rfc3339());
+        crate::results::write_output(&a.output, &(serde_json::to_string_pretty(&v)? + "\n"))?;
+        return Ok(if p.pass { 0 } else { 1 });
+    }
     let r: BenchResult = match &a.what {
+        BenchWhat::Parity { .. } | BenchWhat::StepParity { .. } => unreachable!("handled above"),
+        BenchWhat::Infer { arch, batch_size } => bench::infer(arch, *batch_size, t, device, a.precision).context("timing inference")?,
+        BenchWhat::Knn { n_bank, n_query, dim, k, classes } => {
+            if *n_bank < 1 || *n_query < 1 || *dim < 1 || *k < 1 || *classes < 1 {
+                return Err(crate::Error::option("--n-bank/--n-query/--dim/--k/--classes", "must be positive").into());
+            }
+            bench::knn(*n_bank, *n_query, *dim, *k, *classes, device).context("timing k-NN")?
+        }
+        BenchWhat::Loader { data, size, batch_size, workers } => {
+            if *batch_size == 0 || *size == 0 {
+                return Err(crate::Error::option("--batch-size/--size", "must be positive").into());
+            }
+            bench::loader(data, *size, *batch_size, *workers, a.steps).context("timing the loader")?
+        }
         BenchWhat::Pretrain { config, sets, batch_size } => {
             let mut cfg: PretrainConfig = crate::config::load(config.as_deref(), sets)?;
             cfg.device = a.device.clone();
@@ -116,5 +202,5 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     if world.is_main() {
         crate::results::write_output(&a.output, &(serde_json::to_string_pretty(&v)? + "\n"))?;
     }
-    Ok(())
+    Ok(0)
 }

@@ -102,8 +102,10 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
 
 /// Runs a command; returns the exit code of a completed command (1 for a failed check).
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
-    if let Command::Check(a) = cli.command {
-        return report::check(a);
+    match cli.command {
+        Command::Check(a) => return report::check(a),
+        Command::Bench(a) => return bench_cmds::bench(a),
+        _ => {}
     }
     match cli.command {
         Command::Info(a) => model_cmds::info(a),
@@ -115,10 +117,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Extract(a) => eval::extract(a),
         Command::Eval(a) => eval::eval(a),
         Command::Table(a) => report::table(a),
-        Command::Check(_) => unreachable!("handled above"),
+        Command::Check(_) | Command::Bench(_) => unreachable!("handled above"),
         Command::Visualize(a) => visualize::visualize(a),
         Command::Plot(a) => plot::plot(a),
-        Command::Bench(a) => bench_cmds::bench(a),
     }
     .map(|()| 0)
 }

@@ -5,7 +5,7 @@ use tch::nn;
 use tch::{Kind, Tensor};
 
 use super::pos_embed::{sincos_2d, PosEmbedKind};
-use super::vit::{layer_norm, linear, norm, Mlp};
+use super::vit::{layer_norm, linear, norm, sdpa, Mlp};
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
 pub struct DecoderConfig {
@@ -43,7 +43,7 @@ impl SelfAttention {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (b, n, d) = x.size3().expect("[B, N, D]");
         let qkv = linear(&self.qkv, x).reshape([b, n, 3, self.heads, d / self.heads]).permute([2, 0, 3, 1, 4]);
-        let out = Tensor::scaled_dot_product_attention(&qkv.get(0), &qkv.get(1), &qkv.get(2), None::<&Tensor>, 0.0, false, None, false);
+        let out = sdpa(&qkv.get(0), &qkv.get(1), &qkv.get(2));
         linear(&self.proj, &heads_merge(&out)).to_kind(Kind::Float)
     }
 }
@@ -70,7 +70,7 @@ impl CrossAttention {
         let q = heads_split(&linear(&self.q_proj, q), self.heads);
         // kv_proj rows are [k; v], each head-major.
         let kv = linear(&self.kv_proj, kv).reshape([b, m, 2, self.heads, d / self.heads]).permute([2, 0, 3, 1, 4]);
-        let out = Tensor::scaled_dot_product_attention(&q, &kv.get(0), &kv.get(1), None::<&Tensor>, 0.0, false, None, false);
+        let out = sdpa(&q, &kv.get(0), &kv.get(1));
         linear(&self.proj, &heads_merge(&out)).to_kind(Kind::Float)
     }
 }

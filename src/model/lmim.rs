@@ -193,8 +193,8 @@ pub fn patchify(images: &Tensor, patch: i64, gap: i64, oy: &Tensor, ox: &Tensor)
     let dev = images.device();
     let ar = |n: i64| Tensor::arange(n, (Kind::Int64, dev));
     // Pixel rows: r*cell + oy[b,r,c] + i, columns: c*cell + ox[b,r,c] + j -> flat index [B, G, G, p, p].
-    let rows = (ar(grid) * cell).view([1, grid, 1, 1, 1]) + oy.to_device(dev).view([b, grid, grid, 1, 1]) + ar(patch).view([1, 1, 1, patch, 1]);
-    let cols = (ar(grid) * cell).view([1, 1, grid, 1, 1]) + ox.to_device(dev).view([b, grid, grid, 1, 1]) + ar(patch).view([1, 1, 1, 1, patch]);
+    let rows = (ar(grid) * cell).view([1, grid, 1, 1, 1]) + crate::train::device::to_device_async(oy, dev).view([b, grid, grid, 1, 1]) + ar(patch).view([1, 1, 1, patch, 1]);
+    let cols = (ar(grid) * cell).view([1, 1, grid, 1, 1]) + crate::train::device::to_device_async(ox, dev).view([b, grid, grid, 1, 1]) + ar(patch).view([1, 1, 1, 1, patch]);
     let idx = (rows * w + cols).view([b, 1, -1]).expand([b, c, grid * grid * patch * patch], false);
     images
         .reshape([b, c, h * w])
@@ -224,7 +224,7 @@ pub fn random_views<R: Rng>(images: &Tensor, patch: i64, gap: i64, num_vis: i64,
         }
         ids.extend(perm);
     }
-    let ids = Tensor::from_slice(&ids).view([b, n]).to_device(images.device());
+    let ids = crate::train::device::to_device_async(&Tensor::from_slice(&ids).view([b, n]), images.device());
     Views { patches: patchify(images, patch, gap, &oy, &ox), vis_pid: ids.narrow(1, 0, num_vis), mask_pid: ids.narrow(1, num_vis, n - num_vis) }
 }
 
@@ -257,6 +257,7 @@ pub fn infonce_patches(pred: &Tensor, trg: &Tensor, tau: f64) -> Tensor {
     let pred = normalize(&((&pred - mean) / (std + 1e-4)));
     let trg = normalize(&trg.to_kind(Kind::Float));
     let logits = pred.matmul(&trg.transpose(1, 2)) / tau;
+    super::flops::add(&logits, 2.0 * logits.numel() as f64 * pred.size()[2] as f64);
     let labels = Tensor::arange(n, (Kind::Int64, pred.device())).repeat([b]);
     logits.reshape([b * n, n]).cross_entropy_for_logits(&labels) * (2.0 * tau)
 }

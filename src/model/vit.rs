@@ -204,10 +204,19 @@ pub fn amp_kind() -> Option<Kind> {
 
 /// A linear layer under the current mixed-precision setting.
 pub fn linear(l: &nn::Linear, x: &Tensor) -> Tensor {
-    match amp_kind() {
+    let out = match amp_kind() {
         Some(k) => x.to_kind(k).linear(&l.ws.to_kind(k), l.bs.as_ref().map(|b| b.to_kind(k))),
         None => x.linear(&l.ws, l.bs.as_ref()),
-    }
+    };
+    super::flops::add_linear(x, &out);
+    out
+}
+
+/// Scaled dot-product attention (libtorch picks the flash / memory-efficient / math kernel), FLOPs counted.
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Tensor {
+    let out = Tensor::scaled_dot_product_attention(q, k, v, None::<&Tensor>, 0.0, false, None, false);
+    super::flops::add_attention(q, k, &out);
+    out
 }
 
 /// LayerNorm in f32 whatever the input precision, as autocast does.
@@ -223,8 +232,9 @@ pub fn drop_path(x: &Tensor, p: f64, train: bool) -> Tensor {
     let keep = 1.0 - p;
     let mut shape = vec![x.size()[0]];
     shape.extend(std::iter::repeat(1).take(x.dim() - 1));
-    let mask = Tensor::empty(&shape[..], (x.kind(), x.device())).bernoulli_float_(keep);
-    x * mask / keep
+    // Scaled on the [B, 1, 1] mask, as timm does: one full-size multiply instead of two.
+    let mask = Tensor::empty(&shape[..], (x.kind(), x.device())).bernoulli_float_(keep) / keep;
+    x * mask
 }
 
 #[derive(Debug)]
@@ -247,7 +257,7 @@ impl Attention {
         // Rows of qkv are [q; k; v], each head-major, as in timm.
         let qkv = linear(&self.qkv, x).reshape([b, n, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
         let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
-        let out = Tensor::scaled_dot_product_attention(&q, &k, &v, None::<&Tensor>, 0.0, false, None, false);
+        let out = sdpa(&q, &k, &v);
         linear(&self.proj, &out.transpose(1, 2).reshape([b, n, d])).to_kind(Kind::Float)
     }
 }
@@ -398,6 +408,10 @@ impl VisionTransformer {
             None => images.apply(&self.patch_embed),
         }
         .to_kind(Kind::Float);
+        if super::flops::counting() {
+            let k = (self.cfg.in_chans * self.cfg.patch_size * self.cfg.patch_size) as f64;
+            super::flops::add(&x, 2.0 * k * x.numel() as f64);
+        }
         let (b, d, gh, gw) = x.size4().expect("patch embedding is [B, D, H, W]");
         assert_eq!(gh, gw, "square inputs only");
         let x = x.reshape([b, d, gh * gw]).transpose(1, 2);

@@ -299,7 +299,7 @@ pub fn label_smoothing_ce(logits: &Tensor, labels: &Tensor, smoothing: f64) -> T
 /// Top-1 / top-5 (percent) of a classifier over a loader's epoch 0.
 pub fn evaluate(model: &VisionTransformer, val: &Loader, device: Device, amp: Option<Kind>) -> Result<(f64, f64)> {
     let batches = val.epoch(0).map(|b| b.map(|b| (b.images, b.labels)));
-    evaluate_topk(batches, &val.dataset().dir, |x| with_amp(amp, || model.forward(&x.to_device(device), false)))
+    evaluate_topk(batches, &val.dataset().dir, |x| with_amp(amp, || model.forward(&crate::train::device::to_device_async(x, device), false)))
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -418,7 +418,7 @@ impl TrainStep for Finetuner {
         lr_at_from_zero(t, self.cfg.lr(), self.cfg.min_lr, self.cfg.warmup_epochs, self.cfg.epochs as f64)
     }
     fn loss(&mut self, b: Batch, epoch: usize, iter: usize) -> Result<Tensor> {
-        let (x, y) = (b.images.to_device(self.device), b.labels.to_device(self.device));
+        let (x, y) = (crate::train::device::to_device_async(&b.images, self.device), crate::train::device::to_device_async(&b.labels, self.device));
         let (model, amp, cfg) = (&self.fm.model, self.amp, &self.cfg);
         // Drop path draws from torch's generator, keyed by the micro-batch's place in the run (not a running
         // stream), so a resumed or data-parallel run draws the same.

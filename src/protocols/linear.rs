@@ -7,6 +7,7 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::record::{RecordBuilder, SplitPrint};
 use super::{EvalRequest, Protocol};
+use crate::train::device::to_device_async;
 use crate::checkpoint::load_vit_with;
 use crate::data::loader::{Batch, Loader};
 use crate::data::transforms::Transform;
@@ -197,8 +198,8 @@ impl TrainStep for ProbeStep<'_> {
         lr_at_from_zero(t, self.cfg.lr(), self.cfg.min_lr, self.cfg.warmup_epochs, self.cfg.epochs)
     }
     fn loss(&mut self, b: Batch, _epoch: usize, _iter: usize) -> Result<Tensor> {
-        let f = self.enc.features(&b.images.to_device(self.device), self.amp);
-        Ok(self.head.forward(&f, true).cross_entropy_for_logits(&b.labels.to_device(self.device)))
+        let f = self.enc.features(&to_device_async(&b.images, self.device), self.amp);
+        Ok(self.head.forward(&f, true).cross_entropy_for_logits(&to_device_async(&b.labels, self.device)))
     }
     fn optimizer(&mut self) -> &mut dyn Optimizer {
         &mut self.opt
@@ -211,7 +212,7 @@ impl TrainStep for ProbeStep<'_> {
 /// Top-1 / top-5 of the probe on the validation loader.
 pub fn evaluate(enc: &ProbeEncoder, head: &ProbeHead, val: &Loader, device: Device, amp: Option<Kind>) -> Result<(f64, f64)> {
     let batches = val.epoch(0).map(|b| b.map(|b| (b.images, b.labels)));
-    evaluate_topk(batches, &val.dataset().dir, |x| head.forward(&enc.features(&x.to_device(device), amp), false))
+    evaluate_topk(batches, &val.dataset().dir, |x| head.forward(&enc.features(&to_device_async(x, device), amp), false))
 }
 
 /// The MAE linear probe on a frozen encoder: LARS on the head, lr warmup from 0 then cosine, whole optimiser steps

@@ -17,7 +17,7 @@ use crate::checkpoint::load_vit_with;
 use crate::data::loader::Loader;
 use crate::info::device_name;
 use crate::results::RunRecord;
-use crate::train::step::topk_correct;
+use crate::train::step::topk_hits;
 use crate::error::{Error, Result};
 use crate::model::vit::with_amp;
 use crate::model::VisionTransformer;
@@ -158,12 +158,10 @@ struct HeadGroup {
 fn scores(logits: &Tensor, labels: &Tensor, heads: i64, classes: i64) -> Vec<(f64, f64)> {
     let n = labels.size()[0].max(1);
     let logits = logits.view([-1, heads, classes]);
-    (0..heads)
-        .map(|h| {
-            let (c1, c5) = topk_correct(&logits.select(1, h), labels);
-            (100.0 * c1 as f64 / n as f64, 100.0 * c5 as f64 / n as f64)
-        })
-        .collect()
+    // One host read for all heads.
+    let hits = Tensor::stack(&(0..heads).map(|h| topk_hits(&logits.select(1, h), labels)).collect::<Vec<_>>(), 0);
+    let v = crate::train::device::read_f64s(&hits).expect("hit counts read back");
+    v.chunks(2).map(|c| (100.0 * c[0] / n as f64, 100.0 * c[1] / n as f64)).collect()
 }
 
 /// Trains all heads on `train` (minus a held-out part), chooses on the held-out part, reports on `val`.

@@ -236,12 +236,12 @@ struct StepState {
     sim_target: f64,
 }
 
-/// Sums of the per-micro-batch statistics over the current logging window and over the epoch.
-#[derive(Debug, Clone, Default)]
+/// Sums of the per-micro-batch statistics over the current logging window and over the epoch, kept on the device
+/// (read only when a window or an epoch is logged).
+#[derive(Debug, Default)]
 struct Window {
-    names: Vec<&'static str>,
-    sums: Vec<f64>,
-    epoch_sums: Vec<f64>,
+    sums: Option<Tensor>,
+    epoch_sums: Option<Tensor>,
     n: usize,
     epoch_n: usize,
     images: usize,
@@ -251,38 +251,36 @@ struct Window {
 impl Window {
     const NAMES: [&'static str; 7] = ["loss", "loss_main", "loss_reg", "avg_sim_pred", "avg_sim_vis", "avg_sim_trg", "target_std"];
 
-    fn add(&mut self, values: &[f64]) {
-        if self.sums.is_empty() {
-            self.names = Self::NAMES.to_vec();
-            self.sums = vec![0.0; values.len()];
-            self.epoch_sums = vec![0.0; values.len()];
-        }
-        for ((s, e), v) in self.sums.iter_mut().zip(&mut self.epoch_sums).zip(values) {
-            *s += v;
-            *e += v;
-        }
+    /// Adds one micro-batch's statistics (`[NAMES.len()]` f64 on the device).
+    fn add(&mut self, values: &Tensor) {
+        let add = |acc: &mut Option<Tensor>| *acc = Some(acc.as_ref().map_or_else(|| values.shallow_clone(), |a| a + values));
+        add(&mut self.sums);
+        add(&mut self.epoch_sums);
         self.n += 1;
         self.epoch_n += 1;
     }
 
     /// Means over the window's (or epoch's) micro-batches of every rank, and the window's images over all ranks,
-    /// in one all-reduce. Every rank calls it at the same steps.
+    /// in one all-reduce and one host read. Every rank calls it at the same steps.
     fn means(&self, epoch: bool) -> Result<(BTreeMap<String, f64>, f64)> {
         let (sums, n) = if epoch { (&self.epoch_sums, self.epoch_n) } else { (&self.sums, self.n) };
-        let mut local = sums.clone();
-        local.extend([n as f64, self.images as f64]);
-        let all = crate::dist::world().sum_f64(&local, "the monitor all-reduce")?;
-        let (n, images) = (all[sums.len()].max(1.0), all[sums.len() + 1]);
-        Ok((self.names.iter().zip(&all).map(|(k, s)| (k.to_string(), s / n)).collect(), images))
+        let k = Self::NAMES.len();
+        let sums = sums.as_ref().map_or_else(|| Tensor::zeros([k as i64], (Kind::Double, Device::Cpu)), |s| s.shallow_clone());
+        let counts = Tensor::from_slice(&[n as f64, self.images as f64]).to_device(sums.device());
+        let local = Tensor::cat(&[sums, counts], 0);
+        crate::dist::world().all_reduce_sum(std::slice::from_ref(&local), "the monitor all-reduce")?;
+        let all = crate::train::device::read_f64s(&local)?;
+        let (n, images) = (all[k].max(1.0), all[k + 1]);
+        Ok((Self::NAMES.iter().zip(&all).map(|(name, s)| (name.to_string(), s / n)).collect(), images))
     }
 
     fn reset(&mut self, epoch: bool) {
-        self.sums.iter_mut().for_each(|s| *s = 0.0);
+        self.sums = None;
         self.n = 0;
         self.images = 0;
         self.grad_norm.clear();
         if epoch {
-            self.epoch_sums.iter_mut().for_each(|s| *s = 0.0);
+            self.epoch_sums = None;
             self.epoch_n = 0;
         }
     }
@@ -315,19 +313,16 @@ impl TrainStep for Trainer {
         self.step_state.lr
     }
     fn loss(&mut self, images: Tensor, epoch: usize, iter: usize) -> Result<Tensor> {
-        let images = images.to_device(self.device);
+        let images = crate::train::device::to_device_async(&images, self.device);
         let sub_seed = seed_for(self.cfg.seed, epoch, iter);
         let mut rng = ChaCha8Rng::seed_from_u64(sub_seed);
         tch::manual_seed(sub_seed as i64 & i64::MAX);
         let vit = &self.model.vit_cfg;
         let views = random_views(&images, vit.patch_size, self.cfg.model.patch_gap, self.cfg.model.num_vis, &mut rng);
         let out = with_amp(self.amp, || self.model.forward(&views, self.step_state.sim_target, true));
-        // One host sync for all the monitors of the micro-batch.
-        let stats = tch::no_grad(|| {
-            Tensor::stack(&[&out.loss, &out.loss_main, &out.loss_reg, &out.avg_sim_pred, &out.avg_sim_vis, &out.avg_sim_trg, &out.target_std].map(|t| t.to_kind(Kind::Double)), 0).to_device(Device::Cpu)
-        });
-        let values: Vec<f64> = Vec::<f64>::try_from(&stats).map_err(Error::Torch)?;
-        self.window.add(&values);
+        // The monitors stay on the device until a window is logged.
+        let stats = tch::no_grad(|| Tensor::stack(&[&out.loss, &out.loss_main, &out.loss_reg, &out.avg_sim_pred, &out.avg_sim_vis, &out.avg_sim_trg, &out.target_std].map(|t| t.to_kind(Kind::Double)), 0));
+        self.window.add(&stats);
         self.window.images += images.size()[0] as usize;
         Ok(out.loss)
     }
@@ -364,11 +359,13 @@ impl Trainer {
         Ok(StepRule { accum: self.cfg.accum_iter(crate::dist::world().size as i64)? as usize, clip })
     }
 
-    /// One optimiser step on `micro_batches` outside any epoch loop (what `bench pretrain` times).
-    pub fn timed_step(&mut self, micro_batches: Vec<Tensor>, index: usize) -> Result<f64> {
-        self.iters_per_epoch = micro_batches.len().max(1);
+    /// `steps` optimiser steps on `images` (one micro-batch each) outside any epoch loop, as epoch `index`: what
+    /// `bench pretrain` times. Returns the last step's loss.
+    pub fn timed_steps(&mut self, images: &Tensor, steps: usize, index: usize) -> Result<f64> {
+        self.iters_per_epoch = steps.max(1);
         let clip = self.rule()?.clip;
-        let loss = super::step::one_step(self, micro_batches, index, clip);
+        let mut batches = std::iter::repeat_with(|| Ok(images.shallow_clone())).take(steps);
+        let loss = super::step::run_steps(self, &mut batches, steps, index, clip);
         self.window.reset(true);
         loss
     }
@@ -485,7 +482,8 @@ impl Trainer {
             // Positions are global micro-batches; each rank has 1 / world of them.
             let start = self.pos.iter / world.size;
             let mut batches = data.epoch_batches(epoch, start);
-            let want_norm = |step: i64| step % cfg.log_every.max(1) == 0;
+            // Device values are read at the steps that log or checkpoint (and at the end of the epoch) only.
+            let sync_at = |step: i64| step % cfg.log_every.max(1) == 0 || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0);
             let mut on_step = |tr: &mut Trainer, ev: &StepEvent| -> Result<Flow> {
                 tr.pos.iter = ev.next_iter * world.size;
                 tr.pos.step = ev.step;
@@ -496,10 +494,12 @@ impl Trainer {
                 if let Some(g) = ev.grad_norm {
                     tr.window.grad_norm.push(g);
                 }
-                last_loss = ev.loss;
                 run_imgs += ev.images;
                 bar.inc(1);
-                bar.set_message(format!("epoch {epoch} loss {:.4}{}", ev.loss, nn_last.map_or(String::new(), |n| format!(" nn {n:.1}"))));
+                if let Some(l) = ev.loss {
+                    last_loss = l;
+                    bar.set_message(format!("epoch {epoch} loss {l:.4}{}", nn_last.map_or(String::new(), |n| format!(" nn {n:.1}"))));
+                }
                 if ev.step % cfg.log_every.max(1) == 0 || ev.epoch_end {
                     let secs = window_start.elapsed().as_secs_f64().max(1e-9);
                     let (means, images) = tr.window.means(false)?;
@@ -547,7 +547,7 @@ impl Trainer {
                 Ok(Flow::Continue)
             };
             let mut step = self.pos.step;
-            let stats = run_epoch(self, rule, &mut batches, epoch, start, iters_per_epoch, &mut step, &want_norm, &mut on_step)
+            let stats = run_epoch(self, rule, &mut batches, epoch, start, iters_per_epoch, &mut step, &sync_at, &mut on_step)
                 .map_err(|e| match e {
                     Error::Diverged(m) if !m.contains("last good") => {
                         let keep = paths.list_checkpoints().last().map_or("none".to_string(), |p| p.display().to_string());

@@ -14,27 +14,29 @@
 //! and step identically.
 use tch::{Kind, Tensor};
 
+use super::device::read_f64s;
 use super::optim::{grad_norm, AdamW, Lars, Param};
 use crate::error::{Error, Result};
 
 /// What the step skeleton needs of an optimiser.
 pub trait Optimizer {
-    fn step(&mut self, lr: f64);
+    /// One update, skipped when `skip` (a one-element device tensor) is non-zero.
+    fn step(&mut self, lr: f64, skip: Option<&Tensor>);
     fn zero_grad(&mut self);
-    /// Global L2 norm of the gradients, clipping them to `max_norm` when given.
-    fn grad_norm(&self, max_norm: Option<f64>) -> f64;
+    /// Global L2 norm of the gradients as a device scalar, clipping them to `max_norm` when given.
+    fn grad_norm(&self, max_norm: Option<f64>) -> Tensor;
     /// The parameters it updates (their gradients are averaged over ranks before the step).
     fn params(&self) -> &[Param];
 }
 
 impl Optimizer for AdamW {
-    fn step(&mut self, lr: f64) {
-        AdamW::step(self, lr)
+    fn step(&mut self, lr: f64, skip: Option<&Tensor>) {
+        AdamW::step_unless(self, lr, skip)
     }
     fn zero_grad(&mut self) {
         AdamW::zero_grad(self)
     }
-    fn grad_norm(&self, max_norm: Option<f64>) -> f64 {
+    fn grad_norm(&self, max_norm: Option<f64>) -> Tensor {
         AdamW::grad_norm(self, max_norm)
     }
     fn params(&self) -> &[Param] {
@@ -43,13 +45,13 @@ impl Optimizer for AdamW {
 }
 
 impl Optimizer for Lars {
-    fn step(&mut self, lr: f64) {
-        Lars::step(self, lr)
+    fn step(&mut self, lr: f64, skip: Option<&Tensor>) {
+        Lars::step_unless(self, lr, skip)
     }
     fn zero_grad(&mut self) {
         Lars::zero_grad(self)
     }
-    fn grad_norm(&self, max_norm: Option<f64>) -> f64 {
+    fn grad_norm(&self, max_norm: Option<f64>) -> Tensor {
         grad_norm(self.params.iter().map(|p| &p.tensor), max_norm)
     }
     fn params(&self) -> &[Param] {
@@ -100,10 +102,11 @@ pub struct StepEvent {
     pub next_iter: usize,
     /// Optimiser steps done in the run.
     pub step: i64,
-    /// Mean loss over the step's micro-batches.
-    pub loss: f64,
+    /// Mean loss over the step's micro-batches; read from the device only at the steps `sync_at` names and at
+    /// the end of the epoch (`None` elsewhere).
+    pub loss: Option<f64>,
     pub lr: f64,
-    /// Only when computed: with clipping on, or when `want_norm(step)` asked for it.
+    /// Read with the loss, when computed: with clipping on, or at a synced step.
     pub grad_norm: Option<f64>,
     pub images: usize,
     pub epoch_end: bool,
@@ -132,10 +135,21 @@ impl EpochStats {
     }
 }
 
+/// A step whose values are still on the device: `[loss sum over its micro-batches (all ranks), NaN losses, inf
+/// losses (micro-batches of all ranks), grad norm or 0]`.
+struct Pending {
+    step: i64,
+    first_iter: usize,
+    values: Tensor,
+}
+
 /// Runs this rank's micro-batches `start_iter..used_iters` of `epoch` from `batches` (which starts at
 /// `start_iter`); `batches_per_epoch` counts the epoch's micro-batches over all ranks.
-/// `step` counts optimiser steps over the run; `want_norm(step)` says when the gradient norm is wanted without
-/// clipping (it costs a pass over the gradients and a device sync).
+/// `step` counts optimiser steps over the run. Nothing is read from the device except at the steps where
+/// `sync_at(step)` is true and at the end of the epoch: there the losses, gradient norms and divergence flags of
+/// the steps since the last read come back in one read. A non-finite loss or gradient norm skips its optimiser
+/// step on the device (see [`Optimizer::step`]), and the next read stops the run naming that step, so a
+/// diverged update never reaches the weights even though it is noticed a few steps late.
 #[allow(clippy::too_many_arguments)]
 pub fn run_epoch<S: TrainStep + ?Sized>(
     s: &mut S,
@@ -145,112 +159,161 @@ pub fn run_epoch<S: TrainStep + ?Sized>(
     start_iter: usize,
     batches_per_epoch: usize,
     step: &mut i64,
-    want_norm: &dyn Fn(i64) -> bool,
+    sync_at: &dyn Fn(i64) -> bool,
     on_step: &mut dyn FnMut(&mut S, &StepEvent) -> Result<Flow>,
 ) -> Result<EpochStats> {
     let accum = rule.accum.max(1);
     let used = rule.used_iters(batches_per_epoch);
     let world = crate::dist::world();
     let mut st = EpochStats::default();
-    let (mut step_loss, mut step_images, mut bad) = (0.0, 0usize, None);
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut epoch_loss: Option<Tensor> = None;
+    let (mut step_loss, mut step_bad, mut step_images, mut first_iter) = (None::<Tensor>, None::<Tensor>, 0usize, 0usize);
     for it in start_iter..used {
         let batch = batches
             .next()
             .ok_or_else(|| Error::data("<loader>", format!("the data ended early in epoch {epoch} at batch {it} of {used}")))??;
         if it % accum == 0 {
             st.lr = s.begin_step(epoch as f64 + (it * world.size) as f64 / batches_per_epoch as f64);
-            step_loss = 0.0;
+            step_loss = None;
+            step_bad = None;
             step_images = 0;
+            first_iter = it * world.size + world.rank;
         }
         step_images += S::batch_len(&batch);
         let global_it = it * world.size + world.rank;
         let loss = s.loss(batch, epoch, global_it)?;
-        let lv = loss.double_value(&[]);
-        if !lv.is_finite() {
-            let msg = format!("{} loss is {lv} at step {} (epoch {epoch}, micro-batch {global_it})", s.what(), *step + 1);
-            // The other ranks learn of it at the end of the step instead of waiting in the all-reduce.
-            if !world.is_distributed() {
-                return Err(Error::Diverged(msg));
-            }
-            bad.get_or_insert(msg);
-        } else if accum > 1 {
+        let lv = loss.detach().to_kind(Kind::Double);
+        let bad = Tensor::stack(&[lv.isnan(), lv.isinf()], 0).to_kind(Kind::Double);
+        if accum > 1 {
             (loss / accum as f64).backward();
         } else {
             loss.backward();
         }
-        step_loss += lv;
-        st.loss_sum += lv;
+        // A non-finite loss adds 0 to the sums; the divergence count carries it.
+        let lv = lv.nan_to_num(0.0, 0.0, 0.0);
+        epoch_loss = Some(epoch_loss.map_or_else(|| lv.shallow_clone(), |e| e + &lv));
+        step_loss = Some(step_loss.map_or_else(|| lv.shallow_clone(), |l| l + &lv));
+        step_bad = Some(step_bad.map_or_else(|| bad.shallow_clone(), |b| b + &bad));
         st.micro_batches += 1;
         if (it + 1) % accum != 0 {
             continue;
         }
+        let epoch_end = it + 1 == used;
+        let sync = epoch_end || sync_at(*step + 1);
+        let mut sums = Tensor::cat(&[step_loss.take().expect("a micro-batch ran").reshape([1]), step_bad.take().expect("a micro-batch ran")], 0);
         if world.is_distributed() {
-            let sums = world.sum_f64(&[step_loss, bad.is_some() as u8 as f64], "the loss all-reduce")?;
-            if sums[1] > 0.0 {
-                let mine = bad.map_or(String::new(), |m| format!(": {m} on rank {}", world.rank));
-                return Err(Error::Diverged(format!("{} loss is not finite on {} of {} ranks at step {}{mine}", s.what(), sums[1], world.size, *step + 1)));
-            }
-            step_loss = sums[0] / world.size as f64;
+            world.all_reduce_sum(std::slice::from_ref(&sums), "the loss all-reduce")?;
             world.average_gradients(s.optimizer().params().iter().map(|p| &p.tensor))?;
         }
         let opt = s.optimizer();
-        let grad_norm = (rule.clip.is_some() || want_norm(*step + 1)).then(|| opt.grad_norm(rule.clip));
-        opt.step(st.lr);
+        let norm = (rule.clip.is_some() || sync).then(|| opt.grad_norm(rule.clip).to_device(sums.device()).to_kind(Kind::Double));
+        let loss_bad = sums.narrow(0, 1, 2).sum(Kind::Double).gt(0.0);
+        let skip = match &norm {
+            Some(n) => loss_bad.logical_or(&n.isfinite().logical_not()),
+            None => loss_bad,
+        };
+        opt.step(st.lr, Some(&skip));
         opt.zero_grad();
         s.end_step();
         *step += 1;
         st.steps += 1;
-        let ev = StepEvent {
-            epoch,
-            next_iter: it + 1,
-            step: *step,
-            loss: step_loss / accum as f64,
-            lr: st.lr,
-            grad_norm,
-            images: step_images,
-            epoch_end: it + 1 == used,
+        let norm_or_zero = norm.as_ref().map_or_else(|| sums.get(0).zeros_like(), |n| n.shallow_clone());
+        sums = Tensor::cat(&[sums, norm_or_zero.reshape([1])], 0);
+        pending.push(Pending { step: *step, first_iter, values: sums });
+        let (loss, grad_norm) = if sync {
+            let v = read_pending(&mut pending, s.what(), epoch, world.size)?;
+            (Some(v[0] / (accum * world.size) as f64), norm.is_some().then_some(v[3]))
+        } else {
+            (None, None)
         };
+        let ev = StepEvent { epoch, next_iter: it + 1, step: *step, loss, lr: st.lr, grad_norm, images: step_images, epoch_end };
         if on_step(s, &ev)? == Flow::Stop {
             st.stopped = true;
             break;
         }
     }
-    if world.is_distributed() {
-        let sums = world.sum_f64(&[st.loss_sum, st.micro_batches as f64], "the epoch loss all-reduce")?;
-        st.loss_sum = sums[0];
-        st.micro_batches = sums[1] as usize;
+    if !pending.is_empty() {
+        read_pending(&mut pending, s.what(), epoch, world.size)?;
+    }
+    if let Some(e) = epoch_loss {
+        let n = Tensor::from(st.micro_batches as f64).to_device(e.device());
+        let mut sums = Tensor::stack(&[e, n], 0);
+        if world.is_distributed() {
+            world.all_reduce_sum(std::slice::from_ref(&sums), "the epoch loss all-reduce")?;
+        }
+        sums = sums.to_kind(Kind::Double);
+        let v = read_f64s(&sums)?;
+        st.loss_sum = v[0];
+        st.micro_batches = v[1] as usize;
     }
     Ok(st)
 }
 
-/// Top-1 / top-5 hits of `logits [N, C]` against `labels [N]` (top-5 over min(5, C) classes).
-pub fn topk_correct(logits: &Tensor, labels: &Tensor) -> (i64, i64) {
+/// Reads the pending steps' values in one host read (`[loss sum, NaN count, inf count, grad norm]` of the last
+/// one returned) and stops the run at the first step that diverged.
+fn read_pending(pending: &mut Vec<Pending>, what: &str, epoch: usize, world: usize) -> Result<[f64; 4]> {
+    let all = Tensor::stack(&pending.iter().map(|p| p.values.shallow_clone()).collect::<Vec<_>>(), 0);
+    let v = read_f64s(&all)?;
+    for (p, row) in pending.iter().zip(v.chunks(4)) {
+        let (nan, inf, norm) = (row[1], row[2], row[3]);
+        if nan + inf == 0.0 && norm.is_finite() {
+            continue;
+        }
+        let msg = if nan + inf > 0.0 {
+            let value = if nan > 0.0 { "NaN" } else { "inf" };
+            let count = if world > 1 { format!(" in {} of the step's micro-batches over {world} ranks", nan + inf) } else { String::new() };
+            format!("{what} loss is {value} at step {} (epoch {epoch}, from micro-batch {}){count}", p.step, p.first_iter)
+        } else {
+            format!("{what} gradient norm is {norm} at step {} (epoch {epoch}, from micro-batch {})", p.step, p.first_iter)
+        };
+        return Err(Error::Diverged(format!("{msg}; that update was skipped")));
+    }
+    let last = &v[v.len() - 4..];
+    pending.clear();
+    Ok([last[0], last[1], last[2], last[3]])
+}
+
+/// Top-1 / top-5 hits of `logits [N, C]` against `labels [N]` (top-5 over min(5, C) classes), as a device
+/// tensor `[2]` (i64), so that an evaluation loop can add them up without reading each batch back.
+pub fn topk_hits(logits: &Tensor, labels: &Tensor) -> Tensor {
     let c = logits.size()[1];
     let (_, idx) = logits.topk(c.min(5), 1, true, true);
-    let hits = idx.eq_tensor(&labels.unsqueeze(1));
-    let top1 = hits.narrow(1, 0, 1).sum(Kind::Int64).int64_value(&[]);
-    let top5 = hits.any_dim(1, false).sum(Kind::Int64).int64_value(&[]);
-    (top1, top5)
+    let hits = idx.eq_tensor(&labels.to_device(logits.device()).unsqueeze(1));
+    Tensor::stack(&[hits.narrow(1, 0, 1).sum(Kind::Int64), hits.any_dim(1, false).sum(Kind::Int64)], 0)
+}
+
+/// [`topk_hits`] read back to the host.
+pub fn topk_correct(logits: &Tensor, labels: &Tensor) -> (i64, i64) {
+    let v = read_f64s(&topk_hits(logits, labels)).expect("a two-element tensor reads back");
+    (v[0] as i64, v[1] as i64)
 }
 
 /// Top-1 and top-5 accuracy in percent over evaluation batches `(images, labels)`; `logits` runs the model
-/// (without grad). An empty split is an error naming `split`.
+/// (without grad). The hits stay on the device until the end. An empty split is an error naming `split`.
 pub fn evaluate_topk(
     batches: impl Iterator<Item = Result<(Tensor, Tensor)>>,
     split: &std::path::Path,
     mut logits: impl FnMut(&Tensor) -> Tensor,
 ) -> Result<(f64, f64)> {
-    let (mut n, mut c1, mut c5) = (0i64, 0i64, 0i64);
+    let mut n = 0i64;
+    let mut hits: Option<Tensor> = None;
     for b in batches {
         let (x, y) = b?;
         let out = tch::no_grad(|| logits(&x));
-        let (a, a5) = topk_correct(&out, &y.to_device(out.device()));
+        let h = topk_hits(&out, &y);
+        hits = Some(hits.map_or(h.shallow_clone(), |a| a + h));
         n += y.size()[0];
-        c1 += a;
-        c5 += a5;
     }
+    let (c1, c5) = match hits {
+        Some(h) => {
+            let v = read_f64s(&h)?;
+            (v[0], v[1])
+        }
+        None => (0.0, 0.0),
+    };
     // Each rank saw its shard of the split (see `protocols::eval_loader`).
-    let sums = crate::dist::world().sum_f64(&[n as f64, c1 as f64, c5 as f64], "the evaluation all-reduce")?;
+    let sums = crate::dist::world().sum_f64(&[n as f64, c1, c5], "the evaluation all-reduce")?;
     let (n, c1, c5) = (sums[0], sums[1], sums[2]);
     if n == 0.0 {
         return Err(Error::data(split, "the split yielded no images"));
@@ -258,16 +321,17 @@ pub fn evaluate_topk(
     Ok((100.0 * c1 / n, 100.0 * c5 / n))
 }
 
-/// One optimiser step of `s` over `micro_batches` (accumulated), through the same [`run_epoch`] as the
-/// commands: what `bench` times. `index` keys the randomness. Returns the step's mean loss.
-pub fn one_step<S: TrainStep + ?Sized>(s: &mut S, micro_batches: Vec<S::Batch>, index: usize, clip: Option<f64>) -> Result<f64> {
-    let n = micro_batches.len();
-    let rule = StepRule { accum: n.max(1), clip };
-    let mut it = micro_batches.into_iter().map(Ok);
+/// `steps` optimiser steps of `s`, one micro-batch from `batches` each, as epoch `index` of a run, through the
+/// same [`run_epoch`] as the commands: what `bench` times. Values are read from the device once, at the end.
+/// Returns the last step's mean loss.
+pub fn run_steps<S: TrainStep + ?Sized>(s: &mut S, batches: &mut dyn Iterator<Item = Result<S::Batch>>, steps: usize, index: usize, clip: Option<f64>) -> Result<f64> {
+    let rule = StepRule { accum: 1, clip };
     let (mut loss, mut step) = (f64::NAN, 0i64);
-    // Every rank brings `n` micro-batches: the step has n x world of them.
-    run_epoch(s, rule, &mut it, index, 0, n * crate::dist::world().size, &mut step, &|_| false, &mut |_, ev| {
-        loss = ev.loss;
+    // Every rank brings `steps` micro-batches: the epoch has steps x world of them.
+    run_epoch(s, rule, batches, index, 0, steps * crate::dist::world().size, &mut step, &|_| false, &mut |_, ev| {
+        if let Some(l) = ev.loss {
+            loss = l;
+        }
         Ok(Flow::Continue)
     })?;
     Ok(loss)
