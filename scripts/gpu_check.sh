@@ -39,6 +39,9 @@ if [ -z "$BIN" ]; then
 fi
 [ -x "$BIN" ] || { echo "gpu_check.sh: no lmim-bench binary (set LMIM_BIN)" >&2; exit 2; }
 THREADS="$(nproc)"
+# A binary built elsewhere runs against this machine's torch libraries (the rpath points to the build machine's).
+TORCH_LIB="$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null)"
+[ -n "$TORCH_LIB" ] && export LD_LIBRARY_PATH="$TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 if [ "$MODE" = gpu ]; then
     DEV=cuda
     VIT=vit_base_patch16_224; PAR_BATCH=32

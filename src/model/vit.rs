@@ -224,19 +224,6 @@ pub fn norm(ln: &nn::LayerNorm, x: &Tensor) -> Tensor {
     ln.forward(&x.to_kind(Kind::Float))
 }
 
-/// Stochastic depth: drops the whole residual branch per sample with probability `p` during training.
-pub fn drop_path(x: &Tensor, p: f64, train: bool) -> Tensor {
-    if !train || p <= 0.0 {
-        return x.shallow_clone();
-    }
-    let keep = 1.0 - p;
-    let mut shape = vec![x.size()[0]];
-    shape.extend(std::iter::repeat(1).take(x.dim() - 1));
-    // Scaled on the [B, 1, 1] mask, as timm does: one full-size multiply instead of two.
-    let mask = Tensor::empty(&shape[..], (x.kind(), x.device())).bernoulli_float_(keep) / keep;
-    x * mask
-}
-
 #[derive(Debug)]
 pub struct Attention {
     qkv: nn::Linear,
@@ -312,8 +299,33 @@ impl Block {
             Some((g1, g2)) => t * if i == 1 { g1 } else { g2 },
             None => t,
         };
-        let x = x + drop_path(&scale(self.attn.forward(&norm(&self.norm1, x)), 1), self.drop_path, train);
-        &x + drop_path(&scale(self.mlp.forward(&norm(&self.norm2, &x)), 2), self.drop_path, train)
+        let attn = |t: &Tensor| scale(self.attn.forward(&norm(&self.norm1, t)), 1);
+        let mlp = |t: &Tensor| scale(self.mlp.forward(&norm(&self.norm2, t)), 2);
+        if train && self.drop_path > 0.0 {
+            let x = residual_drop_path(x, self.drop_path, attn);
+            return residual_drop_path(&x, self.drop_path, mlp);
+        }
+        let x = x + attn(x);
+        &x + mlp(&x)
+    }
+}
+
+/// `x + drop_path(branch(x))` (timm's stochastic depth, one draw per sample and branch) that runs `branch` only on
+/// the samples it keeps: a dropped sample's branch is multiplied by 0 anyway, so skipping it saves that share of
+/// the block's compute (5 % of the blocks' FLOPs on average at fine-tuning's linear ramp to 0.1) and gives the
+/// same values. The draw is made on the CPU generator, so choosing the rows needs no device read.
+pub fn residual_drop_path(x: &Tensor, p: f64, branch: impl Fn(&Tensor) -> Tensor) -> Tensor {
+    let keep = 1.0 - p;
+    let b = x.size()[0];
+    let kept = Tensor::empty([b], (Kind::Float, tch::Device::Cpu)).bernoulli_float_(keep).nonzero().view([-1]);
+    match kept.size()[0] {
+        0 => x.shallow_clone(),
+        n if n == b => x + branch(x) / keep,
+        _ => {
+            let rows = crate::train::device::to_device_async(&kept, x.device());
+            let out = branch(&x.index_select(0, &rows)) / keep;
+            x.index_add(0, &rows, &out.to_kind(x.kind()))
+        }
     }
 }
 
