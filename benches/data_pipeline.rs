@@ -47,7 +47,9 @@ fn decoders() -> Vec<(&'static str, Decoder)> {
     vec![("zune-jpeg", Decoder::Default)]
 }
 
-/// Read + decode, as the loader does. TurboDct decodes at the scale that the sample's crop would choose.
+/// Read + decode, as the loader does. TurboDct decodes at the scale that the sample's crop would choose (the
+/// transform and sample index are only needed for that).
+#[cfg_attr(not(feature = "turbojpeg"), allow(unused_variables))]
 fn decode_only(d: Decoder, t: &Transform, path: &Path, i: usize) {
     let bytes = std::fs::read(path).unwrap();
     let img = match d {
