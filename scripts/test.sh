@@ -4,5 +4,8 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$LMIM_ROOT"
-cargo build --quiet --bins
-exec cargo test --no-fail-fast -- --test-threads="${LMIM_TEST_THREADS:-2}" "$@"
+# LMIM_TURBOJPEG=1: build and test with libjpeg-turbo (the optional `turbojpeg` feature; env.sh installs its tools).
+features=()
+if [ "${LMIM_TURBOJPEG:-0}" = 1 ]; then features=(--features turbojpeg); fi
+cargo build --quiet --bins "${features[@]}"
+exec cargo test --no-fail-fast "${features[@]}" -- --test-threads="${LMIM_TEST_THREADS:-2}" "$@"

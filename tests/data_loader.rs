@@ -233,3 +233,28 @@ fn imagenet_flat_val_maps_ids_to_sorted_wnids() {
     let labels: Vec<i64> = Dataset::open(&root, "val").unwrap().samples.iter().map(|s| s.1).collect();
     assert_eq!(labels, vec![0, 0, 1, 2]);
 }
+
+/// DCT-scaled decoding is an explicit opt-in: an error without the `turbojpeg` feature; with it, batches that are
+/// still independent of the worker count, and that differ from the reference pipeline's once crops are scaled.
+#[test]
+fn dct_scaling_is_opt_in_and_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 2, 4);
+    // Output 8 px: crops of 16 px and more of the 40x30 images decode at 1/2.
+    let open = |cfg: LoaderConfig| Loader::new(Dataset::open(&root, "train").unwrap(), Transform::train(8, 0.2), cfg);
+    let dct = LoaderConfig { dct_scaling: true, ..cfg(2) };
+    if !cfg!(feature = "turbojpeg") {
+        let err = open(dct).err().expect("dct_scaling without the turbojpeg feature must be refused").to_string();
+        assert!(err.contains("turbojpeg"), "{err}");
+        return;
+    }
+    let a = collect(open(dct.clone()).unwrap().epoch(0));
+    let b = collect(open(LoaderConfig { workers: 1, ..dct }).unwrap().epoch(0));
+    same(&a, &b);
+    let reference = collect(open(cfg(2)).unwrap().epoch(0));
+    assert!(a.iter().zip(&reference).any(|(x, y)| !x.images.equal(&y.images)), "no crop was DCT-scaled");
+    for (x, y) in a.iter().zip(&reference) {
+        assert_eq!(x.indices, y.indices);
+        assert_eq!(x.images.size(), y.images.size());
+    }
+}

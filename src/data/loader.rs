@@ -42,6 +42,10 @@ pub struct LoaderConfig {
     pub pin_memory: bool,
     /// No warnings on stderr (the skips are still counted).
     pub quiet: bool,
+    /// Decode JPEGs at a reduced DCT scale when the first op is a RandomResizedCrop whose crop allows it (cargo
+    /// feature `turbojpeg`). Off by default: it changes pixels relative to torchvision + PIL (see
+    /// [`Transform::apply_encoded`]).
+    pub dct_scaling: bool,
 }
 
 impl Default for LoaderConfig {
@@ -58,6 +62,7 @@ impl Default for LoaderConfig {
             strict: false,
             pin_memory: true,
             quiet: false,
+            dct_scaling: false,
         }
     }
 }
@@ -113,6 +118,9 @@ impl Loader {
         // A thread per worker: far more than any machine's cores only exhausts the process (seen: a hang, then abort).
         if cfg.workers > 1024 {
             return Err(Error::option("workers", format!("{} decode threads is more than 1024", cfg.workers)));
+        }
+        if cfg.dct_scaling && !cfg!(feature = "turbojpeg") {
+            return Err(Error::option("dct_scaling", "DCT-scaled JPEG decoding needs a build with --features turbojpeg"));
         }
         if cfg.world_size == 0 || cfg.rank >= cfg.world_size {
             return Err(Error::option("rank", format!("rank {} is not in 0..{}", cfg.rank, cfg.world_size)));
@@ -248,8 +256,12 @@ impl Loader {
 impl Shared {
     fn process(&self, index: usize, epoch: u64, out: &mut [f32]) -> Result<()> {
         let path = &self.dataset.samples[index].0;
-        let img = load_rgb(path)?;
         let mut rng = sample_rng(self.cfg.seed, epoch, index);
+        if self.cfg.dct_scaling {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            return self.transform.apply_encoded(&bytes, true, &mut rng, out).map_err(|r| Error::data(path, r));
+        }
+        let img = load_rgb(path)?;
         self.transform.apply(img, &mut rng, out).map_err(|r| Error::data(path, r))
     }
 

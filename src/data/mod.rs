@@ -2,7 +2,8 @@
 //!
 //! - [`dataset`]: `Dataset::open(root, split)` over ImageFolder trees and the flat ImageNet val layout, with a
 //!   fingerprint for results records.
-//! - [`decode`]: bytes to RGB (zune-jpeg for JPEG, the `image` crate for PNG).
+//! - [`decode`]: bytes to RGB (zune-jpeg for JPEG, or libjpeg-turbo with the `turbojpeg` feature; the `image`
+//!   crate for PNG).
 //! - [`transforms`]: `RandomResizedCrop`, `RandomHorizontalFlip`, `Resize` + `CenterCrop`, `ToTensor` + `Normalize`,
 //!   matching torchvision on PIL images.
 //! - [`loader`]: worker threads that decode and augment ahead into a bounded queue; deterministic shuffle, sharding

@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use fast_image_resize as fr;
 use rand::Rng;
 
-use super::decode::RgbImage;
+use super::decode::{decode_image, RgbImage};
 use crate::error::{Error, Result};
 
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -219,6 +219,30 @@ pub fn crop_resize(
     }
 }
 
+/// [`crop_resize`] of the box `b` of the full-size image on `img`, the same image decoded at 1/`denom` of its size
+/// (DCT scaling): the box becomes the fractional source box `b / denom`, covering the same part of the scene.
+/// `denom` 1 is [`crop_resize`] itself.
+pub fn crop_resize_scaled(
+    img: &RgbImage,
+    b: CropBox,
+    denom: u32,
+    size: (u32, u32),
+    interp: Interp,
+) -> std::result::Result<RgbImage, String> {
+    if denom <= 1 {
+        return crop_resize(img, b.top, b.left, b.height, b.width, size, interp);
+    }
+    if b.height == 0 || b.width == 0 || size.0 == 0 || size.1 == 0 {
+        return Err(format!("empty crop {}x{} or output size {size:?}", b.height, b.width));
+    }
+    let d = denom as f64;
+    let fbox = (b.left as f64 / d, b.top as f64 / d, b.width as f64 / d, b.height as f64 / d);
+    if fbox.0 + fbox.2 > img.width as f64 || fbox.1 + fbox.3 > img.height as f64 {
+        return Err(format!("crop {b:?} at 1/{denom} lies outside the {}x{} decoded image", img.width, img.height));
+    }
+    resize_impl(img, None, Some(fbox), size.1, size.0, interp)
+}
+
 /// The output size of torchvision's `Resize(size)` with an int: the shorter side becomes `size`.
 pub fn resized_dims(width: u32, height: u32, size: u32) -> (u32, u32) {
     let (short, long) = if width <= height { (width, height) } else { (height, width) };
@@ -398,10 +422,14 @@ impl Transform {
     }
 
     /// Runs the u8 ops. Randomness is drawn in op order from `rng`, so a per-sample rng makes it reproducible.
-    pub fn apply_u8(&self, mut img: RgbImage, rng: &mut impl Rng) -> std::result::Result<RgbImage, String> {
+    pub fn apply_u8(&self, img: RgbImage, rng: &mut impl Rng) -> std::result::Result<RgbImage, String> {
+        Self::apply_ops(&self.ops, img, rng)
+    }
+
+    fn apply_ops(ops: &[Op], mut img: RgbImage, rng: &mut impl Rng) -> std::result::Result<RgbImage, String> {
         let mut i = 0;
-        while i < self.ops.len() {
-            match self.ops[i] {
+        while i < ops.len() {
+            match ops[i] {
                 Op::RandomResizedCrop { size, scale, ratio, interp } => {
                     let b = random_resized_crop_params(img.width, img.height, scale, ratio, rng);
                     img = crop_resize(&img, b.top, b.left, b.height, b.width, size, interp)?;
@@ -413,7 +441,7 @@ impl Transform {
                 Op::RandAugment(ref ra) => img = ra.apply(img, rng),
                 Op::RandomErasing(_) => {}
                 Op::Resize { size, interp } => {
-                    if let Some(Op::CenterCrop { size: crop }) = self.ops.get(i + 1) {
+                    if let Some(Op::CenterCrop { size: crop }) = ops.get(i + 1) {
                         img = resize_center_crop(&img, size, *crop, interp)?;
                         i += 1;
                     } else {
@@ -439,6 +467,60 @@ impl Transform {
     /// The whole pipeline into `out` (CHW, `3*h*w` values, (h, w) from [`Transform::validate`]).
     pub fn apply(&self, img: RgbImage, rng: &mut impl Rng, out: &mut [f32]) -> std::result::Result<(), String> {
         let img = self.apply_u8(img, rng)?;
+        self.finish(img, rng, out)
+    }
+
+    /// [`Transform::apply`] on an encoded file. With `dct_scaling` (a build with the `turbojpeg` feature), a JPEG
+    /// whose first op is a RandomResizedCrop is decoded at the smallest DCT scale (1/2, 1/4, 1/8) at which the crop
+    /// still has the output's size ([`super::decode::dct_scale_for_crop`]). The crop box is drawn from the full
+    /// size as in `apply`, so the same rng gives the same box and the same later draws; the pixels differ from the
+    /// full decode's (by how much: [`super::decode::decode_jpeg_turbo_scaled`]).
+    pub fn apply_encoded(
+        &self,
+        bytes: &[u8],
+        dct_scaling: bool,
+        rng: &mut impl Rng,
+        out: &mut [f32],
+    ) -> std::result::Result<(), String> {
+        if dct_scaling {
+            #[cfg(not(feature = "turbojpeg"))]
+            return Err("DCT-scaled JPEG decoding needs a build with the `turbojpeg` feature".into());
+            #[cfg(feature = "turbojpeg")]
+            if let Some(img) = self.first_crop_dct_scaled(bytes, rng)? {
+                let img = Self::apply_ops(&self.ops[1..], img, rng)?;
+                return self.finish(img, rng, out);
+            }
+        }
+        self.apply(decode_image(bytes)?, rng, out)
+    }
+
+    /// The first op, a RandomResizedCrop, on a DCT-scaled decode; None when the file or the pipeline does not
+    /// allow it (not a JPEG, CMYK, another first op), before anything is drawn from `rng`.
+    #[cfg(feature = "turbojpeg")]
+    fn first_crop_dct_scaled(&self, bytes: &[u8], rng: &mut impl Rng) -> std::result::Result<Option<RgbImage>, String> {
+        use super::decode::{dct_scale_for_crop, decode_jpeg_turbo_scaled, is_jpeg, jpeg_dimensions_for_scaling};
+        let Some(&(Op::RandomResizedCrop { size, scale, ratio, interp } | Op::RandomResizedCropOnce { size, scale, ratio, interp })) =
+            self.ops.first()
+        else {
+            return Ok(None);
+        };
+        if !is_jpeg(bytes) {
+            return Ok(None);
+        }
+        let Some((w, h)) = jpeg_dimensions_for_scaling(bytes)? else { return Ok(None) };
+        let b = match self.ops[0] {
+            Op::RandomResizedCrop { .. } => random_resized_crop_params(w, h, scale, ratio, rng),
+            _ => random_resized_crop_once_params(w, h, scale, ratio, rng),
+        };
+        let denom = dct_scale_for_crop(b.width, b.height, size.1, size.0);
+        let img = decode_jpeg_turbo_scaled(bytes, denom)?;
+        // A file left to zune-jpeg comes back at full size.
+        let denom = if (img.width, img.height) == (w, h) { 1 } else { denom };
+        crop_resize_scaled(&img, b, denom, size, interp).map(Some)
+    }
+
+    /// `ToTensor` + `Normalize` into `out`, then RandomErasing when it is the last op.
+    fn finish(&self, img: RgbImage, rng: &mut impl Rng, out: &mut [f32]) -> std::result::Result<(), String> {
         if out.len() != 3 * img.width as usize * img.height as usize {
             return Err(format!(
                 "transform produced {}x{} but the output holds {} values",
