@@ -4,7 +4,7 @@
 //! the `turbojpeg` feature, one run measures zune-jpeg, libjpeg-turbo at full size and libjpeg-turbo with DCT
 //! scaling side by side. Results: benchmarks/data_pipeline.md.
 //!
-//!     source scripts/env.sh && cargo bench --bench data_pipeline [--features turbojpeg]
+//!     source scripts/env.sh && cargo bench --bench data_pipeline [--no-default-features]
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

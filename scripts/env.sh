@@ -56,13 +56,13 @@ if [ "${LMIM_FAISS:-0}" = 1 ] && { ! command -v cmake >/dev/null || ! dpkg -s li
         log "could not install cmake/libopenblas-dev; install them to build with --features faiss"
 fi
 
-# Only for builds with the optional `turbojpeg` feature (LMIM_TURBOJPEG=1 asks the set-up for them): turbojpeg-sys
-# builds the libjpeg-turbo 3.1 it bundles with cmake, and its SIMD code with nasm (Debian 12's libturbojpeg is 2.1,
-# older than the TurboJPEG 3 API the crate binds).
-if [ "${LMIM_TURBOJPEG:-0}" = 1 ] && { ! command -v cmake >/dev/null || ! command -v nasm >/dev/null; }; then
+# The default `turbojpeg` feature (LMIM_TURBOJPEG=0 leaves it out): turbojpeg-sys builds the libjpeg-turbo 3.1 it
+# bundles with cmake, and its SIMD code with nasm (Debian 12's libturbojpeg is 2.1, older than the TurboJPEG 3 API
+# the crate binds).
+if [ "${LMIM_TURBOJPEG:-1}" = 1 ] && { ! command -v cmake >/dev/null || ! command -v nasm >/dev/null; }; then
     log "installing cmake and nasm (to build libjpeg-turbo)"
     apt_install cmake nasm ||
-        log "could not install cmake/nasm; install them to build with --features turbojpeg"
+        { log "cmake and nasm are missing: run 'apt-get install cmake nasm' as root, or set LMIM_TURBOJPEG=0 (zune-jpeg)"; exit 2; }
 fi
 
 # gloo's headers (the torch wheel ships none) for the c10d shim that build.rs compiles: Debian's libgloo-dev.

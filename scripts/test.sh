@@ -4,8 +4,8 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$LMIM_ROOT"
-# LMIM_TURBOJPEG=1: build and test with libjpeg-turbo (the optional `turbojpeg` feature; env.sh installs its tools).
+# LMIM_TURBOJPEG=0: build and test without libjpeg-turbo (zune-jpeg decodes JPEGs).
 features=()
-if [ "${LMIM_TURBOJPEG:-0}" = 1 ]; then features=(--features turbojpeg); fi
+if [ "${LMIM_TURBOJPEG:-1}" = 0 ]; then features=(--no-default-features); fi
 cargo build --quiet --bins "${features[@]}"
 exec cargo test --no-fail-fast "${features[@]}" -- --test-threads="${LMIM_TEST_THREADS:-2}" "$@"

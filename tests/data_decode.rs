@@ -1,5 +1,5 @@
 //! The JPEG decoders against PIL and each other: zune-jpeg, libjpeg-turbo at full size, and libjpeg-turbo with
-//! DCT scaling under RandomResizedCrop. Needs the `turbojpeg` feature (`cargo test --features turbojpeg`).
+//! DCT scaling under RandomResizedCrop. Needs the `turbojpeg` feature (on by default).
 #![cfg(feature = "turbojpeg")]
 mod common;
 

@@ -1,0 +1,43 @@
+//! Stochastic depth that skips the dropped samples: each row is either `x` (dropped) or `x + branch(x) / keep`
+//! (kept), exactly as timm's `x + drop_path(branch(x))`, with the kept share near `1 - p`, gradients only through
+//! the kept rows' branch, and the plain residual outside training.
+use lmim_bench::model::vit::residual_drop_path;
+use tch::{Device, Kind, Tensor};
+
+#[test]
+fn rows_are_either_dropped_or_kept_and_rescaled() {
+    tch::manual_seed(7);
+    let (b, n, d, p) = (64, 5, 8, 0.3);
+    let x = Tensor::randn([b, n, d], (Kind::Float, Device::Cpu));
+    let w = Tensor::randn([d, d], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let branch = |t: &Tensor| t.matmul(&w).tanh();
+    let out = residual_drop_path(&x, p, branch);
+    let full = &x + branch(&x) / (1.0 - p);
+    let (mut kept, mut dropped) = (0, 0);
+    for i in 0..b {
+        let (o, xi, fi) = (out.get(i), x.get(i), full.get(i));
+        let to_x = (&o - &xi).abs().max().double_value(&[]);
+        let to_full = (&o - &fi).abs().max().double_value(&[]);
+        if to_x == 0.0 {
+            dropped += 1;
+        } else {
+            assert!(to_full < 1e-5, "row {i} is neither dropped nor kept: {to_x} / {to_full}");
+            kept += 1;
+        }
+    }
+    assert_eq!(kept + dropped, b);
+    // 64 draws at keep 0.7: 44.8 expected, 30..60 covers more than 6 standard deviations.
+    assert!((30..60).contains(&kept), "kept {kept} of {b}");
+    out.sum(Kind::Float).backward();
+    assert!(w.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+}
+
+#[test]
+fn the_same_seed_draws_the_same_rows() {
+    let x = Tensor::randn([32, 3, 4], (Kind::Float, Device::Cpu));
+    let run = || {
+        tch::manual_seed(11);
+        residual_drop_path(&x, 0.5, |t| t * 2.0)
+    };
+    assert_eq!((run() - run()).abs().max().double_value(&[]), 0.0);
+}
