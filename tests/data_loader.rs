@@ -1,7 +1,6 @@
 //! Dataset order and labels against torchvision's ImageFolder, and the loader's determinism, resume and sharding.
 mod common;
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use lmim_bench::data::synth::{synth, SynthOptions};
