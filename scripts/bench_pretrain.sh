@@ -29,8 +29,8 @@ print("# Latent MIM pretraining step, ViT-B/16, CPU: lmim-bench vs the original 
 print(f"Machine: {cpu}, {threads} threads, fp32 (no GPU in this task). Command: `LATENTMIM_DIR=/path/to/LatentMIM bash scripts/bench_pretrain.sh`.")
 print(f"Batch {batch} of random 280 x 280 images; one step = masking/patchify, EMA update of the target, target and")
 print("online encoders, decoder, InfoNCE + average-similarity loss, backward, AdamW. Both sides are timed twice,")
-print("alternately, in one run (1 warm-up step, then the median of the timed steps); peak memory is the process's")
-print("peak RSS.\n")
+print("alternately, in one run (warm-up steps first; lmim-bench: the timed steps as one epoch with one device read at")
+print("its end, s/step = their mean; the original: the median of per-step times); peak memory is the process's peak RSS.\n")
 print("| implementation | s/step (run 1 / run 2) | img/s (mean) | peak RSS MiB |")
 print("|---|---|---|---|")
 def row(name, rs, key_s, key_rate, key_mem):

@@ -27,8 +27,9 @@ o1, o2, od, t1, t2, sw = j("ours-random-1"), j("ours-random-2"), j("ours-data-1"
 commit = o1["provenance"]["git_commit"][:12]
 print("# Training loops on the CPU: fine-tuning step (lmim-bench vs timm) and the linear sweep\n")
 print(f"Machine: {cpu}, {threads} threads, fp32, no GPU in this task. Command: `bash scripts/bench_training.sh`.")
-print("Each fine-tuning side is timed twice, alternately, in one run (1 warm-up step, then the median of the timed")
-print("steps). Peak memory is the process's peak RSS.\n")
+print("Each fine-tuning side is timed twice, alternately, in one run (warm-up steps first; lmim-bench: the timed steps")
+print("run as one epoch with one device read at its end, s/step = their mean; timm: the median of per-step times).")
+print("Peak memory is the process's peak RSS.\n")
 print(f"## Fine-tuning step, vit_base_patch16_224, batch {batch}\n")
 print("| implementation | input | s/step (run 1 / run 2) | img/s (mean) | peak RSS MiB |")
 print("|---|---|---|---|---|")
