@@ -4,8 +4,12 @@
 use lmim_bench::model::vit::residual_drop_path;
 use tch::{Device, Kind, Tensor};
 
+// Both tests seed and draw from torch's one global CPU generator: they must not run at the same time.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn rows_are_either_dropped_or_kept_and_rescaled() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(7);
     let (b, n, d, p) = (64, 5, 8, 0.3);
     let x = Tensor::randn([b, n, d], (Kind::Float, Device::Cpu));
@@ -34,6 +38,7 @@ fn rows_are_either_dropped_or_kept_and_rescaled() {
 
 #[test]
 fn the_same_seed_draws_the_same_rows() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let x = Tensor::randn([32, 3, 4], (Kind::Float, Device::Cpu));
     let run = || {
         tch::manual_seed(11);
