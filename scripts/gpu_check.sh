@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one-call device check: everything the GPU path has to show, run from a prepared release binary in ONE call
-# on a GPU machine that has PyTorch + timm but no Rust and no network (about 5 minutes on one H200):
+# on a GPU machine that has PyTorch + timm but no Rust and no network (an estimated 7 minutes on one H200):
 #   info; ViT-B/16 forward parity with timm on the GPU (fp32, bf16) and the SDPA kernel used; one Latent MIM step on
 #   the GPU against the CPU; side by side and alternating: the pretraining step at batch 256 (lmim-bench bf16, the
 #   original code fp16 + GradScaler as shipped and in bf16) with img/s, peak memory and MFU, the fine-tuning step at
