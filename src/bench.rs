@@ -112,7 +112,7 @@ pub fn pretrain_steps(cfg: &PretrainConfig, batch: i64, t: Timing, device: Devic
     let details = serde_json::json!({ "train_size": size, "num_vis": cfg.model.num_vis, "patch_gap": cfg.model.patch_gap,
         "decoder_depth": cfg.model.decoder_depth, "last_loss": last_loss, "input": "random images on the device",
         "flops_per_step": step_flops, "flops": flops, "tflops_per_s": step_flops * t.steps as f64 / secs / 1e12,
-        "sdpa": sdpa_backend(device, amp.unwrap_or(Kind::Float), batch, vit.num_heads, cfg.model.num_vis + 1, vit.embed_dim / vit.num_heads),
+        "sdpa": sdpa_backend(device, amp.unwrap_or(Kind::Float), batch, &vit, cfg.model.num_vis + 1),
         "cuda_peak_mib": cuda_peak_mib(device, false) });
     Ok(result("pretrain-step", &vit.arch, batch, t, secs, batch as f64, device, amp, details))
 }
@@ -164,7 +164,7 @@ pub fn finetune_steps(arch: &str, cfg: &FinetuneConfig, t: Timing, device: Devic
     let vit = &ft.fm.cfg;
     let details = serde_json::json!({ "input": input, "drop_path": cfg.drop_path, "layer_decay": cfg.layer_decay, "classes": classes,
         "flops_per_step": step_flops, "tflops_per_s": step_flops * t.steps as f64 / secs / 1e12,
-        "sdpa": sdpa_backend(device, amp.unwrap_or(Kind::Float), b, vit.num_heads, vit.num_patches() + 1, vit.embed_dim / vit.num_heads),
+        "sdpa": sdpa_backend(device, amp.unwrap_or(Kind::Float), b, vit, vit.num_patches() + 1),
         "cuda_peak_mib": cuda_peak_mib(device, false) });
     Ok(result("finetune-step", arch, b, t, secs, b as f64, device, amp, details))
 }
@@ -229,10 +229,10 @@ pub fn cuda_peak_mib(device: Device, reset: bool) -> Option<f64> {
     None
 }
 
-/// The scaled-dot-product-attention kernel libtorch picks for `[b, heads, tokens, head_dim]` inputs of `kind` on
-/// `device` (`at::_fused_sdp_choice`, the choice `scaled_dot_product_attention` makes).
-pub fn sdpa_backend(device: Device, kind: Kind, b: i64, heads: i64, tokens: i64, head_dim: i64) -> String {
-    let q = Tensor::zeros([b, heads, tokens, head_dim], (kind, device));
+/// The scaled-dot-product-attention kernel libtorch picks for the attention of `vit` over `tokens` tokens at batch
+/// `b` in `kind` on `device` (`at::_fused_sdp_choice`, the choice `scaled_dot_product_attention` makes).
+pub fn sdpa_backend(device: Device, kind: Kind, b: i64, vit: &VitConfig, tokens: i64) -> String {
+    let q = Tensor::zeros([b, vit.num_heads, tokens, vit.embed_dim / vit.num_heads], (kind, device));
     match Tensor::f_internal_fused_sdp_choice(&q, &q, &q, None::<&Tensor>, 0.0, false, None, false) {
         Ok(0) => "math".into(),
         Ok(1) => "flash".into(),
@@ -261,7 +261,7 @@ pub fn infer(arch: &str, batch: i64, t: Timing, device: Device, precision: Preci
     })?;
     let kind = amp.unwrap_or(Kind::Float);
     let details = serde_json::json!({ "flops_per_step": flops.forward(), "tflops_per_s": flops.forward() * t.steps as f64 / secs / 1e12,
-        "sdpa": sdpa_backend(device, kind, batch, cfg.num_heads, cfg.num_patches() + 1, cfg.embed_dim / cfg.num_heads),
+        "sdpa": sdpa_backend(device, kind, batch, &cfg, cfg.num_patches() + 1),
         "cuda_peak_mib": cuda_peak_mib(device, false), "input": "random images on the device" });
     Ok(result("inference", arch, batch, t, secs, batch as f64, device, amp, details))
 }
@@ -359,8 +359,9 @@ pub fn vit_parity(weights: &Path, io: &Path, arch: &str, device: Device) -> Resu
         pass &= max_b <= TOL_BF16_MAX && mean_b <= TOL_BF16_MEAN;
     }
     let cfg = &m.model.cfg;
-    report["sdpa_f32"] = serde_json::json!(sdpa_backend(device, Kind::Float, x.size()[0], cfg.num_heads, cfg.num_patches() + 1, cfg.embed_dim / cfg.num_heads));
-    report["sdpa_bf16"] = serde_json::json!(sdpa_backend(device, Kind::BFloat16, x.size()[0], cfg.num_heads, cfg.num_patches() + 1, cfg.embed_dim / cfg.num_heads));
+    for (key, kind) in [("sdpa_f32", Kind::Float), ("sdpa_bf16", Kind::BFloat16)] {
+        report[key] = serde_json::json!(sdpa_backend(device, kind, x.size()[0], cfg, cfg.num_patches() + 1));
+    }
     report["pass"] = serde_json::json!(pass);
     Ok(Parity { report, pass })
 }

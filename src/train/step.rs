@@ -173,15 +173,15 @@ pub fn run_epoch<S: TrainStep + ?Sized>(
         let batch = batches
             .next()
             .ok_or_else(|| Error::data("<loader>", format!("the data ended early in epoch {epoch} at batch {it} of {used}")))??;
+        let global_it = it * world.size + world.rank;
         if it % accum == 0 {
             st.lr = s.begin_step(epoch as f64 + (it * world.size) as f64 / batches_per_epoch as f64);
             step_loss = None;
             step_bad = None;
             step_images = 0;
-            first_iter = it * world.size + world.rank;
+            first_iter = global_it;
         }
         step_images += S::batch_len(&batch);
-        let global_it = it * world.size + world.rank;
         let loss = s.loss(batch, epoch, global_it)?;
         let lv = loss.detach().to_kind(Kind::Double);
         let bad = Tensor::stack(&[lv.isnan(), lv.isinf()], 0).to_kind(Kind::Double);
