@@ -7,6 +7,9 @@ use lmim_bench::train::optim::{AdamW, Param};
 use lmim_bench::train::step::{run_epoch, Flow, Optimizer, StepRule, TrainStep};
 use tch::{Device, Kind, Tensor};
 
+// Both tests seed torch's one global generator for their weights: they must not run at the same time.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 struct Toy {
     w: Tensor,
     opt: AdamW,
@@ -55,6 +58,7 @@ fn run(toy: &mut Toy, steps: usize, sync_every: i64, losses: &mut Vec<Option<f64
 
 #[test]
 fn device_values_are_read_only_at_synced_steps_and_the_epoch_end() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let mut toy = Toy::new(None);
     let mut losses = Vec::new();
     let before = host_reads();
@@ -70,6 +74,7 @@ fn device_values_are_read_only_at_synced_steps_and_the_epoch_end() {
 
 #[test]
 fn a_nan_loss_between_reads_is_skipped_on_the_device_and_stops_the_run_at_the_next_read() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let mut toy = Toy::new(Some(3));
     let mut losses = Vec::new();
     let err = run(&mut toy, 10, 5, &mut losses).unwrap_err().to_string();
