@@ -40,4 +40,13 @@ int lmim_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_a
     at::_fused_adamw_(p, g, m, v, none, s, lr, beta1, beta2, weight_decay, eps, false, false, std::nullopt, inf);
   });
 }
+
+// Drops the gradients of `params` (PyTorch's zero_grad(set_to_none=True), the default since 2.0): the next backward
+// hands each parameter its fresh gradient instead of adding it into a zeroed one, which saves a write of every
+// gradient for the zeroing and a read-modify-write for the accumulation.
+int lmim_grads_to_none(at::Tensor** params, int n) {
+  return lmim_guarded(last_error, [&] {
+    for (int i = 0; i < n; ++i) params[i]->mutable_grad().reset();
+  });
+}
 }

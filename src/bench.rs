@@ -382,7 +382,10 @@ pub fn lmim_step_parity(cfg: &PretrainConfig, batch: i64, device: Device) -> Res
     let images = Tensor::randn([batch, 3, size, size], (Kind::Float, Device::Cpu));
     let run = |tr: &mut Trainer| -> Result<Tensor> {
         tr.begin_step(0.5);
-        let loss = tr.loss(images.shallow_clone(), 0, 0)?;
+        // Through the copy ahead that run_epoch uses (the side stream on CUDA), so the parity covers it.
+        let (staged, ready) = tr.stage(images.shallow_clone())?;
+        ready.wait()?;
+        let loss = tr.loss(staged, 0, 0)?;
         loss.backward();
         Ok(loss.detach())
     };

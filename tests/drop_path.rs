@@ -46,3 +46,23 @@ fn the_same_seed_draws_the_same_rows() {
     };
     assert_eq!((run() - run()).abs().max().double_value(&[]), 0.0);
 }
+
+/// A ViT block whose branches drop every sample (p close to 1 on a batch of 2) gives its parameters zero
+/// gradients, not none: timm's masked branch does, so AdamW still decays them; and the output is the input.
+#[test]
+fn a_branch_that_drops_every_sample_gives_zero_gradients() {
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = lmim_bench::model::VitConfig { depth: 1, embed_dim: 16, num_heads: 2, img_size: 32, patch_size: 16, ..Default::default() };
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let block = lmim_bench::model::vit::Block::new(vs.root() / "blocks" / "0", &cfg, 1.0 - 1e-12);
+    tch::manual_seed(3);
+    let x = Tensor::randn([2, 5, 16], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let out = block.forward(&x, true);
+    assert_eq!((&out - &x).abs().max().double_value(&[]), 0.0);
+    out.sum(Kind::Float).backward();
+    for (name, t) in vs.variables() {
+        let g = t.grad();
+        assert!(g.defined(), "{name} has no gradient");
+        assert_eq!(g.abs().max().double_value(&[]), 0.0, "{name}");
+    }
+}

@@ -2,39 +2,18 @@
 //! encoder checkpoint with a fresh head, train for a couple of epochs with the full augmentation pipeline.
 use std::collections::BTreeMap;
 
-use assert_cmd::Command;
 use lmim_bench::checkpoint;
 use lmim_bench::model::{VisionTransformer, VitConfig};
 use lmim_bench::protocols::finetune::{run_finetune_with, FinetuneConfig, FinetuneOptions};
-use lmim_bench::protocols::RunOptions;
 use tch::{nn, Device};
 
-fn cpu() -> RunOptions {
-    RunOptions { device: "cpu".into(), workers: Some(2), ..Default::default() }
-}
-
-fn small_cfg(epochs: usize) -> FinetuneConfig {
-    FinetuneConfig {
-        epochs,
-        warmup_epochs: 1.0,
-        batch_size: 64,
-        micro_batch_size: 32,
-        blr: 1e-3,
-        ..Default::default()
-    }
-}
+mod common;
+use common::{cpu_options as cpu, small_finetune as small_cfg};
 
 #[test]
 fn finetune_demo_data() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("demo");
-    Command::cargo_bin("lmim-bench")
-        .unwrap()
-        .args(["data", "prepare-demo", "--train-per-class", "30", "--val-per-class", "20"])
-        .arg("--out")
-        .arg(&data)
-        .assert()
-        .success();
+    let data = common::demo_data(dir.path(), 30, 20);
 
     // Random init, 2 epochs, eval each epoch.
     let cfg = small_cfg(2);

@@ -1,40 +1,19 @@
 //! Fine-tuning checkpoints: resume is exact at epoch boundaries (with model EMA), a changed recipe refuses to
 //! resume, and the export loads as a timm-named classifier. Its own test binary, because torch's global RNG
 //! (drop path) must not be shared with another test running in parallel.
-use assert_cmd::Command;
 use lmim_bench::checkpoint;
 use lmim_bench::protocols::finetune::{run_finetune_with, FinetuneConfig, FinetuneOptions};
-use lmim_bench::protocols::RunOptions;
 use tch::Device;
 
-fn cpu() -> RunOptions {
-    RunOptions { device: "cpu".into(), workers: Some(2), ..Default::default() }
-}
-
-fn small_cfg(epochs: usize) -> FinetuneConfig {
-    FinetuneConfig {
-        epochs,
-        warmup_epochs: 1.0,
-        batch_size: 64,
-        micro_batch_size: 32,
-        blr: 1e-3,
-        ..Default::default()
-    }
-}
+mod common;
+use common::{cpu_options as cpu, small_finetune as small_cfg};
 
 /// A run stopped after one epoch and resumed gives the same history and weights as an uninterrupted one (with
 /// model EMA on), and the export is a timm-named classifier that loads with `load_vit`.
 #[test]
 fn finetune_resume_is_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("demo");
-    Command::cargo_bin("lmim-bench")
-        .unwrap()
-        .args(["data", "prepare-demo", "--train-per-class", "12", "--val-per-class", "4"])
-        .arg("--out")
-        .arg(&data)
-        .assert()
-        .success();
+    let data = common::demo_data(dir.path(), 12, 4);
     let cfg = FinetuneConfig { model_ema: true, model_ema_decay: 0.9, ..small_cfg(2) };
     let full = FinetuneOptions { output_dir: Some(dir.path().join("full")), ..Default::default() };
     let (a, fa) = run_finetune_with(None, Some("vit_pico_patch4_32"), &data, &cfg, &cpu(), &full, |_| Ok(())).unwrap();

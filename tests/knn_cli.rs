@@ -13,6 +13,11 @@ fn bin() -> Command {
     Command::cargo_bin("lmim-bench").unwrap()
 }
 
+/// `flag path` pairs as command-line arguments.
+fn paths(pairs: &[(&str, &Path)]) -> Vec<std::ffi::OsString> {
+    pairs.iter().flat_map(|(flag, path)| [std::ffi::OsString::from(flag), path.as_os_str().to_owned()]).collect()
+}
+
 fn pico(path: &Path) {
     tch::manual_seed(0);
     let cfg = VitConfig::from_arch("vit_pico_patch4_32").unwrap();
@@ -42,12 +47,7 @@ fn arch_mismatch_is_exit_2() {
     image(&dir.path().join("data/val/a/0.png"));
     bin()
         .args(["eval", "--protocol", "knn", "--device", "cpu", "--arch", "vit_tiny_patch16_224", "--quiet"])
-        .arg("--checkpoint")
-        .arg(&ckpt)
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .arg("--output")
-        .arg(dir.path().join("runs"))
+        .args(paths(&[("--checkpoint", &ckpt), ("--data", &dir.path().join("data")), ("--output", &dir.path().join("runs"))]))
         .assert()
         .code(2)
         .stderr(contains("checkpoint is `vit_pico_patch4_32` but --arch says `vit_tiny_patch16_224`"));
@@ -62,23 +62,13 @@ fn empty_split_is_exit_2() {
     std::fs::create_dir_all(dir.path().join("data/val/a")).unwrap();
     bin()
         .args(["extract", "--device", "cpu", "--split", "val", "--quiet"])
-        .arg("--checkpoint")
-        .arg(&ckpt)
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .arg("--cache-dir")
-        .arg(dir.path().join("cache"))
+        .args(paths(&[("--checkpoint", &ckpt), ("--data", &dir.path().join("data")), ("--cache-dir", &dir.path().join("cache"))]))
         .assert()
         .code(2)
         .stderr(contains("no images"));
     bin()
         .args(["eval", "--protocol", "nn-loo", "--device", "cpu", "--quiet"])
-        .arg("--checkpoint")
-        .arg(&ckpt)
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .arg("--output")
-        .arg(dir.path().join("runs"))
+        .args(paths(&[("--checkpoint", &ckpt), ("--data", &dir.path().join("data")), ("--output", &dir.path().join("runs"))]))
         .assert()
         .code(2)
         .stderr(contains("val"))
@@ -95,12 +85,7 @@ fn mismatched_feature_files_are_exit_2() {
     let eval = |train: &str, val: &str| {
         let mut c = bin();
         c.args(["eval", "--protocol", "knn", "--device", "cpu", "--quiet"])
-            .arg("--train-features")
-            .arg(d.join(train))
-            .arg("--val-features")
-            .arg(d.join(val))
-            .arg("--output")
-            .arg(d.join("runs"));
+            .args(paths(&[("--train-features", &d.join(train)), ("--val-features", &d.join(val)), ("--output", &d.join("runs"))]));
         c
     };
     eval("train.st", "short_labels.st").assert().code(2).stderr(contains("`features` has 10 rows but `labels` has 9"));
@@ -109,12 +94,7 @@ fn mismatched_feature_files_are_exit_2() {
     // faiss: named in the record where it is built in, a clear error where it is not.
     let faiss = bin()
         .args(["eval", "--protocol", "knn", "--backend", "faiss", "--device", "cpu", "--json"])
-        .arg("--train-features")
-        .arg(d.join("train.st"))
-        .arg("--val-features")
-        .arg(d.join("train.st"))
-        .arg("--output")
-        .arg(d.join("faiss-runs"))
+        .args(paths(&[("--train-features", &d.join("train.st")), ("--val-features", &d.join("train.st")), ("--output", &d.join("faiss-runs"))]))
         .assert();
     if lmim_bench::protocols::knn::faiss_available() {
         let rec: serde_json::Value = serde_json::from_slice(&faiss.code(0).get_output().stdout).unwrap();

@@ -20,6 +20,7 @@ use super::dataset::Dataset;
 use super::decode::load_rgb;
 use super::transforms::Transform;
 use crate::error::{Error, Result};
+use crate::train::device::{copy_ahead, Ready};
 
 #[derive(Clone, Debug)]
 pub struct LoaderConfig {
@@ -78,6 +79,13 @@ pub struct Batch {
     pub batch: usize,
     /// Samples of this batch that were skipped because they could not be read.
     pub skipped: usize,
+}
+
+/// `b`'s images and labels on `device`, copied ahead of their step ([`copy_ahead`]).
+pub fn stage_batch(b: Batch, device: Device) -> Result<(Batch, Ready)> {
+    let (mut t, ready) = copy_ahead(&[&b.images, &b.labels], device)?;
+    let (labels, images) = (t.pop().expect("two tensors"), t.pop().expect("two tensors"));
+    Ok((Batch { images, labels, ..b }, ready))
 }
 
 /// The rng for one sample's augmentation: ChaCha8 keyed by the seed, on stream (epoch, index).

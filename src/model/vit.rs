@@ -319,7 +319,10 @@ pub fn residual_drop_path(x: &Tensor, p: f64, branch: impl Fn(&Tensor) -> Tensor
     let b = x.size()[0];
     let kept = Tensor::empty([b], (Kind::Float, tch::Device::Cpu)).bernoulli_float_(keep).nonzero().view([-1]);
     match kept.size()[0] {
-        0 => x.shallow_clone(),
+        // Every sample dropped: the branch of one sample times 0, so its parameters get zero gradients (as timm's
+        // masked branch gives them) rather than none, and the optimiser still decays them. (An empty batch would
+        // do the same with no compute, but not every CUDA attention kernel takes batch 0.)
+        0 => x + branch(&x.narrow(0, 0, 1)) * 0.0,
         n if n == b => x + branch(x) / keep,
         _ => {
             let rows = crate::train::device::to_device_async(&kept, x.device());

@@ -17,13 +17,14 @@ use super::record::{RecordBuilder, SplitPrint};
 use super::{EvalRequest, Protocol, RunOptions};
 use crate::checkpoint::{load_into, sha256_file, LoadReport};
 use crate::data::augment::{mixup_cutmix, MixupConfig, RandAugment, RandomErasing};
-use crate::data::loader::{Batch, Loader};
+use crate::data::loader::{stage_batch, Batch, Loader};
 use crate::data::transforms::Transform;
 use crate::error::{Error, Result};
 use crate::model::vit::{with_amp, GlobalPool};
 use crate::model::{VisionTransformer, VitConfig};
 use crate::results::metrics_log::MetricsLog;
 use crate::results::RunRecord;
+use crate::train::device::Ready;
 use crate::train::optim::{AdamW, Param};
 use crate::train::schedule::lr_at_from_zero;
 use crate::train::step::{evaluate_topk, run_epoch, Flow, Optimizer, StepRule, TrainStep};
@@ -416,6 +417,9 @@ impl TrainStep for Finetuner {
     }
     fn begin_step(&mut self, t: f64) -> f64 {
         lr_at_from_zero(t, self.cfg.lr(), self.cfg.min_lr, self.cfg.warmup_epochs, self.cfg.epochs as f64)
+    }
+    fn stage(&self, b: Batch) -> Result<(Batch, Ready)> {
+        stage_batch(b, self.device)
     }
     fn loss(&mut self, b: Batch, epoch: usize, iter: usize) -> Result<Tensor> {
         let (x, y) = (crate::train::device::to_device_async(&b.images, self.device), crate::train::device::to_device_async(&b.labels, self.device));

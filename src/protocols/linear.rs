@@ -7,9 +7,9 @@ use tch::{nn, Device, Kind, Tensor};
 
 use super::record::{RecordBuilder, SplitPrint};
 use super::{EvalRequest, Protocol};
-use crate::train::device::to_device_async;
+use crate::train::device::{to_device_async, Ready};
 use crate::checkpoint::load_vit_with;
-use crate::data::loader::{Batch, Loader};
+use crate::data::loader::{stage_batch, Batch, Loader};
 use crate::data::transforms::Transform;
 use crate::error::{Error, Result};
 use crate::info::device_name;
@@ -196,6 +196,9 @@ impl TrainStep for ProbeStep<'_> {
     }
     fn begin_step(&mut self, t: f64) -> f64 {
         lr_at_from_zero(t, self.cfg.lr(), self.cfg.min_lr, self.cfg.warmup_epochs, self.cfg.epochs)
+    }
+    fn stage(&self, b: Batch) -> Result<(Batch, Ready)> {
+        stage_batch(b, self.device)
     }
     fn loss(&mut self, b: Batch, _epoch: usize, _iter: usize) -> Result<Tensor> {
         let f = self.enc.features(&to_device_async(&b.images, self.device), self.amp);

@@ -39,3 +39,84 @@ pub fn to_device_async(t: &Tensor, device: Device) -> Tensor {
     }
     t.to_device(device)
 }
+
+#[cfg(lmim_nccl)]
+extern "C" {
+    fn lmim_cuda_copy_ahead(src: *mut *mut torch_sys::C_tensor, n: i32, dev: i32, out: *mut *mut torch_sys::C_tensor, event: *mut *mut std::ffi::c_void) -> i32;
+    fn lmim_cuda_copy_wait(event: *mut std::ffi::c_void, dev: i32) -> i32;
+    fn lmim_cuda_event_free(event: *mut std::ffi::c_void);
+    fn lmim_cuda_last_error() -> *const std::ffi::c_char;
+}
+
+#[cfg(lmim_nccl)]
+fn cuda_error() -> Error {
+    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
+    Error::Torch(tch::TchError::Torch(unsafe { std::ffi::CStr::from_ptr(lmim_cuda_last_error()) }.to_string_lossy().into_owned()))
+}
+
+/// Copies of a batch that may still be in flight on the copy stream; [`Ready::wait`] orders them before the
+/// kernels queued next. Dropping it unwaited frees the event (the copies stay valid for the copy stream's users).
+#[must_use = "the copies may still be running: wait before using the tensors"]
+pub struct Ready {
+    event: Option<(*mut std::ffi::c_void, i32)>,
+}
+
+impl Ready {
+    /// Nothing in flight (CPU, or copies already in the compute stream's order).
+    pub fn now() -> Self {
+        Ready { event: None }
+    }
+
+    /// Whether the copies went through the side stream (false on the CPU and in builds without the CUDA shim).
+    pub fn on_side_stream(&self) -> bool {
+        self.event.is_some()
+    }
+
+    /// Makes the compute stream wait for the copies. Waits on the device: the host goes on at once.
+    pub fn wait(mut self) -> Result<()> {
+        #[cfg(lmim_nccl)]
+        if let Some((ev, dev)) = self.event.take() {
+            // SAFETY: `ev` came from lmim_cuda_copy_ahead and is freed by this call (taken, so Drop skips it).
+            if unsafe { lmim_cuda_copy_wait(ev, dev) } != 0 {
+                return Err(cuda_error());
+            }
+        }
+        self.event = None;
+        Ok(())
+    }
+}
+
+impl Drop for Ready {
+    fn drop(&mut self) {
+        #[cfg(lmim_nccl)]
+        if let Some((ev, _)) = self.event.take() {
+            // SAFETY: an event from lmim_cuda_copy_ahead that nobody waited on or freed.
+            unsafe { lmim_cuda_event_free(ev) };
+        }
+    }
+}
+
+/// `ts` on `device`, copied ahead of the step that uses them. A CPU batch bound for CUDA is pinned and copied with
+/// non-blocking copies on a copy stream of its own, so the copy of step i + 1's batch overlaps step i's kernels
+/// instead of queuing behind them; the returned [`Ready`] must be waited on before the tensors are used. Elsewhere
+/// (the CPU, a build without the CUDA shim) this is [`to_device_async`] and `Ready` has nothing to wait for.
+pub fn copy_ahead(ts: &[&Tensor], device: Device) -> Result<(Vec<Tensor>, Ready)> {
+    #[cfg(lmim_nccl)]
+    if let Device::Cuda(dev) = device {
+        if ts.iter().all(|t| t.device() == Device::Cpu) {
+            let pinned: Vec<Tensor> = ts.iter().map(|t| if t.is_pinned(device) { t.shallow_clone() } else { t.pin_memory(device) }).collect();
+            let mut src: Vec<_> = pinned.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect();
+            let mut out = vec![std::ptr::null_mut(); ts.len()];
+            let mut event = std::ptr::null_mut();
+            // SAFETY: `src` are live tensor handles for the call; the shim fills `out` with new tensors we own.
+            let rc = unsafe { lmim_cuda_copy_ahead(src.as_mut_ptr(), src.len() as i32, dev as i32, out.as_mut_ptr(), &mut event) };
+            if rc != 0 {
+                return Err(cuda_error());
+            }
+            // SAFETY: each pointer is a heap tensor made by the shim for us, taken over exactly once.
+            let out = out.into_iter().map(|p| unsafe { Tensor::from_ptr(p) }).collect();
+            return Ok((out, Ready { event: Some((event, dev as i32)) }));
+        }
+    }
+    Ok((ts.iter().map(|t| to_device_async(t, device)).collect(), Ready::now()))
+}

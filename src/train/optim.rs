@@ -5,6 +5,7 @@ use tch::{Kind, Tensor};
 
 extern "C" {
     fn lmim_optim_last_error() -> *const std::ffi::c_char;
+    fn lmim_grads_to_none(params: *mut *mut torch_sys::C_tensor, n: i32) -> i32;
     fn lmim_fused_adamw(
         params: *mut *mut torch_sys::C_tensor,
         grads: *mut *mut torch_sys::C_tensor,
@@ -199,14 +200,14 @@ impl AdamW {
     }
 }
 
-/// Zeroes the gradients of `params` in place (kept allocated, as PyTorch's `set_to_none=False`).
+/// Drops the gradients of `params`, as PyTorch's `zero_grad()` (`set_to_none=True`) in timm's and the reference
+/// code's loops: the next backward stores each fresh gradient instead of adding it into a zeroed tensor (a
+/// parameter that gets no gradient is then skipped by the update, as in PyTorch).
 fn zero_grads(params: &[Param]) {
-    for p in params {
-        let mut g = p.tensor.grad();
-        if g.defined() {
-            let _ = g.detach_().zero_();
-        }
-    }
+    let mut ptrs: Vec<_> = params.iter().map(|p| p.tensor.as_ptr() as *mut torch_sys::C_tensor).collect();
+    // SAFETY: live tensor handles owned by `params` for the duration of the call; the shim catches C++ exceptions.
+    let rc = unsafe { lmim_grads_to_none(ptrs.as_mut_ptr(), ptrs.len() as i32) };
+    assert_eq!(rc, 0, "resetting gradients failed: {}", unsafe { std::ffi::CStr::from_ptr(lmim_optim_last_error()) }.to_string_lossy());
 }
 
 /// Global L2 norm of the gradients of `params` as a device scalar (0 without gradients); with `max_norm`, scales

@@ -10,6 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
+use super::device::{copy_ahead, Ready};
 use super::optim::{AdamW, Param};
 use super::schedule::{lr_at, momentum_at, sim_target_at};
 use super::step::{run_epoch, Flow, Optimizer, StepEvent, StepRule, TrainStep};
@@ -311,6 +312,10 @@ impl TrainStep for Trainer {
         };
         self.model.ema_update(&self.vs, self.step_state.mom);
         self.step_state.lr
+    }
+    fn stage(&self, images: Tensor) -> Result<(Tensor, Ready)> {
+        let (mut t, ready) = copy_ahead(&[&images], self.device)?;
+        Ok((t.remove(0), ready))
     }
     fn loss(&mut self, images: Tensor, epoch: usize, iter: usize) -> Result<Tensor> {
         let images = crate::train::device::to_device_async(&images, self.device);

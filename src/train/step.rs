@@ -14,7 +14,7 @@
 //! and step identically.
 use tch::{Kind, Tensor};
 
-use super::device::read_f64s;
+use super::device::{read_f64s, Ready};
 use super::optim::{grad_norm, AdamW, Lars, Param};
 use crate::error::{Error, Result};
 
@@ -68,6 +68,12 @@ pub trait TrainStep {
     /// `t = epoch + iter / batches_per_epoch`; returns the learning rate of the step (EMA updates that the
     /// reference makes before the forward pass go here too).
     fn begin_step(&mut self, t: f64) -> f64;
+    /// Moves a host batch to the device ahead of its step ([`copy_ahead`]): [`run_epoch`] stages micro-batch
+    /// i + 1 before it runs micro-batch i, so on CUDA the copy overlaps step i, and waits on the returned
+    /// [`Ready`] just before micro-batch i + 1's kernels. The default leaves the batch where it is (`loss` moves it).
+    fn stage(&self, batch: Self::Batch) -> Result<(Self::Batch, Ready)> {
+        Ok((batch, Ready::now()))
+    }
     /// The loss of one micro-batch, with the graph for backward. `epoch` and `iter` key its randomness.
     fn loss(&mut self, batch: Self::Batch, epoch: usize, iter: usize) -> Result<Tensor>;
     fn optimizer(&mut self) -> &mut dyn Optimizer;
@@ -169,10 +175,19 @@ pub fn run_epoch<S: TrainStep + ?Sized>(
     let mut pending: Vec<Pending> = Vec::new();
     let mut epoch_loss: Option<Tensor> = None;
     let (mut step_loss, mut step_bad, mut step_images, mut first_iter) = (None::<Tensor>, None::<Tensor>, 0usize, 0usize);
-    for it in start_iter..used {
+    let mut next_batch = |s: &S, it: usize| -> Result<(S::Batch, Ready)> {
         let batch = batches
             .next()
             .ok_or_else(|| Error::data("<loader>", format!("the data ended early in epoch {epoch} at batch {it} of {used}")))??;
+        s.stage(batch)
+    };
+    // One micro-batch is staged ahead; its error (a failed read) is raised when its turn comes.
+    let mut ahead = (start_iter < used).then(|| next_batch(s, start_iter));
+    let mut epoch_read = false;
+    for it in start_iter..used {
+        let (batch, ready) = ahead.take().expect("staged before its turn")?;
+        ahead = (it + 1 < used).then(|| next_batch(s, it + 1));
+        ready.wait()?;
         let global_it = it * world.size + world.rank;
         if it % accum == 0 {
             st.lr = s.begin_step(epoch as f64 + (it * world.size) as f64 / batches_per_epoch as f64);
@@ -222,7 +237,12 @@ pub fn run_epoch<S: TrainStep + ?Sized>(
         sums = Tensor::cat(&[sums, norm_or_zero.reshape([1])], 0);
         pending.push(Pending { step: *step, first_iter, values: sums });
         let (loss, grad_norm) = if sync {
-            let v = read_pending(&mut pending, s.what(), epoch, world.size)?;
+            // The epoch's loss sum rides along with the last step's read.
+            let extra = if epoch_end { epoch_sums(epoch_loss.as_ref(), st.micro_batches)? } else { None };
+            let (v, e) = read_pending(&mut pending, s.what(), epoch, world.size, extra.as_ref())?;
+            if let Some(e) = e {
+                (st.loss_sum, st.micro_batches, epoch_read) = (e[0], e[1] as usize, true);
+            }
             (Some(v[0] / (accum * world.size) as f64), norm.is_some().then_some(v[3]))
         } else {
             (None, None)
@@ -233,28 +253,40 @@ pub fn run_epoch<S: TrainStep + ?Sized>(
             break;
         }
     }
-    if !pending.is_empty() {
-        read_pending(&mut pending, s.what(), epoch, world.size)?;
-    }
-    if let Some(e) = epoch_loss {
-        let n = Tensor::from(st.micro_batches as f64).to_device(e.device());
-        let mut sums = Tensor::stack(&[e, n], 0);
-        if world.is_distributed() {
-            world.all_reduce_sum(std::slice::from_ref(&sums), "the epoch loss all-reduce")?;
+    if !epoch_read && epoch_loss.is_some() {
+        // Stopped by the callback before the epoch's end: the pending steps and the epoch's sums, in one read.
+        let extra = epoch_sums(epoch_loss.as_ref(), st.micro_batches)?;
+        let (_, e) = read_pending(&mut pending, s.what(), epoch, world.size, extra.as_ref())?;
+        if let Some(e) = e {
+            (st.loss_sum, st.micro_batches) = (e[0], e[1] as usize);
         }
-        sums = sums.to_kind(Kind::Double);
-        let v = read_f64s(&sums)?;
-        st.loss_sum = v[0];
-        st.micro_batches = v[1] as usize;
     }
     Ok(st)
 }
 
-/// Reads the pending steps' values in one host read (`[loss sum, NaN count, inf count, grad norm]` of the last
-/// one returned) and stops the run at the first step that diverged.
-fn read_pending(pending: &mut Vec<Pending>, what: &str, epoch: usize, world: usize) -> Result<[f64; 4]> {
-    let all = Tensor::stack(&pending.iter().map(|p| p.values.shallow_clone()).collect::<Vec<_>>(), 0);
-    let v = read_f64s(&all)?;
+/// `[loss sum, micro-batches]` of the epoch so far over all ranks, on the device (`None` before any micro-batch).
+fn epoch_sums(epoch_loss: Option<&Tensor>, micro_batches: usize) -> Result<Option<Tensor>> {
+    let Some(e) = epoch_loss else { return Ok(None) };
+    let n = Tensor::from(micro_batches as f64).to_device(e.device());
+    let sums = Tensor::stack(&[e.shallow_clone(), n], 0);
+    let world = crate::dist::world();
+    if world.is_distributed() {
+        world.all_reduce_sum(std::slice::from_ref(&sums), "the epoch loss all-reduce")?;
+    }
+    Ok(Some(sums.to_kind(Kind::Double)))
+}
+
+/// Reads the pending steps' values, and `extra` (a 1-d f64 tensor) when given, in one host read; returns
+/// `[loss sum, NaN count, inf count, grad norm]` of the last step (zeros when none is pending) and `extra`'s values,
+/// and stops the run at the first step that diverged.
+fn read_pending(pending: &mut Vec<Pending>, what: &str, epoch: usize, world: usize, extra: Option<&Tensor>) -> Result<([f64; 4], Option<Vec<f64>>)> {
+    let mut parts: Vec<Tensor> = pending.iter().map(|p| p.values.shallow_clone()).collect();
+    parts.extend(extra.map(|e| e.shallow_clone()));
+    if parts.is_empty() {
+        return Ok(([0.0; 4], None));
+    }
+    let mut v = read_f64s(&Tensor::cat(&parts, 0))?;
+    let e = extra.map(|e| v.split_off(v.len() - e.numel()));
     for (p, row) in pending.iter().zip(v.chunks(4)) {
         let (nan, inf, norm) = (row[1], row[2], row[3]);
         if nan + inf == 0.0 && norm.is_finite() {
@@ -269,9 +301,9 @@ fn read_pending(pending: &mut Vec<Pending>, what: &str, epoch: usize, world: usi
         };
         return Err(Error::Diverged(format!("{msg}; that update was skipped")));
     }
-    let last = &v[v.len() - 4..];
     pending.clear();
-    Ok([last[0], last[1], last[2], last[3]])
+    let last = if v.len() >= 4 { [v[v.len() - 4], v[v.len() - 3], v[v.len() - 2], v[v.len() - 1]] } else { [0.0; 4] };
+    Ok((last, e))
 }
 
 /// Top-1 / top-5 hits of `logits [N, C]` against `labels [N]` (top-5 over min(5, C) classes), as a device

@@ -25,3 +25,26 @@ pub fn run_py(script: &str, args: &[&str]) {
 pub fn max_abs(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
+
+/// The demo data (Fashion-MNIST subset) made by `lmim-bench data prepare-demo` into `<dir>/demo`.
+pub fn demo_data(dir: &Path, train_per_class: usize, val_per_class: usize) -> PathBuf {
+    let data = dir.join("demo");
+    assert_cmd::Command::cargo_bin("lmim-bench")
+        .unwrap()
+        .args(["data", "prepare-demo", "--train-per-class", &train_per_class.to_string(), "--val-per-class", &val_per_class.to_string()])
+        .arg("--out")
+        .arg(&data)
+        .assert()
+        .success();
+    data
+}
+
+/// Evaluation options for the CPU with two loader workers.
+pub fn cpu_options() -> lmim_bench::protocols::RunOptions {
+    lmim_bench::protocols::RunOptions { device: "cpu".into(), workers: Some(2), ..Default::default() }
+}
+
+/// A short fine-tuning recipe for the pico ViT on the demo data.
+pub fn small_finetune(epochs: usize) -> lmim_bench::protocols::finetune::FinetuneConfig {
+    lmim_bench::protocols::finetune::FinetuneConfig { epochs, warmup_epochs: 1.0, batch_size: 64, micro_batch_size: 32, blr: 1e-3, ..Default::default() }
+}
