@@ -380,10 +380,12 @@ pub fn lmim_step_parity(cfg: &PretrainConfig, batch: i64, device: Device) -> Res
     let size = cfg.model.train_size()?;
     tch::manual_seed(cfg.seed as i64 + 1);
     let images = Tensor::randn([batch, 3, size, size], (Kind::Float, Device::Cpu));
-    let run = |tr: &mut Trainer| -> Result<Tensor> {
+    let mut side_stream = false;
+    let mut run = |tr: &mut Trainer| -> Result<Tensor> {
         tr.begin_step(0.5);
         // Through the copy ahead that run_epoch uses (the side stream on CUDA), so the parity covers it.
         let (staged, ready) = tr.stage(images.shallow_clone())?;
+        side_stream |= ready.on_side_stream();
         ready.wait()?;
         let loss = tr.loss(staged, 0, 0)?;
         loss.backward();
@@ -409,6 +411,7 @@ pub fn lmim_step_parity(cfg: &PretrainConfig, batch: i64, device: Device) -> Res
     let pass = loss_rel <= TOL_STEP_REL && worst_grad <= TOL_STEP_REL;
     let report = serde_json::json!({ "encoder": cfg.model.encoder, "batch": batch, "device": crate::info::device_name(device),
         "loss_cpu": lc, "loss_device": ld, "loss_rel_diff": loss_rel,
-        "max_rel_diff_grads_and_target": worst_grad, "worst_tensor": worst_name, "tolerance_rel": TOL_STEP_REL, "pass": pass });
+        "max_rel_diff_grads_and_target": worst_grad, "worst_tensor": worst_name, "tolerance_rel": TOL_STEP_REL,
+        "batch_copy": if side_stream { "copy stream" } else { "compute stream" }, "pass": pass });
     Ok(Parity { report, pass })
 }

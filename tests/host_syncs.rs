@@ -7,7 +7,7 @@ use lmim_bench::train::optim::{AdamW, Param};
 use lmim_bench::train::step::{run_epoch, Flow, Optimizer, StepRule, TrainStep};
 use tch::{Device, Kind, Tensor};
 
-// Both tests seed torch's one global generator for their weights: they must not run at the same time.
+// The tests seed torch's one global generator for their weights: they must not run at the same time.
 static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 struct Toy {
@@ -93,4 +93,38 @@ fn a_nan_loss_between_reads_is_skipped_on_the_device_and_stops_the_run_at_the_ne
     run_epoch(&mut reference, StepRule { accum: 1, clip: Some(1.0) }, &mut batches, 0, 0, 4, &mut step, &|_| false, &mut |_, _| Ok(Flow::Continue)).unwrap();
     let d = (&toy.w - &reference.w).abs().max().double_value(&[]);
     assert!(d < 1e-6, "weights differ from the run without step 4 by {d}");
+}
+
+/// LARS (the linear probe's optimiser) decides its skip on the device too: no host read, a skipped step leaves
+/// weights and momentum as they were even with a NaN gradient, and the steps that are not skipped are bit for bit
+/// the plain update.
+#[test]
+fn lars_skips_on_the_device_without_a_host_read() {
+    use lmim_bench::train::optim::Lars;
+    let _rng = TORCH_RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(1);
+    let w0 = Tensor::randn([5, 3], (Kind::Float, Device::Cpu));
+    let make = || {
+        let w = w0.copy().set_requires_grad(true);
+        let opt = Lars::new(vec![Param { name: "w".into(), tensor: w.shallow_clone(), weight_decay: 0.01, lr_scale: 1.0 }], 0.9, 0.001);
+        (w, opt)
+    };
+    let grad = |w: &Tensor, scale: f64| (w.square().sum(Kind::Float) * scale).backward();
+    // Flags 0, 1 (with a NaN gradient), 0 against two plain steps.
+    let (wb, mut b) = make();
+    let before = host_reads();
+    for bad in [false, true, false] {
+        grad(&wb, if bad { f64::NAN } else { 1.0 });
+        b.step_unless(0.1, Some(&Tensor::from(bad)));
+        b.zero_grad();
+    }
+    assert_eq!(host_reads(), before, "LARS read the skip flag on the host");
+    let (wc, mut c) = make();
+    for _ in 0..2 {
+        grad(&wc, 1.0);
+        c.step(0.1);
+        c.zero_grad();
+    }
+    assert_eq!((&wb - &wc).abs().max().double_value(&[]), 0.0, "the skipped step changed the weights or the momentum");
+    assert!((&wb - &w0).abs().max().double_value(&[]) > 0.0, "no step was taken");
 }

@@ -74,6 +74,8 @@ if sp:
     ok &= bool(sp["pass"])
 else:
     ok = False
+if sp and "batch_copy" in sp:
+    p(f"\nThe step's batch reached {sp['device']} through run_epoch's copy ahead, on the **{sp['batch_copy']}**.")
 if par:
     p(f"\nSDPA kernel libtorch picks for ViT attention on this device: fp32 **{par['sdpa_f32']}**, bf16 **{par['sdpa_bf16']}**.")
 

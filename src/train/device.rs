@@ -2,8 +2,10 @@
 //! device. On CUDA a read (`.item()` in PyTorch) waits for every queued kernel, and a copy from pageable memory
 //! waits too, so the GPU idles while the CPU prepares the next step. The loops read only at the steps that log,
 //! checkpoint or end an epoch ([`read_f64s`], counted per thread so tests can assert it), and copy host batches
-//! with [`to_device_async`]: pinned memory and a non-blocking copy, queued behind the previous step's kernels
-//! while the CPU goes on (as PyTorch's `DataLoader(pin_memory=True)` + `.to(device, non_blocking=True)`).
+//! from pinned memory without waiting: [`copy_ahead`] puts the next micro-batch's copy on a copy stream so that it
+//! overlaps the current step (the training loops), [`to_device_async`] queues a non-blocking copy on the compute
+//! stream (as PyTorch's `DataLoader(pin_memory=True)` + `.to(device, non_blocking=True)`; evaluation and the
+//! small index tensors of a step).
 use std::cell::Cell;
 
 use tch::{Device, Kind, Tensor};

@@ -258,11 +258,9 @@ impl Lars {
         self.step_unless(lr, None)
     }
 
-    /// [`Lars::step`] unless `skip` is set (read on the host).
+    /// [`Lars::step`] unless `skip` is set, decided on the device: the new momentum and update are selected with
+    /// `where` (not multiplied by 0, which would let a NaN through), so no host read is needed.
     pub fn step_unless(&mut self, lr: f64, skip: Option<&Tensor>) {
-        if skip_on_host(skip) {
-            return;
-        }
         tch::no_grad(|| {
             for (p, mu) in self.params.iter_mut().zip(&mut self.mu) {
                 let g = p.tensor.grad();
@@ -279,9 +277,20 @@ impl Lars {
                     let q = ratio.where_self(&update_norm.gt(0.0), &one).where_self(&param_norm.gt(0.0), &one);
                     dp = dp * q;
                 }
-                let _ = mu.g_mul_scalar_(self.momentum);
-                let _ = mu.g_add_(&dp);
-                let _ = p.tensor.g_add_(&(&*mu * (-lr * p.lr_scale)));
+                let step = -lr * p.lr_scale;
+                match skip {
+                    None => {
+                        let _ = mu.g_mul_scalar_(self.momentum);
+                        let _ = mu.g_add_(&dp);
+                        let _ = p.tensor.g_add_(&(&*mu * step));
+                    }
+                    Some(flag) => {
+                        let keep = flag.reshape([]).to_device(mu.device()).eq(0);
+                        let new_mu = &*mu * self.momentum + &dp;
+                        let _ = p.tensor.g_add_(&(&new_mu * step).where_self(&keep, &new_mu.zeros_like()));
+                        let _ = mu.copy_(&new_mu.where_self(&keep, mu));
+                    }
+                }
             }
         });
     }
