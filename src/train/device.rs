@@ -98,6 +98,13 @@ impl Drop for Ready {
     }
 }
 
+/// Whether [`copy_ahead`] may use the copy stream: `LMIM_COPY_STREAM=0` keeps every copy on the compute stream
+/// (non-blocking all the same), an escape hatch for a driver or profiler that misbehaves with a second stream.
+pub fn copy_stream_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LMIM_COPY_STREAM").map_or(true, |v| v != "0"))
+}
+
 /// `ts` on `device`, copied ahead of the step that uses them. A CPU batch bound for CUDA is pinned and copied with
 /// non-blocking copies on a copy stream of its own, so the copy of step i + 1's batch overlaps step i's kernels
 /// instead of queuing behind them; the returned [`Ready`] must be waited on before the tensors are used. Elsewhere
@@ -105,7 +112,7 @@ impl Drop for Ready {
 pub fn copy_ahead(ts: &[&Tensor], device: Device) -> Result<(Vec<Tensor>, Ready)> {
     #[cfg(lmim_nccl)]
     if let Device::Cuda(dev) = device {
-        if ts.iter().all(|t| t.device() == Device::Cpu) {
+        if copy_stream_enabled() && ts.iter().all(|t| t.device() == Device::Cpu) {
             let pinned: Vec<Tensor> = ts.iter().map(|t| if t.is_pinned(device) { t.shallow_clone() } else { t.pin_memory(device) }).collect();
             let mut src: Vec<_> = pinned.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect();
             let mut out = vec![std::ptr::null_mut(); ts.len()];
