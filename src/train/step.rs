@@ -302,8 +302,7 @@ fn read_pending(pending: &mut Vec<Pending>, what: &str, epoch: usize, world: usi
         return Err(Error::Diverged(format!("{msg}; that update was skipped")));
     }
     pending.clear();
-    let last = if v.len() >= 4 { [v[v.len() - 4], v[v.len() - 3], v[v.len() - 2], v[v.len() - 1]] } else { [0.0; 4] };
-    Ok((last, e))
+    Ok((v.last_chunk::<4>().copied().unwrap_or([0.0; 4]), e))
 }
 
 /// Top-1 / top-5 hits of `logits [N, C]` against `labels [N]` (top-5 over min(5, C) classes), as a device
