@@ -36,10 +36,19 @@ pub fn to_device_async(t: &Tensor, device: Device) -> Tensor {
         return t.shallow_clone();
     }
     if device.is_cuda() && t.device() == Device::Cpu {
-        let pinned = if t.is_pinned(device) { t.shallow_clone() } else { t.pin_memory(device) };
+        let pinned = pinned(t, device);
         return pinned.to_device_(device, pinned.kind(), true, false);
     }
     t.to_device(device)
+}
+
+/// The CPU tensor `t` in pinned memory for copies to `device` (itself when it already is).
+fn pinned(t: &Tensor, device: Device) -> Tensor {
+    if t.is_pinned(device) {
+        t.shallow_clone()
+    } else {
+        t.pin_memory(device)
+    }
 }
 
 #[cfg(lmim_nccl)]
@@ -113,7 +122,7 @@ pub fn copy_ahead(ts: &[&Tensor], device: Device) -> Result<(Vec<Tensor>, Ready)
     #[cfg(lmim_nccl)]
     if let Device::Cuda(dev) = device {
         if copy_stream_enabled() && ts.iter().all(|t| t.device() == Device::Cpu) {
-            let pinned: Vec<Tensor> = ts.iter().map(|t| if t.is_pinned(device) { t.shallow_clone() } else { t.pin_memory(device) }).collect();
+            let pinned: Vec<Tensor> = ts.iter().map(|t| pinned(t, device)).collect();
             let mut src: Vec<_> = pinned.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect();
             let mut out = vec![std::ptr::null_mut(); ts.len()];
             let mut event = std::ptr::null_mut();

@@ -262,6 +262,8 @@ impl Lars {
     /// `where` (not multiplied by 0, which would let a NaN through), so no host read is needed.
     pub fn step_unless(&mut self, lr: f64, skip: Option<&Tensor>) {
         tch::no_grad(|| {
+            // The flag as "keep" once for all parameters (they share a device).
+            let keep = skip.zip(self.params.first()).map(|(flag, p)| flag.reshape([]).to_device(p.tensor.device()).eq(0));
             for (p, mu) in self.params.iter_mut().zip(&mut self.mu) {
                 let g = p.tensor.grad();
                 if !g.defined() {
@@ -278,17 +280,16 @@ impl Lars {
                     dp = dp * q;
                 }
                 let step = -lr * p.lr_scale;
-                match skip {
+                match &keep {
                     None => {
                         let _ = mu.g_mul_scalar_(self.momentum);
                         let _ = mu.g_add_(&dp);
                         let _ = p.tensor.g_add_(&(&*mu * step));
                     }
-                    Some(flag) => {
-                        let keep = flag.reshape([]).to_device(mu.device()).eq(0);
+                    Some(keep) => {
                         let new_mu = &*mu * self.momentum + &dp;
-                        let _ = p.tensor.g_add_(&(&new_mu * step).where_self(&keep, &new_mu.zeros_like()));
-                        let _ = mu.copy_(&new_mu.where_self(&keep, mu));
+                        let _ = p.tensor.g_add_(&(&new_mu * step).where_self(keep, &new_mu.zeros_like()));
+                        let _ = mu.copy_(&new_mu.where_self(keep, mu));
                     }
                 }
             }
