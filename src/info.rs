@@ -78,25 +78,35 @@ impl Info {
     }
 }
 
-/// The device to run on: `auto` picks CUDA when present.
-/// A device name as the commands take it. A CUDA device that this machine does not have is refused here, before
-/// libtorch would abort on it.
+/// Whether a device name asks for CUDA (`auto` does where a GPU is present); checked again, with the device
+/// count, by [`parse_device`]. Decides the collective back-end before the world is joined.
+pub fn wants_cuda(s: &str) -> crate::Result<bool> {
+    match s {
+        "auto" => Ok(tch::Cuda::is_available()),
+        "cpu" => Ok(false),
+        s if s == "cuda" || s.starts_with("cuda:") => Ok(true),
+        s => Err(crate::Error::option("--device", format!("`{s}` is not auto, cpu, cuda or cuda:N"))),
+    }
+}
+
+/// A device name as the commands take it: `auto` picks CUDA when present. A CUDA device that this machine does not
+/// have is refused here, before libtorch would abort on it. In a data-parallel run `cuda` (and `auto` with CUDA) is
+/// the process's own device: its local rank modulo the devices it sees ([`crate::dist::local_device`], the same
+/// choice the world binds NCCL to).
 pub fn parse_device(s: &str) -> crate::Result<tch::Device> {
+    let n = tch::Cuda::device_count().max(0) as usize;
     let cuda = |i: usize| {
-        let n = tch::Cuda::device_count() as usize;
         if i < n {
             Ok(tch::Device::Cuda(i))
         } else {
-            Err(crate::Error::option("--device", format!("`{s}`: this machine has {n} CUDA device(s)")))
+            Err(crate::Error::option("--device", format!("`{s}`: this process sees {n} CUDA device(s) (CUDA_VISIBLE_DEVICES?)")))
         }
     };
-    // In a data-parallel run `cuda` (and `auto` with CUDA) is the process's own device, cuda:LOCAL_RANK.
-    let local = crate::dist::world().local_rank;
+    let own = || crate::dist::local_device(crate::dist::world().local_rank, n).map_or_else(|| cuda(0), cuda);
     match s {
-        "auto" if tch::Cuda::is_available() => cuda(local),
-        "auto" => Ok(tch::Device::Cpu),
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => cuda(local),
+        "auto" if n > 0 => own(),
+        "auto" | "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => own(),
         s if s.starts_with("cuda:") => s[5..].parse().map_err(|_| crate::Error::option("--device", format!("`{s}` is not cpu, cuda or cuda:N"))).and_then(cuda),
         s => Err(crate::Error::option("--device", format!("`{s}` is not auto, cpu, cuda or cuda:N"))),
     }

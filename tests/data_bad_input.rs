@@ -36,7 +36,6 @@ fn cfg(strict: bool) -> LoaderConfig {
         shuffle: false,
         strict,
         workers: 2,
-        pin_memory: false,
         quiet: true,
         ..Default::default()
     }

@@ -138,7 +138,7 @@ pub enum BenchWhat {
 
 /// Runs a benchmark and writes its JSON; returns the exit code (1 when a parity check is over its tolerance).
 pub fn bench(a: BenchArgs) -> anyhow::Result<i32> {
-    let world = a.dist.init()?;
+    let world = a.dist.init(&a.device)?;
     let device = parse_device(&a.device)?;
     let t = Timing { warmup: a.warmup, steps: a.steps };
     let parity = match &a.what {

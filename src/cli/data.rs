@@ -240,7 +240,7 @@ fn check(a: CheckArgs) -> anyhow::Result<()> {
     let ds = Dataset::open_with(&a.data, &a.split, &OpenOptions { strict: a.strict, quiet: false })?;
     let n = ds.len();
     let mut cfg =
-        LoaderConfig { batch_size: 64, shuffle: false, strict: a.strict, pin_memory: false, ..Default::default() };
+        LoaderConfig { batch_size: 64, shuffle: false, strict: a.strict, ..Default::default() };
     if let Some(w) = a.workers {
         cfg.workers = w.max(1);
     }

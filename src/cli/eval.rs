@@ -227,7 +227,7 @@ impl EvalArgs {
 }
 
 pub fn extract(a: ExtractArgs) -> anyhow::Result<()> {
-    let world = a.dist.init()?;
+    let world = a.dist.init(&a.device)?;
     let device = parse_device(&a.device)?;
     let req = ExtractRequest {
         checkpoint: a.checkpoint.clone(),
@@ -314,7 +314,7 @@ fn summary(rec: &RunRecord) -> String {
 }
 
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
-    let world = a.dist.init()?;
+    let world = a.dist.init(&a.device)?;
     let req = a.request();
     let rec = crate::protocols::run(&req).with_context(|| format!("evaluating with the {} protocol", a.protocol))?;
     if !world.is_main() {

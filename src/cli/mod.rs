@@ -61,21 +61,31 @@ pub enum Command {
 /// SLURM_JOB_NODELIST). Without a launcher the command runs as one process.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DistArgs {
-    /// Collective back-end of a data-parallel run: nccl (the default when CUDA is present) or gloo (CPU).
+    /// Collective back-end of a data-parallel run: nccl (the default when the run computes on CUDA) or gloo (the
+    /// default with `--device cpu`).
     #[arg(long, value_enum, value_name = "BACKEND")]
     pub dist_backend: Option<crate::dist::Backend>,
-    /// Seconds a rank waits for its peers (rendezvous and every collective) before it exits with an error.
-    #[arg(long, default_value_t = 1800, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=604_800))]
-    pub dist_timeout: u64,
+    /// Seconds a rank waits for its peers (rendezvous and every collective) before it exits with an error;
+    /// default PyTorch's: 1800 for gloo, 600 for nccl.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub dist_timeout: Option<u64>,
+    /// Deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN deterministic): bitwise repeats on
+    /// CUDA at some speed; an operation without a deterministic kernel stops the run.
+    #[arg(long)]
+    pub deterministic: bool,
 }
 
 impl DistArgs {
-    /// Joins the job's process group (a no-op without a launcher).
-    pub fn init(&self) -> anyhow::Result<&'static crate::dist::World> {
+    /// Joins the job's process group (a no-op without a launcher); `device` is the run's `--device`, which picks
+    /// the default back-end (`cpu` gives Gloo even on a machine with GPUs).
+    pub fn init(&self, device: &str) -> anyhow::Result<&'static crate::dist::World> {
+        if self.deterministic {
+            crate::train::device::set_deterministic(true)?;
+        }
         let opts = crate::dist::DistOptions {
             backend: self.dist_backend,
-            timeout: std::time::Duration::from_secs(self.dist_timeout),
-            cuda: tch::Cuda::is_available(),
+            timeout: self.dist_timeout.map(std::time::Duration::from_secs),
+            cuda: crate::info::wants_cuda(device)?,
         };
         Ok(crate::dist::init(&opts)?)
     }
@@ -158,13 +168,20 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    match run(cli) {
-        Ok(code) => code,
+    let outcome = run(cli);
+    // Every exit path ends the process group: a failure is told to the peers (they stop at once instead of
+    // waiting for a collective that never completes), a success shuts NCCL down as it must be before exit.
+    match outcome {
+        Ok(code) => {
+            crate::dist::shutdown(None);
+            code
+        }
         Err(e) => {
             let code = exit_code(&e);
             if code != 0 {
                 eprintln!("error: {e:#}");
             }
+            crate::dist::shutdown((code != 0).then(|| format!("{e:#}")).as_deref());
             code
         }
     }

@@ -40,7 +40,14 @@ pub fn install() -> Option<Guard> {
             return None;
         }
         let (read_end, write_end) = (fds[0], fds[1]);
+        // Every descriptor is checked: a -1 handed to the copier thread would panic it in `File::from_raw_fd`.
         let copy_to = libc::fcntl(real, libc::F_DUPFD_CLOEXEC, 3);
+        if copy_to < 0 {
+            for fd in [read_end, write_end, real] {
+                libc::close(fd);
+            }
+            return None;
+        }
         let spawned = std::thread::Builder::new().name("stderr".into()).spawn(move || copy(read_end, copy_to));
         let Ok(copier) = spawned else {
             for fd in [read_end, write_end, real, copy_to] {
@@ -48,7 +55,13 @@ pub fn install() -> Option<Guard> {
             }
             return None;
         };
-        libc::dup2(write_end, 2);
+        if libc::dup2(write_end, 2) < 0 {
+            // fd 2 is untouched: closing the write end ends the copier, and stderr stays as it was.
+            libc::close(write_end);
+            let _ = copier.join();
+            libc::close(real);
+            return None;
+        }
         libc::close(write_end);
         Some(Guard { real, copier: Some(copier) })
     }

@@ -44,10 +44,13 @@ pub struct PretrainArgs {
 }
 
 pub fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
-    let world = a.dist.init()?;
+    let sets: Vec<String> = a.sets.iter().chain(&a.overrides).cloned().collect();
+    // The recipe's device picks the collective back-end (the run reads the config again, with all its checks).
+    let device = crate::config::load::<PretrainConfig>(a.config.as_deref(), &sets)?.device;
+    let world = a.dist.init(&device)?;
     let req = PretrainRequest {
         config: a.config.clone(),
-        sets: a.sets.iter().chain(&a.overrides).cloned().collect(),
+        sets,
         data: a.data.clone(),
         output: a.output.clone(),
         no_resume: a.no_resume,

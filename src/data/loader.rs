@@ -22,6 +22,13 @@ use super::transforms::Transform;
 use crate::error::{Error, Result};
 use crate::train::device::{copy_ahead, Ready};
 
+/// Decode threads of a process by default: the machine's cores shared among the ranks on this node (one rank per
+/// GPU would otherwise start as many threads as there are cores, 8 times over on an 8-GPU node).
+pub fn default_workers() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / crate::dist::launch::local_world_size()).max(1)
+}
+
 #[derive(Clone, Debug)]
 pub struct LoaderConfig {
     pub batch_size: usize,
@@ -39,8 +46,9 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     /// A file that cannot be decoded is an error instead of a warning and a skip.
     pub strict: bool,
-    /// Put batches in pinned memory (only when CUDA is available) for non-blocking copies to the GPU.
-    pub pin_memory: bool,
+    /// The CUDA device the batches go to: the producer thread binds itself to it and puts every batch in pinned
+    /// memory for non-blocking copies (None, or the CPU: neither).
+    pub pin_device: Option<Device>,
     /// No warnings on stderr (the skips are still counted).
     pub quiet: bool,
     /// Decode JPEGs at a reduced DCT scale when the first op is a RandomResizedCrop whose crop allows it (cargo
@@ -58,10 +66,10 @@ impl Default for LoaderConfig {
             seed: 0,
             rank: 0,
             world_size: 1,
-            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            workers: default_workers(),
             prefetch: 2,
             strict: false,
-            pin_memory: true,
+            pin_device: None,
             quiet: false,
             dct_scaling: false,
         }
@@ -86,6 +94,12 @@ pub fn stage_batch(b: Batch, device: Device) -> Result<(Batch, Ready)> {
     let (mut t, ready) = copy_ahead(&[&b.images, &b.labels], device)?;
     let (labels, images) = (t.pop().expect("two tensors"), t.pop().expect("two tensors"));
     Ok((Batch { images, labels, ..b }, ready))
+}
+
+/// `b`'s images on `device`, copied ahead ([`copy_ahead`]); the labels stay on the host (loops that collect them).
+pub fn stage_images(b: Batch, device: Device) -> Result<(Batch, Ready)> {
+    let (mut t, ready) = copy_ahead(&[&b.images], device)?;
+    Ok((Batch { images: t.pop().expect("one tensor"), ..b }, ready))
 }
 
 /// The rng for one sample's augmentation: ChaCha8 keyed by the seed, on stream (epoch, index).
@@ -237,6 +251,12 @@ impl Loader {
         let handle = std::thread::Builder::new()
             .name("lmim-data-producer".into())
             .spawn(move || {
+                if let Some(d) = shared.cfg.pin_device.filter(|d| d.is_cuda()) {
+                    if let Err(e) = crate::train::device::bind_thread(d) {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
                 for k in start_batch..nb {
                     if stop2.load(Ordering::Relaxed) {
                         break;
@@ -316,8 +336,8 @@ impl Shared {
         };
         let indices: Vec<usize> = keep.iter().map(|&j| ids[j]).collect();
         let labels: Vec<i64> = indices.iter().map(|&i| self.dataset.samples[i].1).collect();
-        if self.cfg.pin_memory && tch::Cuda::is_available() {
-            images = images.pin_memory(Device::Cuda(0));
+        if self.cfg.pin_device.is_some_and(|d| d.is_cuda()) {
+            images = crate::train::device::pinned(&images)?;
         }
         Ok(Some(Batch { images, labels: Tensor::from_slice(&labels), indices, batch: k, skipped }))
     }

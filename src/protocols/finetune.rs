@@ -300,7 +300,7 @@ pub fn label_smoothing_ce(logits: &Tensor, labels: &Tensor, smoothing: f64) -> T
 /// Top-1 / top-5 (percent) of a classifier over a loader's epoch 0.
 pub fn evaluate(model: &VisionTransformer, val: &Loader, device: Device, amp: Option<Kind>) -> Result<(f64, f64)> {
     let batches = val.epoch(0).map(|b| b.map(|b| (b.images, b.labels)));
-    evaluate_topk(batches, &val.dataset().dir, |x| with_amp(amp, || model.forward(&crate::train::device::to_device_async(x, device), false)))
+    evaluate_topk(crate::dist::world(), device, batches, &val.dataset().dir, |x| with_amp(amp, || model.forward(x, false)))
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -473,7 +473,7 @@ impl Finetuner {
     }
 
     pub fn rule(&self) -> StepRule {
-        StepRule { accum: self.cfg.accum_iter(), clip: self.cfg.clip_grad }
+        StepRule { accum: self.cfg.accum_iter(), clip: self.cfg.clip_grad, world: crate::dist::world() }
     }
 
     /// One epoch of training; returns the mean loss and the last lr.

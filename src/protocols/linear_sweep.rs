@@ -263,9 +263,9 @@ pub fn heads_json(r: &SweepResult) -> serde_json::Value {
 /// The sweep's features of a whole split, on the CPU.
 fn split_features(model: &VisionTransformer, ld: &Loader, device: Device, amp: Option<Kind>) -> Result<SweepFeatures> {
     let (mut cls, mut avg, mut labels) = (Vec::new(), Vec::new(), Vec::new());
-    for b in ld.epoch(0) {
+    for b in crate::train::device::stage_ahead(ld.epoch(0), |b| crate::data::loader::stage_images(b, device)) {
         let b = b?;
-        let (c, a) = sweep_features(model, &b.images.to_device(device), amp);
+        let (c, a) = sweep_features(model, &b.images, amp);
         cls.push(c.to_device(Device::Cpu));
         avg.push(a.to_device(Device::Cpu));
         labels.push(b.labels);

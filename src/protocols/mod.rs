@@ -150,7 +150,7 @@ pub fn version_with(version: &str, overrides: &[String]) -> String {
 pub struct RunOptions {
     /// `auto`, `cpu`, `cuda`, `cuda:N`.
     pub device: String,
-    /// Decode threads (None: all cores).
+    /// Decode threads (None: the cores divided among the ranks on this node).
     pub workers: Option<usize>,
     /// None: the protocol's default (f32 for the feature protocols, `auto` for the training ones).
     pub precision: Option<Precision>,
@@ -282,7 +282,7 @@ pub(crate) fn open_splits(root: &Path) -> Result<(Dataset, Dataset)> {
 /// In a data-parallel run each rank gets its share of the global micro-batches.
 pub(crate) fn train_loader(ds: Dataset, t: Transform, batch: usize, seed: u64, run: &RunOptions) -> Result<Loader> {
     let w = crate::dist::world();
-    let cfg = LoaderConfig { batch_size: batch, shuffle: true, drop_last: true, seed, rank: w.rank, world_size: w.size, workers: run.loader_workers(), strict: run.strict, quiet: run.quiet, ..Default::default() };
+    let cfg = LoaderConfig { batch_size: batch, shuffle: true, drop_last: true, seed, rank: w.rank, world_size: w.size, workers: run.loader_workers(), strict: run.strict, quiet: run.quiet, pin_device: Some(run.device()?), ..Default::default() };
     Loader::new(ds, t, cfg)
 }
 
@@ -291,7 +291,7 @@ pub(crate) fn train_loader(ds: Dataset, t: Transform, batch: usize, seed: u64, r
 pub(crate) fn eval_loader(ds: Dataset, t: Transform, batch: usize, run: &RunOptions, shard: bool) -> Result<Loader> {
     let w = crate::dist::world();
     let (rank, world_size) = if shard { (w.rank, w.size) } else { (0, 1) };
-    let cfg = LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, rank, world_size, workers: run.loader_workers(), strict: run.strict, quiet: run.quiet, ..Default::default() };
+    let cfg = LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, rank, world_size, workers: run.loader_workers(), strict: run.strict, quiet: run.quiet, pin_device: Some(run.device()?), ..Default::default() };
     Loader::new(ds, t, cfg)
 }
 

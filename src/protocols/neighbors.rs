@@ -136,6 +136,12 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let spec = loaded.cfg.clone();
     let val = load(&req.val_features, &spec.query_split, &spec)?;
     let train = if knn { Some(load(&req.train_features, &spec.bank_split, &spec)?) } else { None };
+    if !crate::dist::world().is_main() {
+        // The features were gathered to rank 0, which searches once and writes the record; this rank's record
+        // carries no metrics.
+        let b = RecordBuilder::new(req.protocol, &spec.version, &loaded.overrides(&[]));
+        return b.finish(serde_json::json!({ "search": "on rank 0" }), &device_name(device), &req.output);
+    }
     adopt_file_feature(&val.set, &mut loaded.cfg, &loaded.base, &req.sets)?;
     if let Some(t) = &train {
         check_pair(&t.set, &val.set)?;

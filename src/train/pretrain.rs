@@ -361,7 +361,8 @@ impl Trainer {
     /// The step rule of this run (one process).
     pub fn rule(&self) -> Result<StepRule> {
         let clip = (self.cfg.clip_grad > 0.0).then_some(self.cfg.clip_grad);
-        Ok(StepRule { accum: self.cfg.accum_iter(crate::dist::world().size as i64)? as usize, clip })
+        let world = crate::dist::world();
+        Ok(StepRule { accum: self.cfg.accum_iter(world.size as i64)? as usize, clip, world })
     }
 
     /// `steps` optimiser steps on `images` (one micro-batch each) outside any epoch loop, as epoch `index`: what
@@ -630,15 +631,16 @@ impl NnMonitor {
         }
         let ds = Dataset::open(root, "val")?;
         let classes = ds.classes.len() as i64;
-        let cfg = LoaderConfig { batch_size: 256, shuffle: false, drop_last: false, workers, quiet, ..Default::default() };
+        let cfg = LoaderConfig { batch_size: 256, shuffle: false, drop_last: false, workers, quiet, pin_device: Some(device), ..Default::default() };
         Ok(Some(NnMonitor { loader: Loader::new(ds, eval_transform(img_size, 0.875)?, cfg)?, device, classes }))
     }
 
     pub fn evaluate(&self, vit: &VisionTransformer) -> Result<f64> {
         let (mut feats, mut labels) = (Vec::new(), Vec::new());
-        for b in self.loader.epoch(0) {
+        let device = self.device;
+        for b in crate::train::device::stage_ahead(self.loader.epoch(0), |b| crate::data::loader::stage_images(b, device)) {
             let b = b?;
-            let f = tch::no_grad(|| image_features(vit, &b.images.to_device(self.device), FeatureKind::AvgPrenorm, 1));
+            let f = tch::no_grad(|| image_features(vit, &b.images, FeatureKind::AvgPrenorm, 1));
             feats.push(f.to_device(Device::Cpu));
             labels.push(b.labels);
         }
@@ -739,7 +741,7 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
         scale.1 = cfg.crop_scale_max;
     }
     let workers = if cfg.num_workers == 0 { LoaderConfig::default().workers } else { cfg.num_workers };
-    let loader_cfg = LoaderConfig { batch_size: cfg.micro_batch_size as usize, shuffle: true, drop_last: true, seed: cfg.seed, rank: world.rank, world_size: world.size, workers, quiet, ..Default::default() };
+    let loader_cfg = LoaderConfig { batch_size: cfg.micro_batch_size as usize, shuffle: true, drop_last: true, seed: cfg.seed, rank: world.rank, world_size: world.size, workers, quiet, pin_device: Some(device), ..Default::default() };
     let source = LoaderSource(Loader::new(dataset, transform, loader_cfg)?);
 
     let mut trainer = Trainer::new(&cfg, device)?;
