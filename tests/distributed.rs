@@ -31,22 +31,15 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// The same command as `world` processes started as `srun --ntasks=W` starts tasks on one node: Slurm's variables
-/// only (no RANK, no MASTER_ADDR: rank 0's host comes from the node list), MASTER_PORT set by the job script.
-fn spawn_slurm(args: &[String], world: usize, timeout_s: u64) -> Vec<Child> {
+/// The same command as `world` processes, rank r with the variables `vars(r, port)`.
+fn spawn_with(args: &[String], world: usize, timeout_s: u64, vars: impl Fn(usize, &str) -> Vec<(&'static str, String)>) -> Vec<Child> {
     let port = free_port().to_string();
     (0..world)
         .map(|r| {
             bin()
                 .args(args)
                 .args(["--dist-timeout", &timeout_s.to_string()])
-                .env("SLURM_PROCID", r.to_string())
-                .env("SLURM_NTASKS", world.to_string())
-                .env("SLURM_LOCALID", r.to_string())
-                .env("SLURM_NTASKS_PER_NODE", world.to_string())
-                .env("SLURM_JOB_NODELIST", "localhost")
-                .env("MASTER_PORT", &port)
-                .env_remove("MASTER_ADDR")
+                .envs(vars(r, &port))
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -55,25 +48,26 @@ fn spawn_slurm(args: &[String], world: usize, timeout_s: u64) -> Vec<Child> {
         .collect()
 }
 
-/// The same command as `world` processes with the plain environment of a launcher.
+/// Started as `srun --ntasks=W` starts tasks on one node: Slurm's variables only (no RANK, no MASTER_ADDR: rank 0's
+/// host comes from the node list), MASTER_PORT set by the job script.
+fn spawn_slurm(args: &[String], world: usize, timeout_s: u64) -> Vec<Child> {
+    spawn_with(args, world, timeout_s, |r, port| {
+        vec![
+            ("SLURM_PROCID", r.to_string()),
+            ("SLURM_NTASKS", world.to_string()),
+            ("SLURM_LOCALID", r.to_string()),
+            ("SLURM_NTASKS_PER_NODE", world.to_string()),
+            ("SLURM_JOB_NODELIST", "localhost".into()),
+            ("MASTER_PORT", port.into()),
+        ]
+    })
+}
+
+/// With the plain environment of a launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
 fn spawn_world(args: &[String], world: usize, timeout_s: u64) -> Vec<Child> {
-    let port = free_port().to_string();
-    (0..world)
-        .map(|r| {
-            bin()
-                .args(args)
-                .args(["--dist-timeout", &timeout_s.to_string()])
-                .env("RANK", r.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("LOCAL_RANK", r.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect()
+    spawn_with(args, world, timeout_s, |r, port| {
+        vec![("RANK", r.to_string()), ("WORLD_SIZE", world.to_string()), ("LOCAL_RANK", r.to_string()), ("MASTER_ADDR", "127.0.0.1".into()), ("MASTER_PORT", port.into())]
+    })
 }
 
 fn wait_all(children: Vec<Child>) -> Vec<Output> {
