@@ -176,7 +176,7 @@ fn attentive_probe_end_to_end_on_the_demo_data() {
         .success();
     let rec: serde_json::Value = serde_json::from_slice(&o.get_output().stdout).unwrap();
     assert_eq!(rec["config"]["feature"], "ep_all");
-    assert!(rec["protocol_version"].as_str().unwrap().contains("feature=\"ep_all\""));
+    assert!(rec["protocol_version"].as_str().unwrap().contains("feature=ep_all"));
 
     // The EP column of the table, beside LP; and `check` holds EP numbers.
     bin().args(["table", "--format", "markdown"]).arg(&out).assert().success().stdout(contains("| EP |")).stdout(contains("MAE (probing benchmark)"));

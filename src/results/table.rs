@@ -105,7 +105,7 @@ fn cell_of(recs: &[&RunRecord]) -> Option<Cell> {
     Some(Cell {
         value,
         top5: rec.metrics.get("top5").copied(),
-        k: rec.config.get("headline_k").or_else(|| rec.config.get("best_k")).and_then(|k| k.as_i64()),
+        k: ["headline_k", "best_k"].iter().find_map(|key| rec.config.get(key).and_then(|k| k.as_i64())),
         temperature: num(&rec.config, "best_temperature"),
         lr: num(&rec.config, "lr"),
         blr: num(&rec.config, "blr"),
