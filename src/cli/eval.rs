@@ -302,6 +302,12 @@ fn summary(rec: &RunRecord) -> String {
         s.push_str(&format!(", top-5 {:.2}", m("top5")));
     }
     s.push_str(&format!(" (protocol v{})\n", rec.protocol_version));
+    if let Some(best) = rec.details.get("best") {
+        s.push_str(&format!("best of the (k, T) grid: k={} T={}\n", best["k"], best["temperature"]));
+    }
+    if let Some(e) = rec.details.get("best_epoch").filter(|_| rec.metrics.contains_key("last_top1")) {
+        s.push_str(&format!("top-1 at the best epoch ({e}); at the last: {:.2}\n", m("last_top1")));
+    }
     if let Some(scores) = rec.details.pointer("/knn/scores").and_then(|v| v.as_array()) {
         let headline = rec.config.get("headline_k").and_then(|v| v.as_i64());
         for sc in scores {

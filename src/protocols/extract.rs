@@ -37,10 +37,13 @@ pub enum FeatureKind {
     /// Mean of the patch tokens before the final LayerNorm (the Latent MIM NN monitor's feature).
     #[serde(rename = "avg-prenorm", alias = "avg_prenorm")]
     AvgPrenorm,
+    /// CLS token of the last block before the final LayerNorm (the probing benchmark's `raw` k-NN feature).
+    #[serde(rename = "cls-prenorm", alias = "cls_prenorm")]
+    ClsPrenorm,
 }
 
 impl FeatureKind {
-    pub const NAMES: &'static [&'static str] = &["cls", "avg", "cls+avg", "avg-prenorm"];
+    pub const NAMES: &'static [&'static str] = &["cls", "avg", "cls+avg", "avg-prenorm", "cls-prenorm"];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -48,6 +51,7 @@ impl FeatureKind {
             FeatureKind::Avg => "avg",
             FeatureKind::ClsAvg => "cls+avg",
             FeatureKind::AvgPrenorm => "avg-prenorm",
+            FeatureKind::ClsPrenorm => "cls-prenorm",
         }
     }
 
@@ -57,6 +61,7 @@ impl FeatureKind {
             "avg" | "avgpool" => FeatureKind::Avg,
             "cls+avg" | "cls_avg" => FeatureKind::ClsAvg,
             "avg-prenorm" | "avg_prenorm" => FeatureKind::AvgPrenorm,
+            "cls-prenorm" | "cls_prenorm" => FeatureKind::ClsPrenorm,
             other => return Err(Error::option("--feature", format!("`{other}` is not one of {}", Self::NAMES.join(", ")))),
         })
     }
@@ -327,7 +332,8 @@ pub fn image_features(model: &VisionTransformer, images: &Tensor, kind: FeatureK
         .intermediates
         .iter()
         .map(|block_out| {
-            let tokens = if kind == FeatureKind::AvgPrenorm { block_out.shallow_clone() } else { model.final_norm(block_out) };
+            let prenorm = matches!(kind, FeatureKind::AvgPrenorm | FeatureKind::ClsPrenorm);
+            let tokens = if prenorm { block_out.shallow_clone() } else { model.final_norm(block_out) };
             let tokens = tokens.to_kind(Kind::Float);
             let n = tokens.size()[1];
             let prefix = model.cfg.num_prefix_tokens();
@@ -335,7 +341,7 @@ pub fn image_features(model: &VisionTransformer, images: &Tensor, kind: FeatureK
             // Registers are not patches: the average is over the patch tokens only, as timm's `global_pool='avg'`.
             let avg = || tokens.narrow(1, prefix, n - prefix).mean_dim(1, false, Kind::Float);
             match kind {
-                FeatureKind::Cls => cls(),
+                FeatureKind::Cls | FeatureKind::ClsPrenorm => cls(),
                 FeatureKind::Avg | FeatureKind::AvgPrenorm => avg(),
                 FeatureKind::ClsAvg => Tensor::cat(&[cls(), avg()], 1),
             }
@@ -423,7 +429,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     let cfg = loaded.model.cfg.clone();
     let family_feature = loaded.source.eval_feature.as_deref().filter(|_| req.feature_is_default).map(FeatureKind::parse).transpose()?;
     let feature = family_feature.unwrap_or(req.feature);
-    if !cfg.class_token && matches!(feature, FeatureKind::Cls | FeatureKind::ClsAvg) {
+    if !cfg.class_token && matches!(feature, FeatureKind::Cls | FeatureKind::ClsAvg | FeatureKind::ClsPrenorm) {
         return Err(Error::option("feature", format!("`{feature}`: {} has no CLS token; use avg", req.checkpoint.display())));
     }
     let req = &ExtractRequest { feature, ..req.clone() };

@@ -1,6 +1,7 @@
-//! Evaluation protocols: feature extraction, k-NN (DINO) and leave-one-out 1-NN, linear probe, linear sweep,
-//! fine-tuning. Evaluation is one library call, [`run`], on an [`EvalRequest`]; the command layer only parses
+//! Evaluation protocols: feature extraction, k-NN (DINO's, and the probing benchmark's sweep) and leave-one-out
+//! 1-NN, linear probe, attentive probe, linear sweep, fine-tuning. Evaluation is one library call, [`run`], on an [`EvalRequest`]; the command layer only parses
 //! arguments and prints the record.
+pub mod attentive;
 pub mod extract;
 pub mod finetune;
 pub mod knn;
@@ -28,8 +29,13 @@ pub enum Protocol {
     NnLoo,
     /// DINO's weighted k-NN, train bank -> val (protocols/knn.toml).
     Knn,
+    /// The probing benchmark's k-NN: the best (k, T) of a grid, from one search (protocols/knn_sweep.toml).
+    KnnSweep,
     /// MAE's linear probe: LARS, BN + Linear head, the backbone on every augmented crop (protocols/linear.toml).
     Linear,
+    /// The probing benchmark's efficient probing (EP): attentive pooling + BN + Linear on the frozen encoder's
+    /// tokens, LARS (protocols/attentive.toml).
+    Attentive,
     /// MAE's full fine-tuning (protocols/finetune.toml); without --checkpoint, from a random init of --arch.
     Finetune,
     /// 52 linear heads on cached features, chosen on held-out train data (protocols/linear_sweep.toml).
@@ -38,12 +44,14 @@ pub enum Protocol {
 
 impl Protocol {
     /// In table order.
-    pub const ALL: [Protocol; 5] = [Protocol::NnLoo, Protocol::Knn, Protocol::Linear, Protocol::Finetune, Protocol::LinearSweep];
+    pub const ALL: [Protocol; 7] = [Protocol::NnLoo, Protocol::Knn, Protocol::KnnSweep, Protocol::Linear, Protocol::Attentive, Protocol::Finetune, Protocol::LinearSweep];
 
     /// The name in records, tables and on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Knn => "knn",
+            Protocol::KnnSweep => "knn-sweep",
+            Protocol::Attentive => "attentive",
             Protocol::NnLoo => "nn-loo",
             Protocol::Linear => "linear",
             Protocol::LinearSweep => "linear-sweep",
@@ -59,6 +67,8 @@ impl Protocol {
     pub fn file_name(self) -> &'static str {
         match self {
             Protocol::Knn => "knn.toml",
+            Protocol::KnnSweep => "knn_sweep.toml",
+            Protocol::Attentive => "attentive.toml",
             Protocol::NnLoo => "nn_loo.toml",
             Protocol::Linear => "linear.toml",
             Protocol::LinearSweep => "linear_sweep.toml",
@@ -70,6 +80,8 @@ impl Protocol {
     pub fn builtin(self) -> &'static str {
         match self {
             Protocol::Knn => include_str!("../../protocols/knn.toml"),
+            Protocol::KnnSweep => include_str!("../../protocols/knn_sweep.toml"),
+            Protocol::Attentive => include_str!("../../protocols/attentive.toml"),
             Protocol::NnLoo => include_str!("../../protocols/nn_loo.toml"),
             Protocol::Linear => include_str!("../../protocols/linear.toml"),
             Protocol::LinearSweep => include_str!("../../protocols/linear_sweep.toml"),
@@ -82,6 +94,8 @@ impl Protocol {
         match self {
             Protocol::NnLoo => ("NN (LOO 1-NN)", "nn"),
             Protocol::Knn => ("k-NN", "knn"),
+            Protocol::KnnSweep => ("k-NN sweep", "knn_sweep"),
+            Protocol::Attentive => ("EP", "ep"),
             Protocol::Linear => ("LP", "lp"),
             Protocol::Finetune => ("Ft", "ft"),
             Protocol::LinearSweep => ("LP sweep", "lp_sweep"),
@@ -298,7 +312,8 @@ pub(crate) fn eval_loader(ds: Dataset, t: Transform, batch: usize, run: &RunOpti
 /// Runs the request's protocol, writes its record (JSON + a CSV row) into `req.output` and returns it.
 pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     match req.protocol {
-        Protocol::Knn | Protocol::NnLoo => neighbors::run(req),
+        Protocol::Knn | Protocol::KnnSweep | Protocol::NnLoo => neighbors::run(req),
+        Protocol::Attentive => attentive::run(req),
         Protocol::Linear => linear::run(req),
         Protocol::LinearSweep => linear_sweep::run(req),
         Protocol::Finetune => finetune::run(req),
