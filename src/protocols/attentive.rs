@@ -165,15 +165,35 @@ impl AttentiveHead {
         attn.unsqueeze(2).matmul(&v).reshape([b, d])
     }
 
-    /// Logits `[B, C]`; `train` uses and updates the batch statistics (momentum 0.1, per process as the
-    /// benchmark's DDP without SyncBatchNorm).
+    /// Logits `[B, C]`; `train` normalises with the batch's statistics and moves the running ones by this batch
+    /// (one process; a data-parallel step uses [`AttentiveHead::forward_train`] and applies every rank's statistics
+    /// in global micro-batch order, as the linear probe does, so the head does not depend on the number of ranks).
     pub fn forward(&self, tokens: &Tensor, train: bool) -> Tensor {
-        let pooled = self.pool(&tokens.to_kind(Kind::Float));
         if train {
-            self.batches_tracked.set(self.batches_tracked.get() + 1);
+            let (logits, stats) = self.forward_train(tokens);
+            self.update_running(&[stats]);
+            return logits;
         }
-        let x = Tensor::batch_norm(&pooled, None::<&Tensor>, None::<&Tensor>, Some(&self.running_mean), Some(&self.running_var), train, 0.1, 1e-6, false);
+        let pooled = self.pool(&tokens.to_kind(Kind::Float));
+        let x = Tensor::batch_norm(&pooled, None::<&Tensor>, None::<&Tensor>, Some(&self.running_mean), Some(&self.running_var), false, 0.1, 1e-6, false);
         x.linear(&self.weight, Some(&self.bias))
+    }
+
+    /// Training-mode logits and the batch's `[2, D]` BatchNorm statistics (mean, unbiased variance).
+    pub fn forward_train(&self, tokens: &Tensor) -> (Tensor, Tensor) {
+        let pooled = self.pool(&tokens.to_kind(Kind::Float));
+        let x = Tensor::batch_norm(&pooled, None::<&Tensor>, None::<&Tensor>, None::<&Tensor>, None::<&Tensor>, true, 0.1, 1e-6, false);
+        let stats = tch::no_grad(|| {
+            let f = pooled.detach();
+            Tensor::stack(&[f.mean_dim(0, false, Kind::Float), f.var_dim(0, true, false)], 0)
+        });
+        (x.linear(&self.weight, Some(&self.bias)), stats)
+    }
+
+    /// Moves the running statistics by each batch's statistics in turn (BatchNorm1d's momentum-0.1 update).
+    pub fn update_running(&self, stats: &[Tensor]) {
+        super::linear::bn_running_update(&self.running_mean, &self.running_var, stats);
+        self.batches_tracked.set(self.batches_tracked.get() + stats.len() as i64);
     }
 
     /// The trained parameters, LARS's trust ratio applying to the three with more than one dimension.
@@ -281,7 +301,9 @@ impl TrainStep for EpStep<'_> {
     }
     fn loss(&mut self, b: Batch, _epoch: usize, _iter: usize) -> Result<Tensor> {
         let tokens = self.reader.tokens(&to_device_async(&b.images, self.device), self.amp);
-        Ok(self.head.forward(&tokens, true).cross_entropy_for_logits(&to_device_async(&b.labels, self.device)))
+        let (logits, stats) = self.head.forward_train(&tokens);
+        self.head.update_running(&super::linear::gather_bn_stats(crate::dist::world(), &stats)?);
+        Ok(logits.cross_entropy_for_logits(&to_device_async(&b.labels, self.device)))
     }
     fn optimizer(&mut self) -> &mut dyn Optimizer {
         &mut self.opt
@@ -294,7 +316,7 @@ impl TrainStep for EpStep<'_> {
 /// Top-1 / top-5 of the head on the validation loader.
 pub fn evaluate(reader: &TokenReader, head: &AttentiveHead, val: &Loader, device: Device, amp: Option<Kind>) -> Result<(f64, f64)> {
     let batches = val.epoch(0).map(|b| b.map(|b| (b.images, b.labels)));
-    evaluate_topk(batches, &val.dataset().dir, |x| head.forward(&reader.tokens(&to_device_async(x, device), amp), false))
+    evaluate_topk(crate::dist::world(), device, batches, &val.dataset().dir, |x| head.forward(&reader.tokens(x, amp), false))
 }
 
 /// Trains `head` on the frozen encoder: LARS, lr warmup from 0 then cosine per step, whole optimiser steps only,
@@ -310,7 +332,7 @@ pub fn train_head(
     mut log: impl FnMut(&serde_json::Value) -> Result<()>,
 ) -> Result<AttentiveResult> {
     cfg.validate()?;
-    let rule = StepRule { accum: cfg.accum()? as usize, clip: None };
+    let rule = StepRule { accum: cfg.accum()? as usize, clip: None, world: crate::dist::world() };
     let per_epoch = train.global_batches();
     if rule.used_iters(per_epoch) == 0 {
         return Err(Error::option("batch_size", format!("the train split gives {per_epoch} micro-batches of {}, fewer than one step of {}", cfg.micro_batch_size, cfg.batch_size)));
