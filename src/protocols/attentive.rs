@@ -181,12 +181,7 @@ impl AttentiveHead {
 
     /// Training-mode logits and the batch's `[2, D]` BatchNorm statistics (mean, unbiased variance).
     pub fn forward_train(&self, tokens: &Tensor) -> (Tensor, Tensor) {
-        let pooled = self.pool(&tokens.to_kind(Kind::Float));
-        let x = Tensor::batch_norm(&pooled, None::<&Tensor>, None::<&Tensor>, None::<&Tensor>, None::<&Tensor>, true, 0.1, 1e-6, false);
-        let stats = tch::no_grad(|| {
-            let f = pooled.detach();
-            Tensor::stack(&[f.mean_dim(0, false, Kind::Float), f.var_dim(0, true, false)], 0)
-        });
+        let (x, stats) = super::linear::bn_train(&self.pool(&tokens.to_kind(Kind::Float)));
         (x.linear(&self.weight, Some(&self.bias)), stats)
     }
 

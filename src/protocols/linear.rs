@@ -99,6 +99,17 @@ impl LinearConfig {
 /// BatchNorm1d's default momentum.
 const BN_MOMENTUM: f64 = 0.1;
 
+/// BatchNorm1d(affine=False, eps=1e-6) in training mode on `f` `[B, D]`: normalised with the batch's statistics,
+/// and those statistics `[2, D]` (mean, unbiased variance) for [`bn_running_update`], the running ones untouched.
+pub fn bn_train(f: &Tensor) -> (Tensor, Tensor) {
+    let x = Tensor::batch_norm(f, None::<&Tensor>, None::<&Tensor>, None::<&Tensor>, None::<&Tensor>, true, BN_MOMENTUM, 1e-6, false);
+    let stats = tch::no_grad(|| {
+        let f = f.detach();
+        Tensor::stack(&[f.mean_dim(0, false, Kind::Float), f.var_dim(0, true, false)], 0)
+    });
+    (x, stats)
+}
+
 /// BatchNorm's running-statistics update by each `[2, D]` (mean, unbiased variance) of `stats` in order.
 pub fn bn_running_update(running_mean: &Tensor, running_var: &Tensor, stats: &[Tensor]) {
     tch::no_grad(|| {
@@ -173,12 +184,7 @@ impl ProbeHead {
     /// Training-mode logits (normalised with the batch's statistics, as BatchNorm1d in train mode) and the batch's
     /// statistics for the running update, `[2, D]`: mean and unbiased variance, without touching the running ones.
     pub fn forward_train(&self, feats: &Tensor) -> (Tensor, Tensor) {
-        let f = feats.to_kind(Kind::Float);
-        let x = Tensor::batch_norm(&f, None::<&Tensor>, None::<&Tensor>, None::<&Tensor>, None::<&Tensor>, true, BN_MOMENTUM, 1e-6, false);
-        let stats = tch::no_grad(|| {
-            let f = f.detach();
-            Tensor::stack(&[f.mean_dim(0, false, Kind::Float), f.var_dim(0, true, false)], 0)
-        });
+        let (x, stats) = bn_train(&feats.to_kind(Kind::Float));
         (x.linear(&self.weight, Some(&self.bias)), stats)
     }
 
