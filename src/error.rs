@@ -29,6 +29,9 @@ pub enum Error {
         .pid.map_or_else(|| "PID unknown".to_string(), |p| format!("PID {p}"))
     )]
     FolderBusy { dir: PathBuf, pid: Option<u32> },
+    /// SIGINT or SIGTERM stopped the run at a safe point; the message says how to resume.
+    #[error("interrupted by {signal}: {resume}")]
+    Interrupted { signal: crate::signals::Signal, resume: String },
     /// A collective or the rendezvous of a data-parallel run failed (a peer died, timed out or never came).
     #[error("distributed: {0}")]
     Dist(String),
@@ -52,6 +55,7 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Torch(_) | Error::Diverged(_) | Error::Dist(_) => 1,
+            Error::Interrupted { signal, .. } => signal.exit_code(),
             Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => 0,
             // A full or read-only disk is a failure of the run, not a bad input.
             Error::Io { source, .. } if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::ReadOnlyFilesystem) => 1,
