@@ -350,17 +350,22 @@ pub fn violation<T: Recipe>(cfg: &T) -> Option<Violation> {
         Ok(toml::Value::Table(t)) => t,
         _ => return None,
     };
-    for rule in &T::rules() {
+    let rules = T::rules();
+    // Ranges first: a relation between two keys names the one out of its own range, if any.
+    for rule in &rules {
         let Some(v) = lookup(&table, rule.key) else { continue };
         let entries: Vec<&toml::Value> = match v {
             toml::Value::Array(a) => a.iter().collect(),
             v => vec![v],
         };
-        let shown = |v: &toml::Value| v.to_string();
         if let Some(bad) = entries.iter().find(|e| !rule.admits(e)) {
-            let entry = if matches!(v, toml::Value::Array(_)) { format!("entry {}: ", shown(bad)) } else { String::new() };
-            return Some(Violation { key: rule.key, other: None, value: shown(v), reason: format!("{entry}must be {}", rule.range_text()) });
+            let entry = if matches!(v, toml::Value::Array(_)) { format!("entry {bad}: ") } else { String::new() };
+            return Some(Violation { key: rule.key, other: None, value: v.to_string(), reason: format!("{entry}must be {}", rule.range_text()) });
         }
+    }
+    for rule in &rules {
+        let Some(v) = lookup(&table, rule.key) else { continue };
+        let shown = |v: &toml::Value| v.to_string();
         let Some(rel) = rule.relation else { continue };
         let (other, ok, words) = match rel {
             Relation::AtMost(o) => {

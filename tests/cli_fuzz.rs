@@ -454,8 +454,10 @@ fn a_value_out_of_range_names_its_key_value_range_and_source() {
     fixtures(dir.path());
     // From a file: the key, the value, the range, the file and the line.
     let file = dir.path().join("neg.toml");
-    std::fs::write(&file, std::fs::read_to_string(tiny_config()).unwrap() + "\nmin_lr_frac = -1.0\n").unwrap();
-    let line = std::fs::read_to_string(&file).unwrap().lines().count();
+    let text = std::fs::read_to_string(tiny_config()).unwrap();
+    let line = 1 + text.lines().position(|l| l.starts_with("min_lr_frac")).expect("the tiny config sets min_lr_frac");
+    let text: Vec<&str> = text.lines().map(|l| if l.starts_with("min_lr_frac") { "min_lr_frac = -1.0" } else { l }).collect();
+    std::fs::write(&file, text.join("\n")).unwrap();
     let (code, err) = stderr_of(pretrain(dir.path()).arg("-c").arg(&file));
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains(&format!("neg.toml:{line}")) && err.contains("`min_lr_frac` = -1.0") && err.contains("[0, 1]"), "{err}");

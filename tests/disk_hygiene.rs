@@ -140,7 +140,7 @@ fn a_partial_last_line_is_cut_back_to_the_last_whole_line() {
     record(1).write(out).unwrap();
     let lines = csv_lines(&csv);
     assert_eq!(lines.len(), 3, "{lines:?}");
-    assert!(!lines.iter().any(|l| l.contains("vit_pi")), "the torn row is gone: {lines:?}");
+    assert!(!lines.iter().any(|l| l.ends_with(",vit_pi")), "the torn row is gone: {lines:?}");
     assert_eq!(lines[2].split(',').count(), 14, "{}", lines[2]);
     assert_eq!(lines[2].split(',').nth(11), Some("1"));
     // The project's own reader (`table`, `plot --results`) takes the repaired file.

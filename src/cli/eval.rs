@@ -324,6 +324,9 @@ fn summary(rec: &RunRecord) -> String {
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let world = a.dist.init()?;
     let req = a.request();
+    if a.protocol == Protocol::Finetune {
+        crate::signals::set_resume_hint(format!("run the same command again to resume fine-tuning from its last finished epoch (run folders in {})", a.output.display()));
+    }
     let rec = crate::protocols::run(&req).with_context(|| format!("evaluating with the {} protocol", a.protocol))?;
     if !world.is_main() {
         return Ok(());
