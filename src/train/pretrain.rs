@@ -798,6 +798,10 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
             if main && exported != Some(trainer.pos.step.to_string()) {
                 trainer.export_encoder(&paths.encoder())?;
             }
+            // Opening the log drops a line that a kill cut short (nothing is appended).
+            if main {
+                MetricsLog::open(&out, "metrics.jsonl", false)?;
+            }
             let mut rec = RunRecord::new("pretrain", "lmim-2", "final_loss");
             rec.model_name = out.file_name().map_or("pretrain".into(), |s| s.to_string_lossy().to_string());
             rec.metrics.insert("steps".into(), trainer.pos.step as f64);
