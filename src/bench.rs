@@ -209,6 +209,48 @@ pub fn allreduce(arch: &str, t: Timing, device: Device) -> Result<BenchResult> {
     Ok(result("allreduce", arch, 0, t, secs, n as f64, device, None, details))
 }
 
+/// Gathering an `[n, dim]` feature matrix of a split to rank 0, as `extract` does after each rank extracted its
+/// block (`protocols::extract::gather_rows`: chunks of `GATHER_ROWS` rows, only rank 0 holds the matrix), or with
+/// `naive` as an all-reduce of a zero-padded full matrix on every rank. The details give every rank's peak RSS.
+pub fn gather(n: i64, dim: i64, naive: bool) -> Result<BenchResult> {
+    let world = crate::dist::world();
+    let (w, r) = (world.size as i64, world.rank as i64);
+    let (start, end) = (n * r / w, n * (r + 1) / w);
+    let rows = Tensor::randn([end - start, dim], (Kind::Float, Device::Cpu));
+    let ids = Tensor::arange_start(start, end, (Kind::Int64, Device::Cpu));
+    let labels = ids.remainder(1000);
+    let rss_before = peak_rss_mib();
+    let t0 = Instant::now();
+    let held = if naive {
+        let full = Tensor::zeros([n, dim], (Kind::Float, Device::Cpu));
+        let _ = full.shallow_clone().index_copy_(0, &ids, &rows);
+        world.all_reduce_sum(std::slice::from_ref(&full), "the naive gather")?;
+        Some(full)
+    } else {
+        crate::protocols::extract::gather_rows(world, Some((rows.shallow_clone(), ids, labels)), n)?.and_then(|(f, _, _)| f)
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    if let Some(f) = held.as_ref().filter(|_| r == 0) {
+        // The gathered matrix is the blocks in order: row i of rank r's block is block row i.
+        let own = f.narrow(0, 0, end - start);
+        if !own.equal(&rows) {
+            return Err(Error::Dist("the gathered matrix differs from rank 0's block".into()));
+        }
+    }
+    let mut slots = vec![0.0; 2 * world.size];
+    slots[world.rank] = peak_rss_mib().unwrap_or(f64::NAN);
+    slots[world.size + world.rank] = rss_before.unwrap_or(f64::NAN);
+    let all = world.sum_f64(&slots, "the peak RSS of every rank")?;
+    let matrix_mib = (n * dim * 4) as f64 / (1 << 20) as f64;
+    let details = serde_json::json!({
+        "n": n, "dim": dim, "mode": if naive { "all-reduce of the full matrix" } else { "gather_rows (chunks to rank 0)" },
+        "chunk_rows": crate::protocols::extract::GATHER_ROWS, "matrix_mib": matrix_mib,
+        "peak_rss_mib_per_rank": &all[..world.size], "peak_rss_before_mib_per_rank": &all[world.size..], "world": world.describe(),
+    });
+    let t = Timing { warmup: 0, steps: 1 };
+    Ok(result("gather", &format!("features {n}x{dim}"), 0, t, secs, n as f64, Device::Cpu, None, details))
+}
+
 /// Peak bytes of CUDA memory allocated by libtorch's caching allocator on `device` since the last reset, in MiB,
 /// resetting the peak when `reset` (as `torch.cuda.max_memory_allocated` / `reset_peak_memory_stats`). `None` on
 /// the CPU and in builds without the CUDA part of the shim.

@@ -123,6 +123,16 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 4)]
         batch_size: i64,
     },
+    /// Gathering an n x dim feature matrix to rank 0 as `extract` does between the processes of a job, or with
+    /// --naive as an all-reduce of the full matrix on every rank: time and every rank's peak RSS.
+    Gather {
+        #[arg(long, default_value_t = 1_281_167)]
+        n: i64,
+        #[arg(long, default_value_t = 768)]
+        dim: i64,
+        #[arg(long)]
+        naive: bool,
+    },
     /// The 52-head linear sweep on random features (protocols/linear_sweep.toml, `--set` overrides it).
     Sweep {
         #[arg(long, default_value_t = 100_000)]
@@ -209,6 +219,13 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<i32> {
             bench::finetune_steps(arch, &cfg, t, device, a.precision, data.as_deref()).context("timing fine-tuning steps")?
         }
         BenchWhat::Allreduce { arch } => bench::allreduce(arch, t, world.device).context("timing the gradient all-reduce")?,
+        BenchWhat::Gather { n, dim, naive } => {
+            if *n < 1 || *dim < 1 {
+                return Err(crate::Error::option("--n/--dim", "need n >= 1 rows and dim >= 1").into());
+            }
+            crate::info::check_fits("--n/--dim", &format!("{n} features of {dim} values"), *n as u128 * *dim as u128 * 4)?;
+            bench::gather(*n, *dim, *naive).context("timing the feature gather")?
+        }
         BenchWhat::Sweep { n, dim, classes, sets } => {
             if *n < 2 || *dim < 1 || *classes < 1 {
                 return Err(crate::Error::option("--n/--dim/--classes", "need n >= 2 rows, dim >= 1 and classes >= 1").into());

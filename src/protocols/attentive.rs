@@ -89,25 +89,13 @@ impl Default for AttentiveConfig {
     }
 }
 
+/// The linear probe's ranges (the same LARS recipe keys), plus the number of queries.
 impl crate::config::Recipe for AttentiveConfig {
     fn rules() -> Vec<crate::config::Rule> {
-        use crate::config::Rule;
-        vec![
-            // The embedding width must also be a multiple of `queries` (checked against the model).
-            Rule::int("queries", 1, 4096),
-            Rule::above("epochs", 0.0, 1e6),
-            Rule::real("warmup_epochs", 0.0, 1e6).at_most("epochs"),
-            Rule::above("blr", 0.0, 100.0),
-            Rule::int("batch_size", 1, 1 << 24),
-            Rule::int("micro_batch_size", 1, 65536).at_most("batch_size"),
-            Rule::real("weight_decay", 0.0, 10.0),
-            Rule::below("momentum", 0.0, 1.0),
-            Rule::above("trust_coefficient", 0.0, 1.0),
-            Rule::above("crop_scale_min", 0.0, 1.0),
-            Rule::real("min_lr", 0.0, 100.0),
-            Rule::int("seed", 0, i64::MAX),
-            Rule::int("eval_every", 0, 1 << 20),
-        ]
+        // The embedding width must also be a multiple of `queries` (checked against the model).
+        let mut rules = vec![crate::config::Rule::int("queries", 1, 4096)];
+        rules.extend(<super::linear::LinearConfig as crate::config::Recipe>::rules());
+        rules
     }
 }
 

@@ -367,13 +367,13 @@ fn precision_of(p: Precision, device: Device) -> (&'static str, Option<Kind>) {
 
 /// Rows of a rank's block gathered at a time: bounds what a rank holds of the others' blocks (W x this x D floats)
 /// while rank 0 assembles the matrix.
-const GATHER_ROWS: i64 = 16384;
+pub const GATHER_ROWS: i64 = 16384;
 
 /// Assembles the `[n, D]` matrix of a split on rank 0 from every rank's block (`(rows, dataset indices, labels)`,
 /// or None for an empty block): `Some((matrix or None when no rank had rows, labels, rows filled))` on rank 0,
 /// `None` elsewhere. The blocks travel in chunks of [`GATHER_ROWS`] rows, so no rank ever holds the whole matrix
 /// but rank 0 (an all-reduce of the full matrix would put one in every rank: 3.9 GB x 8 for ImageNet's train set).
-fn gather_rows(world: &crate::dist::World, local: Option<(Tensor, Tensor, Tensor)>, n: i64) -> Result<Option<(Option<Tensor>, Tensor, usize)>> {
+pub fn gather_rows(world: &crate::dist::World, local: Option<(Tensor, Tensor, Tensor)>, n: i64) -> Result<Option<(Option<Tensor>, Tensor, usize)>> {
     if !world.is_distributed() {
         let labels = Tensor::full([n], -1i64, (Kind::Int64, Device::Cpu));
         let Some((rows, ids, labs)) = local else { return Ok(Some((None, labels, 0))) };

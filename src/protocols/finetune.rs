@@ -108,7 +108,9 @@ impl crate::config::Recipe for FinetuneConfig {
     fn rules() -> Vec<Rule> {
         vec![
             Rule::int("epochs", 1, 1 << 20),
-            Rule::real("warmup_epochs", 0.0, 1e6).at_most("epochs"),
+            // Not bounded by `epochs`: MAE's schedule (util/lr_sched.py) only ramps up when a short run, such as
+            // `--set epochs=1` over the recipe, ends inside the warmup.
+            Rule::real("warmup_epochs", 0.0, 1e6),
             Rule::above("blr", 0.0, 10.0),
             Rule::above("lr", 0.0, 10.0),
             Rule::int("batch_size", 1, 1 << 24),
