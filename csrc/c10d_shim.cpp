@@ -1,9 +1,12 @@
 // A C interface to torch.distributed's C++ engine (c10d) from the libtorch that tch links: TCPStore rendezvous,
-// ProcessGroupGloo (CPU) and, when built with CUDA headers, ProcessGroupNCCL (nccl_shim.cpp). Tensors cross as
+// ProcessGroupGloo (CPU) when built with gloo's headers (LMIM_WITH_GLOO) and, when built with CUDA headers,
+// ProcessGroupNCCL (nccl_shim.cpp). Tensors cross as
 // tch's handles (`torch::Tensor*`, torch-sys libtch/torch_api.h). Every function catches C++ exceptions and keeps
 // the message for lmim_c10d_last_error(), so a failed collective becomes a Rust error, never an abort.
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#ifdef LMIM_WITH_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <chrono>
@@ -49,6 +52,14 @@ extern "C" {
 
 const char* lmim_c10d_last_error() { return last_error.c_str(); }
 
+int lmim_c10d_has_gloo() {
+#ifdef LMIM_WITH_GLOO
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 int lmim_c10d_has_nccl() {
 #ifdef LMIM_WITH_NCCL
   return 1;
@@ -76,6 +87,7 @@ void* lmim_c10d_init(const char* backend, const char* host, int port, int rank, 
     group->store = store;
     std::string name(backend);
     if (name == "gloo") {
+#ifdef LMIM_WITH_GLOO
       auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
       // As torch.distributed: GLOO_SOCKET_IFNAME names the interface(s), else the host name's address.
       const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
@@ -92,6 +104,9 @@ void* lmim_c10d_init(const char* backend, const char* host, int port, int rank, 
         opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
       }
       group->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, opts);
+#else
+      throw std::runtime_error("this build of lmim-bench has no Gloo (it was compiled without gloo's headers)");
+#endif
     } else if (name == "nccl") {
 #ifdef LMIM_WITH_NCCL
       group->backend = lmim_make_nccl(store, rank, size, timeout);

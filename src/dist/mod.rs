@@ -23,6 +23,7 @@ use crate::error::{Error, Result};
 
 extern "C" {
     fn lmim_c10d_last_error() -> *const c_char;
+    fn lmim_c10d_has_gloo() -> c_int;
     fn lmim_c10d_has_nccl() -> c_int;
     fn lmim_c10d_init(backend: *const c_char, host: *const c_char, port: c_int, rank: c_int, size: c_int, client_only: c_int, timeout_ms: i64, prefix: *const c_char) -> *mut c_void;
     fn lmim_c10d_allreduce_sum(g: *mut c_void, ts: *mut *mut torch_sys::C_tensor, n: c_int) -> c_int;
@@ -48,6 +49,14 @@ impl Backend {
         }
     }
 }
+
+/// Whether this build can make Gloo groups (it was compiled with gloo's headers, which the torch wheel lacks).
+pub fn has_gloo() -> bool {
+    unsafe { lmim_c10d_has_gloo() != 0 }
+}
+
+/// How to get Gloo into a build without it: named wherever a run or a test needs it.
+pub const GLOO_HOWTO: &str = "install gloo's headers (Debian/Ubuntu: apt-get install libgloo-dev) or set LMIM_GLOO_INCLUDE to a folder holding gloo/, then rebuild (scripts/env.sh)";
 
 /// Whether this build can make NCCL groups (it was compiled with the CUDA and NCCL headers).
 pub fn has_nccl() -> bool {
@@ -139,6 +148,9 @@ impl World {
         };
         if backend == Backend::Nccl && !has_nccl() {
             return Err(Error::option("--dist-backend", "nccl: this build has no NCCL (it was compiled without the CUDA headers); rebuild after scripts/env.sh, or use gloo"));
+        }
+        if backend == Backend::Gloo && !has_gloo() {
+            return Err(Error::option("--dist-backend", format!("gloo: this build has no Gloo, so it cannot run {} processes on the CPU: {GLOO_HOWTO}", env.world_size)));
         }
         let c = |s: &str, what: &str| CString::new(s).map_err(|_| Error::option(what, format!("`{s}` holds a NUL byte")));
         let (name, host) = (c(backend.name(), "--dist-backend")?, c(&env.master_addr, "MASTER_ADDR")?);
