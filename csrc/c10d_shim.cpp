@@ -3,6 +3,7 @@
 // ProcessGroupNCCL (nccl_shim.cpp). Tensors cross as
 // tch's handles (`torch::Tensor*`, torch-sys libtch/torch_api.h). Every function catches C++ exceptions and keeps
 // the message for lmim_c10d_last_error(), so a failed collective becomes a Rust error, never an abort.
+#include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #ifdef LMIM_WITH_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>

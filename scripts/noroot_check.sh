@@ -43,6 +43,10 @@ fi
 # ---- inside the namespace, still root: take away what a cluster user does not have ----
 LMIM_CACHE="$2"
 nr="$LMIM_CACHE/noroot"
+# Writable at the end: the clone, the cache (the venv in it read-only), cargo's home and /tmp, each its own mount
+# before anything is mounted below them; the rest of the system is made read-only last.
+cargo_home="${CARGO_HOME:-$HOME/.cargo}"
+for d in /tmp "$cargo_home" "$LMIM_CACHE" "$ROOT"; do mount --bind "$d" "$d"; done
 work="$(mktemp -d /tmp/lmim-noroot.XXXXXX)"
 # The mirror below is a bind of Debian's data set: unmounted before the folder is removed.
 trap 'umount "$work/fm-mirror" 2>/dev/null; rm -rf "$work"' EXIT
@@ -70,9 +74,6 @@ if [ -d "$fm_debian" ]; then
     mount --bind "$fm_debian" "$work/fm-mirror" && mount -o remount,bind,ro "$work/fm-mirror"
     mount -t tmpfs none "$fm_debian"
 fi
-# Writable: the clone, the cache, cargo's home, /tmp; the venv read-only; everything else read-only.
-cargo_home="${CARGO_HOME:-$HOME/.cargo}"
-for d in "$ROOT" "$LMIM_CACHE" "$cargo_home" /tmp; do mount --bind "$d" "$d"; done
 mount --bind "$LMIM_CACHE/venv" "$LMIM_CACHE/venv" && mount -o remount,bind,ro "$LMIM_CACHE/venv"
 mount -o remount,bind,ro /
 
