@@ -21,7 +21,7 @@ fn main() {
 }
 
 /// Every C++ file of the shim (the NCCL one compiled only with the CUDA headers; the header is in the build key).
-const SHIM_SOURCES: [&str; 5] = ["csrc/c10d_shim.cpp", "csrc/optim_shim.cpp", "csrc/nccl_shim.cpp", "csrc/cuda_shim.cpp", "csrc/shim_error.h"];
+const SHIM_SOURCES: [&str; 5] = ["csrc/c10d_shim.cpp", "csrc/aten_shim.cpp", "csrc/nccl_shim.cpp", "csrc/cuda_shim.cpp", "csrc/shim_error.h"];
 
 /// Where gloo's headers are, which the torch wheel does not ship: the folder LMIM_GLOO_INCLUDE names (an error when
 /// it lacks them), else the system's (Debian's libgloo-dev); None builds the shim without Gloo.
@@ -72,31 +72,31 @@ fn c10d_shim(lib: &Path, cuda: bool) {
         println!("cargo:rustc-cfg=lmim_gloo");
     }
     println!("cargo:rustc-check-cfg=cfg(lmim_gloo)");
-    shim.file("csrc/c10d_shim.cpp").file("csrc/optim_shim.cpp");
+    shim.file("csrc/c10d_shim.cpp").file("csrc/aten_shim.cpp");
     // The CUDA wheels' headers sit beside torch in site-packages.
     let nvidia = torch.parent().map(|p| p.join("nvidia"));
     let cuda_inc = nvidia.as_ref().map(|n| n.join("cu13/include"));
     let nccl_inc = nvidia.as_ref().map(|n| n.join("nccl/include"));
-    let nccl = cuda
-        && cuda_inc.as_ref().is_some_and(|p| p.join("cuda_runtime.h").exists() && p.join("crt/host_config.h").exists())
-        && nccl_inc.as_ref().is_some_and(|p| p.join("nccl.h").exists());
+    // The CUDA helpers (csrc/cuda_shim.cpp: device binding, pinning, the copy stream, peak memory) need the CUDA
+    // runtime headers; the NCCL process group needs NCCL's too. Each part has its own cfg.
+    let cuda_headers = cuda && cuda_inc.as_ref().is_some_and(|p| p.join("cuda_runtime.h").exists() && p.join("crt/host_config.h").exists());
+    let nccl = cuda_headers && nccl_inc.as_ref().is_some_and(|p| p.join("nccl.h").exists());
+    if cuda_headers {
+        shim.file("csrc/cuda_shim.cpp").define("USE_CUDA", None).include(cuda_inc.unwrap());
+        println!("cargo:rustc-cfg=lmim_cuda");
+    }
     if nccl {
-        shim.define("LMIM_WITH_NCCL", None)
-            .file("csrc/nccl_shim.cpp")
-            .file("csrc/cuda_shim.cpp")
-            .define("USE_C10D_NCCL", None)
-            .define("USE_CUDA", None)
-            .include(cuda_inc.unwrap())
-            .include(nccl_inc.unwrap());
+        shim.define("LMIM_WITH_NCCL", None).file("csrc/nccl_shim.cpp").define("USE_C10D_NCCL", None).include(nccl_inc.unwrap());
         println!("cargo:rustc-cfg=lmim_nccl");
     } else if cuda {
         println!("cargo:warning=NCCL is left out: the CUDA (crt, cccl) or NCCL headers are not beside torch; scripts/env.sh installs them");
     }
     println!("cargo:rustc-check-cfg=cfg(lmim_nccl)");
+    println!("cargo:rustc-check-cfg=cfg(lmim_cuda)");
     // The build script reruns on every commit (git_commit); the shim takes a minute to compile, so it is rebuilt
     // only when its sources or headers' location change.
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let mut key = format!("{} {:?} {nccl}\n", include.display(), gloo);
+    let mut key = format!("{} {:?} {cuda_headers} {nccl}\n", include.display(), gloo);
     for f in SHIM_SOURCES {
         key.push_str(&std::fs::read_to_string(f).unwrap_or_default());
     }

@@ -132,7 +132,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("loader_train224_batch32");
     let ds = Dataset::open(&root, "train").unwrap();
     g.throughput(Throughput::Elements(ds.len() as u64)).sample_size(10);
-    let cfg = LoaderConfig { batch_size: 32, workers: cores, pin_memory: false, ..Default::default() };
+    let cfg = LoaderConfig { batch_size: 32, workers: cores, ..Default::default() };
     let loader = Loader::new(ds, t.clone(), cfg).unwrap();
     g.bench_function(format!("{cores}_workers"), |b| {
         b.iter(|| {

@@ -2,7 +2,7 @@
 // ProcessGroupGloo (CPU) when built with gloo's headers (LMIM_WITH_GLOO) and, when built with CUDA headers,
 // ProcessGroupNCCL (nccl_shim.cpp). Tensors cross as
 // tch's handles (`torch::Tensor*`, torch-sys libtch/torch_api.h). Every function catches C++ exceptions and keeps
-// the message for lmim_c10d_last_error(), so a failed collective becomes a Rust error, never an abort.
+// the message for lmim_last_error() (shim_error.h), so a failed collective becomes a Rust error, never an abort.
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #ifdef LMIM_WITH_GLOO
@@ -10,8 +10,10 @@
 #endif
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <utility>
 #include <vector>
@@ -20,22 +22,21 @@
 
 #ifdef LMIM_WITH_NCCL
 c10::intrusive_ptr<c10d::Backend> lmim_make_nccl(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
-                                                 std::chrono::milliseconds timeout);
+                                                 std::chrono::milliseconds timeout, int device);
 #endif
 
 namespace {
-thread_local std::string last_error;
+// The store key a failing rank writes its message under, so that its peers can stop at once instead of waiting
+// for a collective that will never complete (under NCCL a host is not even blocked in one: wait() only orders
+// streams, ProcessGroupNCCL.hpp).
+const char* kFailedKey = "lmim-bench/failed";
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> backend;
+  int rank = 0;
   bool nccl = false;
 };
-
-template <class F>
-int guarded(F&& f) {
-  return lmim_guarded(last_error, std::forward<F>(f));
-}
 
 std::vector<at::Tensor> tensors(at::Tensor** ts, int n) {
   std::vector<at::Tensor> v;
@@ -50,8 +51,6 @@ void wait_all(std::vector<c10::intrusive_ptr<c10d::Work>>& works) {
 }  // namespace
 
 extern "C" {
-
-const char* lmim_c10d_last_error() { return last_error.c_str(); }
 
 int lmim_c10d_has_gloo() {
 #ifdef LMIM_WITH_GLOO
@@ -70,11 +69,12 @@ int lmim_c10d_has_nccl() {
 }
 
 // Rendezvous through a TCPStore at host:port (rank 0 serves it unless `client_only`, as under torchrun whose agent
-// already serves it), keys under `prefix`, then a process group of `backend` ("gloo" or "nccl").
+// already serves it), keys under `prefix`, then a process group of `backend` ("gloo" or "nccl"). `device` is the
+// CUDA device an NCCL group is bound to (its communicator is created there, never guessed).
 void* lmim_c10d_init(const char* backend, const char* host, int port, int rank, int size, int client_only,
-                     long long timeout_ms, const char* prefix) {
+                     long long timeout_ms, const char* prefix, int device) {
   Group* g = nullptr;
-  int rc = guarded([&] {
+  int rc = lmim_guarded([&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions o;
     o.port = static_cast<std::uint16_t>(port);
@@ -86,6 +86,7 @@ void* lmim_c10d_init(const char* backend, const char* host, int port, int rank, 
     auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
     auto group = std::make_unique<Group>();
     group->store = store;
+    group->rank = rank;
     std::string name(backend);
     if (name == "gloo") {
 #ifdef LMIM_WITH_GLOO
@@ -110,7 +111,7 @@ void* lmim_c10d_init(const char* backend, const char* host, int port, int rank, 
 #endif
     } else if (name == "nccl") {
 #ifdef LMIM_WITH_NCCL
-      group->backend = lmim_make_nccl(store, rank, size, timeout);
+      group->backend = lmim_make_nccl(store, rank, size, timeout, device);
       group->nccl = true;
 #else
       throw std::runtime_error("this build of lmim-bench has no NCCL (it was compiled without the CUDA headers)");
@@ -125,7 +126,7 @@ void* lmim_c10d_init(const char* backend, const char* host, int port, int rank, 
 
 // In-place sum over ranks of each tensor; all are started before the first is waited for.
 int lmim_c10d_allreduce_sum(void* h, at::Tensor** ts, int n) {
-  return guarded([&] {
+  return lmim_guarded([&] {
     auto* g = static_cast<Group*>(h);
     std::vector<c10::intrusive_ptr<c10d::Work>> works;
     for (int i = 0; i < n; ++i) {
@@ -137,7 +138,7 @@ int lmim_c10d_allreduce_sum(void* h, at::Tensor** ts, int n) {
 }
 
 int lmim_c10d_broadcast(void* h, at::Tensor** ts, int n, int root) {
-  return guarded([&] {
+  return lmim_guarded([&] {
     auto* g = static_cast<Group*>(h);
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
@@ -152,7 +153,7 @@ int lmim_c10d_broadcast(void* h, at::Tensor** ts, int n, int root) {
 
 // `outs` holds one tensor per rank, shaped as `input`.
 int lmim_c10d_allgather(void* h, at::Tensor* input, at::Tensor** outs, int size) {
-  return guarded([&] {
+  return lmim_guarded([&] {
     auto* g = static_cast<Group*>(h);
     std::vector<std::vector<at::Tensor>> out{tensors(outs, size)};
     std::vector<at::Tensor> in{*input};
@@ -161,14 +162,48 @@ int lmim_c10d_allgather(void* h, at::Tensor* input, at::Tensor** outs, int size)
 }
 
 int lmim_c10d_barrier(void* h) {
-  return guarded([&] { static_cast<Group*>(h)->backend->barrier()->wait(); });
+  return lmim_guarded([&] { static_cast<Group*>(h)->backend->barrier()->wait(); });
 }
 
-void lmim_c10d_free(void* h) {
-  auto* g = static_cast<Group*>(h);
-  guarded([&] {
+// This rank failed with `msg`: tells the peers through the store (they poll it, lmim_c10d_peer_failure) and aborts
+// the group's communicators (ProcessGroupNCCL::abort; a no-op for Gloo, whose peers see the closed connections).
+int lmim_c10d_fail(void* h, const char* msg) {
+  return lmim_guarded([&] {
+    auto* g = static_cast<Group*>(h);
+    std::string text = "rank " + std::to_string(g->rank) + ": " + msg;
+    try {
+      if (!g->store->check({kFailedKey})) g->store->set(kFailedKey, std::vector<uint8_t>(text.begin(), text.end()));
+    } catch (...) {
+      // The store's host may be gone already; aborting matters more.
+    }
+    g->backend->abort();
+  });
+}
+
+// 1 and the first failed rank's message in `buf` (cut to `len` - 1 bytes) when a rank has failed, 0 when none
+// has; non-zero from lmim_guarded when the store cannot be reached.
+int lmim_c10d_peer_failure(void* h, char* buf, int len, int* found) {
+  return lmim_guarded([&] {
+    auto* g = static_cast<Group*>(h);
+    *found = 0;
+    if (!g->store->check({kFailedKey})) return;
+    auto v = g->store->get(kFailedKey);
+    size_t n = std::min(v.size(), static_cast<size_t>(std::max(len - 1, 0)));
+    if (len > 0) {
+      std::memcpy(buf, v.data(), n);
+      buf[n] = '\0';
+    }
+    *found = 1;
+  });
+}
+
+// A normal end: shuts NCCL's communicators down (needed before exit, or its watchdog reports an unclean end).
+int lmim_c10d_shutdown(void* h) {
+  return lmim_guarded([&] {
+    auto* g = static_cast<Group*>(h);
     if (g->nccl) g->backend->shutdown();
   });
-  delete g;
 }
+
+void lmim_c10d_free(void* h) { delete static_cast<Group*>(h); }
 }

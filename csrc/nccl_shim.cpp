@@ -3,8 +3,12 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 
 c10::intrusive_ptr<c10d::Backend> lmim_make_nccl(const c10::intrusive_ptr<c10d::Store>& store, int rank, int size,
-                                                 std::chrono::milliseconds timeout) {
+                                                 std::chrono::milliseconds timeout, int device) {
   auto opts = c10d::ProcessGroupNCCL::Options::create();
   opts->timeout = timeout;
-  return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, opts);
+  auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, opts);
+  // As init_process_group(device_id=...): the group's device is known, not guessed as rank % devices on the first
+  // collective (ProcessGroupNCCL::guessDeviceId), so no rank creates a context on another rank's GPU.
+  if (device >= 0) pg->setBoundDeviceId(at::Device(at::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
+  return pg;
 }

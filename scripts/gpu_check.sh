@@ -1,35 +1,44 @@
 #!/usr/bin/env bash
 # The one-call device check: everything the GPU path has to show, run from a prepared release binary in ONE call
-# on a GPU machine that has PyTorch + timm but no Rust and no network (an estimated 7 minutes on one H200):
+# on a GPU machine that has PyTorch + timm but no Rust and no network, within a 9-minute budget on one H200:
 #   info; ViT-B/16 forward parity with timm on the GPU (fp32, bf16) and the SDPA kernel used; one Latent MIM step on
 #   the GPU against the CPU; side by side and alternating: the pretraining step at batch 256 (lmim-bench bf16, the
 #   original code fp16 + GradScaler as shipped and in bf16) with img/s, peak memory and MFU, the fine-tuning step at
 #   batch 128 beside timm, inference at batch 256 beside timm, k-NN of 50 k x 1.28 M x 768 (beside DINO's code),
 #   one epoch of the 52-head sweep over 1.28 M rows, and the loader from 500x375 JPEGs with 16 workers.
-# It writes benchmarks/gpu-<device>.md (the device named, the commands) and the raw JSON under --out.
+# Scratch (weights, JPEGs, raw JSON) goes to a folder under /tmp (--scratch DIR to choose). The report
+# (gpu-<device>.md, the device named, the commands) is rewritten after every step, so a kill keeps what ran; it goes
+# to $OUT when OUT is set (a machine that gives back only $OUT: there the report, printed to stdout too, and one
+# raw.tar.gz of the steps' JSON and stderr, nothing else), else to benchmarks/ (GPU) or the scratch folder (--cpu).
 # `--cpu` runs the same steps at tiny sizes on the CPU (CI runs it through tests/gpu_check.rs, so it never rots).
 #
-# Usage: scripts/gpu_check.sh [--cpu] [--out DIR]
-# Environment: LMIM_BIN (the lmim-bench binary; default target/release or the build cache), LMIM_PYTHON (python
-# with torch + timm; default python3), LATENTMIM_DIR / DINO_DIR (checkouts of yibingwei-1/LatentMIM and
-# facebookresearch/dino, imported from, never committed; their rows are skipped without them), LMIM_PEAK_TFLOPS
-# (dense bf16 peak for MFU when the device is not in benches/py/gpu_report.py's table).
+# Time: one overall budget (540 s on a GPU, 1200 s with --cpu); each step runs under `timeout` with its share
+# (the SHARE table below, seconds on an H200, x3 on the CPU) or what is left of the budget, whichever is less,
+# and a step that would start with under 5 s left is not run (the report says so).
+#
+# Usage: scripts/gpu_check.sh [--cpu] [--scratch DIR]
+# Environment: OUT (where the report and raw.tar.gz go), LMIM_BIN (the lmim-bench binary; default target/release or
+# the build cache), LMIM_PYTHON (python with torch + timm; default python3), LATENTMIM_DIR / DINO_DIR (checkouts of
+# yibingwei-1/LatentMIM and facebookresearch/dino, imported from, never committed; their rows are skipped without
+# them), LMIM_PEAK_TFLOPS (dense bf16 peak for MFU when the device is not in benches/py/gpu_report.py's table).
 # Exit: 0 when every step ran and every parity check passed, 1 otherwise (the report says which).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 MODE=gpu
-OUT=""
+SCRATCH=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu) MODE=cpu ;;
-        --out) OUT="$2"; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        --scratch) SCRATCH="$2"; shift ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "gpu_check.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
-OUT="${OUT:-$(mktemp -d)}"
-mkdir -p "$OUT"
+SCRATCH="${SCRATCH:-$(mktemp -d /tmp/lmim-gpu-check.XXXXXX)}"
+mkdir -p "$SCRATCH"
+REPORT_DIR="${OUT:-}"
+[ -n "$REPORT_DIR" ] && mkdir -p "$REPORT_DIR"
 PY="${LMIM_PYTHON:-python3}"
 BIN="${LMIM_BIN:-}"
 if [ -z "$BIN" ]; then
@@ -60,32 +69,63 @@ else
     ORIG_BATCH=2; ORIG_AMPS=(none); PREC=f32
 fi
 
-FAILED=()
-# step NAME SECONDS CMD...: stdout to $OUT/NAME.json, stderr to $OUT/NAME.err; a failure is recorded, not fatal.
-step() {
-    local name="$1" secs="$2"; shift 2
-    local t0=$SECONDS
-    timeout "$secs" "$@" >"$OUT/$name.json" 2>"$OUT/$name.err"
-    local rc=$?
-    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$*" >>"$OUT/steps.tsv"
-    [ $rc -eq 0 ] || { FAILED+=("$name"); echo "gpu_check: $name failed (exit $rc, see $OUT/$name.err)" >&2; }
-}
-: >"$OUT/steps.tsv"
-echo "$MODE" >"$OUT/mode"
+# Each step's share of the budget, in seconds on an H200 (x3 on the CPU): what it was estimated to need plus a
+# margin; together 535 s of the 540.
+declare -A SHARE=(
+    [info]=15 [python-info]=25 [parity-ref]=35 [parity]=25 [step-parity]=40
+    [pretrain-ours-1]=40 [pretrain-original-fp16]=40 [pretrain-original-bf16]=40 [pretrain-original-none]=40 [pretrain-ours-2]=40
+    [finetune-ours]=30 [finetune-timm]=30 [infer-ours]=20 [infer-timm]=20
+    [knn-ours]=30 [knn-dino]=30 [sweep]=40 [synth]=25 [loader]=20
+)
+if [ "$MODE" = gpu ]; then BUDGET=540; SCALE=1; else BUDGET=1200; SCALE=3; fi
+START=$SECONDS
 
-step info 60 "$BIN" info
-step python-info 60 "$PY" -c "import json, torch, timm; c = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__, 'timm': timm.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name() if c else 'cpu', 'cudnn': torch.backends.cudnn.version() if c else None}))"
+FAILED=()
+# The report from what ran so far (to $OUT with the raw files' tarball when OUT is set); a kill keeps it.
+report() {
+    "$PY" "$ROOT/benches/py/gpu_report.py" "$SCRATCH" "$ROOT" "${FAILED[*]:-}" "$REPORT_DIR" >"$SCRATCH/report.path"
+    local rc=$?
+    if [ -n "$REPORT_DIR" ]; then
+        (cd "$SCRATCH" && tar -czf "$REPORT_DIR/raw.tar.gz.tmp" --exclude=report.path ./*.json ./*.err steps.tsv mode 2>/dev/null)
+        mv -f "$REPORT_DIR/raw.tar.gz.tmp" "$REPORT_DIR/raw.tar.gz"
+    fi
+    return $rc
+}
+# step NAME CMD...: stdout to SCRATCH/NAME.json, stderr to SCRATCH/NAME.err, under `timeout` with the step's share of
+# the budget (or what is left of it); a failure is recorded, not fatal.
+step() {
+    local name="$1"; shift
+    local share=$(( ${SHARE[$name]:-30} * SCALE ))
+    local left=$(( BUDGET - (SECONDS - START) ))
+    local secs=$(( share < left ? share : left ))
+    if [ "$secs" -lt 5 ]; then
+        printf '%s\t%s\t%s\t%s\n' "$name" budget 0 "$*" >>"$SCRATCH/steps.tsv"
+        echo "gpu_check: $name not run: the ${BUDGET} s budget is spent" >&2
+        return
+    fi
+    local t0=$SECONDS
+    timeout "$secs" "$@" >"$SCRATCH/$name.json" 2>"$SCRATCH/$name.err"
+    local rc=$?
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - t0))" "$*" >>"$SCRATCH/steps.tsv"
+    [ $rc -eq 0 ] || { FAILED+=("$name"); echo "gpu_check: $name failed (exit $rc, see $SCRATCH/$name.err)" >&2; }
+    report >/dev/null 2>&1
+}
+: >"$SCRATCH/steps.tsv"
+echo "$MODE" >"$SCRATCH/mode"
+
+step info "$BIN" info
+step python-info "$PY" -c "import json, torch, timm; c = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__, 'timm': timm.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name() if c else 'cpu', 'cudnn': torch.backends.cudnn.version() if c else None}))"
 
 # Parity: timm writes its weights and outputs on this device, lmim-bench compares.
-step parity-ref 120 "$PY" "$ROOT/benches/py/gpu_side.py" parity-ref "$VIT" "$PAR_BATCH" "$DEV" "$OUT/parity"
-step parity 120 "$BIN" bench --device "$DEV" parity --weights "$OUT/parity/weights.safetensors" --io "$OUT/parity/io.safetensors" --arch "$VIT"
-step step-parity 180 "$BIN" bench --device "$DEV" step-parity -c "$LMIM_CFG" --batch-size "$STEP_PAR_BATCH"
+step parity-ref "$PY" "$ROOT/benches/py/gpu_side.py" parity-ref "$VIT" "$PAR_BATCH" "$DEV" "$SCRATCH/parity"
+step parity "$BIN" bench --device "$DEV" parity --weights "$SCRATCH/parity/weights.safetensors" --io "$SCRATCH/parity/io.safetensors" --arch "$VIT"
+step step-parity "$BIN" bench --device "$DEV" step-parity -c "$LMIM_CFG" --batch-size "$STEP_PAR_BATCH"
 
 # Pretraining step, alternating lmim-bench and the original code.
-ours_pre() { step "pretrain-ours-$1" 240 "$BIN" bench --device "$DEV" --warmup "$WARM" --steps "$STEPS" pretrain -c "$LMIM_CFG" --batch-size "$PRE_BATCH" --set "precision=$PREC"; }
+ours_pre() { step "pretrain-ours-$1" "$BIN" bench --device "$DEV" --warmup "$WARM" --steps "$STEPS" pretrain -c "$LMIM_CFG" --batch-size "$PRE_BATCH" --set "precision=$PREC"; }
 orig_pre() {
     if [ -n "${LATENTMIM_DIR:-}" ]; then
-        step "pretrain-original-$1" 240 "$PY" "$ROOT/benches/py/lmim_original_step.py" "$LATENTMIM_DIR" "$ORIG_BATCH" "$STEPS" "$THREADS" "$DEV" "$1"
+        step "pretrain-original-$1" "$PY" "$ROOT/benches/py/lmim_original_step.py" "$LATENTMIM_DIR" "$ORIG_BATCH" "$STEPS" "$THREADS" "$DEV" "$1"
     fi
 }
 ours_pre 1
@@ -93,22 +133,24 @@ for amp in "${ORIG_AMPS[@]}"; do orig_pre "$amp"; done
 ours_pre 2
 
 # Fine-tuning step beside timm (MAE's recipe), inference beside timm.
-step finetune-ours 240 "$BIN" bench --device "$DEV" --precision "$PREC" --warmup "$WARM" --steps "$STEPS" finetune --arch "$VIT" --batch-size "$FT_BATCH"
+step finetune-ours "$BIN" bench --device "$DEV" --precision "$PREC" --warmup "$WARM" --steps "$STEPS" finetune --arch "$VIT" --batch-size "$FT_BATCH"
 TIMM_AMP=$([ "$MODE" = gpu ] && echo bf16 || echo none)
-step finetune-timm 240 "$PY" "$ROOT/benches/py/timm_finetune_step.py" "$VIT" "$FT_BATCH" "$STEPS" "$THREADS" "$DEV" "$TIMM_AMP"
-[ "$MODE" = gpu ] && step finetune-timm-fp16 240 "$PY" "$ROOT/benches/py/timm_finetune_step.py" "$VIT" "$FT_BATCH" "$STEPS" "$THREADS" "$DEV" fp16
-step infer-ours 120 "$BIN" bench --device "$DEV" --precision "$PREC" --warmup "$WARM" --steps "$STEPS" infer --arch "$VIT" --batch-size "$INF_BATCH"
-step infer-timm 120 "$PY" "$ROOT/benches/py/gpu_side.py" infer "$VIT" "$INF_BATCH" "$STEPS" "$DEV" "$TIMM_AMP"
+step finetune-timm "$PY" "$ROOT/benches/py/timm_finetune_step.py" "$VIT" "$FT_BATCH" "$STEPS" "$THREADS" "$DEV" "$TIMM_AMP"
+step infer-ours "$BIN" bench --device "$DEV" --precision "$PREC" --warmup "$WARM" --steps "$STEPS" infer --arch "$VIT" --batch-size "$INF_BATCH"
+step infer-timm "$PY" "$ROOT/benches/py/gpu_side.py" infer "$VIT" "$INF_BATCH" "$STEPS" "$DEV" "$TIMM_AMP"
 
 # k-NN, the sweep, the loader.
-step knn-ours 180 "$BIN" bench --device "$DEV" knn "${KNN[@]}"
+step knn-ours "$BIN" bench --device "$DEV" knn "${KNN[@]}"
 if [ -n "${DINO_DIR:-}" ]; then
-    step knn-dino 180 "$PY" "$ROOT/benches/py/gpu_side.py" knn-dino "$DINO_DIR" "${KNN[1]}" "${KNN[3]}" "${KNN[5]}" 20 "$DEV"
+    step knn-dino "$PY" "$ROOT/benches/py/gpu_side.py" knn-dino "$DINO_DIR" "${KNN[1]}" "${KNN[3]}" "${KNN[5]}" 20 "$DEV"
 fi
-step sweep 240 "$BIN" bench --device "$DEV" sweep --n "$SWEEP_N" --dim 768 --classes 1000 --set epochs=1
-step synth 180 "$BIN" data synth --out "$OUT/jpegs" "${SYNTH[@]}" --val-per-class 1 --size 500x375
-step loader 120 "$BIN" bench --steps "$LOADER_BATCHES" loader --data "$OUT/jpegs" "${LOADER[@]}"
+step sweep "$BIN" bench --device "$DEV" sweep --n "$SWEEP_N" --dim 768 --classes 1000 --set epochs=1
+step synth "$BIN" data synth --out "$SCRATCH/jpegs" "${SYNTH[@]}" --val-per-class 1 --size 500x375
+step loader "$BIN" bench --steps "$LOADER_BATCHES" loader --data "$SCRATCH/jpegs" "${LOADER[@]}"
 
-"$PY" "$ROOT/benches/py/gpu_report.py" "$OUT" "$ROOT" "${FAILED[*]:-}"
+report
 rc=$?
+path="$(cat "$SCRATCH/report.path" 2>/dev/null)"
+[ -n "$path" ] && [ -f "$path" ] && cat "$path"
+echo "gpu_check: report $path; scratch $SCRATCH ($(( SECONDS - START )) s)" >&2
 [ ${#FAILED[@]} -eq 0 ] && [ $rc -eq 0 ]

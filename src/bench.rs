@@ -209,20 +209,15 @@ pub fn allreduce(arch: &str, t: Timing, device: Device) -> Result<BenchResult> {
     Ok(result("allreduce", arch, 0, t, secs, n as f64, device, None, details))
 }
 
-extern "C" {
-    #[cfg(lmim_nccl)]
-    fn lmim_cuda_peak_bytes(dev: i32, reset: i32, out: *mut i64) -> i32;
-}
-
 /// Peak bytes of CUDA memory allocated by libtorch's caching allocator on `device` since the last reset, in MiB,
 /// resetting the peak when `reset` (as `torch.cuda.max_memory_allocated` / `reset_peak_memory_stats`). `None` on
 /// the CPU and in builds without the CUDA part of the shim.
 pub fn cuda_peak_mib(device: Device, reset: bool) -> Option<f64> {
-    #[cfg(lmim_nccl)]
+    #[cfg(lmim_cuda)]
     if let Device::Cuda(i) = device {
         let mut out = 0i64;
         // SAFETY: plain integers across the C boundary; the shim catches C++ exceptions.
-        let rc = unsafe { lmim_cuda_peak_bytes(i as i32, reset as i32, &mut out) };
+        let rc = unsafe { crate::ffi::lmim_cuda_peak_bytes(i as i32, reset as i32, &mut out) };
         return (rc == 0).then(|| out as f64 / (1024.0 * 1024.0));
     }
     let _ = (device, reset);

@@ -93,25 +93,35 @@ impl Info {
     }
 }
 
-/// The device to run on: `auto` picks CUDA when present.
-/// A device name as the commands take it. A CUDA device that this machine does not have is refused here, before
-/// libtorch would abort on it.
+/// Whether a device name asks for CUDA (`auto` does where a GPU is present); checked again, with the device
+/// count, by [`parse_device`]. Decides the collective back-end before the world is joined.
+pub fn wants_cuda(s: &str) -> crate::Result<bool> {
+    match s {
+        "auto" => Ok(tch::Cuda::is_available()),
+        "cpu" => Ok(false),
+        s if s == "cuda" || s.starts_with("cuda:") => Ok(true),
+        s => Err(crate::Error::option("--device", format!("`{s}` is not auto, cpu, cuda or cuda:N"))),
+    }
+}
+
+/// A device name as the commands take it: `auto` picks CUDA when present. A CUDA device that this machine does not
+/// have is refused here, before libtorch would abort on it. In a data-parallel run `cuda` (and `auto` with CUDA) is
+/// the process's own device: its local rank modulo the devices it sees ([`crate::dist::local_device`], the same
+/// choice the world binds NCCL to).
 pub fn parse_device(s: &str) -> crate::Result<tch::Device> {
+    let n = tch::Cuda::device_count().max(0) as usize;
     let cuda = |i: usize| {
-        let n = tch::Cuda::device_count() as usize;
         if i < n {
             Ok(tch::Device::Cuda(i))
         } else {
-            Err(crate::Error::option("--device", format!("`{s}`: this machine has {n} CUDA device(s)")))
+            Err(crate::Error::option("--device", format!("`{s}`: this process sees {n} CUDA device(s) (CUDA_VISIBLE_DEVICES?)")))
         }
     };
-    // In a data-parallel run `cuda` (and `auto` with CUDA) is the process's own device, cuda:LOCAL_RANK.
-    let local = crate::dist::world().local_rank;
+    let own = || crate::dist::local_device(crate::dist::world().local_rank, n).map_or_else(|| cuda(0), cuda);
     match s {
-        "auto" if tch::Cuda::is_available() => cuda(local),
-        "auto" => Ok(tch::Device::Cpu),
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => cuda(local),
+        "auto" if n > 0 => own(),
+        "auto" | "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => own(),
         s if s.starts_with("cuda:") => s[5..].parse().map_err(|_| crate::Error::option("--device", format!("`{s}` is not cpu, cuda or cuda:N"))).and_then(cuda),
         s => Err(crate::Error::option("--device", format!("`{s}` is not auto, cpu, cuda or cuda:N"))),
     }
@@ -123,4 +133,33 @@ pub fn device_name(d: tch::Device) -> String {
         tch::Device::Cuda(i) => format!("cuda:{i}"),
         other => format!("{other:?}"),
     }
+}
+
+/// This machine's memory in bytes (`MemTotal`), None where it cannot be read.
+pub fn memory_total() -> Option<u128> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Refuses, naming `option`, a size whose `bytes` cannot fit in this machine's memory, before libtorch is asked
+/// for them (a failed allocation there is a panic, not an error). `what` says what the bytes are for.
+pub fn check_fits(option: &str, what: &str, bytes: u128) -> crate::Result<()> {
+    // Without /proc/meminfo: 16 TiB, more than any one machine holds.
+    let total = memory_total().unwrap_or(16 << 40);
+    if bytes > total {
+        let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
+        return Err(crate::Error::option(option, format!("{what} need about {:.1} GiB, more than this machine's {:.1} GiB of memory", gib(bytes), gib(total))));
+    }
+    Ok(())
+}
+
+/// Rough peak bytes of a ViT forward pass (no grad) over `batch` images: a few tensors of the widest layer
+/// (the MLP's hidden tokens or the attention matrix) live at once.
+pub fn vit_forward_bytes(cfg: &crate::model::VitConfig, batch: u128) -> u128 {
+    let tokens = ((cfg.img_size / cfg.patch_size.max(1)).pow(2) + 1).max(1) as u128;
+    let widest = ((cfg.embed_dim as f64 * cfg.mlp_ratio) as u128).max(cfg.num_heads.max(1) as u128 * tokens);
+    let input = 3 * (cfg.img_size.max(1) as u128).pow(2);
+    batch * 4 * (input + 4 * tokens * widest)
 }

@@ -8,11 +8,13 @@ pub mod cli;
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod ffi;
 pub mod fsutil;
 pub mod info;
 pub mod model;
 pub mod protocols;
 pub mod results;
+pub mod signals;
 pub mod train;
 pub mod viz;
 

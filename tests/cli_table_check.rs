@@ -55,13 +55,13 @@ fn table_shows_runs_references_and_marks() {
     runs(dir.path());
     let out = bin().arg("table").arg(dir.path()).assert().success();
     let md = String::from_utf8(out.get_output().stdout.clone()).unwrap();
-    assert!(md.starts_with("| model | arch | data | NN (LOO 1-NN) | k-NN | k-NN top-5 | LP | Ft |"), "{md}");
+    assert!(md.starts_with("| model | arch | data | NN (LOO 1-NN) | k-NN | k-NN top-5 | k-NN sweep | LP | EP | Ft |"), "{md}");
     assert!(md.contains("| pico | vit_pico_patch4_32 | demo | 55.50 | 61.20 (k=20) | 95.00 | – | – |"), "{md}");
     assert!(md.contains("| pico-pretrained | vit_pico_patch4_32 | demo | – | 70.40 (k=20) | 97.00 |"), "{md}");
     // Reference rows, with the Latent MIM NN note.
-    assert!(md.contains("| *Latent MIM 800 ep (published)* | vit_base_patch16_224 | imagenet-1k | 50.1 [1] | – | – | 72.0 [2] | 83.0 [3] |"), "{md}");
+    assert!(md.contains("| *Latent MIM 800 ep (published)* | vit_base_patch16_224 | imagenet-1k | 50.1 [1] | – | – | – | 72.0 [2] | – | 83.0 [3] |"), "{md}");
     assert!(md.contains("| *DINO (published)* |") && md.contains("76.1"), "{md}");
-    assert!(md.contains("| *MAE 1600 ep (published)* |") && md.contains("| 68.0 | 83.6 |"), "{md}");
+    assert!(md.contains("| *MAE 1600 ep (published)* |") && md.contains("| 68.0 | – | 83.6 |"), "{md}");
     // Another protocol version and another dataset are marked, and explained.
     assert!(md.contains("66.00 (k=20) †"), "{md}");
     assert!(md.contains("† pico-avg, k-NN: protocol version 1+feature=avg (the column's others: 1)"), "{md}");

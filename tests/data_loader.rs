@@ -27,7 +27,7 @@ fn loader(root: &Path, cfg: LoaderConfig) -> Loader {
 }
 
 fn cfg(workers: usize) -> LoaderConfig {
-    LoaderConfig { batch_size: 8, seed: 11, workers, pin_memory: false, ..Default::default() }
+    LoaderConfig { batch_size: 8, seed: 11, workers, ..Default::default() }
 }
 
 fn collect(it: impl Iterator<Item = lmim_bench::Result<Batch>>) -> Vec<Batch> {

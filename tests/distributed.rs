@@ -1,7 +1,9 @@
 //! Data-parallel runs on the real c10d Gloo path, 2 processes on localhost: 2 ranks x accum 1 give the weights of
-//! 1 rank x accum 2 (pretraining through RANK/WORLD_SIZE, fine-tuning through `torchrun --no-python`), a 2-rank
-//! k-NN gives the record of a 1-rank one, a 2-rank run resumes exactly on 1 rank, and a rank whose peer dies (or
-//! never comes) exits non-zero with a message naming it, within the timeout.
+//! 1 rank x accum 2 (pretraining launched as Slurm's `srun` does, fine-tuning through `torchrun --no-python`, the
+//! linear probe through RANK/WORLD_SIZE, with its BatchNorm statistics and one metrics file), a 2-rank k-NN gives the
+//! record of a 1-rank one, a 2-rank run resumes exactly on 1 rank, a rank whose peer dies (or never comes) exits
+//! non-zero with a message naming it, within the timeout, and a rank that fails with an error stops its peer at
+//! once.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -29,25 +31,43 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// The same command as `world` processes with the plain environment of a launcher.
-fn spawn_world(args: &[String], world: usize, timeout_s: u64) -> Vec<Child> {
+/// The same command as `world` processes, rank r with the variables `vars(r, port)`.
+fn spawn_with(args: &[String], world: usize, timeout_s: u64, vars: impl Fn(usize, &str) -> Vec<(&'static str, String)>) -> Vec<Child> {
     let port = free_port().to_string();
     (0..world)
         .map(|r| {
             bin()
                 .args(args)
                 .args(["--dist-timeout", &timeout_s.to_string()])
-                .env("RANK", r.to_string())
-                .env("WORLD_SIZE", world.to_string())
-                .env("LOCAL_RANK", r.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
+                .envs(vars(r, &port))
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap()
         })
         .collect()
+}
+
+/// Started as `srun --ntasks=W` starts tasks on one node: Slurm's variables only (no RANK, no MASTER_ADDR: rank 0's
+/// host comes from the node list), MASTER_PORT set by the job script.
+fn spawn_slurm(args: &[String], world: usize, timeout_s: u64) -> Vec<Child> {
+    spawn_with(args, world, timeout_s, |r, port| {
+        vec![
+            ("SLURM_PROCID", r.to_string()),
+            ("SLURM_NTASKS", world.to_string()),
+            ("SLURM_LOCALID", r.to_string()),
+            ("SLURM_NTASKS_PER_NODE", world.to_string()),
+            ("SLURM_JOB_NODELIST", "localhost".into()),
+            ("MASTER_PORT", port.into()),
+        ]
+    })
+}
+
+/// With the plain environment of a launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+fn spawn_world(args: &[String], world: usize, timeout_s: u64) -> Vec<Child> {
+    spawn_with(args, world, timeout_s, |r, port| {
+        vec![("RANK", r.to_string()), ("WORLD_SIZE", world.to_string()), ("LOCAL_RANK", r.to_string()), ("MASTER_ADDR", "127.0.0.1".into()), ("MASTER_PORT", port.into())]
+    })
 }
 
 fn wait_all(children: Vec<Child>) -> Vec<Output> {
@@ -116,7 +136,8 @@ fn pretraining_does_not_depend_on_how_a_step_is_split_and_resumes_on_another_wor
     let one = dir.path().join("one");
     run_one(&pretrain_args(&data, &one));
     let two = dir.path().join("two");
-    let outs = run_world(&pretrain_args(&data, &two), 2);
+    let outs = wait_all(spawn_slurm(&pretrain_args(&data, &two), 2, 120));
+    assert_ok(&outs);
     // Only rank 0 reports.
     assert!(String::from_utf8_lossy(&outs[0].stderr).contains("done:"));
     assert!(!String::from_utf8_lossy(&outs[1].stderr).contains("done:"));
@@ -127,6 +148,7 @@ fn pretraining_does_not_depend_on_how_a_step_is_split_and_resumes_on_another_wor
     assert!(cfg.contains("world_size = 2") && cfg.contains("backend = \"gloo\""), "{cfg}");
     let rec = record(&two);
     assert_eq!((rec["config"]["world_size"].as_i64(), rec["config"]["accum_iter"].as_i64()), (Some(2), Some(1)));
+    assert_eq!(rec["config"]["launcher"].as_str(), Some("slurm"), "{}", rec["config"]);
     assert_eq!(record(&one)["config"]["accum_iter"].as_i64(), Some(2));
     // The logged losses are means over both ranks: the same curve.
     let losses = |d: &Path| -> Vec<f64> {
@@ -246,6 +268,75 @@ fn a_dead_or_missing_peer_is_an_error_within_the_timeout() {
     assert_eq!(outs[0].status.code(), Some(1), "{err0}");
     assert!(err0.contains("rank 0 of 2") && (err0.contains("failed") || err0.contains("cannot join")), "{err0}");
     assert!(t1.elapsed() < Duration::from_secs(40), "rank 0 took {:?} to notice", t1.elapsed());
+}
+
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn linear_probe_on_two_ranks_gives_the_one_rank_head_and_writes_its_metrics_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let enc = dir.path().join("enc.safetensors");
+    run_one(&strings(&["init", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/configs/lmim_tiny.toml"), "-o", s(&enc)]));
+    let args = |out: &Path| {
+        strings(&[
+            "eval", "--protocol", "linear", "--device", "cpu", "--quiet", "--workers", "1", "--checkpoint", s(&enc), "--name", "enc", "--data", s(&data), "--output", s(out),
+            "--set", "epochs=2", "--set", "warmup_epochs=1", "--set", "batch_size=32", "--set", "micro_batch_size=16", "--set", "eval_every=1",
+        ])
+    };
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    run_one(&args(&one));
+    run_world(&args(&two), 2);
+    let (r1, r2) = (record(&one), record(&two));
+    assert_eq!(r1["metrics"], r2["metrics"]);
+    assert_eq!((r1["config"]["accum_iter"].as_i64(), r2["config"]["accum_iter"].as_i64()), (Some(2), Some(1)));
+    let head = |r: &serde_json::Value| PathBuf::from(r["details"]["head"].as_str().unwrap());
+    let (h1, h2) = (head(&r1), head(&r2));
+    // The running statistics see the same micro-batches in the same order: equal to the bit.
+    assert_eq!(max_diff(&h1, &h2, |n| n.starts_with("0.")), 0.0, "BatchNorm statistics differ between 1 and 2 ranks");
+    let d = max_diff(&h1, &h2, |n| n.starts_with("1."));
+    assert!(d < TOL, "probe weights differ by {d}");
+    let tracked = checkpoint::load(&h2).unwrap().get("0.num_batches_tracked").unwrap().int64_value(&[]);
+    assert_eq!(tracked, 2 * (4 * 32 / 16), "every global micro-batch of 2 epochs moves the statistics once");
+    // One writer: rank 0's metrics file has each epoch once, as the 1-rank run's.
+    let lines = |r: &serde_json::Value| std::fs::read_to_string(PathBuf::from(r["details"]["run_dir"].as_str().unwrap()).join("metrics.jsonl")).unwrap();
+    let (m1, m2) = (lines(&r1), lines(&r2));
+    assert_eq!(m2.lines().count(), 2, "{m2}");
+    assert_eq!(m1.lines().count(), m2.lines().count());
+}
+
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn a_rank_that_fails_stops_its_peer_long_before_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let port = free_port().to_string();
+    let t0 = Instant::now();
+    // Rank 1 is given a data root that does not exist: it fails after joining, while rank 0 waits for it in the
+    // first collective (the weight broadcast).
+    let kids: Vec<Child> = (0..2)
+        .map(|r| {
+            let root = if r == 0 { data.clone() } else { dir.path().join("missing") };
+            bin()
+                .args(pretrain_args(&root, &dir.path().join(format!("out{r}"))))
+                .args(["--dist-timeout", "300"])
+                .env("RANK", r.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs = wait_all(kids);
+    let (err0, err1) = (String::from_utf8_lossy(&outs[0].stderr), String::from_utf8_lossy(&outs[1].stderr));
+    assert_eq!(outs[1].status.code(), Some(2), "{err1}");
+    assert!(err1.contains("missing"), "{err1}");
+    assert_eq!(outs[0].status.code(), Some(1), "rank 0: {err0}");
+    // Rank 0 names the rank that failed first and why, not only its broken connection.
+    assert!(err0.contains("rank 1") && err0.contains("missing"), "{err0}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "took {:?} with a 300 s timeout", t0.elapsed());
 }
 
 /// The default build on a machine with the CUDA wheels (this set-up's) links ProcessGroupNCCL; `info` lists Gloo

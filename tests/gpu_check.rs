@@ -7,10 +7,13 @@ use std::process::Command;
 #[test]
 fn gpu_check_cpu_mode_runs_every_step_and_writes_the_report() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("check");
+    let scratch = dir.path().join("scratch");
+    // What the device machine gives back: only $OUT, at most 8 files of 16 MiB, two folders deep.
+    let out = dir.path().join("out");
     let res = Command::new("bash")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gpu_check.sh"))
-        .args(["--cpu", "--out", out.to_str().unwrap()])
+        .args(["--cpu", "--scratch", scratch.to_str().unwrap()])
+        .env("OUT", &out)
         .env("LMIM_BIN", env!("CARGO_BIN_EXE_lmim-bench"))
         .env("LMIM_PYTHON", common::python())
         .env_remove("LATENTMIM_DIR")
@@ -18,8 +21,9 @@ fn gpu_check_cpu_mode_runs_every_step_and_writes_the_report() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&res.stderr);
+    let stdout = String::from_utf8_lossy(&res.stdout);
     assert_eq!(res.status.code(), Some(0), "stderr: {stderr}");
-    let steps = std::fs::read_to_string(out.join("steps.tsv")).unwrap();
+    let steps = std::fs::read_to_string(scratch.join("steps.tsv")).unwrap();
     let names: Vec<&str> = steps.lines().map(|l| l.split('\t').next().unwrap()).collect();
     for want in ["info", "parity-ref", "parity", "step-parity", "pretrain-ours-1", "pretrain-ours-2", "finetune-ours", "finetune-timm", "infer-ours", "infer-timm", "knn-ours", "sweep", "loader"] {
         assert!(names.contains(&want), "step {want} missing from {steps}");
@@ -27,15 +31,40 @@ fn gpu_check_cpu_mode_runs_every_step_and_writes_the_report() {
     for l in steps.lines() {
         assert_eq!(l.split('\t').nth(1), Some("0"), "a step failed: {l}");
     }
+    // $OUT holds the report and one tarball of the raw files, within the device tool's limits.
+    let mut files = Vec::new();
+    let mut stack = vec![(out.clone(), 0)];
+    while let Some((d, depth)) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                assert!(depth < 2, "{} is more than two folders deep", e.path().display());
+                stack.push((e.path(), depth + 1));
+            } else {
+                assert!(e.metadata().unwrap().len() <= 16 << 20, "{} is over 16 MiB", e.path().display());
+                files.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    files.sort();
+    assert!(files.len() <= 8, "{files:?}");
+    assert_eq!(files, ["gpu-cpu.md", "raw.tar.gz"], "OUT holds {files:?}");
+    let listing = Command::new("tar").arg("-tzf").arg(out.join("raw.tar.gz")).output().unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    for want in ["steps.tsv", "parity.json", "pretrain-ours-1.json", "loader.err"] {
+        assert!(listing.contains(want), "raw.tar.gz lacks {want}: {listing}");
+    }
     let report = std::fs::read_to_string(out.join("gpu-cpu.md")).unwrap();
     for want in ["## Parity", "forward_features fp32 vs timm", "one Latent MIM step", "SDPA kernel", "## Latent MIM pretraining step", "lmim-bench", "Fine-tuning ratio lmim-bench / timm", "Inference ratio", "k-NN (weighted, k = 20", "52-head linear sweep", "Loader,", "## Commands", "not run: LATENTMIM_DIR was not set"] {
         assert!(report.contains(want), "the report lacks `{want}`:\n{report}");
     }
+    // The report is printed too (a device call returns stdout even when its files do not come back).
+    assert!(stdout.contains("## Parity") && stdout.contains("## Commands"), "stdout: {stdout}");
     assert!(!report.contains("| False |"), "a parity check failed:\n{report}");
     // The parity numbers come from the comparison, not from the report's template.
-    let parity: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("parity.json")).unwrap()).unwrap();
+    let parity: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(scratch.join("parity.json")).unwrap()).unwrap();
     assert!(parity["f32"]["max_abs"].as_f64().unwrap() <= 1e-3 && parity["pass"] == true, "{parity}");
-    let pre: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("pretrain-ours-1.json")).unwrap()).unwrap();
+    let pre: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(scratch.join("pretrain-ours-1.json")).unwrap()).unwrap();
     assert!(pre["details"]["flops_per_step"].as_f64().unwrap() > 1e8, "{pre}");
 }
 

@@ -48,7 +48,7 @@ impl TrainStep for Toy {
 fn run(toy: &mut Toy, steps: usize, sync_every: i64, losses: &mut Vec<Option<f64>>) -> Result<()> {
     let mut batches = (0..steps).map(|i| Ok(Tensor::ones([8, 4], (Kind::Float, Device::Cpu)) * (1.0 + i as f64)));
     let mut step = 0;
-    let rule = StepRule { accum: 1, clip: Some(1.0) };
+    let rule = StepRule { accum: 1, clip: Some(1.0), world: lmim_bench::dist::world() };
     run_epoch(toy, rule, &mut batches, 0, 0, steps, &mut step, &|s| s % sync_every == 0, &mut |_, ev| {
         losses.push(ev.loss);
         Ok(Flow::Continue)
@@ -90,7 +90,7 @@ fn a_nan_loss_between_reads_is_skipped_on_the_device_and_stops_the_run_at_the_ne
     let mut reference = Toy::new(None);
     let mut batches = [1.0, 2.0, 3.0, 5.0].into_iter().map(|v| Ok(Tensor::ones([8, 4], (Kind::Float, Device::Cpu)) * v));
     let mut step = 0;
-    run_epoch(&mut reference, StepRule { accum: 1, clip: Some(1.0) }, &mut batches, 0, 0, 4, &mut step, &|_| false, &mut |_, _| Ok(Flow::Continue)).unwrap();
+    run_epoch(&mut reference, StepRule { accum: 1, clip: Some(1.0), world: lmim_bench::dist::world() }, &mut batches, 0, 0, 4, &mut step, &|_| false, &mut |_, _| Ok(Flow::Continue)).unwrap();
     let d = (&toy.w - &reference.w).abs().max().double_value(&[]);
     assert!(d < 1e-6, "weights differ from the run without step 4 by {d}");
 }

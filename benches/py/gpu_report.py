@@ -1,8 +1,9 @@
 """Writes the report of scripts/gpu_check.sh from the JSON its steps left in OUT.
 
-Usage: gpu_report.py OUT ROOT "FAILED STEP NAMES"
-GPU mode writes ROOT/benchmarks/gpu-<device>.md, CPU mode OUT/gpu-cpu.md; prints the path. Exit 1 when a parity
-check did not pass.
+Usage: gpu_report.py OUT ROOT "FAILED STEP NAMES" [REPORT_DIR]
+Writes REPORT_DIR/gpu-<device>.md in GPU mode, REPORT_DIR/gpu-cpu.md in CPU mode (REPORT_DIR defaults to
+ROOT/benchmarks for a GPU, OUT for the CPU), atomically (a kill never leaves half a report); prints the path. Exit 1
+when a parity check did not pass. The script runs it after every step, so the report always holds what ran.
 """
 import json
 import os
@@ -14,6 +15,7 @@ PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.05}
 
 out, root, failed = sys.argv[1], sys.argv[2], sys.argv[3].split()
 mode = open(f"{out}/mode").read().strip()
+report_dir = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] else (out if mode == "cpu" else f"{root}/benchmarks")
 
 
 def load(name):
@@ -52,6 +54,9 @@ if ours_info:
     p("\n`lmim-bench info`:\n\n```\n" + ours_info + "\n```")
 if failed:
     p(f"\n**Steps that failed:** {', '.join(failed)} (their stderr is in the run's output folder).")
+budget = [row[0] for row in steps if len(row) > 1 and row[1] == "budget"]
+if budget:
+    p(f"\n**Steps not run (the run's time budget was spent):** {', '.join(budget)}.")
 
 # Parity.
 p("\n## Parity\n")
@@ -164,8 +169,9 @@ for name, rc, secs, cmd in steps:
     p(f"| {name} | {rc} | {secs} | `{cmd}` |")
 
 slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "unknown"
-path = f"{out}/gpu-cpu.md" if mode == "cpu" else f"{root}/benchmarks/gpu-{slug}.md"
-with open(path, "w") as f:
+path = f"{report_dir}/gpu-cpu.md" if mode == "cpu" else f"{report_dir}/gpu-{slug}.md"
+with open(path + ".tmp", "w") as f:
     f.write("\n".join(lines) + "\n")
+os.replace(path + ".tmp", path)
 print(path)
 sys.exit(0 if ok else 1)

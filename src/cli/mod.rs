@@ -61,21 +61,31 @@ pub enum Command {
 /// SLURM_JOB_NODELIST). Without a launcher the command runs as one process.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DistArgs {
-    /// Collective back-end of a data-parallel run: nccl (the default when CUDA is present) or gloo (CPU).
+    /// Collective back-end of a data-parallel run: nccl (the default when the run computes on CUDA) or gloo (the
+    /// default with `--device cpu`).
     #[arg(long, value_enum, value_name = "BACKEND")]
     pub dist_backend: Option<crate::dist::Backend>,
-    /// Seconds a rank waits for its peers (rendezvous and every collective) before it exits with an error.
-    #[arg(long, default_value_t = 1800, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=604_800))]
-    pub dist_timeout: u64,
+    /// Seconds a rank waits for its peers (rendezvous and every collective) before it exits with an error;
+    /// default PyTorch's: 1800 for gloo, 600 for nccl.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub dist_timeout: Option<u64>,
+    /// Deterministic algorithms only (torch.use_deterministic_algorithms, cuDNN deterministic): bitwise repeats on
+    /// CUDA at some speed; an operation without a deterministic kernel stops the run.
+    #[arg(long)]
+    pub deterministic: bool,
 }
 
 impl DistArgs {
-    /// Joins the job's process group (a no-op without a launcher).
-    pub fn init(&self) -> anyhow::Result<&'static crate::dist::World> {
+    /// Joins the job's process group (a no-op without a launcher); `device` is the run's `--device`, which picks
+    /// the default back-end (`cpu` gives Gloo even on a machine with GPUs).
+    pub fn init(&self, device: &str) -> anyhow::Result<&'static crate::dist::World> {
+        if self.deterministic {
+            crate::train::device::set_deterministic(true)?;
+        }
         let opts = crate::dist::DistOptions {
             backend: self.dist_backend,
-            timeout: std::time::Duration::from_secs(self.dist_timeout),
-            cuda: tch::Cuda::is_available(),
+            timeout: self.dist_timeout.map(std::time::Duration::from_secs),
+            cuda: crate::info::wants_cuda(device)?,
         };
         Ok(crate::dist::init(&opts)?)
     }
@@ -83,6 +93,37 @@ impl DistArgs {
 
 /// Exit code of an error: the library's own classification where there is one, 2 for I/O and parse problems of
 /// the user's inputs, 1 otherwise.
+/// `--batch-size` of feature extraction: 1..=65536 images (a batch of 65536 224-px images is 39 GB already).
+pub(crate) fn batch_size(s: &str) -> Result<usize, String> {
+    bounded(s, 1, 65_536)
+}
+
+/// `--workers`: 0 (all cores) ..= 1024 decode threads.
+pub(crate) fn workers(s: &str) -> Result<usize, String> {
+    bounded(s, 0, 1024)
+}
+
+/// `--repeat`: 0..=100000 timed passes.
+pub(crate) fn repeats(s: &str) -> Result<usize, String> {
+    bounded(s, 0, 100_000)
+}
+
+fn bounded(s: &str, lo: usize, hi: usize) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a whole number in {lo}..={hi}")),
+    }
+}
+
+/// An output folder: `-` (which would become a folder named `-`) and the empty path are refused.
+pub(crate) fn output_dir(s: &str) -> Result<std::path::PathBuf, String> {
+    match s {
+        "-" => Err("`-` is not a folder: records and runs are written into a folder (print a record with --json)".into()),
+        "" => Err("empty path".into()),
+        s => Ok(s.into()),
+    }
+}
+
 /// `--from FAMILY` (clap reports a bad value as a usage error, exit 2).
 pub(crate) fn parse_family(s: &str) -> Result<crate::checkpoint::Family, String> {
     crate::checkpoint::Family::parse(s).map_err(|e| e.to_string())
@@ -143,13 +184,16 @@ fn keep_freed_memory() {
 /// Entry point of the binary; returns the process exit code.
 pub fn main() -> i32 {
     keep_freed_memory();
-    // A closed stdout pipe (`lmim-bench table | head`) ends the process quietly, as in other Unix tools.
+    // One rule for a closed stdout pipe (`lmim-bench table | head`, `eval ... 2>&1 | head -1`) in every command:
+    // the write fails with EPIPE, which `results::write_output` takes as the reader having had enough, and the
+    // command finishes its work and exits 0 (a closed stderr pipe is `stderr_pipe`'s).
     #[cfg(unix)]
     unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
     #[cfg(unix)]
     let _stderr = stderr_pipe::install();
+    crate::signals::install();
     crate::protocols::knn::quiet_faiss_blas();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -158,13 +202,23 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    match run(cli) {
-        Ok(code) => code,
+    let outcome = run(cli);
+    // Every exit path ends the process group: a failure is told to the peers (they stop at once instead of
+    // waiting for a collective that never completes), a success shuts NCCL down as it must be before exit.
+    match outcome {
+        Ok(code) => {
+            crate::dist::shutdown(None);
+            code
+        }
         Err(e) => {
             let code = exit_code(&e);
-            if code != 0 {
-                eprintln!("error: {e:#}");
+            match e.chain().find_map(|c| c.downcast_ref::<crate::Error>()) {
+                // Not an error: the one line says where the run stopped and how to resume.
+                Some(i @ crate::Error::Interrupted { .. }) => eprintln!("{i}"),
+                _ if code != 0 => eprintln!("error: {e:#}"),
+                _ => {}
             }
+            crate::dist::shutdown((code != 0).then(|| format!("{e:#}")).as_deref());
             code
         }
     }

@@ -1,10 +1,10 @@
 //! Log output that survives a closed stderr pipe (`lmim-bench pretrain ... 2>&1 | head -1`).
 //!
-//! `main` keeps SIGPIPE at its default so that a closed *stdout* ends `table ... | head` quietly; but then the
-//! first warning or progress line written to a closed stderr pipe would kill a training run, and with SIGPIPE
-//! ignored `eprintln!` would panic instead. When stderr is a pipe or socket, fd 2 is therefore pointed at a pipe
+//! `main` ignores SIGPIPE so that a closed *stdout* is an EPIPE that every command handles the same way; but then
+//! `eprintln!` to a closed stderr pipe would panic, and a progress bar or a libtorch warning would end a training
+//! run. When stderr is a pipe or socket, fd 2 is therefore pointed at a pipe
 //! of our own, whose read end never closes, and one thread copies it to the real stderr with SIGPIPE blocked in
-//! that thread (the kernel sends SIGPIPE to the thread that wrote, so it stays pending there and the write
+//! that thread (should the disposition change, the signal stays pending there and the write
 //! returns EPIPE). After EPIPE the thread discards what follows. This covers every writer of fd 2: `eprintln!`,
 //! progress bars and libtorch's C++ warnings.
 use std::fs::File;
@@ -40,7 +40,14 @@ pub fn install() -> Option<Guard> {
             return None;
         }
         let (read_end, write_end) = (fds[0], fds[1]);
+        // Every descriptor is checked: a -1 handed to the copier thread would panic it in `File::from_raw_fd`.
         let copy_to = libc::fcntl(real, libc::F_DUPFD_CLOEXEC, 3);
+        if copy_to < 0 {
+            for fd in [read_end, write_end, real] {
+                libc::close(fd);
+            }
+            return None;
+        }
         let spawned = std::thread::Builder::new().name("stderr".into()).spawn(move || copy(read_end, copy_to));
         let Ok(copier) = spawned else {
             for fd in [read_end, write_end, real, copy_to] {
@@ -48,7 +55,13 @@ pub fn install() -> Option<Guard> {
             }
             return None;
         };
-        libc::dup2(write_end, 2);
+        if libc::dup2(write_end, 2) < 0 {
+            // fd 2 is untouched: closing the write end ends the copier, and stderr stays as it was.
+            libc::close(write_end);
+            let _ = copier.join();
+            libc::close(real);
+            return None;
+        }
         libc::close(write_end);
         Some(Guard { real, copier: Some(copier) })
     }

@@ -96,6 +96,9 @@ impl Dataset {
         }
         std::fs::read_dir(root).map_err(|e| Error::data(root, format!("cannot read data root: {e}")))?;
         let dir = root.join(split);
+        if !dir.is_dir() && std::fs::symlink_metadata(&dir).is_ok() {
+            return Err(Error::data(&dir, format!("split `{split}` is not a folder (a file, or a symlink to nothing)")));
+        }
         if !dir.is_dir() {
             let have: Vec<String> =
                 read_dir_sorted(root)?.into_iter().filter(|(_, _, d)| *d).map(|(n, _, _)| n).collect();
@@ -156,7 +159,7 @@ impl Dataset {
     ) -> Result<Dataset> {
         let search = [root.to_path_buf(), root.join("anno"), dir.to_path_buf(), root.join("devkit/data")];
         let find = |name: &str| search.iter().map(|d| d.join(name)).find(|p| p.is_file());
-        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::io(p, e));
+        let read = |p: &Path| crate::fsutil::read_regular_text(p, Some(crate::fsutil::TEXT_LIMIT << 2));
 
         let mut wnid_of: HashMap<u32, String> = HashMap::new(); // file number -> wnid
         if let Some(csv) = find("LOC_val_solution.csv") {

@@ -22,6 +22,13 @@ use super::transforms::Transform;
 use crate::error::{Error, Result};
 use crate::train::device::{copy_ahead, Ready};
 
+/// Decode threads of a process by default: the machine's cores shared among the ranks on this node (one rank per
+/// GPU would otherwise start as many threads as there are cores, 8 times over on an 8-GPU node).
+pub fn default_workers() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / crate::dist::launch::local_world_size()).max(1)
+}
+
 #[derive(Clone, Debug)]
 pub struct LoaderConfig {
     pub batch_size: usize,
@@ -39,8 +46,9 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     /// A file that cannot be decoded is an error instead of a warning and a skip.
     pub strict: bool,
-    /// Put batches in pinned memory (only when CUDA is available) for non-blocking copies to the GPU.
-    pub pin_memory: bool,
+    /// The CUDA device the batches go to: the producer thread binds itself to it and puts every batch in pinned
+    /// memory for non-blocking copies (None, or the CPU: neither).
+    pub pin_device: Option<Device>,
     /// No warnings on stderr (the skips are still counted).
     pub quiet: bool,
     /// Decode JPEGs at a reduced DCT scale when the first op is a RandomResizedCrop whose crop allows it (cargo
@@ -58,10 +66,10 @@ impl Default for LoaderConfig {
             seed: 0,
             rank: 0,
             world_size: 1,
-            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            workers: default_workers(),
             prefetch: 2,
             strict: false,
-            pin_memory: true,
+            pin_device: None,
             quiet: false,
             dct_scaling: false,
         }
@@ -86,6 +94,12 @@ pub fn stage_batch(b: Batch, device: Device) -> Result<(Batch, Ready)> {
     let (mut t, ready) = copy_ahead(&[&b.images, &b.labels], device)?;
     let (labels, images) = (t.pop().expect("two tensors"), t.pop().expect("two tensors"));
     Ok((Batch { images, labels, ..b }, ready))
+}
+
+/// `b`'s images on `device`, copied ahead ([`copy_ahead`]); the labels stay on the host (loops that collect them).
+pub fn stage_images(b: Batch, device: Device) -> Result<(Batch, Ready)> {
+    let (mut t, ready) = copy_ahead(&[&b.images], device)?;
+    Ok((Batch { images: t.pop().expect("one tensor"), ..b }, ready))
 }
 
 /// The rng for one sample's augmentation: ChaCha8 keyed by the seed, on stream (epoch, index).
@@ -123,6 +137,9 @@ impl Loader {
         if cfg.batch_size == 0 {
             return Err(Error::option("batch_size", "must be positive"));
         }
+        // Each batch is one tensor, allocated by libtorch (which panics where it cannot).
+        let batch_bytes = cfg.batch_size as u128 * 3 * out_hw.0 as u128 * out_hw.1 as u128 * 4;
+        crate::info::check_fits("batch_size", &format!("batches of {} images of {}x{}", cfg.batch_size, out_hw.1, out_hw.0), batch_bytes)?;
         // A thread per worker: far more than any machine's cores only exhausts the process (seen: a hang, then abort).
         if cfg.workers > 1024 {
             return Err(Error::option("workers", format!("{} decode threads is more than 1024", cfg.workers)));
@@ -165,6 +182,14 @@ impl Loader {
     /// Files skipped so far (each time one is met).
     pub fn skipped(&self) -> usize {
         self.shared.skipped.load(Ordering::Relaxed)
+    }
+
+    /// The files skipped so far, each once, sorted.
+    pub fn skipped_files(&self) -> Vec<std::path::PathBuf> {
+        let ids = self.shared.warned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut files: Vec<std::path::PathBuf> = ids.iter().map(|&i| self.shared.dataset.samples[i].0.clone()).collect();
+        files.sort();
+        files
     }
 
     /// This rank's sample order for `epoch`. Training (`drop_last`): the epoch order is cut into global
@@ -237,6 +262,12 @@ impl Loader {
         let handle = std::thread::Builder::new()
             .name("lmim-data-producer".into())
             .spawn(move || {
+                if let Some(d) = shared.cfg.pin_device.filter(|d| d.is_cuda()) {
+                    if let Err(e) = crate::train::device::bind_thread(d) {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
                 for k in start_batch..nb {
                     if stop2.load(Ordering::Relaxed) {
                         break;
@@ -266,7 +297,7 @@ impl Shared {
         let path = &self.dataset.samples[index].0;
         let mut rng = sample_rng(self.cfg.seed, epoch, index);
         if self.cfg.dct_scaling {
-            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            let bytes = crate::fsutil::read_regular(path, Some(crate::fsutil::IMAGE_LIMIT))?;
             return self.transform.apply_encoded(&bytes, true, &mut rng, out).map_err(|r| Error::data(path, r));
         }
         let img = load_rgb(path)?;
@@ -298,13 +329,17 @@ impl Shared {
                 Err(e) if self.cfg.strict => return Err(e),
                 Err(e) => {
                     self.skipped.fetch_add(1, Ordering::Relaxed);
-                    if !self.cfg.quiet && self.warned.lock().unwrap().insert(ids[j]) {
+                    if self.warned.lock().unwrap_or_else(|e| e.into_inner()).insert(ids[j]) && !self.cfg.quiet {
                         eprintln!("warning: skipped: {e}");
                     }
                 }
             }
         }
         if keep.is_empty() {
+            // A whole batch unreadable is how a removed or unmounted data folder shows: name it, not a file.
+            if !self.dataset.dir.is_dir() {
+                return Err(Error::data(&self.dataset.dir, "the data folder is gone (removed or unmounted during the run)"));
+            }
             return Ok(None);
         }
         let skipped = b - keep.len();
@@ -316,8 +351,8 @@ impl Shared {
         };
         let indices: Vec<usize> = keep.iter().map(|&j| ids[j]).collect();
         let labels: Vec<i64> = indices.iter().map(|&i| self.dataset.samples[i].1).collect();
-        if self.cfg.pin_memory && tch::Cuda::is_available() {
-            images = images.pin_memory(Device::Cuda(0));
+        if self.cfg.pin_device.is_some_and(|d| d.is_cuda()) {
+            images = crate::train::device::pinned(&images)?;
         }
         Ok(Some(Batch { images, labels: Tensor::from_slice(&labels), indices, batch: k, skipped }))
     }

@@ -90,6 +90,48 @@ impl LaunchEnv {
     }
 }
 
+/// Processes of this job on this node: torchrun's `LOCAL_WORLD_SIZE`, else Slurm's `SLURM_NTASKS_PER_NODE`, else this
+/// node's entry of `SLURM_TASKS_PER_NODE` (`2(x3),1`: 2 on nodes 0-2, 1 on node 3; `SLURM_NODEID` picks the entry),
+/// else 1.
+pub fn local_world_size() -> usize {
+    local_world_size_from(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+}
+
+/// [`local_world_size`] from the variables `get` gives (tests pass a map).
+pub fn local_world_size_from(get: impl Fn(&str) -> Option<String>) -> usize {
+    let num = |k: &str| get(k).and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > 0);
+    if let Some(n) = num("LOCAL_WORLD_SIZE").or_else(|| num("SLURM_NTASKS_PER_NODE")) {
+        return n;
+    }
+    let node = num("SLURM_NODEID").unwrap_or(0);
+    get("SLURM_TASKS_PER_NODE").and_then(|list| tasks_on_node(&list, node)).unwrap_or(1)
+}
+
+/// The count for node `node` in Slurm's compressed per-node list (`2(x3),1`).
+fn tasks_on_node(list: &str, node: usize) -> Option<usize> {
+    let mut seen = 0usize;
+    for item in list.split(',') {
+        let (count, repeat) = match item.trim().split_once("(x") {
+            Some((c, r)) => (c.parse::<usize>().ok()?, r.strip_suffix(')')?.parse::<usize>().ok()?),
+            None => (item.trim().parse::<usize>().ok()?, 1),
+        };
+        seen += repeat;
+        if node < seen {
+            return (count > 0).then_some(count);
+        }
+    }
+    None
+}
+
+/// The CUDA device of a process with local rank `local_rank` that sees `visible` devices: the local rank modulo the
+/// visible count, as PyTorch users write `torch.cuda.set_device(local_rank % torch.cuda.device_count())`. Under
+/// `srun --gpus-per-task=1` (or any `CUDA_VISIBLE_DEVICES` that shows a task fewer GPUs than the node has) each
+/// task sees its own GPU as device 0, so `cuda:LOCAL_RANK` would name a device the process cannot see.
+/// `None` without a visible device.
+pub fn local_device(local_rank: usize, visible: usize) -> Option<usize> {
+    (visible > 0).then(|| local_rank % visible)
+}
+
 /// The hosts of a Slurm node list, in order: `node[01-04,07],gpu5,rack[1-2]-n[1-2]` gives node01 .. node04,
 /// node07, gpu5, rack1-n1, rack1-n2, rack2-n1, rack2-n2. Ranges keep the zero padding of their first bound.
 pub fn expand_nodelist(list: &str) -> Result<Vec<String>> {
@@ -166,6 +208,32 @@ mod tests {
         assert!(expand_nodelist("node[1-").is_err());
         assert!(expand_nodelist("node[3-1]").is_err());
         assert!(expand_nodelist("node[x]").is_err());
+    }
+
+    #[test]
+    fn device_of_a_local_rank() {
+        // One GPU per task (srun --gpus-per-task=1): every rank uses its only visible device.
+        assert_eq!((0..8).map(|r| local_device(r, 1)).collect::<Vec<_>>(), vec![Some(0); 8]);
+        // Four visible on a node of 8 ranks: ranks share them round-robin.
+        assert_eq!((0..8).map(|r| local_device(r, 4).unwrap()).collect::<Vec<_>>(), [0, 1, 2, 3, 0, 1, 2, 3]);
+        // All eight visible: the local rank itself.
+        assert_eq!((0..8).map(|r| local_device(r, 8).unwrap()).collect::<Vec<_>>(), [0, 1, 2, 3, 4, 5, 6, 7]);
+        assert_eq!(local_device(3, 0), None);
+    }
+
+    #[test]
+    fn ranks_on_a_node() {
+        let m = |pairs: &[(&str, &str)]| {
+            let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            local_world_size_from(|k| m.get(k).cloned())
+        };
+        assert_eq!(m(&[]), 1);
+        assert_eq!(m(&[("LOCAL_WORLD_SIZE", "8"), ("SLURM_NTASKS_PER_NODE", "4")]), 8);
+        assert_eq!(m(&[("SLURM_NTASKS_PER_NODE", "4")]), 4);
+        assert_eq!(m(&[("SLURM_TASKS_PER_NODE", "2(x3),1")]), 2);
+        assert_eq!(m(&[("SLURM_TASKS_PER_NODE", "2(x3),1"), ("SLURM_NODEID", "3")]), 1);
+        assert_eq!(m(&[("SLURM_TASKS_PER_NODE", "8"), ("SLURM_NODEID", "0")]), 8);
+        assert_eq!(m(&[("SLURM_TASKS_PER_NODE", "junk")]), 1);
     }
 
     #[test]

@@ -11,27 +11,18 @@
 //! an optimiser step communicates, as DDP's `no_sync`.
 pub mod launch;
 
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
-use std::sync::{Mutex, OnceLock};
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tch::{Device, Kind, Tensor};
 
-pub use launch::{expand_nodelist, LaunchEnv, Launcher};
+pub use launch::{expand_nodelist, local_device, local_world_size, LaunchEnv, Launcher};
 
 use crate::error::{Error, Result};
-
-extern "C" {
-    fn lmim_c10d_last_error() -> *const c_char;
-    fn lmim_c10d_has_gloo() -> c_int;
-    fn lmim_c10d_has_nccl() -> c_int;
-    fn lmim_c10d_init(backend: *const c_char, host: *const c_char, port: c_int, rank: c_int, size: c_int, client_only: c_int, timeout_ms: i64, prefix: *const c_char) -> *mut c_void;
-    fn lmim_c10d_allreduce_sum(g: *mut c_void, ts: *mut *mut torch_sys::C_tensor, n: c_int) -> c_int;
-    fn lmim_c10d_broadcast(g: *mut c_void, ts: *mut *mut torch_sys::C_tensor, n: c_int, root: c_int) -> c_int;
-    fn lmim_c10d_allgather(g: *mut c_void, input: *mut torch_sys::C_tensor, outs: *mut *mut torch_sys::C_tensor, size: c_int) -> c_int;
-    fn lmim_c10d_barrier(g: *mut c_void) -> c_int;
-    fn lmim_c10d_free(g: *mut c_void);
-}
+use crate::ffi::{self, handles};
 
 /// The collective back-end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -52,7 +43,7 @@ impl Backend {
 
 /// Whether this build can make Gloo groups (it was compiled with gloo's headers, which the torch wheel lacks).
 pub fn has_gloo() -> bool {
-    unsafe { lmim_c10d_has_gloo() != 0 }
+    unsafe { ffi::lmim_c10d_has_gloo() != 0 }
 }
 
 /// How to get Gloo into a build without it: named wherever a run or a test needs it.
@@ -60,35 +51,70 @@ pub const GLOO_HOWTO: &str = "install gloo's headers (Debian/Ubuntu: apt-get ins
 
 /// Whether this build can make NCCL groups (it was compiled with the CUDA and NCCL headers).
 pub fn has_nccl() -> bool {
-    unsafe { lmim_c10d_has_nccl() != 0 }
+    unsafe { ffi::lmim_c10d_has_nccl() != 0 }
 }
 
-/// How to set up the world.
-#[derive(Debug, Clone)]
-pub struct DistOptions {
-    /// None: NCCL when the processes run on CUDA, Gloo on the CPU.
-    pub backend: Option<Backend>,
-    /// How long a rank waits for its peers (rendezvous and every collective) before it fails.
-    pub timeout: Duration,
-    /// Whether the processes compute on CUDA (picks the default back-end and the collective device).
-    pub cuda: bool,
-}
-
-impl Default for DistOptions {
-    fn default() -> Self {
-        DistOptions { backend: None, timeout: Duration::from_secs(1800), cuda: false }
+/// PyTorch's default timeouts (torch/distributed/constants.py, from c10d's ProcessGroup.hpp and
+/// ProcessGroupNCCL.hpp): 30 minutes for Gloo, 10 minutes for NCCL, whose watchdog aborts the process after it.
+pub fn default_timeout(backend: Backend) -> Duration {
+    match backend {
+        Backend::Gloo => Duration::from_secs(30 * 60),
+        Backend::Nccl => Duration::from_secs(10 * 60),
     }
 }
 
+/// How to set up the world.
+#[derive(Debug, Clone, Default)]
+pub struct DistOptions {
+    /// None: NCCL when the run computes on CUDA, Gloo on the CPU.
+    pub backend: Option<Backend>,
+    /// How long a rank waits for its peers (rendezvous and every collective) before it fails; None: PyTorch's
+    /// default for the back-end ([`default_timeout`]).
+    pub timeout: Option<Duration>,
+    /// Whether the run computes on CUDA (its `--device`, see [`crate::info::wants_cuda`]): picks the default
+    /// back-end and binds the process to its GPU.
+    pub cuda: bool,
+}
+
+/// A live process group, freed when the last owner drops it (after [`shutdown`] ended it, or at process exit).
 struct Group(*mut c_void);
 
-// SAFETY: the group is only used under the World's mutex; c10d's process groups are thread-safe for calls that
-// are not concurrent, which the mutex guarantees.
+// SAFETY: collectives run under the World's mutex; the other calls (the failure signal through the store and
+// abort) are the ones c10d makes from other threads too (its watchdog): TCPStore serialises its client calls.
 unsafe impl Send for Group {}
+unsafe impl Sync for Group {}
 
 impl Drop for Group {
     fn drop(&mut self) {
-        unsafe { lmim_c10d_free(self.0) }
+        unsafe { ffi::lmim_c10d_free(self.0) }
+    }
+}
+
+impl Group {
+    /// Shuts NCCL's communicators down (a normal end).
+    fn shutdown(&self) {
+        // SAFETY: a live group; the shim catches C++ exceptions.
+        let _ = unsafe { ffi::lmim_c10d_shutdown(self.0) };
+    }
+
+    /// Tells the peers that this rank failed with `msg` and aborts the group's communicators.
+    fn fail(&self, msg: &str) {
+        let msg = CString::new(msg.replace('\0', " ")).expect("NULs replaced");
+        // SAFETY: a live group and a NUL-terminated message; the shim catches C++ exceptions.
+        let _ = unsafe { ffi::lmim_c10d_fail(self.0, msg.as_ptr()) };
+    }
+
+    /// The first failed rank's message, when one has failed (None also when the store cannot be reached).
+    fn peer_failure(&self) -> Option<String> {
+        let mut buf = vec![0u8; 4096];
+        let mut found: c_int = 0;
+        // SAFETY: `buf` outlives the call and its length is passed; the shim NUL-terminates what it writes.
+        let rc = unsafe { ffi::lmim_c10d_peer_failure(self.0, buf.as_mut_ptr() as *mut c_char, buf.len() as c_int, &mut found) };
+        if rc != 0 || found == 0 {
+            return None;
+        }
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        Some(String::from_utf8_lossy(&buf[..end]).into_owned())
     }
 }
 
@@ -100,9 +126,14 @@ pub struct World {
     pub backend: Backend,
     pub launcher: Launcher,
     pub timeout: Duration,
-    /// Where collectives' tensors live: the CPU for Gloo, `cuda:LOCAL_RANK` for NCCL.
+    /// Where collectives' tensors live: the CPU for Gloo, this rank's GPU for NCCL.
     pub device: Device,
-    group: Option<Mutex<Group>>,
+    /// This rank serves the rendezvous store (rank 0 unless torchrun's agent does).
+    hosts_store: bool,
+    group: Mutex<Option<Arc<Group>>>,
+    watcher: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
+    /// Whether the gradient layout was compared across ranks (on the first averaging).
+    layout_checked: AtomicBool,
 }
 
 static WORLD: OnceLock<World> = OnceLock::new();
@@ -114,36 +145,98 @@ pub fn world() -> &'static World {
 
 /// Sets up the world from the launcher's environment (torchrun, Slurm, `RANK`/`WORLD_SIZE`/`MASTER_ADDR`/
 /// `MASTER_PORT`); a world of one without them. Called once, before any training; a second call returns the
-/// world already made.
+/// world already made. Refused when a world of one was fixed (by a [`world`] call before `init`) while the
+/// launcher says the job has more ranks: that process would train alone and never meet its peers.
 pub fn init(opts: &DistOptions) -> Result<&'static World> {
+    let env = LaunchEnv::from_env()?;
     if let Some(w) = WORLD.get() {
+        if w.size != env.world_size.max(1) {
+            return Err(Error::Dist(format!(
+                "the world was fixed as {} process(es) before joining the job, whose launcher ({}) says {}: join before anything asks for the world",
+                w.size,
+                env.launcher.name(),
+                env.world_size
+            )));
+        }
         return Ok(w);
     }
-    let env = LaunchEnv::from_env()?;
     let w = if env.world_size <= 1 { World::single() } else { World::connect(&env, opts)? };
-    Ok(WORLD.get_or_init(|| w))
+    if opts.cuda {
+        // The main thread works on this rank's GPU from the start (torch.cuda.set_device(local_rank)).
+        let visible = tch::Cuda::device_count().max(0) as usize;
+        if let Some(d) = local_device(w.local_rank, visible) {
+            crate::train::device::bind_thread(Device::Cuda(d))?;
+        }
+    }
+    let w = WORLD.get_or_init(|| w);
+    w.start_watcher();
+    Ok(w)
 }
 
-fn last_error() -> String {
-    unsafe { CStr::from_ptr(lmim_c10d_last_error()).to_string_lossy().into_owned() }
-}
-
-fn ptrs(ts: &[Tensor]) -> Vec<*mut torch_sys::C_tensor> {
-    ts.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect()
+/// Ends the world at the end of the process, on every exit path of a command: with `failure`, tells the peers
+/// (so they stop at once instead of waiting out the timeout) and aborts the group; without, shuts it down
+/// (NCCL must be shut down before exit). A no-op for a world of one or a world already ended.
+pub fn shutdown(failure: Option<&str>) {
+    let Some(w) = WORLD.get() else { return };
+    w.stop_watcher();
+    let group = w.group.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let Some(g) = group else { return };
+    match failure {
+        Some(msg) => {
+            g.fail(msg);
+            if w.hosts_store {
+                // The peers learn of the failure through the store this process serves: keep it up for two of
+                // their polls.
+                std::thread::sleep(2 * WATCH_EVERY);
+            }
+        }
+        None => g.shutdown(),
+    }
 }
 
 /// Gradients are packed into buckets of about this size for the all-reduce (DDP's default `bucket_cap_mb`).
 const BUCKET_BYTES: i64 = 25 << 20;
 
+/// Copies the results of a collective back into the caller's tensors where they went through a staged copy.
+fn write_back(ts: &[Tensor], staged: &[Tensor]) {
+    tch::no_grad(|| {
+        for (t, s) in ts.iter().zip(staged) {
+            if t.data_ptr() != s.data_ptr() || t.device() != s.device() {
+                t.shallow_clone().copy_(s);
+            }
+        }
+    });
+}
+
+/// How often a rank looks for a peer's failure in the store.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
 impl World {
     fn single() -> World {
-        World { rank: 0, size: 1, local_rank: 0, backend: Backend::Gloo, launcher: Launcher::Single, timeout: Duration::from_secs(1800), device: Device::Cpu, group: None }
+        World {
+            rank: 0,
+            size: 1,
+            local_rank: 0,
+            backend: Backend::Gloo,
+            launcher: Launcher::Single,
+            timeout: default_timeout(Backend::Gloo),
+            device: Device::Cpu,
+            hosts_store: false,
+            group: Mutex::new(None),
+            watcher: Mutex::new(None),
+            layout_checked: AtomicBool::new(true),
+        }
     }
 
     fn connect(env: &LaunchEnv, opts: &DistOptions) -> Result<World> {
         let backend = opts.backend.unwrap_or(if opts.cuda { Backend::Nccl } else { Backend::Gloo });
         let device = match backend {
-            Backend::Nccl => Device::Cuda(env.local_rank),
+            Backend::Nccl => {
+                let visible = tch::Cuda::device_count().max(0) as usize;
+                let d = local_device(env.local_rank, visible)
+                    .ok_or_else(|| Error::option("--dist-backend", "nccl: this process sees no CUDA device (CUDA_VISIBLE_DEVICES?)"))?;
+                Device::Cuda(d)
+            }
             Backend::Gloo => Device::Cpu,
         };
         if backend == Backend::Nccl && !has_nccl() {
@@ -152,13 +245,16 @@ impl World {
         if backend == Backend::Gloo && !has_gloo() {
             return Err(Error::option("--dist-backend", format!("gloo: this build has no Gloo, so it cannot run {} processes on the CPU: {GLOO_HOWTO}", env.world_size)));
         }
+        let timeout = opts.timeout.unwrap_or_else(|| default_timeout(backend));
         let c = |s: &str, what: &str| CString::new(s).map_err(|_| Error::option(what, format!("`{s}` holds a NUL byte")));
         let (name, host) = (c(backend.name(), "--dist-backend")?, c(&env.master_addr, "MASTER_ADDR")?);
         // torchrun's agent serves the store and counts restarts; keys of another attempt must not be read.
         let prefix = c(&format!("/worker/attempt_{}/lmim-bench/", env.restart_count), "TORCHELASTIC_RESTART_COUNT")?;
-        let ms = opts.timeout.as_millis().min(i64::MAX as u128) as i64;
+        let ms = timeout.as_millis().min(i64::MAX as u128) as i64;
+        let dev = if let Device::Cuda(d) = device { d as c_int } else { -1 };
+        // SAFETY: NUL-terminated strings that outlive the call; the shim catches C++ exceptions.
         let ptr = unsafe {
-            lmim_c10d_init(name.as_ptr(), host.as_ptr(), env.master_port as c_int, env.rank as c_int, env.world_size as c_int, env.agent_store as c_int, ms, prefix.as_ptr())
+            ffi::lmim_c10d_init(name.as_ptr(), host.as_ptr(), env.master_port as c_int, env.rank as c_int, env.world_size as c_int, env.agent_store as c_int, ms, prefix.as_ptr(), dev)
         };
         if ptr.is_null() {
             return Err(Error::Dist(format!(
@@ -169,7 +265,7 @@ impl World {
                 env.master_addr,
                 env.master_port,
                 env.launcher.name(),
-                last_error()
+                ffi::last_error()
             )));
         }
         Ok(World {
@@ -178,10 +274,50 @@ impl World {
             local_rank: env.local_rank,
             backend,
             launcher: env.launcher,
-            timeout: opts.timeout,
+            timeout,
             device,
-            group: Some(Mutex::new(Group(ptr))),
+            hosts_store: env.rank == 0 && !env.agent_store,
+            group: Mutex::new(Some(Arc::new(Group(ptr)))),
+            watcher: Mutex::new(None),
+            layout_checked: AtomicBool::new(false),
         })
+    }
+
+    /// A thread that ends this process soon after a peer reports a failure: under NCCL the host never waits in a
+    /// collective (wait() only orders streams), so without it a rank whose peer died would sit until the
+    /// watchdog's timeout and abort.
+    fn start_watcher(&self) {
+        let Some(g) = self.group.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, rank, size) = (stop.clone(), self.rank, self.size);
+        let handle = std::thread::Builder::new().name("lmim-dist-watch".into()).spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                std::thread::sleep(WATCH_EVERY);
+                if stop2.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Some(msg) = g.peer_failure() {
+                    if msg.starts_with(&format!("rank {rank}:")) {
+                        return;
+                    }
+                    eprintln!("error: rank {rank} of {size}: stopping because {msg}");
+                    g.fail(&msg);
+                    // SAFETY: ends the process at once, from this thread; the main thread may be blocked in
+                    // libtorch, so no destructors run (atomic writes leave no partial files under their names).
+                    unsafe { libc::_exit(1) };
+                }
+            }
+        });
+        if let Ok(h) = handle {
+            *self.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some((stop, h));
+        }
+    }
+
+    /// Stops the watcher without waiting for it: it may sit in a store call whose host (rank 0) has already gone.
+    fn stop_watcher(&self) {
+        if let Some((stop, _detached)) = self.watcher.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            stop.store(true, Ordering::Relaxed);
+        }
     }
 
     pub fn is_main(&self) -> bool {
@@ -193,28 +329,37 @@ impl World {
     }
 
     fn call(&self, what: &str, f: impl FnOnce(*mut c_void) -> c_int) -> Result<()> {
-        let Some(g) = &self.group else { return Ok(()) };
-        let g = g.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = self.group.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(g) = guard.as_ref() else {
+            if self.size == 1 {
+                return Ok(());
+            }
+            return Err(Error::Dist(format!("rank {} of {}: {what} after the process group was shut down", self.rank, self.size)));
+        };
         if f(g.0) == 0 {
             return Ok(());
         }
-        Err(Error::Dist(format!(
-            "rank {} of {} ({}): {what} failed (a peer exited or did not answer within {} s): {}",
-            self.rank,
-            self.size,
-            self.backend.name(),
-            self.timeout.as_secs(),
-            last_error()
-        )))
+        let err = ffi::last_error();
+        // The first failure's reason, when a peer reported one, says more than the broken connection it caused.
+        let cause = g.peer_failure().map_or(String::new(), |m| format!(" (first failure: {m})"));
+        let waited = match self.backend {
+            Backend::Gloo => format!("a peer exited or did not answer within {} s", self.timeout.as_secs()),
+            Backend::Nccl => "a peer exited or the communicator was aborted".to_string(),
+        };
+        Err(Error::Dist(format!("rank {} of {} ({}): {what} failed ({waited}): {err}{cause}", self.rank, self.size, self.backend.name())))
     }
 
-    /// In-place sum over ranks of every tensor (contiguous, on [`World::device`]).
+    /// In-place sum over ranks of every tensor. Tensors that are not contiguous or not on the collective device
+    /// are summed through a staged copy and written back, so callers may pass CPU tensors to an NCCL world.
     pub fn all_reduce_sum(&self, ts: &[Tensor], what: &str) -> Result<()> {
         if self.size == 1 || ts.is_empty() {
             return Ok(());
         }
-        let mut p = ptrs(ts);
-        self.call(what, |g| unsafe { lmim_c10d_allreduce_sum(g, p.as_mut_ptr(), p.len() as c_int) })
+        let staged: Vec<Tensor> = ts.iter().map(|t| self.staged(t)).collect();
+        let mut p = handles(&staged);
+        self.call(what, |g| unsafe { ffi::lmim_c10d_allreduce_sum(g, p.as_mut_ptr(), p.len() as c_int) })?;
+        write_back(ts, &staged);
+        Ok(())
     }
 
     /// Sums of `values` over ranks (f64, exact for counts).
@@ -233,32 +378,32 @@ impl World {
             return Ok(());
         }
         let staged: Vec<Tensor> = ts.iter().map(|t| self.staged(t)).collect();
-        let mut p = ptrs(&staged);
-        self.call(what, |g| unsafe { lmim_c10d_broadcast(g, p.as_mut_ptr(), p.len() as c_int, root as c_int) })?;
-        tch::no_grad(|| {
-            for (t, s) in ts.iter().zip(&staged) {
-                if t.data_ptr() != s.data_ptr() {
-                    t.shallow_clone().copy_(s);
-                }
-            }
-        });
+        let mut p = handles(&staged);
+        self.call(what, |g| unsafe { ffi::lmim_c10d_broadcast(g, p.as_mut_ptr(), p.len() as c_int, root as c_int) })?;
+        write_back(ts, &staged);
         Ok(())
     }
 
     /// Every rank's `t` (same shape on every rank), in rank order, on the CPU.
     pub fn all_gather(&self, t: &Tensor, what: &str) -> Result<Vec<Tensor>> {
+        Ok(self.all_gather_on(t, what)?.into_iter().map(|o| o.to_device(Device::Cpu)).collect())
+    }
+
+    /// Every rank's `t` (same shape on every rank), in rank order, on `t`'s device: no host copy when the
+    /// collective device is `t`'s (the statistics of a step stay on the GPU under NCCL).
+    pub fn all_gather_on(&self, t: &Tensor, what: &str) -> Result<Vec<Tensor>> {
         if self.size == 1 {
             return Ok(vec![t.shallow_clone()]);
         }
-        let input = t.to_device(self.device).contiguous();
+        let input = self.staged(t);
         let outs: Vec<Tensor> = (0..self.size).map(|_| input.empty_like()).collect();
-        let mut p = ptrs(&outs);
-        self.call(what, |g| unsafe { lmim_c10d_allgather(g, input.as_ptr() as *mut _, p.as_mut_ptr(), p.len() as c_int) })?;
-        Ok(outs.into_iter().map(|o| o.to_device(Device::Cpu)).collect())
+        let mut p = handles(&outs);
+        self.call(what, |g| unsafe { ffi::lmim_c10d_allgather(g, input.as_ptr() as ffi::CTensor, p.as_mut_ptr(), p.len() as c_int) })?;
+        Ok(outs.into_iter().map(|o| if o.device() == t.device() { o } else { o.to_device(t.device()) }).collect())
     }
 
     pub fn barrier(&self, what: &str) -> Result<()> {
-        self.call(what, |g| unsafe { lmim_c10d_barrier(g) })
+        self.call(what, |g| unsafe { ffi::lmim_c10d_barrier(g) })
     }
 
     /// A contiguous tensor on the collective device sharing `t`'s storage when it can.
@@ -276,7 +421,11 @@ impl World {
         if self.size == 1 {
             return Ok(());
         }
-        let grads: Vec<Tensor> = params.map(|p| p.grad()).filter(|g| g.defined()).collect();
+        let all: Vec<Tensor> = params.map(|p| p.grad()).collect();
+        if !self.layout_checked.swap(true, Ordering::Relaxed) {
+            self.check_gradient_layout(&all)?;
+        }
+        let grads: Vec<Tensor> = all.into_iter().filter(|g| g.defined()).collect();
         // Buckets of one dtype and device, in parameter order.
         let mut buckets: Vec<Vec<usize>> = Vec::new();
         let mut bytes = 0i64;
@@ -314,6 +463,27 @@ impl World {
         Ok(())
     }
 
+    /// Buckets are packed from the gradients each rank has, so every rank must have the same ones (a gradient
+    /// left undefined on one rank only would shift every bucket after it and average unrelated values): compared
+    /// once, on the first step, naming the first parameter that differs.
+    fn check_gradient_layout(&self, grads: &[Tensor]) -> Result<()> {
+        let mine: Vec<i64> = grads.iter().map(|g| if g.defined() { g.numel() as i64 } else { -1 }).collect();
+        let all = self.all_gather(&Tensor::from_slice(&mine), "the gradient layout check")?;
+        for (r, other) in all.iter().enumerate() {
+            let other = Vec::<i64>::try_from(other).map_err(Error::Torch)?;
+            if let Some(i) = mine.iter().zip(&other).position(|(a, b)| a != b) {
+                let say = |n: i64| if n < 0 { "no gradient".to_string() } else { format!("a gradient of {n} values") };
+                return Err(Error::Dist(format!(
+                    "rank {} has {} for parameter {i} and rank {r} has {}: every rank must produce the same gradients (a branch skipped on one rank only?)",
+                    self.rank,
+                    say(mine[i]),
+                    say(other[i])
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Makes every rank's `tensors` rank 0's, then checks that they are: each tensor's sum and sum of squares
     /// (f64) gathered from all ranks must be equal; a mismatch names the first tensor that differs.
     pub fn sync_parameters(&self, named: &[(String, Tensor)]) -> Result<()> {
@@ -342,6 +512,6 @@ impl World {
 
     /// What records and configs say about the world: `world_size`, `backend` and the launcher.
     pub fn describe(&self) -> serde_json::Value {
-        serde_json::json!({ "world_size": self.size, "backend": self.backend.name(), "launcher": self.launcher.name() })
+        serde_json::json!({ "world_size": self.size, "backend": self.backend.name(), "launcher": self.launcher.name(), "deterministic": crate::train::device::deterministic() })
     }
 }

@@ -37,10 +37,13 @@ pub enum FeatureKind {
     /// Mean of the patch tokens before the final LayerNorm (the Latent MIM NN monitor's feature).
     #[serde(rename = "avg-prenorm", alias = "avg_prenorm")]
     AvgPrenorm,
+    /// CLS token of the last block before the final LayerNorm (the probing benchmark's `raw` k-NN feature).
+    #[serde(rename = "cls-prenorm", alias = "cls_prenorm")]
+    ClsPrenorm,
 }
 
 impl FeatureKind {
-    pub const NAMES: &'static [&'static str] = &["cls", "avg", "cls+avg", "avg-prenorm"];
+    pub const NAMES: &'static [&'static str] = &["cls", "avg", "cls+avg", "avg-prenorm", "cls-prenorm"];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -48,6 +51,7 @@ impl FeatureKind {
             FeatureKind::Avg => "avg",
             FeatureKind::ClsAvg => "cls+avg",
             FeatureKind::AvgPrenorm => "avg-prenorm",
+            FeatureKind::ClsPrenorm => "cls-prenorm",
         }
     }
 
@@ -57,6 +61,7 @@ impl FeatureKind {
             "avg" | "avgpool" => FeatureKind::Avg,
             "cls+avg" | "cls_avg" => FeatureKind::ClsAvg,
             "avg-prenorm" | "avg_prenorm" => FeatureKind::AvgPrenorm,
+            "cls-prenorm" | "cls_prenorm" => FeatureKind::ClsPrenorm,
             other => return Err(Error::option("--feature", format!("`{other}` is not one of {}", Self::NAMES.join(", ")))),
         })
     }
@@ -149,6 +154,11 @@ impl FeatureMeta {
 }
 
 impl FeatureSet {
+    /// What a rank other than 0 holds after a data-parallel extraction: no rows.
+    pub fn empty_on_peer(dim: i64) -> FeatureSet {
+        FeatureSet { features: Tensor::zeros([0, dim], (Kind::Float, Device::Cpu)), labels: Tensor::zeros([0], (Kind::Int64, Device::Cpu)), meta: FeatureMeta::default() }
+    }
+
     pub fn len(&self) -> i64 {
         self.labels.size()[0]
     }
@@ -256,6 +266,9 @@ pub struct ExtractRequest {
     /// `f32` unless asked otherwise (see [`precision_of`]).
     pub precision: Precision,
     pub quiet: bool,
+    /// Unreadable files are skipped and listed in the report instead of stopping the extraction; the features
+    /// then cover part of the split and are not cached.
+    pub skip_bad: bool,
 }
 
 /// How a request was served.
@@ -267,6 +280,9 @@ pub struct ExtractReport {
     pub cache_hit: bool,
     pub seconds: f64,
     pub images_per_s: Option<f64>,
+    /// The files skipped as unreadable (with `skip_bad`), in dataset order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped_paths: Vec<PathBuf>,
 }
 
 /// The eval transform for a model input size: Resize(floor(size / crop_pct), bicubic) + CenterCrop(size).
@@ -322,7 +338,8 @@ pub fn image_features(model: &VisionTransformer, images: &Tensor, kind: FeatureK
         .intermediates
         .iter()
         .map(|block_out| {
-            let tokens = if kind == FeatureKind::AvgPrenorm { block_out.shallow_clone() } else { model.final_norm(block_out) };
+            let prenorm = matches!(kind, FeatureKind::AvgPrenorm | FeatureKind::ClsPrenorm);
+            let tokens = if prenorm { block_out.shallow_clone() } else { model.final_norm(block_out) };
             let tokens = tokens.to_kind(Kind::Float);
             let n = tokens.size()[1];
             let prefix = model.cfg.num_prefix_tokens();
@@ -330,7 +347,7 @@ pub fn image_features(model: &VisionTransformer, images: &Tensor, kind: FeatureK
             // Registers are not patches: the average is over the patch tokens only, as timm's `global_pool='avg'`.
             let avg = || tokens.narrow(1, prefix, n - prefix).mean_dim(1, false, Kind::Float);
             match kind {
-                FeatureKind::Cls => cls(),
+                FeatureKind::Cls | FeatureKind::ClsPrenorm => cls(),
                 FeatureKind::Avg | FeatureKind::AvgPrenorm => avg(),
                 FeatureKind::ClsAvg => Tensor::cat(&[cls(), avg()], 1),
             }
@@ -348,7 +365,63 @@ fn precision_of(p: Precision, device: Device) -> (&'static str, Option<Kind>) {
     }
 }
 
-/// Features of a split, from the cache when a file with the same key is there, else extracted (and cached).
+/// Rows of a rank's block gathered at a time: bounds what a rank holds of the others' blocks (W x this x D floats)
+/// while rank 0 assembles the matrix.
+const GATHER_ROWS: i64 = 16384;
+
+/// Assembles the `[n, D]` matrix of a split on rank 0 from every rank's block (`(rows, dataset indices, labels)`,
+/// or None for an empty block): `Some((matrix or None when no rank had rows, labels, rows filled))` on rank 0,
+/// `None` elsewhere. The blocks travel in chunks of [`GATHER_ROWS`] rows, so no rank ever holds the whole matrix
+/// but rank 0 (an all-reduce of the full matrix would put one in every rank: 3.9 GB x 8 for ImageNet's train set).
+fn gather_rows(world: &crate::dist::World, local: Option<(Tensor, Tensor, Tensor)>, n: i64) -> Result<Option<(Option<Tensor>, Tensor, usize)>> {
+    if !world.is_distributed() {
+        let labels = Tensor::full([n], -1i64, (Kind::Int64, Device::Cpu));
+        let Some((rows, ids, labs)) = local else { return Ok(Some((None, labels, 0))) };
+        let features = Tensor::zeros([n, rows.size()[1]], (Kind::Float, Device::Cpu));
+        let _ = features.shallow_clone().index_copy_(0, &ids, &rows);
+        let _ = labels.shallow_clone().index_copy_(0, &ids, &labs);
+        return Ok(Some((Some(features), labels, ids.size()[0] as usize)));
+    }
+    // Every rank's row count and width (a rank with an empty block learns the width from the others).
+    let (m, d) = local.as_ref().map_or((0, 0), |(r, _, _)| (r.size()[0], r.size()[1]));
+    let sizes = world.all_gather(&Tensor::from_slice(&[m, d]), "the feature gather")?;
+    let sizes: Vec<(i64, i64)> = sizes.iter().map(|t| (t.int64_value(&[0]), t.int64_value(&[1]))).collect();
+    let dim = sizes.iter().map(|s| s.1).max().unwrap_or(0);
+    let most = sizes.iter().map(|s| s.0).max().unwrap_or(0);
+    let main = world.is_main();
+    let out = main.then(|| (Tensor::zeros([n, dim.max(1)], (Kind::Float, Device::Cpu)), Tensor::full([n], -1i64, (Kind::Int64, Device::Cpu))));
+    let chunk = GATHER_ROWS.min(most.max(1));
+    let mut start = 0;
+    while start < most {
+        // This rank's rows start..start+chunk, padded to the chunk (index -1 marks padding).
+        let take = (m - start).clamp(0, chunk);
+        let rows = Tensor::zeros([chunk, dim.max(1)], (Kind::Float, Device::Cpu));
+        let meta = Tensor::full([chunk, 2], -1i64, (Kind::Int64, Device::Cpu));
+        if let Some((r, ids, labs)) = local.as_ref().filter(|_| take > 0) {
+            rows.narrow(0, 0, take).copy_(&r.narrow(0, start, take));
+            meta.narrow(0, 0, take).copy_(&Tensor::stack(&[ids.narrow(0, start, take), labs.narrow(0, start, take)], 1));
+        }
+        let all_rows = world.all_gather(&rows, "the feature gather")?;
+        let all_meta = world.all_gather(&meta, "the feature gather")?;
+        if let Some((features, labels)) = out.as_ref() {
+            for (r, (rr, mm)) in all_rows.iter().zip(&all_meta).enumerate() {
+                let k = (sizes[r].0 - start).clamp(0, chunk);
+                if k > 0 {
+                    let idx = mm.narrow(0, 0, k).select(1, 0);
+                    let _ = features.shallow_clone().index_copy_(0, &idx, &rr.narrow(0, 0, k));
+                    let _ = labels.shallow_clone().index_copy_(0, &idx, &mm.narrow(0, 0, k).select(1, 1));
+                }
+            }
+        }
+        start += chunk;
+    }
+    let filled = sizes.iter().map(|s| s.0).sum::<i64>() as usize;
+    Ok(out.map(|(f, l)| ((dim > 0).then_some(f), l, filled)))
+}
+
+/// Features of a split, from the cache when a file with the same key is there, else extracted (and cached). In a
+/// data-parallel run the ranks extract their blocks and rank 0 alone gets the set (the others get an empty one:
+/// the protocols search and write on rank 0).
 pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     let t0 = Instant::now();
     if req.last_blocks < 1 {
@@ -362,7 +435,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     let cfg = loaded.model.cfg.clone();
     let family_feature = loaded.source.eval_feature.as_deref().filter(|_| req.feature_is_default).map(FeatureKind::parse).transpose()?;
     let feature = family_feature.unwrap_or(req.feature);
-    if !cfg.class_token && matches!(feature, FeatureKind::Cls | FeatureKind::ClsAvg) {
+    if !cfg.class_token && matches!(feature, FeatureKind::Cls | FeatureKind::ClsAvg | FeatureKind::ClsPrenorm) {
         return Err(Error::option("feature", format!("`{feature}`: {} has no CLS token; use avg", req.checkpoint.display())));
     }
     let req = &ExtractRequest { feature, ..req.clone() };
@@ -400,14 +473,15 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
         d.join(name)
     });
     let world = crate::dist::world();
-    let cached = cache_path.as_ref().filter(|p| p.is_file()).and_then(|p| {
+    // Rank 0 reads the cache; the others only learn whether it hit, since the features end up on rank 0 alone.
+    let cached = cache_path.as_ref().filter(|p| world.is_main() && p.is_file()).and_then(|p| {
         // A file that does not load, or carries another key, is recomputed and overwritten.
         FeatureSet::load(p).ok().filter(|set| set.meta.cache_key.as_deref() == Some(key.as_str()) && set.len() == dataset.len() as i64).map(|set| (p.clone(), set))
     });
-    // Ranks extract together or not at all (a rank that missed the cache would wait for the others forever).
-    let hits = world.sum_f64(&[cached.is_some() as u8 as f64], "the feature cache check")?[0];
-    if let Some((p, set)) = cached.filter(|_| hits as usize == world.size) {
-        let report = ExtractReport { cache_key: key, path: Some(p), cache_hit: true, seconds: t0.elapsed().as_secs_f64(), images_per_s: None };
+    let hit = world.sum_f64(&[cached.is_some() as u8 as f64], "the feature cache check")?[0] > 0.0;
+    if hit {
+        let report = ExtractReport { cache_key: key, path: cache_path.clone(), cache_hit: true, seconds: t0.elapsed().as_secs_f64(), images_per_s: None, skipped_paths: Vec::new() };
+        let set = cached.map_or_else(|| FeatureSet::empty_on_peer(cfg.embed_dim), |(_, set)| set);
         return Ok((set, report));
     }
 
@@ -415,49 +489,51 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     let num_classes = dataset.classes.len() as i64;
     let class_names = dataset.classes.clone();
     let dataset_dir = dataset.dir.clone();
-    // Each rank extracts its contiguous block of the split; the blocks are summed into every rank's matrix below.
-    let mut lcfg = LoaderConfig { batch_size: req.batch_size, shuffle: false, drop_last: false, strict: true, rank: world.rank, world_size: world.size, quiet: req.quiet || !world.is_main(), ..Default::default() };
+    // Each rank extracts its contiguous block of the split; the blocks are gathered to rank 0 below.
+    let mut lcfg = LoaderConfig { batch_size: req.batch_size, shuffle: false, drop_last: false, strict: !req.skip_bad, rank: world.rank, world_size: world.size, quiet: req.quiet || !world.is_main(), pin_device: Some(req.device), ..Default::default() };
     if let Some(w) = req.workers {
         lcfg.workers = w.max(1);
     }
     let loader = Loader::new(dataset, transform.clone(), lcfg)?;
     let t_extract = Instant::now();
     let pb = if req.quiet || !world.is_main() { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(n as u64) };
-    let mut feats: Option<Tensor> = None;
-    let labels = Tensor::full([n as i64], -1i64, (Kind::Int64, Device::Cpu));
-    let mut filled = 0usize;
-    for batch in loader.epoch(0) {
+    // This rank's rows in the order it extracts them, with their dataset indices and labels.
+    let (mut rows, mut ids, mut labs) = (Vec::new(), Vec::new(), Vec::new());
+    let device = req.device;
+    for batch in crate::train::device::stage_ahead(loader.epoch(0), |b| crate::data::loader::stage_batch(b, device)) {
         let b = batch?;
-        let x = b.images.to_device(req.device);
-        let f = tch::no_grad(|| with_amp(amp, || image_features(&loaded.model, &x, req.feature, req.last_blocks)));
-        let f = f.to_device(Device::Cpu).to_kind(Kind::Float);
-        let dst = feats.get_or_insert_with(|| Tensor::zeros([n as i64, f.size()[1]], (Kind::Float, Device::Cpu)));
-        let idx: Vec<i64> = b.indices.iter().map(|&i| i as i64).collect();
-        let idx = Tensor::from_slice(&idx);
-        let _ = dst.index_copy_(0, &idx, &f);
-        let _ = labels.shallow_clone().index_copy_(0, &idx, &b.labels.to_device(Device::Cpu));
-        filled += b.indices.len();
+        let f = tch::no_grad(|| with_amp(amp, || image_features(&loaded.model, &b.images, req.feature, req.last_blocks)));
+        rows.push(f.to_kind(Kind::Float).to_device(Device::Cpu));
+        ids.extend(b.indices.iter().map(|&i| i as i64));
+        // The labels from the host's dataset, not read back from the device.
+        labs.extend(b.indices.iter().map(|&i| loader.dataset().samples[i].1));
         pb.inc(b.indices.len() as u64);
     }
     pb.finish_and_clear();
-    let features = if world.is_distributed() {
-        // Rows of other ranks are zero here (labels -1): the sum over ranks is every row once, exactly (x + 0 = x).
-        // A rank whose block is empty has no matrix yet: it learns the width from the others.
-        let d = world.sum_f64(&[feats.as_ref().map_or(0, |f| f.size()[1]) as f64, feats.is_some() as u8 as f64], "the feature gather")?;
-        let dim = (d[0] / d[1].max(1.0)) as i64;
-        let f = feats.unwrap_or_else(|| Tensor::zeros([n as i64, dim], (Kind::Float, Device::Cpu))).to_device(world.device);
-        let l = (&labels + 1).to_device(world.device);
-        world.all_reduce_sum(&[f.shallow_clone(), l.shallow_clone()], "the feature gather")?;
-        let _ = labels.shallow_clone().copy_(&(l.to_device(Device::Cpu) - 1));
-        filled = world.sum_f64(&[filled as f64], "the feature gather")?[0] as usize;
-        Some(f.to_device(Device::Cpu))
-    } else {
-        feats
+    let local = (!rows.is_empty()).then(|| (Tensor::cat(&rows, 0), Tensor::from_slice(&ids), Tensor::from_slice(&labs)));
+    drop(rows);
+    let gathered = gather_rows(world, local, n as i64)?;
+    let Some((features, labels, filled)) = gathered else {
+        let report = ExtractReport { cache_key: key, path: cache_path, cache_hit: false, seconds: t0.elapsed().as_secs_f64(), images_per_s: None, skipped_paths: Vec::new() };
+        return Ok((FeatureSet::empty_on_peer(cfg.embed_dim), report));
     };
     let features = features.ok_or_else(|| Error::data(&dataset_dir, "the split has no images"))?;
-    if filled != n || labels.min().int64_value(&[]) < 0 {
+    let mut skipped_paths = Vec::new();
+    let (features, labels) = if filled == n && labels.min().int64_value(&[]) >= 0 {
+        (features, labels)
+    } else if req.skip_bad {
+        // The rows of the files that could not be read are left out; the record lists them.
+        let kept = labels.ge(0);
+        let missing = Vec::<i64>::try_from(kept.logical_not().nonzero().view([-1])).expect("int64 indices");
+        skipped_paths = missing.iter().map(|&i| loader.dataset().samples[i as usize].0.clone()).collect();
+        let rows = kept.nonzero().view([-1]);
+        if rows.size()[0] == 0 {
+            return Err(Error::data(&dataset_dir, "no image of the split could be read"));
+        }
+        (features.index_select(0, &rows), labels.index_select(0, &rows))
+    } else {
         return Err(Error::data(&dataset_dir, format!("extracted {filled} of {n} images (unreadable files?)")));
-    }
+    };
     if features.isfinite().logical_not().any().int64_value(&[]) != 0 {
         return Err(Error::Diverged(format!("{}: the model produced non-finite features", req.checkpoint.display())));
     }
@@ -484,7 +560,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
         checkpoint_source: Some(serde_json::to_value(&loaded.source).expect("source serialises")),
     };
     let set = FeatureSet { features, labels, meta };
-    if let Some(p) = cache_path.as_ref().filter(|_| world.is_main()) {
+    if let Some(p) = cache_path.as_ref().filter(|_| world.is_main() && skipped_paths.is_empty()) {
         set.save(p)?;
     }
     let report = ExtractReport {
@@ -493,6 +569,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
         cache_hit: false,
         seconds: t0.elapsed().as_secs_f64(),
         images_per_s: Some(n as f64 / extract_s.max(1e-9)),
+        skipped_paths,
     };
     Ok((set, report))
 }

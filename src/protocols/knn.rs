@@ -45,6 +45,8 @@ pub struct ProtocolSpec {
     pub ks: Vec<i64>,
     pub temperature: Option<f64>,
     pub headline_k: Option<i64>,
+    /// k-NN sweep only: every (k, T) of `ks` x `temperatures` is scored from one search.
+    pub temperatures: Vec<f64>,
     /// Splits: `bank` and `query` (k-NN: train and val; LOO: val and val).
     pub bank_split: String,
     pub query_split: String,
@@ -63,6 +65,7 @@ impl Default for ProtocolSpec {
             ks: Vec::new(),
             temperature: None,
             headline_k: None,
+            temperatures: Vec::new(),
             bank_split: "train".into(),
             query_split: "val".into(),
             transform: TransformSpec::default(),
@@ -71,35 +74,57 @@ impl Default for ProtocolSpec {
     }
 }
 
+impl crate::config::Recipe for ProtocolSpec {
+    fn rules() -> Vec<crate::config::Rule> {
+        use crate::config::Rule;
+        vec![
+            Rule::int("last_blocks", 1, 64),
+            // Per entry.
+            Rule::int("ks", 1, 1 << 20),
+            Rule::above("temperature", 0.0, 1000.0),
+            Rule::above("temperatures", 0.0, 1000.0),
+            Rule::int("headline_k", 1, 1 << 20).one_of("ks"),
+            Rule::above("transform.crop_pct", 0.0, 1.0),
+        ]
+    }
+}
+
 impl ProtocolSpec {
     /// Checks the settings; `origin` names the file (or the override) in errors. k-NN's list of k is sorted.
     pub fn validate(&mut self, origin: &str) -> Result<()> {
         let bad = |reason: String| Error::BadConfig { path: origin.into(), reason };
-        if self.last_blocks < 1 {
-            return Err(bad("last_blocks must be at least 1".into()));
+        if let Some(v) = crate::config::violation(self) {
+            return Err(bad(format!("key `{}` = {}: {}", v.key, v.value, v.reason)));
         }
         if self.transform.interpolation != "bicubic" {
             return Err(bad(format!("interpolation `{}`: only bicubic is implemented", self.transform.interpolation)));
         }
-        if !(self.transform.crop_pct > 0.0 && self.transform.crop_pct <= 1.0) {
-            return Err(bad(format!("crop_pct {} is not in (0, 1]", self.transform.crop_pct)));
-        }
-        if self.name == "knn" {
-            if self.ks.is_empty() || self.ks.iter().any(|&k| k < 1) {
+        let voting = self.name == "knn" || self.name == "knn-sweep";
+        if voting {
+            if self.ks.is_empty() {
                 return Err(bad("ks must be a non-empty list of positive integers, e.g. [10, 20, 100, 200]".into()));
             }
             self.ks.sort_unstable();
             self.ks.dedup();
-            match self.temperature {
-                Some(t) if t > 0.0 && t.is_finite() => {}
-                _ => return Err(bad("temperature must be a positive number".into())),
+        }
+        if self.name == "knn-sweep" {
+            if self.temperatures.is_empty() {
+                return Err(bad("temperatures must be a non-empty list of positive numbers, e.g. [0.07, 0.1, 0.2]".into()));
             }
-            match self.headline_k {
-                Some(k) if self.ks.contains(&k) => {}
-                Some(k) => return Err(bad(format!("headline_k {k} is not among ks {:?}", self.ks))),
-                None => return Err(bad("headline_k must be one of ks".into())),
+            if self.temperature.is_some() || self.headline_k.is_some() {
+                return Err(bad("a sweep reports its best (k, T): temperature and headline_k do not apply (use temperatures)".into()));
             }
-        } else if !self.ks.is_empty() || self.temperature.is_some() || self.headline_k.is_some() {
+        } else if !self.temperatures.is_empty() {
+            return Err(bad(format!("`{}`: temperatures apply to knn-sweep only", self.name)));
+        }
+        if self.name == "knn" {
+            if self.temperature.is_none() {
+                return Err(bad("temperature must be a positive number".into()));
+            }
+            if self.headline_k.is_none() {
+                return Err(bad("headline_k must be one of ks".into()));
+            }
+        } else if !voting && (!self.ks.is_empty() || self.temperature.is_some() || self.headline_k.is_some()) {
             return Err(bad(format!("`{}` is a 1-NN without voting: ks, temperature and headline_k do not apply", self.name)));
         }
         Ok(())
@@ -157,6 +182,9 @@ impl SearchConfig {
         if self.query_chunk < 1 || self.bank_chunk < 1 {
             return Err(Error::option("--query-chunk/--bank-chunk", "must be positive"));
         }
+        // A block holds query_chunk x bank_chunk similarities plus their top-k.
+        let block = self.query_chunk as u128 * self.bank_chunk as u128 * 8;
+        crate::info::check_fits("--query-chunk/--bank-chunk", &format!("blocks of {} x {} similarities", self.query_chunk, self.bank_chunk), block)?;
         if self.backend == Backend::Faiss {
             if !faiss_available() {
                 return Err(Error::option("--backend", "faiss is not built into this binary (cargo feature `faiss`)"));
@@ -512,12 +540,28 @@ pub fn weighted_knn(
     params: &KnnParams,
     search: &SearchConfig,
 ) -> Result<KnnResult> {
+    let mut r = weighted_knn_grid(bank, bank_labels, queries, query_labels, num_classes, params.ks, &[params.temperature], search)?;
+    Ok(r.remove(0))
+}
+
+/// [`weighted_knn`] at every temperature of `temperatures` (one result each, in that order), all from one search
+/// up to the largest k: the neighbours and their similarities do not depend on T, only the votes do.
+#[allow(clippy::too_many_arguments)]
+pub fn weighted_knn_grid(
+    bank: &Tensor,
+    bank_labels: &Tensor,
+    queries: &Tensor,
+    query_labels: &Tensor,
+    num_classes: i64,
+    ks: &[i64],
+    temperatures: &[f64],
+    search: &SearchConfig,
+) -> Result<Vec<KnnResult>> {
     let t0 = Instant::now();
-    let (ks, temperature) = (params.ks, params.temperature);
     if ks.is_empty() || ks.iter().any(|&k| k < 1) {
         return Err(Error::option("--k", "needs positive values"));
     }
-    if !(temperature > 0.0 && temperature.is_finite()) {
+    if temperatures.is_empty() || temperatures.iter().any(|t| !(*t > 0.0 && t.is_finite())) {
         return Err(Error::option("--temperature", "must be positive"));
     }
     search.check()?;
@@ -542,7 +586,7 @@ pub fn weighted_knn(
     let mut order: Vec<usize> = (0..ks.len()).collect();
     order.sort_by_key(|&j| ks[j]);
     let ks_sorted: Vec<usize> = order.iter().map(|&j| ks[j] as usize).collect();
-    let mut votes = Votes::new(ks_sorted, temperature, num_classes as usize);
+    let mut votes: Vec<Votes> = temperatures.iter().map(|&t| Votes::new(ks_sorted.clone(), t, num_classes as usize)).collect();
     let mut start = 0;
     while start < n_q {
         let len = search.query_chunk.min(n_q - start);
@@ -554,27 +598,45 @@ pub fn weighted_knn(
         let neigh_labels = bank_labels.index_select(0, &idx.reshape([-1]));
         let to_vec_f = |t: &Tensor| Vec::<f64>::try_from(&t.to_device(Device::Cpu).to_kind(Kind::Double).contiguous().view([-1])).expect("f64 values");
         let to_vec_i = |t: &Tensor| Vec::<i64>::try_from(&t.to_device(Device::Cpu).contiguous().view([-1])).expect("i64 values");
-        votes.add(&to_vec_f(&vals), &to_vec_i(&neigh_labels), kk, &to_vec_i(&ql));
+        let (sims, neigh, truth) = (to_vec_f(&vals), to_vec_i(&neigh_labels), to_vec_i(&ql));
+        for v in &mut votes {
+            v.add(&sims, &neigh, kk, &truth);
+        }
         start += len;
     }
-    let (c1, c5) = (&votes.c1, &votes.c5);
     let pct = |c: i64| 100.0 * c as f64 / n_q as f64;
-    let scores = order
+    let seconds = t0.elapsed().as_secs_f64();
+    let results = votes
         .iter()
-        .enumerate()
-        .map(|(s, &j)| (j, KnnScore { k: ks[j], k_used: ks[j].min(n_bank), top1: pct(c1[s]), top5: pct(c5[s]), correct1: c1[s], correct5: c5[s] }))
-        .collect::<std::collections::BTreeMap<_, _>>()
-        .into_values()
+        .map(|v| {
+            let scores = order
+                .iter()
+                .enumerate()
+                .map(|(s, &j)| (j, KnnScore { k: ks[j], k_used: ks[j].min(n_bank), top1: pct(v.c1[s]), top5: pct(v.c5[s]), correct1: v.c1[s], correct5: v.c5[s] }))
+                .collect::<std::collections::BTreeMap<_, _>>()
+                .into_values()
+                .collect();
+            KnnResult { scores, temperature: v.temperature, n_queries: n_q, n_bank, num_classes, backend: search.backend_name(), seconds }
+        })
         .collect();
-    Ok(KnnResult {
-        scores,
-        temperature,
-        n_queries: n_q,
-        n_bank,
-        num_classes,
-        backend: search.backend_name(),
-        seconds: t0.elapsed().as_secs_f64(),
-    })
+    Ok(results)
+}
+
+/// The best (k, T) of a sweep as the probing benchmark picks it (billpsomas/efficient-probing
+/// tools/parse_knn.py: Python's `max` over the grid in (T, k) order): the highest top-1, the first in that order
+/// among equals. `results` are in the order of the temperatures, each result's scores in ascending k.
+pub fn best_of_grid(results: &[KnnResult]) -> Option<(f64, &KnnScore)> {
+    let mut best: Option<(f64, &KnnScore)> = None;
+    for r in results {
+        let mut scores: Vec<&KnnScore> = r.scores.iter().collect();
+        scores.sort_by_key(|s| s.k);
+        for s in scores {
+            if best.is_none_or(|(_, b)| s.correct1 > b.correct1) {
+                best = Some((r.temperature, s));
+            }
+        }
+    }
+    best
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -96,6 +96,39 @@ impl LinearConfig {
     }
 }
 
+/// BatchNorm1d's default momentum.
+const BN_MOMENTUM: f64 = 0.1;
+
+/// BatchNorm1d(affine=False, eps=1e-6) in training mode on `f` `[B, D]`: normalised with the batch's statistics,
+/// and those statistics `[2, D]` (mean, unbiased variance) for [`bn_running_update`], the running ones untouched.
+pub fn bn_train(f: &Tensor) -> (Tensor, Tensor) {
+    let x = Tensor::batch_norm(f, None::<&Tensor>, None::<&Tensor>, None::<&Tensor>, None::<&Tensor>, true, BN_MOMENTUM, 1e-6, false);
+    let stats = tch::no_grad(|| {
+        let f = f.detach();
+        Tensor::stack(&[f.mean_dim(0, false, Kind::Float), f.var_dim(0, true, false)], 0)
+    });
+    (x, stats)
+}
+
+/// BatchNorm's running-statistics update by each `[2, D]` (mean, unbiased variance) of `stats` in order.
+pub fn bn_running_update(running_mean: &Tensor, running_var: &Tensor, stats: &[Tensor]) {
+    tch::no_grad(|| {
+        for s in stats {
+            let s = s.to_device(running_mean.device());
+            let _ = running_mean.shallow_clone().g_mul_scalar_(1.0 - BN_MOMENTUM).g_add_(&(s.get(0) * BN_MOMENTUM));
+            let _ = running_var.shallow_clone().g_mul_scalar_(1.0 - BN_MOMENTUM).g_add_(&(s.get(1) * BN_MOMENTUM));
+        }
+    });
+}
+
+/// The BatchNorm statistics of this step's micro-batch on every rank, in global micro-batch order: rank r's local
+/// micro-batch `it` is global micro-batch `it * world + r` (`train::step`), so applying the gathered list in rank
+/// order moves the running statistics exactly as one process running the same micro-batches one after another
+/// (1 rank x accumulation W); the exported head and its evaluation do not depend on the number of ranks.
+pub fn gather_bn_stats(world: &crate::dist::World, stats: &Tensor) -> Result<Vec<Tensor>> {
+    world.all_gather_on(stats, "the BatchNorm statistics gather")
+}
+
 /// MAE's probe head: `BatchNorm1d(D, affine=False, eps=1e-6)` then `Linear(D, C)` with trunc-normal(0.01) weights.
 #[derive(Debug)]
 pub struct ProbeHead {
@@ -103,6 +136,8 @@ pub struct ProbeHead {
     pub running_var: Tensor,
     pub weight: Tensor,
     pub bias: Tensor,
+    /// BatchNorm's `num_batches_tracked`: training batches that moved the running statistics.
+    pub batches_tracked: std::cell::Cell<i64>,
 }
 
 impl ProbeHead {
@@ -118,12 +153,46 @@ impl ProbeHead {
             running_var: (p / "bn").ones_no_train("running_var", &[dim]),
             weight,
             bias: (p / "head").var("bias", &[classes], nn::Init::Const(0.0)),
+            batches_tracked: std::cell::Cell::new(0),
         }
     }
 
+    /// The head as MAE's `model.head` (`Sequential(BatchNorm1d(D, affine=False, eps=1e-6), Linear(D, C))`, its
+    /// main_linprobe.py) names its state: `load_state_dict` takes it as is.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("0.running_mean".into(), self.running_mean.detach().copy()),
+            ("0.running_var".into(), self.running_var.detach().copy()),
+            ("0.num_batches_tracked".into(), Tensor::from(self.batches_tracked.get())),
+            ("1.weight".into(), self.weight.detach().copy()),
+            ("1.bias".into(), self.bias.detach().copy()),
+        ]
+    }
+
+    /// Logits of `feats`; `train` normalises with the batch's statistics and moves the running statistics by this
+    /// batch (one process; a data-parallel step uses [`ProbeHead::forward_train`] and [`ProbeHead::update_running`]).
     pub fn forward(&self, feats: &Tensor, train: bool) -> Tensor {
-        let x = Tensor::batch_norm(&feats.to_kind(Kind::Float), None::<&Tensor>, None::<&Tensor>, Some(&self.running_mean), Some(&self.running_var), train, 0.1, 1e-6, false);
+        if train {
+            let (logits, stats) = self.forward_train(feats);
+            self.update_running(&[stats]);
+            return logits;
+        }
+        let x = Tensor::batch_norm(&feats.to_kind(Kind::Float), None::<&Tensor>, None::<&Tensor>, Some(&self.running_mean), Some(&self.running_var), false, BN_MOMENTUM, 1e-6, false);
         x.linear(&self.weight, Some(&self.bias))
+    }
+
+    /// Training-mode logits (normalised with the batch's statistics, as BatchNorm1d in train mode) and the batch's
+    /// statistics for the running update, `[2, D]`: mean and unbiased variance, without touching the running ones.
+    pub fn forward_train(&self, feats: &Tensor) -> (Tensor, Tensor) {
+        let (x, stats) = bn_train(&feats.to_kind(Kind::Float));
+        (x.linear(&self.weight, Some(&self.bias)), stats)
+    }
+
+    /// Moves the running statistics by each batch's `[2, D]` statistics in turn, as BatchNorm1d does after each
+    /// training forward (`running = (1 - momentum) running + momentum batch`, unbiased variance).
+    pub fn update_running(&self, stats: &[Tensor]) {
+        bn_running_update(&self.running_mean, &self.running_var, stats);
+        self.batches_tracked.set(self.batches_tracked.get() + stats.len() as i64);
     }
 
     pub fn params(&self) -> Vec<Param> {
@@ -168,7 +237,7 @@ impl<'a> ProbeEncoder<'a> {
 }
 
 /// Result of a probe run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Serialize)]
 pub struct LinearResult {
     pub top1: f64,
     pub top5: f64,
@@ -177,6 +246,9 @@ pub struct LinearResult {
     pub history: Vec<BTreeMap<String, f64>>,
     pub steps: i64,
     pub steps_per_epoch: usize,
+    /// The trained head ([`ProbeHead::state_dict`]).
+    #[serde(skip)]
+    pub head: Vec<(String, Tensor)>,
 }
 
 /// The probe's step: features of the frozen encoder, BN + Linear, cross entropy, LARS.
@@ -187,6 +259,7 @@ struct ProbeStep<'a> {
     cfg: &'a LinearConfig,
     device: Device,
     amp: Option<Kind>,
+    world: &'static crate::dist::World,
 }
 
 impl TrainStep for ProbeStep<'_> {
@@ -202,7 +275,9 @@ impl TrainStep for ProbeStep<'_> {
     }
     fn loss(&mut self, b: Batch, _epoch: usize, _iter: usize) -> Result<Tensor> {
         let f = self.enc.features(&to_device_async(&b.images, self.device), self.amp);
-        Ok(self.head.forward(&f, true).cross_entropy_for_logits(&to_device_async(&b.labels, self.device)))
+        let (logits, stats) = self.head.forward_train(&f);
+        self.head.update_running(&gather_bn_stats(self.world, &stats)?);
+        Ok(logits.cross_entropy_for_logits(&to_device_async(&b.labels, self.device)))
     }
     fn optimizer(&mut self) -> &mut dyn Optimizer {
         &mut self.opt
@@ -215,7 +290,7 @@ impl TrainStep for ProbeStep<'_> {
 /// Top-1 / top-5 of the probe on the validation loader.
 pub fn evaluate(enc: &ProbeEncoder, head: &ProbeHead, val: &Loader, device: Device, amp: Option<Kind>) -> Result<(f64, f64)> {
     let batches = val.epoch(0).map(|b| b.map(|b| (b.images, b.labels)));
-    evaluate_topk(batches, &val.dataset().dir, |x| head.forward(&enc.features(&to_device_async(x, device), amp), false))
+    evaluate_topk(crate::dist::world(), device, batches, &val.dataset().dir, |x| head.forward(&enc.features(x, amp), false))
 }
 
 /// The MAE linear probe on a frozen encoder: LARS on the head, lr warmup from 0 then cosine, whole optimiser steps
@@ -239,12 +314,13 @@ pub fn train_probe(
     for p in &mut opt.params {
         p.weight_decay = cfg.weight_decay;
     }
-    let rule = StepRule { accum: cfg.accum_iter() as usize, clip: None };
+    let world = crate::dist::world();
+    let rule = StepRule { accum: cfg.accum_iter() as usize, clip: None, world };
     let per_epoch = train.global_batches();
     if rule.used_iters(per_epoch) == 0 {
         return Err(Error::option("batch_size", format!("the train split gives {per_epoch} micro-batches of {}, fewer than one step of {}", cfg.micro_batch_size, cfg.batch_size)));
     }
-    let mut st = ProbeStep { enc: &enc, head: &head, opt, cfg, device, amp };
+    let mut st = ProbeStep { enc: &enc, head: &head, opt, cfg, device, amp, world };
     let epochs = cfg.epochs.ceil() as usize;
     let (mut best, mut best_epoch, mut last) = (f64::NEG_INFINITY, 0, (0.0, 0.0));
     let mut history = Vec::new();
@@ -265,7 +341,7 @@ pub fn train_probe(
         log(&serde_json::to_value(&entry).expect("json"))?;
         history.push(entry);
     }
-    Ok(LinearResult { top1: last.0, top5: last.1, best_top1: best, best_epoch, history, steps, steps_per_epoch: rule.used_iters(per_epoch) / rule.accum })
+    Ok(LinearResult { top1: last.0, top5: last.1, best_top1: best, best_epoch, history, steps, steps_per_epoch: rule.used_iters(per_epoch) / rule.accum, head: head.state_dict() })
 }
 
 /// `eval --protocol linear`.
@@ -292,7 +368,8 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     // A folder per (model, feature, source checkpoint): TensorBoard shows one run per folder.
     let feature = serde_json::to_value(cfg.feature).expect("feature serialises");
     let run_dir = req.output.join(format!("{}-linear-{}-{}", crate::results::sanitize(&name), feature.as_str().unwrap_or("cls"), &enc.sha256[..12]));
-    let mut log = MetricsLog::open(&run_dir, "metrics.jsonl", req.run.tensorboard)?;
+    // One writer of the run's metrics and events: rank 0 (every rank holds the same values).
+    let mut log = if crate::dist::world().is_main() { MetricsLog::open(&run_dir, "metrics.jsonl", req.run.tensorboard)? } else { MetricsLog::discard()? };
     let quiet = req.run.quiet;
     let res = train_probe(&enc.model, &train, &val, cfg, device, amp, |v| {
         if !quiet {
@@ -300,6 +377,11 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         }
         log.log(v)
     })?;
+    let head_path = run_dir.join("linear_head.safetensors");
+    if crate::dist::world().is_main() {
+        let meta = [("format".to_string(), "mae-linprobe-head".to_string()), ("checkpoint_sha256".to_string(), enc.sha256.clone())].into_iter().collect();
+        crate::checkpoint::save(&head_path, &res.head, &meta)?;
+    }
     let extra = serde_json::json!({ "lr": cfg.lr(), "accum_iter": cfg.accum_iter(), "precision": req.run.precision.unwrap_or_default().effective(device) });
     b.model(name, Some(ckpt), Some(enc.sha256.clone()), Some(enc.model.cfg.arch.clone()))
         .source(serde_json::to_value(&enc.source).ok())
@@ -310,7 +392,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         .metric("top5", res.top5)
         .metric("best_top1", res.best_top1)
         .finish(
-            serde_json::json!({ "history": res.history, "best_epoch": res.best_epoch, "steps": res.steps, "steps_per_epoch": res.steps_per_epoch, "skipped_files": train.skipped() + val.skipped(), "run_dir": run_dir }),
+            serde_json::json!({ "history": res.history, "best_epoch": res.best_epoch, "steps": res.steps, "steps_per_epoch": res.steps_per_epoch, "skipped_files": train.skipped() + val.skipped(), "skipped_eval": val.skipped_files(), "run_dir": run_dir, "head": head_path }),
             &device_name(device),
             &req.output,
         )

@@ -1,6 +1,7 @@
-//! Evaluation protocols: feature extraction, k-NN (DINO) and leave-one-out 1-NN, linear probe, linear sweep,
-//! fine-tuning. Evaluation is one library call, [`run`], on an [`EvalRequest`]; the command layer only parses
+//! Evaluation protocols: feature extraction, k-NN (DINO's, and the probing benchmark's sweep) and leave-one-out
+//! 1-NN, linear probe, attentive probe, linear sweep, fine-tuning. Evaluation is one library call, [`run`], on an [`EvalRequest`]; the command layer only parses
 //! arguments and prints the record.
+pub mod attentive;
 pub mod extract;
 pub mod finetune;
 pub mod knn;
@@ -11,7 +12,7 @@ pub mod record;
 
 use std::path::{Path, PathBuf};
 
-use serde::{de::DeserializeOwned, Serialize};
+use serde::Serialize;
 
 use crate::config::{Precision, Source};
 use crate::data::dataset::Dataset;
@@ -28,8 +29,13 @@ pub enum Protocol {
     NnLoo,
     /// DINO's weighted k-NN, train bank -> val (protocols/knn.toml).
     Knn,
+    /// The probing benchmark's k-NN: the best (k, T) of a grid, from one search (protocols/knn_sweep.toml).
+    KnnSweep,
     /// MAE's linear probe: LARS, BN + Linear head, the backbone on every augmented crop (protocols/linear.toml).
     Linear,
+    /// The probing benchmark's efficient probing (EP): attentive pooling + BN + Linear on the frozen encoder's
+    /// tokens, LARS (protocols/attentive.toml).
+    Attentive,
     /// MAE's full fine-tuning (protocols/finetune.toml); without --checkpoint, from a random init of --arch.
     Finetune,
     /// 52 linear heads on cached features, chosen on held-out train data (protocols/linear_sweep.toml).
@@ -38,12 +44,14 @@ pub enum Protocol {
 
 impl Protocol {
     /// In table order.
-    pub const ALL: [Protocol; 5] = [Protocol::NnLoo, Protocol::Knn, Protocol::Linear, Protocol::Finetune, Protocol::LinearSweep];
+    pub const ALL: [Protocol; 7] = [Protocol::NnLoo, Protocol::Knn, Protocol::KnnSweep, Protocol::Linear, Protocol::Attentive, Protocol::Finetune, Protocol::LinearSweep];
 
     /// The name in records, tables and on the command line.
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Knn => "knn",
+            Protocol::KnnSweep => "knn-sweep",
+            Protocol::Attentive => "attentive",
             Protocol::NnLoo => "nn-loo",
             Protocol::Linear => "linear",
             Protocol::LinearSweep => "linear-sweep",
@@ -59,6 +67,8 @@ impl Protocol {
     pub fn file_name(self) -> &'static str {
         match self {
             Protocol::Knn => "knn.toml",
+            Protocol::KnnSweep => "knn_sweep.toml",
+            Protocol::Attentive => "attentive.toml",
             Protocol::NnLoo => "nn_loo.toml",
             Protocol::Linear => "linear.toml",
             Protocol::LinearSweep => "linear_sweep.toml",
@@ -70,6 +80,8 @@ impl Protocol {
     pub fn builtin(self) -> &'static str {
         match self {
             Protocol::Knn => include_str!("../../protocols/knn.toml"),
+            Protocol::KnnSweep => include_str!("../../protocols/knn_sweep.toml"),
+            Protocol::Attentive => include_str!("../../protocols/attentive.toml"),
             Protocol::NnLoo => include_str!("../../protocols/nn_loo.toml"),
             Protocol::Linear => include_str!("../../protocols/linear.toml"),
             Protocol::LinearSweep => include_str!("../../protocols/linear_sweep.toml"),
@@ -82,6 +94,8 @@ impl Protocol {
         match self {
             Protocol::NnLoo => ("NN (LOO 1-NN)", "nn"),
             Protocol::Knn => ("k-NN", "knn"),
+            Protocol::KnnSweep => ("k-NN sweep", "knn_sweep"),
+            Protocol::Attentive => ("EP", "ep"),
             Protocol::Linear => ("LP", "lp"),
             Protocol::Finetune => ("Ft", "ft"),
             Protocol::LinearSweep => ("LP sweep", "lp_sweep"),
@@ -102,7 +116,7 @@ impl Protocol {
 
     /// Loads the protocol's recipe with the overrides applied. Returns the recipe, the recipe of the file alone
     /// (to name what was overridden) and the file's origin.
-    pub fn load<T: Serialize + DeserializeOwned + Default>(self, explicit: Option<&Path>, sets: &[String]) -> Result<Loaded<T>> {
+    pub fn load<T: crate::config::Recipe>(self, explicit: Option<&Path>, sets: &[String]) -> Result<Loaded<T>> {
         let src = self.source(explicit)?;
         let base: T = crate::config::load_source(Some(&src), &[])?;
         let cfg: T = crate::config::load_source(Some(&src), sets)?;
@@ -113,6 +127,28 @@ impl Protocol {
 impl std::fmt::Display for Protocol {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// `protocols/linear.toml` (the struct is in `linear.rs`).
+impl crate::config::Recipe for linear::LinearConfig {
+    fn rules() -> Vec<crate::config::Rule> {
+        use crate::config::Rule;
+        vec![
+            Rule::above("epochs", 0.0, 1e6),
+            Rule::real("warmup_epochs", 0.0, 1e6).at_most("epochs"),
+            // MAE's probe: blr 0.1 at batch 16384; the demo's absolute lr 6.4.
+            Rule::above("blr", 0.0, 100.0),
+            Rule::int("batch_size", 1, 1 << 24),
+            Rule::int("micro_batch_size", 1, 65536).at_most("batch_size"),
+            Rule::real("weight_decay", 0.0, 10.0),
+            Rule::below("momentum", 0.0, 1.0),
+            Rule::above("trust_coefficient", 0.0, 1.0),
+            Rule::above("crop_scale_min", 0.0, 1.0),
+            Rule::real("min_lr", 0.0, 100.0),
+            Rule::int("seed", 0, i64::MAX),
+            Rule::int("eval_every", 0, 1 << 20),
+        ]
     }
 }
 
@@ -150,7 +186,7 @@ pub fn version_with(version: &str, overrides: &[String]) -> String {
 pub struct RunOptions {
     /// `auto`, `cpu`, `cuda`, `cuda:N`.
     pub device: String,
-    /// Decode threads (None: all cores).
+    /// Decode threads (None: the cores divided among the ranks on this node).
     pub workers: Option<usize>,
     /// None: the protocol's default (f32 for the feature protocols, `auto` for the training ones).
     pub precision: Option<Precision>,
@@ -165,8 +201,11 @@ pub struct RunOptions {
     pub backend: knn::Backend,
     pub query_chunk: Option<i64>,
     pub bank_chunk: Option<i64>,
-    /// A file that cannot be decoded stops the run instead of being skipped (and counted).
+    /// A file of a training split that cannot be read stops the run instead of being skipped (and counted).
     pub strict: bool,
+    /// A file of an evaluation split that cannot be read is skipped, counted and listed in the record instead of
+    /// stopping the run (the score then covers part of the split).
+    pub skip_bad: bool,
     /// TensorBoard event files beside the metrics of the training protocols.
     pub tensorboard: bool,
 }
@@ -185,6 +224,7 @@ impl Default for RunOptions {
             query_chunk: None,
             bank_chunk: None,
             strict: false,
+            skip_bad: false,
             tensorboard: true,
         }
     }
@@ -282,23 +322,25 @@ pub(crate) fn open_splits(root: &Path) -> Result<(Dataset, Dataset)> {
 /// In a data-parallel run each rank gets its share of the global micro-batches.
 pub(crate) fn train_loader(ds: Dataset, t: Transform, batch: usize, seed: u64, run: &RunOptions) -> Result<Loader> {
     let w = crate::dist::world();
-    let cfg = LoaderConfig { batch_size: batch, shuffle: true, drop_last: true, seed, rank: w.rank, world_size: w.size, workers: run.loader_workers(), strict: run.strict, quiet: run.quiet, ..Default::default() };
+    let cfg = LoaderConfig { batch_size: batch, shuffle: true, drop_last: true, seed, rank: w.rank, world_size: w.size, workers: run.loader_workers(), strict: run.strict, quiet: run.quiet, pin_device: Some(run.device()?), ..Default::default() };
     Loader::new(ds, t, cfg)
 }
 
 /// An evaluation loader: dataset order, every image; with `shard`, this rank's contiguous block of it (the
-/// top-k evaluation sums its counts over ranks).
+/// top-k evaluation sums its counts over ranks). A file that cannot be read stops it, unless `skip_bad`: a score
+/// over part of a split is not comparable with one over all of it.
 pub(crate) fn eval_loader(ds: Dataset, t: Transform, batch: usize, run: &RunOptions, shard: bool) -> Result<Loader> {
     let w = crate::dist::world();
     let (rank, world_size) = if shard { (w.rank, w.size) } else { (0, 1) };
-    let cfg = LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, rank, world_size, workers: run.loader_workers(), strict: run.strict, quiet: run.quiet, ..Default::default() };
+    let cfg = LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, rank, world_size, workers: run.loader_workers(), strict: !run.skip_bad, quiet: run.quiet, pin_device: Some(run.device()?), ..Default::default() };
     Loader::new(ds, t, cfg)
 }
 
 /// Runs the request's protocol, writes its record (JSON + a CSV row) into `req.output` and returns it.
 pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     match req.protocol {
-        Protocol::Knn | Protocol::NnLoo => neighbors::run(req),
+        Protocol::Knn | Protocol::KnnSweep | Protocol::NnLoo => neighbors::run(req),
+        Protocol::Attentive => attentive::run(req),
         Protocol::Linear => linear::run(req),
         Protocol::LinearSweep => linear_sweep::run(req),
         Protocol::Finetune => finetune::run(req),

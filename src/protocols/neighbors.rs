@@ -1,4 +1,4 @@
-//! `knn` and `nn-loo` as library calls: the protocol file with its overrides, features extracted (or cached, or
+//! `knn`, `knn-sweep` and `nn-loo` as library calls: the protocol file with its overrides, features extracted (or cached, or
 //! given as files), the search, and the record.
 use std::path::Path;
 
@@ -42,6 +42,7 @@ fn extract_split(req: &EvalRequest, spec: &ProtocolSpec, split: &str, device: tc
         workers: run.workers,
         precision: run.precision.unwrap_or(Precision::F32),
         quiet: run.quiet,
+        skip_bad: run.skip_bad,
     };
     let (set, report): (FeatureSet, ExtractReport) = extract::extract(&er)?;
     if !run.quiet {
@@ -111,7 +112,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let device = req.run.device()?;
     // The search's own check, before any features are extracted.
     SearchConfig::with_backend(device, 1, req.run.backend).check()?;
-    let knn = req.protocol == Protocol::Knn;
+    let knn = matches!(req.protocol, Protocol::Knn | Protocol::KnnSweep);
     let from_model = req.checkpoint.is_some() || req.data.is_some();
     let from_files = req.train_features.is_some() || req.val_features.is_some();
     if from_model && from_files {
@@ -136,6 +137,12 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let spec = loaded.cfg.clone();
     let val = load(&req.val_features, &spec.query_split, &spec)?;
     let train = if knn { Some(load(&req.train_features, &spec.bank_split, &spec)?) } else { None };
+    if !crate::dist::world().is_main() {
+        // The features were gathered to rank 0, which searches once and writes the record; this rank's record
+        // carries no metrics.
+        let b = RecordBuilder::new(req.protocol, &spec.version, &loaded.overrides(&[]));
+        return b.finish(serde_json::json!({ "search": "on rank 0" }), &device_name(device), &req.output);
+    }
     adopt_file_feature(&val.set, &mut loaded.cfg, &loaded.base, &req.sets)?;
     if let Some(t) = &train {
         check_pair(&t.set, &val.set)?;
@@ -151,6 +158,19 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let overrides = loaded.overrides(&[]);
     let mut b = RecordBuilder::new(req.protocol, &spec.version, &overrides);
     let details = match &train {
+        Some(t) if req.protocol == Protocol::KnnSweep => {
+            let grid = knn::weighted_knn_grid(&t.set.features, &t.set.labels, &val.set.features, &val.set.labels, num_classes, &spec.ks, &spec.temperatures, &search)?;
+            for r in &grid {
+                for sc in &r.scores {
+                    b = b.metric(&format!("top1@k{}@T{}", sc.k, r.temperature), sc.top1);
+                }
+            }
+            let (t_best, best) = knn::best_of_grid(&grid).expect("a validated sweep has a grid");
+            b = b.metric("top1", best.top1).metric("top5", best.top5);
+            let best = serde_json::json!({ "k": best.k, "temperature": t_best, "top1": best.top1, "top5": best.top5 });
+            serde_json::json!({ "knn_sweep": grid, "best": best, "train": t.source, "val": val.source, "n_train": t.set.len(), "n_val": val.set.len(),
+                "reported": "top1 is the best (k, T) of the grid, as the probing benchmark reports its k-NN; every pair is in the metrics as top1@k<k>@T<T>" })
+        }
         Some(t) => {
             let r = knn::weighted_knn(&t.set.features, &t.set.labels, &val.set.features, &val.set.labels, num_classes, &KnnParams { ks: &spec.ks, temperature: spec.temperature.unwrap_or(0.07) }, &search)?;
             for sc in &r.scores {
@@ -167,6 +187,13 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
             serde_json::json!({ "nn_loo": r, "val": val.source, "n_val": val.set.len() })
         }
     };
+    let mut details = details;
+    let skipped: Vec<serde_json::Value> = ["train", "val"]
+        .iter()
+        .filter_map(|s| details.get(*s)?.get("skipped_paths")?.as_array().cloned())
+        .flatten()
+        .collect();
+    details["skipped_eval"] = serde_json::Value::Array(skipped);
     let meta = &val.set.meta;
     let ckpt = req.checkpoint.clone().or_else(|| meta.checkpoint.as_ref().map(Into::into));
     let name = req.name.clone().unwrap_or_else(|| ckpt.as_ref().and_then(|c| c.file_stem()).map_or("features".into(), |s| s.to_string_lossy().into_owned()));
@@ -180,13 +207,17 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         p
     }));
     let root = req.data.as_ref().map(|d| d.display().to_string()).or_else(|| meta.dataset_root.clone());
-    let extra = serde_json::json!({
+    let mut extra = serde_json::json!({
         "transform": meta.transform,
         "precision": meta.precision,
         "backend": search.backend_name(),
         "query_chunk": search.query_chunk,
         "bank_chunk": search.bank_chunk,
     });
+    if let Some(best) = details.get("best") {
+        extra["best_k"] = best["k"].clone();
+        extra["best_temperature"] = best["temperature"].clone();
+    }
     b.model(name, ckpt.as_deref(), meta.checkpoint_sha256.clone(), meta.arch.clone())
         .source(meta.checkpoint_source.clone())
         .data(root, &prints)

@@ -17,7 +17,7 @@
 //! [[result]]             # published numbers: same fields, a missing result is not an error
 //! ```
 //! Optional entry fields: `checkpoint_sha256` (prefix), `protocol_version`, `required`, and the descriptive
-//! `method`, `pretrain_epochs`, `note`, `source`, `verified`.
+//! `method`, `pretrain_epochs`, `arch`, `suite`, `note`, `source`, `verified`.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -65,6 +65,13 @@ pub struct Entry {
     pub required: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pretrain_epochs: Option<u64>,
+    /// The entry's architecture when it is not the file's `arch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// Whose evaluation the number is, when not the method's own publication (e.g. a benchmark's); the table
+    /// names it in the row instead of "published".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suite: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -366,6 +373,8 @@ pub fn check_baseline(records: &[RunRecord], baseline: &[RunRecord], opts: &Chec
                 two_sided: false,
                 required: Some(true),
                 pretrain_epochs: None,
+                arch: None,
+                suite: None,
                 note: None,
                 source: None,
                 verified: None,

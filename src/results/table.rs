@@ -1,4 +1,4 @@
-//! The NN / k-NN / LP / Ft table: one row per model (model name + checkpoint sha256), the latest record of each
+//! The NN / k-NN / LP / EP / Ft table: one row per model (model name + checkpoint sha256), the latest record of each
 //! protocol in its column, and the published reference rows beside them. Within a column, a row whose protocol
 //! version or dataset fingerprint differs from the column's most common one is marked (`†`, `‡`) and explained in
 //! a footnote, so numbers made differently are never silently compared.
@@ -10,8 +10,8 @@ use super::check::{Entry, ReferenceFile};
 use crate::protocols::Protocol;
 use super::{markdown_table, RunRecord};
 
-/// NN, k-NN, LP and Ft are always shown.
-const ALWAYS: usize = 4;
+/// NN, k-NN, LP and Ft are always shown; the other columns when a row has a number in them.
+const ALWAYS: [Protocol; 4] = [Protocol::NnLoo, Protocol::Knn, Protocol::Linear, Protocol::Finetune];
 /// The MAE probe on the global-pool feature gets a column of its own beside the CLS probe.
 const LP_GAP: &str = "linear:global_pool";
 
@@ -34,15 +34,19 @@ fn column_key(r: &RunRecord) -> String {
 }
 const MARK_VERSION: &str = "†";
 const MARK_DATA: &str = "‡";
+const MARK_SKIPPED: &str = "§";
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Cell {
     pub value: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top5: Option<f64>,
-    /// k of a k-NN headline.
+    /// k of a k-NN headline (the best k of a k-NN sweep).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub k: Option<i64>,
+    /// The best temperature of a k-NN sweep.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
     /// The absolute lr, and the base lr it was scaled from (`blr * batch / 256`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
@@ -53,6 +57,9 @@ pub struct Cell {
     pub dataset_fingerprint: Option<String>,
     /// `†`, `‡` and reference note numbers.
     pub marks: Vec<String>,
+    /// Unreadable files of the evaluation split left out (`eval --skip-bad`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub skipped_eval: usize,
     /// Records of this protocol for this row (the latest is shown).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub records: Option<usize>,
@@ -102,12 +109,14 @@ fn cell_of(recs: &[&RunRecord]) -> Option<Cell> {
     Some(Cell {
         value,
         top5: rec.metrics.get("top5").copied(),
-        k: rec.config.get("headline_k").and_then(|k| k.as_i64()),
+        k: ["headline_k", "best_k"].iter().find_map(|key| rec.config.get(key).and_then(|k| k.as_i64())),
+        temperature: num(&rec.config, "best_temperature"),
         lr: num(&rec.config, "lr"),
         blr: num(&rec.config, "blr"),
         version: Some(rec.protocol_version.clone()),
         dataset_fingerprint: fingerprint_id(rec),
         marks: Vec::new(),
+        skipped_eval: rec.details.get("skipped_eval").and_then(|s| s.as_array()).map_or(0, Vec::len),
         records: Some(recs.len()),
         started_at: Some(rec.started_at.clone()),
         source: None,
@@ -169,6 +178,17 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
     }
 
     let mut footnotes = Vec::new();
+    for row in rows.iter_mut() {
+        for (proto, header, _) in &cols {
+            if let Some(cell) = row.cells.get_mut(proto.as_str()).filter(|c| c.skipped_eval > 0) {
+                cell.marks.push(MARK_SKIPPED.into());
+                footnotes.push(format!(
+                    "{MARK_SKIPPED} {}, {header}: {} unreadable files of the evaluation split skipped (--skip-bad); the score covers the rest",
+                    row.model, cell.skipped_eval
+                ));
+            }
+        }
+    }
     for (proto, header, _) in &cols {
         let proto = &proto.as_str();
         let present: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].cells.contains_key(*proto)).collect();
@@ -238,11 +258,13 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
                         value: e.value,
                         top5: None,
                         k: (e.protocol == Protocol::Knn.name()).then_some(20),
+                        temperature: None,
                         lr: None,
                         blr: None,
                         version: rf.version.as_ref().map(|v| format!("reference v{v}")),
                         dataset_fingerprint: None,
                         marks,
+                        skipped_eval: 0,
                         records: None,
                         started_at: None,
                         source: e.source.clone(),
@@ -251,12 +273,13 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
                 );
             }
             let epochs = first.pretrain_epochs.map(|e| format!(" {e} ep")).unwrap_or_default();
+            let whose = first.suite.as_deref().unwrap_or("published");
             rows.push(Row {
                 kind: "reference".into(),
-                model: format!("{}{epochs} (published)", first.method.as_deref().unwrap_or(m)),
+                model: format!("{}{epochs} ({whose})", first.method.as_deref().unwrap_or(m)),
                 method: first.method.clone(),
                 checkpoint_sha256: None,
-                arch: rf.arch.clone(),
+                arch: first.arch.clone().or_else(|| rf.arch.clone()),
                 dataset: rf.dataset.clone(),
                 cells,
                 source: sources.join("; "),
@@ -293,9 +316,8 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
     rows.extend(refs.into_iter().flatten());
     let columns = cols
         .iter()
-        .enumerate()
-        .filter(|(i, c)| *i < ALWAYS || rows.iter().any(|r| r.cells.contains_key(&c.0)))
-        .map(|(_, c)| c.0.clone())
+        .filter(|c| ALWAYS.iter().any(|p| p.name() == c.0) || rows.iter().any(|r| r.cells.contains_key(&c.0)))
+        .map(|c| c.0.clone())
         .collect();
     Table {
         columns,
@@ -316,8 +338,10 @@ fn csv_prefix(proto: &str) -> &'static str {
 
 fn cell_text(c: &Cell, reference: bool) -> String {
     let mut s = if reference { format!("{:.1}", c.value) } else { format!("{:.2}", c.value) };
-    if let Some(k) = c.k.filter(|_| !reference) {
-        s.push_str(&format!(" (k={k})"));
+    match (c.k.filter(|_| !reference), c.temperature) {
+        (Some(k), Some(t)) => s.push_str(&format!(" (k={k}, T={t})")),
+        (Some(k), None) => s.push_str(&format!(" (k={k})")),
+        _ => {}
     }
     match (c.lr, c.blr) {
         (Some(lr), _) => s.push_str(&format!(" (lr {lr})")),
@@ -421,4 +445,8 @@ impl Table {
     pub fn json(&self) -> String {
         serde_json::to_string_pretty(self).expect("table serialises") + "\n"
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }

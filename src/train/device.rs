@@ -36,33 +36,69 @@ pub fn to_device_async(t: &Tensor, device: Device) -> Tensor {
         return t.shallow_clone();
     }
     if device.is_cuda() && t.device() == Device::Cpu {
-        let pinned = pinned(t, device);
-        return pinned.to_device_(device, pinned.kind(), true, false);
+        // A tensor that cannot be pinned is still copied, only synchronously.
+        let src = pinned(t).unwrap_or_else(|_| t.shallow_clone());
+        return src.to_device_(device, src.kind(), true, false);
     }
     t.to_device(device)
 }
 
-/// The CPU tensor `t` in pinned memory for copies to `device` (itself when it already is).
-fn pinned(t: &Tensor, device: Device) -> Tensor {
-    if t.is_pinned(device) {
-        t.shallow_clone()
-    } else {
-        t.pin_memory(device)
+/// The CPU tensor `t` in pinned memory for copies to CUDA (itself when it already is). Through the shim, without
+/// the device argument that tch passes and libtorch 2.11 deprecates with a warning on every call.
+pub fn pinned(t: &Tensor) -> Result<Tensor> {
+    #[cfg(lmim_cuda)]
+    {
+        use crate::ffi;
+        let p = t.as_ptr() as ffi::CTensor;
+        // SAFETY: `p` is a live handle for the calls; the shim hands over a new tensor only when it returns 0.
+        match unsafe { ffi::lmim_is_pinned(p) } {
+            1 => Ok(t.shallow_clone()),
+            0 => {
+                let mut out = std::ptr::null_mut();
+                ffi::check(unsafe { ffi::lmim_pin_memory(p, &mut out) })?;
+                Ok(unsafe { ffi::take_tensors(vec![out]) }.remove(0))
+            }
+            _ => ffi::check(1).map(|()| t.shallow_clone()),
+        }
     }
+    #[cfg(not(lmim_cuda))]
+    Ok(t.shallow_clone())
 }
 
-#[cfg(lmim_nccl)]
-extern "C" {
-    fn lmim_cuda_copy_ahead(src: *mut *mut torch_sys::C_tensor, n: i32, dev: i32, out: *mut *mut torch_sys::C_tensor, event: *mut *mut std::ffi::c_void) -> i32;
-    fn lmim_cuda_copy_wait(event: *mut std::ffi::c_void, dev: i32) -> i32;
-    fn lmim_cuda_event_free(event: *mut std::ffi::c_void);
-    fn lmim_cuda_last_error() -> *const std::ffi::c_char;
+/// Makes `device` the calling thread's current CUDA device (a no-op on the CPU and in builds without the CUDA
+/// shim). CUDA's current device is per thread: a thread never bound works on device 0, so a rank that pins or
+/// copies from a new thread would otherwise create a context on GPU 0 (PyTorch's pin-memory thread binds itself
+/// for this reason: torch/utils/data/_utils/pin_memory.py).
+pub fn bind_thread(device: Device) -> Result<()> {
+    #[cfg(lmim_cuda)]
+    if let Device::Cuda(i) = device {
+        // SAFETY: a plain integer across the C boundary; the shim catches C++ exceptions.
+        return crate::ffi::check(unsafe { crate::ffi::lmim_cuda_set_device(i as i32) });
+    }
+    let _ = device;
+    Ok(())
 }
 
-#[cfg(lmim_nccl)]
-fn cuda_error() -> Error {
-    // SAFETY: the shim returns a pointer to its thread-local, NUL-terminated message.
-    Error::Torch(tch::TchError::Torch(unsafe { std::ffi::CStr::from_ptr(lmim_cuda_last_error()) }.to_string_lossy().into_owned()))
+static DETERMINISTIC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Turns libtorch's deterministic algorithms on (`torch.use_deterministic_algorithms(True)`, cuDNN deterministic,
+/// no cuDNN autotuning), for runs that must repeat bit for bit on CUDA; an operation without a deterministic
+/// kernel then fails with libtorch's message instead of running. cuBLAS needs `CUBLAS_WORKSPACE_CONFIG` for
+/// deterministic results (PyTorch's reproducibility notes); it is set to `:4096:8` unless the user set it, which
+/// only takes effect when called before the first CUDA work.
+pub fn set_deterministic(on: bool) -> Result<()> {
+    if on && std::env::var_os("CUBLAS_WORKSPACE_CONFIG").is_none() {
+        std::env::set_var("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
+    }
+    // SAFETY: a plain integer across the C boundary; the shim catches C++ exceptions.
+    crate::ffi::check(unsafe { crate::ffi::lmim_set_deterministic(on as i32) })?;
+    DETERMINISTIC.store(on, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// Whether [`set_deterministic`] turned deterministic algorithms on (records say so).
+pub fn deterministic() -> bool {
+    DETERMINISTIC.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Copies of a batch that may still be in flight on the copy stream; [`Ready::wait`] orders them before the
@@ -85,12 +121,10 @@ impl Ready {
 
     /// Makes the compute stream wait for the copies. Waits on the device: the host goes on at once.
     pub fn wait(mut self) -> Result<()> {
-        #[cfg(lmim_nccl)]
+        #[cfg(lmim_cuda)]
         if let Some((ev, dev)) = self.event.take() {
             // SAFETY: `ev` came from lmim_cuda_copy_ahead and is freed by this call (taken, so Drop skips it).
-            if unsafe { lmim_cuda_copy_wait(ev, dev) } != 0 {
-                return Err(cuda_error());
-            }
+            crate::ffi::check(unsafe { crate::ffi::lmim_cuda_copy_wait(ev, dev) })?;
         }
         self.event = None;
         Ok(())
@@ -99,10 +133,10 @@ impl Ready {
 
 impl Drop for Ready {
     fn drop(&mut self) {
-        #[cfg(lmim_nccl)]
+        #[cfg(lmim_cuda)]
         if let Some((ev, _)) = self.event.take() {
             // SAFETY: an event from lmim_cuda_copy_ahead that nobody waited on or freed.
-            unsafe { lmim_cuda_event_free(ev) };
+            unsafe { crate::ffi::lmim_cuda_event_free(ev) };
         }
     }
 }
@@ -119,22 +153,45 @@ pub fn copy_stream_enabled() -> bool {
 /// instead of queuing behind them; the returned [`Ready`] must be waited on before the tensors are used. Elsewhere
 /// (the CPU, a build without the CUDA shim) this is [`to_device_async`] and `Ready` has nothing to wait for.
 pub fn copy_ahead(ts: &[&Tensor], device: Device) -> Result<(Vec<Tensor>, Ready)> {
-    #[cfg(lmim_nccl)]
+    #[cfg(lmim_cuda)]
     if let Device::Cuda(dev) = device {
         if copy_stream_enabled() && ts.iter().all(|t| t.device() == Device::Cpu) {
-            let pinned: Vec<Tensor> = ts.iter().map(|t| pinned(t, device)).collect();
-            let mut src: Vec<_> = pinned.iter().map(|t| t.as_ptr() as *mut torch_sys::C_tensor).collect();
+            let pinned = ts.iter().map(|t| pinned(t)).collect::<Result<Vec<Tensor>>>()?;
+            let mut src = crate::ffi::handles(&pinned);
             let mut out = vec![std::ptr::null_mut(); ts.len()];
             let mut event = std::ptr::null_mut();
-            // SAFETY: `src` are live tensor handles for the call; the shim fills `out` with new tensors we own.
-            let rc = unsafe { lmim_cuda_copy_ahead(src.as_mut_ptr(), src.len() as i32, dev as i32, out.as_mut_ptr(), &mut event) };
-            if rc != 0 {
-                return Err(cuda_error());
-            }
+            // SAFETY: `src` are live tensor handles for the call; the shim fills `out` with new tensors we own (all
+            // of them, or none on a failure).
+            let rc = unsafe { crate::ffi::lmim_cuda_copy_ahead(src.as_mut_ptr(), src.len() as i32, dev as i32, out.as_mut_ptr(), &mut event) };
+            crate::ffi::check(rc)?;
             // SAFETY: each pointer is a heap tensor made by the shim for us, taken over exactly once.
-            let out = out.into_iter().map(|p| unsafe { Tensor::from_ptr(p) }).collect();
+            let out = unsafe { crate::ffi::take_tensors(out) };
             return Ok((out, Ready { event: Some((event, dev as i32)) }));
         }
     }
     Ok((ts.iter().map(|t| to_device_async(t, device)).collect(), Ready::now()))
+}
+
+/// `items` staged one ahead: `stage` (a copy to the device through [`copy_ahead`]) runs for item i + 1 before item i
+/// is handed out (and its kernels queued), and item i's [`Ready`] is waited for, on the device, just before. The
+/// evaluation and extraction loops read their batches this way, as the training loops do through
+/// `TrainStep::stage`; an error of an item is raised at its turn.
+pub fn stage_ahead<'a, T: 'a>(
+    mut items: impl Iterator<Item = Result<T>> + 'a,
+    mut stage: impl FnMut(T) -> Result<(T, Ready)> + 'a,
+) -> impl Iterator<Item = Result<T>> + 'a {
+    let mut next = move || items.next().map(|r| r.and_then(&mut stage));
+    let mut ahead = next();
+    std::iter::from_fn(move || {
+        let current = ahead.take()?;
+        ahead = next();
+        Some(current.and_then(|(item, ready)| ready.wait().map(|()| item)))
+    })
+}
+
+/// Images and labels on `device`, copied ahead ([`copy_ahead`]).
+pub fn stage_pair((x, y): (Tensor, Tensor), device: Device) -> Result<((Tensor, Tensor), Ready)> {
+    let (mut t, ready) = copy_ahead(&[&x, &y], device)?;
+    let (y, x) = (t.pop().expect("two tensors"), t.pop().expect("two tensors"));
+    Ok(((x, y), ready))
 }

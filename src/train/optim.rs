@@ -3,24 +3,7 @@
 //! then the bias-corrected Adam step).
 use tch::{Kind, Tensor};
 
-extern "C" {
-    fn lmim_optim_last_error() -> *const std::ffi::c_char;
-    fn lmim_grads_to_none(params: *mut *mut torch_sys::C_tensor, n: i32) -> i32;
-    fn lmim_fused_adamw(
-        params: *mut *mut torch_sys::C_tensor,
-        grads: *mut *mut torch_sys::C_tensor,
-        exp_avgs: *mut *mut torch_sys::C_tensor,
-        exp_avg_sqs: *mut *mut torch_sys::C_tensor,
-        steps: *mut *mut torch_sys::C_tensor,
-        found_inf: *mut torch_sys::C_tensor,
-        n: i32,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        weight_decay: f64,
-        eps: f64,
-    ) -> i32;
-}
+use crate::ffi::{lmim_fused_adamw, lmim_grads_to_none};
 
 /// A parameter with its optimiser settings.
 pub struct Param {
@@ -155,7 +138,7 @@ impl AdamW {
             };
             if rc != 0 {
                 self.device_step = None;
-                return Err(unsafe { std::ffi::CStr::from_ptr(lmim_optim_last_error()) }.to_string_lossy().into_owned());
+                return Err(crate::ffi::last_error());
             }
         }
         if let (Some(step), Some(inf)) = (self.device_step.as_mut(), found_inf.as_ref()) {
@@ -207,7 +190,7 @@ fn zero_grads(params: &[Param]) {
     let mut ptrs: Vec<_> = params.iter().map(|p| p.tensor.as_ptr() as *mut torch_sys::C_tensor).collect();
     // SAFETY: live tensor handles owned by `params` for the duration of the call; the shim catches C++ exceptions.
     let rc = unsafe { lmim_grads_to_none(ptrs.as_mut_ptr(), ptrs.len() as i32) };
-    assert_eq!(rc, 0, "resetting gradients failed: {}", unsafe { std::ffi::CStr::from_ptr(lmim_optim_last_error()) }.to_string_lossy());
+    assert_eq!(rc, 0, "resetting gradients failed: {}", crate::ffi::last_error());
 }
 
 /// Global L2 norm of the gradients of `params` as a device scalar (0 without gradients); with `max_norm`, scales

@@ -14,8 +14,9 @@
 //! and step identically.
 use tch::{Kind, Tensor};
 
-use super::device::{read_f64s, Ready};
+use super::device::{read_f64s, stage_ahead, stage_pair, Ready};
 use super::optim::{grad_norm, AdamW, Lars, Param};
+use crate::dist::World;
 use crate::error::{Error, Result};
 
 /// What the step skeleton needs of an optimiser.
@@ -83,11 +84,13 @@ pub trait TrainStep {
     fn what(&self) -> &'static str;
 }
 
-/// Accumulation and clipping of a run.
-#[derive(Debug, Clone, Copy)]
+/// Accumulation and clipping of a run, and the world it runs in (passed, not looked up: the ranks that sum the
+/// losses and average the gradients are the caller's).
+#[derive(Clone, Copy)]
 pub struct StepRule {
     pub accum: usize,
     pub clip: Option<f64>,
+    pub world: &'static World,
 }
 
 impl StepRule {
@@ -95,7 +98,7 @@ impl StepRule {
     /// steps of `accum` x world micro-batches only).
     pub fn used_iters(&self, batches_per_epoch: usize) -> usize {
         let accum = self.accum.max(1);
-        batches_per_epoch / (accum * crate::dist::world().size) * accum
+        batches_per_epoch / (accum * self.world.size) * accum
     }
 }
 
@@ -112,7 +115,7 @@ pub struct StepEvent {
     /// the end of the epoch (`None` elsewhere).
     pub loss: Option<f64>,
     pub lr: f64,
-    /// Read with the loss, when computed: with clipping on, or at a synced step.
+    /// Read with the loss, at a synced step (computed on every step, for the skip of a non-finite one).
     pub grad_norm: Option<f64>,
     pub images: usize,
     pub epoch_end: bool,
@@ -170,7 +173,7 @@ pub fn run_epoch<S: TrainStep + ?Sized>(
 ) -> Result<EpochStats> {
     let accum = rule.accum.max(1);
     let used = rule.used_iters(batches_per_epoch);
-    let world = crate::dist::world();
+    let world = rule.world;
     let mut st = EpochStats::default();
     let mut pending: Vec<Pending> = Vec::new();
     let mut epoch_loss: Option<Tensor> = None;
@@ -222,28 +225,26 @@ pub fn run_epoch<S: TrainStep + ?Sized>(
             world.average_gradients(s.optimizer().params().iter().map(|p| &p.tensor))?;
         }
         let opt = s.optimizer();
-        let norm = (rule.clip.is_some() || sync).then(|| opt.grad_norm(rule.clip).to_device(sums.device()).to_kind(Kind::Double));
+        // The norm is computed on every step, on the device: a bf16 backward can overflow with a finite loss, and
+        // such a step must be skipped whether or not clipping is on or the step is read.
+        let norm = opt.grad_norm(rule.clip).to_device(sums.device()).to_kind(Kind::Double);
         let loss_bad = sums.narrow(0, 1, 2).sum(Kind::Double).gt(0.0);
-        let skip = match &norm {
-            Some(n) => loss_bad.logical_or(&n.isfinite().logical_not()),
-            None => loss_bad,
-        };
+        let skip = loss_bad.logical_or(&norm.isfinite().logical_not());
         opt.step(st.lr, Some(&skip));
         opt.zero_grad();
         s.end_step();
         *step += 1;
         st.steps += 1;
-        let norm_or_zero = norm.as_ref().map_or_else(|| sums.get(0).zeros_like(), |n| n.shallow_clone());
-        sums = Tensor::cat(&[sums, norm_or_zero.reshape([1])], 0);
+        sums = Tensor::cat(&[sums, norm.reshape([1])], 0);
         pending.push(Pending { step: *step, first_iter, values: sums });
         let (loss, grad_norm) = if sync {
             // The epoch's loss sum rides along with the last step's read.
-            let extra = if epoch_end { epoch_sums(epoch_loss.as_ref(), st.micro_batches)? } else { None };
+            let extra = if epoch_end { epoch_sums(world, epoch_loss.as_ref(), st.micro_batches)? } else { None };
             let (v, e) = read_pending(&mut pending, s.what(), epoch, world.size, extra.as_ref())?;
             if let Some(e) = e {
                 (st.loss_sum, st.micro_batches, epoch_read) = (e[0], e[1] as usize, true);
             }
-            (Some(v[0] / (accum * world.size) as f64), norm.is_some().then_some(v[3]))
+            (Some(v[0] / (accum * world.size) as f64), Some(v[3]))
         } else {
             (None, None)
         };
@@ -255,7 +256,7 @@ pub fn run_epoch<S: TrainStep + ?Sized>(
     }
     if !epoch_read && epoch_loss.is_some() {
         // Stopped by the callback before the epoch's end: the pending steps and the epoch's sums, in one read.
-        let extra = epoch_sums(epoch_loss.as_ref(), st.micro_batches)?;
+        let extra = epoch_sums(world, epoch_loss.as_ref(), st.micro_batches)?;
         let (_, e) = read_pending(&mut pending, s.what(), epoch, world.size, extra.as_ref())?;
         if let Some(e) = e {
             (st.loss_sum, st.micro_batches) = (e[0], e[1] as usize);
@@ -265,11 +266,10 @@ pub fn run_epoch<S: TrainStep + ?Sized>(
 }
 
 /// `[loss sum, micro-batches]` of the epoch so far over all ranks, on the device (`None` before any micro-batch).
-fn epoch_sums(epoch_loss: Option<&Tensor>, micro_batches: usize) -> Result<Option<Tensor>> {
+fn epoch_sums(world: &World, epoch_loss: Option<&Tensor>, micro_batches: usize) -> Result<Option<Tensor>> {
     let Some(e) = epoch_loss else { return Ok(None) };
     let n = Tensor::from(micro_batches as f64).to_device(e.device());
     let sums = Tensor::stack(&[e.shallow_clone(), n], 0);
-    let world = crate::dist::world();
     if world.is_distributed() {
         world.all_reduce_sum(std::slice::from_ref(&sums), "the epoch loss all-reduce")?;
     }
@@ -320,16 +320,19 @@ pub fn topk_correct(logits: &Tensor, labels: &Tensor) -> (i64, i64) {
     (v[0] as i64, v[1] as i64)
 }
 
-/// Top-1 and top-5 accuracy in percent over evaluation batches `(images, labels)`; `logits` runs the model
-/// (without grad). The hits stay on the device until the end. An empty split is an error naming `split`.
+/// Top-1 and top-5 accuracy in percent over evaluation batches `(images, labels)`, copied to `device` one batch
+/// ahead ([`stage_ahead`]); `logits` runs the model (without grad). The hits stay on the device until the
+/// end. An empty split is an error naming `split`.
 pub fn evaluate_topk(
+    world: &World,
+    device: tch::Device,
     batches: impl Iterator<Item = Result<(Tensor, Tensor)>>,
     split: &std::path::Path,
     mut logits: impl FnMut(&Tensor) -> Tensor,
 ) -> Result<(f64, f64)> {
     let mut n = 0i64;
     let mut hits: Option<Tensor> = None;
-    for b in batches {
+    for b in stage_ahead(batches, |p| stage_pair(p, device)) {
         let (x, y) = b?;
         let out = tch::no_grad(|| logits(&x));
         let h = topk_hits(&out, &y);
@@ -344,7 +347,7 @@ pub fn evaluate_topk(
         None => (0.0, 0.0),
     };
     // Each rank saw its shard of the split (see `protocols::eval_loader`).
-    let sums = crate::dist::world().sum_f64(&[n as f64, c1, c5], "the evaluation all-reduce")?;
+    let sums = world.sum_f64(&[n as f64, c1, c5], "the evaluation all-reduce")?;
     let (n, c1, c5) = (sums[0], sums[1], sums[2]);
     if n == 0.0 {
         return Err(Error::data(split, "the split yielded no images"));
@@ -356,10 +359,10 @@ pub fn evaluate_topk(
 /// same [`run_epoch`] as the commands: what `bench` times. Values are read from the device once, at the end.
 /// Returns the last step's mean loss.
 pub fn run_steps<S: TrainStep + ?Sized>(s: &mut S, batches: &mut dyn Iterator<Item = Result<S::Batch>>, steps: usize, index: usize, clip: Option<f64>) -> Result<f64> {
-    let rule = StepRule { accum: 1, clip };
+    let rule = StepRule { accum: 1, clip, world: crate::dist::world() };
     let (mut loss, mut step) = (f64::NAN, 0i64);
     // Every rank brings `steps` micro-batches: the epoch has steps x world of them.
-    run_epoch(s, rule, batches, index, 0, steps * crate::dist::world().size, &mut step, &|_| false, &mut |_, ev| {
+    run_epoch(s, rule, batches, index, 0, steps * rule.world.size, &mut step, &|_| false, &mut |_, ev| {
         if let Some(l) = ev.loss {
             loss = l;
         }

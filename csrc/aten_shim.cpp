@@ -1,9 +1,12 @@
+// What tch 0.24 does not bind of ATen, and the one error slot of the whole shim (shim_error.h).
+//
 // libtorch's fused AdamW kernel (aten::_fused_adamw_, CPU and CUDA), which tch 0.24 does not bind: one call per
 // group of parameters that share lr and weight decay, instead of ~10 FFI calls per parameter. `steps` are the
 // per-parameter step counts as float tensors, already incremented for this step (as torch.optim.AdamW does
 // before it calls the kernel), so the kernel's bias corrections use the new step. `found_inf` skips the update on the
 // device, as torch.amp.GradScaler uses it, so a non-finite loss needs no host read to be kept out of the weights.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <c10/core/GradMode.h>
 
@@ -13,9 +16,12 @@
 
 #include "shim_error.h"
 
-namespace {
-thread_local std::string last_error;
+std::string& lmim_error_slot() {
+  thread_local std::string slot;
+  return slot;
+}
 
+namespace {
 std::vector<at::Tensor> list(at::Tensor** ts, int n) {
   std::vector<at::Tensor> v;
   v.reserve(n);
@@ -25,11 +31,12 @@ std::vector<at::Tensor> list(at::Tensor** ts, int n) {
 }  // namespace
 
 extern "C" {
-const char* lmim_optim_last_error() { return last_error.c_str(); }
+// The message of the calling thread's last failed shim call (any translation unit).
+const char* lmim_last_error() { return lmim_error_slot().c_str(); }
 
 int lmim_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs,
                      at::Tensor** steps, at::Tensor* found_inf, int n, double lr, double beta1, double beta2, double weight_decay, double eps) {
-  return lmim_guarded(last_error, [&] {
+  return lmim_guarded([&] {
     // The parameters are autograd leaves: an in-place update must not be recorded.
     c10::NoGradGuard no_grad;
     auto p = list(params, n), g = list(grads, n), m = list(exp_avgs, n), v = list(exp_avg_sqs, n), s = list(steps, n);
@@ -45,8 +52,21 @@ int lmim_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_a
 // hands each parameter its fresh gradient instead of adding it into a zeroed one, which saves a write of every
 // gradient for the zeroing and a read-modify-write for the accumulation.
 int lmim_grads_to_none(at::Tensor** params, int n) {
-  return lmim_guarded(last_error, [&] {
+  return lmim_guarded([&] {
     for (int i = 0; i < n; ++i) params[i]->mutable_grad().reset();
+  });
+}
+}
+
+extern "C" {
+// torch.use_deterministic_algorithms(True) with cuDNN's deterministic mode and its autotuner off
+// (torch.backends.cudnn.deterministic / .benchmark): the same kernels, in the same order, on every repeat.
+int lmim_set_deterministic(int on) {
+  return lmim_guarded([&] {
+    auto& ctx = at::globalContext();
+    ctx.setDeterministicAlgorithms(on != 0, /*warn_only=*/false);
+    ctx.setDeterministicCuDNN(on != 0);
+    if (on) ctx.setBenchmarkCuDNN(false);
   });
 }
 }

@@ -1,0 +1,454 @@
+//! Efficient probing (EP), the attentive probe of the standing probing benchmark "Probing Frozen Encoders"
+//! (billpsomas/efficient-probing at b8f4fb84e8127d41aaad997d35b98c2f43f33125; the head of probe_heads.py with
+//! poolings/ep.py, the recipe of main_linprobe.py): `eval --protocol attentive`, the "EP" column.
+//!
+//! Q learned queries attend over the frozen encoder's tokens with the tokens themselves as keys (scaled by
+//! D^-1/2, one head, no key projection); query q averages the q-th D/Q-wide slice of one value projection, and the
+//! Q slices side by side are the pooled vector, which a non-affine BatchNorm and a linear layer classify. The
+//! training is the MAE linear probe's (LARS, warmup then cosine per step, drop_last) through the shared step
+//! skeleton, with an evaluation after every epoch: the benchmark reports the best epoch.
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{nn, Device, Kind, Tensor};
+
+use super::record::{RecordBuilder, SplitPrint};
+use super::{EvalRequest, Protocol};
+use crate::checkpoint::load_vit_with;
+use crate::data::loader::{stage_batch, Batch, Loader};
+use crate::data::transforms::Transform;
+use crate::error::{Error, Result};
+use crate::info::device_name;
+use crate::model::vit::with_amp;
+use crate::model::VisionTransformer;
+use crate::results::metrics_log::MetricsLog;
+use crate::results::RunRecord;
+use crate::train::device::{to_device_async, Ready};
+use crate::train::optim::{Lars, Param};
+use crate::train::schedule::lr_at_from_zero;
+use crate::train::step::{evaluate_topk, run_epoch, Flow, Optimizer, StepRule, TrainStep};
+
+/// The benchmark's code these numbers follow.
+pub const SOURCE: &str = "billpsomas/efficient-probing@b8f4fb84e8127d41aaad997d35b98c2f43f33125:probe_heads.py,poolings/ep.py,main_linprobe.py";
+
+/// Which tokens the head pools (the benchmark's `--cls_features`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EpFeature {
+    /// The patch tokens (registers excluded).
+    Ep,
+    /// The CLS token, then the patch tokens.
+    EpAll,
+}
+
+/// `protocols/attentive.toml`. Every key can be overridden with `key=value`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttentiveConfig {
+    pub version: String,
+    pub feature: EpFeature,
+    /// Number of queries Q; the embedding width must be a multiple of it.
+    pub queries: i64,
+    pub epochs: f64,
+    pub warmup_epochs: f64,
+    /// Base lr; lr = blr * batch_size / 256.
+    pub blr: f64,
+    /// Global batch per optimiser step, reached by accumulating `micro_batch_size` batches over the processes.
+    pub batch_size: i64,
+    pub micro_batch_size: i64,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub trust_coefficient: f64,
+    pub crop_scale_min: f64,
+    pub min_lr: f64,
+    pub seed: u64,
+    /// Epochs between evaluations (the last epoch is always evaluated); 1 finds the best epoch as the benchmark.
+    pub eval_every: usize,
+}
+
+impl Default for AttentiveConfig {
+    fn default() -> Self {
+        AttentiveConfig {
+            version: "ep-bench-1".into(),
+            feature: EpFeature::Ep,
+            queries: 32,
+            epochs: 90.0,
+            warmup_epochs: 10.0,
+            blr: 0.1,
+            batch_size: 4096,
+            micro_batch_size: 256,
+            weight_decay: 0.0,
+            momentum: 0.9,
+            trust_coefficient: 0.001,
+            crop_scale_min: 0.08,
+            min_lr: 0.0,
+            seed: 0,
+            eval_every: 1,
+        }
+    }
+}
+
+impl crate::config::Recipe for AttentiveConfig {
+    fn rules() -> Vec<crate::config::Rule> {
+        use crate::config::Rule;
+        vec![
+            // The embedding width must also be a multiple of `queries` (checked against the model).
+            Rule::int("queries", 1, 4096),
+            Rule::above("epochs", 0.0, 1e6),
+            Rule::real("warmup_epochs", 0.0, 1e6).at_most("epochs"),
+            Rule::above("blr", 0.0, 100.0),
+            Rule::int("batch_size", 1, 1 << 24),
+            Rule::int("micro_batch_size", 1, 65536).at_most("batch_size"),
+            Rule::real("weight_decay", 0.0, 10.0),
+            Rule::below("momentum", 0.0, 1.0),
+            Rule::above("trust_coefficient", 0.0, 1.0),
+            Rule::above("crop_scale_min", 0.0, 1.0),
+            Rule::real("min_lr", 0.0, 100.0),
+            Rule::int("seed", 0, i64::MAX),
+            Rule::int("eval_every", 0, 1 << 20),
+        ]
+    }
+}
+
+impl AttentiveConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.accum()?;
+        if !(self.epochs > 0.0 && self.epochs.is_finite()) || !(0.0..=self.epochs).contains(&self.warmup_epochs) {
+            return Err(Error::option("epochs", "need epochs > 0 and 0 <= warmup_epochs <= epochs"));
+        }
+        if !(self.blr > 0.0 && self.blr.is_finite()) {
+            return Err(Error::option("blr", "must be a positive number"));
+        }
+        if self.queries < 1 {
+            return Err(Error::option("queries", "must be at least 1"));
+        }
+        if !(self.crop_scale_min > 0.0 && self.crop_scale_min <= 1.0) {
+            return Err(Error::option("crop_scale_min", "must be in (0, 1]"));
+        }
+        Ok(())
+    }
+
+    fn accum(&self) -> Result<i64> {
+        crate::train::accum_for(self.batch_size, self.micro_batch_size, crate::dist::world().size as i64)
+    }
+
+    pub fn lr(&self) -> f64 {
+        crate::train::scaled_lr(self.blr, self.batch_size)
+    }
+}
+
+/// The benchmark's `model.head`: `Sequential(EfficientProbing, BatchNorm1d(D, affine=False, eps=1e-6),
+/// Linear(D, C))`, its tensors under the state-dict names of that Sequential.
+#[derive(Debug)]
+pub struct AttentiveHead {
+    pub queries: i64,
+    /// `0.cls_token` `[1, Q, D]`: the queries.
+    pub cls_token: Tensor,
+    /// `0.v.weight` `[D, D]`: the value projection (no bias).
+    pub v_weight: Tensor,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    /// Forward passes in training mode (BatchNorm's `num_batches_tracked`).
+    pub batches_tracked: std::cell::Cell<i64>,
+    /// `2.weight` `[C, D]`, `2.bias` `[C]`.
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl AttentiveHead {
+    /// A fresh head, initialised as PyTorch's modules of the benchmark are: nn.Linear's default (uniform within
+    /// 1/sqrt(fan_in), i.e. kaiming-uniform with a = sqrt(5)) for the value projection and the classifier, and
+    /// `randn * 0.02` for the queries, drawn in the order the modules are built.
+    pub fn new(p: &nn::Path, dim: i64, classes: i64, queries: i64) -> Result<Self> {
+        if queries < 1 || dim % queries != 0 {
+            return Err(Error::option("queries", format!("{queries} queries do not divide the embedding width {dim}")));
+        }
+        let bound = 1.0 / (dim as f64).sqrt();
+        let uniform = nn::Init::Uniform { lo: -bound, up: bound };
+        let ep = p / "0";
+        let v_weight = (&ep / "v").var("weight", &[dim, dim], uniform);
+        let cls_token = ep.var("cls_token", &[1, queries, dim], nn::Init::Randn { mean: 0.0, stdev: 0.02 });
+        let bn = p / "1";
+        let (running_mean, running_var) = (bn.zeros_no_train("running_mean", &[dim]), bn.ones_no_train("running_var", &[dim]));
+        let fc = p / "2";
+        let weight = fc.var("weight", &[classes, dim], uniform);
+        let bias = fc.var("bias", &[classes], uniform);
+        Ok(AttentiveHead { queries, cls_token, v_weight, running_mean, running_var, batches_tracked: 0.into(), weight, bias })
+    }
+
+    /// EfficientProbing over tokens `[B, N, D]` (f32): `[B, D]`.
+    pub fn pool(&self, x: &Tensor) -> Tensor {
+        let (b, n, d) = x.size3().expect("tokens are [B, N, D]");
+        let q = self.queries;
+        let scale = (d as f64).powf(-0.5);
+        let attn = (self.cls_token.squeeze_dim(0) * scale).matmul(&x.transpose(1, 2)).softmax(-1, Kind::Float);
+        let v = x.matmul(&self.v_weight.tr()).view([b, n, q, d / q]).permute([0, 2, 1, 3]);
+        attn.unsqueeze(2).matmul(&v).reshape([b, d])
+    }
+
+    /// Logits `[B, C]`; `train` normalises with the batch's statistics and moves the running ones by this batch
+    /// (one process; a data-parallel step uses [`AttentiveHead::forward_train`] and applies every rank's statistics
+    /// in global micro-batch order, as the linear probe does, so the head does not depend on the number of ranks).
+    pub fn forward(&self, tokens: &Tensor, train: bool) -> Tensor {
+        if train {
+            let (logits, stats) = self.forward_train(tokens);
+            self.update_running(&[stats]);
+            return logits;
+        }
+        let pooled = self.pool(&tokens.to_kind(Kind::Float));
+        let x = Tensor::batch_norm(&pooled, None::<&Tensor>, None::<&Tensor>, Some(&self.running_mean), Some(&self.running_var), false, 0.1, 1e-6, false);
+        x.linear(&self.weight, Some(&self.bias))
+    }
+
+    /// Training-mode logits and the batch's `[2, D]` BatchNorm statistics (mean, unbiased variance).
+    pub fn forward_train(&self, tokens: &Tensor) -> (Tensor, Tensor) {
+        let (x, stats) = super::linear::bn_train(&self.pool(&tokens.to_kind(Kind::Float)));
+        (x.linear(&self.weight, Some(&self.bias)), stats)
+    }
+
+    /// Moves the running statistics by each batch's statistics in turn (BatchNorm1d's momentum-0.1 update).
+    pub fn update_running(&self, stats: &[Tensor]) {
+        super::linear::bn_running_update(&self.running_mean, &self.running_var, stats);
+        self.batches_tracked.set(self.batches_tracked.get() + stats.len() as i64);
+    }
+
+    /// The trained parameters, LARS's trust ratio applying to the three with more than one dimension.
+    pub fn params(&self, weight_decay: f64) -> Vec<Param> {
+        [("0.cls_token", &self.cls_token), ("0.v.weight", &self.v_weight), ("2.weight", &self.weight), ("2.bias", &self.bias)]
+            .into_iter()
+            .map(|(name, t)| Param { name: name.into(), tensor: t.shallow_clone(), weight_decay, lr_scale: 1.0 })
+            .collect()
+    }
+
+    /// The benchmark's `model.head.state_dict()`: names, shapes and dtypes (a 0-d int64 `num_batches_tracked`), on
+    /// the CPU, copied.
+    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+        let tracked = Tensor::scalar_tensor(self.batches_tracked.get() as f64, (Kind::Int64, Device::Cpu));
+        [
+            ("0.cls_token", &self.cls_token),
+            ("0.v.weight", &self.v_weight),
+            ("1.running_mean", &self.running_mean),
+            ("1.running_var", &self.running_var),
+            ("1.num_batches_tracked", &tracked),
+            ("2.weight", &self.weight),
+            ("2.bias", &self.bias),
+        ]
+        .into_iter()
+        .map(|(n, t)| (n.to_string(), t.detach().to_device(Device::Cpu).copy()))
+        .collect()
+    }
+}
+
+/// Writes a head's state dict as safetensors that `model.head.load_state_dict(load_file(path), strict=True)`
+/// takes.
+pub fn save_head(path: &Path, state: &[(String, Tensor)], meta: &serde_json::Value) -> Result<()> {
+    let mut m = BTreeMap::from([("format".to_string(), "efficient-probing model.head state_dict".to_string()), ("source".to_string(), SOURCE.to_string())]);
+    if let Some(o) = meta.as_object() {
+        m.extend(o.iter().map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), String::from))));
+    }
+    crate::checkpoint::save(path, state, &m)
+}
+
+/// The frozen encoder and which of its tokens the head reads.
+pub struct TokenReader<'a> {
+    pub model: &'a VisionTransformer,
+    pub feature: EpFeature,
+    /// The final norm is applied (DINOv2's tokens, as the benchmark reads them through the hub model's
+    /// `get_intermediate_layers(norm=True)`); otherwise the last block's output, as models_vit.py.
+    pub final_norm: bool,
+}
+
+impl TokenReader<'_> {
+    /// Tokens `[B, N, D]` of the last block (no grad, f32).
+    pub fn tokens(&self, images: &Tensor, amp: Option<Kind>) -> Tensor {
+        let last = self.model.cfg.depth - 1;
+        tch::no_grad(|| {
+            with_amp(amp, || {
+                let out = self.model.forward_features(images, &[last], false);
+                let x = &out.intermediates[0];
+                let x = if self.final_norm { self.model.final_norm(x) } else { x.to_kind(Kind::Float) };
+                let (n, prefix) = (x.size()[1], out.prefix);
+                let patches = x.narrow(1, prefix, n - prefix);
+                match self.feature {
+                    EpFeature::Ep => patches,
+                    EpFeature::EpAll => Tensor::cat(&[x.narrow(1, 0, 1), patches], 1),
+                }
+            })
+        })
+        .to_kind(Kind::Float)
+    }
+}
+
+/// Result of a run: top-1 / top-5 at the last epoch and at the best one.
+#[derive(Debug, Serialize)]
+pub struct AttentiveResult {
+    pub top1: f64,
+    pub top5: f64,
+    pub best_top1: f64,
+    pub best_top5: f64,
+    pub best_epoch: usize,
+    pub history: Vec<BTreeMap<String, f64>>,
+    pub steps: i64,
+    pub steps_per_epoch: usize,
+    /// The head's state dict at the best epoch.
+    #[serde(skip)]
+    pub best_state: Vec<(String, Tensor)>,
+}
+
+struct EpStep<'a> {
+    reader: &'a TokenReader<'a>,
+    head: &'a AttentiveHead,
+    opt: Lars,
+    cfg: &'a AttentiveConfig,
+    device: Device,
+    amp: Option<Kind>,
+}
+
+impl TrainStep for EpStep<'_> {
+    type Batch = Batch;
+    fn batch_len(b: &Batch) -> usize {
+        b.indices.len()
+    }
+    fn begin_step(&mut self, t: f64) -> f64 {
+        lr_at_from_zero(t, self.cfg.lr(), self.cfg.min_lr, self.cfg.warmup_epochs, self.cfg.epochs)
+    }
+    fn stage(&self, b: Batch) -> Result<(Batch, Ready)> {
+        stage_batch(b, self.device)
+    }
+    fn loss(&mut self, b: Batch, _epoch: usize, _iter: usize) -> Result<Tensor> {
+        let tokens = self.reader.tokens(&to_device_async(&b.images, self.device), self.amp);
+        let (logits, stats) = self.head.forward_train(&tokens);
+        self.head.update_running(&super::linear::gather_bn_stats(crate::dist::world(), &stats)?);
+        Ok(logits.cross_entropy_for_logits(&to_device_async(&b.labels, self.device)))
+    }
+    fn optimizer(&mut self) -> &mut dyn Optimizer {
+        &mut self.opt
+    }
+    fn what(&self) -> &'static str {
+        "attentive probe"
+    }
+}
+
+/// Top-1 / top-5 of the head on the validation loader.
+pub fn evaluate(reader: &TokenReader, head: &AttentiveHead, val: &Loader, device: Device, amp: Option<Kind>) -> Result<(f64, f64)> {
+    let batches = val.epoch(0).map(|b| b.map(|b| (b.images, b.labels)));
+    evaluate_topk(crate::dist::world(), device, batches, &val.dataset().dir, |x| head.forward(&reader.tokens(x, amp), false))
+}
+
+/// Trains `head` on the frozen encoder: LARS, lr warmup from 0 then cosine per step, whole optimiser steps only,
+/// an evaluation every `eval_every` epochs. `log` receives one JSON object per epoch.
+pub fn train_head(
+    reader: &TokenReader,
+    head: &AttentiveHead,
+    train: &Loader,
+    val: &Loader,
+    cfg: &AttentiveConfig,
+    device: Device,
+    amp: Option<Kind>,
+    mut log: impl FnMut(&serde_json::Value) -> Result<()>,
+) -> Result<AttentiveResult> {
+    cfg.validate()?;
+    let rule = StepRule { accum: cfg.accum()? as usize, clip: None, world: crate::dist::world() };
+    let per_epoch = train.global_batches();
+    if rule.used_iters(per_epoch) == 0 {
+        return Err(Error::option("batch_size", format!("the train split gives {per_epoch} micro-batches of {}, fewer than one step of {}", cfg.micro_batch_size, cfg.batch_size)));
+    }
+    let opt = Lars::new(head.params(cfg.weight_decay), cfg.momentum, cfg.trust_coefficient);
+    let mut st = EpStep { reader, head, opt, cfg, device, amp };
+    let epochs = cfg.epochs.ceil() as usize;
+    let mut res = AttentiveResult { top1: 0.0, top5: 0.0, best_top1: f64::NEG_INFINITY, best_top5: 0.0, best_epoch: 0, history: Vec::new(), steps: 0, steps_per_epoch: rule.used_iters(per_epoch) / rule.accum, best_state: Vec::new() };
+    for epoch in 0..epochs {
+        let mut batches = train.epoch(epoch as u64);
+        let stats = run_epoch(&mut st, rule, &mut batches, epoch, 0, per_epoch, &mut res.steps, &|_| false, &mut |_, _| Ok(Flow::Continue))?;
+        let mut entry = BTreeMap::from([("epoch".to_string(), epoch as f64 + 1.0), ("loss".to_string(), stats.mean_loss()), ("lr".to_string(), stats.lr), ("step".to_string(), res.steps as f64)]);
+        if (epoch + 1) % cfg.eval_every.max(1) == 0 || epoch + 1 == epochs {
+            (res.top1, res.top5) = evaluate(reader, head, val, device, amp)?;
+            entry.insert("val_top1".into(), res.top1);
+            entry.insert("val_top5".into(), res.top5);
+            // Strictly better, as the benchmark's `acc1 > max_accuracy`: the earliest of equal epochs is kept.
+            if res.top1 > res.best_top1 {
+                (res.best_top1, res.best_top5, res.best_epoch) = (res.top1, res.top5, epoch + 1);
+                res.best_state = head.state_dict();
+            }
+        }
+        log(&serde_json::to_value(&entry).expect("json"))?;
+        res.history.push(entry);
+    }
+    Ok(res)
+}
+
+/// `eval --protocol attentive`.
+pub fn run(req: &EvalRequest) -> Result<RunRecord> {
+    let loaded = Protocol::Attentive.load::<AttentiveConfig>(req.protocol_file.as_deref(), &req.sets)?;
+    let cfg = &loaded.cfg;
+    cfg.validate()?;
+    let device = req.run.device()?;
+    let amp = req.run.precision.unwrap_or_default().autocast(device);
+    let ckpt = req.checkpoint()?;
+    let enc = load_vit_with(ckpt, &req.load_options(), device, 0)?;
+    if !enc.model.cfg.class_token && cfg.feature == EpFeature::EpAll {
+        return Err(Error::option("feature", format!("`ep_all`: {} has no CLS token; use feature=\"ep\"", ckpt.display())));
+    }
+    let (train_ds, val_ds) = super::open_splits(req.data()?)?;
+    let prints = [SplitPrint::of_dataset("train", &train_ds)?, SplitPrint::of_dataset("val", &val_ds)?];
+    let classes = train_ds.classes.len() as i64;
+    let size = enc.model.cfg.img_size as u32;
+    let micro = cfg.micro_batch_size as usize;
+    let train = super::train_loader(train_ds, Transform::linprobe_train(size, cfg.crop_scale_min), micro, cfg.seed, &req.run)?;
+    let val = super::eval_loader(val_ds, super::extract::eval_transform(size as i64, 0.875)?, micro, &req.run, true)?;
+
+    tch::manual_seed(cfg.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let head = AttentiveHead::new(&vs.root(), enc.model.cfg.embed_dim, classes, cfg.queries)?;
+    let final_norm = enc.source.family == "dinov2";
+    let reader = TokenReader { model: &enc.model, feature: cfg.feature, final_norm };
+
+    let name = req.model_name("model");
+    let overrides = loaded.overrides(&[]);
+    let b = RecordBuilder::new(Protocol::Attentive, &cfg.version, &overrides);
+    let feature = serde_json::to_value(cfg.feature).expect("feature serialises");
+    let feature = feature.as_str().unwrap_or("ep");
+    // A folder per (model, feature, queries, source checkpoint): TensorBoard shows one run per folder.
+    let run_dir = req.output.join(format!("{}-attentive-{feature}-q{}-{}", crate::results::sanitize(&name), cfg.queries, &enc.sha256[..12]));
+    let main = crate::dist::world().is_main();
+    let mut log = if main { Some(MetricsLog::open(&run_dir, "metrics.jsonl", req.run.tensorboard)?) } else { None };
+    let quiet = req.run.quiet;
+    let res = train_head(&reader, &head, &train, &val, cfg, device, amp, |v| {
+        if !quiet {
+            eprintln!("attentive {v}");
+        }
+        log.as_mut().map_or(Ok(()), |l| l.log(v))
+    })?;
+    let (last_path, best_path) = (run_dir.join("attentive_head.safetensors"), run_dir.join("attentive_head_best.safetensors"));
+    if main {
+        let meta = |epoch: usize, top1: f64| serde_json::json!({ "feature": feature, "queries": cfg.queries, "epoch": epoch, "top1": top1, "checkpoint_sha256": enc.sha256 });
+        save_head(&last_path, &head.state_dict(), &meta(res.history.len(), res.top1))?;
+        save_head(&best_path, &res.best_state, &meta(res.best_epoch, res.best_top1))?;
+    }
+    let extra = serde_json::json!({
+        "lr": cfg.lr(),
+        "accum_iter": cfg.accum()?,
+        "precision": req.run.precision.unwrap_or_default().effective(device),
+        "tokens": if final_norm { "last block, after the final norm (DINOv2, as the benchmark's hub wrapper)" } else { "last block, before the final norm (as the benchmark's models_vit.py)" },
+        "source": SOURCE,
+    });
+    b.model(name, Some(ckpt), Some(enc.sha256.clone()), Some(enc.model.cfg.arch.clone()))
+        .source(serde_json::to_value(&enc.source).ok())
+        .data(Some(req.data()?.display().to_string()), &prints)
+        .config(&loaded.origin, cfg, &overrides, &req.run, extra)
+        .seed(cfg.seed)
+        .metric("top1", res.best_top1)
+        .metric("top5", res.best_top5)
+        .metric("last_top1", res.top1)
+        .metric("last_top5", res.top5)
+        .finish(
+            serde_json::json!({
+                "reported": "top1/top5 are the best epoch's, as the probing benchmark reports EP (its README: 'Report the best-epoch accuracy'); last_top1/last_top5 are the last epoch's",
+                "history": res.history, "best_epoch": res.best_epoch, "steps": res.steps, "steps_per_epoch": res.steps_per_epoch,
+                "skipped_files": train.skipped() + val.skipped(), "skipped_eval": val.skipped_files(), "run_dir": run_dir, "head": last_path, "best_head": best_path,
+            }),
+            &device_name(device),
+            &req.output,
+        )
+}
