@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 fn main() {
     git_commit();
+    jpeg_decoder();
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;
@@ -22,36 +23,55 @@ fn main() {
 /// Every C++ file of the shim (the NCCL one compiled only with the CUDA headers; the header is in the build key).
 const SHIM_SOURCES: [&str; 5] = ["csrc/c10d_shim.cpp", "csrc/aten_shim.cpp", "csrc/nccl_shim.cpp", "csrc/cuda_shim.cpp", "csrc/shim_error.h"];
 
-/// The shim needs gloo's headers, which the torch wheel does not ship (Debian's libgloo-dev, or a folder named by
-/// LMIM_GLOO_INCLUDE), and for NCCL the CUDA runtime + crt + cccl and NCCL headers of the CUDA wheels.
+/// Where gloo's headers are, which the torch wheel does not ship: the folder LMIM_GLOO_INCLUDE names (an error when
+/// it lacks them), else the system's (Debian's libgloo-dev); None builds the shim without Gloo.
+fn gloo_include() -> Option<PathBuf> {
+    println!("cargo:rerun-if-env-changed=LMIM_GLOO_INCLUDE");
+    if let Some(dir) = std::env::var_os("LMIM_GLOO_INCLUDE").filter(|v| !v.is_empty()).map(PathBuf::from) {
+        if !dir.join("gloo/config.h").exists() {
+            panic!("LMIM_GLOO_INCLUDE={}: no gloo/config.h there (it must name the folder holding gloo/)", dir.display());
+        }
+        return Some(dir);
+    }
+    let system = PathBuf::from("/usr/include");
+    if system.join("gloo/config.h").exists() {
+        println!("cargo:rerun-if-changed=/usr/include/gloo/config.h");
+        return Some(system);
+    }
+    // A missing file would rerun this script on every build; the folder changes when libgloo-dev is installed.
+    println!("cargo:rerun-if-changed=/usr/include");
+    println!(
+        "cargo:warning=Gloo is left out (no gloo headers in /usr/include and LMIM_GLOO_INCLUDE is not set): CPU runs \
+         are single-process; Debian's libgloo-dev or LMIM_GLOO_INCLUDE brings it"
+    );
+    None
+}
+
+/// The shim needs gloo's headers for its Gloo part ([`gloo_include`]), and for NCCL the CUDA runtime + crt + cccl
+/// and NCCL headers of the CUDA wheels.
 fn c10d_shim(lib: &Path, cuda: bool) {
     for f in SHIM_SOURCES {
         println!("cargo:rerun-if-changed={f}");
     }
-    println!("cargo:rerun-if-env-changed=LMIM_GLOO_INCLUDE");
     let torch = lib.parent().expect("libtorch lib dir has a parent");
     let include = torch.join("include");
-    let gloo = std::env::var_os("LMIM_GLOO_INCLUDE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/include"));
-    if !gloo.join("gloo/config.h").exists() {
-        panic!(
-            "gloo's headers are not in {} (the torch wheel does not ship them): install Debian's libgloo-dev \
-             (scripts/env.sh does) or set LMIM_GLOO_INCLUDE to a folder holding gloo/",
-            gloo.display()
-        );
-    }
+    let gloo = gloo_include();
     let base = |b: &mut cc::Build| {
         b.cpp(true)
             .std("c++17")
             .define("_GLIBCXX_USE_CXX11_ABI", "1")
-            .define("USE_C10D_GLOO", None)
             .include(&include)
             .include(include.join("torch/csrc/api/include"))
-            .include(&gloo)
             .flag_if_supported("-Wno-interference-size")
             .warnings(false);
     };
     let mut shim = cc::Build::new();
     base(&mut shim);
+    if let Some(gloo) = &gloo {
+        shim.define("USE_C10D_GLOO", None).define("LMIM_WITH_GLOO", None).include(gloo);
+        println!("cargo:rustc-cfg=lmim_gloo");
+    }
+    println!("cargo:rustc-check-cfg=cfg(lmim_gloo)");
     shim.file("csrc/c10d_shim.cpp").file("csrc/aten_shim.cpp");
     // The CUDA wheels' headers sit beside torch in site-packages.
     let nvidia = torch.parent().map(|p| p.join("nvidia"));
@@ -76,7 +96,7 @@ fn c10d_shim(lib: &Path, cuda: bool) {
     // The build script reruns on every commit (git_commit); the shim takes a minute to compile, so it is rebuilt
     // only when its sources or headers' location change.
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let mut key = format!("{} {} {cuda_headers} {nccl}\n", include.display(), gloo.display());
+    let mut key = format!("{} {:?} {cuda_headers} {nccl}\n", include.display(), gloo);
     for f in SHIM_SOURCES {
         key.push_str(&std::fs::read_to_string(f).unwrap_or_default());
     }
@@ -92,6 +112,31 @@ fn c10d_shim(lib: &Path, cuda: bool) {
     println!("cargo:rustc-link-search=native={}", lib.display());
     println!("cargo:rustc-link-lib=dylib=torch_cpu");
     println!("cargo:rustc-link-lib=dylib=c10");
+}
+
+/// Names the JPEG decoder of this build for `info` and every record's provenance (pixels differ between decoders):
+/// libjpeg-turbo's version from the jconfig.h that turbojpeg-sys built (always with SIMD: `require-simd`), or
+/// zune-jpeg's from Cargo.lock.
+fn jpeg_decoder() {
+    let name = if std::env::var_os("CARGO_FEATURE_TURBOJPEG").is_some() {
+        println!("cargo:rerun-if-env-changed=DEP_TURBOJPEG_INCLUDE");
+        let version = std::env::var("DEP_TURBOJPEG_INCLUDE")
+            .ok()
+            .and_then(|dirs| dirs.split(',').find_map(|d| std::fs::read_to_string(Path::new(d).join("jconfig.h")).ok()))
+            .and_then(|h| h.lines().find_map(|l| l.strip_prefix("#define LIBJPEG_TURBO_VERSION").map(|v| v.trim().to_string())))
+            .unwrap_or_else(|| "unknown version".into());
+        format!("libjpeg-turbo {version} (SIMD)")
+    } else {
+        println!("cargo:rerun-if-changed=Cargo.lock");
+        let lock = std::fs::read_to_string("Cargo.lock").unwrap_or_default();
+        let version = lock
+            .split("[[package]]")
+            .filter(|p| p.contains("name = \"zune-jpeg\"\n"))
+            .find_map(|p| p.lines().find_map(|l| l.strip_prefix("version = \"0.4.")).map(|v| format!("0.4.{}", v.trim_end_matches('"'))))
+            .unwrap_or_else(|| "0.4".into());
+        format!("zune-jpeg {version}")
+    };
+    println!("cargo:rustc-env=LMIM_JPEG_DECODER={name}");
 }
 
 /// Records the commit the binary was built from; results carry it as provenance.

@@ -1,9 +1,13 @@
 // A C interface to torch.distributed's C++ engine (c10d) from the libtorch that tch links: TCPStore rendezvous,
-// ProcessGroupGloo (CPU) and, when built with CUDA headers, ProcessGroupNCCL (nccl_shim.cpp). Tensors cross as
+// ProcessGroupGloo (CPU) when built with gloo's headers (LMIM_WITH_GLOO) and, when built with CUDA headers,
+// ProcessGroupNCCL (nccl_shim.cpp). Tensors cross as
 // tch's handles (`torch::Tensor*`, torch-sys libtch/torch_api.h). Every function catches C++ exceptions and keeps
 // the message for lmim_last_error() (shim_error.h), so a failed collective becomes a Rust error, never an abort.
+#include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#ifdef LMIM_WITH_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <algorithm>
@@ -48,6 +52,14 @@ void wait_all(std::vector<c10::intrusive_ptr<c10d::Work>>& works) {
 
 extern "C" {
 
+int lmim_c10d_has_gloo() {
+#ifdef LMIM_WITH_GLOO
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 int lmim_c10d_has_nccl() {
 #ifdef LMIM_WITH_NCCL
   return 1;
@@ -77,6 +89,7 @@ void* lmim_c10d_init(const char* backend, const char* host, int port, int rank, 
     group->rank = rank;
     std::string name(backend);
     if (name == "gloo") {
+#ifdef LMIM_WITH_GLOO
       auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
       // As torch.distributed: GLOO_SOCKET_IFNAME names the interface(s), else the host name's address.
       const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
@@ -93,6 +106,9 @@ void* lmim_c10d_init(const char* backend, const char* host, int port, int rank, 
         opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
       }
       group->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, opts);
+#else
+      throw std::runtime_error("this build of lmim-bench has no Gloo (it was compiled without gloo's headers)");
+#endif
     } else if (name == "nccl") {
 #ifdef LMIM_WITH_NCCL
       group->backend = lmim_make_nccl(store, rank, size, timeout, device);

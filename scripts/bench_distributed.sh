@@ -5,7 +5,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$LMIM_ROOT"
-cargo build --quiet --release --bins
+cargo build --quiet --release --bins "${LMIM_FEATURES[@]}"
 BIN="$CARGO_TARGET_DIR/release/lmim-bench"
 OUT=benchmarks/distributed_cpu.md
 TMP=$(mktemp -d)

@@ -6,7 +6,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$LMIM_ROOT"
-cargo build --quiet --bins
+cargo build --quiet --bins "${LMIM_FEATURES[@]}"
 BIN="$CARGO_TARGET_DIR/debug/lmim-bench"
 FT_BATCH="${FT_BATCH:-8}"; STEPS="${STEPS:-3}"; SWEEP_N="${SWEEP_N:-10000}"; THREADS="$(nproc)"
 TMP="$(mktemp -d)"

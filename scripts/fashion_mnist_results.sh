@@ -8,7 +8,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$LMIM_ROOT"
-cargo build --quiet --bins
+cargo build --quiet --bins "${LMIM_FEATURES[@]}"
 BIN="$CARGO_TARGET_DIR/debug/lmim-bench"
 OUT="${LMIM_RESULTS_OUT:-results/fashion-mnist}"
 DATA=data/fashion-mnist

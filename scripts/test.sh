@@ -4,8 +4,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$LMIM_ROOT"
-# LMIM_TURBOJPEG=0: build and test without libjpeg-turbo (zune-jpeg decodes JPEGs).
-features=()
-if [ "${LMIM_TURBOJPEG:-1}" = 0 ]; then features=(--no-default-features); fi
-cargo build --quiet --bins "${features[@]}"
-exec cargo test --no-fail-fast "${features[@]}" -- --test-threads="${LMIM_TEST_THREADS:-2}" "$@"
+# LMIM_FEATURES: the set-up's JPEG decoder (zune-jpeg where nasm is missing or LMIM_TURBOJPEG=0).
+cargo build --quiet --bins "${LMIM_FEATURES[@]}"
+exec cargo test --no-fail-fast "${LMIM_FEATURES[@]}" -- --test-threads="${LMIM_TEST_THREADS:-2}" "$@"

@@ -16,6 +16,7 @@ extern "C" {
     fn lmim_last_error() -> *const c_char;
 
     pub fn lmim_c10d_has_nccl() -> c_int;
+    pub fn lmim_c10d_has_gloo() -> c_int;
     pub fn lmim_c10d_init(
         backend: *const c_char,
         host: *const c_char,

@@ -15,10 +15,19 @@ pub struct Info {
     pub cpu_threads: i32,
     pub mkldnn: bool,
     pub openmp: bool,
-    /// Collective back-ends of data-parallel runs (c10d through the shim): gloo always, nccl when built with the
-    /// CUDA headers.
+    /// Collective back-ends of data-parallel runs (c10d through the shim): gloo when built with gloo's headers,
+    /// nccl when built with the CUDA headers; none: single-process runs only.
     pub dist_backends: Vec<String>,
+    /// The JPEG decoder of this build ([`JPEG_DECODER`]).
+    pub jpeg_decoder: String,
 }
+
+/// `libjpeg-turbo <version> (SIMD)` (the default `turbojpeg` feature) or `zune-jpeg <version>`: their pixels differ
+/// slightly, so every record names it.
+pub const JPEG_DECODER: &str = match option_env!("LMIM_JPEG_DECODER") {
+    Some(d) => d,
+    None => "unknown",
+};
 
 /// The libtorch version: read from the torch package the binary was linked against (`torch/version.py`), or from
 /// a plain libtorch's `build-version` file.
@@ -54,7 +63,8 @@ impl Info {
             cpu_threads: tch::get_num_threads(),
             mkldnn: tch::utils::has_mkldnn(),
             openmp: tch::utils::has_openmp(),
-            dist_backends: if crate::dist::has_nccl() { vec!["gloo".into(), "nccl".into()] } else { vec!["gloo".into()] },
+            dist_backends: [("gloo", crate::dist::has_gloo()), ("nccl", crate::dist::has_nccl())].into_iter().filter(|b| b.1).map(|b| b.0.to_string()).collect(),
+            jpeg_decoder: JPEG_DECODER.to_string(),
         }
     }
 
@@ -73,7 +83,12 @@ impl Info {
             s.push_str("CUDA       not available (CPU only)\n");
         }
         s.push_str(&format!("CPU        {} torch threads, oneDNN {}, OpenMP {}\n", self.cpu_threads, self.mkldnn, self.openmp));
-        s.push_str(&format!("c10d       {}\n", self.dist_backends.join(", ")));
+        if self.dist_backends.is_empty() {
+            s.push_str(&format!("c10d       none: one process per run (for Gloo: {})\n", crate::dist::GLOO_HOWTO));
+        } else {
+            s.push_str(&format!("c10d       {}\n", self.dist_backends.join(", ")));
+        }
+        s.push_str(&format!("JPEG       {}\n", self.jpeg_decoder));
         s
     }
 }

@@ -129,6 +129,7 @@ fn record(dir: &Path) -> serde_json::Value {
 }
 
 #[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
 fn pretraining_does_not_depend_on_how_a_step_is_split_and_resumes_on_another_world_size() {
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path());
@@ -174,6 +175,7 @@ fn pretraining_does_not_depend_on_how_a_step_is_split_and_resumes_on_another_wor
 }
 
 #[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
 fn finetuning_under_torchrun_equals_one_process_with_accumulation() {
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path());
@@ -209,6 +211,7 @@ fn finetuning_under_torchrun_equals_one_process_with_accumulation() {
 }
 
 #[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
 fn knn_on_two_ranks_gives_the_one_rank_record() {
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path());
@@ -232,6 +235,7 @@ fn knn_on_two_ranks_gives_the_one_rank_record() {
 }
 
 #[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
 fn a_dead_or_missing_peer_is_an_error_within_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path());
@@ -267,6 +271,7 @@ fn a_dead_or_missing_peer_is_an_error_within_the_timeout() {
 }
 
 #[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
 fn linear_probe_on_two_ranks_gives_the_one_rank_head_and_writes_its_metrics_once() {
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path());
@@ -300,6 +305,7 @@ fn linear_probe_on_two_ranks_gives_the_one_rank_head_and_writes_its_metrics_once
 }
 
 #[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
 fn a_rank_that_fails_stops_its_peer_long_before_the_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path());
@@ -333,11 +339,13 @@ fn a_rank_that_fails_stops_its_peer_long_before_the_timeout() {
     assert!(t0.elapsed() < Duration::from_secs(60), "took {:?} with a 300 s timeout", t0.elapsed());
 }
 
-/// The default build on a machine with the CUDA wheels (this set-up's) links ProcessGroupNCCL.
+/// The default build on a machine with the CUDA wheels (this set-up's) links ProcessGroupNCCL; `info` lists Gloo
+/// exactly when the shim has it, which is when the tests above run.
 #[test]
 fn nccl_is_built_where_libtorch_has_cuda() {
     let info = lmim_bench::info::Info::collect();
-    assert!(info.dist_backends.contains(&"gloo".to_string()));
+    assert_eq!(info.dist_backends.contains(&"gloo".to_string()), lmim_bench::dist::has_gloo());
+    assert_eq!(lmim_bench::dist::has_gloo(), cfg!(lmim_gloo), "the shim and the build script disagree about Gloo");
     if std::path::Path::new(&info.libtorch_path).join("libtorch_cuda.so").exists() {
         assert!(lmim_bench::dist::has_nccl(), "libtorch_cuda is there but the shim was built without NCCL");
     }

@@ -25,9 +25,24 @@ pub const DEFAULT_SOURCE: &str = "/usr/share/datasets/fashion-mnist";
 const JPEG_QUALITY: u8 = 95;
 const MANIFEST: &str = "lmim-manifest.json";
 
-/// `$LMIM_FASHION_MNIST`, else Debian's location.
+/// `$LMIM_FASHION_MNIST`, else Debian's location when it holds the files, else the copy that scripts/env.sh
+/// downloads into the cache (`$LMIM_CACHE/fashion-mnist`, default `~/.cache/lmim-bench`) when that does, else
+/// Debian's location (whose absence the error then names).
 pub fn default_source() -> PathBuf {
-    std::env::var_os("LMIM_FASHION_MNIST").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_SOURCE))
+    if let Some(dir) = std::env::var_os("LMIM_FASHION_MNIST") {
+        return PathBuf::from(dir);
+    }
+    let complete = |d: &Path| d.join("t10k-labels-idx1-ubyte.gz").is_file();
+    let debian = PathBuf::from(DEFAULT_SOURCE);
+    let cache = std::env::var_os("LMIM_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("lmim-bench")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/lmim-bench")))
+        .map(|c| c.join("fashion-mnist"));
+    match cache {
+        Some(c) if !complete(&debian) && complete(&c) => c,
+        _ => debian,
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -166,8 +181,9 @@ pub fn prepare_demo(opts: &PrepareOptions) -> Result<PrepareReport> {
     if let Some(missing) = files.iter().map(|f| src.join(f)).find(|p| !p.is_file()) {
         return Err(Error::data(
             missing,
-            "Fashion-MNIST not found: install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist) \
-             or pass --source (or set LMIM_FASHION_MNIST) to a folder with the four .gz IDX files",
+            "Fashion-MNIST not found: install Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist), \
+             pass --source (or set LMIM_FASHION_MNIST) to a folder with the four .gz IDX files, or source \
+             scripts/env.sh where the network reaches torchvision's mirror (it downloads them into the cache)",
         ));
     }
     let options = serde_json::json!({

@@ -41,6 +41,14 @@ impl Backend {
     }
 }
 
+/// Whether this build can make Gloo groups (it was compiled with gloo's headers, which the torch wheel lacks).
+pub fn has_gloo() -> bool {
+    unsafe { ffi::lmim_c10d_has_gloo() != 0 }
+}
+
+/// How to get Gloo into a build without it: named wherever a run or a test needs it.
+pub const GLOO_HOWTO: &str = "install gloo's headers (Debian/Ubuntu: apt-get install libgloo-dev) or set LMIM_GLOO_INCLUDE to a folder holding gloo/, then rebuild (scripts/env.sh)";
+
 /// Whether this build can make NCCL groups (it was compiled with the CUDA and NCCL headers).
 pub fn has_nccl() -> bool {
     unsafe { ffi::lmim_c10d_has_nccl() != 0 }
@@ -233,6 +241,9 @@ impl World {
         };
         if backend == Backend::Nccl && !has_nccl() {
             return Err(Error::option("--dist-backend", "nccl: this build has no NCCL (it was compiled without the CUDA headers); rebuild after scripts/env.sh, or use gloo"));
+        }
+        if backend == Backend::Gloo && !has_gloo() {
+            return Err(Error::option("--dist-backend", format!("gloo: this build has no Gloo, so it cannot run {} processes on the CPU: {GLOO_HOWTO}", env.world_size)));
         }
         let timeout = opts.timeout.unwrap_or_else(|| default_timeout(backend));
         let c = |s: &str, what: &str| CString::new(s).map_err(|_| Error::option(what, format!("`{s}` holds a NUL byte")));

@@ -24,6 +24,9 @@ pub struct Provenance {
     pub git_commit: String,
     pub crate_version: String,
     pub libtorch_version: String,
+    /// The JPEG decoder of the build (`info::JPEG_DECODER`); empty in records written before it was named.
+    #[serde(default)]
+    pub jpeg_decoder: String,
     pub device: String,
     pub hostname: String,
     pub command: String,
@@ -36,6 +39,7 @@ impl Provenance {
             git_commit: info.git_commit,
             crate_version: info.crate_version,
             libtorch_version: info.libtorch_version,
+            jpeg_decoder: info.jpeg_decoder,
             device: device.to_string(),
             hostname: std::fs::read_to_string("/etc/hostname").map(|s| s.trim().to_string()).unwrap_or_default(),
             command: std::env::args().collect::<Vec<_>>().join(" "),
