@@ -15,6 +15,7 @@ BIN="$CARGO_TARGET_DIR/debug/lmim-bench"
 OUT=benchmarks/extract_gather_cpu.md
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
+CORES=$(nproc)
 export GLOO_SOCKET_IFNAME=lo OMP_NUM_THREADS=1
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 world() {  # world SIZE OUTFILE ARGS...: rank 0 writes the JSON
@@ -29,7 +30,7 @@ world() {  # world SIZE OUTFILE ARGS...: rank 0 writes the JSON
 "$BIN" bench gather --n "$N" --dim "$DIM" --device cpu -o "$TMP/w1.json"
 world 2 "$TMP/chunked.json" --n "$N" --dim "$DIM"
 world 2 "$TMP/naive.json" --n "$N" --dim "$DIM" --naive
-python3 - "$TMP" "$OUT" "$(nproc)" "$(lscpu | sed -n 's/^Model name: *//p')" <<'PY'
+python3 - "$TMP" "$OUT" "$CORES" "$(lscpu | sed -n 's/^Model name: *//p')" <<'PY'
 import json, sys, datetime
 tmp, out, cores, cpu = sys.argv[1:]
 j = lambda n: json.load(open(f"{tmp}/{n}.json"))
