@@ -73,6 +73,8 @@ pub struct ExtractArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub dist: super::DistArgs,
+    #[command(flatten)]
+    pub scan: super::ScanArgs,
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +172,8 @@ pub struct EvalArgs {
     pub fresh: bool,
     #[command(flatten)]
     pub dist: super::DistArgs,
+    #[command(flatten)]
+    pub scan: super::ScanArgs,
 }
 
 impl EvalArgs {
