@@ -258,22 +258,6 @@ fn dct_scaling_is_opt_in_and_deterministic() {
     }
 }
 
-/// Sets the modification time of every folder under `root` an hour back, as for a tree written long ago (a tree
-/// just written is not indexed: its folders may still change within their timestamps' granularity).
-fn age_folders(root: &Path) {
-    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            }
-        }
-        std::fs::File::open(&d).unwrap().set_modified(old).unwrap();
-    }
-}
-
 /// The fingerprint's files hash computed the way it was before the index: a stat of every file.
 fn files_hash_by_stat(ds: &Dataset) -> String {
     use sha2::{Digest, Sha256};
@@ -302,7 +286,7 @@ fn index_is_reused_on_second_open_and_refreshed_on_add_remove_rename() {
     // Just written: scanned each time, not kept.
     assert_eq!(open().index, Scan);
     assert_eq!(open().index, Scan);
-    age_folders(&root);
+    common::age_folders(&root);
     let scanned = open();
     assert_eq!(scanned.index, Scan);
     assert_eq!(fp(&scanned).files_hash, files_hash_by_stat(&scanned), "the fingerprint keeps its meaning");
@@ -326,13 +310,13 @@ fn index_is_reused_on_second_open_and_refreshed_on_add_remove_rename() {
     let added = open();
     assert_eq!((added.index, added.len()), (Scan, 13));
     assert!(added.samples.iter().any(|(p, _)| p.ends_with("zz.jpg")));
-    age_folders(&root);
+    common::age_folders(&root);
     open();
     assert_eq!(open().index, Cache);
     std::fs::remove_file(class_dir.join("zz.jpg")).unwrap();
     let removed = open();
     assert_eq!((removed.index, removed.len(), fp(&removed)), (Scan, 12, fp(&rescanned)));
-    age_folders(&root);
+    common::age_folders(&root);
     open();
     std::fs::rename(&first, class_dir.join("renamed.jpg")).unwrap();
     let renamed = open();

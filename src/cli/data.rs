@@ -232,7 +232,9 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
     let mut out = serde_json::Map::new();
     let mut text = String::new();
     for split in &splits {
+        let t0 = std::time::Instant::now();
         let ds = Dataset::open_with(&a.data, split, &opts)?;
+        let open_seconds = t0.elapsed().as_secs_f64();
         let fp = ds.fingerprint()?;
         let counts = ds.class_counts();
         let (min, max) = (counts.iter().min().copied().unwrap_or(0), counts.iter().max().copied().unwrap_or(0));
@@ -254,6 +256,7 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
                 "fingerprint": fp,
                 "layout": ds.layout,
                 "index": ds.index,
+                "open_seconds": open_seconds,
                 "classes": ds.classes,
                 "class_counts": counts,
                 "empty_classes": ds.empty_classes,
