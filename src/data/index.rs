@@ -161,21 +161,27 @@ impl DatasetIndex {
     /// Bytes of the cache file (and of the broadcast): magic, the JSON header's length and text, then per entry
     /// the relative path's length and bytes, label, size, shard and offset (little-endian).
     pub fn encode(&self) -> Vec<u8> {
-        let header = serde_json::to_vec(&self.header).expect("the header serialises");
         let body: usize = self.entries.iter().map(|e| 32 + e.rel.len()).sum();
-        let mut out = Vec::with_capacity(MAGIC.len() + 8 + header.len() + body);
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&(header.len() as u64).to_le_bytes());
-        out.extend_from_slice(&header);
-        for e in &self.entries {
-            out.extend_from_slice(&(e.rel.len() as u32).to_le_bytes());
-            out.extend_from_slice(e.rel.as_bytes());
-            out.extend_from_slice(&e.label.to_le_bytes());
-            out.extend_from_slice(&e.size.to_le_bytes());
-            out.extend_from_slice(&e.shard.to_le_bytes());
-            out.extend_from_slice(&e.offset.to_le_bytes());
-        }
+        let mut out = Vec::with_capacity(4096 + body);
+        self.encode_to(&mut out).expect("writing to memory");
         out
+    }
+
+    /// [`encode`](Self::encode) into `w`.
+    pub fn encode_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let header = serde_json::to_vec(&self.header).expect("the header serialises");
+        w.write_all(MAGIC)?;
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for e in &self.entries {
+            w.write_all(&(e.rel.len() as u32).to_le_bytes())?;
+            w.write_all(e.rel.as_bytes())?;
+            w.write_all(&e.label.to_le_bytes())?;
+            w.write_all(&e.size.to_le_bytes())?;
+            w.write_all(&e.shard.to_le_bytes())?;
+            w.write_all(&e.offset.to_le_bytes())?;
+        }
+        Ok(())
     }
 
     /// The index in `bytes`, or why they are not one.
@@ -271,9 +277,7 @@ impl IndexCache {
         if idx.header.stamps.iter().any(|s| s.mtime_ns > start - RACY.as_nanos() as i128) {
             return Ok(false);
         }
-        let mut idx_bytes = idx.encode();
-        crate::fsutil::write_atomic(&self.path, &idx_bytes)?;
-        idx_bytes.clear();
+        crate::fsutil::write_atomic_with(&self.path, |w| idx.encode_to(w))?;
         if let Some(dir) = self.path.parent() {
             evict(dir);
         }
