@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// `io` is shown in the message, not chained as a source, so that `{:#}` does not print it twice.
+    #[error("{path}: {io}")]
+    Io { path: PathBuf, io: std::io::Error },
     #[error("{path}: not a valid checkpoint: {reason}")]
     BadCheckpoint { path: PathBuf, reason: String },
     #[error("{path}: tensor `{name}` has shape {found:?}, the model expects {expected:?}")]
@@ -29,6 +30,9 @@ pub enum Error {
         .pid.map_or_else(|| "PID unknown".to_string(), |p| format!("PID {p}"))
     )]
     FolderBusy { dir: PathBuf, pid: Option<u32> },
+    /// SIGINT or SIGTERM stopped the run at a safe point; the message says how to resume.
+    #[error("interrupted by {signal}: {resume}")]
+    Interrupted { signal: crate::signals::Signal, resume: String },
     /// A collective or the rendezvous of a data-parallel run failed (a peer died, timed out or never came).
     #[error("distributed: {0}")]
     Dist(String),
@@ -36,7 +40,7 @@ pub enum Error {
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), io: source }
     }
     pub fn option(option: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::BadOption { option: option.into(), reason: reason.into() }
@@ -52,9 +56,10 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Torch(_) | Error::Diverged(_) | Error::Dist(_) => 1,
-            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::BrokenPipe => 0,
+            Error::Interrupted { signal, .. } => signal.exit_code(),
+            Error::Io { io, .. } if io.kind() == std::io::ErrorKind::BrokenPipe => 0,
             // A full or read-only disk is a failure of the run, not a bad input.
-            Error::Io { source, .. } if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::ReadOnlyFilesystem) => 1,
+            Error::Io { io, .. } if matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::ReadOnlyFilesystem) => 1,
             _ => 2,
         }
     }

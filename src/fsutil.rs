@@ -15,6 +15,27 @@ use crate::error::{Error, Result};
 /// Distinguishes the temporary files of one process's threads.
 static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// Temporary files this process is writing, removed by [`remove_own_temps`] when a signal stops it at once.
+static OWN_TEMPS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn own_temps() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    OWN_TEMPS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Forgets a temporary file that was renamed, linked or removed.
+fn temp_done(tmp: &Path) {
+    own_temps().retain(|p| p != tmp);
+}
+
+/// Removes the temporary files this process has not yet published (for a stop at a signal, which leaves no
+/// time for the writers to finish). Returns how many it removed.
+pub fn remove_own_temps() -> usize {
+    let mut temps = own_temps();
+    let n = temps.iter().filter(|p| std::fs::remove_file(p).is_ok()).count();
+    temps.clear();
+    n
+}
+
 /// A fresh temporary name next to `path`: `<name>.tmp-<PID>` for the first, `<name>.tmp-<PID>-<N>` after.
 fn temp_path(path: &Path) -> PathBuf {
     let seq = TEMP_SEQ.fetch_add(1, Ordering::Relaxed);
@@ -33,26 +54,80 @@ fn parent_dir(path: &Path) -> &Path {
     }
 }
 
-/// Reads a text file the user named (a config, a record, a reference), refusing anything but a regular file:
-/// `/dev/zero` or a FIFO would be read until memory runs out. `limit` bounds the size where a bigger file cannot
-/// be what was meant.
-pub fn read_regular_text(path: &Path, limit: Option<u64>) -> Result<String> {
-    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+/// What a file type is, in words, for a refusal.
+fn kind_of(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a named pipe (FIFO)"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    }
+}
+
+/// Opens a file the user named (a checkpoint, a config, a protocol file, an image) for reading, refusing anything
+/// but a regular file of at most `limit` bytes, by name and before a byte is read: a FIFO would block in `open`
+/// or `read` forever and `/dev/zero` (also behind a symlink) would be read until memory runs out.
+/// The type is checked by `stat` before the open (so a device is never opened) and again by `fstat` on the
+/// descriptor, which is opened non-blocking so that a FIFO swapped in between cannot block the open either.
+/// The only guard of its kind: every reader of user files goes through it.
+pub fn open_regular(path: &Path, limit: Option<u64>) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let refuse = |t: std::fs::FileType| Error::data(path, format!("{}, not a regular file", kind_of(t)));
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(refuse(meta.file_type()));
+    }
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
     let meta = f.metadata().map_err(|e| Error::io(path, e))?;
     if !meta.is_file() {
-        let what = if meta.is_dir() { "a directory" } else { "a device, pipe or socket" };
-        return Err(Error::data(path, format!("{what}, not a regular file")));
+        return Err(refuse(meta.file_type()));
     }
     if let Some(limit) = limit.filter(|&l| meta.len() > l) {
         return Err(Error::data(path, format!("{} bytes, more than the {limit} a file of this kind may have", meta.len())));
     }
-    let mut text = String::new();
-    f.read_to_string(&mut text).map_err(|e| Error::io(path, e))?;
-    Ok(text)
+    // Regular files never block; clearing the flag keeps later reads ordinary.
+    // SAFETY: fcntl on a descriptor that `f` owns.
+    unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(f)
+}
+
+/// The bytes of a regular file of at most `limit` bytes (see [`open_regular`]).
+pub fn read_regular(path: &Path, limit: Option<u64>) -> Result<Vec<u8>> {
+    let f = open_regular(path, limit)?;
+    let mut bytes = Vec::new();
+    // `take`: a file that grows while it is read still stops at the limit.
+    f.take(limit.unwrap_or(u64::MAX)).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
+
+/// Reads a text file the user named (a config, a record, a reference) through [`open_regular`].
+pub fn read_regular_text(path: &Path, limit: Option<u64>) -> Result<String> {
+    let bytes = read_regular(path, limit)?;
+    String::from_utf8(bytes).map_err(|e| Error::data(path, format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))
 }
 
 /// Size limit of config, protocol, reference and record files.
 pub const TEXT_LIMIT: u64 = 16 << 20;
+
+/// Size limit of an image file: a 179-Mpx image (the decoders' own limit) stored uncompressed is about 540 MB.
+pub const IMAGE_LIMIT: u64 = 1 << 30;
 
 /// Flushes a directory's entries (a rename or a new name) to disk.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
@@ -72,7 +147,10 @@ fn write_temp_with(path: &Path, fill: &mut dyn FnMut(&mut dyn Write) -> std::io:
     let (tmp, mut file) = loop {
         let tmp = temp_path(path);
         match OpenOptions::new().write(true).create_new(true).open(&tmp) {
-            Ok(f) => break (tmp, f),
+            Ok(f) => {
+                own_temps().push(tmp.clone());
+                break (tmp, f);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(Error::io(&tmp, e)),
         }
@@ -87,6 +165,7 @@ fn write_temp_with(path: &Path, fill: &mut dyn FnMut(&mut dyn Write) -> std::io:
     if let Err(e) = written {
         // A full disk must not leave a half-written temporary behind as well.
         let _ = std::fs::remove_file(&tmp);
+        temp_done(&tmp);
         return Err(Error::io(&tmp, e));
     }
     Ok(tmp)
@@ -96,10 +175,12 @@ fn write_temp_with(path: &Path, fill: &mut dyn FnMut(&mut dyn Write) -> std::io:
 /// once this returns the new content is on disk (the file is synced before the rename, the folder after it).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = write_temp(path, bytes)?;
-    if let Err(e) = std::fs::rename(&tmp, path) {
+    let renamed = std::fs::rename(&tmp, path);
+    if renamed.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
     }
+    temp_done(&tmp);
+    renamed.map_err(|e| Error::io(path, e))?;
     fsync_dir(parent_dir(path))
 }
 
@@ -144,6 +225,7 @@ pub fn write_new_file(dir: &Path, stem: &str, ext: &str, bytes: &[u8]) -> Result
         Err(Error::io(&first, std::io::Error::other("100000 files of this name exist already")))
     })();
     let _ = std::fs::remove_file(&tmp);
+    temp_done(&tmp);
     let path = result?;
     fsync_dir(dir)?;
     Ok(path)
@@ -218,8 +300,8 @@ fn flock_exclusive(f: &File, nonblocking: bool) -> std::io::Result<bool> {
 /// - under an exclusive `flock` on the file, so appends never interleave;
 /// - `header` is written only when the file holds no complete line yet (checked under the lock, so exactly one
 ///   writer writes it; a header torn by an earlier failure is replaced);
-/// - a last line left without its newline by an earlier failure (a full disk) is ended first, so the new line is
-///   not glued to it;
+/// - a last line left without its newline by an earlier failure (a full disk) is cut off, back to the last whole
+///   line: ending it with a newline would leave a short row that readers of the file reject;
 /// - header and lines go out in one write, and the file is synced before the lock is released.
 ///
 /// `lines` must be whole lines, each ending with `\n`.
@@ -232,11 +314,13 @@ pub fn append_lines_locked(path: &Path, header: &[u8], lines: &[u8]) -> Result<(
     flock_exclusive(&f, false).map_err(io)?;
     let len = f.metadata().map_err(io)?.len();
     let mut buf = Vec::with_capacity(header.len() + lines.len() + 1);
-    if !has_complete_line(&mut f, len).map_err(io)? {
-        f.set_len(0).map_err(io)?;
-        buf.extend_from_slice(header);
-    } else if last_byte(&mut f, len).map_err(io)? != Some(b'\n') {
-        buf.push(b'\n');
+    match last_newline(&mut f, len).map_err(io)? {
+        None => {
+            f.set_len(0).map_err(io)?;
+            buf.extend_from_slice(header);
+        }
+        Some(end) if end + 1 < len => f.set_len(end + 1).map_err(io)?,
+        Some(_) => {}
     }
     buf.extend_from_slice(lines);
     // O_APPEND: the write goes to the end even if the file was truncated above.
@@ -245,33 +329,21 @@ pub fn append_lines_locked(path: &Path, header: &[u8], lines: &[u8]) -> Result<(
     // The lock goes with the file descriptor.
 }
 
-fn last_byte(f: &mut File, len: u64) -> std::io::Result<Option<u8>> {
-    if len == 0 {
-        return Ok(None);
-    }
-    f.seek(SeekFrom::Start(len - 1))?;
-    let mut b = [0u8; 1];
-    f.read_exact(&mut b)?;
-    Ok(Some(b[0]))
-}
-
-/// Whether the file has at least one `\n` (a header line that was written in full).
-fn has_complete_line(f: &mut File, len: u64) -> std::io::Result<bool> {
-    if len == 0 {
-        return Ok(false);
-    }
-    f.seek(SeekFrom::Start(0))?;
+/// The offset of the file's last `\n` before `len`, None when it has none (not even a whole line).
+pub fn last_newline<F: Read + Seek>(f: &mut F, len: u64) -> std::io::Result<Option<u64>> {
     let mut buf = [0u8; 8192];
-    let mut reader = f.take(len);
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            return Ok(false);
+    let mut end = len;
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            return Ok(Some(start + i as u64));
         }
-        if buf[..n].contains(&b'\n') {
-            return Ok(true);
-        }
+        end = start;
     }
+    Ok(None)
 }
 
 /// An exclusive lock on a run folder (`flock` on `<dir>/.lock`), held while a run writes into it and released

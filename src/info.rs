@@ -119,3 +119,32 @@ pub fn device_name(d: tch::Device) -> String {
         other => format!("{other:?}"),
     }
 }
+
+/// This machine's memory in bytes (`MemTotal`), None where it cannot be read.
+pub fn memory_total() -> Option<u128> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Refuses, naming `option`, a size whose `bytes` cannot fit in this machine's memory, before libtorch is asked
+/// for them (a failed allocation there is a panic, not an error). `what` says what the bytes are for.
+pub fn check_fits(option: &str, what: &str, bytes: u128) -> crate::Result<()> {
+    // Without /proc/meminfo: 16 TiB, more than any one machine holds.
+    let total = memory_total().unwrap_or(16 << 40);
+    if bytes > total {
+        let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
+        return Err(crate::Error::option(option, format!("{what} need about {:.1} GiB, more than this machine's {:.1} GiB of memory", gib(bytes), gib(total))));
+    }
+    Ok(())
+}
+
+/// Rough peak bytes of a ViT forward pass (no grad) over `batch` images: a few tensors of the widest layer
+/// (the MLP's hidden tokens or the attention matrix) live at once.
+pub fn vit_forward_bytes(cfg: &crate::model::VitConfig, batch: u128) -> u128 {
+    let tokens = ((cfg.img_size / cfg.patch_size.max(1)).pow(2) + 1).max(1) as u128;
+    let widest = ((cfg.embed_dim as f64 * cfg.mlp_ratio) as u128).max(cfg.num_heads.max(1) as u128 * tokens);
+    let input = 3 * (cfg.img_size.max(1) as u128).pow(2);
+    batch * 4 * (input + 4 * tokens * widest)
+}

@@ -14,6 +14,7 @@ pub mod info;
 pub mod model;
 pub mod protocols;
 pub mod results;
+pub mod signals;
 pub mod train;
 pub mod viz;
 

@@ -361,3 +361,125 @@ fn a_value_of_the_wrong_type_names_its_key_and_source() {
     assert_eq!(code, Some(2));
     assert!(err.contains("ft.toml") && err.contains("`epochs`"), "{err}");
 }
+
+/// The dotted numeric keys of a recipe's defaults (the entries of lists and optional keys included).
+fn numeric_keys(v: &serde_json::Value, prefix: &str, out: &mut Vec<String>) {
+    if let serde_json::Value::Object(m) = v {
+        for (k, x) in m {
+            match x {
+                serde_json::Value::Object(_) => numeric_keys(x, &format!("{prefix}{k}."), out),
+                serde_json::Value::Number(_) => out.push(format!("{prefix}{k}")),
+                serde_json::Value::Array(a) if a.iter().all(|e| e.is_number()) => out.push(format!("{prefix}{k}")),
+                // Optional numbers (`lr`, `clip_grad`, `temperature`, `headline_k`) are null by default.
+                serde_json::Value::Null => out.push(format!("{prefix}{k}")),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Every numeric key of recipe `T` has a rule, and each of the values below, as an override of `src`, either
+/// loads and validates (only where the rule admits it) or is an input error (exit 2) naming the key; never a
+/// panic, never another exit code.
+fn every_key_of<T: lmim_bench::config::Recipe>(src: &lmim_bench::config::Source, validate: impl Fn(&mut T) -> lmim_bench::Result<()>) -> usize {
+    use lmim_bench::config::load_source;
+    let rules = T::rules();
+    let mut keys = Vec::new();
+    numeric_keys(&serde_json::to_value(T::default()).unwrap(), "", &mut keys);
+    let mut tried = 0;
+    for key in &keys {
+        let Some(rule) = rules.iter().find(|r| r.key == key) else {
+            panic!("{}: key `{key}` has no rule in the validation table", src.origin.display());
+        };
+        let is_list = matches!(serde_json::to_value(T::default()).unwrap().pointer(&format!("/{}", key.replace('.', "/"))), Some(serde_json::Value::Array(_)));
+        let mut values: Vec<String> = ["-3", "-1", "0", "1", "-0.5", "0.5", "nan", "inf", "-inf", "1e308", "-1e308", "9223372036854775807", "\"word\"", "true"].iter().map(|s| s.to_string()).collect();
+        if is_list {
+            values.extend(["[-1]", "[0]", "[nan]", "[1e308]", "[1]", "[]", "[\"word\"]"].iter().map(|s| s.to_string()));
+        }
+        for value in values {
+            let set = format!("{key}={value}");
+            tried += 1;
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                load_source::<T>(Some(src), std::slice::from_ref(&set)).and_then(|mut cfg| validate(&mut cfg).map(|()| cfg))
+            }));
+            let last = key.rsplit('.').next().unwrap();
+            match outcome {
+                Err(_) => panic!("`{set}` over {} panicked", src.origin.display()),
+                Ok(Ok(cfg)) => {
+                    // Accepted: the table must admit what was loaded.
+                    let v = toml::Value::try_from(&cfg).unwrap();
+                    let mut at = &v;
+                    for p in key.split('.') {
+                        at = at.get(p).unwrap_or_else(|| panic!("`{set}` accepted but `{key}` is absent"));
+                    }
+                    let entries: Vec<&toml::Value> = match at {
+                        toml::Value::Array(a) => a.iter().collect(),
+                        v => vec![v],
+                    };
+                    assert!(entries.iter().all(|e| rule.admits(e)), "`{set}` accepted over {} though the table says {}", src.origin.display(), rule.range_text());
+                }
+                Ok(Err(e)) => {
+                    let msg = e.to_string();
+                    assert_eq!(e.exit_code(), 2, "`{set}` over {}: {msg}", src.origin.display());
+                    assert!(msg.contains(last), "`{set}` over {}: the message must name `{key}`: {msg}", src.origin.display());
+                }
+            }
+        }
+    }
+    tried
+}
+
+#[test]
+fn every_numeric_key_of_every_recipe_is_in_the_table_and_checked() {
+    use lmim_bench::config::Source;
+    use lmim_bench::protocols::{attentive::AttentiveConfig, finetune::FinetuneConfig, knn::ProtocolSpec, linear::LinearConfig, linear_sweep::SweepConfig, Protocol};
+    use lmim_bench::train::pretrain::PretrainConfig;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut n = 0;
+    for cfg in ["configs/lmim_tiny.toml", "configs/lmim_vit_base.toml"] {
+        n += every_key_of::<PretrainConfig>(&Source::file(&root.join(cfg)).unwrap(), |c| c.validate());
+    }
+    let builtin = |p: Protocol| Source { text: p.builtin().to_string(), origin: format!("<built-in {}>", p.file_name()).into() };
+    n += every_key_of::<FinetuneConfig>(&builtin(Protocol::Finetune), |c| c.validate());
+    n += every_key_of::<LinearConfig>(&builtin(Protocol::Linear), |c| c.validate());
+    n += every_key_of::<SweepConfig>(&builtin(Protocol::LinearSweep), |c| c.validate());
+    n += every_key_of::<ProtocolSpec>(&builtin(Protocol::Knn), |c| c.validate("knn"));
+    n += every_key_of::<ProtocolSpec>(&builtin(Protocol::NnLoo), |c| c.validate("nn-loo"));
+    n += every_key_of::<ProtocolSpec>(&builtin(Protocol::KnnSweep), |c| c.validate("knn-sweep"));
+    n += every_key_of::<AttentiveConfig>(&builtin(Protocol::Attentive), |c| c.validate());
+    eprintln!("{n} overrides tried");
+}
+
+#[test]
+fn a_value_out_of_range_names_its_key_value_range_and_source() {
+    let dir = tempfile::tempdir().unwrap();
+    fixtures(dir.path());
+    // From a file: the key, the value, the range, the file and the line.
+    let file = dir.path().join("neg.toml");
+    let text = std::fs::read_to_string(tiny_config()).unwrap();
+    let line = 1 + text.lines().position(|l| l.starts_with("min_lr_frac")).expect("the tiny config sets min_lr_frac");
+    let text: Vec<&str> = text.lines().map(|l| if l.starts_with("min_lr_frac") { "min_lr_frac = -1.0" } else { l }).collect();
+    std::fs::write(&file, text.join("\n")).unwrap();
+    let (code, err) = stderr_of(pretrain(dir.path()).arg("-c").arg(&file));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains(&format!("neg.toml:{line}")) && err.contains("`min_lr_frac` = -1.0") && err.contains("[0, 1]"), "{err}");
+    // From overrides: each names its own key (not a neighbour), and the override.
+    for (set, key, range) in [
+        ("target_mom=1.5", "target_mom", "[0, 1]"),
+        ("beta1=5", "beta1", "[0, 1)"),
+        ("crop_scale_max=-1", "crop_scale_max", "(0, 1]"),
+        ("decoder_depth=0", "decoder_depth", "1..=256"),
+        ("clip_grad=nan", "clip_grad", "[0, 1000000]"),
+        ("weight_decay=-0.05", "weight_decay", "[0, 10]"),
+        ("tau=1e308", "tau", "(0, 100]"),
+        ("log_every=-3", "log_every", "1..="),
+    ] {
+        let (code, err) = stderr_of(pretrain(dir.path()).args(["-c", tiny_config(), "--set", set]));
+        assert_eq!(code, Some(2), "{set}: {err}");
+        assert!(err.contains(&format!("`{set}`")) && err.contains(&format!("key `{key}`")) && err.contains(range), "{set}: {err}");
+    }
+    // A relation names both keys.
+    let (code, err) = stderr_of(pretrain(dir.path()).args(["-c", tiny_config(), "crop_scale_min=0.9", "crop_scale_max=0.5"]));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("`crop_scale_min`") && err.contains("`crop_scale_max`"), "{err}");
+}

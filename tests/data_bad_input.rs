@@ -181,3 +181,42 @@ fn png_named_jpeg_and_greyscale_decode_to_rgb() {
     let noise: Vec<u8> = (0..5000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     assert!(lmim_bench::data::decode_image(&noise).is_err());
 }
+
+#[test]
+fn evaluation_refuses_an_unreadable_val_file_unless_skip_bad_which_lists_it_in_the_record_and_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("data");
+    synth(&SynthOptions { out: root.clone(), classes: 2, train_per_class: 4, val_per_class: 3, width: 40, height: 40, seed: 2, quality: 90 }).unwrap();
+    std::fs::write(root.join("val/class_001/notes.jpg"), "not a picture\n").unwrap();
+    let enc = dir.path().join("enc.safetensors");
+    bin().args(["init", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/configs/lmim_tiny.toml"), "-o"]).arg(&enc).assert().success();
+    let out = dir.path().join("runs");
+    let knn = |extra: &[&str]| {
+        bin()
+            .args(["eval", "--protocol", "knn", "--device", "cpu", "--quiet", "--no-cache", "--k", "1", "--headline-k", "1", "--json", "--name", "pico"])
+            .arg("--checkpoint")
+            .arg(&enc)
+            .arg("--data")
+            .arg(&root)
+            .arg("--output")
+            .arg(&out)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let res = knn(&[]);
+    assert_eq!(res.status.code(), Some(2), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(String::from_utf8_lossy(&res.stderr).contains("notes.jpg"), "{}", String::from_utf8_lossy(&res.stderr));
+    assert!(!out.join("results.csv").exists(), "a refused evaluation writes no row");
+
+    let res = knn(&["--skip-bad"]);
+    assert!(res.status.success(), "{}", String::from_utf8_lossy(&res.stderr));
+    let rec: serde_json::Value = serde_json::from_slice(&res.stdout).unwrap();
+    let skipped = rec["details"]["skipped_eval"].as_array().unwrap();
+    assert_eq!(skipped.len(), 1, "{}", rec["details"]);
+    assert!(skipped[0].as_str().unwrap().ends_with("val/class_001/notes.jpg"));
+    assert_eq!(rec["details"]["n_val"], 6, "the 6 readable val images are scored");
+    let t = bin().args(["table", "--format", "markdown", "-o", "-"]).arg(&out).output().unwrap();
+    let md = String::from_utf8_lossy(&t.stdout);
+    assert!(md.contains("§") && md.contains("1 unreadable files of the evaluation split skipped"), "{md}");
+}

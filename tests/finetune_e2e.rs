@@ -34,6 +34,9 @@ fn finetune_demo_data() {
     for v in [r.top1, r.top5, r.best_top1] {
         assert!(v.is_finite() && (0.0..=100.0).contains(&v), "accuracy {v}");
     }
+    // It learns: 10 balanced classes (chance 10% top-1, 50% top-5) on 200 val images; this run gets 25% / 77%
+    // on the CPU, and a model at chance would sit 2-3 points (one standard deviation) from 10%.
+    assert!(r.best_top1 >= 15.0 && r.top5 >= 60.0, "no better than chance: top1 {} top5 {}", r.best_top1, r.top5);
     assert!(r.top5 >= r.top1 && r.best_top1 >= r.top1);
     assert!((1..=2).contains(&r.best_epoch));
     assert!(r.history.iter().all(|h| h["loss"].is_finite()));

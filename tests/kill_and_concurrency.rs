@@ -151,6 +151,39 @@ fn sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run() {
         assert!(serde_json::from_str::<serde_json::Value>(line).is_ok_and(|v| v.is_object()), "metrics line {}: {line}", i + 1);
     }
     eprintln!("uninterrupted run {t_full:?}, {delivered} kills, whole test {:?}", t0.elapsed());
+
+    // SIGINT, then SIGTERM, each after a new checkpoint of the run: a clean stop after the current step with a
+    // checkpoint there, one line saying how to resume, exit 130 / 143, no temporary file; the run resumed after
+    // both ends with the bytes of the uninterrupted one.
+    let run = dir.path().join("signalled");
+    for (sig, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let before = files(&run.join("checkpoints"));
+        let mut child = pretrain_cmd(&data, &run, epochs).stderr(Stdio::piped()).spawn().unwrap();
+        let started = Instant::now();
+        while files(&run.join("checkpoints")).iter().all(|f| is_temp(f) || before.contains(f)) && child.try_wait().unwrap().is_none() {
+            assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint within 120 s");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before signal {sig}");
+        // SAFETY: signals our own child, which has not been reaped yet.
+        unsafe { libc::kill(child.id() as i32, sig) };
+        let signalled = Instant::now();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "signal {sig}: {err}");
+        assert!(signalled.elapsed() < Duration::from_secs(30), "stopping took {:?}", signalled.elapsed());
+        assert!(err.contains("run the same command again to resume"), "{err}");
+        assert!(!err.contains("error:"), "a requested stop is not an error: {err}");
+        let left: Vec<PathBuf> = files(&run).into_iter().filter(|p| is_temp(p)).collect();
+        assert!(left.is_empty(), "temporary files left after signal {sig}: {left:?}");
+        let named = newest_checkpoint(&run);
+        assert!(err.contains(named.to_str().unwrap()), "the line names the checkpoint written at the stop, {}: {err}", named.display());
+        checkpoint::load(&named).unwrap();
+    }
+    let out = pretrain_cmd(&data, &run, epochs).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_same_tensors(&newest_checkpoint(&full), &newest_checkpoint(&run));
+    assert_same_tensors(&full.join("encoder.safetensors"), &run.join("encoder.safetensors"));
 }
 
 #[test]

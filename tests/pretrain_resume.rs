@@ -118,10 +118,12 @@ fn nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path());
     let out = dir.path().join("run");
-    let res = pretrain_cmd(&data, &out, &["--set", "blr=1e9", "--set", "checkpoint_every=1"]).output().unwrap();
+    // The largest lr and weight decay the table admits: each step multiplies the weights by |1 - lr x wd| ~ 3000.
+    let res = pretrain_cmd(&data, &out, &["--set", "blr=1e4", "--set", "weight_decay=10", "--set", "checkpoint_every=1"]).output().unwrap();
     assert_eq!(res.status.code(), Some(1));
     let err = String::from_utf8_lossy(&res.stderr);
-    assert!(err.contains("loss is NaN at step") || err.contains("loss is inf at step"), "{err}");
+    // The loss or the gradient norm, whichever the skeleton reads first.
+    assert!(err.contains(" is NaN at step") || err.contains(" is inf at step"), "{err}");
     let kept = newest(&out);
     assert!(err.contains(kept.to_str().unwrap()) && err.contains("lower blr"), "{err}");
     // The checkpoint named as good holds only finite tensors (a diverging update is never saved).

@@ -150,3 +150,110 @@ fn dev_zero_is_not_a_checkpoint() {
     }
     assert!(checkpoint::load_any(dir.path()).unwrap_err().to_string().contains("a directory, not a regular file"));
 }
+
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a C string that lives across the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo {}", path.display());
+}
+
+/// Runs the CLI under a time bound (a FIFO that blocks fails the test instead of hanging it) and returns
+/// (exit code, stderr).
+fn run_bounded(args: &[&str]) -> (Option<i32>, String) {
+    let t0 = Instant::now();
+    let out = Command::cargo_bin("lmim-bench").unwrap().args(args).timeout(Duration::from_secs(60)).output().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(50), "{args:?} took {:?}", t0.elapsed());
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn named_pipes_and_device_files_are_refused_at_once_wherever_a_file_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let fifo_pth = d.join("f.pth");
+    let fifo_toml = d.join("f.toml");
+    mkfifo(&fifo_pth);
+    mkfifo(&fifo_toml);
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let data = d.join("synth");
+    let st = Command::cargo_bin("lmim-bench").unwrap().args(["data", "synth", "--out", &s(&data), "--classes", "2", "--train-per-class", "4", "--val-per-class", "4", "--size", "32"]).output().unwrap();
+    assert!(st.status.success());
+    let out = s(&d.join("o.safetensors"));
+    let cases: Vec<Vec<String>> = vec![
+        vec!["convert".into(), s(&fifo_pth), out.clone()],
+        vec!["forward".into(), "--checkpoint".into(), s(&fifo_pth), "--device".into(), "cpu".into()],
+        vec!["extract".into(), "--checkpoint".into(), s(&fifo_pth), "--data".into(), s(&data), "--no-cache".into(), "--device".into(), "cpu".into()],
+        vec!["eval".into(), "--protocol".into(), "knn".into(), "--checkpoint".into(), s(&fifo_pth), "--data".into(), s(&data), "--no-cache".into(), "--device".into(), "cpu".into(), "--output".into(), s(&d.join("runs"))],
+        vec!["pretrain".into(), "-c".into(), s(&fifo_toml), "--data".into(), s(&data), "-o".into(), s(&d.join("pre"))],
+        vec!["eval".into(), "--protocol".into(), "linear".into(), "--protocol-file".into(), s(&fifo_toml), "--checkpoint".into(), out.clone(), "--data".into(), s(&data), "--output".into(), s(&d.join("runs"))],
+        vec!["table".into(), s(&fifo_toml)],
+    ];
+    for args in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, err) = run_bounded(&args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains("a named pipe (FIFO), not a regular file"), "{args:?}: {err}");
+    }
+    // The library guard itself answers at once, from another thread so that a hang fails the test.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let p = fifo_pth.clone();
+    std::thread::spawn(move || tx.send(lmim_bench::fsutil::read_regular(&p, None).map(|_| ()).unwrap_err().to_string()).unwrap());
+    let err = rx.recv_timeout(Duration::from_secs(10)).expect("reading a FIFO blocked");
+    assert!(err.contains("f.pth") && err.contains("named pipe"), "{err}");
+
+    // Images: a FIFO and a symlink to /dev/zero named like JPEGs in a class folder. Training (and `data check`)
+    // skips and counts them; an evaluation refuses the split, naming the file (exit 2). Both at once: neither
+    // blocks nor reads the endless device.
+    let class = data.join("val").join(std::fs::read_dir(data.join("val")).unwrap().next().unwrap().unwrap().file_name());
+    mkfifo(&class.join("zz-fifo.jpg"));
+    std::os::unix::fs::symlink("/dev/zero", class.join("zz-zero.jpg")).unwrap();
+    let (code, err) = run_bounded(&["data", "check", "--data", &s(&data), "--split", "val"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("zz-fifo.jpg: a named pipe (FIFO), not a regular file"), "{err}");
+    assert!(err.contains("zz-zero.jpg: a character device, not a regular file"), "{err}");
+    let (code, err) = run_bounded(&["data", "check", "--data", &s(&data), "--split", "val", "--strict"]);
+    assert_eq!(code, Some(2), "{err}");
+    let init = s(&d.join("enc.safetensors"));
+    let st = Command::cargo_bin("lmim-bench").unwrap().args(["init", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/configs/lmim_tiny.toml"), "-o", &init]).output().unwrap();
+    assert!(st.status.success());
+    let (code, err) = run_bounded(&["extract", "--checkpoint", &init, "--data", &s(&data), "--split", "val", "--no-cache", "--device", "cpu", "--quiet"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("zz-fifo.jpg") || err.contains("zz-zero.jpg"), "{err}");
+}
+
+/// A pico encoder saved by `save_vit`, with one tensor replaced.
+fn pico_with(path: &Path, name: &str, replace: impl Fn(&tch::Tensor) -> tch::Tensor, meta: &[(&str, &str)]) {
+    let cfg = lmim_bench::model::VitConfig::from_arch("vit_pico_patch4_32").unwrap();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let _m = lmim_bench::model::VisionTransformer::new(&vs.root(), &cfg);
+    checkpoint::save_vit(path, &vs, &cfg, &Default::default()).unwrap();
+    let mut ck = checkpoint::load(path).unwrap();
+    for (n, t) in ck.tensors.iter_mut() {
+        if n == name {
+            *t = replace(t);
+        }
+    }
+    for (k, v) in meta {
+        ck.metadata.insert(k.to_string(), v.to_string());
+    }
+    checkpoint::save(path, &ck.tensors, &ck.metadata).unwrap();
+}
+
+#[test]
+fn nan_weights_integer_weights_and_an_unknown_arch_are_input_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let nan = dir.path().join("nan.safetensors");
+    pico_with(&nan, "blocks.1.mlp.fc1.weight", |t| t.fill(f64::NAN), &[]);
+    let ints = dir.path().join("ints.safetensors");
+    pico_with(&ints, "blocks.0.attn.qkv.weight", |t| (t * 100.0).to_kind(tch::Kind::Int64), &[]);
+    let arch = dir.path().join("arch.safetensors");
+    pico_with(&arch, "", |t| t.shallow_clone(), &[("arch", "vit_huge_patch99_7")]);
+    for (path, what) in [(&nan, "`blocks.1.mlp.fc1.weight` holds NaN or infinite values"), (&ints, "`blocks.0.attn.qkv.weight` is Int64, not floating point"), (&arch, "metadata `arch` is `vit_huge_patch99_7`")] {
+        let err = checkpoint::load_vit(path, None, tch::Device::Cpu, 0).map(|_| ()).unwrap_err();
+        assert_eq!(err.exit_code(), 2, "{err}");
+        assert!(err.to_string().contains(path.to_str().unwrap()) && err.to_string().contains(what), "{err}");
+        let (code, stderr) = run_bounded(&["forward", "--checkpoint", path.to_str().unwrap(), "--device", "cpu"]);
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(stderr.contains(what), "{stderr}");
+    }
+}

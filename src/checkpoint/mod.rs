@@ -79,17 +79,9 @@ pub fn tensor_bytes(t: &Tensor) -> Vec<u8> {
 
 pub use crate::fsutil::{clean_stale_temps, write_atomic};
 
-/// Opens a checkpoint for reading, refusing anything but a regular file: `/dev/zero` or a FIFO would make hashing
-/// or parsing read forever, and a directory has no bytes to hash. The check is on the opened file, so the path
-/// cannot be swapped between check and read.
+/// Opens a checkpoint for reading: a regular file only (`crate::fsutil::open_regular`).
 pub fn open_regular(path: &Path) -> Result<std::fs::File> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let meta = f.metadata().map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        let what = if meta.is_dir() { "a directory" } else { "a device, pipe or socket" };
-        return Err(Error::checkpoint(path, format!("{what}, not a regular file")));
-    }
-    Ok(f)
+    crate::fsutil::open_regular(path, None)
 }
 
 /// The safetensors encoding of `tensors` with `metadata`, byte for byte the same for the same input (the header
@@ -224,6 +216,14 @@ pub fn load_into(vs: &nn::VarStore, ckpt: &Checkpoint, allow_missing: &[&str]) -
             Some(src) => {
                 if src.size() != var.size() {
                     return Err(Error::ShapeMismatch { path: ckpt.path.clone(), name: name.clone(), found: src.size(), expected: var.size() });
+                }
+                // Integers cast to floats would load as weights nobody trained; NaN or inf would surface only as
+                // a "diverged" run or NaN features much later.
+                if var.is_floating_point() && !src.is_floating_point() {
+                    return Err(Error::checkpoint(&ckpt.path, format!("tensor `{name}` is {:?}, not floating point as the model's weights", src.kind())));
+                }
+                if src.is_floating_point() && src.isfinite().all().int64_value(&[]) == 0 {
+                    return Err(Error::checkpoint(&ckpt.path, format!("tensor `{name}` holds NaN or infinite values")));
                 }
                 tch::no_grad(|| {
                     let mut v = var.shallow_clone();
@@ -470,9 +470,13 @@ pub fn resolve_config_with(ckpt: &Checkpoint, arch: Option<&str>, num_heads: Opt
         c.no_embed_class = c.num_prefix_tokens() > 0 && ckpt.get("pos_embed").is_some_and(|t| t.size()[1] == c.num_patches());
         c
     } else if let Some(cfg) = ckpt.metadata.get("config") {
-        serde_json::from_str(cfg).map_err(|e| Error::checkpoint(&ckpt.path, format!("metadata `config` is not a ViT config: {e}")))?
+        let cfg: VitConfig = serde_json::from_str(cfg).map_err(|e| Error::checkpoint(&ckpt.path, format!("metadata `config` is not a ViT config: {e}")))?;
+        if let Some(a) = ckpt.metadata.get("arch").filter(|a| **a != cfg.arch) {
+            return Err(Error::checkpoint(&ckpt.path, format!("metadata `arch` is `{a}` but its `config` describes `{}`", cfg.arch)));
+        }
+        cfg
     } else if let Some(a) = ckpt.metadata.get("arch") {
-        VitConfig::from_arch(a)?
+        VitConfig::from_arch(a).map_err(|e| Error::checkpoint(&ckpt.path, format!("metadata `arch`: {e}")))?
     } else {
         infer_config(&ckpt.shapes(), num_heads, family).ok_or_else(|| {
             Error::checkpoint(&ckpt.path, "no `arch` metadata and the tensor shapes match no ViT (patch_embed.proj.weight and pos_embed needed); pass --arch")

@@ -158,23 +158,41 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<i32> {
     }
     let r: BenchResult = match &a.what {
         BenchWhat::Parity { .. } | BenchWhat::StepParity { .. } => unreachable!("handled above"),
-        BenchWhat::Infer { arch, batch_size } => bench::infer(arch, *batch_size, t, device, a.precision).context("timing inference")?,
+        BenchWhat::Infer { arch, batch_size } => {
+            let cfg = crate::model::VitConfig::from_arch(arch)?;
+            if *batch_size < 1 {
+                return Err(crate::Error::option("--batch-size", "must be at least 1").into());
+            }
+            crate::info::check_fits("--batch-size", &format!("{batch_size} images through {arch}"), crate::info::vit_forward_bytes(&cfg, *batch_size as u128))?;
+            bench::infer(arch, *batch_size, t, device, a.precision).context("timing inference")?
+        }
         BenchWhat::Knn { n_bank, n_query, dim, k, classes } => {
             if *n_bank < 1 || *n_query < 1 || *dim < 1 || *k < 1 || *classes < 1 {
                 return Err(crate::Error::option("--n-bank/--n-query/--dim/--k/--classes", "must be positive").into());
             }
+            let rows = *n_bank as u128 + *n_query as u128;
+            crate::info::check_fits("--n-bank/--n-query/--dim", &format!("{rows} features of {dim} values"), rows * *dim as u128 * 4)?;
             bench::knn(*n_bank, *n_query, *dim, *k, *classes, device).context("timing k-NN")?
         }
         BenchWhat::Loader { data, size, batch_size, workers } => {
             if *batch_size == 0 || *size == 0 {
                 return Err(crate::Error::option("--batch-size/--size", "must be positive").into());
             }
+            if *workers > 1024 {
+                return Err(crate::Error::option("--workers", format!("{workers} decode threads is more than 1024")).into());
+            }
+            crate::info::check_fits("--batch-size/--size", &format!("batches of {batch_size} {size}-px crops"), *batch_size as u128 * 3 * (*size as u128).pow(2) * 4)?;
             bench::loader(data, *size, *batch_size, *workers, a.steps).context("timing the loader")?
         }
         BenchWhat::Pretrain { config, sets, batch_size } => {
             let mut cfg: PretrainConfig = crate::config::load(config.as_deref(), sets)?;
             cfg.device = a.device.clone();
             let b = batch_size.unwrap_or(cfg.micro_batch_size);
+            if b < 1 {
+                return Err(crate::Error::option("--batch-size", "must be at least 1").into());
+            }
+            // A training step keeps the forward's activations for the backward: about three forwards' worth.
+            crate::info::check_fits("--batch-size", &format!("training steps of {b} images"), 3 * crate::info::vit_forward_bytes(&cfg.model.vit_config()?, b as u128))?;
             // One micro-batch per process and timed step.
             cfg.micro_batch_size = b;
             cfg.batch_size = b * world.size as i64;
@@ -182,6 +200,10 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<i32> {
         }
         BenchWhat::Finetune { arch, sets, batch_size, data } => {
             let mut cfg: FinetuneConfig = Protocol::Finetune.load(None, sets)?.cfg;
+            if *batch_size < 1 {
+                return Err(crate::Error::option("--batch-size", "must be at least 1").into());
+            }
+            crate::info::check_fits("--batch-size", &format!("training steps of {batch_size} images"), 3 * crate::info::vit_forward_bytes(&crate::model::VitConfig::from_arch(arch)?, *batch_size as u128))?;
             cfg.micro_batch_size = *batch_size;
             cfg.batch_size = *batch_size * world.size;
             bench::finetune_steps(arch, &cfg, t, device, a.precision, data.as_deref()).context("timing fine-tuning steps")?
@@ -191,6 +213,8 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<i32> {
             if *n < 2 || *dim < 1 || *classes < 1 {
                 return Err(crate::Error::option("--n/--dim/--classes", "need n >= 2 rows, dim >= 1 and classes >= 1").into());
             }
+            crate::info::check_fits("--n/--dim", &format!("{n} features of {dim} values"), *n as u128 * *dim as u128 * 4)?;
+            crate::info::check_fits("--dim/--classes", &format!("52 heads of {dim} x {classes} weights"), 52 * 4 * *dim as u128 * *classes as u128)?;
             let cfg: SweepConfig = Protocol::LinearSweep.load(None, sets)?.cfg;
             bench::sweep(*n, *dim, *classes, &cfg, device).context("timing the linear sweep")?
         }

@@ -68,7 +68,7 @@ struct CheckArgs {
     #[arg(long)]
     strict: bool,
     /// Decoding threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::workers)]
     workers: Option<usize>,
     /// Print the result as JSON.
     #[arg(long)]
@@ -168,15 +168,15 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
             };
             let r = fmnist::prepare_demo(&opts)?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                crate::results::write_output("-", &(serde_json::to_string_pretty(&r)? + "\n"))?;
             } else {
                 let verb = if r.reused { "up to date" } else { "written" };
-                println!(
-                    "{}: {verb} (train {} images, val {} images, 10 classes)",
+                crate::results::write_output("-", &format!(
+                    "{}: {verb} (train {} images, val {} images, 10 classes)\n",
                     r.out.display(),
                     r.train_images,
                     r.val_images
-                );
+                ))?;
             }
         }
         DataCmd::Synth(a) => {
@@ -193,16 +193,16 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
             };
             let r = synth::synth(&opts)?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                crate::results::write_output("-", &(serde_json::to_string_pretty(&r)? + "\n"))?;
             } else {
                 let verb = if r.reused { "up to date" } else { "written" };
-                println!(
-                    "{}: {verb} (train {} images, val {} images, {} classes, {width}x{height})",
+                crate::results::write_output("-", &format!(
+                    "{}: {verb} (train {} images, val {} images, {} classes, {width}x{height})\n",
                     r.out.display(),
                     r.train_images,
                     r.val_images,
                     opts.classes
-                );
+                ))?;
             }
         }
         DataCmd::Info(a) => info(a)?,
@@ -218,8 +218,18 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         Some(s) => vec![s.clone()],
         None => {
             // Surfaces an unreadable or missing root as the dataset error (exit 2).
-            let found: Vec<String> =
-                ["train", "val"].iter().filter(|s| a.data.join(s).is_dir()).map(|s| s.to_string()).collect();
+            let mut found = Vec::new();
+            for s in ["train", "val"] {
+                let p = a.data.join(s);
+                match std::fs::symlink_metadata(&p) {
+                    Err(_) => {}
+                    // The same answer as `data check` and the commands that open the split.
+                    Ok(_) if !p.is_dir() => {
+                        Dataset::open_with(&a.data, s, &opts)?;
+                    }
+                    Ok(_) => found.push(s.to_string()),
+                }
+            }
             if found.is_empty() {
                 return Err(match Dataset::open_with(&a.data, "train", &opts) {
                     Err(e) => e.into(),
@@ -265,9 +275,9 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
     }
     if a.json {
         let v = serde_json::json!({ "root": a.data, "splits": out });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::results::write_output("-", &(serde_json::to_string_pretty(&v)? + "\n"))?;
     } else {
-        print!("{}\n{text}", a.data.display());
+        crate::results::write_output("-", &format!("{}\n{text}", a.data.display()))?;
     }
     Ok(())
 }
@@ -288,9 +298,9 @@ fn check(a: CheckArgs) -> anyhow::Result<()> {
     }
     let skipped = loader.skipped();
     if a.json {
-        println!("{}", serde_json::json!({ "split": a.split, "images": n, "ok": ok, "skipped": skipped }));
+        crate::results::write_output("-", &format!("{}\n", serde_json::json!({ "split": a.split, "images": n, "ok": ok, "skipped": skipped })))?;
     } else {
-        println!("{}: {n} images, {ok} ok, {skipped} skipped", a.data.join(&a.split).display());
+        crate::results::write_output("-", &format!("{}: {n} images, {ok} ok, {skipped} skipped\n", a.data.join(&a.split).display()))?;
     }
     Ok(())
 }

@@ -42,10 +42,11 @@ pub struct ExtractArgs {
     /// Eval transform: Resize(floor(img_size / crop_pct), bicubic) + CenterCrop(img_size).
     #[arg(long, default_value_t = 0.875)]
     pub crop_pct: f64,
-    #[arg(long, default_value_t = 128)]
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 128, value_parser = crate::cli::batch_size)]
     pub batch_size: usize,
     /// Decode threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::workers)]
     pub workers: Option<usize>,
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -141,18 +142,24 @@ pub struct EvalArgs {
     #[arg(long)]
     pub bank_chunk: Option<i64>,
     /// Images per forward pass of feature extraction.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::cli::batch_size)]
     pub batch_size: usize,
     /// Decode threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::workers)]
     pub workers: Option<usize>,
     #[arg(long, default_value = "results/cache")]
     pub cache_dir: PathBuf,
     #[arg(long)]
     pub no_cache: bool,
-    /// A file that cannot be decoded stops the run (default: skipped, counted and recorded).
+    /// A file of a training split (the probe's and fine-tuning's train/) that cannot be read or decoded stops the
+    /// run (default: skipped, counted and recorded, as in pretraining).
     #[arg(long)]
     pub strict: bool,
+    /// Evaluation splits (val/, and every split that k-NN, nn-loo and the sweep extract) refuse a file that cannot
+    /// be read or decoded, with exit 2 naming it: a score over part of a split is not comparable with one over all
+    /// of it. With --skip-bad such files are skipped, counted and listed in the record instead.
+    #[arg(long)]
+    pub skip_bad: bool,
     /// No TensorBoard event files beside the metrics of the training protocols.
     #[arg(long)]
     pub no_tensorboard: bool,
@@ -160,7 +167,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// Directory for the results record (JSON) and results.csv.
-    #[arg(long, default_value = "results/runs")]
+    #[arg(long, default_value = "results/runs", value_parser = crate::cli::output_dir)]
     pub output: PathBuf,
     /// Print the record as JSON on stdout.
     #[arg(long)]
@@ -224,6 +231,7 @@ impl EvalArgs {
                 query_chunk: self.query_chunk,
                 bank_chunk: self.bank_chunk,
                 strict: self.strict,
+                skip_bad: self.skip_bad,
                 tensorboard: !self.no_tensorboard,
             },
         }
@@ -250,6 +258,7 @@ pub fn extract(a: ExtractArgs) -> anyhow::Result<()> {
         workers: a.workers,
         precision: a.precision,
         quiet: a.quiet,
+        skip_bad: false,
     };
     let (set, report) = extract::extract(&req).with_context(|| format!("extracting {} features of {}", a.split, a.checkpoint.display()))?;
     if !world.is_main() {
@@ -326,6 +335,9 @@ fn summary(rec: &RunRecord) -> String {
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let world = a.dist.init(&a.device)?;
     let req = a.request();
+    if a.protocol == Protocol::Finetune {
+        crate::signals::set_resume_hint(format!("run the same command again to resume fine-tuning from its last finished epoch (run folders in {})", a.output.display()));
+    }
     let rec = crate::protocols::run(&req).with_context(|| format!("evaluating with the {} protocol", a.protocol))?;
     if !world.is_main() {
         return Ok(());

@@ -102,6 +102,37 @@ impl DistArgs {
 
 /// Exit code of an error: the library's own classification where there is one, 2 for I/O and parse problems of
 /// the user's inputs, 1 otherwise.
+/// `--batch-size` of feature extraction: 1..=65536 images (a batch of 65536 224-px images is 39 GB already).
+pub(crate) fn batch_size(s: &str) -> Result<usize, String> {
+    bounded(s, 1, 65_536)
+}
+
+/// `--workers`: 0 (all cores) ..= 1024 decode threads.
+pub(crate) fn workers(s: &str) -> Result<usize, String> {
+    bounded(s, 0, 1024)
+}
+
+/// `--repeat`: 0..=100000 timed passes.
+pub(crate) fn repeats(s: &str) -> Result<usize, String> {
+    bounded(s, 0, 100_000)
+}
+
+fn bounded(s: &str, lo: usize, hi: usize) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(v) if (lo..=hi).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a whole number in {lo}..={hi}")),
+    }
+}
+
+/// An output folder: `-` (which would become a folder named `-`) and the empty path are refused.
+pub(crate) fn output_dir(s: &str) -> Result<std::path::PathBuf, String> {
+    match s {
+        "-" => Err("`-` is not a folder: records and runs are written into a folder (print a record with --json)".into()),
+        "" => Err("empty path".into()),
+        s => Ok(s.into()),
+    }
+}
+
 /// `--from FAMILY` (clap reports a bad value as a usage error, exit 2).
 pub(crate) fn parse_family(s: &str) -> Result<crate::checkpoint::Family, String> {
     crate::checkpoint::Family::parse(s).map_err(|e| e.to_string())
@@ -169,13 +200,16 @@ fn keep_freed_memory() {
 /// Entry point of the binary; returns the process exit code.
 pub fn main() -> i32 {
     keep_freed_memory();
-    // A closed stdout pipe (`lmim-bench table | head`) ends the process quietly, as in other Unix tools.
+    // One rule for a closed stdout pipe (`lmim-bench table | head`, `eval ... 2>&1 | head -1`) in every command:
+    // the write fails with EPIPE, which `results::write_output` takes as the reader having had enough, and the
+    // command finishes its work and exits 0 (a closed stderr pipe is `stderr_pipe`'s).
     #[cfg(unix)]
     unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
     #[cfg(unix)]
     let _stderr = stderr_pipe::install();
+    crate::signals::install();
     crate::protocols::knn::quiet_faiss_blas();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -194,8 +228,11 @@ pub fn main() -> i32 {
         }
         Err(e) => {
             let code = exit_code(&e);
-            if code != 0 {
-                eprintln!("error: {e:#}");
+            match e.chain().find_map(|c| c.downcast_ref::<crate::Error>()) {
+                // Not an error: the one line says where the run stopped and how to resume.
+                Some(i @ crate::Error::Interrupted { .. }) => eprintln!("{i}"),
+                _ if code != 0 => eprintln!("error: {e:#}"),
+                _ => {}
             }
             crate::dist::shutdown((code != 0).then(|| format!("{e:#}")).as_deref());
             code

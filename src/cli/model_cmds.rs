@@ -37,11 +37,11 @@ pub struct ForwardArgs {
     /// file is refused with the candidates).
     #[arg(long, value_parser = crate::cli::parse_family)]
     pub from: Option<crate::checkpoint::Family>,
-    /// Number of generated images.
-    #[arg(long, default_value_t = 8)]
+    /// Number of generated images (refused when they cannot fit in memory).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(i64).range(1..=1 << 20))]
     pub batch_size: i64,
     /// Timed repetitions after one warm-up pass.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = crate::cli::repeats)]
     pub repeat: usize,
     /// Device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
@@ -53,6 +53,10 @@ pub struct ForwardArgs {
 
 pub fn forward(a: ForwardArgs) -> anyhow::Result<()> {
     let device = parse_device(&a.device)?;
+    if a.checkpoint.is_none() {
+        let cfg = VitConfig::from_arch(&a.arch)?;
+        crate::info::check_fits("--batch-size", &format!("{} images through {}", a.batch_size, cfg.arch), crate::info::vit_forward_bytes(&cfg, a.batch_size as u128))?;
+    }
     tch::manual_seed(0);
     let (vs, model) = match &a.checkpoint {
         Some(p) => {
@@ -68,9 +72,7 @@ pub fn forward(a: ForwardArgs) -> anyhow::Result<()> {
         }
     };
     let cfg = &model.cfg;
-    if a.batch_size < 1 {
-        return Err(crate::Error::option("--batch-size", "must be at least 1").into());
-    }
+    crate::info::check_fits("--batch-size", &format!("{} images through {}", a.batch_size, cfg.arch), crate::info::vit_forward_bytes(cfg, a.batch_size as u128))?;
     let images = Tensor::randn([a.batch_size, 3, cfg.img_size, cfg.img_size], (Kind::Float, device));
     let out = tch::no_grad(|| model.forward_features(&images, &[-1], false));
     let mut secs = Vec::new();

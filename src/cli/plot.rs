@@ -61,7 +61,7 @@ pub fn plot(a: PlotArgs) -> anyhow::Result<()> {
         }
     };
     write_png(&output, &img)?;
-    println!("{}", output.display());
+    crate::results::write_output("-", &format!("{}\n", output.display()))?;
     Ok(())
 }
 

@@ -1,10 +1,10 @@
 //! Log output that survives a closed stderr pipe (`lmim-bench pretrain ... 2>&1 | head -1`).
 //!
-//! `main` keeps SIGPIPE at its default so that a closed *stdout* ends `table ... | head` quietly; but then the
-//! first warning or progress line written to a closed stderr pipe would kill a training run, and with SIGPIPE
-//! ignored `eprintln!` would panic instead. When stderr is a pipe or socket, fd 2 is therefore pointed at a pipe
+//! `main` ignores SIGPIPE so that a closed *stdout* is an EPIPE that every command handles the same way; but then
+//! `eprintln!` to a closed stderr pipe would panic, and a progress bar or a libtorch warning would end a training
+//! run. When stderr is a pipe or socket, fd 2 is therefore pointed at a pipe
 //! of our own, whose read end never closes, and one thread copies it to the real stderr with SIGPIPE blocked in
-//! that thread (the kernel sends SIGPIPE to the thread that wrote, so it stays pending there and the write
+//! that thread (should the disposition change, the signal stays pending there and the write
 //! returns EPIPE). After EPIPE the thread discards what follows. This covers every writer of fd 2: `eprintln!`,
 //! progress bars and libtorch's C++ warnings.
 use std::fs::File;

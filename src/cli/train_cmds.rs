@@ -22,7 +22,7 @@ pub struct PretrainArgs {
     pub data: Option<PathBuf>,
     /// Output directory for checkpoints, metrics, the exported encoder and the config
     /// (default: results/runs/pretrain-<config name>).
-    #[arg(long, short)]
+    #[arg(long, short, value_parser = crate::cli::output_dir)]
     pub output: Option<PathBuf>,
     /// Start from scratch even if the output directory holds checkpoints (refused if it does).
     #[arg(long, conflicts_with = "resume_from")]
@@ -66,6 +66,15 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let m = |k: &str| rec.metrics.get(k).copied().unwrap_or(f64::NAN);
+    if rec.details["finished_already"] == true {
+        eprintln!(
+            "{}: finished already ({} epochs, {} steps); nothing was trained or written. Raise `epochs` to train on, or choose another --output",
+            rec.details["last_checkpoint"].as_str().unwrap_or(""),
+            rec.details["epochs"],
+            m("steps")
+        );
+        return Ok(());
+    }
     eprintln!(
         "done: {} steps, final loss {:.4}, {:.1} img/s; encoder {}",
         m("steps"),

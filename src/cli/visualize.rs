@@ -101,7 +101,7 @@ pub fn visualize(a: VisualizeArgs) -> anyhow::Result<()> {
         arch: loaded.model.cfg.arch.clone(),
     };
     viz::run(&loaded.model, device, &images, &a.out, &opts, &info, |w| {
-        println!("{} -> {}", w.image.display(), w.png.display());
+        let _ = crate::results::write_output("-", &format!("{} -> {}\n", w.image.display(), w.png.display()));
     })?;
     Ok(())
 }

@@ -217,7 +217,7 @@ impl Dataset {
     fn scan_imagenet_val_flat(root: &Path, split: &str, dir: &Path, entries: &[Item]) -> Result<DatasetIndex> {
         let search = [root.to_path_buf(), root.join("anno"), dir.to_path_buf(), root.join("devkit/data")];
         let find = |name: &str| search.iter().map(|d| d.join(name)).find(|p| p.is_file());
-        let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| Error::io(p, e));
+        let read = |p: &Path| crate::fsutil::read_regular_text(p, Some(crate::fsutil::TEXT_LIMIT << 2));
 
         let mut wnid_of: HashMap<u32, String> = HashMap::new(); // file number -> wnid
         if let Some(csv) = find("LOC_val_solution.csv") {
@@ -338,7 +338,7 @@ impl Dataset {
         let (path, label) = &self.samples[i];
         match &self.shards {
             Some(s) => s.read(i, self.sizes[i], *label, path),
-            None => std::fs::read(path).map_err(|e| Error::io(path, e)),
+            None => crate::fsutil::read_regular(path, Some(crate::fsutil::IMAGE_LIMIT)),
         }
     }
 
@@ -359,6 +359,9 @@ fn check_root(root: &Path, split: &str, dir: &Path) -> Result<()> {
         Err(e) => return Err(Error::data(root, format!("cannot read data root: {e}"))),
     }
     std::fs::read_dir(root).map_err(|e| Error::data(root, format!("cannot read data root: {e}")))?;
+    if !dir.is_dir() && std::fs::symlink_metadata(dir).is_ok() {
+        return Err(Error::data(dir, format!("split `{split}` is not a folder (a file, or a symlink to nothing)")));
+    }
     if !dir.is_dir() {
         let have: Vec<String> = read_dir_sorted(root)?.into_iter().filter(|e| e.is_dir).map(|e| e.name).collect();
         let have = if have.is_empty() { "no folders".to_string() } else { have.join(", ") };

@@ -235,7 +235,7 @@ fn decode_other(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
 
 /// Reads and decodes one file; the error names it.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::fsutil::read_regular(path, Some(crate::fsutil::IMAGE_LIMIT))?;
     decode_image(&bytes).map_err(|reason| Error::data(path, reason))
 }
 

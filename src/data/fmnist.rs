@@ -60,7 +60,7 @@ pub struct PrepareReport {
 }
 
 fn read_gz(path: &Path) -> Result<Vec<u8>> {
-    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let f = crate::fsutil::open_regular(path, None)?;
     let mut buf = Vec::new();
     flate2::read::GzDecoder::new(f)
         .read_to_end(&mut buf)

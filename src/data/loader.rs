@@ -137,6 +137,9 @@ impl Loader {
         if cfg.batch_size == 0 {
             return Err(Error::option("batch_size", "must be positive"));
         }
+        // Each batch is one tensor, allocated by libtorch (which panics where it cannot).
+        let batch_bytes = cfg.batch_size as u128 * 3 * out_hw.0 as u128 * out_hw.1 as u128 * 4;
+        crate::info::check_fits("batch_size", &format!("batches of {} images of {}x{}", cfg.batch_size, out_hw.1, out_hw.0), batch_bytes)?;
         // A thread per worker: far more than any machine's cores only exhausts the process (seen: a hang, then abort).
         if cfg.workers > 1024 {
             return Err(Error::option("workers", format!("{} decode threads is more than 1024", cfg.workers)));
@@ -179,6 +182,14 @@ impl Loader {
     /// Files skipped so far (each time one is met).
     pub fn skipped(&self) -> usize {
         self.shared.skipped.load(Ordering::Relaxed)
+    }
+
+    /// The files skipped so far, each once, sorted.
+    pub fn skipped_files(&self) -> Vec<std::path::PathBuf> {
+        let ids = self.shared.warned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut files: Vec<std::path::PathBuf> = ids.iter().map(|&i| self.shared.dataset.samples[i].0.clone()).collect();
+        files.sort();
+        files
     }
 
     /// This rank's sample order for `epoch`. Training (`drop_last`): the epoch order is cut into global
@@ -319,13 +330,17 @@ impl Shared {
                 Err(e) if self.cfg.strict => return Err(e),
                 Err(e) => {
                     self.skipped.fetch_add(1, Ordering::Relaxed);
-                    if !self.cfg.quiet && self.warned.lock().unwrap().insert(ids[j]) {
+                    if self.warned.lock().unwrap_or_else(|e| e.into_inner()).insert(ids[j]) && !self.cfg.quiet {
                         eprintln!("warning: skipped: {e}");
                     }
                 }
             }
         }
         if keep.is_empty() {
+            // A whole batch unreadable is how a removed or unmounted data folder shows: name it, not a file.
+            if !self.dataset.dir.is_dir() {
+                return Err(Error::data(&self.dataset.dir, "the data folder is gone (removed or unmounted during the run)"));
+            }
             return Ok(None);
         }
         let skipped = b - keep.len();

@@ -60,7 +60,8 @@ impl ShardSet {
         if let Some(f) = self.files[s].get() {
             return Ok(f);
         }
-        let f = File::open(&self.paths[s]).map_err(|e| Error::io(&self.paths[s], e))?;
+        // A FIFO or device named `.tar` is refused, not read forever.
+        let f = crate::fsutil::open_regular(&self.paths[s], None)?;
         Ok(self.files[s].get_or_init(|| f))
     }
 
@@ -68,6 +69,9 @@ impl ShardSet {
     pub fn read(&self, i: usize, size: u64, label: i64, path: &Path) -> Result<Vec<u8>> {
         if label < 0 {
             return Err(Error::data(path, "no readable label (`.cls` member) for this sample in its shard"));
+        }
+        if size > crate::fsutil::IMAGE_LIMIT {
+            return Err(Error::data(path, format!("{size} bytes, more than the {} an image may have", crate::fsutil::IMAGE_LIMIT)));
         }
         let (s, offset) = self.loc[i];
         let f = self.file(s as usize)?;
@@ -163,7 +167,7 @@ fn parse_pax(data: &[u8]) -> std::result::Result<(Option<String>, Option<u64>), 
 /// The regular members of the tar at `path`, from one pass over its headers (one 512-byte read per member), and
 /// what is wrong with it: a tar cut short or a corrupt header ends the list there.
 pub fn read_members(path: &Path) -> Result<(Vec<Member>, Option<String>)> {
-    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let f = crate::fsutil::open_regular(path, None)?;
     let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut members = Vec::new();
     let (mut pos, mut long_name, mut pax): (u64, Option<String>, (Option<String>, Option<u64>)) = (0, None, (None, None));
@@ -291,7 +295,7 @@ pub(crate) fn scan(root: &Path, split: &str, dir: &Path, items: &[Item]) -> Resu
             if orphans > 0 {
                 problems.push(format!("{name}: {orphans} label(s) without an image member"));
             }
-            let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            let f = crate::fsutil::open_regular(&path, None)?;
             let mut unlabelled = 0;
             let entries = samples
                 .into_iter()

@@ -8,6 +8,7 @@ use tch::{Device, Kind, Tensor};
 use super::decoder::{CrossDecoder, DecoderConfig};
 use super::pos_embed::PosEmbedKind;
 use super::vit::{layer_norm, linear, norm, VisionTransformer, VitConfig};
+use crate::config::Rule;
 use crate::error::{Error, Result};
 
 /// Model part of a Latent MIM config. Key names follow the reference code (`decoder_depth`, `patch_gap`, ...).
@@ -72,6 +73,25 @@ pub enum LossKind {
 }
 
 impl LmimModelConfig {
+    /// Valid values of the numeric keys (`crate::config::Rule`): far above any published model, below what
+    /// would only fail later as an allocation abort or a diverged loss.
+    pub const RULES: &'static [Rule] = &[
+        Rule::int("decoder_depth", 1, 256),
+        Rule::int("decoder_dim", 4, 65536).multiple_of("decoder_heads"),
+        Rule::int("decoder_heads", 1, 1024),
+        Rule::int("proj_mlp_depth", 1, 64),
+        Rule::int("proj_mlp_dim", 1, 65536),
+        Rule::int("num_vis", 1, 1 << 20),
+        Rule::int("patch_gap", 0, 4096),
+        Rule::above("tau", 0.0, 100.0),
+        Rule::real("avg_sim_coeff", 0.0, 1000.0),
+        // Cosine similarities.
+        Rule::real("sim_init", -1.0, 1.0),
+        Rule::real("sim_end", -1.0, 1.0),
+        Rule::real("target_mom", 0.0, 1.0),
+        Rule::below("drop_path", 0.0, 1.0),
+    ];
+
     pub fn vit_config(&self) -> Result<VitConfig> {
         let arch = match self.encoder.as_str() {
             "vit_pico" => "vit_pico_patch4_32",
@@ -94,33 +114,15 @@ impl LmimModelConfig {
         Ok(v.grid() * (v.patch_size + self.patch_gap))
     }
 
+    /// What the table ([`Self::RULES`], checked by the pretraining config) cannot say: the encoder's patch count
+    /// bounds `num_vis`, and the sine-cosine position embedding needs `decoder_dim` divisible by 4.
     pub fn validate(&self) -> Result<()> {
         let v = self.vit_config()?;
-        let bad = |k: &str, r: String| Err(Error::option(k, r));
-        if self.num_vis < 1 || self.num_vis >= v.num_patches() {
-            return bad("num_vis", format!("{} must be between 1 and {}", self.num_vis, v.num_patches() - 1));
+        if self.num_vis >= v.num_patches() {
+            return Err(Error::option("num_vis", format!("{} must be between 1 and {} (the patches of {})", self.num_vis, v.num_patches() - 1, v.arch)));
         }
-        if self.patch_gap < 0 {
-            return bad("patch_gap", "must be >= 0".into());
-        }
-        if self.decoder_heads < 1 || self.decoder_depth < 1 || self.proj_mlp_depth < 1 {
-            return bad("decoder_heads", "decoder_heads, decoder_depth and proj_mlp_depth must be >= 1".into());
-        }
-        // Far above any published model; larger values would only fail later as an allocation abort.
-        if !(1..=65536).contains(&self.decoder_dim) || !(1..=65536).contains(&self.proj_mlp_dim) || self.decoder_depth > 256 {
-            return bad("decoder_dim", "decoder_dim and proj_mlp_dim must be in 1..=65536, decoder_depth at most 256".into());
-        }
-        if self.patch_gap > 4096 {
-            return bad("patch_gap", format!("{} pixels is more than any crop can hold", self.patch_gap));
-        }
-        if self.decoder_dim % self.decoder_heads != 0 || self.decoder_dim % 4 != 0 {
-            return bad("decoder_dim", format!("{} must be divisible by decoder_heads and by 4", self.decoder_dim));
-        }
-        if !(self.tau > 0.0 && self.tau.is_finite()) || !(0.0..=1.0).contains(&self.target_mom) {
-            return bad("tau", "tau must be a positive number and target_mom in [0, 1]".into());
-        }
-        if self.tau <= 0.0 {
-            return bad("tau", "must be > 0".into());
+        if self.decoder_dim % 4 != 0 {
+            return Err(Error::option("decoder_dim", format!("{} must be divisible by 4", self.decoder_dim)));
         }
         Ok(())
     }

@@ -89,6 +89,28 @@ impl Default for AttentiveConfig {
     }
 }
 
+impl crate::config::Recipe for AttentiveConfig {
+    fn rules() -> Vec<crate::config::Rule> {
+        use crate::config::Rule;
+        vec![
+            // The embedding width must also be a multiple of `queries` (checked against the model).
+            Rule::int("queries", 1, 4096),
+            Rule::above("epochs", 0.0, 1e6),
+            Rule::real("warmup_epochs", 0.0, 1e6).at_most("epochs"),
+            Rule::above("blr", 0.0, 100.0),
+            Rule::int("batch_size", 1, 1 << 24),
+            Rule::int("micro_batch_size", 1, 65536).at_most("batch_size"),
+            Rule::real("weight_decay", 0.0, 10.0),
+            Rule::below("momentum", 0.0, 1.0),
+            Rule::above("trust_coefficient", 0.0, 1.0),
+            Rule::above("crop_scale_min", 0.0, 1.0),
+            Rule::real("min_lr", 0.0, 100.0),
+            Rule::int("seed", 0, i64::MAX),
+            Rule::int("eval_every", 0, 1 << 20),
+        ]
+    }
+}
+
 impl AttentiveConfig {
     pub fn validate(&self) -> Result<()> {
         self.accum()?;
@@ -424,7 +446,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
             serde_json::json!({
                 "reported": "top1/top5 are the best epoch's, as the probing benchmark reports EP (its README: 'Report the best-epoch accuracy'); last_top1/last_top5 are the last epoch's",
                 "history": res.history, "best_epoch": res.best_epoch, "steps": res.steps, "steps_per_epoch": res.steps_per_epoch,
-                "skipped_files": train.skipped() + val.skipped(), "run_dir": run_dir, "head": last_path, "best_head": best_path,
+                "skipped_files": train.skipped() + val.skipped(), "skipped_eval": val.skipped_files(), "run_dir": run_dir, "head": last_path, "best_head": best_path,
             }),
             &device_name(device),
             &req.output,

@@ -266,6 +266,9 @@ pub struct ExtractRequest {
     /// `f32` unless asked otherwise (see [`precision_of`]).
     pub precision: Precision,
     pub quiet: bool,
+    /// Unreadable files are skipped and listed in the report instead of stopping the extraction; the features
+    /// then cover part of the split and are not cached.
+    pub skip_bad: bool,
 }
 
 /// How a request was served.
@@ -277,6 +280,9 @@ pub struct ExtractReport {
     pub cache_hit: bool,
     pub seconds: f64,
     pub images_per_s: Option<f64>,
+    /// The files skipped as unreadable (with `skip_bad`), in dataset order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped_paths: Vec<PathBuf>,
 }
 
 /// The eval transform for a model input size: Resize(floor(size / crop_pct), bicubic) + CenterCrop(size).
@@ -474,7 +480,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     });
     let hit = world.sum_f64(&[cached.is_some() as u8 as f64], "the feature cache check")?[0] > 0.0;
     if hit {
-        let report = ExtractReport { cache_key: key, path: cache_path.clone(), cache_hit: true, seconds: t0.elapsed().as_secs_f64(), images_per_s: None };
+        let report = ExtractReport { cache_key: key, path: cache_path.clone(), cache_hit: true, seconds: t0.elapsed().as_secs_f64(), images_per_s: None, skipped_paths: Vec::new() };
         let set = cached.map_or_else(|| FeatureSet::empty_on_peer(cfg.embed_dim), |(_, set)| set);
         return Ok((set, report));
     }
@@ -484,7 +490,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     let class_names = dataset.classes.clone();
     let dataset_dir = dataset.dir.clone();
     // Each rank extracts its contiguous block of the split; the blocks are gathered to rank 0 below.
-    let mut lcfg = LoaderConfig { batch_size: req.batch_size, shuffle: false, drop_last: false, strict: true, rank: world.rank, world_size: world.size, quiet: req.quiet || !world.is_main(), pin_device: Some(req.device), ..Default::default() };
+    let mut lcfg = LoaderConfig { batch_size: req.batch_size, shuffle: false, drop_last: false, strict: !req.skip_bad, rank: world.rank, world_size: world.size, quiet: req.quiet || !world.is_main(), pin_device: Some(req.device), ..Default::default() };
     if let Some(w) = req.workers {
         lcfg.workers = w.max(1);
     }
@@ -508,13 +514,26 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     drop(rows);
     let gathered = gather_rows(world, local, n as i64)?;
     let Some((features, labels, filled)) = gathered else {
-        let report = ExtractReport { cache_key: key, path: cache_path, cache_hit: false, seconds: t0.elapsed().as_secs_f64(), images_per_s: None };
+        let report = ExtractReport { cache_key: key, path: cache_path, cache_hit: false, seconds: t0.elapsed().as_secs_f64(), images_per_s: None, skipped_paths: Vec::new() };
         return Ok((FeatureSet::empty_on_peer(cfg.embed_dim), report));
     };
     let features = features.ok_or_else(|| Error::data(&dataset_dir, "the split has no images"))?;
-    if filled != n || labels.min().int64_value(&[]) < 0 {
+    let mut skipped_paths = Vec::new();
+    let (features, labels) = if filled == n && labels.min().int64_value(&[]) >= 0 {
+        (features, labels)
+    } else if req.skip_bad {
+        // The rows of the files that could not be read are left out; the record lists them.
+        let kept = labels.ge(0);
+        let missing = Vec::<i64>::try_from(kept.logical_not().nonzero().view([-1])).expect("int64 indices");
+        skipped_paths = missing.iter().map(|&i| loader.dataset().samples[i as usize].0.clone()).collect();
+        let rows = kept.nonzero().view([-1]);
+        if rows.size()[0] == 0 {
+            return Err(Error::data(&dataset_dir, "no image of the split could be read"));
+        }
+        (features.index_select(0, &rows), labels.index_select(0, &rows))
+    } else {
         return Err(Error::data(&dataset_dir, format!("extracted {filled} of {n} images (unreadable files?)")));
-    }
+    };
     if features.isfinite().logical_not().any().int64_value(&[]) != 0 {
         return Err(Error::Diverged(format!("{}: the model produced non-finite features", req.checkpoint.display())));
     }
@@ -541,7 +560,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
         checkpoint_source: Some(serde_json::to_value(&loaded.source).expect("source serialises")),
     };
     let set = FeatureSet { features, labels, meta };
-    if let Some(p) = cache_path.as_ref().filter(|_| world.is_main()) {
+    if let Some(p) = cache_path.as_ref().filter(|_| world.is_main() && skipped_paths.is_empty()) {
         set.save(p)?;
     }
     let report = ExtractReport {
@@ -550,6 +569,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
         cache_hit: false,
         seconds: t0.elapsed().as_secs_f64(),
         images_per_s: Some(n as f64 / extract_s.max(1e-9)),
+        skipped_paths,
     };
     Ok((set, report))
 }

@@ -16,6 +16,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::record::{RecordBuilder, SplitPrint};
 use super::{EvalRequest, Protocol, RunOptions};
 use crate::checkpoint::{load_into, sha256_file, LoadReport};
+use crate::config::Rule;
 use crate::data::augment::{mixup_cutmix, MixupConfig, RandAugment, RandomErasing};
 use crate::data::loader::{stage_batch, Batch, Loader};
 use crate::data::transforms::Transform;
@@ -103,28 +104,42 @@ impl Default for FinetuneConfig {
     }
 }
 
+impl crate::config::Recipe for FinetuneConfig {
+    fn rules() -> Vec<Rule> {
+        vec![
+            Rule::int("epochs", 1, 1 << 20),
+            Rule::real("warmup_epochs", 0.0, 1e6).at_most("epochs"),
+            Rule::above("blr", 0.0, 10.0),
+            Rule::above("lr", 0.0, 10.0),
+            Rule::int("batch_size", 1, 1 << 24),
+            Rule::int("micro_batch_size", 1, 65536).at_most("batch_size"),
+            Rule::real("weight_decay", 0.0, 10.0),
+            Rule::below("beta1", 0.0, 1.0),
+            Rule::below("beta2", 0.0, 1.0),
+            Rule::above("layer_decay", 0.0, 1.0),
+            Rule::below("drop_path", 0.0, 1.0),
+            Rule::real("min_lr", 0.0, 10.0),
+            Rule::below("smoothing", 0.0, 1.0),
+            // Beta-distribution alphas.
+            Rule::real("mixup", 0.0, 100.0),
+            Rule::real("cutmix", 0.0, 100.0),
+            Rule::real("mixup_prob", 0.0, 1.0),
+            Rule::real("mixup_switch_prob", 0.0, 1.0),
+            Rule::real("reprob", 0.0, 1.0),
+            Rule::real("model_ema_decay", 0.0, 1.0),
+            Rule::above("clip_grad", 0.0, 1e6),
+            Rule::above("crop_pct", 0.0, 1.0),
+            Rule::int("seed", 0, i64::MAX),
+            Rule::int("eval_every", 0, 1 << 20),
+        ]
+    }
+}
+
 impl FinetuneConfig {
+    /// The table of every numeric key, the accumulation over this run's processes and the RandAugment policy.
     pub fn validate(&self) -> Result<()> {
-        let bad = |o: &str, r: &str| Err(Error::option(o, r));
-        if self.epochs == 0 {
-            return bad("epochs", "must be positive");
-        }
+        crate::config::check_rules(self)?;
         crate::train::accum_for(self.batch_size as i64, self.micro_batch_size as i64, crate::dist::world().size as i64)?;
-        if !(self.blr > 0.0 && self.blr.is_finite()) || self.lr.is_some_and(|lr| !(lr > 0.0 && lr.is_finite())) {
-            return bad("blr", "the learning rate must be a positive number");
-        }
-        if !(self.layer_decay > 0.0 && self.layer_decay <= 1.0) {
-            return bad("layer_decay", "must be in (0, 1]");
-        }
-        if !(0.0..1.0).contains(&self.drop_path) {
-            return bad("drop_path", "must be in [0, 1)");
-        }
-        if !(0.0..=1.0).contains(&self.model_ema_decay) {
-            return bad("model_ema_decay", "must be in [0, 1]");
-        }
-        if !(0.0..=1.0).contains(&self.reprob) || !(0.0..=1.0).contains(&self.mixup_prob) {
-            return bad("reprob", "probabilities must be in [0, 1]");
-        }
         if !self.randaug.is_empty() {
             RandAugment::parse(&self.randaug).map_err(|e| Error::option("randaug", e))?;
         }
@@ -348,6 +363,10 @@ pub struct FinetuneResult {
     pub resumed_from_epoch: Option<usize>,
     pub exported: Option<PathBuf>,
     pub skipped_files: usize,
+    /// The files skipped (training split; the val split with `--skip-bad`).
+    pub skipped_paths: Vec<PathBuf>,
+    /// The val files among them (`--skip-bad`): the score covers the rest of the split.
+    pub skipped_eval: Vec<PathBuf>,
 }
 
 /// Exponential moving average of all model variables (timm's `ModelEma`), held in a second model for evaluation.
@@ -655,6 +674,8 @@ pub fn run_finetune_with(
         resumed_from_epoch,
         exported,
         skipped_files: train.skipped() + val.skipped(),
+        skipped_paths: train.skipped_files().into_iter().chain(val.skipped_files()).collect(),
+        skipped_eval: val.skipped_files(),
     };
     Ok((result, ft.fm))
 }
@@ -725,7 +746,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
             "init": if req.checkpoint.is_some() { "checkpoint" } else { "random (from scratch)" },
             "history": res.history, "best_epoch": res.best_epoch, "steps": res.steps,
             "resumed_from_epoch": res.resumed_from_epoch, "exported": res.exported, "run_dir": run_dir,
-            "load_report": res.load_report.as_ref().map(|r| r.summary()), "skipped_files": res.skipped_files,
+            "load_report": res.load_report.as_ref().map(|r| r.summary()), "skipped_files": res.skipped_files, "skipped_paths": res.skipped_paths, "skipped_eval": res.skipped_eval,
         }),
         &device,
         &req.output,

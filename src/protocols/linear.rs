@@ -392,7 +392,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         .metric("top5", res.top5)
         .metric("best_top1", res.best_top1)
         .finish(
-            serde_json::json!({ "history": res.history, "best_epoch": res.best_epoch, "steps": res.steps, "steps_per_epoch": res.steps_per_epoch, "skipped_files": train.skipped() + val.skipped(), "run_dir": run_dir, "head": head_path }),
+            serde_json::json!({ "history": res.history, "best_epoch": res.best_epoch, "steps": res.steps, "steps_per_epoch": res.steps_per_epoch, "skipped_files": train.skipped() + val.skipped(), "skipped_eval": val.skipped_files(), "run_dir": run_dir, "head": head_path }),
             &device_name(device),
             &req.output,
         )

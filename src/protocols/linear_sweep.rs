@@ -57,20 +57,33 @@ impl Default for SweepConfig {
     }
 }
 
+impl crate::config::Recipe for SweepConfig {
+    fn rules() -> Vec<crate::config::Rule> {
+        use crate::config::Rule;
+        vec![
+            Rule::int("epochs", 1, 1 << 20),
+            Rule::int("batch_size", 1, 1 << 24),
+            Rule::below("momentum", 0.0, 1.0),
+            // Per entry.
+            Rule::above("lrs", 0.0, 1000.0),
+            // The cache holds the CLS tokens of the last 4 blocks.
+            Rule::int("n_last_blocks", 1, 4),
+            Rule::below("holdout_frac", 0.0, 1.0),
+            Rule::int("holdout_min", 0, 1 << 40),
+            Rule::int("seed", 0, i64::MAX),
+        ]
+    }
+}
+
 impl SweepConfig {
+    /// The table of every numeric key, and non-empty lists.
     pub fn validate(&self) -> Result<()> {
-        if self.epochs == 0 || self.batch_size < 1 {
-            return Err(Error::option("epochs", "epochs and batch_size must be positive"));
-        }
-        if self.lrs.is_empty() || self.lrs.iter().any(|lr| !(*lr > 0.0 && lr.is_finite())) {
+        crate::config::check_rules(self)?;
+        if self.lrs.is_empty() {
             return Err(Error::option("lrs", "must be a non-empty list of positive learning rates"));
         }
-        // The cache holds the CLS tokens of the last 4 blocks.
-        if self.n_last_blocks.is_empty() || self.n_last_blocks.iter().any(|&n| !(1..=4).contains(&n)) {
-            return Err(Error::option("n_last_blocks", format!("{:?}: each entry must be between 1 and 4 (the cached blocks)", self.n_last_blocks)));
-        }
-        if !(0.0..1.0).contains(&self.holdout_frac) {
-            return Err(Error::option("holdout_frac", "must be in [0, 1)"));
+        if self.n_last_blocks.is_empty() {
+            return Err(Error::option("n_last_blocks", "must be a non-empty list of 1 to 4 blocks"));
         }
         Ok(())
     }

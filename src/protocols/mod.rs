@@ -12,7 +12,7 @@ pub mod record;
 
 use std::path::{Path, PathBuf};
 
-use serde::{de::DeserializeOwned, Serialize};
+use serde::Serialize;
 
 use crate::config::{Precision, Source};
 use crate::data::dataset::Dataset;
@@ -116,7 +116,7 @@ impl Protocol {
 
     /// Loads the protocol's recipe with the overrides applied. Returns the recipe, the recipe of the file alone
     /// (to name what was overridden) and the file's origin.
-    pub fn load<T: Serialize + DeserializeOwned + Default>(self, explicit: Option<&Path>, sets: &[String]) -> Result<Loaded<T>> {
+    pub fn load<T: crate::config::Recipe>(self, explicit: Option<&Path>, sets: &[String]) -> Result<Loaded<T>> {
         let src = self.source(explicit)?;
         let base: T = crate::config::load_source(Some(&src), &[])?;
         let cfg: T = crate::config::load_source(Some(&src), sets)?;
@@ -127,6 +127,28 @@ impl Protocol {
 impl std::fmt::Display for Protocol {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+/// `protocols/linear.toml` (the struct is in `linear.rs`).
+impl crate::config::Recipe for linear::LinearConfig {
+    fn rules() -> Vec<crate::config::Rule> {
+        use crate::config::Rule;
+        vec![
+            Rule::above("epochs", 0.0, 1e6),
+            Rule::real("warmup_epochs", 0.0, 1e6).at_most("epochs"),
+            // MAE's probe: blr 0.1 at batch 16384; the demo's absolute lr 6.4.
+            Rule::above("blr", 0.0, 100.0),
+            Rule::int("batch_size", 1, 1 << 24),
+            Rule::int("micro_batch_size", 1, 65536).at_most("batch_size"),
+            Rule::real("weight_decay", 0.0, 10.0),
+            Rule::below("momentum", 0.0, 1.0),
+            Rule::above("trust_coefficient", 0.0, 1.0),
+            Rule::above("crop_scale_min", 0.0, 1.0),
+            Rule::real("min_lr", 0.0, 100.0),
+            Rule::int("seed", 0, i64::MAX),
+            Rule::int("eval_every", 0, 1 << 20),
+        ]
     }
 }
 
@@ -179,8 +201,11 @@ pub struct RunOptions {
     pub backend: knn::Backend,
     pub query_chunk: Option<i64>,
     pub bank_chunk: Option<i64>,
-    /// A file that cannot be decoded stops the run instead of being skipped (and counted).
+    /// A file of a training split that cannot be read stops the run instead of being skipped (and counted).
     pub strict: bool,
+    /// A file of an evaluation split that cannot be read is skipped, counted and listed in the record instead of
+    /// stopping the run (the score then covers part of the split).
+    pub skip_bad: bool,
     /// TensorBoard event files beside the metrics of the training protocols.
     pub tensorboard: bool,
 }
@@ -199,6 +224,7 @@ impl Default for RunOptions {
             query_chunk: None,
             bank_chunk: None,
             strict: false,
+            skip_bad: false,
             tensorboard: true,
         }
     }
@@ -302,11 +328,12 @@ pub(crate) fn train_loader(ds: Dataset, t: Transform, batch: usize, seed: u64, r
 }
 
 /// An evaluation loader: dataset order, every image; with `shard`, this rank's contiguous block of it (the
-/// top-k evaluation sums its counts over ranks).
+/// top-k evaluation sums its counts over ranks). A file that cannot be read stops it, unless `skip_bad`: a score
+/// over part of a split is not comparable with one over all of it.
 pub(crate) fn eval_loader(ds: Dataset, t: Transform, batch: usize, run: &RunOptions, shard: bool) -> Result<Loader> {
     let w = crate::dist::world();
     let (rank, world_size) = if shard { (w.rank, w.size) } else { (0, 1) };
-    let cfg = LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, rank, world_size, workers: run.loader_workers(), strict: run.strict, quiet: run.quiet, pin_device: Some(run.device()?), ..Default::default() };
+    let cfg = LoaderConfig { batch_size: batch, shuffle: false, drop_last: false, rank, world_size, workers: run.loader_workers(), strict: !run.skip_bad, quiet: run.quiet, pin_device: Some(run.device()?), ..Default::default() };
     Loader::new(ds, t, cfg)
 }
 

@@ -42,6 +42,7 @@ fn extract_split(req: &EvalRequest, spec: &ProtocolSpec, split: &str, device: tc
         workers: run.workers,
         precision: run.precision.unwrap_or(Precision::F32),
         quiet: run.quiet,
+        skip_bad: run.skip_bad,
     };
     let (set, report): (FeatureSet, ExtractReport) = extract::extract(&er)?;
     if !run.quiet {
@@ -186,6 +187,13 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
             serde_json::json!({ "nn_loo": r, "val": val.source, "n_val": val.set.len() })
         }
     };
+    let mut details = details;
+    let skipped: Vec<serde_json::Value> = ["train", "val"]
+        .iter()
+        .filter_map(|s| details.get(*s)?.get("skipped_paths")?.as_array().cloned())
+        .flatten()
+        .collect();
+    details["skipped_eval"] = serde_json::Value::Array(skipped);
     let meta = &val.set.meta;
     let ckpt = req.checkpoint.clone().or_else(|| meta.checkpoint.as_ref().map(Into::into));
     let name = req.name.clone().unwrap_or_else(|| ckpt.as_ref().and_then(|c| c.file_stem()).map_or("features".into(), |s| s.to_string_lossy().into_owned()));

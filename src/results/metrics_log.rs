@@ -101,22 +101,8 @@ impl MetricsLog {
 /// the last whole line, so that the next line is not glued to it and every line stays JSON (`plot` refuses a
 /// file with a line that is not).
 fn drop_torn_line(f: &std::fs::File) -> std::io::Result<()> {
-    use std::io::{Read, Seek, SeekFrom};
     let len = f.metadata()?.len();
-    let mut f = f;
-    let mut end = len;
-    let mut buf = [0u8; 4096];
-    while end > 0 {
-        let start = end.saturating_sub(buf.len() as u64);
-        let chunk = &mut buf[..(end - start) as usize];
-        f.seek(SeekFrom::Start(start))?;
-        f.read_exact(chunk)?;
-        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
-            end = start + i as u64 + 1;
-            break;
-        }
-        end = start;
-    }
+    let end = crate::fsutil::last_newline(&mut &*f, len)?.map_or(0, |i| i + 1);
     if end < len {
         f.set_len(end)?;
     }

@@ -192,7 +192,7 @@ fn append_csv(path: &Path, rec: &RunRecord) -> Result<()> {
 /// Reads back a `results.csv` written by `RunRecord::write`: one record per row with what the row keeps (model,
 /// protocol and version, headline value, top-1/5, arch, checkpoint and dataset ids, seed, commit, duration).
 pub fn read_csv(path: &Path) -> Result<Vec<RunRecord>> {
-    let mut r = csv::Reader::from_path(path).map_err(|e| Error::data(path, e.to_string()))?;
+    let mut r = csv::Reader::from_reader(crate::fsutil::open_regular(path, None)?);
     let header = r.headers().map_err(|e| Error::data(path, e.to_string()))?.clone();
     let col = |name: &str| header.iter().position(|h| h == name);
     let Some(idx) = CSV_HEADER.iter().map(|h| col(h)).collect::<Option<Vec<usize>>>() else {

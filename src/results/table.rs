@@ -34,6 +34,7 @@ fn column_key(r: &RunRecord) -> String {
 }
 const MARK_VERSION: &str = "†";
 const MARK_DATA: &str = "‡";
+const MARK_SKIPPED: &str = "§";
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Cell {
@@ -56,6 +57,9 @@ pub struct Cell {
     pub dataset_fingerprint: Option<String>,
     /// `†`, `‡` and reference note numbers.
     pub marks: Vec<String>,
+    /// Unreadable files of the evaluation split left out (`eval --skip-bad`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub skipped_eval: usize,
     /// Records of this protocol for this row (the latest is shown).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub records: Option<usize>,
@@ -112,6 +116,7 @@ fn cell_of(recs: &[&RunRecord]) -> Option<Cell> {
         version: Some(rec.protocol_version.clone()),
         dataset_fingerprint: fingerprint_id(rec),
         marks: Vec::new(),
+        skipped_eval: rec.details.get("skipped_eval").and_then(|s| s.as_array()).map_or(0, Vec::len),
         records: Some(recs.len()),
         started_at: Some(rec.started_at.clone()),
         source: None,
@@ -173,6 +178,17 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
     }
 
     let mut footnotes = Vec::new();
+    for row in rows.iter_mut() {
+        for (proto, header, _) in &cols {
+            if let Some(cell) = row.cells.get_mut(proto.as_str()).filter(|c| c.skipped_eval > 0) {
+                cell.marks.push(MARK_SKIPPED.into());
+                footnotes.push(format!(
+                    "{MARK_SKIPPED} {}, {header}: {} unreadable files of the evaluation split skipped (--skip-bad); the score covers the rest",
+                    row.model, cell.skipped_eval
+                ));
+            }
+        }
+    }
     for (proto, header, _) in &cols {
         let proto = &proto.as_str();
         let present: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].cells.contains_key(*proto)).collect();
@@ -248,6 +264,7 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
                         version: rf.version.as_ref().map(|v| format!("reference v{v}")),
                         dataset_fingerprint: None,
                         marks,
+                        skipped_eval: 0,
                         records: None,
                         started_at: None,
                         source: e.source.clone(),
@@ -428,4 +445,8 @@ impl Table {
     pub fn json(&self) -> String {
         serde_json::to_string_pretty(self).expect("table serialises") + "\n"
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }

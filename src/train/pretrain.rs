@@ -15,7 +15,7 @@ use super::optim::{AdamW, Param};
 use super::schedule::{lr_at, momentum_at, sim_target_at};
 use super::step::{run_epoch, Flow, Optimizer, StepEvent, StepRule, TrainStep};
 use crate::checkpoint;
-use crate::config::Precision;
+use crate::config::{Precision, Rule};
 use crate::error::{Error, Result};
 use crate::model::lmim::{decays, export_encoder, random_views, Lmim, LmimModelConfig};
 use crate::data::dataset::Dataset;
@@ -113,24 +113,45 @@ impl Default for PretrainConfig {
 /// Keys that may differ when a run is resumed: they change how it runs or what it writes, not its trajectory.
 pub const RESUMABLE_KEYS: &[&str] = &["epochs", "data", "device", "num_workers", "log_every", "checkpoint_every", "keep_last", "save_every", "nn_every", "world_size", "backend"];
 
+/// Valid values of the numeric keys (the model's are [`LmimModelConfig::RULES`]).
+const RULES: &[Rule] = &[
+    Rule::above("epochs", 0.0, 1e6),
+    Rule::real("warmup_epochs", 0.0, 1e6).at_most("epochs"),
+    // Far above any recipe's lr (1.5e-4), still finite through the schedule: larger only overflows.
+    Rule::above("blr", 0.0, 1e4),
+    Rule::real("min_lr_frac", 0.0, 1.0),
+    Rule::real("weight_decay", 0.0, 10.0),
+    Rule::below("beta1", 0.0, 1.0),
+    Rule::below("beta2", 0.0, 1.0),
+    Rule::int("batch_size", 1, 1 << 24),
+    Rule::int("micro_batch_size", 1, 65536).at_most("batch_size"),
+    // 0 turns clipping off.
+    Rule::real("clip_grad", 0.0, 1e6),
+    Rule::above("crop_scale_min", 0.0, 1.0).at_most("crop_scale_max"),
+    Rule::above("crop_scale_max", 0.0, 1.0),
+    Rule::int("seed", 0, i64::MAX),
+    Rule::int("num_workers", 0, 1024),
+    Rule::int("log_every", 1, 1 << 30),
+    Rule::int("checkpoint_every", 0, 1 << 40),
+    Rule::int("keep_last", 1, 1 << 20),
+    Rule::int("save_every", 0, 1 << 20),
+    Rule::int("nn_every", 0, 1 << 20),
+    Rule::int("world_size", 1, 1 << 20),
+];
+
+impl crate::config::Recipe for PretrainConfig {
+    fn rules() -> Vec<Rule> {
+        [LmimModelConfig::RULES, RULES].concat()
+    }
+}
+
 impl PretrainConfig {
+    /// The table of every numeric key, then what depends on the encoder and the number of processes.
     pub fn validate(&self) -> Result<()> {
+        crate::config::check_rules(self)?;
         self.model.validate()?;
-        let bad = |k: &str, r: &str| Err(Error::option(k, r));
-        if !(self.epochs > 0.0 && self.epochs <= 1e6) || self.epochs.fract() != 0.0 {
-            return bad("epochs", "must be a positive whole number");
-        }
-        if self.warmup_epochs < 0.0 || self.warmup_epochs > self.epochs {
-            return bad("warmup_epochs", "must be between 0 and epochs");
-        }
-        if !(self.blr > 0.0 && self.blr.is_finite()) {
-            return bad("blr", "must be a positive number");
-        }
-        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            return bad("beta2", "beta1 and beta2 must be in [0, 1)");
-        }
-        if !(0.0 < self.crop_scale_min && self.crop_scale_min <= self.crop_scale_max && self.crop_scale_max <= 1.0) {
-            return bad("crop_scale_min", "need 0 < crop_scale_min <= crop_scale_max <= 1");
+        if self.epochs.fract() != 0.0 {
+            return Err(Error::option("epochs", format!("{} must be a whole number", self.epochs)));
         }
         self.accum_iter(crate::dist::world().size as i64)?;
         Ok(())
@@ -526,7 +547,9 @@ impl Trainer {
                     tr.window.reset(false);
                     window_start = Instant::now();
                 }
-                if ev.epoch_end || (cfg.checkpoint_every > 0 && ev.step % cfg.checkpoint_every == 0) {
+                // A signal (SIGINT, SIGTERM) stops the run here, after a whole optimiser step, with a checkpoint.
+                let stop = crate::signals::interrupted();
+                if ev.epoch_end || (cfg.checkpoint_every > 0 && ev.step % cfg.checkpoint_every == 0) || stop.is_some() {
                     if !tr.weights_finite() {
                         let keep = last_ckpt.as_ref().map_or("none".to_string(), |p| p.display().to_string());
                         return Err(Error::Diverged(format!(
@@ -548,6 +571,10 @@ impl Trainer {
                     let all = paths.list_checkpoints();
                     for old in all.iter().take(all.len().saturating_sub(cfg.keep_last.max(1))) {
                         let _ = std::fs::remove_file(old);
+                    }
+                    if let Some(signal) = stop {
+                        let resume = format!("stopped after step {} with checkpoint {}; run the same command again to resume from it", tr.pos.step, paths.checkpoint(tr.pos.step).display());
+                        return Err(Error::Interrupted { signal, resume });
                     }
                 }
                 Ok(Flow::Continue)
@@ -722,6 +749,7 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     let stem = req.config.as_ref().and_then(|p| p.file_stem()).map_or("default".into(), |s| s.to_string_lossy().to_string());
     let out = req.output.clone().unwrap_or_else(|| PathBuf::from("results/runs").join(format!("pretrain-{stem}")));
     let paths = RunPaths { dir: out.clone() };
+    crate::signals::set_resume_hint(format!("run the same command again to resume from the newest checkpoint in {}", paths.checkpoints().display()));
     std::fs::create_dir_all(paths.checkpoints()).map_err(|e| Error::io(paths.checkpoints(), e))?;
     // One writer per run folder (rank 0 of a data-parallel run); partial files of killed writers would otherwise
     // block the resume.
@@ -765,6 +793,24 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
         if main {
             eprintln!("resuming from {} (epoch {}, step {})", p.display(), trainer.pos.epoch, trainer.pos.step);
         }
+        // A finished run is not run again: it would log an empty run and append a record of it.
+        if trainer.pos.epoch >= cfg.epochs as usize {
+            // Unless a kill came between the last checkpoint and the export of its encoder.
+            let exported = checkpoint::load(&paths.encoder()).ok().and_then(|c| c.metadata.get("step").cloned());
+            if main && exported != Some(trainer.pos.step.to_string()) {
+                trainer.export_encoder(&paths.encoder())?;
+            }
+            // Opening the log drops a line that a kill cut short (nothing is appended).
+            if main {
+                MetricsLog::open(&out, "metrics.jsonl", false)?;
+            }
+            let mut rec = RunRecord::new("pretrain", "lmim-2", "final_loss");
+            rec.model_name = out.file_name().map_or("pretrain".into(), |s| s.to_string_lossy().to_string());
+            rec.metrics.insert("steps".into(), trainer.pos.step as f64);
+            rec.checkpoint = Some(paths.encoder().display().to_string());
+            rec.details = serde_json::json!({ "finished_already": true, "epochs": cfg.epochs, "last_checkpoint": p });
+            return Ok(rec);
+        }
     }
     // Every rank starts from rank 0's weights (and checks that it does).
     let mut named: Vec<(String, Tensor)> = trainer.vs.variables().into_iter().collect();
@@ -794,7 +840,11 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     let t0 = Instant::now();
     let mut log = if main { MetricsLog::open(&out, "metrics.jsonl", req.tensorboard)? } else { MetricsLog::discard()? };
     log.text("config", &toml::to_string_pretty(&cfg).unwrap_or_default())?;
+    // In one process a signal stops the run after the current step, with a checkpoint; ranks of a data-parallel
+    // run cannot agree on that step, so there the signal stops them at once (at the last checkpoint).
+    let safe_points = (world.size == 1).then(crate::signals::safe_points);
     let mut summary = trainer.train(&source, &paths, &mut log, monitor.as_ref(), quiet)?;
+    drop(safe_points);
     summary.resumed_from = resume.map(|p| p.display().to_string());
 
     let mut rec = RunRecord::new("pretrain", "lmim-2", "final_loss");
