@@ -136,6 +136,11 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
 
 /// Writes `bytes` to a fresh temporary file next to `path` and syncs it; the caller publishes it.
 fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
+    write_temp_with(path, &mut |w| w.write_all(bytes))
+}
+
+/// As [`write_temp`], with the content written by `fill` through a buffer.
+fn write_temp_with(path: &Path, fill: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>) -> Result<PathBuf> {
     let dir = parent_dir(path);
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     // A name taken already is the leftover of an earlier process that had the same PID: take the next one.
@@ -150,7 +155,14 @@ fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
             Err(e) => return Err(Error::io(&tmp, e)),
         }
     };
-    if let Err(e) = file.write_all(bytes).and_then(|_| file.sync_all()) {
+    let written = (|| {
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut file);
+        fill(&mut w)?;
+        w.flush()?;
+        drop(w);
+        file.sync_all()
+    })();
+    if let Err(e) = written {
         // A full disk must not leave a half-written temporary behind as well.
         let _ = std::fs::remove_file(&tmp);
         temp_done(&tmp);
@@ -169,6 +181,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     temp_done(&tmp);
     renamed.map_err(|e| Error::io(path, e))?;
+    fsync_dir(parent_dir(path))
+}
+
+/// As [`write_atomic`], with the content written by `fill`: a large file need not be held in memory whole.
+pub fn write_atomic_with(path: &Path, mut fill: impl FnMut(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+    let tmp = write_temp_with(path, &mut fill)?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
     fsync_dir(parent_dir(path))
 }
 

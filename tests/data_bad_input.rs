@@ -54,7 +54,7 @@ fn empty_class_folder_is_kept_and_warned_or_strict_error() {
     assert_eq!(ds.classes, vec!["class_000", "class_001", "class_001b", "class_002"]);
     assert_eq!(ds.empty_classes, vec!["class_001b"]);
     assert_eq!(ds.class_counts(), vec![4, 6, 0, 4]);
-    let err = Dataset::open_with(&root, "train", &OpenOptions { strict: true, quiet: true }).unwrap_err();
+    let err = Dataset::open_with(&root, "train", &OpenOptions { strict: true, quiet: true, ..Default::default() }).unwrap_err();
     assert!(matches!(err, Error::BadData { .. }));
     assert!(err.to_string().contains("class_001b"), "{err}");
     assert_eq!(err.exit_code(), 2);

@@ -74,7 +74,10 @@ fn order_and_labels_match_torchvision_imagefolder() {
     assert_eq!(f1, Dataset::open(&root, "train").unwrap().fingerprint().unwrap());
     assert_eq!((f1.num_files, f1.num_classes), (15, 4));
     std::fs::write(a.join("B.jpeg"), std::fs::read(a.join("000002.jpg")).unwrap()).unwrap();
-    let f2 = Dataset::open(&root, "train").unwrap().fingerprint().unwrap();
+    // Rewritten in place, the file leaves its folder's time as it was, so an index cached by the opens above
+    // (the tree is old enough once torchvision has run) would still be read: the rescan walks.
+    let rescan = lmim_bench::data::OpenOptions { rescan: true, ..Default::default() };
+    let f2 = Dataset::open_with(&root, "train", &rescan).unwrap().fingerprint().unwrap();
     assert_eq!(f1.classes_hash, f2.classes_hash);
     assert_ne!(f1.files_hash, f2.files_hash);
 }
@@ -256,4 +259,136 @@ fn dct_scaling_is_opt_in_and_deterministic() {
         assert_eq!(x.indices, y.indices);
         assert_eq!(x.images.size(), y.images.size());
     }
+}
+
+/// The fingerprint's files hash computed the way it was before the index: a stat of every file.
+fn files_hash_by_stat(ds: &Dataset) -> String {
+    use sha2::{Digest, Sha256};
+    let mut rel: Vec<(String, u64)> = ds
+        .samples
+        .iter()
+        .map(|(p, _)| (p.strip_prefix(&ds.dir).unwrap().to_str().unwrap().to_string(), std::fs::metadata(p).unwrap().len()))
+        .collect();
+    rel.sort();
+    let mut h = Sha256::new();
+    for (r, s) in &rel {
+        h.update(format!("{r}\t{s}\n").as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+#[test]
+fn index_is_reused_on_second_open_and_refreshed_on_add_remove_rename() {
+    use lmim_bench::data::index::IndexSource::{Cache, Scan};
+    use lmim_bench::data::OpenOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 3, 4);
+    let opts = OpenOptions { index_dir: Some(dir.path().join("index")), quiet: true, ..Default::default() };
+    let open = || Dataset::open_with(&root, "train", &opts).unwrap();
+    let fp = |ds: &Dataset| ds.fingerprint().unwrap();
+    // Just written: scanned each time, not kept.
+    assert_eq!(open().index, Scan);
+    assert_eq!(open().index, Scan);
+    common::age_folders(&root);
+    let scanned = open();
+    assert_eq!(scanned.index, Scan);
+    assert_eq!(fp(&scanned).files_hash, files_hash_by_stat(&scanned), "the fingerprint keeps its meaning");
+    let cached = open();
+    assert_eq!(cached.index, Cache);
+    assert_eq!((&cached.samples, &cached.sizes, &cached.classes, fp(&cached)), (&scanned.samples, &scanned.sizes, &scanned.classes, fp(&scanned)));
+    // A file rewritten in place changes no folder: the cache still answers (proof that it is what is read), and
+    // --rescan sees the new size.
+    let first = scanned.samples[0].0.clone();
+    let mut bytes = std::fs::read(&first).unwrap();
+    bytes.extend_from_slice(&[0; 10]);
+    std::fs::write(&first, &bytes).unwrap();
+    assert_eq!((open().index, fp(&open())), (Cache, fp(&scanned)));
+    let rescanned = Dataset::open_with(&root, "train", &OpenOptions { rescan: true, ..opts.clone() }).unwrap();
+    assert_eq!(rescanned.index, Scan);
+    assert_ne!(fp(&rescanned), fp(&scanned));
+    assert_eq!(fp(&rescanned).files_hash, files_hash_by_stat(&rescanned));
+    // Added, removed, renamed: the class folder's time changes and the next open walks again.
+    let class_dir = first.parent().unwrap().to_path_buf();
+    std::fs::copy(&first, class_dir.join("zz.jpg")).unwrap();
+    let added = open();
+    assert_eq!((added.index, added.len()), (Scan, 13));
+    assert!(added.samples.iter().any(|(p, _)| p.ends_with("zz.jpg")));
+    common::age_folders(&root);
+    open();
+    assert_eq!(open().index, Cache);
+    std::fs::remove_file(class_dir.join("zz.jpg")).unwrap();
+    let removed = open();
+    assert_eq!((removed.index, removed.len(), fp(&removed)), (Scan, 12, fp(&rescanned)));
+    common::age_folders(&root);
+    open();
+    std::fs::rename(&first, class_dir.join("renamed.jpg")).unwrap();
+    let renamed = open();
+    assert_eq!((renamed.index, renamed.len()), (Scan, 12));
+    assert_ne!(fp(&renamed), fp(&removed));
+    assert_eq!(fp(&renamed).files_hash, files_hash_by_stat(&renamed));
+}
+
+#[test]
+fn shards_give_the_folder_fingerprint_samples_and_batches_and_truncation_is_named() {
+    use lmim_bench::data::{shards, OpenOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 3, 5);
+    // A PNG keeps its extension and a long nested name goes through the tar's long-name header.
+    let long = root.join("train/class_001").join("n".repeat(90)).join("m".repeat(60));
+    std::fs::create_dir_all(&long).unwrap();
+    image::RgbImage::from_pixel(9, 7, image::Rgb([1, 2, 3])).save(long.join("p.png")).unwrap();
+    let opts = OpenOptions { index_dir: Some(dir.path().join("index")), quiet: true, ..Default::default() };
+    let folder = Dataset::open_with(&root, "train", &opts).unwrap();
+    let out = dir.path().join("packed");
+    let report = shards::pack(&folder, &out, 6000).unwrap();
+    assert!(report.shards >= 3, "{report:?}");
+    let sh = Dataset::open_with(&out, "train", &opts).unwrap();
+    assert_eq!(sh.layout, "wds_shards");
+    assert_eq!(sh.fingerprint().unwrap(), folder.fingerprint().unwrap());
+    assert_eq!((&sh.classes, &sh.sizes), (&folder.classes, &folder.sizes));
+    for i in 0..folder.len() {
+        assert_eq!((sh.rel_path(i), sh.samples[i].1), (folder.rel_path(i), folder.samples[i].1));
+        assert_eq!(sh.read_bytes(i).unwrap(), folder.read_bytes(i).unwrap());
+    }
+    // The same batches, images bitwise, with shuffling and random crops.
+    let batches = |ds: Dataset| collect(Loader::new(ds, Transform::train(16, 0.2), cfg(2)).unwrap().epoch(1));
+    same(&batches(Dataset::open_with(&root, "train", &opts).unwrap()), &batches(sh));
+
+    // Python's tarfile reads the shards (names and sizes), and existing WebDataset shards that it writes
+    // (`<key>.jpg` + `.cls` + `.json`, no classes file) are read with their labels and bytes.
+    let listing = dir.path().join("members.json");
+    let tar_dir = out.join("train");
+    common::run_py("wds_shards.py", &["list", tar_dir.to_str().unwrap(), listing.to_str().unwrap()]);
+    let listed: serde_json::Value = serde_json::from_slice(&std::fs::read(&listing).unwrap()).unwrap();
+    let members: Vec<(String, u64)> = listed.as_object().unwrap().values().flat_map(|v| v.as_array().unwrap().clone()).map(|m| (m[0].as_str().unwrap().to_string(), m[1].as_u64().unwrap())).collect();
+    let images: Vec<(String, u64)> = members.into_iter().filter(|(n, _)| !n.ends_with(".cls")).collect();
+    assert_eq!(images, (0..folder.len()).map(|i| (folder.rel_path(i), folder.sizes[i])).collect::<Vec<_>>());
+    let wds = dir.path().join("wds");
+    let plain = make_synth(&dir.path().join("plain"), 3, 5);
+    common::run_py("wds_shards.py", &["write", plain.join("train").to_str().unwrap(), wds.join("train").to_str().unwrap(), "4"]);
+    let theirs = Dataset::open_with(&wds, "train", &opts).unwrap();
+    let mine = Dataset::open_with(&plain, "train", &opts).unwrap();
+    assert_eq!(theirs.classes, vec!["0", "1", "2"]);
+    assert_eq!(theirs.len(), mine.len());
+    for i in 0..mine.len() {
+        assert_eq!((theirs.samples[i].1, theirs.read_bytes(i).unwrap()), (mine.samples[i].1, mine.read_bytes(i).unwrap()));
+    }
+
+    // The last shard cut inside its last image: named at open, skipped and counted in training, refused strictly.
+    let last = tar_dir.join(format!("shard-{:06}.tar", report.shards - 1));
+    let (m, _) = shards::read_members(&last).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
+    f.set_len(m.last().unwrap().offset + 10).unwrap();
+    let name = last.file_name().unwrap().to_str().unwrap();
+    let err = Dataset::open_with(&out, "train", &OpenOptions { strict: true, ..opts.clone() }).unwrap_err().to_string();
+    assert!(err.contains(name) && err.contains("truncated"), "{err}");
+    let cut = Dataset::open_with(&out, "train", &opts).unwrap();
+    assert_eq!(cut.len(), folder.len());
+    let l = Loader::new(cut, Transform::eval(16, 16), LoaderConfig { shuffle: false, ..cfg(2) }).unwrap();
+    let seen: usize = collect(l.epoch(0)).iter().map(|b| b.indices.len()).sum();
+    assert_eq!((seen, l.skipped()), (folder.len() - 1, 1));
+    let strict = Dataset::open_with(&out, "train", &opts).unwrap();
+    let l = Loader::new(strict, Transform::eval(16, 16), LoaderConfig { shuffle: false, strict: true, quiet: true, ..cfg(2) }).unwrap();
+    let err = l.epoch(0).find_map(|b| b.err()).expect("a strict loader stops at the cut member").to_string();
+    assert!(err.contains(name) && err.contains("truncated"), "{err}");
 }

@@ -220,7 +220,16 @@ fn knn_on_two_ranks_gives_the_one_rank_record() {
     let args = |out: &Path| strings(&["eval", "--protocol", "knn", "--device", "cpu", "--quiet", "--workers", "1", "--checkpoint", s(&enc), "--data", s(&data), "--output", s(out), "--batch-size", "7"]);
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     run_one(&args(&one));
-    run_world(&args(&two), 2);
+    // One scan per job: with the tree's folders an hour old (a fresh tree is not indexed) and a cache folder per
+    // rank, rank 0 makes and keeps the index of both splits and rank 1, which receives them, keeps none.
+    common::age_folders(&data);
+    let cache = |r: usize| dir.path().join(format!("cache-{r}"));
+    let outs = wait_all(spawn_with(&args(&two), 2, 120, |r, port| {
+        vec![("RANK", r.to_string()), ("WORLD_SIZE", "2".into()), ("LOCAL_RANK", r.to_string()), ("MASTER_ADDR", "127.0.0.1".into()), ("MASTER_PORT", port.into()), ("LMIM_CACHE", s(&cache(r)).into())]
+    }));
+    assert_ok(&outs);
+    assert_eq!(std::fs::read_dir(cache(0).join("data-index")).unwrap().count(), 2, "rank 0 indexed train and val");
+    assert!(!cache(1).exists(), "rank 1 made an index of its own");
     let (r1, r2) = (record(&one), record(&two));
     assert_eq!(r1["metrics"], r2["metrics"]);
     assert_eq!(r1["details"]["knn"]["scores"], r2["details"]["knn"]["scores"]);

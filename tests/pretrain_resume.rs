@@ -148,3 +148,51 @@ fn bad_config_keys_and_values_exit_2() {
     assert_eq!(res.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&res.stderr).contains("nowhere"));
 }
+
+#[test]
+fn pretraining_and_knn_from_packed_shards_equal_those_from_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let packed = dir.path().join("packed");
+    let cache = dir.path().join("lmim-cache");
+    let run = |c: &mut Command| {
+        let out = c.env("LMIM_CACHE", &cache).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for split in ["train", "val"] {
+        let said = run(bin().args(["data", "pack", "--split", split, "--shard-size", "100KB", "--data"]).arg(&data).arg("--out").arg(&packed));
+        assert!(said.contains("equal to the folder's"), "{said}");
+    }
+    let info = |d: &Path| -> serde_json::Value {
+        let v: serde_json::Value = serde_json::from_str(&run(bin().args(["data", "info", "--json", "--data"]).arg(d))).unwrap();
+        serde_json::json!([v["splits"]["train"]["fingerprint"], v["splits"]["val"]["fingerprint"]])
+    };
+    assert_eq!(info(&data), info(&packed));
+    assert!(std::fs::read_dir(packed.join("train")).unwrap().count() > 3, "several shards");
+
+    let (a, b) = (dir.path().join("from-folder"), dir.path().join("from-shards"));
+    run(&mut pretrain_cmd(&data, &a, &["--set", "epochs=1"]));
+    run(&mut pretrain_cmd(&packed, &b, &["--set", "epochs=1"]));
+    let (ta, tb) = (tensors(&newest(&a)), tensors(&newest(&b)));
+    assert!(!ta.is_empty() && ta.len() == tb.len());
+    for ((na, x), (nb, y)) in ta.iter().zip(&tb) {
+        assert_eq!(na, nb);
+        assert!(x.equal(y), "{na} differs between the runs from the folder and from the shards");
+    }
+    let knn = |d: &Path| -> serde_json::Value {
+        let out = dir.path().join("records");
+        let rec: serde_json::Value = serde_json::from_str(&run(bin()
+            .args(["eval", "--protocol", "knn", "--device", "cpu", "--quiet", "--json", "--no-cache", "--checkpoint"])
+            .arg(a.join("encoder.safetensors"))
+            .arg("--data")
+            .arg(d)
+            .arg("--output")
+            .arg(&out)))
+        .unwrap();
+        serde_json::json!([rec["metrics"], rec["dataset_fingerprint"]])
+    };
+    let (from_folder, from_shards) = (knn(&data), knn(&packed));
+    assert!(from_folder[0].as_object().is_some_and(|m| !m.is_empty()), "{from_folder}");
+    assert_eq!(from_folder, from_shards);
+}

@@ -1,6 +1,7 @@
 //! `lmim-bench data ...`: the Fashion-MNIST demo set, generated sets, and dataset counts and fingerprints.
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::data::fmnist::{self, PrepareOptions};
@@ -28,6 +29,31 @@ enum DataCmd {
     /// Decode every image of a split through the loader; unreadable files are reported (warning on stderr) and
     /// counted, or with --strict the first one is an error.
     Check(CheckArgs),
+    /// Write a split as WebDataset-style tar shards (`<key>.cls` + `<key>.<ext>` members in the dataset's order,
+    /// and classes.txt) into OUT/<split>; `--data OUT` then reads them with the folder's fingerprint, samples and
+    /// random draws.
+    Pack(PackArgs),
+}
+
+#[derive(Debug, Args)]
+struct PackArgs {
+    /// Dataset root, with the split folder inside (an ImageFolder tree, ImageNet's flat val, or shards).
+    #[arg(long)]
+    data: PathBuf,
+    /// Split to pack.
+    #[arg(long, default_value = "train")]
+    split: String,
+    /// Output root: the shards go to OUT/<split>/shard-NNNNNN.tar, which must not exist yet.
+    #[arg(long)]
+    out: PathBuf,
+    /// Largest shard: 1GB, 500MB, 64MiB, or bytes.
+    #[arg(long, default_value = "1GB", value_parser = crate::data::shards::parse_size)]
+    shard_size: u64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    scan: super::ScanArgs,
 }
 
 #[derive(Debug, Args)]
@@ -47,6 +73,8 @@ struct CheckArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    scan: super::ScanArgs,
 }
 
 #[derive(Debug, Args)]
@@ -110,6 +138,8 @@ struct InfoArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    scan: super::ScanArgs,
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), Error> {
@@ -177,12 +207,13 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
         }
         DataCmd::Info(a) => info(a)?,
         DataCmd::Check(a) => check(a)?,
+        DataCmd::Pack(a) => pack(a)?,
     }
     Ok(())
 }
 
 fn info(a: InfoArgs) -> anyhow::Result<()> {
-    let opts = OpenOptions { strict: a.strict, quiet: false };
+    let opts = OpenOptions { strict: a.strict, rescan: a.scan.rescan, ..Default::default() };
     let splits: Vec<String> = match &a.split {
         Some(s) => vec![s.clone()],
         None => {
@@ -211,18 +242,21 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
     let mut out = serde_json::Map::new();
     let mut text = String::new();
     for split in &splits {
+        let t0 = std::time::Instant::now();
         let ds = Dataset::open_with(&a.data, split, &opts)?;
+        let open_seconds = t0.elapsed().as_secs_f64();
         let fp = ds.fingerprint()?;
         let counts = ds.class_counts();
         let (min, max) = (counts.iter().min().copied().unwrap_or(0), counts.iter().max().copied().unwrap_or(0));
         text += &format!(
-            "  {split}: {} images, {} classes ({} to {} per class{}), layout {}\n    fingerprint: files {} classes {}\n",
+            "  {split}: {} images, {} classes ({} to {} per class{}), layout {} ({})\n    fingerprint: files {} classes {}\n",
             fp.num_files,
             fp.num_classes,
             min,
             max,
             if ds.empty_classes.is_empty() { String::new() } else { format!(", {} empty", ds.empty_classes.len()) },
             ds.layout,
+            ds.index.describe(),
             fp.files_hash,
             fp.classes_hash,
         );
@@ -231,6 +265,8 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
             serde_json::json!({
                 "fingerprint": fp,
                 "layout": ds.layout,
+                "index": ds.index,
+                "open_seconds": open_seconds,
                 "classes": ds.classes,
                 "class_counts": counts,
                 "empty_classes": ds.empty_classes,
@@ -247,7 +283,7 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
 }
 
 fn check(a: CheckArgs) -> anyhow::Result<()> {
-    let ds = Dataset::open_with(&a.data, &a.split, &OpenOptions { strict: a.strict, quiet: false })?;
+    let ds = Dataset::open_with(&a.data, &a.split, &OpenOptions { strict: a.strict, rescan: a.scan.rescan, ..Default::default() })?;
     let n = ds.len();
     let mut cfg =
         LoaderConfig { batch_size: 64, shuffle: false, strict: a.strict, ..Default::default() };
@@ -265,6 +301,25 @@ fn check(a: CheckArgs) -> anyhow::Result<()> {
         crate::results::write_output("-", &format!("{}\n", serde_json::json!({ "split": a.split, "images": n, "ok": ok, "skipped": skipped })))?;
     } else {
         crate::results::write_output("-", &format!("{}: {n} images, {ok} ok, {skipped} skipped\n", a.data.join(&a.split).display()))?;
+    }
+    Ok(())
+}
+
+fn pack(a: PackArgs) -> anyhow::Result<()> {
+    let ds = Dataset::open_with(&a.data, &a.split, &OpenOptions { rescan: a.scan.rescan, ..Default::default() })?;
+    let r = crate::data::shards::pack(&ds, &a.out, a.shard_size)
+        .with_context(|| format!("packing {} into {}", ds.dir.display(), a.out.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "{}: {} shards, {} images, {:.1} MB; fingerprint files {} (equal to the folder's)",
+            r.dir.display(),
+            r.shards,
+            r.samples,
+            r.bytes as f64 / 1e6,
+            r.fingerprint.files_hash
+        );
     }
     Ok(())
 }

@@ -74,6 +74,8 @@ pub struct ExtractArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub dist: super::DistArgs,
+    #[command(flatten)]
+    pub scan: super::ScanArgs,
 }
 
 #[derive(Debug, Args)]
@@ -177,6 +179,8 @@ pub struct EvalArgs {
     pub fresh: bool,
     #[command(flatten)]
     pub dist: super::DistArgs,
+    #[command(flatten)]
+    pub scan: super::ScanArgs,
 }
 
 impl EvalArgs {

@@ -56,6 +56,15 @@ pub enum Command {
     Bench(bench_cmds::BenchArgs),
 }
 
+/// How a command finds the files of its `--data`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ScanArgs {
+    /// Walk the dataset's folders (or its shards' tar headers) even when the cached index is up to date, e.g.
+    /// after a file was rewritten in place, which the folders' modification times do not show.
+    #[arg(long)]
+    pub rescan: bool,
+}
+
 /// Options of a data-parallel run: one process per device started by `torchrun --no-python` or `srun`, which
 /// set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (or SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID /
 /// SLURM_JOB_NODELIST). Without a launcher the command runs as one process.
@@ -143,6 +152,13 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
 
 /// Runs a command; returns the exit code of a completed command (1 for a failed check).
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    let rescan = match &cli.command {
+        Command::Pretrain(a) => a.scan.rescan,
+        Command::Extract(a) => a.scan.rescan,
+        Command::Eval(a) => a.scan.rescan,
+        _ => false,
+    };
+    crate::data::index::set_rescan(rescan);
     match cli.command {
         Command::Check(a) => return report::check(a),
         Command::Bench(a) => return bench_cmds::bench(a),

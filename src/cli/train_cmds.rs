@@ -41,6 +41,8 @@ pub struct PretrainArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub dist: super::DistArgs,
+    #[command(flatten)]
+    pub scan: super::ScanArgs,
 }
 
 pub fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {

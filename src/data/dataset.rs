@@ -3,10 +3,12 @@
 //! names, as torchvision's `ImageFolder`, so labels agree with PyTorch checkpoints.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rayon::prelude::*;
-use sha2::{Digest, Sha256};
 
+use super::index::{self, DatasetIndex, Entry, Header, IndexCache, IndexSource, Stamp};
+use super::shards::ShardSet;
 use crate::error::{Error, Result};
 
 /// File extensions taken as images (case-insensitive).
@@ -18,6 +20,13 @@ pub struct OpenOptions {
     pub strict: bool,
     /// No warnings on stderr.
     pub quiet: bool,
+    /// Walk the folders even when the cached index is up to date (`--rescan`).
+    pub rescan: bool,
+    /// Folder of the index cache (None: [`index::default_dir`]).
+    pub index_dir: Option<PathBuf>,
+    /// Every rank of a job opens the split at this point: rank 0 makes or reads the index and sends it to the
+    /// others ([`Dataset::open_on_all_ranks`]).
+    pub all_ranks: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -31,11 +40,18 @@ pub struct Dataset {
     /// Class folders without any image, kept in `classes` so that the other indices stay those of the sorted
     /// folder names.
     pub empty_classes: Vec<String>,
-    /// `image_folder` or `imagenet_val_flat`.
+    /// `image_folder`, `imagenet_val_flat` or `wds_shards` (tar shards, see [`super::shards`]).
     pub layout: &'static str,
+    /// Bytes of each sample, the sizes its fingerprint hashes.
+    pub sizes: Vec<u64>,
+    /// Where the index came from: a scan, the cache, or rank 0.
+    pub index: IndexSource,
+    /// Tar shards: where each sample's bytes lie.
+    shards: Option<Arc<ShardSet>>,
+    fingerprint: Fingerprint,
 }
 
-/// What identifies a dataset in a results record.
+/// What identifies a dataset in a results record. A folder and the tar shards packed from it have the same.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Fingerprint {
     pub split: String,
@@ -51,35 +67,66 @@ fn is_image(p: &Path) -> bool {
     p.extension().and_then(|e| e.to_str()).is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
-fn read_dir_sorted(dir: &Path) -> Result<Vec<(String, PathBuf, bool)>> {
+/// A directory entry with its type from the listing: a symlink is followed (one stat), anything else is not
+/// stat-ed at all.
+pub(crate) struct Item {
+    pub name: String,
+    pub entry: std::fs::DirEntry,
+    pub is_dir: bool,
+    pub is_link: bool,
+}
+
+impl Item {
+    /// The file's size (following a symlink): the one metadata call per file.
+    fn size(&self) -> Result<u64> {
+        let m = if self.is_link { std::fs::metadata(self.entry.path()) } else { self.entry.metadata() };
+        m.map(|m| m.len()).map_err(|e| Error::io(self.entry.path(), e))
+    }
+}
+
+/// The entries of `dir` sorted by name.
+pub(crate) fn read_dir_sorted(dir: &Path) -> Result<Vec<Item>> {
     let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut out = Vec::new();
     for entry in rd {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
-        let path = entry.path();
         let Some(name) = entry.file_name().to_str().map(str::to_string) else {
-            return Err(Error::data(path, "file name is not valid UTF-8"));
+            return Err(Error::data(entry.path(), "file name is not valid UTF-8"));
         };
-        // Follows symlinks, as torchvision's os.walk(followlinks=True).
-        let is_dir = path.is_dir();
-        out.push((name, path, is_dir));
+        let ft = entry.file_type().map_err(|e| Error::io(entry.path(), e))?;
+        // Follows symlinks, as torchvision's os.walk(followlinks=True) and DirEntry.is_dir().
+        let is_dir = if ft.is_symlink() { entry.path().is_dir() } else { ft.is_dir() };
+        out.push(Item { name, entry, is_dir, is_link: ft.is_symlink() });
     }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 
-fn walk_images(dir: &Path, out: &mut Vec<PathBuf>, depth: usize) -> Result<()> {
+/// The images under `dir/rel` in walk order (sorted names, folders entered where they sort), with their sizes,
+/// and the stamps of the folders walked.
+fn walk_images(dir: &Path, rel: &str, depth: usize, files: &mut Vec<(String, u64)>, stamps: &mut Vec<Stamp>) -> Result<()> {
+    let path = dir.join(rel);
     if depth > 32 {
-        return Err(Error::data(dir, "folders nested too deep (a symlink loop?)"));
+        return Err(Error::data(&path, "folders nested too deep (a symlink loop?)"));
     }
-    for (_, path, is_dir) in read_dir_sorted(dir)? {
-        if is_dir {
-            walk_images(&path, out, depth + 1)?;
-        } else if is_image(&path) {
-            out.push(path);
+    stamps.push(index::stamp(dir, rel)?);
+    for item in read_dir_sorted(&path)? {
+        let child = format!("{rel}/{}", item.name);
+        if item.is_dir {
+            walk_images(dir, &child, depth + 1, files, stamps)?;
+        } else if is_image(Path::new(&item.name)) {
+            files.push((child, item.size()?));
         }
     }
     Ok(())
+}
+
+fn layout_name(s: &str) -> &'static str {
+    match s {
+        "imagenet_val_flat" => "imagenet_val_flat",
+        "wds_shards" => "wds_shards",
+        _ => "image_folder",
+    }
 }
 
 impl Dataset {
@@ -88,75 +135,86 @@ impl Dataset {
         Self::open_with(root, split, &OpenOptions::default())
     }
 
+    /// Opens `root/split` on every rank of a job: rank 0 reads or makes the index and sends it to the others
+    /// (see [`index::shared_by_rank0`]); every rank must call it at the same point.
+    pub fn open_on_all_ranks(root: &Path, split: &str) -> Result<Dataset> {
+        Self::open_with(root, split, &OpenOptions { all_ranks: true, ..Default::default() })
+    }
+
     pub fn open_with(root: &Path, split: &str, opts: &OpenOptions) -> Result<Dataset> {
-        match std::fs::metadata(root) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(Error::data(root, "data root is not a directory")),
-            Err(e) => return Err(Error::data(root, format!("cannot read data root: {e}"))),
-        }
-        std::fs::read_dir(root).map_err(|e| Error::data(root, format!("cannot read data root: {e}")))?;
         let dir = root.join(split);
-        if !dir.is_dir() && std::fs::symlink_metadata(&dir).is_ok() {
-            return Err(Error::data(&dir, format!("split `{split}` is not a folder (a file, or a symlink to nothing)")));
-        }
-        if !dir.is_dir() {
-            let have: Vec<String> =
-                read_dir_sorted(root)?.into_iter().filter(|(_, _, d)| *d).map(|(n, _, _)| n).collect();
-            let have = if have.is_empty() { "no folders".to_string() } else { have.join(", ") };
-            return Err(Error::data(&dir, format!("missing split `{split}` (the root has: {have})")));
-        }
-        let entries = read_dir_sorted(&dir)?;
-        let class_dirs: Vec<_> = entries.iter().filter(|(_, _, d)| *d).collect();
-        if class_dirs.is_empty() {
-            if entries.iter().any(|(n, _, _)| n.starts_with("ILSVRC2012_val_")) {
-                return Self::open_imagenet_val_flat(root, split, &dir, &entries);
+        let make = || -> Result<(DatasetIndex, IndexSource)> {
+            check_root(root, split, &dir)?;
+            let cache = opts.index_dir.clone().or_else(index::default_dir).map(|d| IndexCache::new(&d, root, split));
+            if !(opts.rescan || index::rescan_forced()) {
+                if let Some(idx) = cache.as_ref().and_then(|c| c.load(&dir)) {
+                    return Ok((idx, IndexSource::Cache));
+                }
             }
-            return Err(Error::data(&dir, "no class folders (expected <split>/<class>/*.jpg)"));
+            let start = std::time::SystemTime::now();
+            let idx = scan(root, split, &dir)?;
+            if let Some(c) = cache.as_ref().filter(|_| idx.header.layout != "imagenet_val_flat") {
+                if let Err(e) = c.store(&idx, start) {
+                    if !opts.quiet {
+                        eprintln!("warning: cannot keep the dataset index: {e}");
+                    }
+                }
+            }
+            Ok((idx, IndexSource::Scan))
+        };
+        let (idx, source) = if opts.all_ranks { index::shared_by_rank0(&dir, make)? } else { make()? };
+        for p in &idx.header.problems {
+            if opts.strict {
+                return Err(Error::data(&dir, p.clone()));
+            }
+            if !opts.quiet {
+                eprintln!("warning: {}: {p}", dir.display());
+            }
         }
-        let classes: Vec<String> = class_dirs.iter().map(|(n, _, _)| n.clone()).collect();
-        let per_class: Vec<Result<Vec<PathBuf>>> = class_dirs
-            .par_iter()
-            .map(|(_, p, _)| {
-                let mut v = Vec::new();
-                walk_images(p, &mut v, 0)?;
-                Ok(v)
+        for c in &idx.header.empty_classes {
+            let path = dir.join(c);
+            if opts.strict {
+                return Err(Error::data(path, "empty class folder (no .jpg/.jpeg/.png files)"));
+            }
+            if !opts.quiet {
+                eprintln!("warning: {}: empty class folder (no .jpg/.jpeg/.png files); class kept, no samples", path.display());
+            }
+        }
+        Ok(Dataset::from_index(dir, split, idx, source))
+    }
+
+    fn from_index(dir: PathBuf, split: &str, idx: DatasetIndex, index: IndexSource) -> Dataset {
+        let DatasetIndex { header, entries } = idx;
+        let layout = layout_name(&header.layout);
+        let shards = (layout == "wds_shards").then(|| Arc::new(ShardSet::new(&dir, &header.shards, &entries)));
+        let sizes = entries.iter().map(|e| e.size).collect();
+        // Consumed: each relative path is freed as its full path is made (ImageNet's 1.28 M strings).
+        let samples = entries
+            .into_iter()
+            .map(|e| {
+                let p = if shards.is_some() { dir.join(&header.shards[e.shard as usize]).join(&e.rel) } else { dir.join(&e.rel) };
+                (p, e.label)
             })
             .collect();
-        let mut samples = Vec::new();
-        let mut empty_classes = Vec::new();
-        for (ci, files) in per_class.into_iter().enumerate() {
-            let files = files?;
-            if files.is_empty() {
-                let path = &class_dirs[ci].1;
-                if opts.strict {
-                    return Err(Error::data(path, "empty class folder (no .jpg/.jpeg/.png files)"));
-                }
-                if !opts.quiet {
-                    eprintln!(
-                        "warning: {}: empty class folder (no .jpg/.jpeg/.png files); class kept, no samples",
-                        path.display()
-                    );
-                }
-                empty_classes.push(classes[ci].clone());
-            }
-            samples.extend(files.into_iter().map(|p| (p, ci as i64)));
+        Dataset {
+            sizes,
+            dir,
+            split: split.to_string(),
+            samples,
+            classes: header.classes,
+            empty_classes: header.empty_classes,
+            layout,
+            index,
+            shards,
+            fingerprint: header.fingerprint,
         }
-        if samples.is_empty() {
-            return Err(Error::data(&dir, "no images in any class folder"));
-        }
-        Ok(Dataset { dir, split: split.to_string(), samples, classes, empty_classes, layout: "image_folder" })
     }
 
     /// `val/ILSVRC2012_val_%08d.JPEG`. Labels come from either `LOC_val_solution.csv` (wnid per image) or
     /// `ILSVRC2012_validation_ground_truth.txt` (1-based ILSVRC2012 ids, in file-number order) together with
     /// `map_clsloc.txt` (`wnid id name` lines) to turn ids into wnids. Indices are the sorted wnids, which are the
     /// train folder names, so both splits share one label space.
-    fn open_imagenet_val_flat(
-        root: &Path,
-        split: &str,
-        dir: &Path,
-        entries: &[(String, PathBuf, bool)],
-    ) -> Result<Dataset> {
+    fn scan_imagenet_val_flat(root: &Path, split: &str, dir: &Path, entries: &[Item]) -> Result<DatasetIndex> {
         let search = [root.to_path_buf(), root.join("anno"), dir.to_path_buf(), root.join("devkit/data")];
         let find = |name: &str| search.iter().map(|d| d.join(name)).find(|p| p.is_file());
         let read = |p: &Path| crate::fsutil::read_regular_text(p, Some(crate::fsutil::TEXT_LIMIT << 2));
@@ -220,36 +278,35 @@ impl Dataset {
         let train = root.join("train");
         if train.is_dir() {
             // The train folders define the label space when present (a class may be absent from val).
-            classes.extend(read_dir_sorted(&train)?.into_iter().filter(|e| e.2).map(|e| e.0));
+            classes.extend(read_dir_sorted(&train)?.into_iter().filter(|e| e.is_dir).map(|e| e.name));
         }
         classes.sort();
         classes.dedup();
         let index: HashMap<&str, i64> = classes.iter().enumerate().map(|(i, c)| (c.as_str(), i as i64)).collect();
-        let mut samples = Vec::new();
-        for (name, path, is_dir) in entries {
-            if *is_dir || !is_image(path) {
+        let mut files = Vec::new();
+        for item in entries {
+            if item.is_dir || !is_image(Path::new(&item.name)) {
                 continue;
             }
-            let num = name
+            let num = item
+                .name
                 .strip_prefix("ILSVRC2012_val_")
                 .and_then(|s| s.split('.').next())
                 .and_then(|s| s.parse::<u32>().ok());
             let Some(wnid) = num.and_then(|n| wnid_of.get(&n)) else {
-                return Err(Error::data(path, "no label for this file in the ground-truth file"));
+                return Err(Error::data(item.entry.path(), "no label for this file in the ground-truth file"));
             };
-            samples.push((path.clone(), index[wnid.as_str()]));
+            files.push((item, index[wnid.as_str()]));
         }
-        if samples.is_empty() {
+        if files.is_empty() {
             return Err(Error::data(dir, "no images"));
         }
-        Ok(Dataset {
-            dir: dir.to_path_buf(),
-            split: split.to_string(),
-            samples,
-            classes,
-            empty_classes: Vec::new(),
-            layout: "imagenet_val_flat",
-        })
+        let entries = files
+            .par_iter()
+            .map(|(item, label)| Ok(Entry { rel: item.name.clone(), label: *label, size: item.size()?, shard: 0, offset: 0 }))
+            .collect::<Result<Vec<_>>>()?;
+        // No stamps: the labels come from files outside the split, so this layout is not cached.
+        Ok(make_index(root, split, "imagenet_val_flat", classes, Vec::new(), Vec::new(), Vec::new(), Vec::new(), entries))
     }
 
     pub fn len(&self) -> usize {
@@ -260,39 +317,124 @@ impl Dataset {
         self.samples.is_empty()
     }
 
-    /// Images per class index.
+    /// Images per class index (a shard sample without a label counts nowhere).
     pub fn class_counts(&self) -> Vec<usize> {
         let mut c = vec![0; self.classes.len()];
         for (_, l) in &self.samples {
-            c[*l as usize] += 1;
+            if let Some(n) = usize::try_from(*l).ok().and_then(|l| c.get_mut(l)) {
+                *n += 1;
+            }
         }
         c
     }
 
-    /// Stats every file (in parallel) and hashes the sorted relative paths with their sizes.
+    /// The fingerprint, computed when the index was made (no file is read).
     pub fn fingerprint(&self) -> Result<Fingerprint> {
-        let mut rel: Vec<(String, u64)> = self
-            .samples
-            .par_iter()
-            .map(|(p, _)| {
-                let size = std::fs::metadata(p).map_err(|e| Error::io(p, e))?.len();
-                let r = p.strip_prefix(&self.dir).unwrap_or(p).to_string_lossy().replace('\\', "/");
-                Ok((r, size))
-            })
-            .collect::<Result<_>>()?;
-        rel.sort();
-        let mut h = Sha256::new();
-        for (r, s) in &rel {
-            h.update(format!("{r}\t{s}\n").as_bytes());
-        }
-        let files_hash = hex::encode(h.finalize());
-        let classes_hash = hex::encode(Sha256::digest(self.classes.join("\n").as_bytes()));
-        Ok(Fingerprint {
-            split: self.split.clone(),
-            num_files: self.samples.len(),
-            num_classes: self.classes.len(),
-            classes_hash,
-            files_hash,
-        })
+        Ok(self.fingerprint.clone())
     }
+
+    /// The bytes of sample `i`: its file, or its member of a tar shard. Errors name the file (or shard/member).
+    pub fn read_bytes(&self, i: usize) -> Result<Vec<u8>> {
+        let (path, label) = &self.samples[i];
+        match &self.shards {
+            Some(s) => s.read(i, self.sizes[i], *label, path),
+            None => crate::fsutil::read_regular(path, Some(crate::fsutil::IMAGE_LIMIT)),
+        }
+    }
+
+    /// Sample `i`'s path relative to the split folder (for a shard sample: its member name).
+    pub fn rel_path(&self, i: usize) -> String {
+        let p = &self.samples[i].0;
+        let rel = p.strip_prefix(&self.dir).unwrap_or(p);
+        let rel: PathBuf = if self.shards.is_some() { rel.components().skip(1).collect() } else { rel.to_path_buf() };
+        rel.to_string_lossy().into_owned()
+    }
+}
+
+/// The root must be a readable folder and hold the split; the error lists the folders it has otherwise.
+fn check_root(root: &Path, split: &str, dir: &Path) -> Result<()> {
+    match std::fs::metadata(root) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(Error::data(root, "data root is not a directory")),
+        Err(e) => return Err(Error::data(root, format!("cannot read data root: {e}"))),
+    }
+    std::fs::read_dir(root).map_err(|e| Error::data(root, format!("cannot read data root: {e}")))?;
+    if !dir.is_dir() && std::fs::symlink_metadata(dir).is_ok() {
+        return Err(Error::data(dir, format!("split `{split}` is not a folder (a file, or a symlink to nothing)")));
+    }
+    if !dir.is_dir() {
+        let have: Vec<String> = read_dir_sorted(root)?.into_iter().filter(|e| e.is_dir).map(|e| e.name).collect();
+        let have = if have.is_empty() { "no folders".to_string() } else { have.join(", ") };
+        return Err(Error::data(dir, format!("missing split `{split}` (the root has: {have})")));
+    }
+    Ok(())
+}
+
+/// Walks `root/split`: an ImageFolder tree, a folder of tar shards, or ImageNet's flat val.
+fn scan(root: &Path, split: &str, dir: &Path) -> Result<DatasetIndex> {
+    let entries = read_dir_sorted(dir)?;
+    let class_dirs: Vec<&Item> = entries.iter().filter(|e| e.is_dir).collect();
+    if class_dirs.is_empty() {
+        if entries.iter().any(|e| super::shards::is_shard_name(&e.name)) {
+            return super::shards::scan(root, split, dir, &entries);
+        }
+        if entries.iter().any(|e| e.name.starts_with("ILSVRC2012_val_")) {
+            return Dataset::scan_imagenet_val_flat(root, split, dir, &entries);
+        }
+        return Err(Error::data(dir, "no class folders (expected <split>/<class>/*.jpg, or tar shards)"));
+    }
+    let classes: Vec<String> = class_dirs.iter().map(|e| e.name.clone()).collect();
+    let per_class: Vec<Result<(Vec<(String, u64)>, Vec<Stamp>)>> = class_dirs
+        .par_iter()
+        .map(|e| {
+            let (mut files, mut stamps) = (Vec::new(), Vec::new());
+            walk_images(dir, &e.name, 0, &mut files, &mut stamps)?;
+            Ok((files, stamps))
+        })
+        .collect();
+    let mut stamps = vec![index::stamp(dir, "")?];
+    let mut files = Vec::new();
+    let mut empty_classes = Vec::new();
+    for (ci, r) in per_class.into_iter().enumerate() {
+        let (f, s) = r?;
+        if f.is_empty() {
+            empty_classes.push(classes[ci].clone());
+        }
+        stamps.extend(s);
+        files.extend(f.into_iter().map(|(rel, size)| Entry { rel, label: ci as i64, size, shard: 0, offset: 0 }));
+    }
+    if files.is_empty() {
+        return Err(Error::data(dir, "no images in any class folder"));
+    }
+    Ok(make_index(root, split, "image_folder", classes, empty_classes, Vec::new(), stamps, Vec::new(), files))
+}
+
+/// An index with its fingerprint.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn make_index(
+    root: &Path,
+    split: &str,
+    layout: &str,
+    classes: Vec<String>,
+    empty_classes: Vec<String>,
+    shards: Vec<String>,
+    stamps: Vec<Stamp>,
+    problems: Vec<String>,
+    entries: Vec<Entry>,
+) -> DatasetIndex {
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()).to_string_lossy().into_owned();
+    let header = Header {
+        version: index::VERSION,
+        root,
+        split: split.to_string(),
+        layout: layout.to_string(),
+        fingerprint: index::fingerprint(split, &classes, &entries),
+        classes,
+        empty_classes,
+        shards,
+        stamps,
+        problems,
+        count: entries.len() as u64,
+    };
+    DatasetIndex { header, entries }
 }

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 use super::dataset::Dataset;
-use super::decode::load_rgb;
+use super::decode::decode_image;
 use super::transforms::Transform;
 use crate::error::{Error, Result};
 use crate::train::device::{copy_ahead, Ready};
@@ -296,11 +296,12 @@ impl Shared {
     fn process(&self, index: usize, epoch: u64, out: &mut [f32]) -> Result<()> {
         let path = &self.dataset.samples[index].0;
         let mut rng = sample_rng(self.cfg.seed, epoch, index);
+        // A file, or a member of a tar shard.
+        let bytes = self.dataset.read_bytes(index)?;
         if self.cfg.dct_scaling {
-            let bytes = crate::fsutil::read_regular(path, Some(crate::fsutil::IMAGE_LIMIT))?;
             return self.transform.apply_encoded(&bytes, true, &mut rng, out).map_err(|r| Error::data(path, r));
         }
-        let img = load_rgb(path)?;
+        let img = decode_image(&bytes).map_err(|r| Error::data(path, r))?;
         self.transform.apply(img, &mut rng, out).map_err(|r| Error::data(path, r))
     }
 

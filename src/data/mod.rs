@@ -1,7 +1,9 @@
 //! Data: ImageFolder / ImageNet datasets, JPEG decoding, torchvision-compatible transforms and a prefetching loader.
 //!
-//! - [`dataset`]: `Dataset::open(root, split)` over ImageFolder trees and the flat ImageNet val layout, with a
-//!   fingerprint for results records.
+//! - [`dataset`]: `Dataset::open(root, split)` over ImageFolder trees, the flat ImageNet val layout and folders of
+//!   tar shards, with a fingerprint for results records.
+//! - [`index`]: the scan's result (paths, labels, sizes, fingerprint), cached and shared by rank 0.
+//! - [`shards`]: WebDataset-style tar shards: `data pack`, and random access through an offset index.
 //! - [`decode`]: bytes to RGB (zune-jpeg for JPEG, or libjpeg-turbo with the `turbojpeg` feature; the `image`
 //!   crate for PNG).
 //! - [`transforms`]: `RandomResizedCrop`, `RandomHorizontalFlip`, `Resize` + `CenterCrop`, `ToTensor` + `Normalize`,
@@ -13,7 +15,9 @@ pub mod augment;
 pub mod dataset;
 pub mod decode;
 pub mod fmnist;
+pub mod index;
 pub mod loader;
+pub mod shards;
 pub mod synth;
 pub mod transforms;
 

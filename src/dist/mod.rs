@@ -143,6 +143,12 @@ pub fn world() -> &'static World {
     WORLD.get_or_init(World::single)
 }
 
+/// The world when one was fixed ([`init`], or a [`world`] call), without fixing one: for code that a library user
+/// may call before joining the job.
+pub fn joined_world() -> Option<&'static World> {
+    WORLD.get()
+}
+
 /// Sets up the world from the launcher's environment (torchrun, Slurm, `RANK`/`WORLD_SIZE`/`MASTER_ADDR`/
 /// `MASTER_PORT`); a world of one without them. Called once, before any training; a second call returns the
 /// world already made. Refused when a world of one was fixed (by a [`world`] call before `init`) while the

@@ -442,7 +442,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     if req.last_blocks > cfg.depth {
         return Err(Error::option("--last-blocks", format!("{} is more than the model's {} blocks", req.last_blocks, cfg.depth)));
     }
-    let dataset = Dataset::open(&req.data_root, &req.split)?;
+    let dataset = Dataset::open_on_all_ranks(&req.data_root, &req.split)?;
     if dataset.is_empty() {
         return Err(Error::data(&dataset.dir, "the split has no images"));
     }

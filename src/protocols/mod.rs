@@ -307,10 +307,11 @@ impl EvalRequest {
     }
 }
 
-/// The train and val splits of a dataset root; their class lists must agree.
+/// The train and val splits of a dataset root; their class lists must agree. Every rank opens them (rank 0
+/// scans and sends the index).
 pub(crate) fn open_splits(root: &Path) -> Result<(Dataset, Dataset)> {
-    let train = Dataset::open(root, "train")?;
-    let val = Dataset::open(root, "val")?;
+    let train = Dataset::open_on_all_ranks(root, "train")?;
+    let val = Dataset::open_on_all_ranks(root, "val")?;
     if train.classes != val.classes {
         return Err(Error::data(root, format!("train has {} classes and val {}: the class folders differ", train.classes.len(), val.classes.len())));
     }

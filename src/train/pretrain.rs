@@ -761,7 +761,7 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     let device = crate::info::parse_device(&cfg.device)?;
     let train_size = cfg.model.train_size()? as u32;
     let root = Path::new(&cfg.data);
-    let dataset = Dataset::open(root, "train")?;
+    let dataset = Dataset::open_on_all_ranks(root, "train")?;
     let fingerprint = serde_json::to_value(dataset.fingerprint()?).expect("fingerprint serialises");
     let dataset_hash = crate::protocols::extract::fingerprint_hash(&fingerprint);
     let mut transform = Transform::train(train_size, cfg.crop_scale_min);

@@ -48,3 +48,19 @@ pub fn cpu_options() -> lmim_bench::protocols::RunOptions {
 pub fn small_finetune(epochs: usize) -> lmim_bench::protocols::finetune::FinetuneConfig {
     lmim_bench::protocols::finetune::FinetuneConfig { epochs, warmup_epochs: 1.0, batch_size: 64, micro_batch_size: 32, blr: 1e-3, ..Default::default() }
 }
+
+/// Sets the modification time of every folder under `root` an hour back, as for a tree written long ago (a tree
+/// just written is not indexed: its folders may still change within their timestamps' granularity).
+pub fn age_folders(root: &Path) {
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            }
+        }
+        std::fs::File::open(&d).unwrap().set_modified(old).unwrap();
+    }
+}

@@ -1,0 +1,390 @@
+//! The dataset index: what opening a split finds (relative paths, labels, sizes and, for tar shards, where each
+//! member lies) and the fingerprint computed from it. It is kept in the cache, keyed by the root and the split
+//! and checked against the modification times of the folders (and shard files) it was made from, so the second
+//! open of an unchanged ImageNet reads one file and stats a thousand folders instead of 1.3 M files. Under a
+//! launcher rank 0 makes (or reads) it and broadcasts it: one scan per job, not one per rank.
+//!
+//! The walk reads each entry's type from the directory listing (`DirEntry::file_type`, no stat) and follows a
+//! symlink only where the entry is one, as torchvision's `find_classes` / `make_dataset` do with `os.scandir`
+//! (pytorch/vision torchvision/datasets/folder.py). The sizes that the fingerprint hashes cost one stat per file.
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+
+use super::dataset::Fingerprint;
+use crate::error::{Error, Result};
+
+/// One sample: its path relative to the split folder (inside its shard for tar shards), label and size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub rel: String,
+    /// -1: a shard sample without a readable label (the loader reports it when the sample is drawn).
+    pub label: i64,
+    pub size: u64,
+    /// Tar shards: the shard's position in `DatasetIndex::shards` and the member data's byte offset.
+    pub shard: u32,
+    pub offset: u64,
+}
+
+/// A folder or file the index was made from, with what it looked like then: a folder's modification time
+/// changes when an entry is added, removed or renamed in it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stamp {
+    /// Relative to the split folder ("" is the split folder itself).
+    pub rel: String,
+    pub mtime_ns: i128,
+    pub size: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Header {
+    pub version: u32,
+    /// The canonical root and the split: a cache file found under another key's name is not used.
+    pub root: String,
+    pub split: String,
+    pub layout: String,
+    pub classes: Vec<String>,
+    pub empty_classes: Vec<String>,
+    /// Shard file names (tar shards only).
+    pub shards: Vec<String>,
+    pub stamps: Vec<Stamp>,
+    /// Warnings of the scan (a truncated shard, a sample without a label): repeated at each open.
+    pub problems: Vec<String>,
+    pub fingerprint: Fingerprint,
+    pub count: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatasetIndex {
+    pub header: Header,
+    pub entries: Vec<Entry>,
+}
+
+/// Where a dataset's index came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IndexSource {
+    /// A walk of the folders (or a pass over the shards' tar headers).
+    Scan,
+    /// The cache file of an earlier open.
+    Cache,
+    /// Received from rank 0.
+    Rank0,
+}
+
+impl IndexSource {
+    pub fn describe(self) -> &'static str {
+        match self {
+            IndexSource::Scan => "scanned",
+            IndexSource::Cache => "cached index",
+            IndexSource::Rank0 => "received from rank 0",
+        }
+    }
+}
+
+pub(crate) const VERSION: u32 = 1;
+const MAGIC: &[u8; 16] = b"LMIM-DATA-INDEX\n";
+/// Cache files kept: the oldest beyond this are removed when one is written.
+const KEEP: usize = 16;
+/// A folder modified this shortly before its scan may change again within the file system's timestamp
+/// granularity without its time changing (git's "racy" entries): such an index is not kept.
+const RACY: Duration = Duration::from_secs(2);
+
+static RESCAN: AtomicBool = AtomicBool::new(false);
+
+/// Makes every later open of this process walk the folders instead of reading the cache (`--rescan`).
+pub fn set_rescan(on: bool) {
+    RESCAN.store(on, Ordering::Relaxed);
+}
+
+pub fn rescan_forced() -> bool {
+    RESCAN.load(Ordering::Relaxed)
+}
+
+/// `$LMIM_CACHE/data-index`, else `$XDG_CACHE_HOME/lmim-bench/data-index`, else `~/.cache/lmim-bench/data-index`
+/// (the cache folder of scripts/env.sh); None without any of them.
+pub fn default_dir() -> Option<PathBuf> {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let base = var("LMIM_CACHE")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("lmim-bench")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache/lmim-bench")))?;
+    Some(base.join("data-index"))
+}
+
+/// The modification time in nanoseconds since the epoch.
+pub fn mtime_ns(meta: &std::fs::Metadata) -> i128 {
+    match meta.modified() {
+        Ok(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => d.as_nanos() as i128,
+            Err(e) => -(e.duration().as_nanos() as i128),
+        },
+        Err(_) => 0,
+    }
+}
+
+/// The stamp of `dir/rel` now (following symlinks).
+pub fn stamp(dir: &Path, rel: &str) -> Result<Stamp> {
+    let p = if rel.is_empty() { dir.to_path_buf() } else { dir.join(rel) };
+    let m = std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?;
+    Ok(Stamp { rel: rel.to_string(), mtime_ns: mtime_ns(&m), size: if m.is_dir() { 0 } else { m.len() } })
+}
+
+/// The fingerprint of a split from its entries: sha256 of "relative/path\tsize\n" over the sorted relative paths,
+/// and of the class names joined by newlines.
+pub fn fingerprint(split: &str, classes: &[String], entries: &[Entry]) -> Fingerprint {
+    use rayon::prelude::*;
+    let mut rel: Vec<(std::borrow::Cow<str>, u64)> = entries
+        .iter()
+        .map(|e| (if e.rel.contains('\\') { e.rel.replace('\\', "/").into() } else { e.rel.as_str().into() }, e.size))
+        .collect();
+    rel.par_sort_unstable();
+    let mut h = Sha256::new();
+    let mut line = String::new();
+    for (r, s) in &rel {
+        use std::fmt::Write;
+        line.clear();
+        let _ = write!(line, "{r}\t{s}\n");
+        h.update(line.as_bytes());
+    }
+    Fingerprint {
+        split: split.to_string(),
+        num_files: entries.len(),
+        num_classes: classes.len(),
+        classes_hash: hex::encode(Sha256::digest(classes.join("\n").as_bytes())),
+        files_hash: hex::encode(h.finalize()),
+    }
+}
+
+impl DatasetIndex {
+    /// Bytes of the cache file (and of the broadcast): magic, the JSON header's length and text, then per entry
+    /// the relative path's length and bytes, label, size, shard and offset (little-endian).
+    pub fn encode(&self) -> Vec<u8> {
+        let body: usize = self.entries.iter().map(|e| 32 + e.rel.len()).sum();
+        let mut out = Vec::with_capacity(4096 + body);
+        self.encode_to(&mut out).expect("writing to memory");
+        out
+    }
+
+    /// [`encode`](Self::encode) into `w`.
+    pub fn encode_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let header = serde_json::to_vec(&self.header).expect("the header serialises");
+        w.write_all(MAGIC)?;
+        w.write_all(&(header.len() as u64).to_le_bytes())?;
+        w.write_all(&header)?;
+        for e in &self.entries {
+            w.write_all(&(e.rel.len() as u32).to_le_bytes())?;
+            w.write_all(e.rel.as_bytes())?;
+            w.write_all(&e.label.to_le_bytes())?;
+            w.write_all(&e.size.to_le_bytes())?;
+            w.write_all(&e.shard.to_le_bytes())?;
+            w.write_all(&e.offset.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The index in `bytes`, or why they are not one.
+    pub fn decode(bytes: &[u8]) -> std::result::Result<DatasetIndex, String> {
+        let mut r = Reader { b: bytes, at: 0 };
+        if r.take(MAGIC.len())? != MAGIC {
+            return Err("not a dataset index".into());
+        }
+        let hlen = r.u64()? as usize;
+        let header: Header = serde_json::from_slice(r.take(hlen)?).map_err(|e| format!("bad header: {e}"))?;
+        if header.version != VERSION {
+            return Err(format!("index version {}, this build writes {VERSION}", header.version));
+        }
+        // Each entry takes at least 32 bytes: a count beyond that is a corrupt header, not an allocation to make.
+        if header.count > (bytes.len() / 32) as u64 {
+            return Err("more entries announced than the file holds".into());
+        }
+        let mut entries = Vec::with_capacity(header.count as usize);
+        for _ in 0..header.count {
+            let n = r.u32()? as usize;
+            let rel = std::str::from_utf8(r.take(n)?).map_err(|_| "a path is not UTF-8".to_string())?.to_string();
+            let label = r.u64()? as i64;
+            let size = r.u64()?;
+            let shard = r.u32()?;
+            let offset = r.u64()?;
+            if shard as usize >= header.shards.len().max(1) || label >= header.classes.len() as i64 || label < -1 {
+                return Err(format!("entry `{rel}` is out of range"));
+            }
+            entries.push(Entry { rel, label, size, shard, offset });
+        }
+        if r.at != bytes.len() {
+            return Err("trailing bytes".into());
+        }
+        Ok(DatasetIndex { header, entries })
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len()).ok_or("cut short")?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn u32(&mut self) -> std::result::Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+}
+
+/// The cache of one (root, split): a file named by the hash of both in `cache_dir`.
+pub struct IndexCache {
+    pub path: PathBuf,
+    root: String,
+    split: String,
+}
+
+impl IndexCache {
+    pub fn new(cache_dir: &Path, root: &Path, split: &str) -> IndexCache {
+        let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()).to_string_lossy().into_owned();
+        let key = hex::encode(Sha256::digest(format!("{root}\0{split}").as_bytes()));
+        IndexCache { path: cache_dir.join(format!("{}.idx", &key[..32])), root, split: split.to_string() }
+    }
+
+    /// The cached index when it was made from this root and split and every folder and shard it was made from
+    /// still has the time (and size) it had; None otherwise (also for a missing or unreadable file).
+    pub fn load(&self, dir: &Path) -> Option<DatasetIndex> {
+        let bytes = std::fs::read(&self.path).ok()?;
+        let idx = DatasetIndex::decode(&bytes).ok()?;
+        let h = &idx.header;
+        if h.root != self.root || h.split != self.split || h.stamps.is_empty() {
+            return None;
+        }
+        for s in &h.stamps {
+            if stamp(dir, &s.rel).ok()? != *s {
+                return None;
+            }
+        }
+        Some(idx)
+    }
+
+    /// Keeps `idx` unless a folder or shard it was made from changed less than [`RACY`] before `scan_start`
+    /// (a later change might then keep the same time). Returns whether it was written.
+    pub fn store(&self, idx: &DatasetIndex, scan_start: SystemTime) -> Result<bool> {
+        let start = scan_start.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128);
+        if idx.header.stamps.iter().any(|s| s.mtime_ns > start - RACY.as_nanos() as i128) {
+            return Ok(false);
+        }
+        crate::fsutil::write_atomic_with(&self.path, |w| idx.encode_to(w))?;
+        if let Some(dir) = self.path.parent() {
+            evict(dir);
+        }
+        Ok(true)
+    }
+}
+
+/// Removes the least recently written cache files beyond [`KEEP`].
+fn evict(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let mut files: Vec<(SystemTime, PathBuf)> = rd
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".idx")))
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    if files.len() <= KEEP {
+        return;
+    }
+    files.sort();
+    for (_, p) in &files[..files.len() - KEEP] {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Under a launcher (a world of more than one that has been joined), rank 0 runs `make` and broadcasts the index
+/// it made (or its failure) to the other ranks, which return it without touching the file system; otherwise
+/// `make` runs here. Every rank must call it at the same point.
+pub fn shared_by_rank0(
+    what: &Path,
+    make: impl FnOnce() -> Result<(DatasetIndex, IndexSource)>,
+) -> Result<(DatasetIndex, IndexSource)> {
+    let Some(world) = crate::dist::joined_world().filter(|w| w.is_distributed()) else { return make() };
+    use tch::{Kind, Tensor};
+    let (made, payload) = if world.is_main() {
+        let made = make();
+        let payload = match &made {
+            Ok((idx, _)) => idx.encode(),
+            Err(e) => e.to_string().into_bytes(),
+        };
+        (Some(made), payload)
+    } else {
+        (None, Vec::new())
+    };
+    let head = Tensor::from_slice(&[made.as_ref().map_or(0, |m| m.is_ok() as i64), payload.len() as i64]);
+    world.broadcast(std::slice::from_ref(&head), 0, "the dataset index broadcast")?;
+    let (ok, len) = (head.int64_value(&[0]) == 1, head.int64_value(&[1]) as usize);
+    let body = if world.is_main() { Tensor::from_slice(&payload) } else { Tensor::zeros([len as i64], (Kind::Uint8, tch::Device::Cpu)) };
+    world.broadcast(std::slice::from_ref(&body), 0, "the dataset index broadcast")?;
+    if let Some(made) = made {
+        return made;
+    }
+    let bytes = Vec::<u8>::try_from(&body).map_err(Error::Torch)?;
+    if !ok {
+        return Err(Error::data(what, format!("rank 0 could not open the dataset: {}", String::from_utf8_lossy(&bytes))));
+    }
+    let idx = DatasetIndex::decode(&bytes).map_err(|e| Error::data(what, format!("the index rank 0 sent: {e}")))?;
+    Ok((idx, IndexSource::Rank0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> DatasetIndex {
+        let entries = vec![
+            Entry { rel: "a/x.jpg".into(), label: 0, size: 10, shard: 0, offset: 0 },
+            Entry { rel: "b/é y.png".into(), label: 1, size: 7, shard: 0, offset: 1536 },
+        ];
+        let classes = vec!["a".to_string(), "b".to_string()];
+        let header = Header {
+            version: VERSION,
+            root: "/r".into(),
+            split: "train".into(),
+            layout: "image_folder".into(),
+            fingerprint: fingerprint("train", &classes, &entries),
+            classes,
+            empty_classes: vec![],
+            shards: vec![],
+            stamps: vec![Stamp { rel: String::new(), mtime_ns: 5, size: 0 }],
+            problems: vec![],
+            count: 2,
+        };
+        DatasetIndex { header, entries }
+    }
+
+    #[test]
+    fn encode_decode_round_trip_and_corruption_is_refused() {
+        let idx = sample();
+        let bytes = idx.encode();
+        assert_eq!(DatasetIndex::decode(&bytes).unwrap(), idx);
+        assert!(DatasetIndex::decode(&bytes[..bytes.len() - 1]).unwrap_err().contains("cut short"));
+        let mut more = bytes.clone();
+        more.push(0);
+        assert_eq!(DatasetIndex::decode(&more).unwrap_err(), "trailing bytes");
+        assert!(DatasetIndex::decode(b"garbage garbage garbage").is_err());
+    }
+
+    #[test]
+    fn fingerprint_hashes_sorted_paths_and_sizes() {
+        let idx = sample();
+        let mut h = Sha256::new();
+        h.update(b"a/x.jpg\t10\nb/\xc3\xa9 y.png\t7\n");
+        assert_eq!(idx.header.fingerprint.files_hash, hex::encode(h.finalize()));
+        let mut swapped = idx.entries.clone();
+        swapped.reverse();
+        assert_eq!(fingerprint("train", &idx.header.classes, &swapped), idx.header.fingerprint);
+        swapped[0].size += 1;
+        assert_ne!(fingerprint("train", &idx.header.classes, &swapped), idx.header.fingerprint);
+    }
+}
