@@ -118,7 +118,8 @@ else
 fi
 
 # 3. The build: zune-jpeg, no Gloo.
-"${user_env[@]}" bash -c 'source scripts/env.sh 2>/dev/null && nice -n 10 cargo build --quiet --bins "${LMIM_FEATURES[@]}"' 2>"$work/build.err" ||
+# Not --quiet: it would hide the build script's warnings. The script runs on every commit (it records the commit).
+"${user_env[@]}" bash -c 'source scripts/env.sh 2>/dev/null && nice -n 10 cargo build --bins "${LMIM_FEATURES[@]}"' 2>"$work/build.err" ||
     { cat "$work/build.err" >&2; fail "cargo build"; }
 grep -q "Gloo is left out" "$work/build.err" || { cat "$work/build.err" >&2; fail "the build did not say that Gloo is left out"; }
 bin="$nr/target/debug/lmim-bench"

@@ -157,12 +157,16 @@ fn stop_now(sig: Signal) -> ! {
 }
 
 /// Waits (up to 1 s) until what was written to fd 2 has been read, for when fd 2 is a pipe whose reader is this
-/// process's own log thread.
-fn drain_stderr() {
+/// process's own log thread; then gives that thread a moment to write it out. Called before `_exit`.
+pub(crate) fn drain_stderr() {
     for _ in 0..100 {
         let mut pending: libc::c_int = 0;
         // SAFETY: FIONREAD into a local; on anything but a pipe it fails and the loop ends.
-        if unsafe { libc::ioctl(2, libc::FIONREAD, &mut pending) } != 0 || pending == 0 {
+        if unsafe { libc::ioctl(2, libc::FIONREAD, &mut pending) } != 0 {
+            return;
+        }
+        if pending == 0 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));

@@ -308,6 +308,8 @@ impl World {
                     }
                     eprintln!("error: rank {rank} of {size}: stopping because {msg}");
                     g.fail(&msg);
+                    // The line goes through the log thread when stderr is a pipe: let it out before the exit.
+                    crate::signals::drain_stderr();
                     // SAFETY: ends the process at once, from this thread; the main thread may be blocked in
                     // libtorch, so no destructors run (atomic writes leave no partial files under their names).
                     unsafe { libc::_exit(1) };
