@@ -81,6 +81,9 @@ fail() { echo "noroot_check: FAILED: $*" >&2; exit 1; }
 # The user's environment: nothing of the caller's set-up, no network beyond localhost (a proxy that refuses).
 user_env=(env -i HOME="$HOME" PATH="$work/bin" USER=user TERM=dumb LMIM_CACHE="$nr" CARGO_TARGET_DIR="$nr/target"
     CARGO_HOME="$cargo_home" CARGO_NET_OFFLINE=true TMPDIR=/tmp http_proxy=http://127.0.0.1:9 https_proxy=http://127.0.0.1:9)
+# lmim-bench itself at opt-level 0, for the build here and scripts/install.sh --debug: this checks the set-up's
+# choices, not the binary's speed. The dependencies keep the dev profile's opt-level 3, so the seeded ones are reused.
+user_env+=(CARGO_PROFILE_DEV_OPT_LEVEL=0)
 for v in RUSTUP_HOME RUSTUP_TOOLCHAIN; do [ -n "${!v:-}" ] && user_env+=("$v=${!v}"); done
 for n in $forbidden; do
     "${user_env[@]}" bash -c "command -v $n" >/dev/null 2>&1 && fail "$n is still on PATH"
@@ -117,10 +120,12 @@ else
     echo "noroot_check: Debian's Fashion-MNIST is not on this machine: the mirror download is not checked" >&2
 fi
 
-# 3. The build: zune-jpeg, no Gloo.
+# 3. The build: zune-jpeg, no Gloo (lmim-bench at opt-level 0: CARGO_PROFILE_DEV_OPT_LEVEL in user_env).
 # Not --quiet: it would hide the build script's warnings. The script runs on every commit (it records the commit).
+t0=$(date +%s)
 "${user_env[@]}" bash -c 'source scripts/env.sh 2>/dev/null && nice -n 10 cargo build --bins "${LMIM_FEATURES[@]}"' 2>"$work/build.err" ||
     { cat "$work/build.err" >&2; fail "cargo build"; }
+echo "noroot_check: build took $(( $(date +%s) - t0 )) s, compiled: $(sed -n 's/^ *Compiling \([^ ]*\) .*/\1/p' "$work/build.err" | tr '\n' ' ')" >&2
 grep -q "Gloo is left out" "$work/build.err" || { cat "$work/build.err" >&2; fail "the build did not say that Gloo is left out"; }
 bin="$nr/target/debug/lmim-bench"
 run() { "${user_env[@]}" "$bin" "$@"; }

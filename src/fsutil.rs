@@ -232,7 +232,7 @@ pub fn write_new_file(dir: &Path, stem: &str, ext: &str, bytes: &[u8]) -> Result
 }
 
 /// The PID in a temporary name `<name>.tmp-<PID>` or `<name>.tmp-<PID>-<N>`.
-fn temp_owner(file_name: &str) -> Option<i32> {
+pub(crate) fn temp_owner(file_name: &str) -> Option<i32> {
     let (_, tail) = file_name.rsplit_once(".tmp-")?;
     let (pid, seq) = tail.split_once('-').unwrap_or((tail, "0"));
     if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) || !seq.bytes().all(|b| b.is_ascii_digit()) {

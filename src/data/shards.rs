@@ -443,6 +443,7 @@ pub fn pack(ds: &Dataset, out: &Path, shard_size: u64) -> Result<PackReport> {
     if dest.exists() {
         return Err(Error::data(&dest, "exists already: remove it or choose another --out"));
     }
+    remove_stale_packs(out, &ds.split);
     let tmp = out.join(format!("{}.tmp-{}", ds.split, std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
@@ -465,6 +466,20 @@ pub fn pack(ds: &Dataset, out: &Path, shard_size: u64) -> Result<PackReport> {
         return Err(Error::data(&dest, format!("the shards' fingerprint {} differs from the source's {}", got.files_hash, want.files_hash)));
     }
     Ok(PackReport { dir: dest, shards, samples: ds.len(), bytes, fingerprint: got })
+}
+
+/// Removes `<split>.tmp-<pid>` folders that a killed pack left in `out`, those whose process is gone (on this
+/// machine: a pack of the same split into the same folder from another host at the same time is not supported).
+fn remove_stale_packs(out: &Path, split: &str) {
+    let prefix = format!("{split}.tmp-");
+    let Ok(entries) = std::fs::read_dir(out) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().filter(|n| n.starts_with(&prefix)).and_then(crate::fsutil::temp_owner) else { continue };
+        if pid != std::process::id() as i32 && !crate::fsutil::pid_alive(pid) && std::fs::remove_dir_all(e.path()).is_ok() {
+            eprintln!("{}: removed, left by an interrupted pack (process {pid} is gone)", e.path().display());
+        }
+    }
 }
 
 fn write_shards(ds: &Dataset, dir: &Path, shard_size: u64) -> Result<(usize, u64)> {

@@ -16,7 +16,8 @@ use tch::{nn, Device, Kind, Tensor};
 use super::record::{RecordBuilder, SplitPrint};
 use super::{EvalRequest, Protocol};
 use crate::checkpoint::load_vit_with;
-use crate::data::loader::{stage_batch, Batch, Loader};
+use super::probe::{FrozenProbe, ProbeRun, ProbeSchedule};
+use crate::data::loader::Loader;
 use crate::data::transforms::Transform;
 use crate::error::{Error, Result};
 use crate::info::device_name;
@@ -24,10 +25,7 @@ use crate::model::vit::with_amp;
 use crate::model::VisionTransformer;
 use crate::results::metrics_log::MetricsLog;
 use crate::results::RunRecord;
-use crate::train::device::{to_device_async, Ready};
 use crate::train::optim::{Lars, Param};
-use crate::train::schedule::lr_at_from_zero;
-use crate::train::step::{evaluate_topk, run_epoch, Flow, Optimizer, StepRule, TrainStep};
 
 /// The benchmark's code these numbers follow.
 pub const SOURCE: &str = "billpsomas/efficient-probing@b8f4fb84e8127d41aaad997d35b98c2f43f33125:probe_heads.py,poolings/ep.py,main_linprobe.py";
@@ -268,64 +266,31 @@ impl TokenReader<'_> {
     }
 }
 
-/// Result of a run: top-1 / top-5 at the last epoch and at the best one.
-#[derive(Debug, Serialize)]
-pub struct AttentiveResult {
-    pub top1: f64,
-    pub top5: f64,
-    pub best_top1: f64,
-    pub best_top5: f64,
-    pub best_epoch: usize,
-    pub history: Vec<BTreeMap<String, f64>>,
-    pub steps: i64,
-    pub steps_per_epoch: usize,
-    /// The head's state dict at the best epoch.
-    #[serde(skip)]
-    pub best_state: Vec<(String, Tensor)>,
+/// The benchmark's probe: the head on the frozen encoder's tokens.
+pub struct EpProbe<'a> {
+    pub reader: &'a TokenReader<'a>,
+    pub head: &'a AttentiveHead,
 }
 
-struct EpStep<'a> {
-    reader: &'a TokenReader<'a>,
-    head: &'a AttentiveHead,
-    opt: Lars,
-    cfg: &'a AttentiveConfig,
-    device: Device,
-    amp: Option<Kind>,
-}
-
-impl TrainStep for EpStep<'_> {
-    type Batch = Batch;
-    fn batch_len(b: &Batch) -> usize {
-        b.indices.len()
+impl FrozenProbe for EpProbe<'_> {
+    const WHAT: &'static str = "attentive probe";
+    fn train_logits(&self, images: &Tensor, amp: Option<Kind>) -> (Tensor, Tensor) {
+        self.head.forward_train(&self.reader.tokens(images, amp))
     }
-    fn begin_step(&mut self, t: f64) -> f64 {
-        lr_at_from_zero(t, self.cfg.lr(), self.cfg.min_lr, self.cfg.warmup_epochs, self.cfg.epochs)
+    fn update_running(&self, stats: &[Tensor]) {
+        self.head.update_running(stats)
     }
-    fn stage(&self, b: Batch) -> Result<(Batch, Ready)> {
-        stage_batch(b, self.device)
+    fn eval_logits(&self, images: &Tensor, amp: Option<Kind>) -> Tensor {
+        self.head.forward(&self.reader.tokens(images, amp), false)
     }
-    fn loss(&mut self, b: Batch, _epoch: usize, _iter: usize) -> Result<Tensor> {
-        let tokens = self.reader.tokens(&to_device_async(&b.images, self.device), self.amp);
-        let (logits, stats) = self.head.forward_train(&tokens);
-        self.head.update_running(&super::linear::gather_bn_stats(crate::dist::world(), &stats)?);
-        Ok(logits.cross_entropy_for_logits(&to_device_async(&b.labels, self.device)))
-    }
-    fn optimizer(&mut self) -> &mut dyn Optimizer {
-        &mut self.opt
-    }
-    fn what(&self) -> &'static str {
-        "attentive probe"
+    fn state_dict(&self) -> Vec<(String, Tensor)> {
+        self.head.state_dict()
     }
 }
 
-/// Top-1 / top-5 of the head on the validation loader.
-pub fn evaluate(reader: &TokenReader, head: &AttentiveHead, val: &Loader, device: Device, amp: Option<Kind>) -> Result<(f64, f64)> {
-    let batches = val.epoch(0).map(|b| b.map(|b| (b.images, b.labels)));
-    evaluate_topk(crate::dist::world(), device, batches, &val.dataset().dir, |x| head.forward(&reader.tokens(x, amp), false))
-}
-
-/// Trains `head` on the frozen encoder: LARS, lr warmup from 0 then cosine per step, whole optimiser steps only,
-/// an evaluation every `eval_every` epochs. `log` receives one JSON object per epoch.
+/// Trains `head` on the frozen encoder with the benchmark's recipe ([`super::probe::fit`], an evaluation every
+/// `eval_every` epochs). `log` receives one JSON object per epoch.
+#[allow(clippy::too_many_arguments)]
 pub fn train_head(
     reader: &TokenReader,
     head: &AttentiveHead,
@@ -334,36 +299,21 @@ pub fn train_head(
     cfg: &AttentiveConfig,
     device: Device,
     amp: Option<Kind>,
-    mut log: impl FnMut(&serde_json::Value) -> Result<()>,
-) -> Result<AttentiveResult> {
+    log: impl FnMut(&serde_json::Value) -> Result<()>,
+) -> Result<ProbeRun> {
     cfg.validate()?;
-    let rule = StepRule { accum: cfg.accum()? as usize, clip: None, world: crate::dist::world() };
-    let per_epoch = train.global_batches();
-    if rule.used_iters(per_epoch) == 0 {
-        return Err(Error::option("batch_size", format!("the train split gives {per_epoch} micro-batches of {}, fewer than one step of {}", cfg.micro_batch_size, cfg.batch_size)));
-    }
+    let sched = ProbeSchedule {
+        lr: cfg.lr(),
+        min_lr: cfg.min_lr,
+        warmup_epochs: cfg.warmup_epochs,
+        epochs: cfg.epochs,
+        accum: cfg.accum()? as usize,
+        batch_size: cfg.batch_size,
+        micro_batch_size: cfg.micro_batch_size,
+        eval_every: cfg.eval_every,
+    };
     let opt = Lars::new(head.params(cfg.weight_decay), cfg.momentum, cfg.trust_coefficient);
-    let mut st = EpStep { reader, head, opt, cfg, device, amp };
-    let epochs = cfg.epochs.ceil() as usize;
-    let mut res = AttentiveResult { top1: 0.0, top5: 0.0, best_top1: f64::NEG_INFINITY, best_top5: 0.0, best_epoch: 0, history: Vec::new(), steps: 0, steps_per_epoch: rule.used_iters(per_epoch) / rule.accum, best_state: Vec::new() };
-    for epoch in 0..epochs {
-        let mut batches = train.epoch(epoch as u64);
-        let stats = run_epoch(&mut st, rule, &mut batches, epoch, 0, per_epoch, &mut res.steps, &|_| false, &mut |_, _| Ok(Flow::Continue))?;
-        let mut entry = BTreeMap::from([("epoch".to_string(), epoch as f64 + 1.0), ("loss".to_string(), stats.mean_loss()), ("lr".to_string(), stats.lr), ("step".to_string(), res.steps as f64)]);
-        if (epoch + 1) % cfg.eval_every.max(1) == 0 || epoch + 1 == epochs {
-            (res.top1, res.top5) = evaluate(reader, head, val, device, amp)?;
-            entry.insert("val_top1".into(), res.top1);
-            entry.insert("val_top5".into(), res.top5);
-            // Strictly better, as the benchmark's `acc1 > max_accuracy`: the earliest of equal epochs is kept.
-            if res.top1 > res.best_top1 {
-                (res.best_top1, res.best_top5, res.best_epoch) = (res.top1, res.top5, epoch + 1);
-                res.best_state = head.state_dict();
-            }
-        }
-        log(&serde_json::to_value(&entry).expect("json"))?;
-        res.history.push(entry);
-    }
-    Ok(res)
+    super::probe::fit(&EpProbe { reader, head }, opt, &sched, train, val, device, amp, log)
 }
 
 /// `eval --protocol attentive`.

@@ -1,15 +1,13 @@
 //! Linear probing: the MAE recipe (`--protocol linear`, the headline LP number) with the backbone run on every
 //! augmented crop, and a DINOv2-style sweep of many heads on cached features (`--protocol linear-sweep`).
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
 use super::record::{RecordBuilder, SplitPrint};
 use super::{EvalRequest, Protocol};
-use crate::train::device::{to_device_async, Ready};
 use crate::checkpoint::load_vit_with;
-use crate::data::loader::{stage_batch, Batch, Loader};
+use super::probe::{FrozenProbe, ProbeRun, ProbeSchedule};
+use crate::data::loader::Loader;
 use crate::data::transforms::Transform;
 use crate::error::{Error, Result};
 use crate::info::device_name;
@@ -18,8 +16,6 @@ use crate::model::VisionTransformer;
 use crate::results::metrics_log::MetricsLog;
 use crate::results::RunRecord;
 use crate::train::optim::{Lars, Param};
-use crate::train::schedule::lr_at_from_zero;
-use crate::train::step::{evaluate_topk, run_epoch, Flow, Optimizer, StepRule, TrainStep};
 
 /// The probe's input feature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -236,65 +232,30 @@ impl<'a> ProbeEncoder<'a> {
     }
 }
 
-/// Result of a probe run.
-#[derive(Debug, Serialize)]
-pub struct LinearResult {
-    pub top1: f64,
-    pub top5: f64,
-    pub best_top1: f64,
-    pub best_epoch: usize,
-    pub history: Vec<BTreeMap<String, f64>>,
-    pub steps: i64,
-    pub steps_per_epoch: usize,
-    /// The trained head ([`ProbeHead::state_dict`]).
-    #[serde(skip)]
-    pub head: Vec<(String, Tensor)>,
+/// The MAE probe: BN + Linear on the frozen encoder's pooled feature.
+pub struct LinearProbe<'a> {
+    pub enc: &'a ProbeEncoder<'a>,
+    pub head: &'a ProbeHead,
 }
 
-/// The probe's step: features of the frozen encoder, BN + Linear, cross entropy, LARS.
-struct ProbeStep<'a> {
-    enc: &'a ProbeEncoder<'a>,
-    head: &'a ProbeHead,
-    opt: Lars,
-    cfg: &'a LinearConfig,
-    device: Device,
-    amp: Option<Kind>,
-    world: &'static crate::dist::World,
-}
-
-impl TrainStep for ProbeStep<'_> {
-    type Batch = Batch;
-    fn batch_len(b: &Batch) -> usize {
-        b.indices.len()
+impl FrozenProbe for LinearProbe<'_> {
+    const WHAT: &'static str = "linear probe";
+    fn train_logits(&self, images: &Tensor, amp: Option<Kind>) -> (Tensor, Tensor) {
+        self.head.forward_train(&self.enc.features(images, amp))
     }
-    fn begin_step(&mut self, t: f64) -> f64 {
-        lr_at_from_zero(t, self.cfg.lr(), self.cfg.min_lr, self.cfg.warmup_epochs, self.cfg.epochs)
+    fn update_running(&self, stats: &[Tensor]) {
+        self.head.update_running(stats)
     }
-    fn stage(&self, b: Batch) -> Result<(Batch, Ready)> {
-        stage_batch(b, self.device)
+    fn eval_logits(&self, images: &Tensor, amp: Option<Kind>) -> Tensor {
+        self.head.forward(&self.enc.features(images, amp), false)
     }
-    fn loss(&mut self, b: Batch, _epoch: usize, _iter: usize) -> Result<Tensor> {
-        let f = self.enc.features(&to_device_async(&b.images, self.device), self.amp);
-        let (logits, stats) = self.head.forward_train(&f);
-        self.head.update_running(&gather_bn_stats(self.world, &stats)?);
-        Ok(logits.cross_entropy_for_logits(&to_device_async(&b.labels, self.device)))
-    }
-    fn optimizer(&mut self) -> &mut dyn Optimizer {
-        &mut self.opt
-    }
-    fn what(&self) -> &'static str {
-        "linear probe"
+    fn state_dict(&self) -> Vec<(String, Tensor)> {
+        self.head.state_dict()
     }
 }
 
-/// Top-1 / top-5 of the probe on the validation loader.
-pub fn evaluate(enc: &ProbeEncoder, head: &ProbeHead, val: &Loader, device: Device, amp: Option<Kind>) -> Result<(f64, f64)> {
-    let batches = val.epoch(0).map(|b| b.map(|b| (b.images, b.labels)));
-    evaluate_topk(crate::dist::world(), device, batches, &val.dataset().dir, |x| head.forward(&enc.features(x, amp), false))
-}
-
-/// The MAE linear probe on a frozen encoder: LARS on the head, lr warmup from 0 then cosine, whole optimiser steps
-/// only (`drop_last`), evaluation every `eval_every` epochs. `log` receives one JSON object per epoch.
+/// The MAE linear probe on a frozen encoder ([`super::probe::fit`]). Returns the run and the head's state dict at
+/// the last epoch (the one MAE's recipe reports).
 pub fn train_probe(
     model: &VisionTransformer,
     train: &Loader,
@@ -302,8 +263,8 @@ pub fn train_probe(
     cfg: &LinearConfig,
     device: Device,
     amp: Option<Kind>,
-    mut log: impl FnMut(&serde_json::Value) -> Result<()>,
-) -> Result<LinearResult> {
+    log: impl FnMut(&serde_json::Value) -> Result<()>,
+) -> Result<(ProbeRun, Vec<(String, Tensor)>)> {
     cfg.validate()?;
     tch::manual_seed(cfg.seed as i64);
     let vs = nn::VarStore::new(device);
@@ -314,34 +275,19 @@ pub fn train_probe(
     for p in &mut opt.params {
         p.weight_decay = cfg.weight_decay;
     }
-    let world = crate::dist::world();
-    let rule = StepRule { accum: cfg.accum_iter() as usize, clip: None, world };
-    let per_epoch = train.global_batches();
-    if rule.used_iters(per_epoch) == 0 {
-        return Err(Error::option("batch_size", format!("the train split gives {per_epoch} micro-batches of {}, fewer than one step of {}", cfg.micro_batch_size, cfg.batch_size)));
-    }
-    let mut st = ProbeStep { enc: &enc, head: &head, opt, cfg, device, amp, world };
-    let epochs = cfg.epochs.ceil() as usize;
-    let (mut best, mut best_epoch, mut last) = (f64::NEG_INFINITY, 0, (0.0, 0.0));
-    let mut history = Vec::new();
-    let mut steps = 0i64;
-    for epoch in 0..epochs {
-        let mut batches = train.epoch(epoch as u64);
-        let stats = run_epoch(&mut st, rule, &mut batches, epoch, 0, per_epoch, &mut steps, &|_| false, &mut |_, _| Ok(Flow::Continue))?;
-        let mut entry = BTreeMap::from([("epoch".to_string(), epoch as f64 + 1.0), ("loss".to_string(), stats.mean_loss()), ("lr".to_string(), stats.lr), ("step".to_string(), steps as f64)]);
-        if (epoch + 1) % cfg.eval_every.max(1) == 0 || epoch + 1 == epochs {
-            last = evaluate(&enc, &head, val, device, amp)?;
-            entry.insert("val_top1".into(), last.0);
-            entry.insert("val_top5".into(), last.1);
-            if last.0 > best {
-                best = last.0;
-                best_epoch = epoch + 1;
-            }
-        }
-        log(&serde_json::to_value(&entry).expect("json"))?;
-        history.push(entry);
-    }
-    Ok(LinearResult { top1: last.0, top5: last.1, best_top1: best, best_epoch, history, steps, steps_per_epoch: rule.used_iters(per_epoch) / rule.accum, head: head.state_dict() })
+    let sched = ProbeSchedule {
+        lr: cfg.lr(),
+        min_lr: cfg.min_lr,
+        warmup_epochs: cfg.warmup_epochs,
+        epochs: cfg.epochs,
+        accum: cfg.accum_iter() as usize,
+        batch_size: cfg.batch_size,
+        micro_batch_size: cfg.micro_batch_size,
+        eval_every: cfg.eval_every,
+    };
+    let probe = LinearProbe { enc: &enc, head: &head };
+    let res = super::probe::fit(&probe, opt, &sched, train, val, device, amp, log)?;
+    Ok((res, head.state_dict()))
 }
 
 /// `eval --protocol linear`.
@@ -371,7 +317,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     // One writer of the run's metrics and events: rank 0 (every rank holds the same values).
     let mut log = if crate::dist::world().is_main() { MetricsLog::open(&run_dir, "metrics.jsonl", req.run.tensorboard)? } else { MetricsLog::discard()? };
     let quiet = req.run.quiet;
-    let res = train_probe(&enc.model, &train, &val, cfg, device, amp, |v| {
+    let (res, head) = train_probe(&enc.model, &train, &val, cfg, device, amp, |v| {
         if !quiet {
             eprintln!("linear {v}");
         }
@@ -380,7 +326,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let head_path = run_dir.join("linear_head.safetensors");
     if crate::dist::world().is_main() {
         let meta = [("format".to_string(), "mae-linprobe-head".to_string()), ("checkpoint_sha256".to_string(), enc.sha256.clone())].into_iter().collect();
-        crate::checkpoint::save(&head_path, &res.head, &meta)?;
+        crate::checkpoint::save(&head_path, &head, &meta)?;
     }
     let extra = serde_json::json!({ "lr": cfg.lr(), "accum_iter": cfg.accum_iter(), "precision": req.run.precision.unwrap_or_default().effective(device) });
     b.model(name, Some(ckpt), Some(enc.sha256.clone()), Some(enc.model.cfg.arch.clone()))

@@ -8,6 +8,7 @@ pub mod knn;
 pub mod linear;
 pub mod linear_sweep;
 pub mod neighbors;
+pub mod probe;
 pub mod record;
 
 use std::path::{Path, PathBuf};
