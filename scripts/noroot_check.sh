@@ -135,10 +135,11 @@ run info --json >"$work/info.json"
 "$LMIM_CACHE/venv/bin/python" - "$work/info.json" <<'PY' || fail "info"
 import json, sys
 i = json.load(open(sys.argv[1]))
-assert i["dist_backends"] == [], i["dist_backends"]
+# NCCL is built where the CUDA wheels' headers are in the venv (they are, from the set-up); Gloo is not.
+assert "gloo" not in i["dist_backends"], i["dist_backends"]
 assert i["jpeg_decoder"].startswith("zune-jpeg 0.4."), i["jpeg_decoder"]
 PY
-run info | grep -q "^c10d *none: one process per run" || fail "info does not say that there is no collective back-end"
+run info | grep -q "^c10d .*no Gloo: one process per run on the CPU" || fail "info does not say that Gloo is left out"
 
 # 5. A tiny pretraining and a k-NN evaluation of its encoder; the record names the decoder.
 d="$work/run"

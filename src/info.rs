@@ -83,10 +83,11 @@ impl Info {
             s.push_str("CUDA       not available (CPU only)\n");
         }
         s.push_str(&format!("CPU        {} torch threads, oneDNN {}, OpenMP {}\n", self.cpu_threads, self.mkldnn, self.openmp));
-        if self.dist_backends.is_empty() {
-            s.push_str(&format!("c10d       none: one process per run (for Gloo: {})\n", crate::dist::GLOO_HOWTO));
+        let backends = if self.dist_backends.is_empty() { "none".to_string() } else { self.dist_backends.join(", ") };
+        if self.dist_backends.iter().any(|b| b == "gloo") {
+            s.push_str(&format!("c10d       {backends}\n"));
         } else {
-            s.push_str(&format!("c10d       {}\n", self.dist_backends.join(", ")));
+            s.push_str(&format!("c10d       {backends}; no Gloo: one process per run on the CPU (for Gloo: {})\n", crate::dist::GLOO_HOWTO));
         }
         s.push_str(&format!("JPEG       {}\n", self.jpeg_decoder));
         s
