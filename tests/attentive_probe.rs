@@ -12,6 +12,7 @@ use assert_cmd::Command;
 use lmim_bench::checkpoint;
 use lmim_bench::model::{VisionTransformer, VitConfig};
 use lmim_bench::protocols::attentive::{save_head, AttentiveHead};
+use lmim_bench::protocols::probe::BnHead;
 use lmim_bench::protocols::extract::{FeatureMeta, FeatureSet};
 use lmim_bench::protocols::{run, EvalRequest, Protocol};
 use lmim_bench::train::optim::Lars;

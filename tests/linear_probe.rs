@@ -4,6 +4,7 @@ mod common;
 
 use lmim_bench::checkpoint;
 use lmim_bench::protocols::linear::{LinearConfig, ProbeHead};
+use lmim_bench::protocols::probe::BnHead;
 use lmim_bench::train::step::topk_correct;
 use lmim_bench::train::optim::Lars;
 use lmim_bench::train::schedule::lr_at_from_zero;

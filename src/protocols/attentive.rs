@@ -16,7 +16,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::record::{RecordBuilder, SplitPrint};
 use super::{EvalRequest, Protocol};
 use crate::checkpoint::load_vit_with;
-use super::probe::{FrozenProbe, ProbeRun, ProbeSchedule};
+use super::probe::{BnHead, FrozenInput, Probe, ProbeRun, ProbeSchedule};
 use crate::data::loader::Loader;
 use crate::data::transforms::Transform;
 use crate::error::{Error, Result};
@@ -173,32 +173,6 @@ impl AttentiveHead {
         attn.unsqueeze(2).matmul(&v).reshape([b, d])
     }
 
-    /// Logits `[B, C]`; `train` normalises with the batch's statistics and moves the running ones by this batch
-    /// (one process; a data-parallel step uses [`AttentiveHead::forward_train`] and applies every rank's statistics
-    /// in global micro-batch order, as the linear probe does, so the head does not depend on the number of ranks).
-    pub fn forward(&self, tokens: &Tensor, train: bool) -> Tensor {
-        if train {
-            let (logits, stats) = self.forward_train(tokens);
-            self.update_running(&[stats]);
-            return logits;
-        }
-        let pooled = self.pool(&tokens.to_kind(Kind::Float));
-        let x = Tensor::batch_norm(&pooled, None::<&Tensor>, None::<&Tensor>, Some(&self.running_mean), Some(&self.running_var), false, 0.1, 1e-6, false);
-        x.linear(&self.weight, Some(&self.bias))
-    }
-
-    /// Training-mode logits and the batch's `[2, D]` BatchNorm statistics (mean, unbiased variance).
-    pub fn forward_train(&self, tokens: &Tensor) -> (Tensor, Tensor) {
-        let (x, stats) = super::linear::bn_train(&self.pool(&tokens.to_kind(Kind::Float)));
-        (x.linear(&self.weight, Some(&self.bias)), stats)
-    }
-
-    /// Moves the running statistics by each batch's statistics in turn (BatchNorm1d's momentum-0.1 update).
-    pub fn update_running(&self, stats: &[Tensor]) {
-        super::linear::bn_running_update(&self.running_mean, &self.running_var, stats);
-        self.batches_tracked.set(self.batches_tracked.get() + stats.len() as i64);
-    }
-
     /// The trained parameters, LARS's trust ratio applying to the three with more than one dimension.
     pub fn params(&self, weight_decay: f64) -> Vec<Param> {
         [("0.cls_token", &self.cls_token), ("0.v.weight", &self.v_weight), ("2.weight", &self.weight), ("2.bias", &self.bias)]
@@ -206,10 +180,29 @@ impl AttentiveHead {
             .map(|(name, t)| Param { name: name.into(), tensor: t.shallow_clone(), weight_decay, lr_scale: 1.0 })
             .collect()
     }
+}
+
+impl BnHead for AttentiveHead {
+    const WHAT: &'static str = "attentive probe";
+    fn forward_eval(&self, tokens: &Tensor) -> Tensor {
+        let pooled = self.pool(&tokens.to_kind(Kind::Float));
+        let x = Tensor::batch_norm(&pooled, None::<&Tensor>, None::<&Tensor>, Some(&self.running_mean), Some(&self.running_var), false, 0.1, 1e-6, false);
+        x.linear(&self.weight, Some(&self.bias))
+    }
+
+    fn forward_train(&self, tokens: &Tensor) -> (Tensor, Tensor) {
+        let (x, stats) = super::linear::bn_train(&self.pool(&tokens.to_kind(Kind::Float)));
+        (x.linear(&self.weight, Some(&self.bias)), stats)
+    }
+
+    fn update_running(&self, stats: &[Tensor]) {
+        super::linear::bn_running_update(&self.running_mean, &self.running_var, stats);
+        self.batches_tracked.set(self.batches_tracked.get() + stats.len() as i64);
+    }
 
     /// The benchmark's `model.head.state_dict()`: names, shapes and dtypes (a 0-d int64 `num_batches_tracked`), on
     /// the CPU, copied.
-    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+    fn state_dict(&self) -> Vec<(String, Tensor)> {
         let tracked = Tensor::scalar_tensor(self.batches_tracked.get() as f64, (Kind::Int64, Device::Cpu));
         [
             ("0.cls_token", &self.cls_token),
@@ -245,9 +238,9 @@ pub struct TokenReader<'a> {
     pub final_norm: bool,
 }
 
-impl TokenReader<'_> {
+impl FrozenInput for TokenReader<'_> {
     /// Tokens `[B, N, D]` of the last block (no grad, f32).
-    pub fn tokens(&self, images: &Tensor, amp: Option<Kind>) -> Tensor {
+    fn read(&self, images: &Tensor, amp: Option<Kind>) -> Tensor {
         let last = self.model.cfg.depth - 1;
         tch::no_grad(|| {
             with_amp(amp, || {
@@ -263,28 +256,6 @@ impl TokenReader<'_> {
             })
         })
         .to_kind(Kind::Float)
-    }
-}
-
-/// The benchmark's probe: the head on the frozen encoder's tokens.
-pub struct EpProbe<'a> {
-    pub reader: &'a TokenReader<'a>,
-    pub head: &'a AttentiveHead,
-}
-
-impl FrozenProbe for EpProbe<'_> {
-    const WHAT: &'static str = "attentive probe";
-    fn train_logits(&self, images: &Tensor, amp: Option<Kind>) -> (Tensor, Tensor) {
-        self.head.forward_train(&self.reader.tokens(images, amp))
-    }
-    fn update_running(&self, stats: &[Tensor]) {
-        self.head.update_running(stats)
-    }
-    fn eval_logits(&self, images: &Tensor, amp: Option<Kind>) -> Tensor {
-        self.head.forward(&self.reader.tokens(images, amp), false)
-    }
-    fn state_dict(&self) -> Vec<(String, Tensor)> {
-        self.head.state_dict()
     }
 }
 
@@ -313,7 +284,7 @@ pub fn train_head(
         eval_every: cfg.eval_every,
     };
     let opt = Lars::new(head.params(cfg.weight_decay), cfg.momentum, cfg.trust_coefficient);
-    super::probe::fit(&EpProbe { reader, head }, opt, &sched, train, val, device, amp, log)
+    super::probe::fit(&Probe { input: reader, head }, opt, &sched, train, val, device, amp, log)
 }
 
 /// `eval --protocol attentive`.

@@ -6,7 +6,7 @@ use tch::{nn, Device, Kind, Tensor};
 use super::record::{RecordBuilder, SplitPrint};
 use super::{EvalRequest, Protocol};
 use crate::checkpoint::load_vit_with;
-use super::probe::{FrozenProbe, ProbeRun, ProbeSchedule};
+use super::probe::{BnHead, FrozenInput, Probe, ProbeRun, ProbeSchedule};
 use crate::data::loader::Loader;
 use crate::data::transforms::Transform;
 use crate::error::{Error, Result};
@@ -153,9 +153,19 @@ impl ProbeHead {
         }
     }
 
+    pub fn params(&self) -> Vec<Param> {
+        vec![
+            Param { name: "head.weight".into(), tensor: self.weight.shallow_clone(), weight_decay: 0.0, lr_scale: 1.0 },
+            Param { name: "head.bias".into(), tensor: self.bias.shallow_clone(), weight_decay: 0.0, lr_scale: 1.0 },
+        ]
+    }
+}
+
+impl BnHead for ProbeHead {
+    const WHAT: &'static str = "linear probe";
     /// The head as MAE's `model.head` (`Sequential(BatchNorm1d(D, affine=False, eps=1e-6), Linear(D, C))`, its
     /// main_linprobe.py) names its state: `load_state_dict` takes it as is.
-    pub fn state_dict(&self) -> Vec<(String, Tensor)> {
+    fn state_dict(&self) -> Vec<(String, Tensor)> {
         vec![
             ("0.running_mean".into(), self.running_mean.detach().copy()),
             ("0.running_var".into(), self.running_var.detach().copy()),
@@ -165,37 +175,19 @@ impl ProbeHead {
         ]
     }
 
-    /// Logits of `feats`; `train` normalises with the batch's statistics and moves the running statistics by this
-    /// batch (one process; a data-parallel step uses [`ProbeHead::forward_train`] and [`ProbeHead::update_running`]).
-    pub fn forward(&self, feats: &Tensor, train: bool) -> Tensor {
-        if train {
-            let (logits, stats) = self.forward_train(feats);
-            self.update_running(&[stats]);
-            return logits;
-        }
+    fn forward_eval(&self, feats: &Tensor) -> Tensor {
         let x = Tensor::batch_norm(&feats.to_kind(Kind::Float), None::<&Tensor>, None::<&Tensor>, Some(&self.running_mean), Some(&self.running_var), false, BN_MOMENTUM, 1e-6, false);
         x.linear(&self.weight, Some(&self.bias))
     }
 
-    /// Training-mode logits (normalised with the batch's statistics, as BatchNorm1d in train mode) and the batch's
-    /// statistics for the running update, `[2, D]`: mean and unbiased variance, without touching the running ones.
-    pub fn forward_train(&self, feats: &Tensor) -> (Tensor, Tensor) {
+    fn forward_train(&self, feats: &Tensor) -> (Tensor, Tensor) {
         let (x, stats) = bn_train(&feats.to_kind(Kind::Float));
         (x.linear(&self.weight, Some(&self.bias)), stats)
     }
 
-    /// Moves the running statistics by each batch's `[2, D]` statistics in turn, as BatchNorm1d does after each
-    /// training forward (`running = (1 - momentum) running + momentum batch`, unbiased variance).
-    pub fn update_running(&self, stats: &[Tensor]) {
+    fn update_running(&self, stats: &[Tensor]) {
         bn_running_update(&self.running_mean, &self.running_var, stats);
         self.batches_tracked.set(self.batches_tracked.get() + stats.len() as i64);
-    }
-
-    pub fn params(&self) -> Vec<Param> {
-        vec![
-            Param { name: "head.weight".into(), tensor: self.weight.shallow_clone(), weight_decay: 0.0, lr_scale: 1.0 },
-            Param { name: "head.bias".into(), tensor: self.bias.shallow_clone(), weight_decay: 0.0, lr_scale: 1.0 },
-        ]
     }
 }
 
@@ -214,9 +206,11 @@ impl<'a> ProbeEncoder<'a> {
         let fc_norm = layer_norm(vs.root() / "fc_norm", model.cfg.embed_dim, 1e-6);
         ProbeEncoder { model, feature, fc_norm, _vs: vs }
     }
+}
 
+impl FrozenInput for ProbeEncoder<'_> {
     /// The pooled feature `[B, D]` (no grad, f32).
-    pub fn features(&self, images: &Tensor, amp: Option<Kind>) -> Tensor {
+    fn read(&self, images: &Tensor, amp: Option<Kind>) -> Tensor {
         let last = self.model.cfg.depth - 1;
         tch::no_grad(|| {
             with_amp(amp, || match self.feature {
@@ -229,28 +223,6 @@ impl<'a> ProbeEncoder<'a> {
                 }
             })
         })
-    }
-}
-
-/// The MAE probe: BN + Linear on the frozen encoder's pooled feature.
-pub struct LinearProbe<'a> {
-    pub enc: &'a ProbeEncoder<'a>,
-    pub head: &'a ProbeHead,
-}
-
-impl FrozenProbe for LinearProbe<'_> {
-    const WHAT: &'static str = "linear probe";
-    fn train_logits(&self, images: &Tensor, amp: Option<Kind>) -> (Tensor, Tensor) {
-        self.head.forward_train(&self.enc.features(images, amp))
-    }
-    fn update_running(&self, stats: &[Tensor]) {
-        self.head.update_running(stats)
-    }
-    fn eval_logits(&self, images: &Tensor, amp: Option<Kind>) -> Tensor {
-        self.head.forward(&self.enc.features(images, amp), false)
-    }
-    fn state_dict(&self) -> Vec<(String, Tensor)> {
-        self.head.state_dict()
     }
 }
 
@@ -285,7 +257,7 @@ pub fn train_probe(
         micro_batch_size: cfg.micro_batch_size,
         eval_every: cfg.eval_every,
     };
-    let probe = LinearProbe { enc: &enc, head: &head };
+    let probe = Probe { input: &enc, head: &head };
     let res = super::probe::fit(&probe, opt, &sched, train, val, device, amp, log)?;
     Ok((res, head.state_dict()))
 }

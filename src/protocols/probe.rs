@@ -13,19 +13,42 @@ use crate::train::optim::Lars;
 use crate::train::schedule::lr_at_from_zero;
 use crate::train::step::{evaluate_topk, run_epoch, Flow, Optimizer, StepRule, TrainStep};
 
-/// A trainable head on a frozen encoder, as the shared loop sees it.
-pub trait FrozenProbe {
-    /// The step's name in messages ("linear probe").
+/// What a probe reads from its frozen encoder: a pooled feature `[B, D]` or tokens `[B, N, D]` (no grad, f32).
+pub trait FrozenInput {
+    fn read(&self, images: &Tensor, amp: Option<Kind>) -> Tensor;
+}
+
+/// A probe head with a non-affine BatchNorm in it, whose running statistics are moved outside the forward pass so
+/// that a data-parallel step applies every rank's statistics in global micro-batch order
+/// ([`super::linear::gather_bn_stats`]): the head then does not depend on the number of ranks.
+pub trait BnHead {
+    /// The probe's name in messages ("linear probe").
     const WHAT: &'static str;
-    /// Training-mode logits of a micro-batch of images, and the head's BatchNorm statistics `[2, D]` of that
-    /// micro-batch (mean, unbiased variance); the running statistics are left alone.
-    fn train_logits(&self, images: &Tensor, amp: Option<Kind>) -> (Tensor, Tensor);
-    /// Moves the running statistics by each batch's statistics in turn.
+    /// Training-mode logits (normalised with the batch's statistics, as BatchNorm1d in train mode) and the batch's
+    /// statistics `[2, D]` (mean, unbiased variance), the running ones untouched.
+    fn forward_train(&self, x: &Tensor) -> (Tensor, Tensor);
+    /// Eval-mode logits (normalised with the running statistics).
+    fn forward_eval(&self, x: &Tensor) -> Tensor;
+    /// Moves the running statistics by each batch's statistics in turn (BatchNorm1d's momentum-0.1 update).
     fn update_running(&self, stats: &[Tensor]);
-    /// Eval-mode logits.
-    fn eval_logits(&self, images: &Tensor, amp: Option<Kind>) -> Tensor;
-    /// The head's state dict under the reference code's names.
+    /// The head's state dict under the reference code's names (on the CPU, copied).
     fn state_dict(&self) -> Vec<(String, Tensor)>;
+    /// Logits of `x`; `train` normalises with the batch's statistics and moves the running ones by this batch, as
+    /// the PyTorch module does in one process.
+    fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+        if !train {
+            return self.forward_eval(x);
+        }
+        let (logits, stats) = self.forward_train(x);
+        self.update_running(&[stats]);
+        logits
+    }
+}
+
+/// A head on a frozen encoder.
+pub struct Probe<'a, I: FrozenInput, H: BnHead> {
+    pub input: &'a I,
+    pub head: &'a H,
 }
 
 /// The schedule keys both probe recipes have.
@@ -59,8 +82,8 @@ pub struct ProbeRun {
     pub best_state: Vec<(String, Tensor)>,
 }
 
-struct ProbeStep<'a, P: FrozenProbe> {
-    probe: &'a P,
+struct ProbeStep<'a, I: FrozenInput, H: BnHead> {
+    probe: &'a Probe<'a, I, H>,
     opt: Lars,
     sched: &'a ProbeSchedule,
     device: Device,
@@ -68,7 +91,7 @@ struct ProbeStep<'a, P: FrozenProbe> {
     world: &'static crate::dist::World,
 }
 
-impl<P: FrozenProbe> TrainStep for ProbeStep<'_, P> {
+impl<I: FrozenInput, H: BnHead> TrainStep for ProbeStep<'_, I, H> {
     type Batch = Batch;
     fn batch_len(b: &Batch) -> usize {
         b.indices.len()
@@ -80,27 +103,27 @@ impl<P: FrozenProbe> TrainStep for ProbeStep<'_, P> {
         stage_batch(b, self.device)
     }
     fn loss(&mut self, b: Batch, _epoch: usize, _iter: usize) -> Result<Tensor> {
-        let (logits, stats) = self.probe.train_logits(&to_device_async(&b.images, self.device), self.amp);
-        self.probe.update_running(&super::linear::gather_bn_stats(self.world, &stats)?);
+        let (logits, stats) = self.probe.head.forward_train(&self.probe.input.read(&to_device_async(&b.images, self.device), self.amp));
+        self.probe.head.update_running(&super::linear::gather_bn_stats(self.world, &stats)?);
         Ok(logits.cross_entropy_for_logits(&to_device_async(&b.labels, self.device)))
     }
     fn optimizer(&mut self) -> &mut dyn Optimizer {
         &mut self.opt
     }
     fn what(&self) -> &'static str {
-        P::WHAT
+        H::WHAT
     }
 }
 
 /// Top-1 / top-5 of the probe on the validation loader.
-pub fn evaluate<P: FrozenProbe>(probe: &P, val: &Loader, device: Device, amp: Option<Kind>) -> Result<(f64, f64)> {
+pub fn evaluate<I: FrozenInput, H: BnHead>(probe: &Probe<I, H>, val: &Loader, device: Device, amp: Option<Kind>) -> Result<(f64, f64)> {
     let batches = val.epoch(0).map(|b| b.map(|b| (b.images, b.labels)));
-    evaluate_topk(crate::dist::world(), device, batches, &val.dataset().dir, |x| probe.eval_logits(x, amp))
+    evaluate_topk(crate::dist::world(), device, batches, &val.dataset().dir, |x| probe.head.forward_eval(&probe.input.read(x, amp)))
 }
 
 /// Trains the probe's head with `opt` for `sched.epochs` epochs. `log` receives one JSON object per epoch.
-pub fn fit<P: FrozenProbe>(
-    probe: &P,
+pub fn fit<I: FrozenInput, H: BnHead>(
+    probe: &Probe<I, H>,
     opt: Lars,
     sched: &ProbeSchedule,
     train: &Loader,
@@ -129,7 +152,7 @@ pub fn fit<P: FrozenProbe>(
             // Strictly better, as main_linprobe.py's `acc1 > max_accuracy`: the earliest of equal epochs is kept.
             if res.top1 > res.best_top1 {
                 (res.best_top1, res.best_top5, res.best_epoch) = (res.top1, res.top5, epoch + 1);
-                res.best_state = probe.state_dict();
+                res.best_state = probe.head.state_dict();
             }
         }
         log(&serde_json::to_value(&entry).expect("json"))?;
