@@ -157,7 +157,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
 
     let overrides = loaded.overrides(&[]);
     let mut b = RecordBuilder::new(req.protocol, &spec.version, &overrides);
-    let details = match &train {
+    let mut details = match &train {
         Some(t) if req.protocol == Protocol::KnnSweep => {
             let grid = knn::weighted_knn_grid(&t.set.features, &t.set.labels, &val.set.features, &val.set.labels, num_classes, &spec.ks, &spec.temperatures, &search)?;
             for r in &grid {
@@ -187,7 +187,6 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
             serde_json::json!({ "nn_loo": r, "val": val.source, "n_val": val.set.len() })
         }
     };
-    let mut details = details;
     let skipped: Vec<serde_json::Value> = ["train", "val"]
         .iter()
         .filter_map(|s| details.get(*s)?.get("skipped_paths")?.as_array().cloned())
