@@ -7,7 +7,7 @@
 # network, torchvision's downloader from a local mirror), builds, and runs `info`, a tiny pretraining, a k-NN
 # evaluation, the refusal of a 2-process CPU launch and scripts/install.sh with that binary.
 #
-# Needs root for the mount namespace (CI runs as root); exit 77 when it cannot make one. The build goes to
+# Needs root for the mount namespace (CI runs as root); exit 77 when it cannot make one or its mounts. The build goes to
 # $LMIM_CACHE/noroot/target, seeded once from the main target dir, so a run compiles only lmim-bench itself.
 #
 #     bash scripts/noroot_check.sh
@@ -46,7 +46,10 @@ nr="$LMIM_CACHE/noroot"
 # Writable at the end: the clone, the cache (the venv in it read-only), cargo's home and /tmp, each its own mount
 # before anything is mounted below them; the rest of the system is made read-only last.
 cargo_home="${CARGO_HOME:-$HOME/.cargo}"
-for d in /tmp "$cargo_home" "$LMIM_CACHE" "$ROOT"; do mount --bind "$d" "$d"; done
+# A mount this machine refuses (a container without the capability) means the user's environment cannot be made
+# here: that is "not run" (exit 77), not a failure of the set-up under test.
+prep() { "$@" || { echo "noroot_check: cannot make the user's environment here ('$*' failed); not run" >&2; exit 77; }; }
+for d in /tmp "$cargo_home" "$LMIM_CACHE" "$ROOT"; do [ -d "$d" ] && prep mount --bind "$d" "$d"; done
 work="$(mktemp -d /tmp/lmim-noroot.XXXXXX)"
 # The mirror below is a bind of Debian's data set: unmounted before the folder is removed.
 trap 'umount "$work/fm-mirror" 2>/dev/null; rm -rf "$work"' EXIT
@@ -64,18 +67,20 @@ done
 # ... and the forbidden programs cannot be run by their full path either.
 for d in /usr/local/sbin /usr/local/bin /usr/sbin /usr/bin /sbin /bin; do
     for n in $forbidden; do
-        if [ -f "$d/$n" ] && [ ! -L "$d/$n" ]; then mount --bind /dev/null "$d/$n"; fi
+        if [ -f "$d/$n" ] && [ ! -L "$d/$n" ]; then prep mount --bind /dev/null "$d/$n"; fi
     done
 done
-[ -d /usr/include/gloo ] && mount -t tmpfs none /usr/include/gloo
+if [ -d /usr/include/gloo ]; then prep mount -t tmpfs none /usr/include/gloo; fi
 fm_debian=/usr/share/datasets/fashion-mnist
 mkdir -p "$work/fm-mirror"
 if [ -d "$fm_debian" ]; then
-    mount --bind "$fm_debian" "$work/fm-mirror" && mount -o remount,bind,ro "$work/fm-mirror"
-    mount -t tmpfs none "$fm_debian"
+    prep mount --bind "$fm_debian" "$work/fm-mirror"
+    prep mount -o remount,bind,ro "$work/fm-mirror"
+    prep mount -t tmpfs none "$fm_debian"
 fi
-mount --bind "$LMIM_CACHE/venv" "$LMIM_CACHE/venv" && mount -o remount,bind,ro "$LMIM_CACHE/venv"
-mount -o remount,bind,ro /
+prep mount --bind "$LMIM_CACHE/venv" "$LMIM_CACHE/venv"
+prep mount -o remount,bind,ro "$LMIM_CACHE/venv"
+prep mount -o remount,bind,ro /
 
 fail() { echo "noroot_check: FAILED: $*" >&2; exit 1; }
 # The user's environment: nothing of the caller's set-up, no network beyond localhost (a proxy that refuses).
