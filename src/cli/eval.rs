@@ -314,8 +314,7 @@ fn summary(rec: &RunRecord) -> String {
     if rec.metrics.contains_key("top5") {
         s.push_str(&format!(", top-5 {:.2}", m("top5")));
     }
-    let v = &rec.protocol_version;
-    s.push_str(&format!(" (protocol {}{v})\n", if v.starts_with(|c: char| c.is_ascii_digit()) { "v" } else { "" }));
+    s.push_str(&format!(" (protocol {})\n", crate::results::version_label(&rec.protocol_version)));
     if let Some(best) = rec.details.get("best").filter(|_| rec.protocol == Protocol::KnnSweep.name()) {
         s.push_str(&format!("best of the (k, T) grid: k={} T={}\n", best["k"], best["temperature"]));
     }

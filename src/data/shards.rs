@@ -476,7 +476,7 @@ fn remove_stale_packs(out: &Path, split: &str) {
     for e in entries.flatten() {
         let name = e.file_name();
         let Some(pid) = name.to_str().filter(|n| n.starts_with(&prefix)).and_then(crate::fsutil::temp_owner) else { continue };
-        if pid != std::process::id() as i32 && !crate::fsutil::pid_alive(pid) && std::fs::remove_dir_all(e.path()).is_ok() {
+        if !crate::fsutil::pid_alive(pid) && std::fs::remove_dir_all(e.path()).is_ok() {
             eprintln!("{}: removed, left by an interrupted pack (process {pid} is gone)", e.path().display());
         }
     }

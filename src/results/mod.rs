@@ -139,6 +139,15 @@ impl RunRecord {
 }
 
 /// A file-name-safe form of a model name.
+/// A protocol version as tables and summaries print it: "v1" for a number, a named version ("mae-linprobe-2") as is.
+pub fn version_label(v: &str) -> String {
+    if v.starts_with(|c: char| c.is_ascii_digit()) {
+        format!("v{v}")
+    } else {
+        v.to_string()
+    }
+}
+
 pub fn sanitize(s: &str) -> String {
     let s: String = s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' { c } else { '-' }).collect();
     if s.is_empty() { "model".into() } else { s }

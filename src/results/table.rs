@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::check::{Entry, ReferenceFile};
 use crate::protocols::Protocol;
-use super::{markdown_table, RunRecord};
+use super::{markdown_table, version_label, RunRecord};
 
 /// NN, k-NN, LP and Ft are always shown; the other columns when a row has a number in them.
 const ALWAYS: [Protocol; 4] = [Protocol::NnLoo, Protocol::Knn, Protocol::Linear, Protocol::Finetune];
@@ -386,7 +386,7 @@ impl Table {
                 let versions: Vec<String> = if reference {
                     r.cells.values().next().and_then(|c| c.version.clone()).into_iter().collect()
                 } else {
-                    r.cells.iter().map(|(p, c)| format!("{p} v{}", c.version.as_deref().unwrap_or("?"))).collect()
+                    r.cells.iter().map(|(p, c)| format!("{p} {}", version_label(c.version.as_deref().unwrap_or("?")))).collect()
                 };
                 v.push(versions.join(", "));
                 v.push(r.source.clone());
