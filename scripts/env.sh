@@ -1,6 +1,7 @@
 # Sourced by the other scripts: prepares everything lmim-bench needs and exports the environment.
 # - a Python virtual environment with torch==2.11.0 (the libtorch that tch 0.24.0 binds), numpy, safetensors,
-#   timm, torchvision, scipy and tensorboard (its event reader checks the event files lmim-bench writes), kept in
+#   timm, torchvision, scipy and tensorboard (its event reader checks the event files lmim-bench writes), the DAVIS
+#   and low-shot references (OpenCV, scikit-image, scikit-learn, cyanure), kept in
 #   a cache directory outside the clone so that every clone reuses it;
 # - the build's tools and data, each from the system when it is there, else with apt-get where the user may run it
 #   (root, or sudo without a password), else without a package manager: cmake (PyPI's, into the venv), nasm (without
@@ -19,7 +20,9 @@ mkdir -p "$LMIM_CACHE"
 VENV="$LMIM_CACHE/venv"
 # nvidia-cuda-crt / -cccl: the CUDA headers that torch's ProcessGroupNCCL.hpp needs and the CUDA runtime wheel lacks,
 # at the CUDA 13.0 of torch 2.11's wheels (the build compiles the NCCL part of the c10d shim against them).
-PY_REQS="torch==2.11.0 torchvision==0.26.0 numpy safetensors timm scipy pillow tensorboard nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85"
+# opencv-python-headless, scikit-image: the DAVIS references (DINO's frame reading, davis2017-evaluation's boundary
+# measure); scikit-learn, cyanure: the low-shot references (MSN's logistic regression and preprocessing).
+PY_REQS="torch==2.11.0 torchvision==0.26.0 numpy safetensors timm scipy pillow tensorboard nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85 opencv-python-headless==4.12.0.88 scikit-image==0.26.0 scikit-learn==1.9.1 cyanure==1.2.2"
 STAMP="$VENV/.lmim-reqs"
 
 log() { printf '[lmim-bench setup] %s\n' "$*" >&2; }
