@@ -72,6 +72,12 @@ fn c10d_shim(lib: &Path, cuda: bool) {
         println!("cargo:rustc-cfg=lmim_gloo");
     }
     println!("cargo:rustc-check-cfg=cfg(lmim_gloo)");
+    // tests/noroot_setup.rs needs a private mount namespace (root and unshare): where one cannot be made the test
+    // is reported as ignored, with the reason, rather than passing without having run.
+    println!("cargo:rustc-check-cfg=cfg(lmim_noroot)");
+    if std::process::Command::new("unshare").args(["--mount", "true"]).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success()) {
+        println!("cargo:rustc-cfg=lmim_noroot");
+    }
     shim.file("csrc/c10d_shim.cpp").file("csrc/aten_shim.cpp");
     // The CUDA wheels' headers sit beside torch in site-packages.
     let nvidia = torch.parent().map(|p| p.join("nvidia"));

@@ -70,3 +70,14 @@ int lmim_set_deterministic(int on) {
   });
 }
 }
+
+extern "C" {
+// torch.backends.cudnn.allow_tf32 (True by default in PyTorch, unlike matmuls): convolutions such as the patch
+// embedding run in TF32 on Ampere and later unless it is off. Returns the previous setting.
+int lmim_set_cudnn_tf32(int on) {
+  auto& ctx = at::globalContext();
+  int prev = ctx.allowTF32CuDNN() ? 1 : 0;
+  lmim_guarded([&] { ctx.setAllowTF32CuDNN(on != 0); });
+  return prev;
+}
+}

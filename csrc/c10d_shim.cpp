@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -30,11 +31,18 @@ namespace {
 // for a collective that will never complete (under NCCL a host is not even blocked in one: wait() only orders
 // streams, ProcessGroupNCCL.hpp).
 const char* kFailedKey = "lmim-bench/failed";
+// Every rank adds 1 under this key at a normal end; the rank that serves the store waits for all of them before it
+// exits, so no peer finds the store gone (which it counts as a failure) while it is still finishing.
+const char* kDoneKey = "lmim-bench/done";
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
+  // The failure watcher's own connection: a TCPStore client serialises its calls, so on the main connection the
+  // watcher would wait behind a long get of the main thread.
+  c10::intrusive_ptr<c10d::Store> watch_store;
   c10::intrusive_ptr<c10d::Backend> backend;
   int rank = 0;
+  int size = 1;
   bool nccl = false;
 };
 
@@ -86,7 +94,9 @@ void* lmim_c10d_init(const char* backend, const char* host, int port, int rank, 
     auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
     auto group = std::make_unique<Group>();
     group->store = store;
+    group->watch_store = store->clone();
     group->rank = rank;
+    group->size = size;
     std::string name(backend);
     if (name == "gloo") {
 #ifdef LMIM_WITH_GLOO
@@ -172,7 +182,9 @@ int lmim_c10d_fail(void* h, const char* msg) {
     auto* g = static_cast<Group*>(h);
     std::string text = "rank " + std::to_string(g->rank) + ": " + msg;
     try {
-      if (!g->store->check({kFailedKey})) g->store->set(kFailedKey, std::vector<uint8_t>(text.begin(), text.end()));
+      // Over the watcher's connection: this may run on the watcher or a panicking thread while the main thread
+      // holds the main connection.
+      if (!g->watch_store->check({kFailedKey})) g->watch_store->set(kFailedKey, std::vector<uint8_t>(text.begin(), text.end()));
     } catch (...) {
       // The store's host may be gone already; aborting matters more.
     }
@@ -186,14 +198,40 @@ int lmim_c10d_peer_failure(void* h, char* buf, int len, int* found) {
   return lmim_guarded([&] {
     auto* g = static_cast<Group*>(h);
     *found = 0;
-    if (!g->store->check({kFailedKey})) return;
-    auto v = g->store->get(kFailedKey);
+    if (!g->watch_store->check({kFailedKey})) return;
+    auto v = g->watch_store->get(kFailedKey);
     size_t n = std::min(v.size(), static_cast<size_t>(std::max(len - 1, 0)));
     if (len > 0) {
       std::memcpy(buf, v.data(), n);
       buf[n] = '\0';
     }
     *found = 1;
+  });
+}
+
+// The back-end's own error state (ProcessGroupNCCL's watchdog: 1 a collective timed out, 2 a communicator error,
+// 3 a peer's error); 0 when none or for Gloo, whose errors surface in the collective that meets them.
+int lmim_c10d_backend_error(void* h) {
+  auto* g = static_cast<Group*>(h);
+  if (!g->nccl) return 0;
+  int code = 0;
+  lmim_guarded([&] { code = static_cast<int>(g->backend->getError()); });
+  return code;
+}
+
+// A normal end of this rank: counts it done; the rank that serves the store (`host`) then waits up to `timeout_ms`
+// for every rank to be done. 1 in `all_done` when they all were.
+int lmim_c10d_finish(void* h, int host, long long timeout_ms, int* all_done) {
+  return lmim_guarded([&] {
+    auto* g = static_cast<Group*>(h);
+    *all_done = 0;
+    auto done = g->store->add(kDoneKey, 1);
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+    while (host && done < g->size && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      done = g->store->add(kDoneKey, 0);
+    }
+    *all_done = done >= g->size ? 1 : 0;
   });
 }
 

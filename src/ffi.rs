@@ -35,7 +35,10 @@ extern "C" {
     pub fn lmim_c10d_fail(g: *mut c_void, msg: *const c_char) -> c_int;
     pub fn lmim_c10d_peer_failure(g: *mut c_void, buf: *mut c_char, len: c_int, found: *mut c_int) -> c_int;
     pub fn lmim_c10d_shutdown(g: *mut c_void) -> c_int;
+    pub fn lmim_c10d_backend_error(g: *mut c_void) -> c_int;
+    pub fn lmim_c10d_finish(g: *mut c_void, host: c_int, timeout_ms: i64, all_done: *mut c_int) -> c_int;
     pub fn lmim_c10d_free(g: *mut c_void);
+    pub fn lmim_set_cudnn_tf32(on: c_int) -> c_int;
 
     pub fn lmim_set_deterministic(on: c_int) -> c_int;
     pub fn lmim_grads_to_none(params: *mut CTensor, n: c_int) -> c_int;

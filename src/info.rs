@@ -20,6 +20,9 @@ pub struct Info {
     pub dist_backends: Vec<String>,
     /// The JPEG decoder of this build ([`JPEG_DECODER`]).
     pub jpeg_decoder: String,
+    /// Decode threads a run takes by default, and why ([`crate::data::loader::decode_threads`]).
+    pub decode_threads: usize,
+    pub decode_threads_why: String,
 }
 
 /// `libjpeg-turbo <version> (SIMD)` (the default `turbojpeg` feature) or `zune-jpeg <version>`: their pixels differ
@@ -47,9 +50,20 @@ fn libtorch_version(lib: &str) -> String {
     "unknown".into()
 }
 
+/// The folder of the libtorch this process loaded (from /proc/self/maps), which on another machine than the build's
+/// is not the folder the build linked: the binary finds it through its rpath or LD_LIBRARY_PATH.
+fn loaded_libtorch_dir() -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let path = maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.ends_with("/libtorch_cpu.so"))?;
+    Some(std::path::Path::new(path).parent()?.display().to_string())
+}
+
 impl Info {
     pub fn collect() -> Self {
-        let lib = option_env!("LMIM_LIBTORCH_LIB").unwrap_or("").to_string();
+        // Make sure libtorch is mapped before /proc/self/maps is read (tch loads it lazily on first use).
+        let threads = tch::get_num_threads();
+        let lib = loaded_libtorch_dir().unwrap_or_else(|| option_env!("LMIM_LIBTORCH_LIB").unwrap_or("").to_string());
+        let decode = crate::data::loader::decode_threads();
         let cuda = Cuda::is_available();
         Info {
             crate_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -60,11 +74,13 @@ impl Info {
             cuda_devices: Cuda::device_count(),
             cudnn_version: (cuda && Cuda::cudnn_is_available()).then(tch::utils::version_cudnn),
             cuda_runtime_version: cuda.then(tch::utils::version_cudart),
-            cpu_threads: tch::get_num_threads(),
+            cpu_threads: threads,
             mkldnn: tch::utils::has_mkldnn(),
             openmp: tch::utils::has_openmp(),
             dist_backends: [("gloo", crate::dist::has_gloo()), ("nccl", crate::dist::has_nccl())].into_iter().filter(|b| b.1).map(|b| b.0.to_string()).collect(),
             jpeg_decoder: JPEG_DECODER.to_string(),
+            decode_threads: decode.threads,
+            decode_threads_why: decode.why,
         }
     }
 
@@ -90,6 +106,7 @@ impl Info {
             s.push_str(&format!("c10d       {backends}; no Gloo: one process per run on the CPU (for Gloo: {})\n", crate::dist::GLOO_HOWTO));
         }
         s.push_str(&format!("JPEG       {}\n", self.jpeg_decoder));
+        s.push_str(&format!("loader     {} decode threads per process: {}\n", self.decode_threads, self.decode_threads_why));
         s
     }
 }

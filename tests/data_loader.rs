@@ -392,3 +392,51 @@ fn shards_give_the_folder_fingerprint_samples_and_batches_and_truncation_is_name
     let err = l.epoch(0).find_map(|b| b.err()).expect("a strict loader stops at the cut member").to_string();
     assert!(err.contains(name) && err.contains("truncated"), "{err}");
 }
+
+/// `lmim-bench info` as a task would run it: under `taskset -c CPUS` when given, with `vars`.
+fn info_line(taskset: Option<&str>, vars: &[(&str, &str)]) -> String {
+    use assert_cmd::cargo::CommandCargoExt;
+    let mut c = match taskset {
+        Some(cpus) => {
+            let mut c = std::process::Command::new("taskset");
+            c.args(["-c", cpus]).arg(assert_cmd::cargo::cargo_bin("lmim-bench"));
+            c
+        }
+        None => std::process::Command::cargo_bin("lmim-bench").unwrap(),
+    };
+    for k in ["LOCAL_WORLD_SIZE", "SLURM_STEP_ID", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "RANK", "WORLD_SIZE"] {
+        c.env_remove(k);
+    }
+    let o = c.arg("info").envs(vars.iter().copied()).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).lines().find(|l| l.starts_with("loader")).unwrap_or_else(|| panic!("no loader line in {}", String::from_utf8_lossy(&o.stdout))).to_string()
+}
+
+fn command_number(cmd: &str, args: &[&str]) -> usize {
+    let o = std::process::Command::new(cmd).args(args).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+}
+
+/// Decode threads follow the launcher's share of the node: under a narrower affinity mask (`srun
+/// --cpus-per-task`, here `taskset`) the mask's CPUs, not divided again by the ranks on the node (the README's
+/// sbatch of 8 tasks x 12 CPUs got 1 thread per GPU that way); with the whole node in the mask (torchrun on a bare
+/// node) the node's CPUs divided by the local ranks. `info` says the count and why.
+#[test]
+fn decode_threads_follow_the_affinity_mask_and_the_local_ranks() {
+    let (mask, online) = (command_number("nproc", &[]), command_number("getconf", &["_NPROCESSORS_ONLN"]));
+    if online < 2 {
+        eprintln!("decode_threads_follow_the_affinity_mask_and_the_local_ranks: SKIPPED: one CPU, no narrower mask to make");
+        return;
+    }
+    // One task of an `srun --ntasks-per-node=8` step, given one CPU.
+    let line = info_line(Some("0"), &[("SLURM_STEP_ID", "0"), ("SLURM_NTASKS_PER_NODE", "8")]);
+    assert!(line.contains(&format!("1 decode threads per process: the 1 CPUs this process may use (its affinity mask holds 1 of the node's {online}")), "{line}");
+    if mask < online {
+        eprintln!("decode_threads_follow_the_affinity_mask_and_the_local_ranks: whole-node case SKIPPED: this process's mask already holds {mask} of {online} CPUs");
+        return;
+    }
+    // torchrun's two ranks on the whole node.
+    let line = info_line(None, &[("LOCAL_WORLD_SIZE", "2")]);
+    let usable = std::thread::available_parallelism().unwrap().get();
+    assert!(line.contains(&format!("{} decode threads per process: the node's {usable} CPUs shared by 2 ranks", (usable / 2).max(1))), "{line}");
+}

@@ -55,6 +55,7 @@ fn spawn_slurm(args: &[String], world: usize, timeout_s: u64) -> Vec<Child> {
         vec![
             ("SLURM_PROCID", r.to_string()),
             ("SLURM_NTASKS", world.to_string()),
+            ("SLURM_STEP_ID", "0".into()),
             ("SLURM_LOCALID", r.to_string()),
             ("SLURM_NTASKS_PER_NODE", world.to_string()),
             ("SLURM_JOB_NODELIST", "localhost".into()),
@@ -348,15 +349,188 @@ fn a_rank_that_fails_stops_its_peer_long_before_the_timeout() {
     assert!(t0.elapsed() < Duration::from_secs(60), "took {:?} with a 300 s timeout", t0.elapsed());
 }
 
-/// The default build on a machine with the CUDA wheels (this set-up's) links ProcessGroupNCCL; `info` lists Gloo
-/// exactly when the shim has it, which is when the tests above run.
+/// What the shim says it has is what the binary links and what this machine's headers allow, each read
+/// independently of the shim: ProcessGroupNCCL's symbols among the binary's undefined dynamic symbols (`nm`), and
+/// gloo's headers where the set-up puts or finds them. Where libtorch has CUDA (this set-up's wheel), NCCL is built.
 #[test]
-fn nccl_is_built_where_libtorch_has_cuda() {
+fn the_shims_backends_are_the_linked_symbols_and_the_headers() {
+    let nm = Command::new("nm").args(["-D", "-C", "--undefined-only"]).arg(assert_cmd::cargo::cargo_bin("lmim-bench")).output().expect("nm (binutils) runs");
+    assert!(nm.status.success(), "{}", String::from_utf8_lossy(&nm.stderr));
+    let syms = String::from_utf8_lossy(&nm.stdout);
+    let links_nccl = syms.contains("c10d::ProcessGroupNCCL::");
+    assert_eq!(lmim_bench::dist::has_nccl(), links_nccl, "the shim says NCCL {} but the binary {} ProcessGroupNCCL", lmim_bench::dist::has_nccl(), if links_nccl { "links" } else { "does not link" });
+    let links_gloo = syms.contains("c10d::ProcessGroupGloo::");
+    assert_eq!(lmim_bench::dist::has_gloo(), links_gloo, "the shim and the binary's symbols disagree about Gloo");
+    let headers = std::env::var_os("LMIM_GLOO_INCLUDE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/usr/include"));
+    assert_eq!(lmim_bench::dist::has_gloo(), headers.join("gloo/config.h").exists(), "gloo headers in {} vs the build's Gloo", headers.display());
     let info = lmim_bench::info::Info::collect();
-    assert_eq!(info.dist_backends.contains(&"gloo".to_string()), lmim_bench::dist::has_gloo());
-    assert_eq!(lmim_bench::dist::has_gloo(), cfg!(lmim_gloo), "the shim and the build script disagree about Gloo");
-    if std::path::Path::new(&info.libtorch_path).join("libtorch_cuda.so").exists() {
-        assert!(lmim_bench::dist::has_nccl(), "libtorch_cuda is there but the shim was built without NCCL");
+    if Path::new(&info.libtorch_path).join("libtorch_cuda.so").exists() {
+        assert!(links_nccl, "libtorch_cuda is there but the binary does not link ProcessGroupNCCL");
     }
+}
+
+/// `LMIM_FAULT` for rank r, none for the others; Gloo over RANK / WORLD_SIZE.
+fn spawn_faulty(args: &[String], world: usize, timeout_s: u64, faults: &[(usize, &str)]) -> Vec<Child> {
+    let faults: Vec<(usize, String)> = faults.iter().map(|(r, f)| (*r, f.to_string())).collect();
+    spawn_with(args, world, timeout_s, move |r, port| {
+        let mut v = vec![("RANK", r.to_string()), ("WORLD_SIZE", world.to_string()), ("LOCAL_RANK", r.to_string()), ("MASTER_ADDR", "127.0.0.1".into()), ("MASTER_PORT", port.into())];
+        if let Some((_, f)) = faults.iter().find(|(fr, _)| *fr == r) {
+            v.push(("LMIM_FAULT", f.clone()));
+        }
+        v
+    })
+}
+
+fn replace_arg(args: &mut [String], from: &str, to: &str) {
+    let i = args.iter().position(|a| a == from).unwrap_or_else(|| panic!("no {from} in {args:?}"));
+    args[i] = to.into();
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A long pretraining whose ranks would not end on their own within the tests' limits.
+fn long_pretrain(data: &Path, out: &Path) -> Vec<String> {
+    let mut args = pretrain_args(data, out);
+    args.push("epochs=50".into());
+    args
+}
+
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn a_panic_in_one_rank_ends_every_rank_with_its_reason_in_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let t0 = Instant::now();
+    // Rank 0 is in rank-local work (stuck) when rank 1 panics: no collective fails for it, only the reason in the
+    // store can end it.
+    let outs = wait_all(spawn_faulty(&long_pretrain(&data, &dir.path().join("out")), 2, 300, &[(0, "step=1:hang"), (1, "step=1:panic")]));
+    let (e0, e1) = (stderr(&outs[0]), stderr(&outs[1]));
+    assert_eq!(outs[1].status.code(), Some(1), "the panicking rank exits 1, not 101: {e1}");
+    assert!(e1.contains("rank 1 of 2") && e1.contains("injected panic"), "{e1}");
+    assert_eq!(outs[0].status.code(), Some(1), "{e0}");
+    assert!(e0.contains("rank 1") && e0.contains("injected panic"), "rank 0 names rank 1's panic: {e0}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "took {:?} with a 300 s timeout", t0.elapsed());
+}
+
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn a_dead_store_host_is_reported_by_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let t0 = Instant::now();
+    // Rank 0 (which serves the store) is killed without a word while rank 1 is in rank-local work.
+    let outs = wait_all(spawn_faulty(&long_pretrain(&data, &dir.path().join("out")), 2, 300, &[(0, "step=1:die"), (1, "step=1:hang")]));
+    let e1 = stderr(&outs[1]);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(outs[0].status.signal(), Some(9), "rank 0 was to die by SIGKILL");
+    assert_eq!(outs[1].status.code(), Some(1), "{e1}");
+    assert!(e1.contains("rendezvous store that rank 0 serves") && e1.contains("is gone"), "{e1}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "took {:?} with a 300 s timeout", t0.elapsed());
+}
+
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn the_store_host_stays_up_until_the_others_have_read_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let t0 = Instant::now();
+    // Rank 2 fails; ranks 0 and 1 are in rank-local work. Rank 0's watcher reads the failure first or second, but
+    // rank 1 must still read rank 2's reason, not only find the store gone.
+    let mut args = long_pretrain(&data, &dir.path().join("out"));
+    replace_arg(&mut args, "batch_size=32", "batch_size=48");
+    let outs = wait_all(spawn_faulty(&args, 3, 300, &[(0, "step=1:hang"), (1, "step=1:hang"), (2, "step=1:error")]));
+    for (r, o) in outs.iter().enumerate() {
+        let e = stderr(o);
+        assert_eq!(o.status.code(), Some(1), "rank {r}: {e}");
+        assert!(e.contains("injected error"), "rank {r} names rank 2's error: {e}");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(90), "took {:?} with a 300 s timeout", t0.elapsed());
+}
+
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn a_stuck_rank_and_its_waiting_peer_both_end_with_a_message_after_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let t0 = Instant::now();
+    // Rank 1 is stuck (as in a kernel that never ends); rank 0 waits in the next step's all-reduce until
+    // --dist-timeout, fails with a message, and the stuck rank reads it and ends too.
+    let outs = wait_all(spawn_faulty(&long_pretrain(&data, &dir.path().join("out")), 2, 8, &[(1, "step=1:hang")]));
+    let (e0, e1) = (stderr(&outs[0]), stderr(&outs[1]));
+    assert_eq!(outs[0].status.code(), Some(1), "{e0}");
+    assert!(e0.contains("rank 0 of 2") && e0.contains("failed"), "{e0}");
+    assert_eq!(outs[1].status.code(), Some(1), "{e1}");
+    assert!(e1.contains("rank 0"), "the stuck rank names rank 0's failure: {e1}");
+    assert!(t0.elapsed() < Duration::from_secs(60), "took {:?} with an 8 s timeout", t0.elapsed());
+}
+
+#[test]
+fn a_slurm_batch_step_without_srun_runs_as_one_process_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    // sbatch's batch step: SLURM_PROCID=0 and the job's 8 tasks, no SLURM_STEP_ID. Waiting for 7 more ranks would
+    // end in the 20 s timeout.
+    let mut args = pretrain_args(&data, &dir.path().join("out"));
+    replace_arg(&mut args, "epochs=2", "epochs=1");
+    let o = bin()
+        .args(&args)
+        .args(["--dist-timeout", "20"])
+        .env("SLURM_PROCID", "0")
+        .env("SLURM_NTASKS", "8")
+        .env("SLURM_NTASKS_PER_NODE", "8")
+        .env("SLURM_JOB_ID", "77")
+        .env("SLURM_JOB_NODELIST", "localhost")
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(0), "{e}");
+    assert!(e.contains("batch step of Slurm job 77") && e.contains("srun"), "{e}");
+    assert_eq!(record(&dir.path().join("out"))["config"]["world_size"].as_i64(), Some(1));
+}
+
+#[test]
+fn one_gpu_named_for_every_rank_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = bin()
+        .args(["eval", "--protocol", "knn", "--device", "cuda:1", "--checkpoint", "none.safetensors", "--data", s(dir.path())])
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", free_port().to_string())
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("--device") && e.contains("cuda:1") && e.contains("CUDA_VISIBLE_DEVICES"), "{e}");
+}
+
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn the_nn_monitor_sharded_over_two_ranks_gives_the_one_rank_score() {
+    let dir = tempfile::tempdir().unwrap();
+    // 4 x 9 val images: the ranks' blocks (18 each) are not the monitor's batches of one process.
+    let data = dir.path().join("synth9");
+    run_one(&strings(&["data", "synth", "--out", s(&data), "--classes", "4", "--train-per-class", "32", "--val-per-class", "9", "--size", "40"]));
+    let args = |out: &Path| {
+        let mut a = pretrain_args(&data, out);
+        replace_arg(&mut a, "nn_every=0", "nn_every=1");
+        replace_arg(&mut a, "epochs=2", "epochs=1");
+        a
+    };
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    run_one(&args(&one));
+    run_world(&args(&two), 2);
+    let nn = |out: &Path| -> Vec<f64> {
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["nn_top1"].as_f64()).collect()
+    };
+    let (n1, n2) = (nn(&one), nn(&two));
+    assert_eq!(n1.len(), 2, "step 0 and epoch 1: {n1:?}");
+    assert_eq!(n1.len(), n2.len());
+    // Step 0: the same weights on both, so the same features and exactly the same score.
+    assert_eq!(n1[0].to_bits(), n2[0].to_bits(), "step-0 monitor: 1 rank {} vs 2 ranks {}", n1[0], n2[0]);
+    // After training the weights differ by fp32 round-off (TOL): one of 36 images at most may flip.
+    assert!((n1[1] - n2[1]).abs() <= 100.0 / 36.0 + 1e-9, "{n1:?} vs {n2:?}");
 }
 

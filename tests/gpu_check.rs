@@ -28,6 +28,12 @@ fn gpu_check_cpu_mode_runs_every_step_and_writes_the_report() {
     for want in ["info", "parity-ref", "parity", "step-parity", "pretrain-ours-1", "pretrain-ours-2", "finetune-ours", "finetune-timm", "infer-ours", "infer-timm", "knn-ours", "sweep", "loader"] {
         assert!(names.contains(&want), "step {want} missing from {steps}");
     }
+    // The process group of one, through Gloo where the build has it (NCCL on a GPU), checked for values.
+    if lmim_bench::dist::has_gloo() {
+        assert!(names.contains(&"dist-check"), "step dist-check missing from {steps}");
+        let check: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(scratch.join("dist-check.json")).unwrap()).unwrap();
+        assert_eq!((check["backend"].as_str(), check["world_size"].as_i64(), check["pass"].as_bool()), (Some("gloo"), Some(1), Some(true)), "{check}");
+    }
     for l in steps.lines() {
         assert_eq!(l.split('\t').nth(1), Some("0"), "a step failed: {l}");
     }

@@ -173,5 +173,10 @@ path = f"{report_dir}/gpu-cpu.md" if mode == "cpu" else f"{report_dir}/gpu-{slug
 with open(path + ".tmp", "w") as f:
     f.write("\n".join(lines) + "\n")
 os.replace(path + ".tmp", path)
+# A report written before the device was known (python-info not run yet) is named gpu-unknown.md: gone once the
+# device has a name, so $OUT holds one report.
+stale = f"{report_dir}/gpu-unknown.md"
+if path != stale and os.path.exists(stale):
+    os.remove(stale)
 print(path)
 sys.exit(0 if ok else 1)

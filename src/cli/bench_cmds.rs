@@ -123,6 +123,10 @@ pub enum BenchWhat {
         #[arg(long, default_value_t = 4)]
         batch_size: i64,
     },
+    /// The collectives of this process's world checked for their values (all-reduce, broadcast, the bucketed
+    /// gradient average, abort); exit 1 on a wrong value. In one process launched with RANK=0 WORLD_SIZE=1 and
+    /// `--dist-backend nccl` (or gloo) it runs them through a real group of one.
+    DistCheck,
     /// Gathering an n x dim feature matrix to rank 0 as `extract` does between the processes of a job, or with
     /// --naive as an all-reduce of the full matrix on every rank: time and every rank's peak RSS.
     Gather {
@@ -157,6 +161,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<i32> {
             let cfg: PretrainConfig = crate::config::load(config.as_deref(), sets)?;
             Some(bench::lmim_step_parity(&cfg, *batch_size, device).context("Latent MIM step parity against the CPU")?)
         }
+        BenchWhat::DistCheck => Some(bench::dist_check().context("the collectives check")?),
         _ => None,
     };
     if let Some(p) = parity {
@@ -167,7 +172,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<i32> {
         return Ok(if p.pass { 0 } else { 1 });
     }
     let r: BenchResult = match &a.what {
-        BenchWhat::Parity { .. } | BenchWhat::StepParity { .. } => unreachable!("handled above"),
+        BenchWhat::Parity { .. } | BenchWhat::StepParity { .. } | BenchWhat::DistCheck => unreachable!("handled above"),
         BenchWhat::Infer { arch, batch_size } => {
             let cfg = crate::model::VitConfig::from_arch(arch)?;
             if *batch_size < 1 {
@@ -192,7 +197,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<i32> {
                 return Err(crate::Error::option("--workers", format!("{workers} decode threads is more than 1024")).into());
             }
             crate::info::check_fits("--batch-size/--size", &format!("batches of {batch_size} {size}-px crops"), *batch_size as u128 * 3 * (*size as u128).pow(2) * 4)?;
-            bench::loader(data, *size, *batch_size, *workers, a.steps).context("timing the loader")?
+            bench::loader(data, *size, *batch_size, *workers, a.steps, device).context("timing the loader")?
         }
         BenchWhat::Pretrain { config, sets, batch_size } => {
             let mut cfg: PretrainConfig = crate::config::load(config.as_deref(), sets)?;

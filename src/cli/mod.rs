@@ -91,6 +91,15 @@ impl DistArgs {
         if self.deterministic {
             crate::train::device::set_deterministic(true)?;
         }
+        // Every rank would read the same `cuda:N` and share one GPU; a rank's GPU follows its local rank.
+        let launch = crate::dist::LaunchEnv::from_env()?;
+        if launch.world_size > 1 && device.trim().starts_with("cuda:") {
+            return Err(crate::Error::option(
+                "--device",
+                format!("`{device}` names one GPU for all {} ranks of this run; use `cuda` (each rank takes the GPU of its local rank) and choose the GPUs with CUDA_VISIBLE_DEVICES", launch.world_size),
+            )
+            .into());
+        }
         let opts = crate::dist::DistOptions {
             backend: self.dist_backend,
             timeout: self.dist_timeout.map(std::time::Duration::from_secs),
@@ -197,6 +206,25 @@ fn keep_freed_memory() {
     }
 }
 
+/// The message a panic carries.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// In a data-parallel run a panic in any thread of a rank takes the error path of the whole job: its reason in the
+/// store, the group aborted, exit 1, the peers out within a second ([`crate::dist::fail_on_panic`]); elsewhere
+/// Rust's own report, then the command boundary turns a main-thread panic into exit 1.
+fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let at = info.location().map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
+        let msg = format!("panicked{at}: {}", panic_text(info.payload()));
+        if !crate::dist::fail_on_panic(&msg) {
+            default(info);
+        }
+    }));
+}
+
 /// Entry point of the binary; returns the process exit code.
 pub fn main() -> i32 {
     keep_freed_memory();
@@ -210,6 +238,7 @@ pub fn main() -> i32 {
     #[cfg(unix)]
     let _stderr = stderr_pipe::install();
     crate::signals::install();
+    install_panic_hook();
     crate::protocols::knn::quiet_faiss_blas();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -218,7 +247,12 @@ pub fn main() -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    let outcome = run(cli);
+    // A panic of the main thread (a bug, or a tch call that unwraps: CUDA out of memory is the likeliest) ends the
+    // command as an error does: exit 1 with its reason (in a data-parallel run the hook has already ended the rank).
+    let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(cli))) {
+        Ok(o) => o,
+        Err(p) => Err(anyhow::anyhow!("internal error: {}", panic_text(p.as_ref()))),
+    };
     // Every exit path ends the process group: a failure is told to the peers (they stop at once instead of
     // waiting for a collective that never completes), a success shuts NCCL down as it must be before exit.
     match outcome {

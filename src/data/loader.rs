@@ -22,11 +22,78 @@ use super::transforms::Transform;
 use crate::error::{Error, Result};
 use crate::train::device::{copy_ahead, Ready};
 
-/// Decode threads of a process by default: the machine's cores shared among the ranks on this node (one rank per
-/// GPU would otherwise start as many threads as there are cores, 8 times over on an 8-GPU node).
+/// Decode threads of a process by default ([`decode_threads`]).
 pub fn default_workers() -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / crate::dist::launch::local_world_size()).max(1)
+    decode_threads().threads
+}
+
+/// The default decode-thread count and why it is that.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeThreads {
+    pub threads: usize,
+    /// One line for the run's first lines: the count and where it came from.
+    pub why: String,
+}
+
+/// The decode threads of this process, from what it may run on: the CPUs of its affinity mask (and cgroup quota,
+/// as `available_parallelism` reads them) when a launcher gave it a share of the node (`srun --cpus-per-task`,
+/// `taskset`, `numactl`), else the node's CPUs divided among its ranks on this node (torchrun on a bare node: every
+/// rank sees the whole node, and 8 ranks would each start as many threads as there are cores).
+pub fn decode_threads() -> DecodeThreads {
+    static ONCE: std::sync::OnceLock<DecodeThreads> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let usable = std::thread::available_parallelism().map_or(1, |n| n.get());
+        decode_threads_for(affinity_cpus().unwrap_or(usable), online_cpus().unwrap_or(usable), usable, crate::dist::launch::local_world_size())
+    })
+    .clone()
+}
+
+/// [`decode_threads`] from its inputs: the CPUs of the affinity mask, the node's online CPUs, the CPUs this process
+/// may use (mask and cgroup quota) and the ranks on this node.
+pub fn decode_threads_for(mask: usize, online: usize, usable: usize, local_ranks: usize) -> DecodeThreads {
+    let local_ranks = local_ranks.max(1);
+    if mask < online {
+        DecodeThreads { threads: usable.max(1), why: format!("the {usable} CPUs this process may use (its affinity mask holds {mask} of the node's {online}: the launcher's share, not divided again)") }
+    } else if local_ranks > 1 {
+        let threads = (usable / local_ranks).max(1);
+        DecodeThreads { threads, why: format!("the node's {usable} CPUs shared by {local_ranks} ranks on this node (every rank's affinity mask is the whole node)") }
+    } else {
+        DecodeThreads { threads: usable.max(1), why: format!("the {usable} CPUs this process may use") }
+    }
+}
+
+/// The decode threads of a run and why, for its first lines: `explicit` is the count the user asked for
+/// (`--workers`, `num_workers`), None or 0 for the default.
+pub fn workers_line(explicit: Option<usize>, option: &str) -> (usize, String) {
+    match explicit.filter(|&w| w > 0) {
+        Some(w) => (w, format!("decode threads: {w} ({option})")),
+        None => {
+            let d = decode_threads();
+            (d.threads, format!("decode threads: {} per process, {}; {option} overrides", d.threads, d.why))
+        }
+    }
+}
+
+/// CPUs in this process's affinity mask (sched_getaffinity), None where it cannot be read.
+fn affinity_cpus() -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: a zeroed cpu_set_t of the size passed; the kernel fills it.
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+        if rc == 0 {
+            let n = unsafe { libc::CPU_COUNT(&set) };
+            return usize::try_from(n).ok().filter(|&n| n > 0);
+        }
+    }
+    None
+}
+
+/// The node's online CPUs.
+fn online_cpus() -> Option<usize> {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).ok().filter(|&n| n > 0)
 }
 
 #[derive(Clone, Debug)]
@@ -382,5 +449,24 @@ impl Drop for EpochIter {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_threads_for;
+
+    #[test]
+    fn decode_threads_follow_the_launchers_share() {
+        // srun --ntasks-per-node=8 --cpus-per-task=12 on a 96-core node: each task's mask is its 12 CPUs.
+        assert_eq!(decode_threads_for(12, 96, 12, 8).threads, 12);
+        // torchrun on a bare node: every rank sees all 96, shared by the 8 local ranks.
+        assert_eq!(decode_threads_for(96, 96, 96, 8).threads, 12);
+        // A cgroup quota below the mask (a container of 16 CPUs' worth on a 96-core node, one rank).
+        assert_eq!(decode_threads_for(96, 96, 16, 1).threads, 16);
+        // More ranks than CPUs still decode on one thread each.
+        assert_eq!(decode_threads_for(4, 4, 4, 8).threads, 1);
+        assert!(decode_threads_for(12, 96, 12, 8).why.contains("affinity mask holds 12 of the node's 96"));
+        assert!(decode_threads_for(96, 96, 96, 8).why.contains("shared by 8 ranks"));
     }
 }

@@ -38,6 +38,8 @@ pub struct LaunchEnv {
     /// torchrun's agent already serves the store on MASTER_PORT: every rank connects as a client.
     pub agent_store: bool,
     pub restart_count: u32,
+    /// What the run's first lines say about a launch that is not what it looks like (a Slurm job's batch step).
+    pub note: Option<String>,
 }
 
 /// Port of the store when nothing names one (torch.distributed's default).
@@ -63,9 +65,16 @@ impl LaunchEnv {
             let l = if torchrun { Launcher::Torchrun } else { Launcher::Env };
             (l, need("RANK")?, need("WORLD_SIZE")?, num("LOCAL_RANK")?.unwrap_or(0))
         } else if let (Some(r), Some(n)) = (num("SLURM_PROCID")?, num("SLURM_NTASKS")?) {
-            (Launcher::Slurm, r, n, num("SLURM_LOCALID")?.unwrap_or(0))
+            if !in_slurm_step(&get) {
+                // sbatch runs the script once, as the job's batch step, with SLURM_PROCID=0 and the job's
+                // SLURM_NTASKS: a command there is one process, and waiting for the other tasks would wait forever.
+                let note = (n > 1).then(|| format!("this is the batch step of Slurm job {} (no srun): running as one process, not as its {n} tasks; start the command with `srun` to run on every task", get("SLURM_JOB_ID").unwrap_or_else(|| "?".into())));
+                return Ok(LaunchEnv { note, ..LaunchEnv::single() });
+            }
+            // A step's own task count (srun -n may ask for fewer tasks than the job has).
+            (Launcher::Slurm, r, num("SLURM_STEP_NUM_TASKS")?.unwrap_or(n), num("SLURM_LOCALID")?.unwrap_or(0))
         } else {
-            return Ok(LaunchEnv { rank: 0, world_size: 1, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: DEFAULT_PORT, launcher: Launcher::Single, agent_store: false, restart_count: 0 });
+            return Ok(LaunchEnv::single());
         };
         if world == 0 || rank >= world {
             return Err(Error::option("RANK", format!("rank {rank} is not in 0..{world} (WORLD_SIZE / SLURM_NTASKS)")));
@@ -86,8 +95,19 @@ impl LaunchEnv {
         };
         let agent_store = get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
         let restart_count = num("TORCHELASTIC_RESTART_COUNT")?.unwrap_or(0) as u32;
-        Ok(LaunchEnv { rank, world_size: world, local_rank: local, master_addr, master_port, launcher, agent_store, restart_count })
+        Ok(LaunchEnv { rank, world_size: world, local_rank: local, master_addr, master_port, launcher, agent_store, restart_count, note: None })
     }
+
+    fn single() -> LaunchEnv {
+        LaunchEnv { rank: 0, world_size: 1, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: DEFAULT_PORT, launcher: Launcher::Single, agent_store: false, restart_count: 0, note: None }
+    }
+}
+
+/// Whether this process is a task of a Slurm job step (started by `srun`), not the job's batch script: srun sets
+/// SLURM_STEP_ID (SLURM_STEPID in older releases) to the step's number; the batch and extern steps either lack it
+/// or carry Slurm's reserved ids (0xfffffffa and above: interactive, batch, extern).
+fn in_slurm_step(get: &impl Fn(&str) -> Option<String>) -> bool {
+    get("SLURM_STEP_ID").or_else(|| get("SLURM_STEPID")).and_then(|v| v.trim().parse::<u64>().ok()).is_some_and(|id| id < 0xffff_fffa)
 }
 
 /// Processes of this job on this node: torchrun's `LOCAL_WORLD_SIZE`, else Slurm's `SLURM_NTASKS_PER_NODE`, else this
@@ -100,11 +120,18 @@ pub fn local_world_size() -> usize {
 /// [`local_world_size`] from the variables `get` gives (tests pass a map).
 pub fn local_world_size_from(get: impl Fn(&str) -> Option<String>) -> usize {
     let num = |k: &str| get(k).and_then(|v| v.trim().parse::<usize>().ok()).filter(|&n| n > 0);
-    if let Some(n) = num("LOCAL_WORLD_SIZE").or_else(|| num("SLURM_NTASKS_PER_NODE")) {
+    if let Some(n) = num("LOCAL_WORLD_SIZE") {
+        return n;
+    }
+    // Outside a step (the batch script) this process is the only one of the job on the node.
+    if !in_slurm_step(&get) {
+        return 1;
+    }
+    if let Some(n) = num("SLURM_NTASKS_PER_NODE") {
         return n;
     }
     let node = num("SLURM_NODEID").unwrap_or(0);
-    get("SLURM_TASKS_PER_NODE").and_then(|list| tasks_on_node(&list, node)).unwrap_or(1)
+    get("SLURM_STEP_TASKS_PER_NODE").or_else(|| get("SLURM_TASKS_PER_NODE")).and_then(|list| tasks_on_node(&list, node)).unwrap_or(1)
 }
 
 /// The count for node `node` in Slurm's compressed per-node list (`2(x3),1`).
@@ -229,11 +256,15 @@ mod tests {
         };
         assert_eq!(m(&[]), 1);
         assert_eq!(m(&[("LOCAL_WORLD_SIZE", "8"), ("SLURM_NTASKS_PER_NODE", "4")]), 8);
-        assert_eq!(m(&[("SLURM_NTASKS_PER_NODE", "4")]), 4);
-        assert_eq!(m(&[("SLURM_TASKS_PER_NODE", "2(x3),1")]), 2);
-        assert_eq!(m(&[("SLURM_TASKS_PER_NODE", "2(x3),1"), ("SLURM_NODEID", "3")]), 1);
-        assert_eq!(m(&[("SLURM_TASKS_PER_NODE", "8"), ("SLURM_NODEID", "0")]), 8);
-        assert_eq!(m(&[("SLURM_TASKS_PER_NODE", "junk")]), 1);
+        assert_eq!(m(&[("SLURM_STEP_ID", "0"), ("SLURM_NTASKS_PER_NODE", "4")]), 4);
+        assert_eq!(m(&[("SLURM_STEP_ID", "0"), ("SLURM_TASKS_PER_NODE", "2(x3),1")]), 2);
+        assert_eq!(m(&[("SLURM_STEP_ID", "0"), ("SLURM_TASKS_PER_NODE", "2(x3),1"), ("SLURM_NODEID", "3")]), 1);
+        assert_eq!(m(&[("SLURM_STEP_ID", "0"), ("SLURM_TASKS_PER_NODE", "8"), ("SLURM_NODEID", "0")]), 8);
+        assert_eq!(m(&[("SLURM_STEP_ID", "0"), ("SLURM_TASKS_PER_NODE", "junk")]), 1);
+        // The step's list wins over the job's (srun -n 2 inside a job of 8 tasks per node).
+        assert_eq!(m(&[("SLURM_STEP_ID", "1"), ("SLURM_TASKS_PER_NODE", "8"), ("SLURM_STEP_TASKS_PER_NODE", "2")]), 2);
+        // The batch script of a job with 8 tasks per node is one process.
+        assert_eq!(m(&[("SLURM_NTASKS_PER_NODE", "8"), ("SLURM_TASKS_PER_NODE", "8")]), 1);
     }
 
     #[test]
@@ -242,16 +273,26 @@ mod tests {
         assert_eq!((single.launcher, single.world_size), (Launcher::Single, 1));
         let t = env(&[("TORCHELASTIC_RUN_ID", "x"), ("TORCHELASTIC_USE_AGENT_STORE", "True"), ("RANK", "3"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "3"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1234"), ("TORCHELASTIC_RESTART_COUNT", "2")]).unwrap();
         assert_eq!((t.launcher, t.rank, t.world_size, t.local_rank, t.agent_store, t.restart_count, t.master_port), (Launcher::Torchrun, 3, 8, 3, true, 2, 1234));
-        let s = env(&[("SLURM_PROCID", "9"), ("SLURM_NTASKS", "32"), ("SLURM_LOCALID", "1"), ("SLURM_JOB_NODELIST", "gpu[07-10]")]).unwrap();
+        let s = env(&[("SLURM_PROCID", "9"), ("SLURM_NTASKS", "32"), ("SLURM_STEP_ID", "0"), ("SLURM_LOCALID", "1"), ("SLURM_JOB_NODELIST", "gpu[07-10]")]).unwrap();
         assert_eq!((s.launcher, s.rank, s.world_size, s.local_rank, s.master_addr.as_str(), s.master_port), (Launcher::Slurm, 9, 32, 1, "gpu07", DEFAULT_PORT));
         // MASTER_ADDR wins over the node list; explicit RANK/WORLD_SIZE win over Slurm's.
-        let s2 = env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_JOB_NODELIST", "n1"), ("MASTER_ADDR", "10.0.0.1")]).unwrap();
+        let s2 = env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_STEPID", "3"), ("SLURM_JOB_NODELIST", "n1"), ("MASTER_ADDR", "10.0.0.1")]).unwrap();
         assert_eq!(s2.master_addr, "10.0.0.1");
         let e = env(&[("SLURM_PROCID", "5"), ("SLURM_NTASKS", "8"), ("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "9")]).unwrap();
         assert_eq!((e.launcher, e.rank, e.world_size), (Launcher::Env, 1, 2));
         assert!(env(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "9")]).is_err());
         assert!(env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "9")]).unwrap_err().to_string().contains("MASTER_ADDR"));
         assert!(env(&[("RANK", "x"), ("WORLD_SIZE", "2")]).unwrap_err().to_string().contains("RANK"));
+        // sbatch's batch step: SLURM_PROCID=0 and the job's 8 tasks, but no step: one process, said so.
+        let batch = [("SLURM_PROCID", "0"), ("SLURM_NTASKS", "8"), ("SLURM_JOB_ID", "4242"), ("SLURM_JOB_NODELIST", "gpu01")];
+        let b = env(&batch).unwrap();
+        assert_eq!((b.launcher, b.world_size), (Launcher::Single, 1));
+        assert!(b.note.as_deref().is_some_and(|n| n.contains("batch step of Slurm job 4242") && n.contains("srun")), "{:?}", b.note);
+        let b2 = env(&[batch.as_slice(), &[("SLURM_STEP_ID", "4294967291")]].concat()).unwrap();
+        assert_eq!(b2.world_size, 1, "the batch step's reserved id is not a step");
+        // srun -n 2 inside that job: the step's 2 tasks, not the job's 8.
+        let st = env(&[batch.as_slice(), &[("SLURM_STEP_ID", "0"), ("SLURM_STEP_NUM_TASKS", "2")]].concat()).unwrap();
+        assert_eq!((st.launcher, st.world_size), (Launcher::Slurm, 2));
         assert!(env(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "70000")]).is_err());
     }
 }

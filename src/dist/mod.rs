@@ -104,17 +104,40 @@ impl Group {
         let _ = unsafe { ffi::lmim_c10d_fail(self.0, msg.as_ptr()) };
     }
 
-    /// The first failed rank's message, when one has failed (None also when the store cannot be reached).
-    fn peer_failure(&self) -> Option<String> {
+    /// The first failed rank's message when one has failed, None when none has; an error (the store's) when the
+    /// store cannot be reached.
+    fn peer_failure(&self) -> std::result::Result<Option<String>, String> {
         let mut buf = vec![0u8; 4096];
         let mut found: c_int = 0;
         // SAFETY: `buf` outlives the call and its length is passed; the shim NUL-terminates what it writes.
         let rc = unsafe { ffi::lmim_c10d_peer_failure(self.0, buf.as_mut_ptr() as *mut c_char, buf.len() as c_int, &mut found) };
-        if rc != 0 || found == 0 {
-            return None;
+        if rc != 0 {
+            return Err(ffi::last_error());
+        }
+        if found == 0 {
+            return Ok(None);
         }
         let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-        Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+        Ok(Some(String::from_utf8_lossy(&buf[..end]).into_owned()))
+    }
+
+    /// What ProcessGroupNCCL's watchdog reports (None for Gloo, or when it reports nothing).
+    fn backend_error(&self) -> Option<&'static str> {
+        // SAFETY: a live group; the shim catches C++ exceptions.
+        match unsafe { ffi::lmim_c10d_backend_error(self.0) } {
+            1 => Some("a collective did not complete within the timeout"),
+            2 => Some("NCCL reported a communicator error"),
+            3 => Some("NCCL reported a peer's error"),
+            _ => None,
+        }
+    }
+
+    /// Counts this rank done; the store's host waits (up to `timeout`) for every rank. Whether all were done.
+    fn finish(&self, host: bool, timeout: Duration) -> bool {
+        let mut all: c_int = 0;
+        // SAFETY: a live group, an out-parameter that outlives the call.
+        let rc = unsafe { ffi::lmim_c10d_finish(self.0, host as c_int, timeout.as_millis().min(i64::MAX as u128) as i64, &mut all) };
+        rc == 0 && all != 0
     }
 }
 
@@ -131,6 +154,11 @@ pub struct World {
     /// This rank serves the rendezvous store (rank 0 unless torchrun's agent does).
     hosts_store: bool,
     group: Mutex<Option<Arc<Group>>>,
+    /// The same group, for the panic hook: it must tell the peers even while the main thread holds `group` in a
+    /// collective.
+    panic_group: Option<Arc<Group>>,
+    /// Where the rendezvous store is, for messages (`host:port`, and who serves it).
+    store_desc: String,
     watcher: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
     /// Whether the gradient layout was compared across ranks (on the first averaging).
     layout_checked: AtomicBool,
@@ -155,6 +183,9 @@ pub fn joined_world() -> Option<&'static World> {
 /// launcher says the job has more ranks: that process would train alone and never meet its peers.
 pub fn init(opts: &DistOptions) -> Result<&'static World> {
     let env = LaunchEnv::from_env()?;
+    if let Some(note) = &env.note {
+        eprintln!("note: {note}");
+    }
     if let Some(w) = WORLD.get() {
         if w.size != env.world_size.max(1) {
             return Err(Error::Dist(format!(
@@ -166,14 +197,18 @@ pub fn init(opts: &DistOptions) -> Result<&'static World> {
         }
         return Ok(w);
     }
-    let w = if env.world_size <= 1 { World::single() } else { World::connect(&env, opts)? };
     if opts.cuda {
-        // The main thread works on this rank's GPU from the start (torch.cuda.set_device(local_rank)).
+        // PyTorch's order: the device first (torch.cuda.set_device(local_rank)), so the main thread works on this
+        // rank's GPU from the start and the group's communicator is made there, then the group.
         let visible = tch::Cuda::device_count().max(0) as usize;
-        if let Some(d) = local_device(w.local_rank, visible) {
+        if let Some(d) = local_device(env.local_rank, visible) {
             crate::train::device::bind_thread(Device::Cuda(d))?;
         }
     }
+    // A world of one has no group, unless a back-end was named for a launched process (RANK=0 WORLD_SIZE=1): a
+    // real group of one, e.g. to try NCCL on a machine with one GPU.
+    let group_of_one = env.world_size == 1 && env.launcher != Launcher::Single && opts.backend.is_some();
+    let w = if env.world_size <= 1 && !group_of_one { World::single() } else { World::connect(&env, opts)? };
     let w = WORLD.get_or_init(|| w);
     w.start_watcher();
     Ok(w)
@@ -190,13 +225,65 @@ pub fn shutdown(failure: Option<&str>) {
     match failure {
         Some(msg) => {
             g.fail(msg);
-            if w.hosts_store {
-                // The peers learn of the failure through the store this process serves: keep it up for two of
-                // their polls.
-                std::thread::sleep(2 * WATCH_EVERY);
-            }
+            w.keep_store_for_peers();
         }
-        None => g.shutdown(),
+        None => {
+            // Every rank counts itself done (its watcher stopped above, so the store's end is no longer a
+            // failure to it); the store's host waits for all of them, so none finds the store gone while it
+            // is still finishing.
+            if !g.finish(w.hosts_store, w.timeout) && w.hosts_store {
+                eprintln!("warning: rank 0 of {}: not every rank finished within {} s; ending anyway", w.size, w.timeout.as_secs());
+            }
+            g.shutdown();
+        }
+    }
+}
+
+/// The panic hook's path: a panic in any thread of a rank ends the rank as an error does, with the reason in the
+/// store (the peers stop within a second with it), the group aborted and exit 1. False in a world without a
+/// group (the caller reports the panic as a single process does).
+pub fn fail_on_panic(msg: &str) -> bool {
+    let Some(w) = WORLD.get() else { return false };
+    let Some(g) = w.panic_group.as_ref() else { return false };
+    eprintln!("error: rank {} of {}: {msg}", w.rank, w.size);
+    g.fail(msg);
+    w.keep_store_for_peers();
+    crate::signals::drain_stderr();
+    // SAFETY: ends the process from the panicking thread; the main thread may be inside libtorch.
+    unsafe { libc::_exit(1) }
+}
+
+/// A fault injected into this process at a point of its work, for rehearsing what a job does when a rank fails
+/// (the tests do; so can a user on a new cluster): `LMIM_FAULT=step=N:KIND` acts right after optimiser step N of
+/// pretraining, in rank-local code between collectives. KIND: `panic` (a bug or a tch unwrap, e.g. CUDA out of
+/// memory), `error` (an ordinary error), `die` (SIGKILL: no message, nothing told), `hang` (stuck for 10 minutes,
+/// as in a kernel that never ends). Set it on one rank only (`env LMIM_FAULT=... lmim-bench` in that task).
+pub fn fault_point(place: &str, n: i64) -> Result<()> {
+    static FAULT: OnceLock<Option<(String, i64, String)>> = OnceLock::new();
+    let fault = FAULT.get_or_init(|| {
+        let v = std::env::var("LMIM_FAULT").ok()?;
+        let (at, kind) = v.split_once(':')?;
+        let (p, k) = at.split_once('=')?;
+        Some((p.to_string(), k.trim().parse().ok()?, kind.to_string()))
+    });
+    let Some((p, k, kind)) = fault else { return Ok(()) };
+    if p != place || *k != n {
+        return Ok(());
+    }
+    let rank = WORLD.get().map_or(0, |w| w.rank);
+    match kind.as_str() {
+        "panic" => panic!("LMIM_FAULT: injected panic after {place} {n} on rank {rank}"),
+        "error" => Err(Error::Dist(format!("LMIM_FAULT: injected error after {place} {n}"))),
+        "die" => {
+            // SAFETY: raise only sends a signal to this process.
+            unsafe { libc::raise(libc::SIGKILL) };
+            Ok(())
+        }
+        "hang" => {
+            std::thread::sleep(Duration::from_secs(600));
+            Ok(())
+        }
+        other => Err(Error::option("LMIM_FAULT", format!("`{other}` is not a fault (panic, error, die, hang)"))),
     }
 }
 
@@ -218,6 +305,14 @@ fn write_back(ts: &[Tensor], staged: &[Tensor]) {
 const WATCH_EVERY: Duration = Duration::from_millis(500);
 
 impl World {
+    /// The peers learn of a failure through the store this process serves (when it does): keep it up for two of
+    /// their polls before exiting.
+    fn keep_store_for_peers(&self) {
+        if self.hosts_store {
+            std::thread::sleep(2 * WATCH_EVERY);
+        }
+    }
+
     fn single() -> World {
         World {
             rank: 0,
@@ -229,6 +324,8 @@ impl World {
             device: Device::Cpu,
             hosts_store: false,
             group: Mutex::new(None),
+            panic_group: None,
+            store_desc: String::new(),
             watcher: Mutex::new(None),
             layout_checked: AtomicBool::new(true),
         }
@@ -274,6 +371,8 @@ impl World {
                 ffi::last_error()
             )));
         }
+        let group = Arc::new(Group(ptr));
+        let server = if env.agent_store { "torchrun's agent" } else { "rank 0" };
         Ok(World {
             rank: env.rank,
             size: env.world_size,
@@ -283,36 +382,59 @@ impl World {
             timeout,
             device,
             hosts_store: env.rank == 0 && !env.agent_store,
-            group: Mutex::new(Some(Arc::new(Group(ptr)))),
+            group: Mutex::new(Some(group.clone())),
+            panic_group: Some(group),
+            store_desc: format!("the rendezvous store that {server} serves at {}:{}", env.master_addr, env.master_port),
             watcher: Mutex::new(None),
             layout_checked: AtomicBool::new(false),
         })
     }
 
-    /// A thread that ends this process soon after a peer reports a failure: under NCCL the host never waits in a
-    /// collective (wait() only orders streams), so without it a rank whose peer died would sit until the
-    /// watchdog's timeout and abort.
+    /// A thread that ends this process soon after a peer fails, whatever this rank is doing (a collective, or
+    /// rank-local work such as decoding or writing a checkpoint): a failure a peer reported in the store, the
+    /// store itself gone (its host, rank 0 or torchrun's agent, died: that is a failure, never "no failure"), or
+    /// ProcessGroupNCCL's watchdog reporting a timed-out collective. Under NCCL the host never waits in a
+    /// collective (wait() only orders streams), so without it a rank whose peer died would sit until a timeout.
+    /// It polls over its own store connection, so a long store call of the main thread cannot hold it up.
     fn start_watcher(&self) {
         let Some(g) = self.group.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
         let stop = Arc::new(AtomicBool::new(false));
-        let (stop2, rank, size) = (stop.clone(), self.rank, self.size);
+        let (stop2, rank, size, host, timeout) = (stop.clone(), self.rank, self.size, self.hosts_store, self.timeout);
+        let store = self.store_desc.clone();
         let handle = std::thread::Builder::new().name("lmim-dist-watch".into()).spawn(move || {
+            let end = |why: String| {
+                eprintln!("error: rank {rank} of {size}: stopping because {why}");
+                // Tells the others (where the store still answers) and aborts this rank's communicators.
+                g.fail(&why);
+                if host {
+                    std::thread::sleep(2 * WATCH_EVERY);
+                }
+                // The line goes through the log thread when stderr is a pipe: let it out before the exit.
+                crate::signals::drain_stderr();
+                // SAFETY: ends the process at once, from this thread; the main thread may be blocked in libtorch,
+                // so no destructors run (atomic writes leave no partial files under their names).
+                unsafe { libc::_exit(1) };
+            };
+            let mut unreachable = 0u32;
             while !stop2.load(Ordering::Relaxed) {
                 std::thread::sleep(WATCH_EVERY);
                 if stop2.load(Ordering::Relaxed) {
                     return;
                 }
-                if let Some(msg) = g.peer_failure() {
-                    if msg.starts_with(&format!("rank {rank}:")) {
-                        return;
+                if let Some(what) = g.backend_error() {
+                    end(format!("rank {rank}: {what} (--dist-timeout {} s); the NCCL communicators were aborted", timeout.as_secs()));
+                }
+                match g.peer_failure() {
+                    Ok(Some(msg)) if msg.starts_with(&format!("rank {rank}:")) => return,
+                    Ok(Some(msg)) => end(msg),
+                    Ok(None) => unreachable = 0,
+                    // Twice in a row (a second), so one slow answer is not taken for a dead host.
+                    Err(e) => {
+                        unreachable += 1;
+                        if unreachable >= 2 && !stop2.load(Ordering::Relaxed) {
+                            end(format!("{store} is gone: its process exited or its node failed ({e})"));
+                        }
                     }
-                    eprintln!("error: rank {rank} of {size}: stopping because {msg}");
-                    g.fail(&msg);
-                    // The line goes through the log thread when stderr is a pipe: let it out before the exit.
-                    crate::signals::drain_stderr();
-                    // SAFETY: ends the process at once, from this thread; the main thread may be blocked in
-                    // libtorch, so no destructors run (atomic writes leave no partial files under their names).
-                    unsafe { libc::_exit(1) };
                 }
             }
         });
@@ -328,6 +450,12 @@ impl World {
         }
     }
 
+    /// A world of one without a process group: every collective is a no-op. (A group of one, made when a
+    /// back-end is named for a launched world of one, runs them.)
+    fn no_group(&self) -> bool {
+        self.panic_group.is_none()
+    }
+
     pub fn is_main(&self) -> bool {
         self.rank == 0
     }
@@ -339,7 +467,7 @@ impl World {
     fn call(&self, what: &str, f: impl FnOnce(*mut c_void) -> c_int) -> Result<()> {
         let guard = self.group.lock().unwrap_or_else(|e| e.into_inner());
         let Some(g) = guard.as_ref() else {
-            if self.size == 1 {
+            if self.no_group() {
                 return Ok(());
             }
             return Err(Error::Dist(format!("rank {} of {}: {what} after the process group was shut down", self.rank, self.size)));
@@ -349,7 +477,7 @@ impl World {
         }
         let err = ffi::last_error();
         // The first failure's reason, when a peer reported one, says more than the broken connection it caused.
-        let cause = g.peer_failure().map_or(String::new(), |m| format!(" (first failure: {m})"));
+        let cause = g.peer_failure().ok().flatten().map_or(String::new(), |m| format!(" (first failure: {m})"));
         let waited = match self.backend {
             Backend::Gloo => format!("a peer exited or did not answer within {} s", self.timeout.as_secs()),
             Backend::Nccl => "a peer exited or the communicator was aborted".to_string(),
@@ -360,7 +488,7 @@ impl World {
     /// In-place sum over ranks of every tensor. Tensors that are not contiguous or not on the collective device
     /// are summed through a staged copy and written back, so callers may pass CPU tensors to an NCCL world.
     pub fn all_reduce_sum(&self, ts: &[Tensor], what: &str) -> Result<()> {
-        if self.size == 1 || ts.is_empty() {
+        if self.no_group() || ts.is_empty() {
             return Ok(());
         }
         let staged: Vec<Tensor> = ts.iter().map(|t| self.staged(t)).collect();
@@ -372,7 +500,7 @@ impl World {
 
     /// Sums of `values` over ranks (f64, exact for counts).
     pub fn sum_f64(&self, values: &[f64], what: &str) -> Result<Vec<f64>> {
-        if self.size == 1 {
+        if self.no_group() {
             return Ok(values.to_vec());
         }
         let t = Tensor::from_slice(values).to_device(self.device);
@@ -382,7 +510,7 @@ impl World {
 
     /// Replaces every tensor by rank `root`'s.
     pub fn broadcast(&self, ts: &[Tensor], root: usize, what: &str) -> Result<()> {
-        if self.size == 1 || ts.is_empty() {
+        if self.no_group() || ts.is_empty() {
             return Ok(());
         }
         let staged: Vec<Tensor> = ts.iter().map(|t| self.staged(t)).collect();
@@ -400,7 +528,7 @@ impl World {
     /// Every rank's `t` (same shape on every rank), in rank order, on `t`'s device: no host copy when the
     /// collective device is `t`'s (the statistics of a step stay on the GPU under NCCL).
     pub fn all_gather_on(&self, t: &Tensor, what: &str) -> Result<Vec<Tensor>> {
-        if self.size == 1 {
+        if self.no_group() {
             return Ok(vec![t.shallow_clone()]);
         }
         let input = self.staged(t);
@@ -426,7 +554,7 @@ impl World {
     /// Averages the gradients of `params` over ranks in place (sum in buckets, then divide by the world size).
     /// Parameters without a gradient are skipped; every rank has the same ones (one model, one code path).
     pub fn average_gradients<'a>(&self, params: impl Iterator<Item = &'a Tensor>) -> Result<()> {
-        if self.size == 1 {
+        if self.no_group() {
             return Ok(());
         }
         let all: Vec<Tensor> = params.map(|p| p.grad()).collect();
@@ -495,7 +623,7 @@ impl World {
     /// Makes every rank's `tensors` rank 0's, then checks that they are: each tensor's sum and sum of squares
     /// (f64) gathered from all ranks must be equal; a mismatch names the first tensor that differs.
     pub fn sync_parameters(&self, named: &[(String, Tensor)]) -> Result<()> {
-        if self.size == 1 {
+        if self.no_group() {
             return Ok(());
         }
         let ts: Vec<Tensor> = named.iter().map(|(_, t)| t.shallow_clone()).collect();

@@ -340,6 +340,9 @@ pub(crate) fn eval_loader(ds: Dataset, t: Transform, batch: usize, run: &RunOpti
 
 /// Runs the request's protocol, writes its record (JSON + a CSV row) into `req.output` and returns it.
 pub fn run(req: &EvalRequest) -> Result<RunRecord> {
+    if !req.run.quiet && crate::dist::world().is_main() {
+        eprintln!("{}", crate::data::loader::workers_line(req.run.workers, "--workers N").1);
+    }
     match req.protocol {
         Protocol::Knn | Protocol::KnnSweep | Protocol::NnLoo => neighbors::run(req),
         Protocol::Attentive => attentive::run(req),

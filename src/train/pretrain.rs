@@ -493,11 +493,11 @@ impl Trainer {
         let run_start = Instant::now();
         let mut run_imgs = 0usize;
         let mut last_ckpt: Option<PathBuf> = paths.list_checkpoints().last().cloned();
-        // Only rank 0 writes files and runs the NN monitor (the others wait for it at the next collective).
+        // Only rank 0 writes files; every rank extracts its share of the NN monitor.
         let main = world.is_main();
         let mut nn_last: Option<f64> = None;
         if self.pos.step == 0 {
-            if let Some(m) = monitor.filter(|_| cfg.nn_every > 0 && main) {
+            if let Some(m) = monitor.filter(|_| cfg.nn_every > 0) {
                 let top1 = m.evaluate(&self.model.encoder.vit)?;
                 log.log(&serde_json::json!({ "step": 0, "epoch": 0.0, "nn_top1": top1 }))?;
                 nn_last = Some(top1);
@@ -522,6 +522,7 @@ impl Trainer {
                     tr.window.grad_norm.push(g);
                 }
                 run_imgs += ev.images;
+                crate::dist::fault_point("step", ev.step)?;
                 bar.inc(1);
                 if let Some(l) = ev.loss {
                     last_loss = l;
@@ -598,7 +599,7 @@ impl Trainer {
                 line[format!("epoch_{k}")] = serde_json::json!(v);
             }
             let done = self.pos.epoch;
-            if let Some(m) = monitor.filter(|_| main && cfg.nn_every > 0 && (done % cfg.nn_every == 0 || done == epochs || done == 1)) {
+            if let Some(m) = monitor.filter(|_| cfg.nn_every > 0 && (done % cfg.nn_every == 0 || done == epochs || done == 1)) {
                 let top1 = m.evaluate(&self.model.encoder.vit)?;
                 line["nn_top1"] = serde_json::json!(top1);
                 nn_last = Some(top1);
@@ -643,7 +644,9 @@ impl Trainer {
 
 /// The leave-one-out 1-NN monitor of the reference (`main_lmim.py`): mean of the last block's patch tokens before
 /// the final norm, f32 outside autocast, over the whole `val` split (the reference drops the last partial batch of
-/// a shuffled distributed sampler; this uses every image, as `eval --protocol nn-loo`).
+/// a shuffled distributed sampler; this uses every image, as `eval --protocol nn-loo`). Sharded as the reference's
+/// `eval_knn`: every rank extracts its contiguous block of the split, rank 0 gathers the blocks into the
+/// dataset-order matrix and scores it, and every rank gets the score; the same number as one process computes.
 pub struct NnMonitor {
     loader: Loader,
     device: Device,
@@ -651,31 +654,50 @@ pub struct NnMonitor {
 }
 
 impl NnMonitor {
-    /// None when the data root has no `val` split.
+    /// None when the data root has no `val` split. Called on every rank.
     pub fn new(root: &Path, img_size: i64, workers: usize, device: Device, quiet: bool) -> Result<Option<NnMonitor>> {
         if !root.join("val").is_dir() {
             return Ok(None);
         }
-        let ds = Dataset::open(root, "val")?;
+        let ds = Dataset::open_on_all_ranks(root, "val")?;
         let classes = ds.classes.len() as i64;
-        let cfg = LoaderConfig { batch_size: 256, shuffle: false, drop_last: false, workers, quiet, pin_device: Some(device), ..Default::default() };
+        let world = crate::dist::world();
+        let cfg = LoaderConfig { batch_size: 256, shuffle: false, drop_last: false, rank: world.rank, world_size: world.size, workers, quiet, pin_device: Some(device), ..Default::default() };
         Ok(Some(NnMonitor { loader: Loader::new(ds, eval_transform(img_size, 0.875)?, cfg)?, device, classes }))
     }
 
+    /// Collective: every rank calls it at the same point and gets rank 0's score.
     pub fn evaluate(&self, vit: &VisionTransformer) -> Result<f64> {
-        let (mut feats, mut labels) = (Vec::new(), Vec::new());
+        let world = crate::dist::world();
+        let (mut feats, mut labels, mut ids) = (Vec::new(), Vec::new(), Vec::new());
         let device = self.device;
         for b in crate::train::device::stage_ahead(self.loader.epoch(0), |b| crate::data::loader::stage_images(b, device)) {
             let b = b?;
             let f = tch::no_grad(|| image_features(vit, &b.images, FeatureKind::AvgPrenorm, 1));
             feats.push(f.to_device(Device::Cpu));
             labels.push(b.labels);
+            ids.extend(b.indices.iter().map(|&i| i as i64));
         }
-        if feats.is_empty() {
-            return Err(Error::data(&self.loader.dataset().dir, "the val split yielded no images"));
+        let n = self.loader.dataset().len() as i64;
+        let local = (!feats.is_empty()).then(|| (Tensor::cat(&feats, 0), Tensor::from_slice(&ids), Tensor::cat(&labels, 0)));
+        let gathered = crate::protocols::extract::gather_rows(world, local, n)?;
+        let mut top1 = [0.0f64];
+        if let Some((features, labels, filled)) = gathered {
+            let Some(features) = features.filter(|_| filled > 0) else {
+                return Err(Error::data(&self.loader.dataset().dir, "the val split yielded no images"));
+            };
+            // Rows of images that could not be read (the loader skipped them) stay out, as in one process.
+            let (features, labels) = if filled as i64 == n {
+                (features, labels)
+            } else {
+                let keep = labels.ge(0).nonzero().squeeze_dim(1);
+                (features.index_select(0, &keep), labels.index_select(0, &keep))
+            };
+            let search = SearchConfig::auto(self.device, filled as i64);
+            top1[0] = nn_loo(&features, &labels, self.classes, &search)?.top1;
         }
-        let search = SearchConfig::auto(self.device, labels.iter().map(|l| l.size()[0]).sum());
-        Ok(nn_loo(&Tensor::cat(&feats, 0), &Tensor::cat(&labels, 0), self.classes, &search)?.top1)
+        // Rank 0's score to every rank (the others hold 0).
+        Ok(world.sum_f64(&top1, "the NN monitor's score")?[0])
     }
 }
 
@@ -768,7 +790,7 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     if let crate::data::Op::RandomResizedCrop { scale, .. } = &mut transform.ops[0] {
         scale.1 = cfg.crop_scale_max;
     }
-    let workers = if cfg.num_workers == 0 { LoaderConfig::default().workers } else { cfg.num_workers };
+    let (workers, workers_line) = crate::data::loader::workers_line(Some(cfg.num_workers), "num_workers=N");
     let loader_cfg = LoaderConfig { batch_size: cfg.micro_batch_size as usize, shuffle: true, drop_last: true, seed: cfg.seed, rank: world.rank, world_size: world.size, workers, quiet, pin_device: Some(device), ..Default::default() };
     let source = LoaderSource(Loader::new(dataset, transform, loader_cfg)?);
 
@@ -819,7 +841,7 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     if main {
         crate::config::save(&cfg, &paths.config())?;
     }
-    let monitor = if main { NnMonitor::new(root, trainer.model.vit_cfg.img_size, workers, device, quiet)? } else { None };
+    let monitor = NnMonitor::new(root, trainer.model.vit_cfg.img_size, workers, device, quiet)?;
     if !quiet {
         eprintln!(
             "pretraining {} on {} ({}{}), batch {} = {} x {} accumulated x {} process(es), lr {:.3e}, {} epochs -> {}",
@@ -835,6 +857,7 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
             cfg.epochs,
             out.display()
         );
+        eprintln!("{workers_line}");
     }
     let started = crate::results::now_rfc3339();
     let t0 = Instant::now();
