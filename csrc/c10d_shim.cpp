@@ -227,7 +227,8 @@ int lmim_c10d_finish(void* h, int host, long long timeout_ms, int* all_done) {
     *all_done = 0;
     auto done = g->store->add(kDoneKey, 1);
     auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-    while (host && done < g->size && std::chrono::steady_clock::now() < deadline) {
+    // A rank that failed instead of finishing is not waited for.
+    while (host && done < g->size && std::chrono::steady_clock::now() < deadline && !g->store->check({kFailedKey})) {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
       done = g->store->add(kDoneKey, 0);
     }

@@ -232,7 +232,7 @@ pub fn shutdown(failure: Option<&str>) {
             // failure to it); the store's host waits for all of them, so none finds the store gone while it
             // is still finishing.
             if !g.finish(w.hosts_store, w.timeout) && w.hosts_store {
-                eprintln!("warning: rank 0 of {}: not every rank finished within {} s; ending anyway", w.size, w.timeout.as_secs());
+                eprintln!("warning: rank 0 of {}: not every rank finished (one failed, or it did not end within {} s); ending anyway", w.size, w.timeout.as_secs());
             }
             g.shutdown();
         }
