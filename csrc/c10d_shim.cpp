@@ -236,6 +236,19 @@ int lmim_c10d_finish(void* h, int host, long long timeout_ms, int* all_done) {
   });
 }
 
+// Rank 0's side of a rank-local write the others wait for: sets `key`.
+int lmim_c10d_store_set(void* h, const char* key) {
+  return lmim_guarded([&] {
+    std::string one("1");
+    static_cast<Group*>(h)->store->set(key, std::vector<uint8_t>(one.begin(), one.end()));
+  });
+}
+
+// The others' side: waits up to `timeout_ms` for `key` on the main connection (the failure watcher has its own).
+int lmim_c10d_store_wait(void* h, const char* key, long long timeout_ms) {
+  return lmim_guarded([&] { static_cast<Group*>(h)->store->wait({std::string(key)}, std::chrono::milliseconds(timeout_ms)); });
+}
+
 // A normal end: shuts NCCL's communicators down (needed before exit, or its watchdog reports an unclean end).
 int lmim_c10d_shutdown(void* h) {
   return lmim_guarded([&] {

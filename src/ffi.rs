@@ -37,6 +37,8 @@ extern "C" {
     pub fn lmim_c10d_shutdown(g: *mut c_void) -> c_int;
     pub fn lmim_c10d_backend_error(g: *mut c_void) -> c_int;
     pub fn lmim_c10d_finish(g: *mut c_void, host: c_int, timeout_ms: i64, all_done: *mut c_int) -> c_int;
+    pub fn lmim_c10d_store_set(g: *mut c_void, key: *const c_char) -> c_int;
+    pub fn lmim_c10d_store_wait(g: *mut c_void, key: *const c_char, timeout_ms: i64) -> c_int;
     pub fn lmim_c10d_free(g: *mut c_void);
     pub fn lmim_set_cudnn_tf32(on: c_int) -> c_int;
 

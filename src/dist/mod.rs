@@ -257,7 +257,9 @@ pub fn fail_on_panic(msg: &str) -> bool {
 /// (the tests do; so can a user on a new cluster): `LMIM_FAULT=step=N:KIND` acts right after optimiser step N of
 /// pretraining, in rank-local code between collectives. KIND: `panic` (a bug or a tch unwrap, e.g. CUDA out of
 /// memory), `error` (an ordinary error), `die` (SIGKILL: no message, nothing told), `hang` (stuck for 10 minutes,
-/// as in a kernel that never ends). Set it on one rank only (`env LMIM_FAULT=... lmim-bench` in that task).
+/// as in a kernel that never ends), `slow=S` (S seconds of delay, as a slow file system). `LMIM_FAULT=checkpoint=N:KIND`
+/// acts on rank 0 before it writes the checkpoint of step N. Set it on one rank only (`env LMIM_FAULT=...
+/// lmim-bench` in that task).
 pub fn fault_point(place: &str, n: i64) -> Result<()> {
     static FAULT: OnceLock<Option<(String, i64, String)>> = OnceLock::new();
     let fault = FAULT.get_or_init(|| {
@@ -283,7 +285,12 @@ pub fn fault_point(place: &str, n: i64) -> Result<()> {
             std::thread::sleep(Duration::from_secs(600));
             Ok(())
         }
-        other => Err(Error::option("LMIM_FAULT", format!("`{other}` is not a fault (panic, error, die, hang)"))),
+        slow if slow.starts_with("slow=") => {
+            let secs: u64 = slow[5..].parse().map_err(|_| Error::option("LMIM_FAULT", format!("`{slow}`: slow=SECONDS")))?;
+            std::thread::sleep(Duration::from_secs(secs));
+            Ok(())
+        }
+        other => Err(Error::option("LMIM_FAULT", format!("`{other}` is not a fault (panic, error, die, hang, slow=S)"))),
     }
 }
 
@@ -300,6 +307,9 @@ fn write_back(ts: &[Tensor], staged: &[Tensor]) {
         }
     });
 }
+
+/// The least time the other ranks give rank 0 for a checkpoint or an export ([`World::after_rank0_writes`]).
+pub const WRITE_WAIT: Duration = Duration::from_secs(2 * 3600);
 
 /// How often a rank looks for a peer's failure in the store.
 const WATCH_EVERY: Duration = Duration::from_millis(500);
@@ -454,6 +464,29 @@ impl World {
     /// back-end is named for a launched world of one, runs them.)
     fn no_group(&self) -> bool {
         self.panic_group.is_none()
+    }
+
+    /// After rank 0's rank-local writes (a checkpoint, the exported encoder): rank 0 says it is done, the others
+    /// wait for it on the store, not inside a collective (NCCL's watchdog counts from the moment a collective is
+    /// queued, so a slow file system would otherwise end the job after `--dist-timeout`). They wait up to
+    /// [`WRITE_WAIT`] or the timeout, whichever is longer; a rank 0 that fails or dies meanwhile ends them
+    /// through the failure watcher, as anywhere else. `what` names the write (unique per call in a run).
+    pub fn after_rank0_writes(&self, what: &str) -> Result<()> {
+        let Some(g) = self.panic_group.as_ref() else { return Ok(()) };
+        let key = CString::new(format!("lmim-bench/written/{what}")).map_err(|_| Error::Dist(format!("`{what}` holds a NUL byte")))?;
+        let wait = self.timeout.max(WRITE_WAIT);
+        // SAFETY: a live group and a NUL-terminated key; the shim catches C++ exceptions.
+        let rc = unsafe {
+            if self.is_main() {
+                ffi::lmim_c10d_store_set(g.0, key.as_ptr())
+            } else {
+                ffi::lmim_c10d_store_wait(g.0, key.as_ptr(), wait.as_millis().min(i64::MAX as u128) as i64)
+            }
+        };
+        if rc != 0 {
+            return Err(Error::Dist(format!("rank {} of {}: waiting for rank 0 to write {what} ({} s at most) failed: {}", self.rank, self.size, wait.as_secs(), ffi::last_error())));
+        }
+        Ok(())
     }
 
     pub fn is_main(&self) -> bool {

@@ -560,8 +560,11 @@ impl Trainer {
                     }
                     let path = paths.checkpoint(tr.pos.step);
                     if !main {
+                        // Rank 0 writes; this rank waits for it on the store, outside any collective.
+                        world.after_rank0_writes(&format!("checkpoint {}", tr.pos.step))?;
                         return Ok(Flow::Continue);
                     }
+                    crate::dist::fault_point("checkpoint", tr.pos.step)?;
                     tr.save_checkpoint(&path)?;
                     last_ckpt = Some(path);
                     if ev.epoch_end && cfg.save_every > 0 && tr.pos.epoch % cfg.save_every == 0 {
@@ -573,6 +576,7 @@ impl Trainer {
                     for old in all.iter().take(all.len().saturating_sub(cfg.keep_last.max(1))) {
                         let _ = std::fs::remove_file(old);
                     }
+                    world.after_rank0_writes(&format!("checkpoint {}", tr.pos.step))?;
                     if let Some(signal) = stop {
                         let resume = format!("stopped after step {} with checkpoint {}; run the same command again to resume from it", tr.pos.step, paths.checkpoint(tr.pos.step).display());
                         return Err(Error::Interrupted { signal, resume });
@@ -609,6 +613,7 @@ impl Trainer {
             if main {
                 self.export_encoder(&paths.encoder())?;
             }
+            world.after_rank0_writes(&format!("encoder {}", self.pos.epoch))?;
         }
         bar.finish_and_clear();
         if main {
