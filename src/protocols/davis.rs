@@ -81,7 +81,8 @@ impl crate::config::Recipe for DavisConfig {
         use crate::config::Rule;
         vec![
             Rule::int("short_side", 16, 8192),
-            Rule::int("n_last_frames", 0, 1000),
+            // At 0 DINO's `queue.Queue(0)` is unbounded and its first `get()` blocks: no reference behaviour.
+            Rule::int("n_last_frames", 1, 1000),
             Rule::int("neighborhood", 0, 100_000),
             Rule::int("topk", 1, 1 << 30),
             Rule::above("temperature", 0.0, 1000.0),
@@ -198,9 +199,7 @@ pub fn propagate(p: &PropParams, feats: &Tensor, first_seg: &Tensor, h: i64, w: 
         if queue.len() == p.n_last_frames {
             queue.pop_front();
         }
-        if p.n_last_frames > 0 {
-            queue.push_back((tar.transpose(0, 1), seg.copy()));
-        }
+        queue.push_back((tar.transpose(0, 1), seg.copy()));
         out.push(soft_to_labels(&seg, p.patch));
     }
     out

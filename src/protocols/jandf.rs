@@ -19,22 +19,20 @@ use serde::Serialize;
 /// bottom-right pixel never.
 pub fn seg2bmap(seg: &[bool], w: usize, h: usize) -> Vec<bool> {
     let mut b = vec![false; w * h];
-    let at = |x: usize, y: usize| seg[y * w + x];
     for y in 0..h {
-        for x in 0..w {
-            let s = at(x, y);
-            let e = if x + 1 < w { at(x + 1, y) } else { false };
-            let so = if y + 1 < h { at(x, y + 1) } else { false };
-            let se = if x + 1 < w && y + 1 < h { at(x + 1, y + 1) } else { false };
-            b[y * w + x] = if y == h - 1 && x == w - 1 {
-                false
-            } else if y == h - 1 {
-                s ^ e
-            } else if x == w - 1 {
-                s ^ so
-            } else {
-                (s ^ e) | (s ^ so) | (s ^ se)
-            };
+        let row = &seg[y * w..(y + 1) * w];
+        let out = &mut b[y * w..(y + 1) * w];
+        if y + 1 < h {
+            let below = &seg[(y + 1) * w..(y + 2) * w];
+            for x in 0..w - 1 {
+                let s = row[x];
+                out[x] = (s ^ row[x + 1]) | (s ^ below[x]) | (s ^ below[x + 1]);
+            }
+            out[w - 1] = row[w - 1] ^ below[w - 1];
+        } else {
+            for x in 0..w - 1 {
+                out[x] = row[x] ^ row[x + 1];
+            }
         }
     }
     b
