@@ -3,13 +3,17 @@
 # eval_video_segmentation.py algorithm as tests/py/ref_davis.py reimplements it: one frame per forward, the
 # neighbourhood mask built once), side by side in one run on the same generated 854x480 frames and the same seeded
 # ViT-S/16 and ViT-B/16 checkpoints, at DINO's 480p reading. Writes benchmarks/davis.md.
-# DAVIS_BENCH_FRAMES (default 6) frames of one sequence.
+# DAVIS_BENCH_FRAMES (default 6) frames of one sequence; LMIM_BENCH_BIN: an lmim-bench binary already built (else
+# `cargo build --bins`).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$LMIM_ROOT"
 frames=${DAVIS_BENCH_FRAMES:-6}
-cargo build --bins "${LMIM_FEATURES[@]}" >/dev/null
-bin="$CARGO_TARGET_DIR/debug/lmim-bench"
+bin="${LMIM_BENCH_BIN:-}"
+if [ -z "$bin" ]; then
+    cargo build --bins "${LMIM_FEATURES[@]}" >/dev/null
+    bin="$CARGO_TARGET_DIR/debug/lmim-bench"
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 "$bin" data synth-davis --out "$work/set" --sequences 1 --frames "$frames" --size 854x480 >/dev/null
