@@ -447,6 +447,7 @@ fn every_numeric_key_of_every_recipe_is_in_the_table_and_checked() {
     n += every_key_of::<ProtocolSpec>(&builtin(Protocol::NnLoo), |c| c.validate("nn-loo"));
     n += every_key_of::<ProtocolSpec>(&builtin(Protocol::KnnSweep), |c| c.validate("knn-sweep"));
     n += every_key_of::<AttentiveConfig>(&builtin(Protocol::Attentive), |c| c.validate());
+    n += every_key_of::<lmim_bench::protocols::davis::DavisConfig>(&builtin(Protocol::Davis), |c| c.validate());
     eprintln!("{n} overrides tried");
 }
 

@@ -24,6 +24,10 @@ enum DataCmd {
     /// Generate an ImageFolder tree of JPEGs (class-dependent colours, gradients and shapes, plus noise),
     /// deterministic from the seed.
     Synth(SynthArgs),
+    /// Generate a DAVIS-2017-layout set of short videos (moving textured shapes over a textured background):
+    /// JPEGImages/480p/<seq>/*.jpg, Annotations/480p/<seq>/*.png (indexed, the DAVIS palette, every frame) and
+    /// ImageSets/2017/val.txt, deterministic from the seed; for `eval --protocol davis` tests and demos.
+    SynthDavis(SynthDavisArgs),
     /// Print image and class counts and the fingerprint of each split of a dataset.
     Info(InfoArgs),
     /// Decode every image of a split through the loader; unreadable files are reported (warning on stderr) and
@@ -142,6 +146,33 @@ struct InfoArgs {
     scan: super::ScanArgs,
 }
 
+#[derive(Debug, Args)]
+struct SynthDavisArgs {
+    /// Output folder (replaced only when it was made by a `data` generator).
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of sequences.
+    #[arg(long, default_value_t = 3)]
+    sequences: usize,
+    /// Frames per sequence (at least 3: the first and last are not scored).
+    #[arg(long, default_value_t = 8)]
+    frames: usize,
+    /// Objects per sequence: sequence i has 1 + i % N.
+    #[arg(long, default_value_t = 3)]
+    max_objects: usize,
+    /// Frame size WxH (DAVIS 480p is 854x480).
+    #[arg(long, default_value = "160x72")]
+    size: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// JPEG quality of the frames.
+    #[arg(long, default_value_t = 90)]
+    quality: u8,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 fn parse_size(s: &str) -> Result<(u32, u32), Error> {
     let bad = || Error::option("--size", format!("`{s}` is not S or WxH"));
     let (w, h) = match s.split_once(['x', 'X']) {
@@ -177,6 +208,26 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
                     r.train_images,
                     r.val_images
                 ))?;
+            }
+        }
+        DataCmd::SynthDavis(a) => {
+            let (width, height) = parse_size(&a.size)?;
+            let opts = crate::data::davis::SynthDavisOptions {
+                out: a.out,
+                sequences: a.sequences,
+                frames: a.frames,
+                max_objects: a.max_objects,
+                width,
+                height,
+                seed: a.seed,
+                quality: a.quality,
+            };
+            let r = crate::data::davis::synth_davis(&opts)?;
+            if a.json {
+                crate::results::write_output("-", &(serde_json::to_string_pretty(&r)? + "\n"))?;
+            } else {
+                let verb = if r.reused { "up to date" } else { "written" };
+                crate::results::write_output("-", &format!("{}: {verb} ({} sequences, {} frames, {width}x{height})\n", r.out.display(), r.sequences, r.frames))?;
             }
         }
         DataCmd::Synth(a) => {

@@ -96,7 +96,8 @@ pub struct EvalArgs {
     /// file is refused with the candidates).
     #[arg(long, value_parser = crate::cli::parse_family)]
     pub from: Option<crate::checkpoint::Family>,
-    /// Dataset root with train/ and val/.
+    /// Dataset root with train/ and val/ (davis: a DAVIS-2017 root with JPEGImages/480p, Annotations/480p and
+    /// ImageSets/2017/val.txt).
     #[arg(long)]
     pub data: Option<PathBuf>,
     #[arg(long)]
@@ -310,6 +311,21 @@ fn copy_file(from: &Path, to: &Path) -> anyhow::Result<()> {
 /// The human summary of a record: the headline, and per-k scores for k-NN.
 fn summary(rec: &RunRecord) -> String {
     let m = |k: &str| rec.metrics.get(k).copied().unwrap_or(f64::NAN);
+    if rec.protocol == Protocol::Davis.name() {
+        return format!(
+            "{} davis: J&F-Mean {:.2} (J-Mean {:.2}, J-Recall {:.2}, J-Decay {:.2}; F-Mean {:.2}, F-Recall {:.2}, F-Decay {:.2}) (protocol {})\nmasks: {}\n",
+            rec.model_name,
+            m("j_and_f"),
+            m("j_mean"),
+            m("j_recall"),
+            m("j_decay"),
+            m("f_mean"),
+            m("f_recall"),
+            m("f_decay"),
+            crate::results::version_label(&rec.protocol_version),
+            rec.details.get("masks").and_then(|v| v.as_str()).unwrap_or("?"),
+        );
+    }
     let mut s = format!("{} {}: top-1 {:.2}", rec.model_name, rec.protocol, m("top1"));
     if rec.metrics.contains_key("top5") {
         s.push_str(&format!(", top-5 {:.2}", m("top5")));

@@ -11,8 +11,10 @@
 //! - [`loader`]: worker threads that decode and augment ahead into a bounded queue; deterministic shuffle, sharding
 //!   and resumable positions.
 //! - [`fmnist`] and [`synth`]: the demo dataset (Debian's Fashion-MNIST) and generated ImageFolder trees.
+//! - [`davis`]: the DAVIS-2017 layout, DINO's frame and annotation reading, and generated video sets.
 pub mod augment;
 pub mod dataset;
+pub mod davis;
 pub mod decode;
 pub mod fmnist;
 pub mod index;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use super::pos_embed::{sincos_2d, PosEmbedKind};
+use super::pos_embed::{sincos_2d, GridPosEmbed, PosEmbedKind};
 use crate::error::{Error, Result};
 
 /// Architectures known by name. The patch-16 ones are timm's; `vit_pico_patch4_32` is this project's tiny size
@@ -409,8 +409,31 @@ impl VisionTransformer {
         super::pos_embed::resample_abs_pos_embed(&self.pos_embed, self.cfg.grid(), grid, self.cfg.pos_prefix())
     }
 
+    /// The position embedding (prefix rows, then `rows x cols` patch rows in row-major order) for an input grid,
+    /// by `mode`. `Timm` takes square grids only.
+    pub fn pos_embed_hw(&self, rows: i64, cols: i64, mode: GridPosEmbed) -> Tensor {
+        let prefix = self.cfg.pos_prefix();
+        match mode {
+            GridPosEmbed::Timm => {
+                assert_eq!(rows, cols, "timm's resampling takes square grids only");
+                self.pos_embed_for_grid(rows)
+            }
+            GridPosEmbed::Interpolate => super::pos_embed::dino_interpolate(&self.pos_embed, self.cfg.grid(), rows, cols, prefix),
+            GridPosEmbed::Sincos => {
+                let d = self.cfg.embed_dim;
+                let table = super::pos_embed::sincos_2d_hw(d, rows, cols, self.cfg.pos_embed, false).to_device(self.pos_embed.device()).to_kind(self.pos_embed.kind()).unsqueeze(0);
+                Tensor::cat(&[self.pos_embed.narrow(1, 0, prefix), table], 1)
+            }
+        }
+    }
+
     /// Patch tokens of images `[B, C, H, W]` with position embeddings added: `[B, N, D]`.
     pub fn embed_images(&self, images: &Tensor) -> Tensor {
+        self.embed_images_with(images, GridPosEmbed::Timm)
+    }
+
+    /// [`Self::embed_images`] on any `H x W` input (multiples of the patch size), the position embedding met by `mode`.
+    pub fn embed_images_with(&self, images: &Tensor, mode: GridPosEmbed) -> Tensor {
         let x = match amp_kind() {
             Some(k) => images.to_kind(k).conv2d(
                 &self.patch_embed.ws.to_kind(k),
@@ -428,9 +451,8 @@ impl VisionTransformer {
             super::flops::add(&x, 2.0 * k * x.numel() as f64);
         }
         let (b, d, gh, gw) = x.size4().expect("patch embedding is [B, D, H, W]");
-        assert_eq!(gh, gw, "square inputs only");
         let x = x.reshape([b, d, gh * gw]).transpose(1, 2);
-        x + self.pos_embed_for_grid(gh).narrow(1, self.cfg.pos_prefix(), gh * gw)
+        x + self.pos_embed_hw(gh, gw, mode).narrow(1, self.cfg.pos_prefix(), gh * gw)
     }
 
     /// Embeds pre-cut patches `[B, L, C*p*p]` (flattened in (channel, row, col) order, i.e. the conv weight's
@@ -486,6 +508,12 @@ impl VisionTransformer {
     /// Forward over whole images: the final tokens and the requested intermediate block outputs.
     pub fn forward_features(&self, images: &Tensor, keep: &[i64], train: bool) -> VitOutput {
         let x = self.prepend_prefix(&self.embed_images(images));
+        self.run_blocks(x, keep, train)
+    }
+
+    /// [`Self::forward_features`] on an `H x W` input, the position embedding met by `mode`.
+    pub fn forward_features_with(&self, images: &Tensor, keep: &[i64], train: bool, mode: GridPosEmbed) -> VitOutput {
+        let x = self.prepend_prefix(&self.embed_images_with(images, mode));
         self.run_blocks(x, keep, train)
     }
 

@@ -1,9 +1,11 @@
 //! Evaluation protocols: feature extraction, k-NN (DINO's, and the probing benchmark's sweep) and leave-one-out
-//! 1-NN, linear probe, attentive probe, linear sweep, fine-tuning. Evaluation is one library call, [`run`], on an [`EvalRequest`]; the command layer only parses
+//! 1-NN, linear probe, attentive probe, linear sweep, fine-tuning, DAVIS-2017 video label propagation (J&F). Evaluation is one library call, [`run`], on an [`EvalRequest`]; the command layer only parses
 //! arguments and prints the record.
 pub mod attentive;
+pub mod davis;
 pub mod extract;
 pub mod finetune;
+pub mod jandf;
 pub mod knn;
 pub mod linear;
 pub mod linear_sweep;
@@ -41,11 +43,13 @@ pub enum Protocol {
     Finetune,
     /// 52 linear heads on cached features, chosen on held-out train data (protocols/linear_sweep.toml).
     LinearSweep,
+    /// DINO's DAVIS-2017 video label propagation, scored by davis2017-evaluation's J&F (protocols/davis.toml).
+    Davis,
 }
 
 impl Protocol {
     /// In table order.
-    pub const ALL: [Protocol; 7] = [Protocol::NnLoo, Protocol::Knn, Protocol::KnnSweep, Protocol::Linear, Protocol::Attentive, Protocol::Finetune, Protocol::LinearSweep];
+    pub const ALL: [Protocol; 8] = [Protocol::NnLoo, Protocol::Knn, Protocol::KnnSweep, Protocol::Linear, Protocol::Attentive, Protocol::Finetune, Protocol::LinearSweep, Protocol::Davis];
 
     /// The name in records, tables and on the command line.
     pub fn name(self) -> &'static str {
@@ -57,6 +61,7 @@ impl Protocol {
             Protocol::Linear => "linear",
             Protocol::LinearSweep => "linear-sweep",
             Protocol::Finetune => "finetune",
+            Protocol::Davis => "davis",
         }
     }
 
@@ -74,6 +79,7 @@ impl Protocol {
             Protocol::Linear => "linear.toml",
             Protocol::LinearSweep => "linear_sweep.toml",
             Protocol::Finetune => "finetune.toml",
+            Protocol::Davis => "davis.toml",
         }
     }
 
@@ -87,6 +93,7 @@ impl Protocol {
             Protocol::Linear => include_str!("../../protocols/linear.toml"),
             Protocol::LinearSweep => include_str!("../../protocols/linear_sweep.toml"),
             Protocol::Finetune => include_str!("../../protocols/finetune.toml"),
+            Protocol::Davis => include_str!("../../protocols/davis.toml"),
         }
     }
 
@@ -100,6 +107,15 @@ impl Protocol {
             Protocol::Linear => ("LP", "lp"),
             Protocol::Finetune => ("Ft", "ft"),
             Protocol::LinearSweep => ("LP sweep", "lp_sweep"),
+            Protocol::Davis => ("DAVIS J&F", "davis"),
+        }
+    }
+
+    /// The metric the table and `check` read: `top1`, or `j_and_f` for DAVIS.
+    pub fn headline_metric(self) -> &'static str {
+        match self {
+            Protocol::Davis => "j_and_f",
+            _ => "top1",
         }
     }
 
@@ -349,5 +365,6 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         Protocol::Linear => linear::run(req),
         Protocol::LinearSweep => linear_sweep::run(req),
         Protocol::Finetune => finetune::run(req),
+        Protocol::Davis => davis::run(req),
     }
 }

@@ -99,6 +99,12 @@ impl RecordBuilder {
         self
     }
 
+    /// The metric the table shows (default `top1`).
+    pub fn headline(mut self, key: &str) -> Self {
+        self.rec.headline = key.into();
+        self
+    }
+
     pub fn metric(mut self, key: &str, value: f64) -> Self {
         self.rec.metrics.insert(key.into(), value);
         self

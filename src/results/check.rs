@@ -326,9 +326,11 @@ fn finish(rows: Vec<CheckRow>, skipped: usize) -> CheckOutcome {
     CheckOutcome { rows, failed, skipped }
 }
 
-/// Higher-is-better metrics of a record (accuracies): `top1`, `top5`, `top1@k20`, ...
+/// Higher-is-better metrics of a record: accuracies (`top1`, `top5`, `top1@k20`, ...) and DAVIS's J&F, J and F
+/// means and recalls (their decays are lower-is-better and are left out).
 fn accuracy_metrics(rec: &RunRecord) -> impl Iterator<Item = (&String, &f64)> {
-    rec.metrics.iter().filter(|(k, v)| (k.starts_with("top") || k.starts_with("acc")) && v.is_finite())
+    const DAVIS: [&str; 5] = ["j_and_f", "j_mean", "f_mean", "j_recall", "f_recall"];
+    rec.metrics.iter().filter(|(k, v)| (k.starts_with("top") || k.starts_with("acc") || DAVIS.contains(&k.as_str())) && v.is_finite())
 }
 
 /// Compares records with a baseline run: every accuracy metric of the baseline's latest record per (model,

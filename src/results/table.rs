@@ -1,4 +1,4 @@
-//! The NN / k-NN / LP / EP / Ft table: one row per model (model name + checkpoint sha256), the latest record of each
+//! The NN / k-NN / LP / EP / Ft (and DAVIS J&F) table: one row per model (model name + checkpoint sha256), the latest record of each
 //! protocol in its column, and the published reference rows beside them. Within a column, a row whose protocol
 //! version or dataset fingerprint differs from the column's most common one is marked (`†`, `‡`) and explained in
 //! a footnote, so numbers made differently are never silently compared.
@@ -223,7 +223,8 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
     if let Some(rf) = reference {
         let mut order: Vec<&str> = Vec::new();
         let mut by_model: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
-        for e in rf.entries.iter().filter(|e| known(&e.protocol) && e.metric == "top1") {
+        let headline = |p: &str| Protocol::from_name(p).map(Protocol::headline_metric);
+        for e in rf.entries.iter().filter(|e| known(&e.protocol) && headline(&e.protocol) == Some(e.metric.as_str())) {
             if !by_model.contains_key(e.model.as_str()) {
                 order.push(&e.model);
             }
