@@ -1,5 +1,5 @@
 //! Evaluation protocols: feature extraction, k-NN (DINO's, and the probing benchmark's sweep) and leave-one-out
-//! 1-NN, linear probe, attentive probe, linear sweep, fine-tuning. Evaluation is one library call, [`run`], on an [`EvalRequest`]; the command layer only parses
+//! 1-NN, linear probe, attentive probe, linear sweep, fine-tuning, low-shot logistic regression. Evaluation is one library call, [`run`], on an [`EvalRequest`]; the command layer only parses
 //! arguments and prints the record.
 pub mod attentive;
 pub mod extract;
@@ -7,6 +7,7 @@ pub mod finetune;
 pub mod knn;
 pub mod linear;
 pub mod linear_sweep;
+pub mod lowshot;
 pub mod neighbors;
 pub mod probe;
 pub mod record;
@@ -41,11 +42,14 @@ pub enum Protocol {
     Finetune,
     /// 52 linear heads on cached features, chosen on held-out train data (protocols/linear_sweep.toml).
     LinearSweep,
+    /// MSN's low-shot evaluation: logistic regression on the features of a few labelled training images per class
+    /// (`--subset` lists or `shots=N`), scored on val (protocols/lowshot.toml).
+    Lowshot,
 }
 
 impl Protocol {
     /// In table order.
-    pub const ALL: [Protocol; 7] = [Protocol::NnLoo, Protocol::Knn, Protocol::KnnSweep, Protocol::Linear, Protocol::Attentive, Protocol::Finetune, Protocol::LinearSweep];
+    pub const ALL: [Protocol; 8] = [Protocol::NnLoo, Protocol::Knn, Protocol::KnnSweep, Protocol::Linear, Protocol::Attentive, Protocol::Finetune, Protocol::LinearSweep, Protocol::Lowshot];
 
     /// The name in records, tables and on the command line.
     pub fn name(self) -> &'static str {
@@ -57,6 +61,7 @@ impl Protocol {
             Protocol::Linear => "linear",
             Protocol::LinearSweep => "linear-sweep",
             Protocol::Finetune => "finetune",
+            Protocol::Lowshot => "lowshot",
         }
     }
 
@@ -74,6 +79,7 @@ impl Protocol {
             Protocol::Linear => "linear.toml",
             Protocol::LinearSweep => "linear_sweep.toml",
             Protocol::Finetune => "finetune.toml",
+            Protocol::Lowshot => "lowshot.toml",
         }
     }
 
@@ -87,6 +93,7 @@ impl Protocol {
             Protocol::Linear => include_str!("../../protocols/linear.toml"),
             Protocol::LinearSweep => include_str!("../../protocols/linear_sweep.toml"),
             Protocol::Finetune => include_str!("../../protocols/finetune.toml"),
+            Protocol::Lowshot => include_str!("../../protocols/lowshot.toml"),
         }
     }
 
@@ -100,6 +107,7 @@ impl Protocol {
             Protocol::Linear => ("LP", "lp"),
             Protocol::Finetune => ("Ft", "ft"),
             Protocol::LinearSweep => ("LP sweep", "lp_sweep"),
+            Protocol::Lowshot => ("low-shot", "lowshot"),
         }
     }
 
@@ -257,6 +265,8 @@ pub struct EvalRequest {
     pub protocol_file: Option<PathBuf>,
     /// `key=value` overrides of the protocol file.
     pub sets: Vec<String>,
+    /// Low-shot: training subset lists in MSN's format (files, or folders of `.txt` lists); one split each.
+    pub subsets: Vec<PathBuf>,
     /// Model name of the record (default: the checkpoint's file stem).
     pub name: Option<String>,
     /// Folder of the records and results.csv (and the fine-tuning run folders).
@@ -276,6 +286,7 @@ impl EvalRequest {
             val_features: None,
             protocol_file: None,
             sets: Vec::new(),
+            subsets: Vec::new(),
             name: None,
             output: output.into(),
             run: RunOptions::default(),
@@ -346,5 +357,6 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         Protocol::Linear => linear::run(req),
         Protocol::LinearSweep => linear_sweep::run(req),
         Protocol::Finetune => finetune::run(req),
+        Protocol::Lowshot => lowshot::run(req),
     }
 }
