@@ -38,6 +38,8 @@ for model in random-init lmim-pretrained; do
     done
     "$BIN" eval --protocol linear --checkpoint "$ck" --data "$DATA" --name "pico-$model" --output "$OUT" --quiet "${LP[@]}"
     "$BIN" eval --protocol attentive --checkpoint "$ck" --data "$DATA" --name "pico-$model" --output "$OUT" --quiet "${EP[@]}"
+    # MSN's low-shot logistic regression, 2 images per class in three seeded draws: the "2 img" column (mean ± std).
+    "$BIN" eval --protocol lowshot --checkpoint "$ck" --data "$DATA" --name "pico-$model" --output "$OUT" --quiet shots=2 draws=3
 done
 # MAE's global-pool probe feature beside the CLS one, on the pretrained encoder.
 "$BIN" eval --protocol linear --checkpoint "$WORK/lmim-pretrained.safetensors" --data "$DATA" --name "pico-lmim-pretrained" \
