@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # benchmarks/lowshot.md: the low-shot logistic regression on ImageNet-shaped features, lmim-bench (bench lowshot)
 # beside scikit-learn's LogisticRegression (lbfgs) and cyanure (MSN's call), one after the other on this machine.
-# Usage: scripts/bench_lowshot.sh [N] [DEVICE]    (N rows, default 12811 = 1 % of ImageNet-1K; DEVICE default cpu)
+# Usage: scripts/bench_lowshot.sh [N] [CLASSES] [DEVICE]
+#   N rows (default 12811 = 1 % of ImageNet-1K), CLASSES (default 1000), DEVICE (default cpu); 768 features.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh >/dev/null
-N="${1:-12811}"; DEV="${2:-cpu}"; D=768; C=1000; LAMBD=0.0025
+N="${1:-12811}"; C="${2:-1000}"; DEV="${3:-cpu}"; D=768; LAMBD=0.0025
 OUT="${LMIM_BENCH_OUT:-$(mktemp -d)}"
 mkdir -p "$OUT"
 "$LMIM_PYTHON" tests/py/ref_lowshot.py make "$N" "$D" "$C" 0 "$OUT/features.safetensors"

@@ -67,7 +67,7 @@ impl Default for LowshotConfig {
             feature: FeatureKind::Cls,
             last_blocks: 1,
             lambd: 0.0025,
-            grad_tol: 1e-7,
+            grad_tol: 1e-9,
             max_iter: 20000,
             memory: 20,
             shots: 0,
