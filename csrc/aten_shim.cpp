@@ -6,6 +6,7 @@
 // before it calls the kernel), so the kernel's bias corrections use the new step. `found_inf` skips the update on the
 // device, as torch.amp.GradScaler uses it, so a non-finite loss needs no host read to be kept out of the weights.
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
 #include <ATen/ops/_fused_adamw.h>
 #include <c10/core/GradMode.h>
@@ -67,6 +68,16 @@ int lmim_set_deterministic(int on) {
     ctx.setDeterministicAlgorithms(on != 0, /*warn_only=*/false);
     ctx.setDeterministicCuDNN(on != 0);
     if (on) ctx.setBenchmarkCuDNN(false);
+  });
+}
+
+// torch.randperm(n, generator=g) with a fresh CPU generator seeded `seed` (g = torch.Generator(); g.manual_seed(seed)),
+// as torch.utils.data.DistributedSampler draws its order: libtorch's own kernel and generator, so the permutation is
+// PyTorch's bit for bit, without touching the global generator.
+int lmim_randperm_seeded(long long n, unsigned long long seed, at::Tensor** out) {
+  return lmim_guarded([&] {
+    auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+    *out = new at::Tensor(at::randperm(n, gen, at::TensorOptions().dtype(at::kLong)));
   });
 }
 }

@@ -42,6 +42,8 @@ for model in random-init lmim-pretrained; do
     "$BIN" eval --protocol attentive --checkpoint "$ck" --data "$DATA" --name "pico-$model" --output "$OUT" --quiet "${EP[@]}"
     # 160x72 frames at a short side of 64: 128x64 inputs, a 16x32 grid at patch 4.
     "$BIN" eval --protocol davis --checkpoint "$ck" --data data/synth-davis --name "pico-$model" --output "$OUT" --quiet short_side=64
+    # MSN's low-shot logistic regression, 2 images per class in three seeded draws: the "2 img" column (mean ± std).
+    "$BIN" eval --protocol lowshot --checkpoint "$ck" --data "$DATA" --name "pico-$model" --output "$OUT" --quiet shots=2 draws=3
 done
 # MAE's global-pool probe feature beside the CLS one, on the pretrained encoder.
 "$BIN" eval --protocol linear --checkpoint "$WORK/lmim-pretrained.safetensors" --data "$DATA" --name "pico-lmim-pretrained" \

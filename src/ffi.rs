@@ -44,6 +44,7 @@ extern "C" {
 
     pub fn lmim_set_deterministic(on: c_int) -> c_int;
     pub fn lmim_grads_to_none(params: *mut CTensor, n: c_int) -> c_int;
+    pub fn lmim_randperm_seeded(n: i64, seed: u64, out: *mut CTensor) -> c_int;
     pub fn lmim_fused_adamw(
         params: *mut CTensor,
         grads: *mut CTensor,

@@ -137,6 +137,15 @@ pub enum BenchWhat {
         #[arg(long)]
         naive: bool,
     },
+    /// The low-shot logistic regression (protocols/lowshot.toml's lambd, grad_tol, max_iter, memory; `--set`
+    /// overrides them) on a features file (safetensors `x` [n, D], `y` [n]): preprocessing and solve, timed once
+    /// (`--steps` times), with the objective and gradient norm reached.
+    Lowshot {
+        #[arg(long)]
+        features: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+    },
     /// The 52-head linear sweep on random features (protocols/linear_sweep.toml, `--set` overrides it).
     Sweep {
         #[arg(long, default_value_t = 100_000)]
@@ -162,6 +171,11 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<i32> {
             Some(bench::lmim_step_parity(&cfg, *batch_size, device).context("Latent MIM step parity against the CPU")?)
         }
         BenchWhat::DistCheck => Some(bench::dist_check().context("the collectives check")?),
+        BenchWhat::Lowshot { features, sets } => {
+            let v = lowshot(features, sets, device, a.steps).context("timing the low-shot solve")?;
+            crate::results::write_output(&a.output, &(serde_json::to_string_pretty(&v)? + "\n"))?;
+            return Ok(0);
+        }
         _ => None,
     };
     if let Some(p) = parity {
@@ -172,7 +186,7 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<i32> {
         return Ok(if p.pass { 0 } else { 1 });
     }
     let r: BenchResult = match &a.what {
-        BenchWhat::Parity { .. } | BenchWhat::StepParity { .. } | BenchWhat::DistCheck => unreachable!("handled above"),
+        BenchWhat::Parity { .. } | BenchWhat::StepParity { .. } | BenchWhat::DistCheck | BenchWhat::Lowshot { .. } => unreachable!("handled above"),
         BenchWhat::Infer { arch, batch_size } => {
             let cfg = crate::model::VitConfig::from_arch(arch)?;
             if *batch_size < 1 {
@@ -249,4 +263,37 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<i32> {
         crate::results::write_output(&a.output, &(serde_json::to_string_pretty(&v)? + "\n"))?;
     }
     Ok(0)
+}
+
+/// `bench lowshot`: preprocessing + solve on the features of `path`, `steps` times (the fastest is reported).
+fn lowshot(path: &std::path::Path, sets: &[String], device: tch::Device, steps: usize) -> anyhow::Result<serde_json::Value> {
+    use crate::protocols::lowshot::{fit, preprocess, LowshotConfig, SolveOptions};
+    let cfg: LowshotConfig = Protocol::Lowshot.load(None, sets)?.cfg;
+    cfg.validate("--set")?;
+    let f = crate::checkpoint::load(path)?;
+    let get = |n: &str| f.get(n).map(|t| t.shallow_clone()).ok_or_else(|| crate::Error::data(path, format!("no tensor `{n}` (expected `x` [n, D] and `y` [n])")));
+    let (x, y) = (get("x")?, get("y")?.to_kind(tch::Kind::Int64));
+    let classes = y.max().int64_value(&[]) + 1;
+    let opts = SolveOptions { lambd: cfg.lambd, grad_tol: cfg.grad_tol, max_iter: cfg.max_iter, memory: cfg.memory, device };
+    let mut runs = Vec::new();
+    for _ in 0..steps.max(1) {
+        let t0 = std::time::Instant::now();
+        let xp = preprocess(&x.to_device(device).to_kind(tch::Kind::Double));
+        let r = fit(&xp, &y, classes, &opts)?;
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        runs.push((t0.elapsed().as_secs_f64(), r));
+    }
+    let (seconds, r) = runs.into_iter().min_by(|a, b| a.0.total_cmp(&b.0)).expect("one run");
+    Ok(serde_json::json!({
+        "bench": "lowshot",
+        "n": x.size()[0], "dim": x.size()[1], "classes": classes,
+        "lambd": cfg.lambd, "grad_tol": cfg.grad_tol,
+        "seconds": seconds,
+        "solve": r,
+        "threads": tch::get_num_threads(),
+        "provenance": crate::results::Provenance::current(&crate::info::device_name(device)),
+        "time": crate::results::now_rfc3339(),
+    }))
 }

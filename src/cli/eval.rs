@@ -111,6 +111,11 @@ pub struct EvalArgs {
     /// Protocol file (default: protocols/<protocol>.toml here, else the built-in copy).
     #[arg(long)]
     pub protocol_file: Option<PathBuf>,
+    /// Low-shot: a training subset list in MSN's format (one training image file name per line, as its
+    /// imagenet_subsets*/*.txt), or a folder of such .txt lists; repeatable, one split each (the record keeps
+    /// every split, their mean and standard deviation). Without it, `shots=N` draws N images per class.
+    #[arg(long = "subset", value_name = "FILE|DIR")]
+    pub subsets: Vec<PathBuf>,
     /// Shorthand for `feature=...`.
     #[arg(long)]
     pub feature: Option<String>,
@@ -218,6 +223,7 @@ impl EvalArgs {
             val_features: self.val_features.clone(),
             protocol_file: self.protocol_file.clone(),
             sets: self.all_sets(),
+            subsets: self.subsets.clone(),
             name: self.name.clone(),
             output: self.output.clone(),
             run: RunOptions {
@@ -254,6 +260,7 @@ pub fn extract(a: ExtractArgs) -> anyhow::Result<()> {
         batch_size: a.batch_size,
         device,
         crop_pct: a.crop_pct,
+        bilinear: false,
         half: a.half,
         cache_dir: (!a.no_cache).then(|| a.cache_dir.clone()),
         workers: a.workers,

@@ -257,6 +257,8 @@ pub struct ExtractRequest {
     pub device: Device,
     /// Eval crop fraction: Resize(floor(img_size / crop_pct)) then CenterCrop(img_size), as timm.
     pub crop_pct: f64,
+    /// Resize bilinear (torchvision's `Resize` default, MSN's eval transform) instead of bicubic.
+    pub bilinear: bool,
     /// Store f16 instead of f32 (half the size; the protocols compute in f32 either way).
     pub half: bool,
     /// None: no cache (always extract).
@@ -287,13 +289,22 @@ pub struct ExtractReport {
 
 /// The eval transform for a model input size: Resize(floor(size / crop_pct), bicubic) + CenterCrop(size).
 pub fn eval_transform(img_size: i64, crop_pct: f64) -> Result<Transform> {
+    eval_transform_with(img_size, crop_pct, false)
+}
+
+/// [`eval_transform`], with a bilinear resize when `bilinear`.
+pub fn eval_transform_with(img_size: i64, crop_pct: f64, bilinear: bool) -> Result<Transform> {
     if !(crop_pct > 0.0 && crop_pct <= 1.0) {
         return Err(Error::option("crop_pct", format!("{crop_pct} is not in (0, 1]")));
     }
     let crop = img_size as u32;
     // floor as timm's `scale_size = math.floor(img_size / crop_pct)`; the epsilon keeps 224 / 0.875 at 256.
     let resize = (img_size as f64 / crop_pct + 1e-9).floor() as u32;
-    Ok(Transform::eval(resize, crop))
+    let mut t = Transform::eval(resize, crop);
+    if bilinear {
+        t.ops[0] = Op::Resize { size: resize, interp: crate::data::Interp::Bilinear };
+    }
+    Ok(t)
 }
 
 /// `Resize(256, bicubic) + CenterCrop(224) + Normalize(imagenet)`.
@@ -447,7 +458,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
         return Err(Error::data(&dataset.dir, "the split has no images"));
     }
     let fp = serde_json::to_value(dataset.fingerprint()?).expect("fingerprint serialises");
-    let transform = eval_transform(cfg.img_size, req.crop_pct)?;
+    let transform = eval_transform_with(cfg.img_size, req.crop_pct, req.bilinear)?;
     let (precision, amp) = precision_of(req.precision, req.device);
     let dtype = if req.half { "f16" } else { "f32" };
     let key_src = serde_json::json!({

@@ -52,6 +52,11 @@ pub struct ProtocolSpec {
     pub query_split: String,
     pub transform: TransformSpec,
     pub source: String,
+    /// nn-loo only: `all` (every val image) or `lmim-ddp` (the images the Latent MIM code scores: a shuffled
+    /// DistributedSampler over `world_size` ranks, seed 0, and the loader's drop_last at `batch_size` per rank).
+    pub subset: String,
+    pub world_size: Option<i64>,
+    pub batch_size: Option<i64>,
 }
 
 impl Default for ProtocolSpec {
@@ -70,6 +75,9 @@ impl Default for ProtocolSpec {
             query_split: "val".into(),
             transform: TransformSpec::default(),
             source: String::new(),
+            subset: "all".into(),
+            world_size: None,
+            batch_size: None,
         }
     }
 }
@@ -85,6 +93,8 @@ impl crate::config::Recipe for ProtocolSpec {
             Rule::above("temperatures", 0.0, 1000.0),
             Rule::int("headline_k", 1, 1 << 20).one_of("ks"),
             Rule::above("transform.crop_pct", 0.0, 1.0),
+            Rule::int("world_size", 1, 1 << 16),
+            Rule::int("batch_size", 1, 1 << 24),
         ]
     }
 }
@@ -126,6 +136,20 @@ impl ProtocolSpec {
             }
         } else if !voting && (!self.ks.is_empty() || self.temperature.is_some() || self.headline_k.is_some()) {
             return Err(bad(format!("`{}` is a 1-NN without voting: ks, temperature and headline_k do not apply", self.name)));
+        }
+        match (self.name.as_str(), self.subset.as_str()) {
+            (_, "all") => {
+                if self.world_size.is_some() || self.batch_size.is_some() {
+                    return Err(bad("world_size and batch_size apply to subset = \"lmim-ddp\" only".into()));
+                }
+            }
+            ("nn-loo", "lmim-ddp") => {
+                if self.world_size.is_none() || self.batch_size.is_none() {
+                    return Err(bad("subset = \"lmim-ddp\" needs world_size and batch_size (the reference's GPUs and per-GPU batch, e.g. 8 and 256)".into()));
+                }
+            }
+            ("nn-loo", other) => return Err(bad(format!("subset `{other}`: one of \"all\", \"lmim-ddp\""))),
+            (name, other) => return Err(bad(format!("subset `{other}`: `{name}` scores every val image (subset = \"all\")"))),
         }
         Ok(())
     }
@@ -646,6 +670,31 @@ pub struct NnLooResult {
     pub n: i64,
     pub backend: String,
     pub seconds: f64,
+}
+
+/// The rows the Latent MIM code's `eval_knn` scores out of `n` val images, in the order its all-gather leaves them
+/// (rank-major): torch.utils.data.DistributedSampler(shuffle=True, seed=0, drop_last=False) over `world_size`
+/// ranks (the permutation of a CPU generator seeded 0, padded to a multiple of the ranks by repeating its head,
+/// rank r taking every `world_size`-th entry from r), then the DataLoader's drop_last=True: each rank keeps its
+/// first floor(n_rank / batch_size) * batch_size. A padded entry repeats an image, as in the reference.
+pub fn lmim_ddp_rows(n: i64, world_size: i64, batch_size: i64, seed: u64) -> Result<Vec<i64>> {
+    if n < 1 || world_size < 1 || batch_size < 1 {
+        return Err(Error::option("subset", format!("lmim-ddp needs n, world_size and batch_size >= 1 (got {n}, {world_size}, {batch_size})")));
+    }
+    let mut out = std::ptr::null_mut();
+    // SAFETY: the shim writes a new tensor handle into `out` on success.
+    crate::ffi::check(unsafe { crate::ffi::lmim_randperm_seeded(n, seed, &mut out) })?;
+    let perm = unsafe { crate::ffi::take_tensors(vec![out]) }.remove(0);
+    let perm = Vec::<i64>::try_from(&perm).map_err(|e| Error::data("randperm", e.to_string()))?;
+    let per_rank = (n + world_size - 1) / world_size;
+    let total = per_rank * world_size;
+    let padded: Vec<i64> = perm.iter().copied().cycle().take(total as usize).collect();
+    let keep = (per_rank / batch_size) * batch_size;
+    let mut rows = Vec::with_capacity((keep * world_size) as usize);
+    for r in 0..world_size {
+        rows.extend(padded.iter().skip(r as usize).step_by(world_size as usize).take(keep as usize));
+    }
+    Ok(rows)
 }
 
 /// Leave-one-out 1-NN: for every row, the most similar other row (cosine; lowest index among ties) decides.

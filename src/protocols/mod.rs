@@ -1,5 +1,5 @@
 //! Evaluation protocols: feature extraction, k-NN (DINO's, and the probing benchmark's sweep) and leave-one-out
-//! 1-NN, linear probe, attentive probe, linear sweep, fine-tuning, DAVIS-2017 video label propagation (J&F). Evaluation is one library call, [`run`], on an [`EvalRequest`]; the command layer only parses
+//! 1-NN, linear probe, attentive probe, linear sweep, fine-tuning, DAVIS-2017 video label propagation (J&F), low-shot logistic regression. Evaluation is one library call, [`run`], on an [`EvalRequest`]; the command layer only parses
 //! arguments and prints the record.
 pub mod attentive;
 pub mod davis;
@@ -9,6 +9,7 @@ pub mod jandf;
 pub mod knn;
 pub mod linear;
 pub mod linear_sweep;
+pub mod lowshot;
 pub mod neighbors;
 pub mod probe;
 pub mod record;
@@ -45,11 +46,14 @@ pub enum Protocol {
     LinearSweep,
     /// DINO's DAVIS-2017 video label propagation, scored by davis2017-evaluation's J&F (protocols/davis.toml).
     Davis,
+    /// MSN's low-shot evaluation: logistic regression on the features of a few labelled training images per class
+    /// (`--subset` lists or `shots=N`), scored on val (protocols/lowshot.toml).
+    Lowshot,
 }
 
 impl Protocol {
     /// In table order.
-    pub const ALL: [Protocol; 8] = [Protocol::NnLoo, Protocol::Knn, Protocol::KnnSweep, Protocol::Linear, Protocol::Attentive, Protocol::Finetune, Protocol::LinearSweep, Protocol::Davis];
+    pub const ALL: [Protocol; 9] = [Protocol::NnLoo, Protocol::Knn, Protocol::KnnSweep, Protocol::Linear, Protocol::Attentive, Protocol::Finetune, Protocol::LinearSweep, Protocol::Davis, Protocol::Lowshot];
 
     /// The name in records, tables and on the command line.
     pub fn name(self) -> &'static str {
@@ -62,6 +66,7 @@ impl Protocol {
             Protocol::LinearSweep => "linear-sweep",
             Protocol::Finetune => "finetune",
             Protocol::Davis => "davis",
+            Protocol::Lowshot => "lowshot",
         }
     }
 
@@ -80,6 +85,7 @@ impl Protocol {
             Protocol::LinearSweep => "linear_sweep.toml",
             Protocol::Finetune => "finetune.toml",
             Protocol::Davis => "davis.toml",
+            Protocol::Lowshot => "lowshot.toml",
         }
     }
 
@@ -94,6 +100,7 @@ impl Protocol {
             Protocol::LinearSweep => include_str!("../../protocols/linear_sweep.toml"),
             Protocol::Finetune => include_str!("../../protocols/finetune.toml"),
             Protocol::Davis => include_str!("../../protocols/davis.toml"),
+            Protocol::Lowshot => include_str!("../../protocols/lowshot.toml"),
         }
     }
 
@@ -107,6 +114,7 @@ impl Protocol {
             Protocol::Linear => ("LP", "lp"),
             Protocol::Finetune => ("Ft", "ft"),
             Protocol::LinearSweep => ("LP sweep", "lp_sweep"),
+            Protocol::Lowshot => ("low-shot", "lowshot"),
             Protocol::Davis => ("DAVIS J&F", "davis"),
         }
     }
@@ -273,6 +281,8 @@ pub struct EvalRequest {
     pub protocol_file: Option<PathBuf>,
     /// `key=value` overrides of the protocol file.
     pub sets: Vec<String>,
+    /// Low-shot: training subset lists in MSN's format (files, or folders of `.txt` lists); one split each.
+    pub subsets: Vec<PathBuf>,
     /// Model name of the record (default: the checkpoint's file stem).
     pub name: Option<String>,
     /// Folder of the records and results.csv (and the fine-tuning run folders).
@@ -292,6 +302,7 @@ impl EvalRequest {
             val_features: None,
             protocol_file: None,
             sets: Vec::new(),
+            subsets: Vec::new(),
             name: None,
             output: output.into(),
             run: RunOptions::default(),
@@ -366,5 +377,6 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         Protocol::LinearSweep => linear_sweep::run(req),
         Protocol::Finetune => finetune::run(req),
         Protocol::Davis => davis::run(req),
+        Protocol::Lowshot => lowshot::run(req),
     }
 }

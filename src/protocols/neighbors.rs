@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use super::extract::{self, ExtractReport, ExtractRequest, FeatureSet};
-use super::knn::{self, KnnParams, ProtocolSpec, SearchConfig};
+use super::extract::FeatureKind;
+use super::knn::{self, KnnParams, ProtocolSpec, SearchConfig, TransformSpec};
 use super::record::{RecordBuilder, SplitPrint};
 use super::{EvalRequest, Protocol};
 use crate::config::Precision;
@@ -12,9 +13,9 @@ use crate::info::device_name;
 use crate::results::RunRecord;
 
 /// One split's features, with where they came from.
-struct Split {
-    set: FeatureSet,
-    source: serde_json::Value,
+pub(crate) struct Split {
+    pub set: FeatureSet,
+    pub source: serde_json::Value,
 }
 
 fn load_file(path: &Path) -> Result<Split> {
@@ -23,7 +24,8 @@ fn load_file(path: &Path) -> Result<Split> {
     Ok(Split { set, source })
 }
 
-fn extract_split(req: &EvalRequest, spec: &ProtocolSpec, split: &str, device: tch::Device) -> Result<Split> {
+/// A split's features for a protocol (extracted, or from the cache), with the extraction report as its source.
+pub(crate) fn extract_split(req: &EvalRequest, feature: FeatureKind, last_blocks: i64, transform: &TransformSpec, split: &str, device: tch::Device) -> Result<Split> {
     let run = &req.run;
     let er = ExtractRequest {
         checkpoint: req.checkpoint()?.to_path_buf(),
@@ -32,11 +34,12 @@ fn extract_split(req: &EvalRequest, spec: &ProtocolSpec, split: &str, device: tc
         feature_is_default: req.feature_is_default(),
         data_root: req.data()?.to_path_buf(),
         split: split.to_string(),
-        feature: spec.feature,
-        last_blocks: spec.last_blocks,
+        feature,
+        last_blocks,
         batch_size: run.batch_size,
         device,
-        crop_pct: spec.transform.crop_pct,
+        crop_pct: transform.crop_pct,
+        bilinear: transform.interpolation == "bilinear",
         half: false,
         cache_dir: run.cache_dir.clone(),
         workers: run.workers,
@@ -53,7 +56,7 @@ fn extract_split(req: &EvalRequest, spec: &ProtocolSpec, split: &str, device: tc
 }
 
 /// Train and val feature files must describe the same model, feature and label space.
-fn check_pair(train: &FeatureSet, val: &FeatureSet) -> Result<()> {
+pub(crate) fn check_pair(train: &FeatureSet, val: &FeatureSet) -> Result<()> {
     let bad = |reason: String| Error::data("val features", reason);
     let (ct, cv) = (train.num_classes(), val.num_classes());
     if ct != cv {
@@ -94,7 +97,7 @@ fn adopt_file_feature(set: &FeatureSet, spec: &mut ProtocolSpec, base: &Protocol
     Ok(())
 }
 
-fn print(set: &FeatureSet) -> Option<SplitPrint> {
+pub(crate) fn print(set: &FeatureSet) -> Option<SplitPrint> {
     let fp = set.meta.dataset_fingerprint.clone()?;
     let hash = set.meta.dataset_hash.clone().unwrap_or_else(|| extract::fingerprint_hash(&fp));
     Some(SplitPrint { role: set.meta.split.clone().unwrap_or_else(|| "split".into()), fingerprint: fp, hash })
@@ -132,7 +135,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     }
     let load = |file: &Option<std::path::PathBuf>, split: &str, spec: &ProtocolSpec| match file {
         Some(f) => load_file(f),
-        None => extract_split(req, spec, split, device),
+        None => extract_split(req, spec.feature, spec.last_blocks, &spec.transform, split, device),
     };
     let spec = loaded.cfg.clone();
     let val = load(&req.val_features, &spec.query_split, &spec)?;
@@ -182,9 +185,24 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
             serde_json::json!({ "knn": r, "train": t.source, "val": val.source, "n_train": t.set.len(), "n_val": val.set.len() })
         }
         None => {
-            let r = knn::nn_loo(&val.set.features, &val.set.labels, num_classes, &search)?;
+            let (feats, labels, subset) = match (spec.subset.as_str(), spec.world_size, spec.batch_size) {
+                ("lmim-ddp", Some(w), Some(bs)) => {
+                    let rows = knn::lmim_ddp_rows(val.set.len(), w, bs, 0)?;
+                    let distinct = rows.iter().collect::<std::collections::BTreeSet<_>>().len();
+                    let idx = tch::Tensor::from_slice(&rows);
+                    let note = if w == 1 {
+                        "one rank: the reference takes a RandomSampler (unseeded) there, not a DistributedSampler; this is a DistributedSampler over 1 rank"
+                    } else {
+                        "the images LatentMIM's eval_knn scores: DistributedSampler(shuffle=True, seed=0), DataLoader drop_last=True, all-gathered rank by rank"
+                    };
+                    let subset = serde_json::json!({ "subset": "lmim-ddp", "world_size": w, "batch_size": bs, "seed": 0, "rows": rows.len(), "distinct_images": distinct, "note": note });
+                    (val.set.features.index_select(0, &idx), val.set.labels.index_select(0, &idx), subset)
+                }
+                _ => (val.set.features.shallow_clone(), val.set.labels.shallow_clone(), serde_json::json!({ "subset": "all", "rows": val.set.len() })),
+            };
+            let r = knn::nn_loo(&feats, &labels, num_classes, &search)?;
             b = b.metric("top1", r.top1);
-            serde_json::json!({ "nn_loo": r, "val": val.source, "n_val": val.set.len() })
+            serde_json::json!({ "nn_loo": r, "val": val.source, "n_val": val.set.len(), "scored": subset })
         }
     };
     let skipped: Vec<serde_json::Value> = ["train", "val"]

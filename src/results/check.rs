@@ -16,7 +16,9 @@
 //! two_sided = false      # also fail above value + tolerance (a re-evaluation of a fixed checkpoint)
 //! [[result]]             # published numbers: same fields, a missing result is not an error
 //! ```
-//! Optional entry fields: `checkpoint_sha256` (prefix), `protocol_version`, `required`, and the descriptive
+//! `protocol` may also name a table column of a protocol (`lowshot:1img`, `lowshot:2img`, `lowshot:5img`,
+//! `lowshot:1pct`: low-shot records by images per class of their subset).
+//! Optional entry fields: `checkpoint_sha256` (prefix), `protocol_version`, `required`, `std`, and the descriptive
 //! `method`, `pretrain_epochs`, `arch`, `suite`, `note`, `source`, `verified`.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,6 +57,9 @@ pub struct Entry {
     #[serde(default = "default_metric")]
     pub metric: String,
     pub value: f64,
+    /// A published standard deviation (over splits), shown by `table` as "value ± std".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub std: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerance: Option<f64>,
     #[serde(default)]
@@ -256,7 +261,7 @@ pub fn check(records: &[RunRecord], reference: &ReferenceFile, opts: &CheckOptio
     let mut skipped = 0;
     for e in entries {
         let rec = latest(records.iter().filter(|r| {
-            r.protocol == e.protocol
+            (r.protocol == e.protocol || super::table::column_key(r) == e.protocol)
                 && (opts.reference_model.is_some() || e.model == "*" || r.model_name == e.model)
                 && matches_sha(&e.checkpoint_sha256, r)
                 && e.protocol_version.as_ref().is_none_or(|v| &r.protocol_version == v)
@@ -329,8 +334,10 @@ fn finish(rows: Vec<CheckRow>, skipped: usize) -> CheckOutcome {
 /// Higher-is-better metrics of a record: accuracies (`top1`, `top5`, `top1@k20`, ...) and DAVIS's J&F, J and F
 /// means and recalls (their decays are lower-is-better and are left out).
 fn accuracy_metrics(rec: &RunRecord) -> impl Iterator<Item = (&String, &f64)> {
+    // DAVIS's J&F, J and F means and recalls are accuracies too; a spread over splits (`top1_std`) is not: a lower
+    // one is no regression.
     const DAVIS: [&str; 5] = ["j_and_f", "j_mean", "f_mean", "j_recall", "f_recall"];
-    rec.metrics.iter().filter(|(k, v)| (k.starts_with("top") || k.starts_with("acc") || DAVIS.contains(&k.as_str())) && v.is_finite())
+    rec.metrics.iter().filter(|(k, v)| (k.starts_with("top") || k.starts_with("acc") || DAVIS.contains(&k.as_str())) && !k.ends_with("_std") && v.is_finite())
 }
 
 /// Compares records with a baseline run: every accuracy metric of the baseline's latest record per (model,
@@ -344,20 +351,20 @@ pub fn check_baseline(records: &[RunRecord], baseline: &[RunRecord], opts: &Chec
         return Err(Error::data(origin, "no records in the baseline"));
     }
     let tol = opts.tolerance.unwrap_or(DEFAULT_TOLERANCE);
-    let mut keys: Vec<(String, String)> = baseline.iter().map(|r| (r.model_name.clone(), r.protocol.clone())).collect();
+    let mut keys: Vec<(String, String)> = baseline.iter().map(|r| (r.model_name.clone(), super::table::column_key(r))).collect();
     keys.sort();
     keys.dedup();
     let mut rows = Vec::new();
     let mut matched_any = false;
     for (model, protocol) in keys {
-        let base = latest(baseline.iter().filter(|r| r.model_name == model && r.protocol == protocol)).expect("key from baseline");
-        let mut rec = latest(records.iter().filter(|r| r.model_name == model && r.protocol == protocol));
+        let base = latest(baseline.iter().filter(|r| r.model_name == model && super::table::column_key(r) == protocol)).expect("key from baseline");
+        let mut rec = latest(records.iter().filter(|r| r.model_name == model && super::table::column_key(r) == protocol));
         if rec.is_none() {
-            let mut names: Vec<&str> = records.iter().filter(|r| r.protocol == protocol).map(|r| r.model_name.as_str()).collect();
+            let mut names: Vec<&str> = records.iter().filter(|r| super::table::column_key(r) == protocol).map(|r| r.model_name.as_str()).collect();
             names.sort();
             names.dedup();
             if names.len() == 1 {
-                rec = latest(records.iter().filter(|r| r.protocol == protocol));
+                rec = latest(records.iter().filter(|r| super::table::column_key(r) == protocol));
             }
         }
         matched_any |= rec.is_some();
@@ -370,6 +377,7 @@ pub fn check_baseline(records: &[RunRecord], baseline: &[RunRecord], opts: &Chec
                 protocol_version: Some(base.protocol_version.clone()),
                 metric: metric.clone(),
                 value,
+                std: None,
                 tolerance: Some(tol),
                 gate: Gate::Hard,
                 two_sided: false,

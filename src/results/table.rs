@@ -15,19 +15,34 @@ const ALWAYS: [Protocol; 4] = [Protocol::NnLoo, Protocol::Knn, Protocol::Linear,
 /// The MAE probe on the global-pool feature gets a column of its own beside the CLS probe.
 const LP_GAP: &str = "linear:global_pool";
 
+/// The low-shot columns by images per class of the subset (`protocols::lowshot::column_kind`); other subsets go to
+/// the protocol's own "low-shot" column.
+const LOWSHOT: [(&str, &str, &str); 4] = [("lowshot:1img", "1 img", "lowshot_1img"), ("lowshot:2img", "2 img", "lowshot_2img"), ("lowshot:5img", "5 img", "lowshot_5img"), ("lowshot:1pct", "1 %", "lowshot_1pct")];
+
 /// Column key, Markdown header and CSV prefix, in table order: the protocols, with LP on the global-pool feature
-/// after the CLS probe.
+/// after the CLS probe, and the low-shot columns by subset kind before the other low-shot runs.
 fn columns() -> Vec<(String, &'static str, &'static str)> {
-    let mut cols: Vec<(String, &'static str, &'static str)> = Protocol::ALL.iter().map(|p| (p.name().to_string(), p.column().0, p.column().1)).collect();
+    let mut cols: Vec<(String, &'static str, &'static str)> =
+        Protocol::ALL.iter().filter(|p| **p != Protocol::Lowshot).map(|p| (p.name().to_string(), p.column().0, p.column().1)).collect();
     cols.push((LP_GAP.into(), "LP (avg pool)", "lp_gap"));
+    cols.extend(LOWSHOT.iter().map(|(k, h, c)| (k.to_string(), *h, *c)));
+    let ls = Protocol::Lowshot;
+    cols.push((ls.name().to_string(), ls.column().0, ls.column().1));
     cols
 }
 
+/// Whether `key` is a column of the table (a protocol, or a protocol's column by feature or subset kind).
+pub fn is_column(key: &str) -> bool {
+    columns().iter().any(|c| c.0 == key)
+}
+
 /// The column a record belongs to.
-fn column_key(r: &RunRecord) -> String {
+pub fn column_key(r: &RunRecord) -> String {
     let gap = r.protocol == Protocol::Linear.name() && r.config.get("feature").and_then(|f| f.as_str()) == Some("global_pool");
     if gap {
         LP_GAP.into()
+    } else if r.protocol == Protocol::Lowshot.name() {
+        r.config.get("column").and_then(|c| c.as_str()).filter(|c| is_column(c)).unwrap_or(Protocol::Lowshot.name()).to_string()
     } else {
         r.protocol.clone()
     }
@@ -39,6 +54,9 @@ const MARK_SKIPPED: &str = "§";
 #[derive(Clone, Debug, Serialize)]
 pub struct Cell {
     pub value: f64,
+    /// Standard deviation over the splits (low-shot with several subsets), shown as "mean ± std".
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub std: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub top5: Option<f64>,
     /// k of a k-NN headline (the best k of a k-NN sweep).
@@ -106,8 +124,10 @@ fn num(v: &serde_json::Value, key: &str) -> Option<f64> {
 fn cell_of(recs: &[&RunRecord]) -> Option<Cell> {
     let rec = recs.iter().max_by(|a, b| a.started_at.cmp(&b.started_at))?;
     let value = rec.headline_value().or_else(|| rec.metrics.get("top1").copied())?;
+    let splits = rec.config.get("splits").and_then(|s| s.as_i64()).unwrap_or(1);
     Some(Cell {
         value,
+        std: rec.metrics.get("top1_std").copied().filter(|_| splits > 1),
         top5: rec.metrics.get("top5").copied(),
         k: ["headline_k", "best_k"].iter().find_map(|key| rec.config.get(key).and_then(|k| k.as_i64())),
         temperature: num(&rec.config, "best_temperature"),
@@ -223,8 +243,10 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
     if let Some(rf) = reference {
         let mut order: Vec<&str> = Vec::new();
         let mut by_model: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
-        let headline = |p: &str| Protocol::from_name(p).map(Protocol::headline_metric);
-        for e in rf.entries.iter().filter(|e| known(&e.protocol) && headline(&e.protocol) == Some(e.metric.as_str())) {
+        // The row's headline metric per column (`j_and_f` for DAVIS; `top1` for the rest, low-shot's `lowshot:1img` ...
+        // columns included).
+        let headline = |p: &str| Protocol::from_name(p.split(':').next().unwrap_or(p)).map(Protocol::headline_metric);
+        for e in rf.entries.iter().filter(|e| is_column(&e.protocol) && headline(&e.protocol) == Some(e.metric.as_str())) {
             if !by_model.contains_key(e.model.as_str()) {
                 order.push(&e.model);
             }
@@ -257,6 +279,7 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
                     e.protocol.clone(),
                     Cell {
                         value: e.value,
+                        std: e.std,
                         top5: None,
                         k: (e.protocol == Protocol::Knn.name()).then_some(20),
                         temperature: None,
@@ -339,6 +362,9 @@ fn csv_prefix(proto: &str) -> &'static str {
 
 fn cell_text(c: &Cell, reference: bool) -> String {
     let mut s = if reference { format!("{:.1}", c.value) } else { format!("{:.2}", c.value) };
+    if let Some(sd) = c.std {
+        s.push_str(&if reference { format!(" ± {sd:.1}") } else { format!(" ± {sd:.2}") });
+    }
     match (c.k.filter(|_| !reference), c.temperature) {
         (Some(k), Some(t)) => s.push_str(&format!(" (k={k}, T={t})")),
         (Some(k), None) => s.push_str(&format!(" (k={k})")),

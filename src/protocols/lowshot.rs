@@ -1,0 +1,572 @@
+//! Low-shot ImageNet-1K classification as MSN measures it (facebookresearch/msn `logistic_eval.py`): features of a
+//! frozen encoder on a few labelled training images (a subset list, or `shots` images per class drawn with a seed),
+//! cyanure's row preprocessing, and a multinomial logistic regression without intercept, solved to optimality and
+//! scored on the whole val split.
+//!
+//! - Preprocessing, `cyanure.preprocess(X, normalize=True, columns=False, centering=True)`: each row minus its own
+//!   mean over the features, then divided by its L2 norm.
+//! - Objective: `(1/n) sum_i CE(x_i W, y_i) + (lambda/2) ||W||^2`, W [D, C], lambda = `lambd / n` (MSN's
+//!   `lambd /= len(embs)`); the same optimum as scikit-learn's `LogisticRegression(C = 1 / lambd,
+//!   fit_intercept=False)` for C > 2 classes.
+//! - Solver: L-BFGS in f64 on the run's device, stopped at a stated optimality (the largest gradient entry at most
+//!   `grad_tol`), so the answer does not depend on the solver; the record keeps the achieved gradient norms.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use super::extract::{FeatureKind, FeatureSet};
+use super::knn::TransformSpec;
+use super::record::{RecordBuilder, SplitPrint};
+use super::EvalRequest;
+use crate::data::dataset::Dataset;
+use crate::error::{Error, Result};
+use crate::info::device_name;
+use crate::results::RunRecord;
+
+/// `protocols/lowshot.toml`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LowshotConfig {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    pub source: String,
+    /// The evaluation feature; `cls` gives way to a checkpoint family's own (as k-NN), unless asked for.
+    /// MSN's is `cls-prenorm` (`forward_blocks`: the CLS token of the last block without the final norm).
+    pub feature: FeatureKind,
+    pub last_blocks: i64,
+    /// MSN's `lambd` (README command 0.0025; the script's default 0.00025); the penalty is lambd / n.
+    pub lambd: f64,
+    /// Stop when the largest entry of the gradient is at most this.
+    pub grad_tol: f64,
+    pub max_iter: i64,
+    /// L-BFGS history.
+    pub memory: i64,
+    /// Without `--subset`: draw this many training images per class (0: a list is required).
+    pub shots: i64,
+    /// Seed of the first draw; draw i uses seed + i.
+    pub seed: i64,
+    /// Number of draws (each one split, as MSN's three lists).
+    pub draws: i64,
+    pub transform: TransformSpec,
+}
+
+impl Default for LowshotConfig {
+    fn default() -> Self {
+        LowshotConfig {
+            name: "lowshot".into(),
+            version: String::new(),
+            description: String::new(),
+            source: String::new(),
+            feature: FeatureKind::Cls,
+            last_blocks: 1,
+            lambd: 0.0025,
+            grad_tol: 1e-9,
+            max_iter: 20000,
+            memory: 20,
+            shots: 0,
+            seed: 0,
+            draws: 1,
+            transform: TransformSpec { crop_pct: 0.875, interpolation: "bilinear".into() },
+        }
+    }
+}
+
+impl crate::config::Recipe for LowshotConfig {
+    fn rules() -> Vec<crate::config::Rule> {
+        use crate::config::Rule;
+        vec![
+            Rule::int("last_blocks", 1, 64),
+            Rule::above("lambd", 0.0, 1e6),
+            Rule::above("grad_tol", 0.0, 1.0),
+            Rule::int("max_iter", 1, 10_000_000),
+            Rule::int("memory", 1, 1000),
+            Rule::int("shots", 0, 1 << 20),
+            Rule::int("seed", 0, i64::MAX),
+            Rule::int("draws", 1, 1000),
+            Rule::above("transform.crop_pct", 0.0, 1.0),
+        ]
+    }
+}
+
+impl LowshotConfig {
+    pub fn validate(&self, origin: &str) -> Result<()> {
+        let bad = |reason: String| Error::BadConfig { path: origin.into(), reason };
+        if let Some(v) = crate::config::violation(self) {
+            return Err(bad(format!("key `{}` = {}: {}", v.key, v.value, v.reason)));
+        }
+        if !matches!(self.transform.interpolation.as_str(), "bilinear" | "bicubic") {
+            return Err(bad(format!("interpolation `{}`: bilinear (MSN's Resize default) or bicubic", self.transform.interpolation)));
+        }
+        if self.name != "lowshot" {
+            return Err(bad(format!("the file is for protocol `{}`, not `lowshot`", self.name)));
+        }
+        Ok(())
+    }
+}
+
+/// `cyanure.preprocess(X, normalize=True, columns=False, centering=True)`: every row minus its mean, then over its
+/// L2 norm (a row that is constant stays zero). Computed in the input's dtype.
+pub fn preprocess(x: &Tensor) -> Tensor {
+    let centred = x - x.mean_dim(1, true, x.kind());
+    let norm = centred.norm_scalaropt_dim(2, [1i64].as_slice(), true);
+    // A zero row has nothing to scale; dividing by 1 keeps it zero instead of NaN.
+    let safe = norm.where_scalarother(&norm.gt(0.0), 1.0);
+    centred / safe
+}
+
+/// What the solver reached.
+#[derive(Debug, Serialize)]
+pub struct Fit {
+    /// [D, C] on the solve's device, f64.
+    #[serde(skip)]
+    pub weights: Tensor,
+    pub objective: f64,
+    /// max |dF/dW| and ||dF/dW||_2 at the returned weights.
+    pub grad_max: f64,
+    pub grad_norm: f64,
+    pub iterations: i64,
+    pub evaluations: i64,
+    pub converged: bool,
+    pub lambda: f64,
+    pub seconds: f64,
+}
+
+/// The objective and its gradient at `w`.
+fn objective(x: &Tensor, y: &Tensor, w: &Tensor, lambda: f64) -> (f64, Tensor) {
+    let n = x.size()[0] as f64;
+    let logits = x.mm(w);
+    let lse = logits.logsumexp([1i64].as_slice(), true);
+    let picked = logits.gather(1, &y.unsqueeze(1), false);
+    let f = (&lse - &picked).sum(Kind::Double).double_value(&[]) / n + 0.5 * lambda * w.square().sum(Kind::Double).double_value(&[]);
+    let mut p = (&logits - &lse).exp();
+    let minus = Tensor::full([y.size()[0], 1], -1.0, (p.kind(), p.device()));
+    let _ = p.scatter_add_(1, &y.unsqueeze(1), &minus);
+    let g = x.transpose(0, 1).mm(&p) / n + w * lambda;
+    (f, g)
+}
+
+fn dot(a: &Tensor, b: &Tensor) -> f64 {
+    (a * b).sum(Kind::Double).double_value(&[])
+}
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs().max().double_value(&[])
+}
+
+/// Solver settings.
+#[derive(Clone, Debug)]
+pub struct SolveOptions {
+    pub lambd: f64,
+    pub grad_tol: f64,
+    pub max_iter: i64,
+    pub memory: i64,
+    pub device: Device,
+}
+
+/// Multinomial logistic regression without intercept on rows `x` [n, D] (already preprocessed) and labels `y`
+/// [n] in 0..num_classes: minimises `(1/n) sum CE + (lambda/2)||W||^2`, lambda = lambd / n, with L-BFGS (two-loop
+/// recursion, Armijo backtracking from the unit step) in f64, from W = 0, until max |grad| <= grad_tol.
+pub fn fit(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions) -> Result<Fit> {
+    let t0 = Instant::now();
+    let _guard = tch::no_grad_guard();
+    let (n, d) = (x.size()[0], x.size()[1]);
+    if n == 0 {
+        return Err(Error::data("train features", "no training rows"));
+    }
+    let x = x.to_device(opts.device).to_kind(Kind::Double);
+    let y = y.to_device(opts.device).to_kind(Kind::Int64);
+    let lambda = opts.lambd / n as f64;
+    let mut w = Tensor::zeros([d, num_classes], (Kind::Double, opts.device));
+    let (mut f, mut g) = objective(&x, &y, &w, lambda);
+    let mut evaluations = 1;
+    let mut hist: std::collections::VecDeque<(Tensor, Tensor, f64)> = std::collections::VecDeque::new();
+    let mut iterations = 0;
+    let mut gmax = max_abs(&g);
+    while gmax > opts.grad_tol && iterations < opts.max_iter {
+        // Two-loop recursion: the L-BFGS direction -H g.
+        let mut q = g.copy();
+        let mut alphas = Vec::with_capacity(hist.len());
+        for (s, yv, rho) in hist.iter().rev() {
+            let a = rho * dot(s, &q);
+            q -= yv * a;
+            alphas.push(a);
+        }
+        let gamma = match hist.back() {
+            Some((s, yv, _)) => dot(s, yv) / dot(yv, yv),
+            None => 1.0 / gmax.max(1e-300),
+        };
+        let mut r = q * gamma;
+        for ((s, yv, rho), a) in hist.iter().zip(alphas.iter().rev()) {
+            let b = rho * dot(yv, &r);
+            r += s * (a - b);
+        }
+        let mut dir = -r;
+        let mut slope = dot(&g, &dir);
+        if !(slope < 0.0) {
+            // Not a descent direction (round-off): restart from steepest descent.
+            hist.clear();
+            dir = -&g / gmax.max(1e-300);
+            slope = dot(&g, &dir);
+        }
+        let mut step = 1.0;
+        let (f_new, g_new, w_new) = loop {
+            let w_try = &w + &dir * step;
+            let (ft, gt) = objective(&x, &y, &w_try, lambda);
+            evaluations += 1;
+            if ft <= f + 1e-4 * step * slope || step < 1e-20 {
+                break (ft, gt, w_try);
+            }
+            step *= 0.5;
+        };
+        if f_new > f {
+            // No decrease is possible in floating point: the gradient is as small as this precision allows.
+            break;
+        }
+        let s = &w_new - &w;
+        let yv = &g_new - &g;
+        let sy = dot(&s, &yv);
+        if sy > 1e-12 * dot(&s, &s).sqrt() * dot(&yv, &yv).sqrt() {
+            hist.push_back((s, yv, 1.0 / sy));
+            if hist.len() as i64 > opts.memory {
+                hist.pop_front();
+            }
+        }
+        w = w_new;
+        f = f_new;
+        g = g_new;
+        gmax = max_abs(&g);
+        iterations += 1;
+    }
+    let grad_norm = g.norm().double_value(&[]);
+    Ok(Fit { weights: w, objective: f, grad_max: gmax, grad_norm, iterations, evaluations, converged: gmax <= opts.grad_tol, lambda, seconds: t0.elapsed().as_secs_f64() })
+}
+
+/// The class of each row: argmax of `x W` (the lowest class among equal scores).
+pub fn predict(x: &Tensor, w: &Tensor) -> Tensor {
+    let _guard = tch::no_grad_guard();
+    let logits = x.to_device(w.device()).to_kind(Kind::Double).mm(w);
+    logits.argmax(1, false)
+}
+
+/// One labelled training subset: rows of the train split, in list order (a name listed twice counts twice, as MSN's
+/// `ImageNetSubset` appends every line).
+#[derive(Clone, Debug, Serialize)]
+pub struct Subset {
+    /// The list file (given, or written for a draw).
+    pub file: PathBuf,
+    pub sha256: String,
+    pub count: usize,
+    pub images_per_class_min: usize,
+    pub images_per_class_max: usize,
+    /// Classes with no image in the subset.
+    pub classes_missing: usize,
+    pub duplicates: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<i64>,
+    #[serde(skip)]
+    pub rows: Vec<i64>,
+}
+
+/// The names a list may use for a training image: its path under the split (`class/file`) and, where no other
+/// image has the same one, its file name (MSN's lists hold bare ImageNet file names, `n01440764_10026.JPEG`).
+struct NameIndex {
+    by_rel: HashMap<String, usize>,
+    by_base: HashMap<String, Option<usize>>,
+}
+
+impl NameIndex {
+    fn new(ds: &Dataset) -> Self {
+        let mut by_rel = HashMap::with_capacity(ds.len());
+        let mut by_base: HashMap<String, Option<usize>> = HashMap::with_capacity(ds.len());
+        for i in 0..ds.len() {
+            let rel = ds.rel_path(i).replace('\\', "/");
+            let base = rel.rsplit('/').next().unwrap_or(&rel).to_string();
+            by_base.entry(base).and_modify(|v| *v = None).or_insert(Some(i));
+            by_rel.insert(rel, i);
+        }
+        NameIndex { by_rel, by_base }
+    }
+
+    /// A line of a list: `class/file`, or a file name (unique in the split, or found as MSN finds it, in the
+    /// folder named by the part before its first `_`).
+    fn find(&self, name: &str) -> Option<usize> {
+        if let Some(&i) = self.by_rel.get(name) {
+            return Some(i);
+        }
+        if let Some(&Some(i)) = self.by_base.get(name) {
+            return Some(i);
+        }
+        let class = name.split('_').next()?;
+        self.by_rel.get(&format!("{class}/{name}")).copied()
+    }
+
+    /// The name written for row `i`: the file name where it is unique, else `class/file`.
+    fn name_of(&self, ds: &Dataset, i: usize) -> String {
+        let rel = ds.rel_path(i).replace('\\', "/");
+        let base = rel.rsplit('/').next().unwrap_or(&rel).to_string();
+        match self.by_base.get(&base) {
+            Some(Some(_)) => base,
+            _ => rel,
+        }
+    }
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn describe(file: PathBuf, text: &[u8], rows: Vec<i64>, ds: &Dataset, seed: Option<i64>) -> Subset {
+    let mut per_class = vec![0usize; ds.classes.len()];
+    let mut seen = BTreeSet::new();
+    let mut duplicates = 0;
+    for &r in &rows {
+        per_class[ds.samples[r as usize].1 as usize] += 1;
+        if !seen.insert(r) {
+            duplicates += 1;
+        }
+    }
+    let present: Vec<usize> = per_class.iter().copied().filter(|&c| c > 0).collect();
+    Subset {
+        file,
+        sha256: sha256_hex(text),
+        count: rows.len(),
+        images_per_class_min: per_class.iter().copied().min().unwrap_or(0),
+        images_per_class_max: present.iter().copied().max().unwrap_or(0),
+        classes_missing: per_class.len() - present.len(),
+        duplicates,
+        seed,
+        rows,
+    }
+}
+
+/// Reads a list in MSN's format (one training image name per line; blank lines ignored). A name that is not in
+/// the split is an input error naming it and the line.
+pub fn read_list(path: &Path, ds: &Dataset) -> Result<Subset> {
+    let text = crate::fsutil::read_regular_text(path, Some(crate::fsutil::TEXT_LIMIT)).map_err(|e| Error::data(path, format!("cannot read the subset list: {e}")))?;
+    let index = NameIndex::new(ds);
+    let mut rows = Vec::new();
+    for (no, line) in text.lines().enumerate() {
+        let name = line.trim();
+        if name.is_empty() {
+            continue;
+        }
+        match index.find(name) {
+            Some(i) => rows.push(i as i64),
+            None => return Err(Error::data(path, format!("line {}: `{name}` is not an image of {}", no + 1, ds.dir.display()))),
+        }
+    }
+    if rows.is_empty() {
+        return Err(Error::data(path, "the subset list names no image"));
+    }
+    Ok(describe(path.to_path_buf(), text.as_bytes(), rows, ds, None))
+}
+
+/// The list files of `--subset` arguments: files as given, a folder's `*.txt` files in name order.
+pub fn list_files(args: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for a in args {
+        if a.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(a)
+                .map_err(|e| Error::io(a, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "txt"))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(Error::option("--subset", format!("{}: a folder without .txt lists", a.display())));
+            }
+            out.extend(files);
+        } else if a.is_file() {
+            out.push(a.clone());
+        } else {
+            return Err(Error::option("--subset", format!("{}: no such file or folder", a.display())));
+        }
+    }
+    Ok(out)
+}
+
+/// `shots` training images per class, drawn with `seed` (ChaCha8: the same on every machine): each class's images
+/// in dataset order, shuffled, the first `shots` kept; classes in index order. A class with fewer images is an
+/// input error naming it.
+pub fn draw_rows(ds: &Dataset, shots: usize, seed: u64) -> Result<Vec<i64>> {
+    let mut by_class: Vec<Vec<i64>> = vec![Vec::new(); ds.classes.len()];
+    for (i, (_, l)) in ds.samples.iter().enumerate() {
+        by_class[*l as usize].push(i as i64);
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut rows = Vec::with_capacity(shots * by_class.len());
+    for (c, mut members) in by_class.into_iter().enumerate() {
+        if members.is_empty() && ds.empty_classes.contains(&ds.classes[c]) {
+            continue;
+        }
+        if members.len() < shots {
+            return Err(Error::option("shots", format!("{shots} per class, but class `{}` has {} training images", ds.classes[c], members.len())));
+        }
+        members.shuffle(&mut rng);
+        rows.extend_from_slice(&members[..shots]);
+    }
+    Ok(rows)
+}
+
+/// A draw written as a list (MSN's format) into `dir`, so that it can be given back with `--subset`.
+fn write_draw(dir: &Path, ds: &Dataset, rows: Vec<i64>, shots: usize, seed: i64, data_hash: &str) -> Result<Subset> {
+    let index = NameIndex::new(ds);
+    let mut text = String::new();
+    for &r in &rows {
+        text.push_str(&index.name_of(ds, r as usize));
+        text.push('\n');
+    }
+    let dir = dir.join("lowshot-subsets");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let path = dir.join(format!("{shots}imgs_class-seed{seed}-{}.txt", &data_hash[..12.min(data_hash.len())]));
+    crate::fsutil::write_atomic(&path, text.as_bytes())?;
+    Ok(describe(path, text.as_bytes(), rows, ds, Some(seed)))
+}
+
+/// The table column of a run's subsets: `lowshot:<k>img` when every split has exactly k images of every class
+/// (k = 1, 2 or 5), `lowshot:1pct` for about 1 % of the training set, else `lowshot`.
+pub fn column_kind(subsets: &[Subset], n_train: usize) -> String {
+    let fixed = subsets.iter().map(|s| (s.images_per_class_min == s.images_per_class_max && s.classes_missing == 0).then_some(s.images_per_class_min)).collect::<Option<BTreeSet<usize>>>();
+    if let Some(ks) = fixed.filter(|k| k.len() == 1) {
+        let k = *ks.iter().next().expect("one");
+        if [1, 2, 5].contains(&k) {
+            return format!("lowshot:{k}img");
+        }
+    }
+    let one_pct = n_train as f64 / 100.0;
+    if subsets.iter().all(|s| (s.count as f64 - one_pct).abs() <= 0.02 * one_pct) {
+        return "lowshot:1pct".into();
+    }
+    "lowshot".into()
+}
+
+/// Mean and standard deviation (population, numpy's default `ddof=0`).
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+fn accuracy(pred: &Tensor, labels: &Tensor) -> f64 {
+    let correct = pred.to_device(Device::Cpu).eq_tensor(&labels.to_device(Device::Cpu)).sum(Kind::Int64).int64_value(&[]);
+    100.0 * correct as f64 / labels.size()[0] as f64
+}
+
+pub fn run(req: &EvalRequest) -> Result<RunRecord> {
+    let loaded = req.protocol.load::<LowshotConfig>(req.protocol_file.as_deref(), &req.sets)?;
+    let origin = loaded.origin.clone();
+    loaded.base.validate(&origin)?;
+    let set_origin = if req.sets.is_empty() { origin.clone() } else { "--set".to_string() };
+    loaded.cfg.validate(&set_origin)?;
+    let cfg = loaded.cfg.clone();
+    if req.train_features.is_some() || req.val_features.is_some() {
+        return Err(Error::option("--train-features", "lowshot needs --checkpoint and --data: the subset lists name training images, which feature files do not"));
+    }
+    let data = req.data()?.to_path_buf();
+    req.checkpoint()?;
+    let lists = list_files(&req.subsets)?;
+    if lists.is_empty() && cfg.shots == 0 {
+        return Err(Error::option("--subset", "give one or more subset lists (MSN's imagenet_subsets*/…txt), or shots=N to draw N images per class"));
+    }
+    if !lists.is_empty() && cfg.shots > 0 {
+        return Err(Error::option("--subset", "either subset lists or shots=N, not both"));
+    }
+    let device = req.run.device()?;
+    let train_ds = Dataset::open_on_all_ranks(&data, "train")?;
+    let train_print = SplitPrint::of_dataset("train", &train_ds)?;
+    // Lists are read (and every name checked) before any feature is extracted.
+    let mut subsets = Vec::new();
+    for l in &lists {
+        subsets.push(read_list(l, &train_ds)?);
+    }
+    if cfg.shots > 0 {
+        for i in 0..cfg.draws {
+            let seed = cfg.seed + i;
+            let rows = draw_rows(&train_ds, cfg.shots as usize, seed as u64)?;
+            subsets.push(write_draw(&req.output, &train_ds, rows, cfg.shots as usize, seed, &train_print.hash)?);
+        }
+    }
+    let split = |name: &str| super::neighbors::extract_split(req, cfg.feature, cfg.last_blocks, &cfg.transform, name, device);
+    let train = split("train")?;
+    let val = split("val")?;
+    if !crate::dist::world().is_main() {
+        let b = RecordBuilder::new(req.protocol, &cfg.version, &loaded.overrides(&[]));
+        return b.finish(serde_json::json!({ "solve": "on rank 0" }), &device_name(device), &req.output);
+    }
+    super::neighbors::check_pair(&train.set, &val.set)?;
+    if train.set.len() as usize != train_ds.len() {
+        return Err(Error::data(&data, format!("the train features have {} rows but the split has {} images", train.set.len(), train_ds.len())));
+    }
+    let num_classes = val.set.num_classes();
+    let _guard = tch::no_grad_guard();
+    let work = |set: &FeatureSet| set.features.to_device(device).to_kind(Kind::Double);
+    let val_x = preprocess(&work(&val.set));
+    let train_x = work(&train.set);
+    let opts = SolveOptions { lambd: cfg.lambd, grad_tol: cfg.grad_tol, max_iter: cfg.max_iter, memory: cfg.memory, device };
+    let overrides = loaded.overrides(&[]);
+    let mut b = RecordBuilder::new(req.protocol, &cfg.version, &overrides);
+    let mut splits = Vec::new();
+    let mut tops = Vec::new();
+    for (i, s) in subsets.iter().enumerate() {
+        let idx = Tensor::from_slice(&s.rows).to_device(device);
+        let x = preprocess(&train_x.index_select(0, &idx));
+        let y = train.set.labels.index_select(0, &Tensor::from_slice(&s.rows));
+        let f = fit(&x, &y, num_classes, &opts)?;
+        if !f.converged && !req.run.quiet {
+            eprintln!("warning: split {}: max |gradient| {:.3e} after {} iterations, above grad_tol {:.1e}", i + 1, f.grad_max, f.iterations, cfg.grad_tol);
+        }
+        let train_top1 = accuracy(&predict(&x, &f.weights), &y);
+        let top1 = accuracy(&predict(&val_x, &f.weights), &val.set.labels);
+        if !req.run.quiet {
+            eprintln!("split {} ({}, {} images): top-1 {top1:.2} ({} iterations, {:.1} s)", i + 1, s.file.display(), s.count, f.iterations, f.seconds);
+        }
+        b = b.metric(&format!("top1@split{}", i + 1), top1);
+        tops.push(top1);
+        splits.push(serde_json::json!({ "subset": s, "top1": top1, "train_top1": train_top1, "solve": f }));
+    }
+    let (mean, std) = mean_std(&tops);
+    b = b.metric("top1", mean).metric("top1_std", std);
+    let kind = column_kind(&subsets, train_ds.len());
+    let details = serde_json::json!({
+        "splits": splits,
+        "top1_mean": mean,
+        "top1_std": std,
+        "std": "population (ddof = 0) over the splits",
+        "n_val": val.set.len(),
+        "train": train.source,
+        "val": val.source,
+        "skipped_eval": val.source.get("skipped_paths").cloned().unwrap_or(serde_json::json!([])),
+    });
+    let meta = &val.set.meta;
+    let name = req.model_name("features");
+    let mut prints = vec![train_print];
+    if let Some(mut p) = super::neighbors::print(&val.set) {
+        p.role = "val".into();
+        prints.push(p);
+    }
+    let per_class: BTreeMap<&str, (usize, usize)> = subsets.iter().map(|s| (s.sha256.as_str(), (s.images_per_class_min, s.images_per_class_max))).collect();
+    let extra = serde_json::json!({
+        "column": kind,
+        "feature": meta.feature.clone().unwrap_or_else(|| cfg.feature.name().into()),
+        "transform_applied": meta.transform,
+        "precision": meta.precision,
+        "splits": subsets.len(),
+        "subset_sha256": subsets.iter().map(|s| s.sha256.clone()).collect::<Vec<_>>(),
+        "images_per_class": per_class,
+        "objective": "(1/n) sum CE(x W, y) + (lambda/2) ||W||^2, lambda = lambd / n, no intercept; rows centred and L2-normalised (cyanure.preprocess)",
+        "solver": "L-BFGS f64, stop at max |grad| <= grad_tol",
+    });
+    b.model(name, req.checkpoint.as_deref(), meta.checkpoint_sha256.clone(), meta.arch.clone())
+        .source(meta.checkpoint_source.clone())
+        .data(Some(data.display().to_string()), &prints)
+        .config(&origin, &cfg, &overrides, &req.run, extra)
+        .finish(details, &device_name(device), &req.output)
+}
