@@ -471,10 +471,11 @@ fn a_stuck_rank_and_its_waiting_peer_both_end_with_a_message_after_the_timeout()
 fn a_checkpoint_slower_than_the_timeout_does_not_end_the_job() {
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path());
-    // Rank 0 takes 8 s to write the checkpoint at the end of epoch 1 (step 4); the collective timeout is 4 s. The
-    // other rank waits for the write on the store, not inside the next step's all-reduce.
+    // Rank 0 takes 30 s to write the checkpoint at the end of epoch 1 (step 4); the collective timeout is 12 s (a
+    // margin for a loaded machine's ordinary steps). The other rank waits for the write on the store, not inside
+    // the next step's all-reduce.
     let out = dir.path().join("out");
-    let outs = wait_all(spawn_faulty(&pretrain_args(&data, &out), 2, 4, &[(0, "checkpoint=4:slow=8")]));
+    let outs = wait_all(spawn_faulty(&pretrain_args(&data, &out), 2, 12, &[(0, "checkpoint=4:slow=30")]));
     assert_ok(&outs);
     assert!(out.join("checkpoints").read_dir().unwrap().count() >= 2, "both epochs' checkpoints");
 }
