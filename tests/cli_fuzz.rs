@@ -432,7 +432,7 @@ fn every_key_of<T: lmim_bench::config::Recipe>(src: &lmim_bench::config::Source,
 #[test]
 fn every_numeric_key_of_every_recipe_is_in_the_table_and_checked() {
     use lmim_bench::config::Source;
-    use lmim_bench::protocols::{attentive::AttentiveConfig, finetune::FinetuneConfig, knn::ProtocolSpec, linear::LinearConfig, linear_sweep::SweepConfig, Protocol};
+    use lmim_bench::protocols::{attentive::AttentiveConfig, finetune::FinetuneConfig, knn::ProtocolSpec, linear::LinearConfig, linear_sweep::SweepConfig, lowshot::LowshotConfig, Protocol};
     use lmim_bench::train::pretrain::PretrainConfig;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut n = 0;
@@ -448,6 +448,7 @@ fn every_numeric_key_of_every_recipe_is_in_the_table_and_checked() {
     n += every_key_of::<ProtocolSpec>(&builtin(Protocol::KnnSweep), |c| c.validate("knn-sweep"));
     n += every_key_of::<AttentiveConfig>(&builtin(Protocol::Attentive), |c| c.validate());
     n += every_key_of::<lmim_bench::protocols::davis::DavisConfig>(&builtin(Protocol::Davis), |c| c.validate());
+    n += every_key_of::<LowshotConfig>(&builtin(Protocol::Lowshot), |c| c.validate("lowshot"));
     eprintln!("{n} overrides tried");
 }
 
