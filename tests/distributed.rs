@@ -64,11 +64,13 @@ fn spawn_slurm(args: &[String], world: usize, timeout_s: u64) -> Vec<Child> {
     })
 }
 
-/// With the plain environment of a launcher (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+/// The plain environment of a launcher for rank r of `world` (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+fn launcher_vars(r: usize, world: usize, port: &str) -> Vec<(&'static str, String)> {
+    vec![("RANK", r.to_string()), ("WORLD_SIZE", world.to_string()), ("LOCAL_RANK", r.to_string()), ("MASTER_ADDR", "127.0.0.1".into()), ("MASTER_PORT", port.into())]
+}
+
 fn spawn_world(args: &[String], world: usize, timeout_s: u64) -> Vec<Child> {
-    spawn_with(args, world, timeout_s, |r, port| {
-        vec![("RANK", r.to_string()), ("WORLD_SIZE", world.to_string()), ("LOCAL_RANK", r.to_string()), ("MASTER_ADDR", "127.0.0.1".into()), ("MASTER_PORT", port.into())]
-    })
+    spawn_with(args, world, timeout_s, |r, port| launcher_vars(r, world, port))
 }
 
 fn wait_all(children: Vec<Child>) -> Vec<Output> {
@@ -226,7 +228,9 @@ fn knn_on_two_ranks_gives_the_one_rank_record() {
     common::age_folders(&data);
     let cache = |r: usize| dir.path().join(format!("cache-{r}"));
     let outs = wait_all(spawn_with(&args(&two), 2, 120, |r, port| {
-        vec![("RANK", r.to_string()), ("WORLD_SIZE", "2".into()), ("LOCAL_RANK", r.to_string()), ("MASTER_ADDR", "127.0.0.1".into()), ("MASTER_PORT", port.into()), ("LMIM_CACHE", s(&cache(r)).into())]
+        let mut v = launcher_vars(r, 2, port);
+        v.push(("LMIM_CACHE", s(&cache(r)).into()));
+        v
     }));
     assert_ok(&outs);
     assert_eq!(std::fs::read_dir(cache(0).join("data-index")).unwrap().count(), 2, "rank 0 indexed train and val");
@@ -373,7 +377,7 @@ fn the_shims_backends_are_the_linked_symbols_and_the_headers() {
 fn spawn_faulty(args: &[String], world: usize, timeout_s: u64, faults: &[(usize, &str)]) -> Vec<Child> {
     let faults: Vec<(usize, String)> = faults.iter().map(|(r, f)| (*r, f.to_string())).collect();
     spawn_with(args, world, timeout_s, move |r, port| {
-        let mut v = vec![("RANK", r.to_string()), ("WORLD_SIZE", world.to_string()), ("LOCAL_RANK", r.to_string()), ("MASTER_ADDR", "127.0.0.1".into()), ("MASTER_PORT", port.into())];
+        let mut v = launcher_vars(r, world, port);
         if let Some((_, f)) = faults.iter().find(|(fr, _)| *fr == r) {
             v.push(("LMIM_FAULT", f.clone()));
         }
