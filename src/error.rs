@@ -25,6 +25,10 @@ pub enum Error {
     Torch(#[from] tch::TchError),
     #[error("training diverged: {0}")]
     Diverged(String),
+    /// An allocation that the size checks let through failed (the memory in use by then, or a limit they could
+    /// not see).
+    #[error("out of memory: {what} need about {gib:.1} GiB and the allocation failed; this process may use {limit} ({detail})")]
+    OutOfMemory { what: String, gib: f64, limit: String, detail: String },
     #[error(
         "{dir}: another run ({}) is writing into this folder; wait for it to finish or choose another output folder",
         .pid.map_or_else(|| "PID unknown".to_string(), |p| format!("PID {p}"))
@@ -55,7 +59,7 @@ impl Error {
     /// Exit code under the CLI convention: 2 for bad input or usage, 1 for anything that went wrong at run time.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Torch(_) | Error::Diverged(_) | Error::Dist(_) => 1,
+            Error::Torch(_) | Error::Diverged(_) | Error::Dist(_) | Error::OutOfMemory { .. } => 1,
             Error::Interrupted { signal, .. } => signal.exit_code(),
             Error::Io { io, .. } if io.kind() == std::io::ErrorKind::BrokenPipe => 0,
             // A full or read-only disk is a failure of the run, not a bad input.

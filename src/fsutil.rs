@@ -22,6 +22,73 @@ fn own_temps() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
     OWN_TEMPS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Temporary folders this process is filling (a `data pack`), removed with their content at a signal.
+static OWN_TEMP_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn own_temp_dirs() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    OWN_TEMP_DIRS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A temporary folder this process fills: removed (with its content) by [`remove_own_temp_dirs`] when a signal
+/// stops the process, and by the guard's drop unless [`TempDir::keep`] was called (it was renamed into place).
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `path` (a stale one of the same name, from an earlier process with this PID, is emptied first).
+    pub fn create(path: PathBuf) -> Result<TempDir> {
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
+        std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        own_temp_dirs().push(path.clone());
+        Ok(TempDir { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Renames the folder to `dest` (which must not exist) and forgets it: it is no longer temporary.
+    pub fn publish(self, dest: &Path) -> Result<()> {
+        // Under the lock: a signal's clean-up either removes the folder before the rename or sees it published.
+        let mut dirs = own_temp_dirs();
+        std::fs::rename(&self.path, dest).map_err(|e| Error::io(dest, e))?;
+        dirs.retain(|p| p != &self.path);
+        drop(dirs);
+        std::mem::forget(self);
+        Ok(())
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+        own_temp_dirs().retain(|p| p != &self.path);
+    }
+}
+
+/// Removes the temporary folders this process was filling (for a stop at a signal). Returns those removed.
+pub fn remove_own_temp_dirs() -> Vec<PathBuf> {
+    let mut dirs = own_temp_dirs();
+    // Renamed first: the writer, still running, can no longer add files to it by name (it would race the removal
+    // and leave the folder behind); `-0` keeps it a temporary name of this PID for the stale clean-up.
+    let gone = |p: &PathBuf| {
+        let mut dead = p.clone().into_os_string();
+        dead.push("-0");
+        let dead = PathBuf::from(dead);
+        let at = if std::fs::rename(p, &dead).is_ok() { dead } else { p.clone() };
+        (0..100).any(|_| std::fs::remove_dir_all(&at).is_ok() || !at.exists() || {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            false
+        })
+    };
+    let removed = dirs.iter().filter(|p| gone(p)).cloned().collect();
+    dirs.clear();
+    removed
+}
+
 /// Forgets a temporary file that was renamed, linked or removed.
 fn temp_done(tmp: &Path) {
     own_temps().retain(|p| p != tmp);
@@ -358,8 +425,13 @@ pub struct RunLock {
 impl RunLock {
     /// Locks `dir` (created if missing) without waiting.
     pub fn acquire(dir: &Path) -> Result<RunLock> {
+        Self::acquire_named(dir, ".lock", dir)
+    }
+
+    /// Locks `<dir>/<name>` without waiting; a refusal names `what` (the folder the lock guards).
+    pub fn acquire_named(dir: &Path, name: &str, what: &Path) -> Result<RunLock> {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        let path = dir.join(".lock");
+        let path = dir.join(name);
         let io = |e| Error::io(&path, e);
         // Not truncated on open: the file holds the current holder's PID, which a refused run reports.
         let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
@@ -367,7 +439,7 @@ impl RunLock {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
             let pid = text.trim().parse::<u32>().ok();
-            return Err(Error::FolderBusy { dir: dir.to_path_buf(), pid });
+            return Err(Error::FolderBusy { dir: what.to_path_buf(), pid });
         }
         file.set_len(0).map_err(io)?;
         file.seek(SeekFrom::Start(0)).map_err(io)?;

@@ -153,24 +153,130 @@ pub fn device_name(d: tch::Device) -> String {
     }
 }
 
-/// This machine's memory in bytes (`MemTotal`), None where it cannot be read.
-pub fn memory_total() -> Option<u128> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+/// The memory this process may still take, in bytes, and what sets it: the least of the machine's available
+/// memory (`MemAvailable`), the address space left under `RLIMIT_AS` (`ulimit -v`: the limit less what is mapped
+/// now) and the room left under the memory limits of this process's cgroups (v2 `memory.max`, which Slurm's
+/// `--mem` and container runtimes set, on this cgroup and its ancestors; v1 `memory.limit_in_bytes`). None where
+/// none of them can be read.
+pub fn memory_limit() -> Option<(u128, String)> {
+    let mut best: Option<(u128, String)> = None;
+    let mut offer = |bytes: u128, what: String| {
+        if best.as_ref().is_none_or(|(b, _)| bytes < *b) {
+            best = Some((bytes, what));
+        }
+    };
+    let kib = |text: &str, key: &str| -> Option<u128> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        Some(line.split_whitespace().nth(1)?.parse::<u128>().ok()? * 1024)
+    };
+    if let Some(avail) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| kib(&t, "MemAvailable:")) {
+        offer(avail, "the machine's available memory (MemAvailable)".into());
+    }
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes into a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut lim) } == 0 && lim.rlim_cur != libc::RLIM_INFINITY {
+        let mapped = std::fs::read_to_string("/proc/self/status").ok().and_then(|t| kib(&t, "VmSize:")).unwrap_or(0);
+        offer((lim.rlim_cur as u128).saturating_sub(mapped), format!("RLIMIT_AS (ulimit -v) of {:.1} GiB less the {:.1} GiB mapped", gib(lim.rlim_cur as u128), gib(mapped)));
+    }
+    for (limit, used, what) in cgroup_limits() {
+        offer(limit.saturating_sub(used), format!("the cgroup limit {what} of {:.1} GiB less the {:.1} GiB in use", gib(limit), gib(used)));
+    }
+    best
 }
 
-/// Refuses, naming `option`, a size whose `bytes` cannot fit in this machine's memory, before libtorch is asked
-/// for them (a failed allocation there is a panic, not an error). `what` says what the bytes are for.
+fn gib(b: u128) -> f64 {
+    b as f64 / (1u128 << 30) as f64
+}
+
+/// (limit, usage, file) of every memory limit of this process's cgroups: v2 from its cgroup up to the root, v1
+/// from its memory controller's cgroup.
+fn cgroup_limits() -> Vec<(u128, u128, String)> {
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).ok().and_then(|t| t.trim().parse::<u128>().ok());
+    let mut out = Vec::new();
+    let Ok(text) = std::fs::read_to_string("/proc/self/cgroup") else { return out };
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let rel = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            let mut dir = std::path::Path::new("/sys/fs/cgroup").join(rel);
+            loop {
+                if let Some(max) = read(&dir.join("memory.max")) {
+                    out.push((max, read(&dir.join("memory.current")).unwrap_or(0), dir.join("memory.max").display().to_string()));
+                }
+                if dir == std::path::Path::new("/sys/fs/cgroup") || !dir.pop() {
+                    break;
+                }
+            }
+        } else if controllers.split(',').any(|c| c == "memory") {
+            let dir = std::path::Path::new("/sys/fs/cgroup/memory").join(rel);
+            // v1 says "no limit" with a number near 2^63.
+            if let Some(max) = read(&dir.join("memory.limit_in_bytes")).filter(|&m| m < 1 << 62) {
+                out.push((max, read(&dir.join("memory.usage_in_bytes")).unwrap_or(0), dir.join("memory.limit_in_bytes").display().to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// Refuses, naming `option`, a size whose `bytes` cannot fit in the memory this process may use
+/// ([`memory_limit`]), before libtorch is asked for them. `what` says what the bytes are for.
 pub fn check_fits(option: &str, what: &str, bytes: u128) -> crate::Result<()> {
-    // Without /proc/meminfo: 16 TiB, more than any one machine holds.
-    let total = memory_total().unwrap_or(16 << 40);
-    if bytes > total {
-        let gib = |b: u128| b as f64 / (1u128 << 30) as f64;
-        return Err(crate::Error::option(option, format!("{what} need about {:.1} GiB, more than this machine's {:.1} GiB of memory", gib(bytes), gib(total))));
+    let Some((limit, source)) = memory_limit() else { return Ok(()) };
+    if bytes > limit {
+        return Err(crate::Error::option(option, format!("{what} need about {:.1} GiB, more than the {:.1} GiB this process may use ({source})", gib(bytes), gib(limit))));
     }
     Ok(())
+}
+
+/// Runs `f`, an allocation of about `bytes` for `what` in libtorch, turning its failure (a panic inside tch where
+/// the allocator gives up) into [`crate::Error::OutOfMemory`] naming the size and the limit, exit 1. Any other
+/// panic goes on.
+pub fn allocating<T>(what: &str, bytes: u128, f: impl FnOnce() -> T) -> crate::Result<T> {
+    let quiet_hook = std::panic::take_hook();
+    // The default hook would print the panic before it is caught: out-of-memory panics are reported as errors.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info.payload().downcast_ref::<String>().map(String::as_str).or_else(|| info.payload().downcast_ref::<&str>().copied()).unwrap_or("");
+        if !is_alloc_failure(msg) {
+            eprintln!("{info}");
+        }
+    }));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(quiet_hook);
+    match r {
+        Ok(v) => Ok(v),
+        Err(payload) => {
+            let msg = payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            if !is_alloc_failure(&msg) {
+                std::panic::resume_unwind(payload);
+            }
+            Err(alloc_error(what, bytes, &msg))
+        }
+    }
+}
+
+/// The error of a failed allocation of about `bytes` for `what` (`msg`: libtorch's message): the size and the
+/// limit, exit 1.
+pub fn alloc_error(what: &str, bytes: u128, msg: &str) -> crate::Error {
+    let (limit, detail) = memory_limit().map_or(("an unknown amount".into(), "no limit readable".into()), |(b, s)| (format!("{:.1} GiB", gib(b)), s));
+    let first = msg.lines().next().unwrap_or("").to_string();
+    crate::Error::OutOfMemory { what: what.into(), gib: gib(bytes), limit, detail: format!("{detail}; libtorch: {first}") }
+}
+
+/// Turns a libtorch error of an allocating call (tch's fallible `f_` functions) into [`alloc_error`] when it is
+/// an allocation failure.
+pub fn torch_alloc(what: &str, bytes: u128, e: tch::TchError) -> crate::Error {
+    let msg = e.to_string();
+    if is_alloc_failure(&msg) {
+        alloc_error(what, bytes, &msg)
+    } else {
+        crate::Error::Torch(e)
+    }
+}
+
+fn is_alloc_failure(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("can't allocate") || m.contains("out of memory") || m.contains("failed to allocate") || m.contains("bad_alloc")
 }
 
 /// Rough peak bytes of a ViT forward pass (no grad) over `batch` images: a few tensors of the widest layer
@@ -180,4 +286,26 @@ pub fn vit_forward_bytes(cfg: &crate::model::VitConfig, batch: u128) -> u128 {
     let widest = ((cfg.embed_dim as f64 * cfg.mlp_ratio) as u128).max(cfg.num_heads.max(1) as u128 * tokens);
     let input = 3 * (cfg.img_size.max(1) as u128).pow(2);
     batch * 4 * (input + 4 * tokens * widest)
+}
+
+#[cfg(test)]
+mod memory_tests {
+    use super::*;
+
+    #[test]
+    fn the_limit_is_at_most_what_the_machine_has_available_and_failed_allocations_are_errors() {
+        let (limit, source) = memory_limit().expect("Linux exposes /proc/meminfo");
+        assert!(limit > 0 && !source.is_empty());
+        let avail = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let line = avail.lines().find(|l| l.starts_with("MemAvailable:")).unwrap();
+        let kib: u128 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        assert!(limit <= kib * 1024 * 2, "{limit} vs MemAvailable {kib} KiB");
+        assert!(check_fits("--n", "rows", limit.saturating_mul(4)).unwrap_err().to_string().contains("this process may use"));
+        // A petabyte from libtorch: tch panics inside, the caller gets an error with the size and exit 1.
+        let e = allocating("a petabyte", 1 << 50, || tch::Tensor::zeros([1i64 << 48], (tch::Kind::Float, tch::Device::Cpu))).unwrap_err();
+        assert_eq!(e.exit_code(), 1);
+        assert!(e.to_string().contains("1048576.0 GiB") && e.to_string().contains("may use"), "{e}");
+        let e = tch::Tensor::f_zeros([1i64 << 48], (tch::Kind::Float, tch::Device::Cpu)).map_err(|e| torch_alloc("a petabyte", 1 << 50, e)).unwrap_err();
+        assert!(matches!(e, crate::Error::OutOfMemory { .. }), "{e}");
+    }
 }

@@ -56,6 +56,14 @@ static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
 /// Open [`SafePoints`] guards.
 static SAFE_POINTS: AtomicUsize = AtomicUsize::new(0);
 static HINT: Mutex<Option<String>> = Mutex::new(None);
+/// Set once the command's work is on disk: a signal after it is no failure.
+static FINISHED: Mutex<Option<String>> = Mutex::new(None);
+
+/// Says that the command's result is complete on disk (`what` names it): a signal from now on stops the
+/// process with exit 0 and that line, since there is nothing left to redo.
+pub fn set_finished(what: impl Into<String>) {
+    *FINISHED.lock().unwrap_or_else(|e| e.into_inner()) = Some(what.into());
+}
 
 /// The signal that asked this process to stop, if one did.
 pub fn interrupted() -> Option<Signal> {
@@ -148,6 +156,16 @@ fn watch(read_end: i32) {
 /// threads are still inside libtorch).
 fn stop_now(sig: Signal) -> ! {
     crate::fsutil::remove_own_temps();
+    let dirs = crate::fsutil::remove_own_temp_dirs();
+    if let Some(done) = FINISHED.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        eprintln!("\n{sig} after the work was done: {done}");
+        drain_stderr();
+        // SAFETY: as below; the result is complete on disk.
+        unsafe { libc::_exit(0) }
+    }
+    for d in &dirs {
+        eprintln!("\nremoved the unfinished {}", d.display());
+    }
     let hint = HINT.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let hint = hint.unwrap_or_else(|| "nothing partial was kept; run the same command again".into());
     eprintln!("\ninterrupted by {sig}: {hint}");

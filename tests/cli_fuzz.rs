@@ -485,3 +485,30 @@ fn a_value_out_of_range_names_its_key_value_range_and_source() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("`crop_scale_min`") && err.contains("`crop_scale_max`"), "{err}");
 }
+
+#[test]
+fn sizes_are_checked_against_the_address_space_limit_not_the_machine() {
+    // `ulimit -v` (RLIMIT_AS, what a cluster job's limit is) far below the machine's memory: the size check
+    // refuses by that limit, naming it (before: a panic in libtorch, exit 101).
+    let bin = assert_cmd::cargo::cargo_bin("lmim-bench");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 6000000 && exec \"$0\" forward --arch vit_pico_patch4_32 --batch-size 25000 --repeat 1 --device cpu")
+        .arg(&bin)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--batch-size") && err.contains("RLIMIT_AS") && err.contains("GiB"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // Within the limit, the same command runs.
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -v 6000000 && exec \"$0\" forward --arch vit_pico_patch4_32 --batch-size 64 --repeat 1 --device cpu")
+        .arg(&bin)
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}

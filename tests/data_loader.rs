@@ -440,3 +440,187 @@ fn decode_threads_follow_the_affinity_mask_and_the_local_ranks() {
     let usable = std::thread::available_parallelism().unwrap().get();
     assert!(line.contains(&format!("{} decode threads per process: the node's {usable} CPUs shared by 2 ranks", (usable / 2).max(1))), "{line}");
 }
+
+/// What an open gives, compared with the clean result: samples, labels, sizes, classes, fingerprint, cache key.
+fn view(ds: &Dataset) -> (Vec<(std::path::PathBuf, i64)>, Vec<u64>, Vec<String>, lmim_bench::data::Fingerprint, String) {
+    (ds.samples.clone(), ds.sizes.clone(), ds.classes.clone(), ds.fingerprint().unwrap(), ds.cache_key().to_string())
+}
+
+#[test]
+fn every_flipped_byte_of_the_index_cache_gives_the_clean_result_by_a_rescan() {
+    use lmim_bench::data::index::IndexSource::{Cache, Scan};
+    use lmim_bench::data::OpenOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 2, 2);
+    common::age_folders(&root);
+    let opts = OpenOptions { index_dir: Some(dir.path().join("index")), quiet: true, ..Default::default() };
+    let open = || Dataset::open_with(&root, "val", &opts).unwrap();
+    let clean = open();
+    assert_eq!(clean.index, Scan);
+    assert_eq!(open().index, Cache);
+    let file = std::fs::read_dir(dir.path().join("index")).unwrap().next().unwrap().unwrap().path();
+    let bytes = std::fs::read(&file).unwrap();
+    assert!(bytes.len() > 300 && bytes.len() < 4000, "{} bytes", bytes.len());
+    for i in 0..bytes.len() {
+        for bit in [0x01u8] {
+            let mut bad = bytes.clone();
+            bad[i] ^= bit;
+            std::fs::write(&file, &bad).unwrap();
+            let ds = open();
+            assert_eq!(ds.index, Scan, "byte {i} ^ {bit:#x} was believed");
+            assert_eq!(view(&ds), view(&clean), "byte {i} ^ {bit:#x}");
+        }
+    }
+    // A label byte changed together with a recomputed header is still refused by the checksum; cut or grown
+    // files, a FIFO, /dev/zero and a large sparse file in its place: walked again at once, never read whole.
+    let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+        ("cut", Box::new(|p: &Path| std::fs::write(p, &bytes[..bytes.len() - 40]).unwrap())),
+        ("grown", Box::new(|p: &Path| std::fs::write(p, [bytes.as_slice(), &[0u8; 64]].concat()).unwrap())),
+        ("empty", Box::new(|p: &Path| std::fs::write(p, b"").unwrap())),
+        ("fifo", Box::new(|p: &Path| assert!(std::process::Command::new("mkfifo").arg(p).status().unwrap().success()))),
+        ("/dev/zero", Box::new(|p: &Path| std::os::unix::fs::symlink("/dev/zero", p).unwrap())),
+        ("sparse", Box::new(|p: &Path| {
+            let mut head = bytes[..24].to_vec();
+            head[16..24].copy_from_slice(&(1u64 << 40).to_le_bytes());
+            std::fs::write(p, &head).unwrap();
+            std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(3 << 30).unwrap();
+        })),
+    ];
+    for (what, make) in cases {
+        let _ = std::fs::remove_file(&file);
+        make(&file);
+        let t0 = std::time::Instant::now();
+        let ds = open();
+        assert_eq!((ds.index, view(&ds)), (Scan, view(&clean)), "{what}");
+        assert!(t0.elapsed().as_secs_f64() < 5.0, "{what}: {:?}", t0.elapsed());
+    }
+    assert_eq!(open().index, Cache, "the rescan wrote a good index again");
+}
+
+#[test]
+fn rescan_sees_a_same_size_rewrite_in_the_cache_key_but_not_in_the_fingerprint() {
+    use lmim_bench::data::index::IndexSource::{Cache, Scan};
+    use lmim_bench::data::OpenOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 2, 3);
+    common::age_folders(&root);
+    let opts = OpenOptions { index_dir: Some(dir.path().join("index")), quiet: true, ..Default::default() };
+    let first = Dataset::open_with(&root, "train", &opts).unwrap();
+    let cached = Dataset::open_with(&root, "train", &opts).unwrap();
+    assert_eq!((cached.index, view(&cached)), (Cache, view(&first)));
+    // Another image of the same size written over the first, in place (same inode, same folder time).
+    let (a, b) = (first.samples[0].0.clone(), first.samples[1].0.clone());
+    let mut other = std::fs::read(&b).unwrap();
+    other.resize(std::fs::metadata(&a).unwrap().len() as usize, 0);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&a, &other).unwrap();
+    let stale = Dataset::open_with(&root, "train", &opts).unwrap();
+    assert_eq!((stale.index, stale.cache_key()), (Cache, first.cache_key()), "the times of the folders cannot show it");
+    let rescanned = Dataset::open_with(&root, "train", &OpenOptions { rescan: true, ..opts.clone() }).unwrap();
+    assert_eq!(rescanned.index, Scan);
+    assert_eq!(rescanned.fingerprint().unwrap(), first.fingerprint().unwrap(), "names and sizes: the portable identity");
+    assert_ne!(rescanned.cache_key(), first.cache_key(), "the caches' key sees the rewrite");
+    // A copy of the tree is the same data set to records and resumes, and has caches of its own.
+    let copy = dir.path().join("copy");
+    assert!(std::process::Command::new("cp").arg("-r").arg(&root).arg(&copy).status().unwrap().success());
+    let copied = Dataset::open_with(&copy, "train", &opts).unwrap();
+    assert_eq!(copied.fingerprint().unwrap(), rescanned.fingerprint().unwrap());
+    assert_ne!(copied.cache_key(), rescanned.cache_key());
+}
+
+#[test]
+fn a_file_gone_since_the_index_was_made_names_the_cache_and_rescan() {
+    use lmim_bench::data::index::IndexSource::Cache;
+    use lmim_bench::data::OpenOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 2, 3);
+    common::age_folders(&root);
+    let opts = OpenOptions { index_dir: Some(dir.path().join("index")), quiet: true, ..Default::default() };
+    let ds = Dataset::open_with(&root, "train", &opts).unwrap();
+    // Removed, and its folder's time put back as it was (as a copy tool that keeps times does).
+    let folder = ds.samples[2].0.parent().unwrap().to_path_buf();
+    let was = std::fs::metadata(&folder).unwrap().modified().unwrap();
+    std::fs::remove_file(&ds.samples[2].0).unwrap();
+    std::fs::File::open(&folder).unwrap().set_modified(was).unwrap();
+    let stale = Dataset::open_with(&root, "train", &opts).unwrap();
+    assert_eq!(stale.index, Cache);
+    let err = stale.read_bytes(2).unwrap_err().to_string();
+    assert!(err.contains("dataset index") && err.contains("--rescan") && err.contains(stale.samples[2].0.to_str().unwrap()), "{err}");
+}
+
+#[test]
+fn cut_or_corrupt_shards_lose_named_samples_that_evaluation_refuses_or_lists() {
+    use lmim_bench::data::{shards, OpenOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 2, 8);
+    let opts = OpenOptions { index_dir: Some(dir.path().join("index")), quiet: true, ..Default::default() };
+    let folder = Dataset::open_with(&root, "train", &opts).unwrap();
+    let out = dir.path().join("packed");
+    let report = shards::pack(&folder, &out, 1 << 30).unwrap();
+    assert_eq!(report.shards, 1);
+    let tar = out.join("train/shard-000000.tar");
+    assert_eq!(std::fs::read_to_string(out.join("train/counts.tsv")).unwrap().lines().last().unwrap(), "shard-000000.tar\t16");
+    let good = std::fs::read(&tar).unwrap();
+    let (members, _) = shards::read_members(&tar).unwrap();
+    // Members alternate `.cls`, image: sample k's label header starts 512 bytes before members[2k]'s data.
+    let header_of = |k: usize| members[2 * k].offset - 512;
+    let strict = LoaderConfig { shuffle: false, strict: true, quiet: true, ..cfg(2) };
+    let lenient = LoaderConfig { shuffle: false, quiet: true, ..cfg(2) };
+    type Cut<'a> = Box<dyn Fn() -> Vec<u8> + 'a>;
+    let cases: Vec<(&str, Cut<'_>, u64, usize)> = vec![
+        // Cut at a member boundary, with the end-of-archive blocks put back: only the counts show it.
+        ("cut at a member boundary", Box::new(|| [&good[..header_of(12) as usize], &[0u8; 1024][..]].concat()), header_of(12) + 1024, 12),
+        ("cut inside a header", Box::new(|| good[..header_of(9) as usize + 100].to_vec()), header_of(9), 9),
+        ("a bad header checksum", Box::new(|| {
+            let mut b = good.clone();
+            b[header_of(5) as usize + 3] ^= 0x20;
+            b
+        }), header_of(5), 5),
+    ];
+    for (what, cut, offset, found) in cases {
+        std::fs::write(&tar, cut()).unwrap();
+        let ds = Dataset::open_with(&out, "train", &opts).unwrap();
+        assert_eq!(ds.len(), found, "{what}");
+        assert_eq!(ds.lost().len(), 1, "{what}");
+        assert_eq!((ds.lost()[0].offset, ds.lost()[0].count), (offset, Some(16 - found as u64)), "{what}");
+        let err = Loader::new(ds, Transform::eval(16, 16), strict.clone()).err().expect(what).to_string();
+        assert!(err.contains("shard-000000.tar") && err.contains(&format!("byte {offset}")), "{what}: {err}");
+        let l = Loader::new(Dataset::open_with(&out, "train", &opts).unwrap(), Transform::eval(16, 16), lenient.clone()).unwrap();
+        let seen: usize = collect(l.epoch(0)).iter().map(|b| b.indices.len()).sum();
+        let listed: Vec<String> = l.skipped_files().iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+        assert_eq!(seen, found, "{what}");
+        assert_eq!(listed, (found..16).map(|k| format!("shard-000000.tar#{k}")).collect::<Vec<_>>(), "{what}");
+    }
+    // A shard without counts (someone else's): a cut is the rest of the shard, refused just the same.
+    std::fs::remove_file(out.join("train/counts.tsv")).unwrap();
+    std::fs::write(&tar, &good[..header_of(12) as usize]).unwrap();
+    let ds = Dataset::open_with(&out, "train", &opts).unwrap();
+    assert_eq!((ds.len(), ds.lost()[0].count), (12, None));
+    assert!(Loader::new(ds, Transform::eval(16, 16), strict).is_err());
+}
+
+#[test]
+fn a_pack_that_fails_its_check_leaves_no_split_and_an_existing_one_as_it_was() {
+    use lmim_bench::data::{shards, OpenOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 2, 4);
+    let opts = OpenOptions { index_dir: Some(dir.path().join("index")), quiet: true, ..Default::default() };
+    let out = dir.path().join("packed");
+    let ds = Dataset::open_with(&root, "train", &opts).unwrap();
+    // A file grown after the split was opened: the shards hold its new bytes, whose size the fingerprint refuses.
+    let grown = ds.samples[3].0.clone();
+    let mut bytes = std::fs::read(&grown).unwrap();
+    bytes.extend_from_slice(&[0u8; 7]);
+    std::fs::write(&grown, &bytes).unwrap();
+    let err = shards::pack(&ds, &out, 1 << 20).unwrap_err().to_string();
+    assert!(err.contains("fingerprint") && err.contains("nothing was kept"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect();
+    assert!(left.is_empty(), "{left:?}");
+    // Packed again from a fresh open: complete. A failed pack over it (the same change) leaves it as it was.
+    let fresh = Dataset::open_with(&root, "train", &OpenOptions { rescan: true, ..opts.clone() }).unwrap();
+    shards::pack(&fresh, &out, 1 << 20).unwrap();
+    let before: Vec<(String, Vec<u8>)> = std::fs::read_dir(out.join("train")).unwrap().map(|e| e.unwrap().path()).map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())).collect();
+    assert!(shards::pack(&ds, &out, 1 << 20).unwrap_err().to_string().contains("exists already"));
+    let after: Vec<(String, Vec<u8>)> = std::fs::read_dir(out.join("train")).unwrap().map(|e| e.unwrap().path()).map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())).collect();
+    assert_eq!(before, after);
+}

@@ -274,3 +274,51 @@ fn a_second_pretrain_into_a_busy_run_folder_is_refused() {
     let steps: Vec<i64> = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_i64()).collect();
     assert!(!steps.is_empty() && steps.windows(2).all(|w| w[0] <= w[1]), "one writer's metrics, in order: {steps:?}");
 }
+
+#[test]
+fn a_signal_during_a_pack_removes_its_folder_and_a_second_pack_is_refused_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path(), "400");
+    let out = dir.path().join("packed");
+    let pack = || {
+        let mut c = bin();
+        c.args(["data", "pack", "--split", "train", "--shard-size", "20KB", "--data"]).arg(&data).arg("--out").arg(&out).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c
+    };
+    let temps = || -> Vec<PathBuf> { std::fs::read_dir(&out).map_or(Vec::new(), |r| r.map(|e| e.unwrap().path()).filter(|p| is_temp(p)).collect()) };
+
+    // SIGTERM once the temporary folder holds a shard: it goes, and the message says so.
+    let mut child = pack().spawn().unwrap();
+    let t0 = Instant::now();
+    while !temps().iter().any(|t| t.join("shard-000001.tar").exists()) {
+        assert!(child.try_wait().unwrap().is_none(), "the pack ended before the signal");
+        assert!(t0.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(143), "{err}");
+    assert!(err.contains("removed the unfinished") && err.contains("train.tmp-"), "{err}");
+    assert!(temps().is_empty() && !out.join("train").exists(), "{:?}", temps());
+
+    // A second pack of the same split into the same folder while one runs: refused at once, naming its PID, and
+    // leaving nothing of its own.
+    let mut first = pack().spawn().unwrap();
+    let t0 = Instant::now();
+    while std::fs::read_to_string(out.join(".train.pack.lock")).map_or(true, |s| s.trim() != first.id().to_string()) {
+        assert!(first.try_wait().unwrap().is_none(), "the first pack ended before the second started");
+        assert!(t0.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let second = pack().output().unwrap();
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("PID {}", first.id())) && err.contains("train"), "{err}");
+    assert!(temps().len() <= 1, "only the first pack's folder: {:?}", temps());
+    let o = first.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(temps().is_empty() && out.join("train/counts.tsv").exists());
+}

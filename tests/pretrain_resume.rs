@@ -81,6 +81,25 @@ fn killed_and_resumed_run_equals_uninterrupted_run() {
         assert_eq!(na, nb);
         assert!(ta.equal(tb), "{na} differs between the uninterrupted and the resumed run");
     }
+    // The logs too, line for line (times aside): the interrupted epoch's means cover all its steps, not only
+    // those after the resume, and lines written after the last checkpoint are not doubled.
+    let lines = |run: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("img_per_s");
+                v
+            })
+            .collect()
+    };
+    let (la, lb) = (lines(&full), lines(&killed));
+    assert!(la.iter().filter(|l| l.get("epoch_loss").is_some()).count() == 4, "{la:?}");
+    assert_eq!(la.len(), lb.len(), "\n{la:#?}\n{lb:#?}");
+    for (x, y) in la.iter().zip(&lb) {
+        assert_eq!(x, y);
+    }
     let ea = tensors(&full.join("encoder.safetensors"));
     let eb = tensors(&killed.join("encoder.safetensors"));
     assert!(ea.iter().zip(&eb).all(|((_, x), (_, y))| x.equal(y)), "exported encoders differ");

@@ -143,3 +143,55 @@ fn impossible_model_configs_and_worker_counts_are_input_errors() {
     let e = run(&req).unwrap_err();
     assert!(e.exit_code() == 2 && e.to_string().contains("workers"), "{e}");
 }
+
+/// Sets every folder's time under `root` an hour back, so that the dataset index of a just-written tree is kept.
+fn age_folders(root: &Path) {
+    let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for e in std::fs::read_dir(root).unwrap().flatten().filter(|e| e.path().is_dir()) {
+        age_folders(&e.path());
+    }
+    std::fs::File::open(root).unwrap().set_modified(old).unwrap();
+}
+
+#[test]
+fn feature_cache_sees_a_same_size_rewrite_after_rescan_and_extra_tensors_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, ck) = setup(dir.path());
+    age_folders(&data);
+    let out = dir.path().join("runs");
+    let mut req = request(Protocol::NnLoo, &data, &ck, &out, &[]);
+    req.run.cache_dir = Some(dir.path().join("features"));
+    let val = |rec: &RunRecord| (rec.details["val"]["cache_hit"].as_bool().unwrap(), rec.details["val"]["cache_key"].as_str().unwrap().to_string());
+    let first = run(&req).unwrap();
+    let again = run(&req).unwrap();
+    assert_eq!((val(&first).0, val(&again)), (false, (true, val(&first).1)));
+    // A val image rewritten in place with another class's image, padded to the same size: no folder time changes.
+    let files = |c: &str| -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(data.join("val").join(c)).unwrap().map(|e| e.unwrap().path()).collect();
+        v.sort();
+        v
+    };
+    let target = files("class_000")[0].clone();
+    let len = std::fs::metadata(&target).unwrap().len() as usize;
+    let donor = ["class_001", "class_002", "class_003"].iter().flat_map(|c| files(c)).find(|p| std::fs::metadata(p).unwrap().len() as usize <= len).expect("an image no longer than the target");
+    let mut bytes = std::fs::read(&donor).unwrap();
+    bytes.resize(len, 0);
+    std::fs::write(&target, &bytes).unwrap();
+    assert!(val(&run(&req).unwrap()).0, "the index cannot see it: the old features are served");
+    lmim_bench::data::index::set_rescan(true);
+    let rescanned = run(&req);
+    lmim_bench::data::index::set_rescan(false);
+    let rescanned = rescanned.unwrap();
+    assert!(!val(&rescanned).0, "--rescan makes the rewrite visible to the feature cache");
+    assert_ne!(val(&rescanned).1, val(&first).1);
+    assert_eq!(rescanned.dataset_fingerprint, first.dataset_fingerprint, "the fingerprint (names, sizes) is the same");
+    assert!(first.details["val"].get("ignored_keys").is_none());
+
+    // A checkpoint with a tensor that is no weight of the encoder: loaded, and the key named in the record.
+    let mut ckpt = checkpoint::load(&ck).unwrap();
+    ckpt.tensors.push(("extra.scale".into(), tch::Tensor::ones([3], (tch::Kind::Float, Device::Cpu))));
+    let extra = dir.path().join("extra.safetensors");
+    checkpoint::save(&extra, &ckpt.tensors, &ckpt.metadata).unwrap();
+    let rec = run(&request(Protocol::NnLoo, &data, &extra, &out, &[])).unwrap();
+    assert_eq!(rec.details["val"]["ignored_keys"], serde_json::json!(["extra.scale"]));
+}

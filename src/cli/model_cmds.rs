@@ -72,16 +72,22 @@ pub fn forward(a: ForwardArgs) -> anyhow::Result<()> {
         }
     };
     let cfg = &model.cfg;
-    crate::info::check_fits("--batch-size", &format!("{} images through {}", a.batch_size, cfg.arch), crate::info::vit_forward_bytes(cfg, a.batch_size as u128))?;
-    let images = Tensor::randn([a.batch_size, 3, cfg.img_size, cfg.img_size], (Kind::Float, device));
-    let out = tch::no_grad(|| model.forward_features(&images, &[-1], false));
-    let mut secs = Vec::new();
-    for _ in 0..a.repeat {
-        let t = Instant::now();
-        let o = tch::no_grad(|| model.forward_features(&images, &[], false));
-        let _ = o.tokens.sum(Kind::Float).double_value(&[]);
-        secs.push(t.elapsed().as_secs_f64());
-    }
+    let what = format!("{} images through {}", a.batch_size, cfg.arch);
+    let bytes = crate::info::vit_forward_bytes(cfg, a.batch_size as u128);
+    crate::info::check_fits("--batch-size", &what, bytes)?;
+    // The check estimates; the allocations themselves may still fail (memory taken meanwhile, a limit unseen).
+    let images = Tensor::f_randn([a.batch_size, 3, cfg.img_size, cfg.img_size], (Kind::Float, device)).map_err(|e| crate::info::torch_alloc(&what, bytes, e))?;
+    let (out, secs) = crate::info::allocating(&what, bytes, || {
+        let out = tch::no_grad(|| model.forward_features(&images, &[-1], false));
+        let mut secs = Vec::new();
+        for _ in 0..a.repeat {
+            let t = Instant::now();
+            let o = tch::no_grad(|| model.forward_features(&images, &[], false));
+            let _ = o.tokens.sum(Kind::Float).double_value(&[]);
+            secs.push(t.elapsed().as_secs_f64());
+        }
+        (out, secs)
+    })?;
     let best = secs.iter().cloned().fold(f64::INFINITY, f64::min);
     let report = serde_json::json!({
         "arch": cfg.arch,

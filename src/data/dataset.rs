@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::index::{self, DatasetIndex, Entry, Header, IndexCache, IndexSource, Stamp};
+use super::index::{self, DatasetIndex, Entry, FileId, Header, IndexCache, IndexSource, Lost, Stamp};
 use super::shards::ShardSet;
 use crate::error::{Error, Result};
 
@@ -49,6 +49,9 @@ pub struct Dataset {
     /// Tar shards: where each sample's bytes lie.
     shards: Option<Arc<ShardSet>>,
     fingerprint: Fingerprint,
+    cache_key: String,
+    /// Tar shards: samples known to be lost (see [`Lost`]).
+    lost: Vec<Lost>,
 }
 
 /// What identifies a dataset in a results record. A folder and the tar shards packed from it have the same.
@@ -77,10 +80,10 @@ pub(crate) struct Item {
 }
 
 impl Item {
-    /// The file's size (following a symlink): the one metadata call per file.
-    fn size(&self) -> Result<u64> {
+    /// The file's size, modification time and inode (following a symlink): the one metadata call per file.
+    fn size(&self) -> Result<(u64, FileId)> {
         let m = if self.is_link { std::fs::metadata(self.entry.path()) } else { self.entry.metadata() };
-        m.map(|m| m.len()).map_err(|e| Error::io(self.entry.path(), e))
+        m.map(|m| (m.len(), FileId::of(&m))).map_err(|e| Error::io(self.entry.path(), e))
     }
 }
 
@@ -104,7 +107,7 @@ pub(crate) fn read_dir_sorted(dir: &Path) -> Result<Vec<Item>> {
 
 /// The images under `dir/rel` in walk order (sorted names, folders entered where they sort), with their sizes,
 /// and the stamps of the folders walked.
-fn walk_images(dir: &Path, rel: &str, depth: usize, files: &mut Vec<(String, u64)>, stamps: &mut Vec<Stamp>) -> Result<()> {
+fn walk_images(dir: &Path, rel: &str, depth: usize, files: &mut Vec<(String, (u64, FileId))>, stamps: &mut Vec<Stamp>) -> Result<()> {
     let path = dir.join(rel);
     if depth > 32 {
         return Err(Error::data(&path, "folders nested too deep (a symlink loop?)"));
@@ -147,8 +150,13 @@ impl Dataset {
             check_root(root, split, &dir)?;
             let cache = opts.index_dir.clone().or_else(index::default_dir).map(|d| IndexCache::new(&d, root, split));
             if !(opts.rescan || index::rescan_forced()) {
-                if let Some(idx) = cache.as_ref().and_then(|c| c.load(&dir)) {
-                    return Ok((idx, IndexSource::Cache));
+                if let Some(c) = cache.as_ref() {
+                    match c.load(&dir) {
+                        Ok(Some(idx)) => return Ok((idx, IndexSource::Cache)),
+                        Ok(None) => {}
+                        Err(why) if !opts.quiet => eprintln!("warning: {}: the cached dataset index is not usable ({why}); walking {} again", c.path.display(), dir.display()),
+                        Err(_) => {}
+                    }
                 }
             }
             let start = std::time::SystemTime::now();
@@ -188,6 +196,7 @@ impl Dataset {
         let layout = layout_name(&header.layout);
         let shards = (layout == "wds_shards").then(|| Arc::new(ShardSet::new(&dir, &header.shards, &entries)));
         let sizes = entries.iter().map(|e| e.size).collect();
+        let lost = header.lost;
         // Consumed: each relative path is freed as its full path is made (ImageNet's 1.28 M strings).
         let samples = entries
             .into_iter()
@@ -207,6 +216,8 @@ impl Dataset {
             index,
             shards,
             fingerprint: header.fingerprint,
+            cache_key: header.cache_key,
+            lost,
         }
     }
 
@@ -301,12 +312,17 @@ impl Dataset {
         if files.is_empty() {
             return Err(Error::data(dir, "no images"));
         }
-        let entries = files
+        let (entries, ids): (Vec<Entry>, Vec<FileId>) = files
             .par_iter()
-            .map(|(item, label)| Ok(Entry { rel: item.name.clone(), label: *label, size: item.size()?, shard: 0, offset: 0 }))
-            .collect::<Result<Vec<_>>>()?;
+            .map(|(item, label)| {
+                let (size, id) = item.size()?;
+                Ok((Entry { rel: item.name.clone(), label: *label, size, shard: 0, offset: 0 }, id))
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
         // No stamps: the labels come from files outside the split, so this layout is not cached.
-        Ok(make_index(root, split, "imagenet_val_flat", classes, Vec::new(), Vec::new(), Vec::new(), Vec::new(), entries))
+        Ok(make_index(root, split, "imagenet_val_flat", classes, Vec::new(), Vec::new(), Vec::new(), Vec::new(), entries, &ids))
     }
 
     pub fn len(&self) -> usize {
@@ -333,12 +349,35 @@ impl Dataset {
         Ok(self.fingerprint.clone())
     }
 
+    /// The key of the caches made from this split (the feature cache): the fingerprint plus each file's
+    /// modification time and inode when the folders were last walked (see [`index::cache_key`]).
+    pub fn cache_key(&self) -> &str {
+        &self.cache_key
+    }
+
+    /// Tar shards: the samples known to be lost at open (a cut or corrupt shard), each naming its shard.
+    pub fn lost(&self) -> &[Lost] {
+        &self.lost
+    }
+
+    /// The lost samples as the record lists them: `<split folder>/<shard>#<n>` ([`Lost::names`]).
+    pub fn lost_paths(&self) -> Vec<PathBuf> {
+        self.lost.iter().flat_map(|l| l.names()).map(|n| self.dir.join(n)).collect()
+    }
+
     /// The bytes of sample `i`: its file, or its member of a tar shard. Errors name the file (or shard/member).
     pub fn read_bytes(&self, i: usize) -> Result<Vec<u8>> {
         let (path, label) = &self.samples[i];
         match &self.shards {
             Some(s) => s.read(i, self.sizes[i], *label, path),
-            None => crate::fsutil::read_regular(path, Some(crate::fsutil::IMAGE_LIMIT)),
+            None => crate::fsutil::read_regular(path, Some(crate::fsutil::IMAGE_LIMIT)).map_err(|e| match e {
+                // The index names a file that is gone: say where that list came from and how to refresh it.
+                Error::Io { io, .. } if io.kind() == std::io::ErrorKind::NotFound && self.index != IndexSource::Scan => Error::data(
+                    path,
+                    format!("no such file, though the dataset index ({}) lists it: it was removed or renamed since the folders were walked, without its folder's time changing; run again with --rescan to walk them again", self.index.describe()),
+                ),
+                other => other,
+            }),
         }
     }
 
@@ -384,7 +423,7 @@ fn scan(root: &Path, split: &str, dir: &Path) -> Result<DatasetIndex> {
         return Err(Error::data(dir, "no class folders (expected <split>/<class>/*.jpg, or tar shards)"));
     }
     let classes: Vec<String> = class_dirs.iter().map(|e| e.name.clone()).collect();
-    let per_class: Vec<Result<(Vec<(String, u64)>, Vec<Stamp>)>> = class_dirs
+    let per_class: Vec<Result<(Vec<(String, (u64, FileId))>, Vec<Stamp>)>> = class_dirs
         .par_iter()
         .map(|e| {
             let (mut files, mut stamps) = (Vec::new(), Vec::new());
@@ -393,7 +432,7 @@ fn scan(root: &Path, split: &str, dir: &Path) -> Result<DatasetIndex> {
         })
         .collect();
     let mut stamps = vec![index::stamp(dir, "")?];
-    let mut files = Vec::new();
+    let (mut files, mut ids) = (Vec::new(), Vec::new());
     let mut empty_classes = Vec::new();
     for (ci, r) in per_class.into_iter().enumerate() {
         let (f, s) = r?;
@@ -401,15 +440,18 @@ fn scan(root: &Path, split: &str, dir: &Path) -> Result<DatasetIndex> {
             empty_classes.push(classes[ci].clone());
         }
         stamps.extend(s);
-        files.extend(f.into_iter().map(|(rel, size)| Entry { rel, label: ci as i64, size, shard: 0, offset: 0 }));
+        for (rel, (size, id)) in f {
+            files.push(Entry { rel, label: ci as i64, size, shard: 0, offset: 0 });
+            ids.push(id);
+        }
     }
     if files.is_empty() {
         return Err(Error::data(dir, "no images in any class folder"));
     }
-    Ok(make_index(root, split, "image_folder", classes, empty_classes, Vec::new(), stamps, Vec::new(), files))
+    Ok(make_index(root, split, "image_folder", classes, empty_classes, Vec::new(), stamps, Vec::new(), files, &ids))
 }
 
-/// An index with its fingerprint.
+/// An index with its fingerprint and cache key (`ids`: each entry's file identity, parallel to `entries`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn make_index(
     root: &Path,
@@ -421,14 +463,18 @@ pub(crate) fn make_index(
     stamps: Vec<Stamp>,
     problems: Vec<String>,
     entries: Vec<Entry>,
+    ids: &[FileId],
 ) -> DatasetIndex {
     let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf()).to_string_lossy().into_owned();
+    let fingerprint = index::fingerprint(split, &classes, &entries);
     let header = Header {
         version: index::VERSION,
         root,
         split: split.to_string(),
         layout: layout.to_string(),
-        fingerprint: index::fingerprint(split, &classes, &entries),
+        cache_key: index::cache_key(&fingerprint, &entries, ids),
+        lost: Vec::new(),
+        fingerprint,
         classes,
         empty_classes,
         shards,

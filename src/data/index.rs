@@ -53,7 +53,49 @@ pub struct Header {
     /// Warnings of the scan (a truncated shard, a sample without a label): repeated at each open.
     pub problems: Vec<String>,
     pub fingerprint: Fingerprint,
+    /// What the caches (this index's users: the feature cache) key on: the fingerprint plus each file's
+    /// modification time and inode (see [`cache_key`]), so that a file rewritten in place under the same name and
+    /// size gives another key once the folders are walked again (`--rescan`).
+    #[serde(default)]
+    pub cache_key: String,
+    /// Tar shards: samples known to be lost (a shard cut short or with a corrupt header, or fewer samples than
+    /// `data pack` wrote into it): an evaluation refuses them, as unreadable images.
+    #[serde(default)]
+    pub lost: Vec<Lost>,
     pub count: u64,
+}
+
+/// Samples of a shard that cannot be read: those after byte `offset` of `shard`, where the reading stopped.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Lost {
+    pub shard: String,
+    pub offset: u64,
+    /// The shard's samples that were found before the loss (their ordinals in it are 0..first).
+    pub first: u64,
+    /// How many were lost, when `data pack` recorded how many the shard holds; None otherwise (the rest of it).
+    pub count: Option<u64>,
+    pub why: String,
+}
+
+impl Lost {
+    /// `<shard>#<ordinal>` for each lost sample (or `<shard>#<first>..` for an unknown rest): the names the record
+    /// lists under `skipped_eval`.
+    pub fn names(&self) -> Vec<String> {
+        match self.count {
+            Some(n) => (self.first..self.first + n).map(|i| format!("{}#{i}", self.shard)).collect(),
+            None => vec![format!("{}#{}..", self.shard, self.first)],
+        }
+    }
+
+    /// One line for an error or a warning, naming the shard and the byte offset.
+    pub fn describe(&self) -> String {
+        let what = match self.count {
+            Some(1) => "1 sample".to_string(),
+            Some(n) => format!("{n} samples"),
+            None => "the rest of the shard".to_string(),
+        };
+        format!("{}: {what} from byte {} cannot be read ({})", self.shard, self.offset, self.why)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,8 +126,15 @@ impl IndexSource {
     }
 }
 
-pub(crate) const VERSION: u32 = 1;
+/// 2: a sha256 of all the bytes before it ends the file; the header has the cache key and the lost samples.
+pub(crate) const VERSION: u32 = 2;
 const MAGIC: &[u8; 16] = b"LMIM-DATA-INDEX\n";
+/// The trailing checksum's bytes.
+const SUM: usize = 32;
+/// A header longer than this is not one this build wrote (ImageNet's train split: about 100 KB of stamps).
+const HEADER_LIMIT: u64 = 1 << 28;
+/// A relative path longer than this (Linux's PATH_MAX) is not one a walk found.
+const PATH_LIMIT: u64 = 4096;
 /// Cache files kept: the oldest beyond this are removed when one is written.
 const KEEP: usize = 16;
 /// A folder modified this shortly before its scan may change again within the file system's timestamp
@@ -157,18 +206,61 @@ pub fn fingerprint(split: &str, classes: &[String], entries: &[Entry]) -> Finger
     }
 }
 
+/// What identifies a file's content to the caches without reading it: its modification time and inode. A file
+/// rewritten in place changes its time; one replaced by a rename changes its inode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileId {
+    pub mtime_ns: i128,
+    pub ino: u64,
+}
+
+impl FileId {
+    pub fn of(meta: &std::fs::Metadata) -> FileId {
+        use std::os::unix::fs::MetadataExt;
+        FileId { mtime_ns: mtime_ns(meta), ino: meta.ino() }
+    }
+}
+
+/// The caches' key of a split: sha256 of the fingerprint and of "relative/path\tmtime_ns\tinode\n" over the
+/// sorted paths (`ids` parallel to `entries`; for shards each sample has its shard file's). Unlike the
+/// fingerprint it is not portable: a copy of the tree has other times and inodes, so its caches are its own.
+pub fn cache_key(fp: &Fingerprint, entries: &[Entry], ids: &[FileId]) -> String {
+    use rayon::prelude::*;
+    let mut rows: Vec<(&str, FileId)> = entries.iter().map(|e| e.rel.as_str()).zip(ids.iter().copied()).collect();
+    rows.par_sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(fp).expect("the fingerprint serialises"));
+    h.update(b"\n");
+    let mut line = String::new();
+    for (r, id) in &rows {
+        use std::fmt::Write;
+        line.clear();
+        let _ = write!(line, "{r}\t{}\t{}\n", id.mtime_ns, id.ino);
+        h.update(line.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
 impl DatasetIndex {
     /// Bytes of the cache file (and of the broadcast): magic, the JSON header's length and text, then per entry
-    /// the relative path's length and bytes, label, size, shard and offset (little-endian).
+    /// the relative path's length and bytes, label, size, shard and offset (little-endian), then the sha256 of
+    /// everything before it, checked before anything else is read.
     pub fn encode(&self) -> Vec<u8> {
         let body: usize = self.entries.iter().map(|e| 32 + e.rel.len()).sum();
-        let mut out = Vec::with_capacity(4096 + body);
+        let mut out = Vec::with_capacity(4096 + SUM + body);
         self.encode_to(&mut out).expect("writing to memory");
         out
     }
 
     /// [`encode`](Self::encode) into `w`.
     pub fn encode_to(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
+        let mut w = Hashing { w, h: Sha256::new() };
+        self.encode_body(&mut w)?;
+        let sum = w.h.finalize();
+        w.w.write_all(&sum)
+    }
+
+    fn encode_body(&self, w: &mut dyn std::io::Write) -> std::io::Result<()> {
         let header = serde_json::to_vec(&self.header).expect("the header serialises");
         w.write_all(MAGIC)?;
         w.write_all(&(header.len() as u64).to_le_bytes())?;
@@ -184,8 +276,16 @@ impl DatasetIndex {
         Ok(())
     }
 
-    /// The index in `bytes`, or why they are not one.
+    /// The index in `bytes`, or why they are not one. The checksum is checked first: a changed byte anywhere
+    /// is refused before any of it is believed.
     pub fn decode(bytes: &[u8]) -> std::result::Result<DatasetIndex, String> {
+        if bytes.len() < MAGIC.len() + 8 + SUM || &bytes[..MAGIC.len()] != MAGIC {
+            return Err("not a dataset index".into());
+        }
+        let (bytes, sum) = bytes.split_at(bytes.len() - SUM);
+        if Sha256::digest(bytes).as_slice() != sum {
+            return Err("checksum mismatch (the file was changed or damaged)".into());
+        }
         let mut r = Reader { b: bytes, at: 0 };
         if r.take(MAGIC.len())? != MAGIC {
             return Err("not a dataset index".into());
@@ -207,7 +307,7 @@ impl DatasetIndex {
             let size = r.u64()?;
             let shard = r.u32()?;
             let offset = r.u64()?;
-            if shard as usize >= header.shards.len().max(1) || label >= header.classes.len() as i64 || label < -1 {
+            if shard as usize >= header.shards.len().max(1) || label >= header.classes.len() as i64 || label < -1 || n as u64 > PATH_LIMIT {
                 return Err(format!("entry `{rel}` is out of range"));
             }
             entries.push(Entry { rel, label, size, shard, offset });
@@ -216,6 +316,23 @@ impl DatasetIndex {
             return Err("trailing bytes".into());
         }
         Ok(DatasetIndex { header, entries })
+    }
+}
+
+/// A writer that hashes what goes through it.
+struct Hashing<'a> {
+    w: &'a mut dyn std::io::Write,
+    h: Sha256,
+}
+
+impl std::io::Write for Hashing<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.w.write(buf)?;
+        self.h.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
     }
 }
 
@@ -254,20 +371,28 @@ impl IndexCache {
     }
 
     /// The cached index when it was made from this root and split and every folder and shard it was made from
-    /// still has the time (and size) it had; None otherwise (also for a missing or unreadable file).
-    pub fn load(&self, dir: &Path) -> Option<DatasetIndex> {
-        let bytes = std::fs::read(&self.path).ok()?;
-        let idx = DatasetIndex::decode(&bytes).ok()?;
+    /// still has the time (and size) it had: `Ok(None)` for a missing or out-of-date file, `Err(why)` for one that
+    /// is not a whole index this build wrote (damaged, edited, cut, not a regular file): the caller walks again.
+    /// Reads are bounded: the file must be a regular file (a FIFO or a device is refused before it is read), and
+    /// the sizes its header gives are checked against the file's size before anything is allocated for them.
+    pub fn load(&self, dir: &Path) -> std::result::Result<Option<DatasetIndex>, String> {
+        let bytes = match read_bounded(&self.path) {
+            Ok(Some(b)) => b,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let idx = DatasetIndex::decode(&bytes)?;
         let h = &idx.header;
         if h.root != self.root || h.split != self.split || h.stamps.is_empty() {
-            return None;
+            return Ok(None);
         }
         for s in &h.stamps {
-            if stamp(dir, &s.rel).ok()? != *s {
-                return None;
+            match stamp(dir, &s.rel) {
+                Ok(now) if now == *s => {}
+                _ => return Ok(None),
             }
         }
-        Some(idx)
+        Ok(Some(idx))
     }
 
     /// Keeps `idx` unless a folder or shard it was made from changed less than [`RACY`] before `scan_start`
@@ -283,6 +408,52 @@ impl IndexCache {
         }
         Ok(true)
     }
+}
+
+/// The bytes of the cache file at `path` (None: there is none), read only when it is a regular file whose
+/// header announces what its size holds: magic, a header length below [`HEADER_LIMIT`] and within the file, and
+/// a count of entries that the rest of the file can hold (at least 32 bytes each, at most 32 + [`PATH_LIMIT`]).
+fn read_bounded(path: &Path) -> std::result::Result<Option<Vec<u8>>, String> {
+    use std::io::Read;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        _ => {}
+    }
+    let mut f = crate::fsutil::open_regular(path, None).map_err(|e| e.to_string())?;
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    let lead = (MAGIC.len() + 8) as u64;
+    if len < lead + SUM as u64 {
+        return Err("shorter than an index".into());
+    }
+    let mut head = vec![0u8; lead as usize];
+    f.read_exact(&mut head).map_err(|e| e.to_string())?;
+    if &head[..MAGIC.len()] != MAGIC {
+        return Err("not a dataset index".into());
+    }
+    let hlen = u64::from_le_bytes(head[MAGIC.len()..].try_into().expect("8 bytes"));
+    if hlen > HEADER_LIMIT || hlen > len - lead - SUM as u64 {
+        return Err(format!("its header claims {hlen} bytes, more than the file's {len}"));
+    }
+    let mut header = vec![0u8; hlen as usize];
+    f.read_exact(&mut header).map_err(|e| e.to_string())?;
+    #[derive(serde::Deserialize)]
+    struct Count {
+        count: u64,
+    }
+    let count = serde_json::from_slice::<Count>(&header).map_err(|e| format!("bad header: {e}"))?.count;
+    let body = len - lead - hlen - SUM as u64;
+    if count.checked_mul(32).is_none_or(|min| min > body) || count.saturating_mul(32 + PATH_LIMIT) < body {
+        return Err(format!("{body} bytes of entries do not hold the {count} its header announces"));
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    bytes.extend_from_slice(&head);
+    bytes.extend_from_slice(&header);
+    // `take`: a file that grows while it is read still stops at the size checked above.
+    f.take(len - lead - hlen).read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    if bytes.len() as u64 != len {
+        return Err("changed while it was read".into());
+    }
+    Ok(Some(bytes))
 }
 
 /// Removes the least recently written cache files beyond [`KEEP`].
@@ -353,6 +524,8 @@ mod tests {
             split: "train".into(),
             layout: "image_folder".into(),
             fingerprint: fingerprint("train", &classes, &entries),
+            cache_key: String::new(),
+            lost: vec![],
             classes,
             empty_classes: vec![],
             shards: vec![],
@@ -368,11 +541,16 @@ mod tests {
         let idx = sample();
         let bytes = idx.encode();
         assert_eq!(DatasetIndex::decode(&bytes).unwrap(), idx);
-        assert!(DatasetIndex::decode(&bytes[..bytes.len() - 1]).unwrap_err().contains("cut short"));
+        assert!(DatasetIndex::decode(&bytes[..bytes.len() - 1]).unwrap_err().contains("checksum"));
         let mut more = bytes.clone();
         more.push(0);
-        assert_eq!(DatasetIndex::decode(&more).unwrap_err(), "trailing bytes");
+        assert!(DatasetIndex::decode(&more).unwrap_err().contains("checksum"));
         assert!(DatasetIndex::decode(b"garbage garbage garbage").is_err());
+        // A label changed in place (the reproduction: one byte of a record) is refused by the checksum.
+        let at = bytes.len() - SUM - (8 + 4 + 8 + 8);
+        let mut relabelled = bytes.clone();
+        relabelled[at] ^= 1;
+        assert!(DatasetIndex::decode(&relabelled).unwrap_err().contains("checksum"));
     }
 
     #[test]

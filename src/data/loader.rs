@@ -220,6 +220,10 @@ impl Loader {
         if dataset.is_empty() {
             return Err(Error::data(&dataset.dir, "the dataset has no samples"));
         }
+        // Samples a cut or corrupt shard lost are unreadable images that no batch will meet: refused here.
+        if let Some(l) = dataset.lost().first().filter(|_| cfg.strict) {
+            return Err(Error::data(dataset.dir.join(&l.shard), format!("{} samples cannot be read from byte {} ({}); an evaluation over part of the split is not comparable (--skip-bad evaluates the rest and lists them)", l.count.map_or("the rest of the shard's".to_string(), |n| n.to_string()), l.offset, l.why)));
+        }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.workers.max(1))
             .thread_name(|i| format!("lmim-data-{i}"))
@@ -251,11 +255,13 @@ impl Loader {
         self.shared.skipped.load(Ordering::Relaxed)
     }
 
-    /// The files skipped so far, each once, sorted.
+    /// The files skipped so far, each once, sorted, then the samples lost in cut or corrupt shards
+    /// (`<split>/<shard>#<n>`: the shard's n-th sample).
     pub fn skipped_files(&self) -> Vec<std::path::PathBuf> {
         let ids = self.shared.warned.lock().unwrap_or_else(|e| e.into_inner());
         let mut files: Vec<std::path::PathBuf> = ids.iter().map(|&i| self.shared.dataset.samples[i].0.clone()).collect();
         files.sort();
+        files.extend(self.shared.dataset.lost_paths());
         files
     }
 

@@ -19,12 +19,15 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::dataset::{make_index, Dataset, Fingerprint, Item, OpenOptions, IMAGE_EXTENSIONS};
-use super::index::{self, DatasetIndex, Entry, Stamp};
+use super::index::{self, DatasetIndex, Entry, FileId, Lost, Stamp};
 use crate::error::{Error, Result};
 
 const BLOCK: u64 = 512;
 /// The class names of a packed split.
 pub const CLASSES_FILE: &str = "classes.txt";
+/// How many samples `data pack` wrote into each shard (`<shard>\t<samples>` per line): a shard found with fewer,
+/// even one cut cleanly at a member boundary, has lost the rest, known without reading its data.
+pub const COUNTS_FILE: &str = "counts.tsv";
 /// Extended-header and long-name members bigger than this are not a name: a corrupt shard.
 const MAX_META: u64 = 1 << 20;
 
@@ -167,6 +170,12 @@ fn parse_pax(data: &[u8]) -> std::result::Result<(Option<String>, Option<u64>), 
 /// The regular members of the tar at `path`, from one pass over its headers (one 512-byte read per member), and
 /// what is wrong with it: a tar cut short or a corrupt header ends the list there.
 pub fn read_members(path: &Path) -> Result<(Vec<Member>, Option<String>)> {
+    let (members, stop) = scan_members(path)?;
+    Ok((members, stop.map(|(_, why)| why)))
+}
+
+/// As [`read_members`], with the byte offset where the reading stopped (the file's end for a cut member).
+pub fn scan_members(path: &Path) -> Result<(Vec<Member>, Option<(u64, String)>)> {
     let f = crate::fsutil::open_regular(path, None)?;
     let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut members = Vec::new();
@@ -174,17 +183,17 @@ pub fn read_members(path: &Path) -> Result<(Vec<Member>, Option<String>)> {
     let mut block = [0u8; 512];
     let problem = loop {
         if pos + BLOCK > len {
-            break Some(if pos == len {
+            break Some((pos, if pos == len {
                 "ends without the end-of-archive blocks (a truncated tar?)".to_string()
             } else {
                 format!("ends inside a header at byte {pos} (a truncated tar)")
-            });
+            }));
         }
         f.read_exact_at(&mut block, pos).map_err(|e| Error::io(path, e))?;
         let h = match parse_header(&block) {
             Ok(Some(h)) => h,
             Ok(None) => break None,
-            Err(e) => break Some(format!("bad tar header at byte {pos}: {e}")),
+            Err(e) => break Some((pos, format!("bad tar header at byte {pos}: {e}"))),
         };
         let data = pos + BLOCK;
         let read_meta = |size: u64| -> Result<std::result::Result<Vec<u8>, String>> {
@@ -198,11 +207,11 @@ pub fn read_members(path: &Path) -> Result<(Vec<Member>, Option<String>)> {
         match h.kind {
             b'x' => match read_meta(h.size)?.and_then(|v| parse_pax(&v)) {
                 Ok(p) => pax = p,
-                Err(e) => break Some(e),
+                Err(e) => break Some((pos, e)),
             },
             b'L' => match read_meta(h.size)?.and_then(|v| cstr(&v)) {
                 Ok(n) => long_name = Some(n),
-                Err(e) => break Some(e),
+                Err(e) => break Some((pos, e)),
             },
             b'0' | 0 | b'7' => {
                 let name = pax.0.take().or(long_name.take()).unwrap_or(h.name);
@@ -210,7 +219,7 @@ pub fn read_members(path: &Path) -> Result<(Vec<Member>, Option<String>)> {
                 members.push(Member { name, offset: data, size });
                 if data + size > len {
                     // The member is listed: reading it reports the truncation by name.
-                    break Some(format!("ends inside member `{}` (a truncated tar)", members.last().expect("pushed").name));
+                    break Some((len, format!("ends inside member `{}` (a truncated tar)", members.last().expect("pushed").name)));
                 }
                 pos = data + size.div_ceil(BLOCK) * BLOCK;
                 continue;
@@ -283,15 +292,36 @@ pub(crate) fn scan(root: &Path, split: &str, dir: &Path, items: &[Item]) -> Resu
     if named.is_some() {
         stamps.push(index::stamp(dir, CLASSES_FILE)?);
     }
-    let per_shard: Vec<Result<(Vec<Entry>, Vec<String>, Stamp)>> = names
+    let counts_path = dir.join(COUNTS_FILE);
+    let packed: Option<std::collections::HashMap<String, u64>> = if counts_path.is_file() {
+        stamps.push(index::stamp(dir, COUNTS_FILE)?);
+        Some(read_counts(&counts_path)?)
+    } else {
+        None
+    };
+    let per_shard: Vec<Result<(Vec<Entry>, Vec<String>, Stamp, Option<Lost>, FileId)>> = names
         .par_iter()
         .enumerate()
         .map(|(s, name)| {
             let path = dir.join(name);
             let stamp = index::stamp(dir, name)?;
-            let (members, problem) = read_members(&path)?;
-            let mut problems: Vec<String> = problem.into_iter().map(|p| format!("{name}: {p}")).collect();
+            let id = FileId::of(&std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?);
+            let (members, stop) = scan_members(&path)?;
+            let mut problems: Vec<String> = stop.iter().map(|(_, p)| format!("{name}: {p}")).collect();
             let (samples, orphans) = samples_of(&members);
+            let found = samples.len() as u64;
+            let lost = match (packed.as_ref().and_then(|c| c.get(name)), &stop) {
+                (Some(&want), _) if found < want => Some(Lost {
+                    shard: name.clone(),
+                    offset: stop.as_ref().map_or(stamp.size, |(o, _)| *o),
+                    first: found,
+                    count: Some(want - found),
+                    why: stop.as_ref().map_or_else(|| format!("{COUNTS_FILE} says {want} samples, the shard holds {found}"), |(_, w)| w.clone()),
+                }),
+                (Some(_), _) => None,
+                (None, Some((offset, why))) => Some(Lost { shard: name.clone(), offset: *offset, first: found, count: None, why: why.clone() }),
+                (None, None) => None,
+            };
             if orphans > 0 {
                 problems.push(format!("{name}: {orphans} label(s) without an image member"));
             }
@@ -312,15 +342,28 @@ pub(crate) fn scan(root: &Path, split: &str, dir: &Path, items: &[Item]) -> Resu
             if unlabelled > 0 {
                 problems.push(format!("{name}: {unlabelled} sample(s) without a readable `.cls` label"));
             }
-            Ok((entries, problems, stamp))
+            if let Some(l) = lost.as_ref().filter(|_| stop.is_none()) {
+                problems.push(l.describe());
+            }
+            Ok((entries, problems, stamp, lost, id))
         })
         .collect();
-    let (mut entries, mut problems) = (Vec::new(), Vec::new());
+    let (mut entries, mut problems, mut lost, mut ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in per_shard {
-        let (e, p, s) = r?;
+        let (e, p, s, l, id) = r?;
+        ids.extend(std::iter::repeat_n(id, e.len()));
         entries.extend(e);
         problems.extend(p);
         stamps.push(s);
+        lost.extend(l);
+    }
+    if let Some(c) = &packed {
+        let missing: Vec<&String> = c.keys().filter(|k| !names.contains(k)).collect();
+        for m in missing {
+            problems.push(format!("{m}: listed in {COUNTS_FILE} but missing"));
+            lost.push(Lost { shard: m.clone(), offset: 0, first: 0, count: Some(c[m]), why: "the shard is missing".into() });
+        }
+        lost.sort_by(|a, b| a.shard.cmp(&b.shard));
     }
     if entries.is_empty() {
         return Err(Error::data(dir, "no samples (`<key>.jpg|jpeg|png` members) in any shard"));
@@ -340,7 +383,23 @@ pub(crate) fn scan(root: &Path, split: &str, dir: &Path, items: &[Item]) -> Resu
         counts[e.label as usize] += 1;
     }
     let empty = classes.iter().zip(&counts).filter(|(_, &n)| n == 0).map(|(c, _)| c.clone()).collect();
-    Ok(make_index(root, split, "wds_shards", classes, empty, names, stamps, problems, entries))
+    let mut idx = make_index(root, split, "wds_shards", classes, empty, names, stamps, problems, entries, &ids);
+    idx.header.lost = lost;
+    Ok(idx)
+}
+
+/// The `<shard>\t<samples>` lines of a [`COUNTS_FILE`].
+fn read_counts(path: &Path) -> Result<std::collections::HashMap<String, u64>> {
+    let text = crate::fsutil::read_regular_text(path, Some(crate::fsutil::TEXT_LIMIT))?;
+    let mut out = std::collections::HashMap::new();
+    for (ln, line) in text.lines().enumerate().filter(|(_, l)| !l.is_empty() && !l.starts_with('#')) {
+        let parsed = line.split_once('\t').and_then(|(n, c)| Some((n.to_string(), c.trim().parse::<u64>().ok()?)));
+        let Some((name, count)) = parsed else {
+            return Err(Error::data(path, format!("line {}: expected `<shard>\t<samples>`", ln + 1)));
+        };
+        out.insert(name, count);
+    }
+    Ok(out)
 }
 
 /// A ustar header for a regular file of `size` bytes; a name that does not fit `prefix` + `name` goes in a pax
@@ -436,35 +495,48 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
 }
 
 /// Writes `ds` as tar shards of at most about `shard_size` bytes into `out/<split>` (which must not exist): the
-/// shards are written into a temporary folder that takes the final name once all are complete and synced, so
-/// an interrupted pack leaves no partial split. The result is reopened and its fingerprint compared with `ds`'s.
+/// shards are written into a temporary folder, reopened there and their fingerprint compared with `ds`'s, and only
+/// then does the folder take the final name, so an interrupted or failed pack leaves no split (and an existing
+/// one as it was). A second pack of the same split into `out` while one runs is refused, naming its PID.
 pub fn pack(ds: &Dataset, out: &Path, shard_size: u64) -> Result<PackReport> {
-    let dest = out.join(&ds.split);
+    let lock = pack_lock(out, &ds.split)?;
+    pack_locked(ds, out, shard_size, &lock)
+}
+
+/// The lock of packing `split` into `out` (`out/.<split>.pack.lock`), taken without waiting: a second pack of the
+/// same split into the same folder gets [`Error::FolderBusy`] naming the first's PID. `data pack` takes it before
+/// it opens the source, so the second is refused up front.
+pub fn pack_lock(out: &Path, split: &str) -> Result<crate::fsutil::RunLock> {
+    let dest = out.join(split);
     if dest.exists() {
         return Err(Error::data(&dest, "exists already: remove it or choose another --out"));
     }
+    crate::fsutil::RunLock::acquire_named(out, &format!(".{split}.pack.lock"), &dest)
+}
+
+/// [`pack`] under a lock that [`pack_lock`] gave.
+pub fn pack_locked(ds: &Dataset, out: &Path, shard_size: u64, _lock: &crate::fsutil::RunLock) -> Result<PackReport> {
+    let dest = out.join(&ds.split);
+    if dest.exists() {
+        return Err(Error::data(&dest, "exists already (another pack finished it): remove it or choose another --out"));
+    }
     remove_stale_packs(out, &ds.split);
-    let tmp = out.join(format!("{}.tmp-{}", ds.split, std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let tmp = crate::fsutil::TempDir::create(out.join(format!("{}.tmp-{}", ds.split, std::process::id())))?;
+    let (shards, bytes) = write_shards(ds, tmp.path(), shard_size)?;
+    crate::fsutil::fsync_dir(tmp.path())?;
+    // Checked before it takes its name: reopened through a private index cache that goes with the folder.
+    let tmp_name = tmp.path().file_name().and_then(|n| n.to_str()).expect("a UTF-8 name").to_string();
+    let check_cache = tmp.path().join(".check-index");
+    let packed = Dataset::open_with(out, &tmp_name, &OpenOptions { quiet: true, rescan: true, index_dir: Some(check_cache.clone()), ..Default::default() })?;
+    let _ = std::fs::remove_dir_all(&check_cache);
+    let want = ds.fingerprint()?;
+    let got = Fingerprint { split: want.split.clone(), ..packed.fingerprint()? };
+    if want != got || !packed.lost().is_empty() {
+        return Err(Error::data(&dest, format!("the shards' fingerprint {} differs from the source's {}; nothing was kept", got.files_hash, want.files_hash)));
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let result = write_shards(ds, &tmp, shard_size);
-    let (shards, bytes) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    crate::fsutil::fsync_dir(&tmp)?;
-    std::fs::rename(&tmp, &dest).map_err(|e| Error::io(&dest, e))?;
+    tmp.publish(&dest)?;
     crate::fsutil::fsync_dir(out)?;
-    let packed = Dataset::open_with(out, &ds.split, &OpenOptions { quiet: true, rescan: true, ..Default::default() })?;
-    let (want, got) = (ds.fingerprint()?, packed.fingerprint()?);
-    if want != got {
-        return Err(Error::data(&dest, format!("the shards' fingerprint {} differs from the source's {}", got.files_hash, want.files_hash)));
-    }
+    crate::signals::set_finished(format!("{} is complete", dest.display()));
     Ok(PackReport { dir: dest, shards, samples: ds.len(), bytes, fingerprint: got })
 }
 
@@ -498,6 +570,7 @@ fn write_shards(ds: &Dataset, dir: &Path, shard_size: u64) -> Result<(usize, u64
         Ok(())
     };
     let mut prev_key = String::new();
+    let mut per_shard: Vec<u64> = Vec::new();
     for i in 0..ds.len() {
         let rel = ds.rel_path(i);
         let path = &ds.samples[i].0;
@@ -515,6 +588,7 @@ fn write_shards(ds: &Dataset, dir: &Path, shard_size: u64) -> Result<(usize, u64
             finish(shard.take())?;
         }
         if shard.is_none() {
+            per_shard.push(0);
             let p = dir.join(format!("shard-{count:06}.tar"));
             let f = File::options().write(true).create_new(true).open(&p).map_err(|e| Error::io(&p, e))?;
             shard = Some((p, BufWriter::with_capacity(1 << 20, f), 0));
@@ -531,8 +605,14 @@ fn write_shards(ds: &Dataset, dir: &Path, shard_size: u64) -> Result<(usize, u64
         write(w).map_err(|e| Error::io(&*p, e))?;
         *used += need;
         total += bytes.len() as u64;
+        *per_shard.last_mut().expect("a shard is open") += 1;
     }
     finish(shard.take())?;
+    let mut counts = format!("# samples per shard, as `data pack` wrote them\n");
+    for (i, n) in per_shard.iter().enumerate() {
+        counts.push_str(&format!("shard-{i:06}.tar\t{n}\n"));
+    }
+    crate::fsutil::write_atomic(&dir.join(COUNTS_FILE), counts.as_bytes())?;
     Ok((count, total))
 }
 

@@ -2,7 +2,7 @@
 //! (`features` [N, D] f32 or f16, `labels` [N] i64, metadata), with a cache shared by all protocols.
 //!
 //! The cache key hashes everything that changes the numbers: checkpoint sha256, the resolved model config, the
-//! dataset fingerprint and split, the transform, the feature kind and blocks, and the precision. A second protocol on
+//! dataset fingerprint and cache key (which adds the files' times and inodes) and split, the transform, the feature kind and blocks, and the precision. A second protocol on
 //! the same checkpoint and data reuses the file; a changed checkpoint or transform never does.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -285,6 +285,10 @@ pub struct ExtractReport {
     /// The files skipped as unreadable (with `skip_bad`), in dataset order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub skipped_paths: Vec<PathBuf>,
+    /// Tensors of the checkpoint that are not weights of the encoder and were left out (e.g. an extra tensor
+    /// saved beside the weights).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ignored_keys: Vec<String>,
 }
 
 /// The eval transform for a model input size: Resize(floor(size / crop_pct), bicubic) + CenterCrop(size).
@@ -444,6 +448,10 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     let opts = LoadOptions { arch: req.arch.clone(), from: req.from, img_size: None };
     let loaded = load_vit_with(&req.checkpoint, &opts, req.device, 0)?;
     let cfg = loaded.model.cfg.clone();
+    let ignored_keys = loaded.report.unexpected.clone();
+    if !ignored_keys.is_empty() && !req.quiet && crate::dist::world().is_main() {
+        eprintln!("warning: {}: {} tensor(s) that are not weights of the {} encoder were ignored: {}", req.checkpoint.display(), ignored_keys.len(), cfg.arch, ignored_keys.join(", "));
+    }
     let family_feature = loaded.source.eval_feature.as_deref().filter(|_| req.feature_is_default).map(FeatureKind::parse).transpose()?;
     let feature = family_feature.unwrap_or(req.feature);
     if !cfg.class_token && matches!(feature, FeatureKind::Cls | FeatureKind::ClsAvg | FeatureKind::ClsPrenorm) {
@@ -466,6 +474,8 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
         "checkpoint_sha256": loaded.sha256,
         "model_config": cfg,
         "dataset_fingerprint": fp,
+        // The files' times and inodes too: a file rewritten in place gives other features once the index sees it.
+        "dataset_cache_key": dataset.cache_key(),
         "split": req.split,
         "transform": transform,
         "feature": req.feature.name(),
@@ -491,7 +501,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     });
     let hit = world.sum_f64(&[cached.is_some() as u8 as f64], "the feature cache check")?[0] > 0.0;
     if hit {
-        let report = ExtractReport { cache_key: key, path: cache_path.clone(), cache_hit: true, seconds: t0.elapsed().as_secs_f64(), images_per_s: None, skipped_paths: Vec::new() };
+        let report = ExtractReport { cache_key: key, path: cache_path.clone(), cache_hit: true, seconds: t0.elapsed().as_secs_f64(), images_per_s: None, skipped_paths: Vec::new(), ignored_keys };
         let set = cached.map_or_else(|| FeatureSet::empty_on_peer(cfg.embed_dim), |(_, set)| set);
         return Ok((set, report));
     }
@@ -525,18 +535,19 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     drop(rows);
     let gathered = gather_rows(world, local, n as i64)?;
     let Some((features, labels, filled)) = gathered else {
-        let report = ExtractReport { cache_key: key, path: cache_path, cache_hit: false, seconds: t0.elapsed().as_secs_f64(), images_per_s: None, skipped_paths: Vec::new() };
+        let report = ExtractReport { cache_key: key, path: cache_path, cache_hit: false, seconds: t0.elapsed().as_secs_f64(), images_per_s: None, skipped_paths: Vec::new(), ignored_keys };
         return Ok((FeatureSet::empty_on_peer(cfg.embed_dim), report));
     };
     let features = features.ok_or_else(|| Error::data(&dataset_dir, "the split has no images"))?;
     let mut skipped_paths = Vec::new();
-    let (features, labels) = if filled == n && labels.min().int64_value(&[]) >= 0 {
+    let lost = loader.dataset().lost_paths();
+    let (features, labels) = if filled == n && labels.min().int64_value(&[]) >= 0 && lost.is_empty() {
         (features, labels)
     } else if req.skip_bad {
         // The rows of the files that could not be read are left out; the record lists them.
         let kept = labels.ge(0);
         let missing = Vec::<i64>::try_from(kept.logical_not().nonzero().view([-1])).expect("int64 indices");
-        skipped_paths = missing.iter().map(|&i| loader.dataset().samples[i as usize].0.clone()).collect();
+        skipped_paths = missing.iter().map(|&i| loader.dataset().samples[i as usize].0.clone()).chain(lost).collect();
         let rows = kept.nonzero().view([-1]);
         if rows.size()[0] == 0 {
             return Err(Error::data(&dataset_dir, "no image of the split could be read"));
@@ -581,6 +592,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
         seconds: t0.elapsed().as_secs_f64(),
         images_per_s: Some(n as f64 / extract_s.max(1e-9)),
         skipped_paths,
+        ignored_keys,
     };
     Ok((set, report))
 }

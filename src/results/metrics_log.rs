@@ -97,6 +97,22 @@ impl MetricsLog {
     }
 }
 
+/// Drops the lines of `path` whose `step` is beyond `step`: what a run killed after its last checkpoint logged
+/// and its resume (from that checkpoint) logs again. Returns how many it dropped; a missing file has none.
+pub fn drop_lines_after_step(path: &Path, step: i64) -> Result<usize> {
+    if !path.exists() {
+        return Ok(0);
+    }
+    let text = crate::fsutil::read_regular_text(path, None)?;
+    let beyond = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step")?.as_i64()).is_some_and(|s| s > step);
+    let kept: Vec<&str> = text.split_inclusive('\n').filter(|l| !beyond(l.trim_end())).collect();
+    let dropped = text.split_inclusive('\n').count() - kept.len();
+    if dropped > 0 {
+        crate::fsutil::write_atomic(path, kept.concat().as_bytes())?;
+    }
+    Ok(dropped)
+}
+
 /// Cuts a last line left without its newline (a write cut short by a full disk or a crash) back to the end of
 /// the last whole line, so that the next line is not glued to it and every line stays JSON (`plot` refuses a
 /// file with a line that is not).

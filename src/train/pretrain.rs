@@ -248,6 +248,8 @@ pub struct Trainer {
     iters_per_epoch: usize,
     step_state: StepState,
     window: Window,
+    /// The log sums of the checkpoint resumed from ([`Window::state`]), restored when training starts.
+    resumed_window: Option<serde_json::Value>,
 }
 
 /// The schedules' values of the current optimiser step.
@@ -294,6 +296,45 @@ impl Window {
         let all = crate::train::device::read_f64s(&local)?;
         let (n, images) = (all[k].max(1.0), all[k + 1]);
         Ok((Self::NAMES.iter().zip(&all).map(|(name, s)| (name.to_string(), s / n)).collect(), images))
+    }
+
+    /// The sums, counts and images of the window and of the epoch over every rank, as a checkpoint keeps them
+    /// (a resumed run's logs then continue the interrupted window and epoch instead of starting them again).
+    /// Every rank calls it at the same steps.
+    fn state(&self) -> Result<serde_json::Value> {
+        let k = Self::NAMES.len() as i64;
+        let zeros = || Tensor::zeros([k], (Kind::Double, Device::Cpu));
+        let epoch = self.epoch_sums.as_ref().map_or_else(zeros, |s| s.to_device(Device::Cpu));
+        let window = self.sums.as_ref().map_or_else(zeros, |s| s.to_device(Device::Cpu));
+        let counts = Tensor::from_slice(&[self.epoch_n as f64, self.n as f64, self.images as f64]);
+        let local = Tensor::cat(&[epoch, window, counts], 0);
+        crate::dist::world().all_reduce_sum(std::slice::from_ref(&local), "the monitor all-reduce")?;
+        let all = Vec::<f64>::try_from(&local).map_err(Error::Torch)?;
+        let k = k as usize;
+        Ok(serde_json::json!({
+            "epoch_sums": &all[..k], "window_sums": &all[k..2 * k],
+            "epoch_n": all[2 * k] as usize, "window_n": all[2 * k + 1] as usize, "images": all[2 * k + 2] as usize,
+        }))
+    }
+
+    /// Restores [`Window::state`] on rank 0 (the other ranks' sums start at zero, so the all-reduced sums are
+    /// those of the interrupted run). None when the checkpoint has none (written before they were kept).
+    fn restore(&mut self, state: &serde_json::Value, device: Device) -> Option<()> {
+        let vec = |k: &str| -> Option<Vec<f64>> { state.get(k)?.as_array()?.iter().map(|v| v.as_f64()).collect() };
+        let (epoch, window) = (vec("epoch_sums")?, vec("window_sums")?);
+        if epoch.len() != Self::NAMES.len() || window.len() != Self::NAMES.len() {
+            return None;
+        }
+        let count = |k: &str| state.get(k)?.as_u64().map(|v| v as usize);
+        let (epoch_n, n, images) = (count("epoch_n")?, count("window_n")?, count("images")?);
+        self.reset(true);
+        if crate::dist::world().is_main() {
+            let t = |v: &[f64]| Tensor::from_slice(v).to_device(device);
+            self.epoch_sums = (epoch_n > 0).then(|| t(&epoch));
+            self.sums = (n > 0).then(|| t(&window));
+            (self.epoch_n, self.n, self.images) = (epoch_n, n, images);
+        }
+        Some(())
     }
 
     fn reset(&mut self, epoch: bool) {
@@ -376,7 +417,7 @@ impl Trainer {
             .collect();
         let opt = AdamW::new(params, cfg.beta1, cfg.beta2, 1e-8);
         let amp = cfg.precision.autocast(device);
-        Ok(Trainer { cfg: cfg.clone(), vs, model, opt, pos: Position::default(), device, amp, dataset_hash: None, iters_per_epoch: 1, step_state: StepState::default(), window: Window::default() })
+        Ok(Trainer { cfg: cfg.clone(), vs, model, opt, pos: Position::default(), device, amp, dataset_hash: None, iters_per_epoch: 1, step_state: StepState::default(), window: Window::default(), resumed_window: None })
     }
 
     /// The step rule of this run (one process).
@@ -399,6 +440,11 @@ impl Trainer {
 
     /// Writes model, target, optimiser state and position to `path` atomically.
     pub fn save_checkpoint(&self, path: &Path) -> Result<()> {
+        self.save_checkpoint_with(path, None)
+    }
+
+    /// As [`Trainer::save_checkpoint`], with the log sums of the current window and epoch ([`Window::state`]).
+    fn save_checkpoint_with(&self, path: &Path, window: Option<&serde_json::Value>) -> Result<()> {
         let mut tensors: Vec<(String, Tensor)> = self.vs.variables().into_iter().map(|(n, t)| (format!("model.{n}"), t)).collect();
         tensors.extend(self.opt.state().into_iter().map(|(n, t)| (format!("optim.{n}"), t)));
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
@@ -411,6 +457,9 @@ impl Trainer {
         meta.insert("arch".to_string(), self.model.vit_cfg.arch.clone());
         if let Some(h) = &self.dataset_hash {
             meta.insert("dataset_hash".to_string(), h.clone());
+        }
+        if let Some(w) = window {
+            meta.insert("log_sums".to_string(), w.to_string());
         }
         checkpoint::save(path, &tensors, &meta)
     }
@@ -461,6 +510,7 @@ impl Trainer {
         let step = num("step")?;
         self.opt.load_state(|k| by_name.get(k).map(|t| t.shallow_clone()), step).map_err(|r| Error::checkpoint(path, r))?;
         self.pos = Position { epoch: num("epoch")? as usize, iter: num("iter")? as usize, step };
+        self.resumed_window = ck.metadata.get("log_sums").and_then(|s| serde_json::from_str(s).ok());
         Ok(())
     }
 
@@ -504,6 +554,11 @@ impl Trainer {
             }
         }
         self.window.reset(true);
+        if let Some(state) = self.resumed_window.take() {
+            if self.window.restore(&state, self.device).is_none() && main {
+                eprintln!("warning: the checkpoint resumed from has no usable log sums: the first window and epoch means after the resume cover only the steps run since");
+            }
+        }
         while self.pos.epoch < epochs {
             let epoch = self.pos.epoch;
             // Positions are global micro-batches; each rank has 1 / world of them.
@@ -548,6 +603,22 @@ impl Trainer {
                     tr.window.reset(false);
                     window_start = Instant::now();
                 }
+                if ev.epoch_end {
+                    // The epoch means (the reference logs these) under `epoch_<name>`, apart from the window means
+                    // at the same step; logged before the epoch's checkpoint, so that a run killed in between
+                    // resumes from the checkpoint before and logs the line again (a resume drops later lines).
+                    let mut line = serde_json::json!({ "step": tr.pos.step, "epoch": tr.pos.epoch as f64 });
+                    for (k, v) in tr.window.means(true)?.0 {
+                        line[format!("epoch_{k}")] = serde_json::json!(v);
+                    }
+                    let done = tr.pos.epoch;
+                    if let Some(m) = monitor.filter(|_| cfg.nn_every > 0 && (done % cfg.nn_every == 0 || done == epochs || done == 1)) {
+                        let top1 = m.evaluate(&tr.model.encoder.vit)?;
+                        line["nn_top1"] = serde_json::json!(top1);
+                        nn_last = Some(top1);
+                    }
+                    log.log(&line)?;
+                }
                 // A signal (SIGINT, SIGTERM) stops the run here, after a whole optimiser step, with a checkpoint.
                 let stop = crate::signals::interrupted();
                 if ev.epoch_end || (cfg.checkpoint_every > 0 && ev.step % cfg.checkpoint_every == 0) || stop.is_some() {
@@ -559,13 +630,15 @@ impl Trainer {
                         )));
                     }
                     let path = paths.checkpoint(tr.pos.step);
+                    // Mid-epoch, the epoch (and window) sums so far travel with the checkpoint: every rank adds its own.
+                    let window = if ev.epoch_end { None } else { Some(tr.window.state()?) };
                     if !main {
                         // Rank 0 writes; this rank waits for it on the store, outside any collective.
                         world.after_rank0_writes(&format!("checkpoint {}", tr.pos.step))?;
                         return Ok(Flow::Continue);
                     }
                     crate::dist::fault_point("checkpoint", tr.pos.step)?;
-                    tr.save_checkpoint(&path)?;
+                    tr.save_checkpoint_with(&path, window.as_ref())?;
                     last_ckpt = Some(path);
                     if ev.epoch_end && cfg.save_every > 0 && tr.pos.epoch % cfg.save_every == 0 {
                         let keep = paths.permanent(tr.pos.epoch);
@@ -596,19 +669,6 @@ impl Trainer {
             if stats.stopped {
                 break;
             }
-            // The epoch means (the reference logs these) under `epoch_<name>`, apart from the window means at the
-            // same step.
-            let mut line = serde_json::json!({ "step": self.pos.step, "epoch": self.pos.epoch as f64 });
-            for (k, v) in self.window.means(true)?.0 {
-                line[format!("epoch_{k}")] = serde_json::json!(v);
-            }
-            let done = self.pos.epoch;
-            if let Some(m) = monitor.filter(|_| cfg.nn_every > 0 && (done % cfg.nn_every == 0 || done == epochs || done == 1)) {
-                let top1 = m.evaluate(&self.model.encoder.vit)?;
-                line["nn_top1"] = serde_json::json!(top1);
-                nn_last = Some(top1);
-            }
-            log.log(&line)?;
             self.window.reset(true);
             if main {
                 self.export_encoder(&paths.encoder())?;
@@ -866,6 +926,10 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     }
     let started = crate::results::now_rfc3339();
     let t0 = Instant::now();
+    if main && resume.is_some() {
+        // A kill after the last checkpoint left lines that the resume writes again.
+        crate::results::metrics_log::drop_lines_after_step(&paths.metrics(), trainer.pos.step)?;
+    }
     let mut log = if main { MetricsLog::open(&out, "metrics.jsonl", req.tensorboard)? } else { MetricsLog::discard()? };
     log.text("config", &toml::to_string_pretty(&cfg).unwrap_or_default())?;
     // In one process a signal stops the run after the current step, with a checkpoint; ranks of a data-parallel
