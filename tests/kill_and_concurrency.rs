@@ -10,6 +10,13 @@ use assert_cmd::cargo::CommandCargoExt;
 use lmim_bench::checkpoint;
 use rand::{Rng, SeedableRng};
 
+/// The tests of this file, one at a time: the SIGKILL test times its kills from an uninterrupted run, which a
+/// concurrent pack or eval would slow down and its reruns would then outrun.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn bin() -> Command {
     let mut c = Command::cargo_bin("lmim-bench").unwrap();
     c.env("OMP_NUM_THREADS", "1");
@@ -75,6 +82,7 @@ fn assert_same_tensors(a: &Path, b: &Path) {
 
 #[test]
 fn sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run() {
+    let _one_at_a_time = serial();
     let dir = tempfile::tempdir().unwrap();
     // 16 steps, so that most of a run is training, not process start-up.
     let data = synth(dir.path(), "16");
@@ -188,6 +196,7 @@ fn sigkill_at_random_moments_then_rerun_equals_an_uninterrupted_run() {
 
 #[test]
 fn four_concurrent_evals_into_one_results_folder() {
+    let _one_at_a_time = serial();
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path(), "8");
     let ckpt = dir.path().join("enc.safetensors");
@@ -247,6 +256,7 @@ fn four_concurrent_evals_into_one_results_folder() {
 
 #[test]
 fn a_second_pretrain_into_a_busy_run_folder_is_refused() {
+    let _one_at_a_time = serial();
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path(), "8");
     let run = dir.path().join("run");
@@ -277,6 +287,7 @@ fn a_second_pretrain_into_a_busy_run_folder_is_refused() {
 
 #[test]
 fn a_signal_during_a_pack_removes_its_folder_and_a_second_pack_is_refused_up_front() {
+    let _one_at_a_time = serial();
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path(), "400");
     let out = dir.path().join("packed");
@@ -313,7 +324,16 @@ fn a_signal_during_a_pack_removes_its_folder_and_a_second_pack_is_refused_up_fro
         assert!(t0.elapsed() < Duration::from_secs(60));
         std::thread::sleep(Duration::from_millis(1));
     }
+    // Held still while the second runs (a pack of this size takes well under a second): the refusal must come
+    // from the running pack's lock, not from its finished folder.
+    // SAFETY: signals our own child, which has not been reaped yet (here and below).
+    unsafe {
+        libc::kill(first.id() as i32, libc::SIGSTOP);
+    }
     let second = pack().output().unwrap();
+    unsafe {
+        libc::kill(first.id() as i32, libc::SIGCONT);
+    }
     let err = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(2), "{err}");
     assert!(err.contains(&format!("PID {}", first.id())) && err.contains("train"), "{err}");
