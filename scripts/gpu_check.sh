@@ -80,10 +80,10 @@ else
 fi
 
 # Each step's share of the budget, in seconds on an H200 (x3 on the CPU): what it was estimated to need plus a
-# margin; together 560 s of GPU-mode steps for the 540 s budget (the original code's rows run only with
-# LATENTMIM_DIR / DINO_DIR; without them 450 s), so with every optional row the last step gets what is left.
+# margin; together 590 s of GPU-mode steps for the 540 s budget (the original code's rows run only with
+# LATENTMIM_DIR / DINO_DIR; without them 480 s), so with every optional row the last step gets what is left.
 declare -A SHARE=(
-    [info]=15 [python-info]=25 [parity-ref]=35 [parity]=25 [step-parity]=40
+    [info]=15 [python-info]=25 [parity-ref]=35 [parity]=25 [step-ref-input]=10 [step-ref]=20 [step-parity]=40
     [pretrain-ours-1]=40 [pretrain-original-fp16]=40 [pretrain-original-bf16]=40 [pretrain-original-none]=40 [pretrain-ours-2]=40
     [finetune-ours]=30 [finetune-timm]=30 [infer-ours]=20 [infer-timm]=20
     [knn-ours]=30 [knn-dino]=30 [sweep-probe]=10 [sweep]=30 [synth]=25 [loader]=20 [dist-check]=15
@@ -128,7 +128,12 @@ step python-info "$PY" -c "import json, torch, timm; c = torch.cuda.is_available
 # Parity: timm writes its weights and outputs on this device, lmim-bench compares.
 step parity-ref "$PY" "$ROOT/benches/py/gpu_side.py" parity-ref "$VIT" "$PAR_BATCH" "$DEV" "$SCRATCH/parity"
 step parity "$BIN" bench --device "$DEV" parity --weights "$SCRATCH/parity/weights.safetensors" --io "$SCRATCH/parity/io.safetensors" --arch "$VIT"
-step step-parity "$BIN" bench --device "$DEV" step-parity -c "$LMIM_CFG" --batch-size "$STEP_PAR_BATCH"
+# The same step against an independent one: tests/py/ref_lmim_step.py (plain PyTorch on the CPU, written from the
+# method) on the weights, images and views lmim-bench draws for it.
+mkdir -p "$SCRATCH/stepref"
+step step-ref-input "$BIN" bench step-parity -c "$LMIM_CFG" --batch-size "$STEP_PAR_BATCH" --write-reference-input "$SCRATCH/stepref/in.safetensors"
+step step-ref "$PY" "$ROOT/tests/py/ref_lmim_step.py" "$SCRATCH/stepref/in.safetensors" "$SCRATCH/stepref/out.safetensors"
+step step-parity "$BIN" bench --device "$DEV" step-parity -c "$LMIM_CFG" --batch-size "$STEP_PAR_BATCH" --reference "$SCRATCH/stepref/out.safetensors"
 
 # Pretraining step, alternating lmim-bench and the original code.
 ours_pre() { step "pretrain-ours-$1" "$BIN" bench --device "$DEV" --warmup "$WARM" --steps "$STEPS" pretrain -c "$LMIM_CFG" --batch-size "$PRE_BATCH" --set "precision=$PREC"; }

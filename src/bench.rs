@@ -447,32 +447,69 @@ pub fn vit_parity(weights: &Path, io: &Path, arch: &str, device: Device) -> Resu
 }
 
 /// One Latent MIM step (EMA update, views, both encoders, decoder, loss, backward) in fp32 on `device` against the
-/// same step on the CPU from the same weights and images: the loss, every gradient, and the EMA'd target.
-pub fn lmim_step_parity(cfg: &PretrainConfig, batch: i64, device: Device) -> Result<Parity> {
+/// same step on the CPU from the same weights and images: the loss, every gradient, and the EMA'd target. With
+/// `reference` (the output of tests/py/ref_lmim_step.py on [`lmim_step_reference_input`]'s file), the device's
+/// loss and gradients are also compared with that independent PyTorch step.
+pub fn lmim_step_parity(cfg: &PretrainConfig, batch: i64, device: Device, reference: Option<&Path>) -> Result<Parity> {
     // The patch embedding is a convolution: in TF32 (cuDNN's default) it alone is off by ~1e-3 relative.
     // SAFETY: sets a flag of ATen's global context; the shim catches C++ exceptions.
     let prev_tf32 = unsafe { crate::ffi::lmim_set_cudnn_tf32(0) };
-    let out = lmim_step_parity_fp32(cfg, batch, device);
+    let out = lmim_step_parity_fp32(cfg, batch, device, reference);
     // SAFETY: as above.
     unsafe { crate::ffi::lmim_set_cudnn_tf32(prev_tf32) };
     out
 }
 
-fn lmim_step_parity_fp32(cfg: &PretrainConfig, batch: i64, device: Device) -> Result<Parity> {
-    use crate::train::step::TrainStep;
+/// The step's config in fp32 with one micro-batch of `batch`, and its images (seeded, on the CPU).
+fn step_parity_setup(cfg: &PretrainConfig, batch: i64) -> Result<(PretrainConfig, Tensor)> {
     let mut cfg = cfg.clone();
     cfg.precision = Precision::F32;
     cfg.micro_batch_size = batch;
     cfg.batch_size = batch;
+    cfg.validate()?;
+    let size = cfg.model.train_size()?;
+    tch::manual_seed(cfg.seed as i64 + 1);
+    Ok((cfg, Tensor::randn([batch, 3, size, size], (Kind::Float, Device::Cpu))))
+}
+
+/// Schedule time of the parity step (mid-warm-up, so that the EMA and the similarity target are not at their ends).
+const STEP_PARITY_T: f64 = 0.5;
+
+/// Writes the input of tests/py/ref_lmim_step.py for the step [`lmim_step_parity`] takes: the weights after the
+/// step's EMA update (lmim-bench's names), the images, the view draw of micro-batch 0 of epoch 0, and the sizes and
+/// scalars in the metadata. The reference implements the InfoNCE-over-patches loss without stochastic depth.
+pub fn lmim_step_reference_input(cfg: &PretrainConfig, batch: i64, path: &Path) -> Result<()> {
+    use crate::train::step::TrainStep;
+    let (cfg, images) = step_parity_setup(cfg, batch)?;
+    let m = &cfg.model;
+    if m.loss != crate::model::lmim::LossKind::InfoncePatches || m.drop_path != 0.0 {
+        return Err(Error::option("--config", "the PyTorch reference step implements loss = \"infonce_patches\" with drop_path = 0"));
+    }
+    let mut tr = Trainer::new(&cfg, Device::Cpu)?;
+    let lr = tr.begin_step(STEP_PARITY_T);
+    let draw = tr.view_draw(batch, 0, 0);
+    let (sim_target, momentum) = tr.step_targets();
+    let v = &tr.model.vit_cfg;
+    let meta_cfg = serde_json::json!({
+        "patch": v.patch_size, "gap": m.patch_gap, "num_vis": m.num_vis, "tau": m.tau, "avg_sim_coeff": m.avg_sim_coeff,
+        "sim_target": sim_target, "dim": v.embed_dim, "depth": v.depth, "heads": v.num_heads, "proj_depth": m.proj_mlp_depth,
+        "dec_heads": m.decoder_heads, "dec_depth": m.decoder_depth, "lr": lr, "wd": cfg.weight_decay, "momentum": momentum,
+    });
+    let mut tensors: Vec<(String, Tensor)> = tr.vs.variables().into_iter().collect();
+    tensors.extend([("images".into(), images), ("oy".into(), draw.oy), ("ox".into(), draw.ox), ("ids".into(), draw.ids)]);
+    let meta = [("config".to_string(), meta_cfg.to_string())].into_iter().collect();
+    crate::checkpoint::save(path, &tensors, &meta)
+}
+
+fn lmim_step_parity_fp32(cfg: &PretrainConfig, batch: i64, device: Device, reference: Option<&Path>) -> Result<Parity> {
+    use crate::train::step::TrainStep;
+    let (cfg, images) = step_parity_setup(cfg, batch)?;
     let mut cpu = Trainer::new(&cfg, Device::Cpu)?;
     let mut dev = Trainer::new(&cfg, device)?;
     dev.vs.copy(&cpu.vs).map_err(Error::Torch)?;
-    let size = cfg.model.train_size()?;
-    tch::manual_seed(cfg.seed as i64 + 1);
-    let images = Tensor::randn([batch, 3, size, size], (Kind::Float, Device::Cpu));
     let mut side_stream = false;
     let mut run = |tr: &mut Trainer| -> Result<Tensor> {
-        tr.begin_step(0.5);
+        tr.begin_step(STEP_PARITY_T);
         // Through the copy ahead that run_epoch uses (the side stream on CUDA), so the parity covers it.
         let (staged, ready) = tr.stage(images.shallow_clone())?;
         side_stream |= ready.on_side_stream();
@@ -498,10 +535,39 @@ fn lmim_step_parity_fp32(cfg: &PretrainConfig, batch: i64, device: Device) -> Re
             (worst_grad, worst_name) = (rel, name);
         }
     }
-    let pass = loss_rel <= TOL_STEP_REL && worst_grad <= TOL_STEP_REL;
-    let report = serde_json::json!({ "encoder": cfg.model.encoder, "batch": batch, "device": crate::info::device_name(device),
+    let mut pass = loss_rel <= TOL_STEP_REL && worst_grad <= TOL_STEP_REL;
+    let mut report = serde_json::json!({ "encoder": cfg.model.encoder, "batch": batch, "device": crate::info::device_name(device),
         "loss_cpu": lc, "loss_device": ld, "loss_rel_diff": loss_rel,
         "max_rel_diff_grads_and_target": worst_grad, "worst_tensor": worst_name, "tolerance_rel": TOL_STEP_REL,
-        "batch_copy": if side_stream { "copy stream" } else { "compute stream" }, "pass": pass });
+        "batch_copy": if side_stream { "copy stream" } else { "compute stream" } });
+    if let Some(path) = reference {
+        let (r, ok) = against_reference_step(path, ld, &dev_vars)?;
+        report["pytorch_reference"] = r;
+        pass &= ok;
+    }
+    report["pass"] = serde_json::json!(pass);
     Ok(Parity { report, pass })
+}
+
+/// The device's loss and gradients against the PyTorch step's (`loss`, `grad.<name>` in `path`): relative to the
+/// loss and to each tensor's largest reference gradient.
+fn against_reference_step(path: &Path, loss: f64, vars: &std::collections::HashMap<String, Tensor>) -> Result<(serde_json::Value, bool)> {
+    let r = crate::checkpoint::load(path)?;
+    let want = |k: &str| r.get(k).ok_or_else(|| Error::data(path, format!("has no tensor `{k}`: not an output of tests/py/ref_lmim_step.py")));
+    let rl = want("loss")?.double_value(&[0]);
+    let loss_rel = (loss - rl).abs() / rl.abs().max(1e-12);
+    let (mut worst, mut worst_name, mut compared) = (0.0f64, String::from("-"), 0usize);
+    for (name, t) in vars.iter().filter(|(_, t)| t.requires_grad()) {
+        let g = want(&format!("grad.{name}"))?;
+        let scale = g.abs().max().double_value(&[]).max(1e-12);
+        let rel = diff(&t.grad(), &g).0 / scale;
+        compared += 1;
+        if rel > worst {
+            (worst, worst_name) = (rel, name.clone());
+        }
+    }
+    let ok = loss_rel <= TOL_STEP_REL && worst <= TOL_STEP_REL && compared > 0;
+    let v = serde_json::json!({ "file": path.display().to_string(), "loss": rl, "loss_rel_diff": loss_rel, "gradients": compared,
+        "max_rel_diff_grads": worst, "worst_tensor": worst_name, "pass": ok });
+    Ok((v, ok))
 }

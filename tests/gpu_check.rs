@@ -25,9 +25,15 @@ fn gpu_check_cpu_mode_runs_every_step_and_writes_the_report() {
     assert_eq!(res.status.code(), Some(0), "stderr: {stderr}");
     let steps = std::fs::read_to_string(scratch.join("steps.tsv")).unwrap();
     let names: Vec<&str> = steps.lines().map(|l| l.split('\t').next().unwrap()).collect();
-    for want in ["info", "parity-ref", "parity", "step-parity", "pretrain-ours-1", "pretrain-ours-2", "finetune-ours", "finetune-timm", "infer-ours", "infer-timm", "knn-ours", "sweep", "loader"] {
+    for want in ["info", "parity-ref", "parity", "step-ref-input", "step-ref", "step-parity", "pretrain-ours-1", "pretrain-ours-2", "finetune-ours", "finetune-timm", "infer-ours", "infer-timm", "knn-ours", "sweep", "loader"] {
         assert!(names.contains(&want), "step {want} missing from {steps}");
     }
+    // The Latent MIM step against the independent PyTorch step (tests/py/ref_lmim_step.py), not only the CPU against
+    // itself: every trainable tensor's gradient compared.
+    let sp: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(scratch.join("step-parity.json")).unwrap()).unwrap();
+    let r = &sp["pytorch_reference"];
+    assert_eq!(r["pass"].as_bool(), Some(true), "{sp}");
+    assert!(r["gradients"].as_u64().unwrap() >= 40 && r["max_rel_diff_grads"].as_f64().unwrap() <= 1e-3, "{sp}");
     // The process group of one, through Gloo where the build has it (NCCL on a GPU), checked for values.
     if lmim_bench::dist::has_gloo() {
         assert!(names.contains(&"dist-check"), "step dist-check missing from {steps}");

@@ -133,3 +133,39 @@ fn vit_base_parameter_counts_and_decay_groups_match_the_reference() {
     assert_eq!(((count(&decay) as f64) / 1e4).round() / 100.0, 120.98, "decay values (millions)");
     assert!(decay.iter().any(|(n, _)| n == "decoder.mask_token") && no_decay.iter().any(|(n, _)| n == "encoder.patch_embed.proj.weight"));
 }
+
+/// `bench step-parity --reference`: the trainer's own step (its views, staging, EMA) against the PyTorch step on the
+/// input `--write-reference-input` wrote passes; the same with one reference gradient off by 1 % exits 1.
+#[test]
+fn step_parity_against_the_pytorch_step_passes_and_a_perturbed_reference_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let (inp, outp, bad) = (dir.path().join("in.safetensors"), dir.path().join("out.safetensors"), dir.path().join("bad.safetensors"));
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/configs/lmim_tiny.toml");
+    let bench = |extra: &[&std::ffi::OsStr]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_lmim-bench"))
+            .args(["bench", "--device", "cpu", "step-parity", "-c", cfg, "--batch-size", "3"])
+            .args(extra)
+            .env("OMP_NUM_THREADS", "1")
+            .output()
+            .unwrap()
+    };
+    let o = bench(&["--write-reference-input".as_ref(), inp.as_os_str()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    common::run_py("ref_lmim_step.py", &[inp.to_str().unwrap(), outp.to_str().unwrap()]);
+    let o = bench(&["--reference".as_ref(), outp.as_os_str()]);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(o.status.code(), Some(0), "{report}");
+    let r = &report["pytorch_reference"];
+    assert!(r["pass"].as_bool().unwrap() && r["gradients"].as_u64().unwrap() >= 40, "{report}");
+    assert!(r["loss_rel_diff"].as_f64().unwrap() <= 1e-4, "{report}");
+
+    let ckpt = checkpoint::load(&outp).unwrap();
+    let mut tensors: Vec<(String, Tensor)> = ckpt.tensors.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+    let (_, g) = tensors.iter_mut().find(|(k, _)| k == "grad.decoder.head.weight").expect("the decoder head's gradient");
+    *g = &*g * 1.01;
+    checkpoint::save(&bad, &tensors, &Default::default()).unwrap();
+    let o = bench(&["--reference".as_ref(), bad.as_os_str()]);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(o.status.code(), Some(1), "{report}");
+    assert_eq!(report["pytorch_reference"]["worst_tensor"], "decoder.head.weight", "{report}");
+}

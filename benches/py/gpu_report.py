@@ -76,6 +76,13 @@ sp = load("step-parity")
 if sp:
     p(f"| one Latent MIM step ({sp['encoder']}, batch {sp['batch']}, fp32) on {sp['device']} vs the CPU: loss | {abs(sp['loss_cpu'] - sp['loss_device']):.2e} | - | rel {sp['tolerance_rel']:g} (rel diff {sp['loss_rel_diff']:.2e}) | {sp['loss_rel_diff'] <= sp['tolerance_rel']} |")
     p(f"| same: every gradient and the EMA'd target, max abs diff / max abs value | {sp['max_rel_diff_grads_and_target']:.2e} (`{sp['worst_tensor']}`) | - | rel {sp['tolerance_rel']:g} | {sp['pass']} |")
+    ref = sp.get("pytorch_reference")
+    if ref:
+        p(f"| same step on {sp['device']} vs an independent PyTorch step (tests/py/ref_lmim_step.py, CPU fp32): loss | {abs(ref['loss'] - sp['loss_device']):.2e} | - | rel {sp['tolerance_rel']:g} (rel diff {ref['loss_rel_diff']:.2e}) | {ref['loss_rel_diff'] <= sp['tolerance_rel']} |")
+        p(f"| same: {ref['gradients']} gradients, max abs diff / max abs reference value | {ref['max_rel_diff_grads']:.2e} (`{ref['worst_tensor']}`) | - | rel {sp['tolerance_rel']:g} | {ref['pass']} |")
+    else:
+        p("| the PyTorch reference step did not run (steps step-ref-input, step-ref) | - | - | - | False |")
+        ok = False
     ok &= bool(sp["pass"])
 else:
     ok = False

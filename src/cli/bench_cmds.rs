@@ -114,7 +114,9 @@ pub enum BenchWhat {
         arch: String,
     },
     /// One Latent MIM training step in fp32 on the device against the same step on the CPU (loss and every
-    /// gradient); exit 1 when a difference is over its tolerance.
+    /// gradient); exit 1 when a difference is over its tolerance. With --write-reference-input, writes the step's
+    /// weights, images and views for tests/py/ref_lmim_step.py instead; with --reference, also compares the device
+    /// with that script's output (an independent PyTorch step).
     StepParity {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -122,6 +124,12 @@ pub enum BenchWhat {
         sets: Vec<String>,
         #[arg(long, default_value_t = 4)]
         batch_size: i64,
+        /// Write the reference script's input (safetensors) here and exit.
+        #[arg(long, value_name = "FILE", conflicts_with = "reference")]
+        write_reference_input: Option<PathBuf>,
+        /// The reference script's output (safetensors) for the same config and batch size.
+        #[arg(long, value_name = "FILE")]
+        reference: Option<PathBuf>,
     },
     /// The collectives of this process's world checked for their values (all-reduce, broadcast, the bucketed
     /// gradient average, abort); exit 1 on a wrong value. In one process launched with RANK=0 WORLD_SIZE=1 and
@@ -166,9 +174,16 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<i32> {
     let t = Timing { warmup: a.warmup, steps: a.steps };
     let parity = match &a.what {
         BenchWhat::Parity { weights, io, arch } => Some(bench::vit_parity(weights, io, arch, device).context("ViT parity against timm")?),
-        BenchWhat::StepParity { config, sets, batch_size } => {
+        BenchWhat::StepParity { config, sets, batch_size, write_reference_input, reference } => {
             let cfg: PretrainConfig = crate::config::load(config.as_deref(), sets)?;
-            Some(bench::lmim_step_parity(&cfg, *batch_size, device).context("Latent MIM step parity against the CPU")?)
+            if *batch_size < 1 {
+                return Err(crate::Error::option("--batch-size", "must be at least 1").into());
+            }
+            if let Some(path) = write_reference_input {
+                bench::lmim_step_reference_input(&cfg, *batch_size, path).with_context(|| format!("writing the reference step's input {}", path.display()))?;
+                return Ok(0);
+            }
+            Some(bench::lmim_step_parity(&cfg, *batch_size, device, reference.as_deref()).context("Latent MIM step parity against the CPU")?)
         }
         BenchWhat::DistCheck => Some(bench::dist_check().context("the collectives check")?),
         BenchWhat::Lowshot { features, sets } => {

@@ -206,11 +206,16 @@ pub fn patchify(images: &Tensor, patch: i64, gap: i64, oy: &Tensor, ox: &Tensor)
         .reshape([b, grid * grid, c * patch * patch])
 }
 
-/// Random patch offsets in `0..gap` and a random split of the patch ids, drawn from `rng` (reproducible from the
-/// seed). Visible ids are the first `num_vis` of a random permutation, the rest are targets, both unsorted.
-pub fn random_views<R: Rng>(images: &Tensor, patch: i64, gap: i64, num_vis: i64, rng: &mut R) -> Views {
-    let (b, _, h, _) = images.size4().expect("images are [B, C, H, W]");
-    let grid = h / (patch + gap);
+/// The random part of a training view: patch offsets `oy`, `ox` `[B, G, G]` in `0..gap` and a permutation of the
+/// `G * G` patch ids per image `[B, G * G]` (the first `num_vis` visible, the rest targets, both unsorted).
+pub struct ViewDraw {
+    pub oy: Tensor,
+    pub ox: Tensor,
+    pub ids: Tensor,
+}
+
+/// Draws a [`ViewDraw`] for `b` images on a `grid` x `grid` patch grid from `rng` (reproducible from the seed).
+pub fn draw_views<R: Rng>(b: i64, grid: i64, gap: i64, rng: &mut R) -> ViewDraw {
     let n = grid * grid;
     let offs = |rng: &mut R| {
         let v: Vec<i64> = (0..b * n).map(|_| if gap > 0 { rng.gen_range(0..gap) } else { 0 }).collect();
@@ -226,8 +231,20 @@ pub fn random_views<R: Rng>(images: &Tensor, patch: i64, gap: i64, num_vis: i64,
         }
         ids.extend(perm);
     }
-    let ids = crate::train::device::to_device_async(&Tensor::from_slice(&ids).view([b, n]), images.device());
-    Views { patches: patchify(images, patch, gap, &oy, &ox), vis_pid: ids.narrow(1, 0, num_vis), mask_pid: ids.narrow(1, num_vis, n - num_vis) }
+    ViewDraw { oy, ox, ids: Tensor::from_slice(&ids).view([b, n]) }
+}
+
+/// The views of `images` that `draw` selects.
+pub fn views_from(images: &Tensor, patch: i64, gap: i64, num_vis: i64, draw: &ViewDraw) -> Views {
+    let n = draw.ids.size()[1];
+    let ids = crate::train::device::to_device_async(&draw.ids, images.device());
+    Views { patches: patchify(images, patch, gap, &draw.oy, &draw.ox), vis_pid: ids.narrow(1, 0, num_vis), mask_pid: ids.narrow(1, num_vis, n - num_vis) }
+}
+
+/// Random views of `images`: [`draw_views`] then [`views_from`].
+pub fn random_views<R: Rng>(images: &Tensor, patch: i64, gap: i64, num_vis: i64, rng: &mut R) -> Views {
+    let (b, _, h, _) = images.size4().expect("images are [B, C, H, W]");
+    views_from(images, patch, gap, num_vis, &draw_views(b, h / (patch + gap), gap, rng))
 }
 
 /// Selects tokens `pid [B, L]` of `x [B, N, D]`.

@@ -17,7 +17,7 @@ use super::step::{run_epoch, Flow, Optimizer, StepEvent, StepRule, TrainStep};
 use crate::checkpoint;
 use crate::config::{Precision, Rule};
 use crate::error::{Error, Result};
-use crate::model::lmim::{decays, export_encoder, random_views, Lmim, LmimModelConfig};
+use crate::model::lmim::{decays, draw_views, export_encoder, views_from, Lmim, LmimModelConfig, ViewDraw};
 use crate::data::dataset::Dataset;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::transforms::Transform;
@@ -381,11 +381,8 @@ impl TrainStep for Trainer {
     }
     fn loss(&mut self, images: Tensor, epoch: usize, iter: usize) -> Result<Tensor> {
         let images = crate::train::device::to_device_async(&images, self.device);
-        let sub_seed = seed_for(self.cfg.seed, epoch, iter);
-        let mut rng = ChaCha8Rng::seed_from_u64(sub_seed);
-        tch::manual_seed(sub_seed as i64 & i64::MAX);
-        let vit = &self.model.vit_cfg;
-        let views = random_views(&images, vit.patch_size, self.cfg.model.patch_gap, self.cfg.model.num_vis, &mut rng);
+        let draw = self.view_draw(images.size()[0], epoch, iter);
+        let views = views_from(&images, self.model.vit_cfg.patch_size, self.cfg.model.patch_gap, self.cfg.model.num_vis, &draw);
         let out = with_amp(self.amp, || self.model.forward(&views, self.step_state.sim_target, true));
         // The monitors stay on the device until a window is logged.
         let stats = tch::no_grad(|| Tensor::stack(&[&out.loss, &out.loss_main, &out.loss_reg, &out.avg_sim_pred, &out.avg_sim_vis, &out.avg_sim_trg, &out.target_std].map(|t| t.to_kind(Kind::Double)), 0));
@@ -402,6 +399,20 @@ impl TrainStep for Trainer {
 }
 
 impl Trainer {
+    /// The views of micro-batch `iter` of `epoch` (`batch` images), keyed by (seed, epoch, micro-batch) so that a
+    /// resumed run draws what the uninterrupted one drew; also seeds libtorch's generator for the step.
+    pub fn view_draw(&self, batch: i64, epoch: usize, iter: usize) -> ViewDraw {
+        let sub_seed = seed_for(self.cfg.seed, epoch, iter);
+        let mut rng = ChaCha8Rng::seed_from_u64(sub_seed);
+        tch::manual_seed(sub_seed as i64 & i64::MAX);
+        draw_views(batch, self.model.vit_cfg.grid(), self.cfg.model.patch_gap, &mut rng)
+    }
+
+    /// The similarity target and EMA momentum of the step that [`TrainStep::begin_step`] began.
+    pub fn step_targets(&self) -> (f64, f64) {
+        (self.step_state.sim_target, self.step_state.mom)
+    }
+
     pub fn new(cfg: &PretrainConfig, device: Device) -> Result<Self> {
         cfg.validate()?;
         tch::manual_seed(cfg.seed as i64);
