@@ -190,6 +190,22 @@ pub fn read_regular_text(path: &Path, limit: Option<u64>) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| Error::data(path, format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))
 }
 
+/// Hex SHA-256 of a regular file's bytes (read through [`open_regular`]).
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut f = open_regular(path, None)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
 /// Size limit of config, protocol, reference and record files.
 pub const TEXT_LIMIT: u64 = 16 << 20;
 

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod data;
 pub mod dist;
 pub mod error;
+pub mod fault;
 pub mod ffi;
 pub mod fsutil;
 pub mod info;

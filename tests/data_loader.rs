@@ -528,6 +528,49 @@ fn rescan_sees_a_same_size_rewrite_in_the_cache_key_but_not_in_the_fingerprint()
     assert_ne!(copied.cache_key(), rescanned.cache_key());
 }
 
+/// What `--rescan` cannot see, `--content-key` does: a same-size rewrite whose file time is put back (a copy tool
+/// that keeps times, a clock step) keeps the time-and-inode key; the content key changes, and is the same for an
+/// identical copy of the tree, wherever it lies. Also for tar shards (each shard's bytes).
+#[test]
+fn content_key_sees_a_rewrite_that_keeps_size_time_and_inode() {
+    use lmim_bench::data::OpenOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 2, 3);
+    let opts = OpenOptions { index_dir: Some(dir.path().join("index")), quiet: true, rescan: true, ..Default::default() };
+    let content = OpenOptions { content_key: true, ..opts.clone() };
+    let before = Dataset::open_with(&root, "train", &opts).unwrap();
+    let before_content = Dataset::open_with(&root, "train", &content).unwrap();
+    assert!(before_content.cache_key().starts_with("content-") && before_content.cache_key() != before.cache_key());
+    let copy = dir.path().join("copy");
+    assert!(std::process::Command::new("cp").arg("-r").arg(&root).arg(&copy).status().unwrap().success());
+    assert_eq!(Dataset::open_with(&copy, "train", &content).unwrap().cache_key(), before_content.cache_key(), "the same bytes elsewhere");
+
+    let (a, b) = (before.samples[0].0.clone(), before.samples[1].0.clone());
+    let was = std::fs::metadata(&a).unwrap().modified().unwrap();
+    let mut other = std::fs::read(&b).unwrap();
+    other.resize(std::fs::metadata(&a).unwrap().len() as usize, 0);
+    std::fs::write(&a, &other).unwrap();
+    std::fs::File::options().write(true).open(&a).unwrap().set_modified(was).unwrap();
+    let after = Dataset::open_with(&root, "train", &opts).unwrap();
+    assert_eq!(after.cache_key(), before.cache_key(), "times and inodes cannot show this rewrite");
+    assert_ne!(Dataset::open_with(&root, "train", &content).unwrap().cache_key(), before_content.cache_key(), "the bytes do");
+
+    let packed = dir.path().join("packed");
+    lmim_bench::data::shards::pack(&before_content, &packed, 4096).unwrap();
+    let shard_opts = |c: bool| OpenOptions { content_key: c, ..opts.clone() };
+    let k1 = Dataset::open_with(&packed, "train", &shard_opts(true)).unwrap().cache_key().to_string();
+    let shard = std::fs::read_dir(packed.join("train")).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "tar")).unwrap();
+    let was = std::fs::metadata(&shard).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&shard).unwrap();
+    // A byte of the first image's data (after the label member's header and block, and the image's header): the
+    // tar stays well-formed and the label as it was.
+    bytes[1536 + 20] ^= 1;
+    std::fs::write(&shard, &bytes).unwrap();
+    std::fs::File::options().write(true).open(&shard).unwrap().set_modified(was).unwrap();
+    let k2 = Dataset::open_with(&packed, "train", &shard_opts(true)).unwrap().cache_key().to_string();
+    assert!(k1.starts_with("content-") && k1 != k2, "a shard's changed byte changes its content key");
+}
+
 #[test]
 fn a_file_gone_since_the_index_was_made_names_the_cache_and_rescan() {
     use lmim_bench::data::index::IndexSource::Cache;

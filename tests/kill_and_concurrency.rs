@@ -341,4 +341,23 @@ fn a_signal_during_a_pack_removes_its_folder_and_a_second_pack_is_refused_up_fro
     let o = first.wait_with_output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(temps().is_empty() && out.join("train/counts.tsv").exists());
+
+    // A signal after the split took its final name (held there by LMIM_FAULT) is success: exit 0, and it says so.
+    std::fs::remove_dir_all(out.join("train")).unwrap();
+    let mut late = pack().env("LMIM_FAULT", "pack=1:slow=30").spawn().unwrap();
+    let t0 = Instant::now();
+    while !out.join("train/counts.tsv").exists() {
+        assert!(late.try_wait().unwrap().is_none(), "the pack ended before its split was published");
+        assert!(t0.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    unsafe {
+        libc::kill(late.id() as i32, libc::SIGTERM);
+    }
+    let o = late.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    assert!(err.contains("SIGTERM after the work was done") && err.contains("is complete"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(25), "the signal ended the wait: {:?}", t0.elapsed());
+    assert!(temps().is_empty() && out.join("train/counts.tsv").exists());
 }

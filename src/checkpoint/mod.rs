@@ -12,7 +12,6 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::Dtype;
-use sha2::{Digest, Sha256};
 use tch::{nn, Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
@@ -77,7 +76,7 @@ pub fn tensor_bytes(t: &Tensor) -> Vec<u8> {
     buf
 }
 
-pub use crate::fsutil::{clean_stale_temps, write_atomic};
+pub use crate::fsutil::{clean_stale_temps, sha256_file, write_atomic};
 
 /// Opens a checkpoint for reading: a regular file only (`crate::fsutil::open_regular`).
 pub fn open_regular(path: &Path) -> Result<std::fs::File> {
@@ -171,21 +170,6 @@ pub fn load_any(path: &Path) -> Result<Checkpoint> {
     } else {
         load(path)
     }
-}
-
-/// Hex SHA-256 of a file's bytes.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = open_regular(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
 }
 
 /// Missing and unexpected keys found when loading into a model.

@@ -264,7 +264,7 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
 }
 
 fn info(a: InfoArgs) -> anyhow::Result<()> {
-    let opts = OpenOptions { strict: a.strict, rescan: a.scan.rescan, ..Default::default() };
+    let opts = OpenOptions { strict: a.strict, rescan: a.scan.rescan, content_key: a.scan.content_key, ..Default::default() };
     let splits: Vec<String> = match &a.split {
         Some(s) => vec![s.clone()],
         None => {
@@ -300,7 +300,7 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
         let counts = ds.class_counts();
         let (min, max) = (counts.iter().min().copied().unwrap_or(0), counts.iter().max().copied().unwrap_or(0));
         text += &format!(
-            "  {split}: {} images, {} classes ({} to {} per class{}), layout {} ({})\n    fingerprint: files {} classes {}\n",
+            "  {split}: {} images, {} classes ({} to {} per class{}), layout {} ({})\n    fingerprint: files {} classes {}\n    cache key: {}\n",
             fp.num_files,
             fp.num_classes,
             min,
@@ -310,11 +310,13 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
             ds.index.describe(),
             fp.files_hash,
             fp.classes_hash,
+            ds.cache_key(),
         );
         out.insert(
             split.clone(),
             serde_json::json!({
                 "fingerprint": fp,
+                "cache_key": ds.cache_key(),
                 "layout": ds.layout,
                 "index": ds.index,
                 "open_seconds": open_seconds,
@@ -334,7 +336,7 @@ fn info(a: InfoArgs) -> anyhow::Result<()> {
 }
 
 fn check(a: CheckArgs) -> anyhow::Result<()> {
-    let ds = Dataset::open_with(&a.data, &a.split, &OpenOptions { strict: a.strict, rescan: a.scan.rescan, ..Default::default() })?;
+    let ds = Dataset::open_with(&a.data, &a.split, &OpenOptions { strict: a.strict, rescan: a.scan.rescan, content_key: a.scan.content_key, ..Default::default() })?;
     let n = ds.len();
     let mut cfg =
         LoaderConfig { batch_size: 64, shuffle: false, strict: a.strict, ..Default::default() };

@@ -63,6 +63,10 @@ pub struct ScanArgs {
     /// after a file was rewritten in place, which the folders' modification times do not show.
     #[arg(long)]
     pub rescan: bool,
+    /// Key the feature cache by a hash of every file's bytes instead of the files' times and inodes: reads the
+    /// whole split once per run, for file systems (some network or FUSE mounts) whose times cannot be trusted.
+    #[arg(long)]
+    pub content_key: bool,
 }
 
 /// Options of a data-parallel run: one process per device started by `torchrun --no-python` or `srun`, which
@@ -161,13 +165,14 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
 
 /// Runs a command; returns the exit code of a completed command (1 for a failed check).
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
-    let rescan = match &cli.command {
-        Command::Pretrain(a) => a.scan.rescan,
-        Command::Extract(a) => a.scan.rescan,
-        Command::Eval(a) => a.scan.rescan,
-        _ => false,
+    let scan = match &cli.command {
+        Command::Pretrain(a) => Some(&a.scan),
+        Command::Extract(a) => Some(&a.scan),
+        Command::Eval(a) => Some(&a.scan),
+        _ => None,
     };
-    crate::data::index::set_rescan(rescan);
+    crate::data::index::set_rescan(scan.is_some_and(|s| s.rescan));
+    crate::data::index::set_content_key(scan.is_some_and(|s| s.content_key));
     match cli.command {
         Command::Check(a) => return report::check(a),
         Command::Bench(a) => return bench_cmds::bench(a),

@@ -22,6 +22,9 @@ pub struct OpenOptions {
     pub quiet: bool,
     /// Walk the folders even when the cached index is up to date (`--rescan`).
     pub rescan: bool,
+    /// Key the caches by a hash of every file's bytes instead of their times and inodes (`--content-key`): reads the
+    /// whole split once per open, for file systems whose times cannot be trusted.
+    pub content_key: bool,
     /// Folder of the index cache (None: [`index::default_dir`]).
     pub index_dir: Option<PathBuf>,
     /// Every rank of a job opens the split at this point: rank 0 makes or reads the index and sends it to the
@@ -188,7 +191,28 @@ impl Dataset {
                 eprintln!("warning: {}: empty class folder (no .jpg/.jpeg/.png files); class kept, no samples", path.display());
             }
         }
-        Ok(Dataset::from_index(dir, split, idx, source))
+        let mut ds = Dataset::from_index(dir, split, idx, source);
+        if opts.content_key || index::content_key_forced() {
+            ds.cache_key = ds.content_key()?;
+        }
+        Ok(ds)
+    }
+
+    /// `content-` and the sha256 of the fingerprint and of every file's own sha256 (each shard's for tar shards), in
+    /// sample order, read in parallel: a rewrite that keeps a file's size, time and inode still changes it.
+    fn content_key(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let files: Vec<&Path> = match &self.shards {
+            Some(s) => s.paths().iter().map(PathBuf::as_path).collect(),
+            None => self.samples.iter().map(|(p, _)| p.as_path()).collect(),
+        };
+        let sums = files.par_iter().map(|p| crate::fsutil::sha256_file(p)).collect::<Result<Vec<String>>>()?;
+        let mut h = Sha256::new();
+        h.update(serde_json::to_vec(&self.fingerprint).expect("the fingerprint serialises"));
+        for (p, sum) in files.iter().zip(&sums) {
+            h.update(format!("\n{}\t{sum}", p.strip_prefix(&self.dir).unwrap_or(p).display()).as_bytes());
+        }
+        Ok(format!("content-{}", hex::encode(h.finalize())))
     }
 
     fn from_index(dir: PathBuf, split: &str, idx: DatasetIndex, index: IndexSource) -> Dataset {

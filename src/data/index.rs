@@ -142,6 +142,16 @@ const KEEP: usize = 16;
 const RACY: Duration = Duration::from_secs(2);
 
 static RESCAN: AtomicBool = AtomicBool::new(false);
+static CONTENT_KEY: AtomicBool = AtomicBool::new(false);
+
+/// Makes every later open of this process key its caches by the files' bytes (`--content-key`).
+pub fn set_content_key(on: bool) {
+    CONTENT_KEY.store(on, Ordering::Relaxed);
+}
+
+pub fn content_key_forced() -> bool {
+    CONTENT_KEY.load(Ordering::Relaxed)
+}
 
 /// Makes every later open of this process walk the folders instead of reading the cache (`--rescan`).
 pub fn set_rescan(on: bool) {

@@ -69,6 +69,11 @@ impl ShardSet {
     }
 
     /// Sample `i`'s member (`size` bytes); `path` (shard/member) names it in errors.
+    /// The shard files, in shard order.
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.paths
+    }
+
     pub fn read(&self, i: usize, size: u64, label: i64, path: &Path) -> Result<Vec<u8>> {
         if label < 0 {
             return Err(Error::data(path, "no readable label (`.cls` member) for this sample in its shard"));
@@ -537,6 +542,7 @@ pub fn pack_locked(ds: &Dataset, out: &Path, shard_size: u64, _lock: &crate::fsu
     tmp.publish(&dest)?;
     crate::fsutil::fsync_dir(out)?;
     crate::signals::set_finished(format!("{} is complete", dest.display()));
+    crate::fault::fault_point("pack", 1)?;
     Ok(PackReport { dir: dest, shards, samples: ds.len(), bytes, fingerprint: got })
 }
 

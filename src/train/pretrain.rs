@@ -588,7 +588,7 @@ impl Trainer {
                     tr.window.grad_norm.push(g);
                 }
                 run_imgs += ev.images;
-                crate::dist::fault_point("step", ev.step)?;
+                crate::fault::fault_point("step", ev.step)?;
                 bar.inc(1);
                 if let Some(l) = ev.loss {
                     last_loss = l;
@@ -648,7 +648,7 @@ impl Trainer {
                         world.after_rank0_writes(&format!("checkpoint {}", tr.pos.step))?;
                         return Ok(Flow::Continue);
                     }
-                    crate::dist::fault_point("checkpoint", tr.pos.step)?;
+                    crate::fault::fault_point("checkpoint", tr.pos.step)?;
                     tr.save_checkpoint_with(&path, window.as_ref())?;
                     last_ckpt = Some(path);
                     if ev.epoch_end && cfg.save_every > 0 && tr.pos.epoch % cfg.save_every == 0 {

@@ -1,0 +1,55 @@
+//! Faults injected on purpose (`LMIM_FAULT`), at points of the work that the layers above name: for the tests and
+//! for users rehearsing a cluster. The lowest layer, so that data, train and dist can all call it.
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+static RANK: AtomicI64 = AtomicI64::new(0);
+
+/// This process's rank in its job, for the injected panic's message (set by `dist` when the world is known).
+pub fn set_rank(rank: i64) {
+    RANK.store(rank, Ordering::Relaxed);
+}
+
+/// A fault injected into this process at a point of its work, for rehearsing what a job does when a rank fails
+/// (the tests do; so can a user on a new cluster): `LMIM_FAULT=step=N:KIND` acts right after optimiser step N of
+/// pretraining, in rank-local code between collectives. KIND: `panic` (a bug or a tch unwrap, e.g. CUDA out of
+/// memory), `error` (an ordinary error), `die` (SIGKILL: no message, nothing told), `hang` (stuck for 10 minutes,
+/// as in a kernel that never ends), `slow=S` (S seconds of delay, as a slow file system). `LMIM_FAULT=checkpoint=N:KIND`
+/// acts on rank 0 before it writes the checkpoint of step N. Set it on one rank only (`env LMIM_FAULT=...
+/// lmim-bench` in that task). `LMIM_FAULT=pack=1:KIND` acts in `data pack` after the split took its final name.
+pub fn fault_point(place: &str, n: i64) -> Result<()> {
+    static FAULT: OnceLock<Option<(String, i64, String)>> = OnceLock::new();
+    let fault = FAULT.get_or_init(|| {
+        let v = std::env::var("LMIM_FAULT").ok()?;
+        let (at, kind) = v.split_once(':')?;
+        let (p, k) = at.split_once('=')?;
+        Some((p.to_string(), k.trim().parse().ok()?, kind.to_string()))
+    });
+    let Some((p, k, kind)) = fault else { return Ok(()) };
+    if p != place || *k != n {
+        return Ok(());
+    }
+    let rank = RANK.load(Ordering::Relaxed);
+    match kind.as_str() {
+        "panic" => panic!("LMIM_FAULT: injected panic after {place} {n} on rank {rank}"),
+        "error" => Err(Error::Dist(format!("LMIM_FAULT: injected error after {place} {n}"))),
+        "die" => {
+            // SAFETY: raise only sends a signal to this process.
+            unsafe { libc::raise(libc::SIGKILL) };
+            Ok(())
+        }
+        "hang" => {
+            std::thread::sleep(Duration::from_secs(600));
+            Ok(())
+        }
+        slow if slow.starts_with("slow=") => {
+            let secs: u64 = slow[5..].parse().map_err(|_| Error::option("LMIM_FAULT", format!("`{slow}`: slow=SECONDS")))?;
+            std::thread::sleep(Duration::from_secs(secs));
+            Ok(())
+        }
+        other => Err(Error::option("LMIM_FAULT", format!("`{other}` is not a fault (panic, error, die, hang, slow=S)"))),
+    }
+}
