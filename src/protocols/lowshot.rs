@@ -139,17 +139,19 @@ pub struct Fit {
 }
 
 /// The objective and its gradient at `w`.
-fn objective(x: &Tensor, y: &Tensor, w: &Tensor, lambda: f64) -> (f64, Tensor) {
-    let n = x.size()[0] as f64;
-    let logits = x.mm(w);
-    let lse = logits.logsumexp([1i64].as_slice(), true);
-    let picked = logits.gather(1, &y.unsqueeze(1), false);
-    let f = (&lse - &picked).sum(Kind::Double).double_value(&[]) / n + 0.5 * lambda * w.square().sum(Kind::Double).double_value(&[]);
-    let mut p = (&logits - &lse).exp();
+/// The mean cross-entropy of logits `z = x W` [n, C] against `y`, and the logits' log-sum-exp per row.
+fn cross_entropy(z: &Tensor, y: &Tensor) -> (f64, Tensor) {
+    let lse = z.logsumexp([1i64].as_slice(), true);
+    let picked = z.gather(1, &y.unsqueeze(1), false);
+    ((&lse - &picked).sum(Kind::Double).double_value(&[]) / z.size()[0] as f64, lse)
+}
+
+/// The gradient of the objective at `w` from its logits `z = x W` and their log-sum-exp.
+fn gradient(x: &Tensor, y: &Tensor, z: &Tensor, lse: &Tensor, w: &Tensor, lambda: f64) -> Tensor {
+    let mut p = (z - lse).exp();
     let minus = Tensor::full([y.size()[0], 1], -1.0, (p.kind(), p.device()));
     let _ = p.scatter_add_(1, &y.unsqueeze(1), &minus);
-    let g = x.transpose(0, 1).mm(&p) / n + w * lambda;
-    (f, g)
+    x.transpose(0, 1).mm(&p) / x.size()[0] as f64 + w * lambda
 }
 
 fn dot(a: &Tensor, b: &Tensor) -> f64 {
@@ -172,7 +174,8 @@ pub struct SolveOptions {
 
 /// Multinomial logistic regression without intercept on rows `x` [n, D] (already preprocessed) and labels `y`
 /// [n] in 0..num_classes: minimises `(1/n) sum CE + (lambda/2)||W||^2`, lambda = lambd / n, with L-BFGS (two-loop
-/// recursion, Armijo backtracking from the unit step) in f64, from W = 0, until max |grad| <= grad_tol.
+/// recursion, Armijo backtracking from the unit step) in f64, from W = 0, until max |grad| <= grad_tol. Two products
+/// with `x` per iteration, however many trial steps the line search takes.
 pub fn fit(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions) -> Result<Fit> {
     let t0 = Instant::now();
     let _guard = tch::no_grad_guard();
@@ -184,7 +187,11 @@ pub fn fit(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions) -> Res
     let y = y.to_device(opts.device).to_kind(Kind::Int64);
     let lambda = opts.lambd / n as f64;
     let mut w = Tensor::zeros([d, num_classes], (Kind::Double, opts.device));
-    let (mut f, mut g) = objective(&x, &y, &w, lambda);
+    // The logits x W are kept with W: along a direction they are linear in the step, so the line search needs one
+    // product x dir per iteration and each trial step costs a log-sum-exp, not a matrix product.
+    let mut z = Tensor::zeros([n, num_classes], (Kind::Double, opts.device));
+    let (mut f, lse) = cross_entropy(&z, &y);
+    let mut g = gradient(&x, &y, &z, &lse, &w, lambda);
     let mut evaluations = 1;
     let mut hist: std::collections::VecDeque<(Tensor, Tensor, f64)> = std::collections::VecDeque::new();
     let mut iterations = 0;
@@ -215,13 +222,17 @@ pub fn fit(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions) -> Res
             dir = -&g / gmax.max(1e-300);
             slope = dot(&g, &dir);
         }
+        let zd = x.mm(&dir);
+        // ||w + t dir||^2 = ww + 2 t wd + t^2 dd.
+        let (ww, wd, dd) = (dot(&w, &w), dot(&w, &dir), dot(&dir, &dir));
         let mut step = 1.0;
-        let (f_new, g_new, w_new) = loop {
-            let w_try = &w + &dir * step;
-            let (ft, gt) = objective(&x, &y, &w_try, lambda);
+        let (f_new, z_new, lse_new) = loop {
+            let z_try = &z + &zd * step;
+            let (ce, lse_try) = cross_entropy(&z_try, &y);
+            let ft = ce + 0.5 * lambda * (ww + 2.0 * step * wd + step * step * dd);
             evaluations += 1;
             if ft <= f + 1e-4 * step * slope || step < 1e-20 {
-                break (ft, gt, w_try);
+                break (ft, z_try, lse_try);
             }
             step *= 0.5;
         };
@@ -229,6 +240,9 @@ pub fn fit(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions) -> Res
             // No decrease is possible in floating point: the gradient is as small as this precision allows.
             break;
         }
+        let w_new = &w + &dir * step;
+        let g_new = gradient(&x, &y, &z_new, &lse_new, &w_new, lambda);
+        z = z_new;
         let s = &w_new - &w;
         let yv = &g_new - &g;
         let sy = dot(&s, &yv);
@@ -244,6 +258,8 @@ pub fn fit(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions) -> Res
         gmax = max_abs(&g);
         iterations += 1;
     }
+    // The objective reported is evaluated afresh at the weights (the kept logits carry the steps' round-off).
+    let f = cross_entropy(&x.mm(&w), &y).0 + 0.5 * lambda * dot(&w, &w);
     let grad_norm = g.norm().double_value(&[]);
     Ok(Fit { weights: w, objective: f, grad_max: gmax, grad_norm, iterations, evaluations, converged: gmax <= opts.grad_tol, lambda, seconds: t0.elapsed().as_secs_f64() })
 }
