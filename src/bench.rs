@@ -348,7 +348,7 @@ pub fn loader(root: &Path, size: u32, batch: usize, workers: usize, batches: usi
         let mut epoch = 0u64;
         while images < n * batch {
             let wanted = n - images / batch;
-            for b in crate::train::device::stage_ahead(loader.epoch(epoch).take(wanted), |b| crate::data::loader::stage_images(b, device)) {
+            for b in crate::device::stage_ahead(loader.epoch(epoch).take(wanted), |b| crate::data::loader::stage_images(b, device)) {
                 images += b?.images.size()[0] as usize;
             }
             epoch += 1;

@@ -2,7 +2,7 @@
 //! a non-finite loss between two reads is kept out of the weights by the optimiser's device-side skip, then stops
 //! the run at the next read naming its step.
 use lmim_bench::error::Result;
-use lmim_bench::train::device::host_reads;
+use lmim_bench::device::host_reads;
 use lmim_bench::train::optim::{AdamW, Param};
 use lmim_bench::train::step::{run_epoch, Flow, Optimizer, StepRule, TrainStep};
 use tch::{Device, Kind, Tensor};

@@ -93,7 +93,7 @@ impl DistArgs {
     /// the default back-end (`cpu` gives Gloo even on a machine with GPUs).
     pub fn init(&self, device: &str) -> anyhow::Result<&'static crate::dist::World> {
         if self.deterministic {
-            crate::train::device::set_deterministic(true)?;
+            crate::device::set_deterministic(true)?;
         }
         // Every rank would read the same `cuda:N` and share one GPU; a rank's GPU follows its local rank.
         let launch = crate::dist::LaunchEnv::from_env()?;

@@ -20,7 +20,7 @@ use super::dataset::Dataset;
 use super::decode::decode_image;
 use super::transforms::Transform;
 use crate::error::{Error, Result};
-use crate::train::device::{copy_ahead, Ready};
+use crate::device::{copy_ahead, Ready};
 
 /// Decode threads of a process by default ([`decode_threads`]).
 pub fn default_workers() -> usize {
@@ -336,7 +336,7 @@ impl Loader {
             .name("lmim-data-producer".into())
             .spawn(move || {
                 if let Some(d) = shared.cfg.pin_device.filter(|d| d.is_cuda()) {
-                    if let Err(e) = crate::train::device::bind_thread(d) {
+                    if let Err(e) = crate::device::bind_thread(d) {
                         let _ = tx.send(Err(e));
                         return;
                     }
@@ -426,7 +426,7 @@ impl Shared {
         let indices: Vec<usize> = keep.iter().map(|&j| ids[j]).collect();
         let labels: Vec<i64> = indices.iter().map(|&i| self.dataset.samples[i].1).collect();
         if self.cfg.pin_device.is_some_and(|d| d.is_cuda()) {
-            images = crate::train::device::pinned(&images)?;
+            images = crate::device::pinned(&images)?;
         }
         Ok(Some(Batch { images, labels: Tensor::from_slice(&labels), indices, batch: k, skipped }))
     }

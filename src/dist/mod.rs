@@ -202,7 +202,7 @@ pub fn init(opts: &DistOptions) -> Result<&'static World> {
         // rank's GPU from the start and the group's communicator is made there, then the group.
         let visible = tch::Cuda::device_count().max(0) as usize;
         if let Some(d) = local_device(env.local_rank, visible) {
-            crate::train::device::bind_thread(Device::Cuda(d))?;
+            crate::device::bind_thread(Device::Cuda(d))?;
         }
     }
     // A world of one has no group, unless a back-end was named for a launched process (RANK=0 WORLD_SIZE=1): a
@@ -641,6 +641,6 @@ impl World {
 
     /// What records and configs say about the world: `world_size`, `backend` and the launcher.
     pub fn describe(&self) -> serde_json::Value {
-        serde_json::json!({ "world_size": self.size, "backend": self.backend.name(), "launcher": self.launcher.name(), "deterministic": crate::train::device::deterministic() })
+        serde_json::json!({ "world_size": self.size, "backend": self.backend.name(), "launcher": self.launcher.name(), "deterministic": crate::device::deterministic() })
     }
 }

@@ -195,8 +195,8 @@ pub fn patchify(images: &Tensor, patch: i64, gap: i64, oy: &Tensor, ox: &Tensor)
     let dev = images.device();
     let ar = |n: i64| Tensor::arange(n, (Kind::Int64, dev));
     // Pixel rows: r*cell + oy[b,r,c] + i, columns: c*cell + ox[b,r,c] + j -> flat index [B, G, G, p, p].
-    let rows = (ar(grid) * cell).view([1, grid, 1, 1, 1]) + crate::train::device::to_device_async(oy, dev).view([b, grid, grid, 1, 1]) + ar(patch).view([1, 1, 1, patch, 1]);
-    let cols = (ar(grid) * cell).view([1, 1, grid, 1, 1]) + crate::train::device::to_device_async(ox, dev).view([b, grid, grid, 1, 1]) + ar(patch).view([1, 1, 1, 1, patch]);
+    let rows = (ar(grid) * cell).view([1, grid, 1, 1, 1]) + crate::device::to_device_async(oy, dev).view([b, grid, grid, 1, 1]) + ar(patch).view([1, 1, 1, patch, 1]);
+    let cols = (ar(grid) * cell).view([1, 1, grid, 1, 1]) + crate::device::to_device_async(ox, dev).view([b, grid, grid, 1, 1]) + ar(patch).view([1, 1, 1, 1, patch]);
     let idx = (rows * w + cols).view([b, 1, -1]).expand([b, c, grid * grid * patch * patch], false);
     images
         .reshape([b, c, h * w])
@@ -237,7 +237,7 @@ pub fn draw_views<R: Rng>(b: i64, grid: i64, gap: i64, rng: &mut R) -> ViewDraw 
 /// The views of `images` that `draw` selects.
 pub fn views_from(images: &Tensor, patch: i64, gap: i64, num_vis: i64, draw: &ViewDraw) -> Views {
     let n = draw.ids.size()[1];
-    let ids = crate::train::device::to_device_async(&draw.ids, images.device());
+    let ids = crate::device::to_device_async(&draw.ids, images.device());
     Views { patches: patchify(images, patch, gap, &draw.oy, &draw.ox), vis_pid: ids.narrow(1, 0, num_vis), mask_pid: ids.narrow(1, num_vis, n - num_vis) }
 }
 

@@ -325,7 +325,7 @@ pub fn residual_drop_path(x: &Tensor, p: f64, branch: impl Fn(&Tensor) -> Tensor
         0 => x + branch(&x.narrow(0, 0, 1)) * 0.0,
         n if n == b => x + branch(x) / keep,
         _ => {
-            let rows = crate::train::device::to_device_async(&kept, x.device());
+            let rows = crate::device::to_device_async(&kept, x.device());
             let out = branch(&x.index_select(0, &rows)) / keep;
             x.index_add(0, &rows, &out.to_kind(x.kind()))
         }

@@ -521,7 +521,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     // This rank's rows in the order it extracts them, with their dataset indices and labels.
     let (mut rows, mut ids, mut labs) = (Vec::new(), Vec::new(), Vec::new());
     let device = req.device;
-    for batch in crate::train::device::stage_ahead(loader.epoch(0), |b| crate::data::loader::stage_batch(b, device)) {
+    for batch in crate::device::stage_ahead(loader.epoch(0), |b| crate::data::loader::stage_batch(b, device)) {
         let b = batch?;
         let f = tch::no_grad(|| with_amp(amp, || image_features(&loaded.model, &b.images, req.feature, req.last_blocks)));
         rows.push(f.to_kind(Kind::Float).to_device(Device::Cpu));

@@ -25,7 +25,7 @@ use crate::model::vit::{with_amp, GlobalPool};
 use crate::model::{VisionTransformer, VitConfig};
 use crate::results::metrics_log::MetricsLog;
 use crate::results::RunRecord;
-use crate::train::device::Ready;
+use crate::device::Ready;
 use crate::train::optim::{AdamW, Param};
 use crate::train::schedule::lr_at_from_zero;
 use crate::train::step::{evaluate_topk, run_epoch, Flow, Optimizer, StepRule, TrainStep};
@@ -443,7 +443,7 @@ impl TrainStep for Finetuner {
         stage_batch(b, self.device)
     }
     fn loss(&mut self, b: Batch, epoch: usize, iter: usize) -> Result<Tensor> {
-        let (x, y) = (crate::train::device::to_device_async(&b.images, self.device), crate::train::device::to_device_async(&b.labels, self.device));
+        let (x, y) = (crate::device::to_device_async(&b.images, self.device), crate::device::to_device_async(&b.labels, self.device));
         let (model, amp, cfg) = (&self.fm.model, self.amp, &self.cfg);
         // Drop path draws from torch's generator, keyed by the micro-batch's place in the run (not a running
         // stream), so a resumed or data-parallel run draws the same.

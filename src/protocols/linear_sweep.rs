@@ -173,7 +173,7 @@ fn scores(logits: &Tensor, labels: &Tensor, heads: i64, classes: i64) -> Vec<(f6
     let logits = logits.view([-1, heads, classes]);
     // One host read for all heads.
     let hits = Tensor::stack(&(0..heads).map(|h| topk_hits(&logits.select(1, h), labels)).collect::<Vec<_>>(), 0);
-    let v = crate::train::device::read_f64s(&hits).expect("hit counts read back");
+    let v = crate::device::read_f64s(&hits).expect("hit counts read back");
     v.chunks(2).map(|c| (100.0 * c[0] / n as f64, 100.0 * c[1] / n as f64)).collect()
 }
 
@@ -276,7 +276,7 @@ pub fn heads_json(r: &SweepResult) -> serde_json::Value {
 /// The sweep's features of a whole split, on the CPU.
 fn split_features(model: &VisionTransformer, ld: &Loader, device: Device, amp: Option<Kind>) -> Result<SweepFeatures> {
     let (mut cls, mut avg, mut labels) = (Vec::new(), Vec::new(), Vec::new());
-    for b in crate::train::device::stage_ahead(ld.epoch(0), |b| crate::data::loader::stage_images(b, device)) {
+    for b in crate::device::stage_ahead(ld.epoch(0), |b| crate::data::loader::stage_images(b, device)) {
         let b = b?;
         let (c, a) = sweep_features(model, &b.images, amp);
         cls.push(c.to_device(Device::Cpu));

@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::loader::{stage_batch, Batch, Loader};
 use crate::error::{Error, Result};
-use crate::train::device::{to_device_async, Ready};
+use crate::device::{to_device_async, Ready};
 use crate::train::optim::Lars;
 use crate::train::schedule::lr_at_from_zero;
 use crate::train::step::{evaluate_topk, run_epoch, Flow, Optimizer, StepRule, TrainStep};

@@ -1,6 +1,5 @@
 //! Training: optimisers with checkpointable state, the reference schedules, the step skeleton shared by every
 //! training protocol, and the pretraining loop.
-pub mod device;
 pub mod optim;
 pub mod pretrain;
 pub mod schedule;

@@ -215,7 +215,7 @@ pub fn grad_norm<'a>(params: impl Iterator<Item = &'a Tensor> + Clone, max_norm:
 
 /// Whether a skip flag (see [`AdamW::step_unless`]) is set, read on the host.
 fn skip_on_host(skip: Option<&Tensor>) -> bool {
-    skip.is_some_and(|t| crate::train::device::read_f64s(t).map_or(true, |v| v.iter().any(|&x| x != 0.0)))
+    skip.is_some_and(|t| crate::device::read_f64s(t).map_or(true, |v| v.iter().any(|&x| x != 0.0)))
 }
 
 /// LARS as in MAE's `util/lars.py`: for tensors with ndim > 1, weight decay is added to the gradient and the update

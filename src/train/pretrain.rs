@@ -10,7 +10,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Tensor};
 
-use super::device::{copy_ahead, Ready};
+use crate::device::{copy_ahead, Ready};
 use super::optim::{AdamW, Param};
 use super::schedule::{lr_at, momentum_at, sim_target_at};
 use super::step::{run_epoch, Flow, Optimizer, StepEvent, StepRule, TrainStep};
@@ -293,7 +293,7 @@ impl Window {
         let counts = Tensor::from_slice(&[n as f64, self.images as f64]).to_device(sums.device());
         let local = Tensor::cat(&[sums, counts], 0);
         crate::dist::world().all_reduce_sum(std::slice::from_ref(&local), "the monitor all-reduce")?;
-        let all = crate::train::device::read_f64s(&local)?;
+        let all = crate::device::read_f64s(&local)?;
         let (n, images) = (all[k].max(1.0), all[k + 1]);
         Ok((Self::NAMES.iter().zip(&all).map(|(name, s)| (name.to_string(), s / n)).collect(), images))
     }
@@ -380,7 +380,7 @@ impl TrainStep for Trainer {
         Ok((t.remove(0), ready))
     }
     fn loss(&mut self, images: Tensor, epoch: usize, iter: usize) -> Result<Tensor> {
-        let images = crate::train::device::to_device_async(&images, self.device);
+        let images = crate::device::to_device_async(&images, self.device);
         let draw = self.view_draw(images.size()[0], epoch, iter);
         let views = views_from(&images, self.model.vit_cfg.patch_size, self.cfg.model.patch_gap, self.cfg.model.num_vis, &draw);
         let out = with_amp(self.amp, || self.model.forward(&views, self.step_state.sim_target, true));
@@ -747,7 +747,7 @@ impl NnMonitor {
         let world = crate::dist::world();
         let (mut feats, mut labels, mut ids) = (Vec::new(), Vec::new(), Vec::new());
         let device = self.device;
-        for b in crate::train::device::stage_ahead(self.loader.epoch(0), |b| crate::data::loader::stage_images(b, device)) {
+        for b in crate::device::stage_ahead(self.loader.epoch(0), |b| crate::data::loader::stage_images(b, device)) {
             let b = b?;
             let f = tch::no_grad(|| image_features(vit, &b.images, FeatureKind::AvgPrenorm, 1));
             feats.push(f.to_device(Device::Cpu));

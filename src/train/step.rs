@@ -14,7 +14,7 @@
 //! and step identically.
 use tch::{Kind, Tensor};
 
-use super::device::{read_f64s, stage_ahead, stage_pair, Ready};
+use crate::device::{read_f64s, stage_ahead, stage_pair, Ready};
 use super::optim::{grad_norm, AdamW, Lars, Param};
 use crate::dist::World;
 use crate::error::{Error, Result};
