@@ -3,6 +3,7 @@
 # beside scikit-learn's LogisticRegression (lbfgs) and cyanure (MSN's call), one after the other on this machine.
 # Usage: scripts/bench_lowshot.sh [N] [CLASSES] [DEVICE]
 #   N rows (default 12811 = 1 % of ImageNet-1K), CLASSES (default 1000), DEVICE (default cpu); 768 features.
+#   LOWSHOT_BENCH_CYANURE=0 leaves cyanure out (the slowest, about 10 minutes at the default size on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh >/dev/null
