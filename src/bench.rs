@@ -521,20 +521,13 @@ fn lmim_step_parity_fp32(cfg: &PretrainConfig, batch: i64, device: Device, refer
     let (l_cpu, l_dev) = (run(&mut cpu)?, run(&mut dev)?);
     let (lc, ld) = (l_cpu.double_value(&[]), l_dev.double_value(&[]));
     let loss_rel = (lc - ld).abs() / lc.abs().max(1e-12);
-    let (mut worst_grad, mut worst_name) = (0.0f64, String::from("-"));
     let dev_vars = dev.vs.variables();
-    for (name, t) in cpu.vs.variables() {
+    let pairs = cpu.vs.variables().into_iter().map(|(name, t)| {
         let other = &dev_vars[&name];
         let (a, b) = if t.requires_grad() { (t.grad(), other.grad()) } else { (t.shallow_clone(), other.shallow_clone()) };
-        if !a.defined() || !b.defined() {
-            continue;
-        }
-        let scale = a.abs().max().double_value(&[]).max(1e-12);
-        let rel = diff(&a, &b).0 / scale;
-        if rel > worst_grad {
-            (worst_grad, worst_name) = (rel, name);
-        }
-    }
+        (name, a, b)
+    });
+    let (worst_grad, worst_name) = worst_relative(pairs.filter(|(_, a, b)| a.defined() && b.defined()));
     let mut pass = loss_rel <= TOL_STEP_REL && worst_grad <= TOL_STEP_REL;
     let mut report = serde_json::json!({ "encoder": cfg.model.encoder, "batch": batch, "device": crate::info::device_name(device),
         "loss_cpu": lc, "loss_device": ld, "loss_rel_diff": loss_rel,
@@ -549,6 +542,19 @@ fn lmim_step_parity_fp32(cfg: &PretrainConfig, batch: i64, device: Device, refer
     Ok(Parity { report, pass })
 }
 
+/// The largest difference over `(name, reference, other)` triples, each relative to its reference's largest |value|,
+/// and the name it was found at.
+fn worst_relative(pairs: impl IntoIterator<Item = (String, Tensor, Tensor)>) -> (f64, String) {
+    let mut worst = (0.0f64, String::from("-"));
+    for (name, reference, other) in pairs {
+        let rel = diff(&reference, &other).0 / reference.abs().max().double_value(&[]).max(1e-12);
+        if rel > worst.0 {
+            worst = (rel, name);
+        }
+    }
+    worst
+}
+
 /// The device's loss and gradients against the PyTorch step's (`loss`, `grad.<name>` in `path`): relative to the
 /// loss and to each tensor's largest reference gradient.
 fn against_reference_step(path: &Path, loss: f64, vars: &std::collections::HashMap<String, Tensor>) -> Result<(serde_json::Value, bool)> {
@@ -556,16 +562,9 @@ fn against_reference_step(path: &Path, loss: f64, vars: &std::collections::HashM
     let want = |k: &str| r.get(k).ok_or_else(|| Error::data(path, format!("has no tensor `{k}`: not an output of tests/py/ref_lmim_step.py")));
     let rl = want("loss")?.double_value(&[0]);
     let loss_rel = (loss - rl).abs() / rl.abs().max(1e-12);
-    let (mut worst, mut worst_name, mut compared) = (0.0f64, String::from("-"), 0usize);
-    for (name, t) in vars.iter().filter(|(_, t)| t.requires_grad()) {
-        let g = want(&format!("grad.{name}"))?;
-        let scale = g.abs().max().double_value(&[]).max(1e-12);
-        let rel = diff(&t.grad(), &g).0 / scale;
-        compared += 1;
-        if rel > worst {
-            (worst, worst_name) = (rel, name.clone());
-        }
-    }
+    let pairs = vars.iter().filter(|(_, t)| t.requires_grad()).map(|(name, t)| Ok((name.clone(), want(&format!("grad.{name}"))?.shallow_clone(), t.grad()))).collect::<Result<Vec<_>>>()?;
+    let compared = pairs.len();
+    let (worst, worst_name) = worst_relative(pairs);
     let ok = loss_rel <= TOL_STEP_REL && worst <= TOL_STEP_REL && compared > 0;
     let v = serde_json::json!({ "file": path.display().to_string(), "loss": rl, "loss_rel_diff": loss_rel, "gradients": compared,
         "max_rel_diff_grads": worst, "worst_tensor": worst_name, "pass": ok });
