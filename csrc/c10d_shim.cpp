@@ -249,6 +249,36 @@ int lmim_c10d_store_wait(void* h, const char* key, long long timeout_ms) {
   return lmim_guarded([&] { static_cast<Group*>(h)->store->wait({std::string(key)}, std::chrono::milliseconds(timeout_ms)); });
 }
 
+// A value under `key`, over the main connection or (`watch`) the watcher's own.
+int lmim_c10d_store_put(void* h, const char* key, const char* data, int len, int watch) {
+  return lmim_guarded([&] {
+    auto* g = static_cast<Group*>(h);
+    auto& store = watch ? g->watch_store : g->store;
+    store->set(key, std::vector<uint8_t>(data, data + std::max(len, 0)));
+  });
+}
+
+// Waits up to `timeout_ms` for `key`, then copies its value into `buf` (cut to `len` bytes); its full length in
+// `out_len`.
+int lmim_c10d_store_get(void* h, const char* key, long long timeout_ms, char* buf, int len, int* out_len) {
+  return lmim_guarded([&] {
+    auto* g = static_cast<Group*>(h);
+    g->store->wait({std::string(key)}, std::chrono::milliseconds(timeout_ms));
+    auto v = g->store->get(key);
+    *out_len = static_cast<int>(v.size());
+    std::memcpy(buf, v.data(), std::min(v.size(), static_cast<size_t>(std::max(len, 0))));
+  });
+}
+
+// Adds `delta` to the counter under `key` (0 reads it), over the main connection or (`watch`) the watcher's.
+int lmim_c10d_store_add(void* h, const char* key, long long delta, int watch, long long* value) {
+  return lmim_guarded([&] {
+    auto* g = static_cast<Group*>(h);
+    auto& store = watch ? g->watch_store : g->store;
+    *value = store->add(key, delta);
+  });
+}
+
 // A normal end: shuts NCCL's communicators down (needed before exit, or its watchdog reports an unclean end).
 int lmim_c10d_shutdown(void* h) {
   return lmim_guarded([&] {

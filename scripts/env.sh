@@ -22,7 +22,7 @@ VENV="$LMIM_CACHE/venv"
 # at the CUDA 13.0 of torch 2.11's wheels (the build compiles the NCCL part of the c10d shim against them).
 # opencv-python-headless, scikit-image: the DAVIS references (DINO's frame reading, davis2017-evaluation's boundary
 # measure); scikit-learn, cyanure: the low-shot references (MSN's logistic regression and preprocessing).
-PY_REQS="torch==2.11.0 torchvision==0.26.0 numpy safetensors timm scipy pillow tensorboard nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85 opencv-python-headless==4.12.0.88 scikit-image==0.26.0 scikit-learn==1.9.1 cyanure==1.2.2"
+PY_REQS="torch==2.11.0 torchvision==0.26.0 numpy safetensors timm scipy pillow==11.3.0 tensorboard nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85 opencv-python-headless==4.12.0.88 scikit-image==0.26.0 scikit-learn==1.9.1 cyanure==1.2.2"
 STAMP="$VENV/.lmim-reqs"
 
 log() { printf '[lmim-bench setup] %s\n' "$*" >&2; }

@@ -87,6 +87,7 @@ declare -A SHARE=(
     [pretrain-ours-1]=40 [pretrain-original-fp16]=40 [pretrain-original-bf16]=40 [pretrain-original-none]=40 [pretrain-ours-2]=40
     [finetune-ours]=30 [finetune-timm]=30 [infer-ours]=20 [infer-timm]=20
     [knn-ours]=30 [knn-dino]=30 [sweep-probe]=10 [sweep]=30 [synth]=25 [loader]=20 [dist-check]=15
+    [dist-check-2gpu]=20 [synth-fault]=10 [dist-fault]=60
 )
 FAILED=()
 # The report from what ran so far (to $OUT with the raw files' tarball when OUT is set); a kill keeps it.
@@ -123,6 +124,55 @@ step() {
 echo "$MODE" >"$SCRATCH/mode"
 
 step info "$BIN" info
+# Collectives first, so that a spent budget never leaves them out. A real process group of one (RANK=0 WORLD_SIZE=1
+# with a named back-end): NCCL on the GPU, Gloo with --cpu where the build has it; all-reduce, broadcast, the
+# bucketed gradient average and abort, checked for values. On a GPU the NCCL row is required: a binary without
+# NCCL, or a step that did not run, fails the check. With two or more GPUs visible: a 2-rank NCCL check (P2P), and
+# a 2-rank pretraining whose rank 1 is killed mid-run (every rank out in seconds, naming it).
+DIST_BACKEND=$([ "$MODE" = gpu ] && echo nccl || echo gloo)
+dist_missing() { printf '%s\t%s\t%s\t%s\n' "$1" missing 0 "$2" >>"$SCRATCH/steps.tsv"; FAILED+=("$1"); echo "gpu_check: $1 not run: $2" >&2; }
+if "$BIN" info --json 2>/dev/null | grep -q "\"$DIST_BACKEND\""; then
+    DIST_PORT=$(( 20000 + RANDOM % 20000 ))
+    step dist-check env RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$DIST_PORT GLOO_SOCKET_IFNAME=lo \
+        "$BIN" bench --device "$DEV" --dist-backend "$DIST_BACKEND" --dist-timeout 60 dist-check
+elif [ "$MODE" = gpu ]; then
+    dist_missing dist-check "this binary has no NCCL (built without the CUDA headers): every multi-GPU run would fail"
+fi
+GPUS=0
+[ "$MODE" = gpu ] && GPUS="$(timeout -k 5 60 "$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
+if [ "$MODE" = gpu ] && [ "${GPUS:-0}" -ge 2 ] && "$BIN" info --json 2>/dev/null | grep -q '"nccl"'; then
+    DIST_PORT=$(( 20000 + RANDOM % 20000 ))
+    # Two ranks, one GPU each, through plain RANK/WORLD_SIZE variables: both reports land in one file per rank.
+    two_ranks() {
+        local name="$1"; shift
+        local pids=() r c0 c1
+        for r in 0 1; do
+            local fault=()
+            [ "$r" = 1 ] && [ -n "${FAULT:-}" ] && fault=("LMIM_FAULT=$FAULT")
+            env RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r LOCAL_WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=$DIST_PORT "${fault[@]}" \
+                "$@" >"$SCRATCH/$name-rank$r.json" 2>"$SCRATCH/$name-rank$r.err" &
+            pids+=($!)
+        done
+        wait "${pids[0]}"; c0=$?
+        wait "${pids[1]}"; c1=$?
+        echo "{\"exit_codes\": [$c0, $c1]}"
+        [ "$c0" = 0 ] && [ "$c1" = 0 ]
+    }
+    two_ranks_check() { FAULT="" two_ranks dist-check-2gpu "$BIN" bench --device cuda --dist-backend nccl --dist-timeout 60 dist-check; }
+    two_ranks_fault() {
+        local t0=$SECONDS
+        FAULT="step=2:die" two_ranks dist-fault "$BIN" pretrain -q -c "$ROOT/configs/lmim_tiny.toml" --data "$SCRATCH/fault-data" \
+            -o "$SCRATCH/fault-run" --no-tensorboard epochs=50 batch_size=32 micro_batch_size=16 nn_every=0 'device="cuda"'
+        # Rank 0 must end (exit 1) naming rank 1 within a minute of the start.
+        grep -q "rank 1" "$SCRATCH/dist-fault-rank0.err" && [ $((SECONDS - t0)) -lt 60 ]
+    }
+    export -f two_ranks two_ranks_check two_ranks_fault; export BIN ROOT SCRATCH DIST_PORT
+    step dist-check-2gpu bash -c two_ranks_check
+    DIST_PORT=$(( DIST_PORT + 1 ))
+    step synth-fault "$BIN" data synth --out "$SCRATCH/fault-data" --classes 4 --train-per-class 32 --val-per-class 4 --size 64
+    export DIST_PORT
+    step dist-fault bash -c two_ranks_fault
+fi
 step python-info "$PY" -c "import json, torch, timm; c = torch.cuda.is_available(); print(json.dumps({'torch': torch.__version__, 'timm': timm.__version__, 'cuda': torch.version.cuda, 'device': torch.cuda.get_device_name() if c else 'cpu', 'cudnn': torch.backends.cudnn.version() if c else None}))"
 
 # Parity: timm writes its weights and outputs on this device, lmim-bench compares.
@@ -167,15 +217,6 @@ SWEEP_ROWS=$(( SWEEP_FIT < SWEEP_N ? SWEEP_FIT : SWEEP_N ))
 step sweep "$BIN" bench --device "$DEV" sweep --n "$SWEEP_ROWS" --dim 768 --classes 1000 --set epochs=1
 step synth "$BIN" data synth --out "$SCRATCH/jpegs" "${SYNTH[@]}" --val-per-class 1 --size 500x375
 step loader "$BIN" bench --steps "$LOADER_BATCHES" loader --data "$SCRATCH/jpegs" "${LOADER[@]}"
-
-# A real process group of one (RANK=0 WORLD_SIZE=1 with a named back-end): NCCL on the GPU, Gloo with --cpu
-# where the build has it. All-reduce, broadcast, the bucketed gradient average and abort, checked for values.
-DIST_BACKEND=$([ "$MODE" = gpu ] && echo nccl || echo gloo)
-if "$BIN" info --json 2>/dev/null | grep -q "\"$DIST_BACKEND\""; then
-    DIST_PORT=$(( 20000 + RANDOM % 20000 ))
-    step dist-check env RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$DIST_PORT GLOO_SOCKET_IFNAME=lo \
-        "$BIN" bench --device "$DEV" --dist-backend "$DIST_BACKEND" --dist-timeout 60 dist-check
-fi
 
 report
 rc=$?

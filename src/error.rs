@@ -25,6 +25,10 @@ pub enum Error {
     Torch(#[from] tch::TchError),
     #[error("training diverged: {0}")]
     Diverged(String),
+    /// A NaN or infinity in an evaluation's numbers (features, a propagated mask, a solver's state): the run stops
+    /// rather than score it.
+    #[error("not finite: {0}")]
+    NonFinite(String),
     /// An allocation that the size checks let through failed (the memory in use by then, or a limit they could
     /// not see).
     #[error("out of memory: {what} need about {gib:.1} GiB and the allocation failed; this process may use {limit} ({detail})")]
@@ -40,6 +44,10 @@ pub enum Error {
     /// A collective or the rendezvous of a data-parallel run failed (a peer died, timed out or never came).
     #[error("distributed: {0}")]
     Dist(String),
+    /// The ranks of a data-parallel run were started on different inputs (a resume point, a data set): an input
+    /// error, found before any collective.
+    #[error("distributed: the ranks disagree on {0}")]
+    RanksDisagree(String),
 }
 
 impl Error {
@@ -59,7 +67,7 @@ impl Error {
     /// Exit code under the CLI convention: 2 for bad input or usage, 1 for anything that went wrong at run time.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Torch(_) | Error::Diverged(_) | Error::Dist(_) | Error::OutOfMemory { .. } => 1,
+            Error::Torch(_) | Error::Diverged(_) | Error::NonFinite(_) | Error::Dist(_) | Error::OutOfMemory { .. } => 1,
             Error::Interrupted { signal, .. } => signal.exit_code(),
             Error::Io { io, .. } if io.kind() == std::io::ErrorKind::BrokenPipe => 0,
             // A full or read-only disk is a failure of the run, not a bad input.

@@ -16,18 +16,29 @@ pub fn set_rank(rank: i64) {
 /// A fault injected into this process at a point of its work, for rehearsing what a job does when a rank fails
 /// (the tests do; so can a user on a new cluster): `LMIM_FAULT=step=N:KIND` acts right after optimiser step N of
 /// pretraining, in rank-local code between collectives. KIND: `panic` (a bug or a tch unwrap, e.g. CUDA out of
-/// memory), `error` (an ordinary error), `die` (SIGKILL: no message, nothing told), `hang` (stuck for 10 minutes,
+/// memory), `error` (an ordinary error), `die` (SIGKILL: no message, nothing told), `stop` (SIGSTOP: every thread
+/// stopped, heartbeat included), `hang` (stuck for 10 minutes,
 /// as in a kernel that never ends), `slow=S` (S seconds of delay, as a slow file system). `LMIM_FAULT=checkpoint=N:KIND`
 /// acts on rank 0 before it writes the checkpoint of step N. Set it on one rank only (`env LMIM_FAULT=...
-/// lmim-bench` in that task). `LMIM_FAULT=pack=1:KIND` acts in `data pack` after the split took its final name.
+/// lmim-bench` in that task). `LMIM_FAULT=pack=1:KIND` acts in `data pack` after the split took its final name;
+/// `LMIM_FAULT=scan=1:KIND` on rank 0 before its dataset scan. A malformed value is refused.
 pub fn fault_point(place: &str, n: i64) -> Result<()> {
-    static FAULT: OnceLock<Option<(String, i64, String)>> = OnceLock::new();
+    static FAULT: OnceLock<std::result::Result<Option<(String, i64, String)>, String>> = OnceLock::new();
     let fault = FAULT.get_or_init(|| {
-        let v = std::env::var("LMIM_FAULT").ok()?;
-        let (at, kind) = v.split_once(':')?;
-        let (p, k) = at.split_once('=')?;
-        Some((p.to_string(), k.trim().parse().ok()?, kind.to_string()))
+        let Some(v) = std::env::var("LMIM_FAULT").ok().filter(|v| !v.is_empty()) else { return Ok(None) };
+        let bad = || format!("`{v}` is not PLACE=N:KIND (e.g. step=3:panic)");
+        let (at, kind) = v.split_once(':').ok_or_else(bad)?;
+        let (p, k) = at.split_once('=').ok_or_else(bad)?;
+        let n = k.trim().parse().map_err(|_| bad())?;
+        if !["step", "checkpoint", "pack", "scan"].contains(&p) {
+            return Err(format!("`{p}` is not a fault point (step, checkpoint, pack, scan)"));
+        }
+        if !matches!(kind, "panic" | "error" | "die" | "stop" | "hang") && !kind.strip_prefix("slow=").is_some_and(|s| s.parse::<u64>().is_ok()) {
+            return Err(format!("`{kind}` is not a fault (panic, error, die, stop, hang, slow=S)"));
+        }
+        Ok(Some((p.to_string(), n, kind.to_string())))
     });
+    let fault = fault.as_ref().map_err(|e| Error::option("LMIM_FAULT", e.clone()))?;
     let Some((p, k, kind)) = fault else { return Ok(()) };
     if p != place || *k != n {
         return Ok(());
@@ -41,6 +52,11 @@ pub fn fault_point(place: &str, n: i64) -> Result<()> {
             unsafe { libc::raise(libc::SIGKILL) };
             Ok(())
         }
+        "stop" => {
+            // SAFETY: raise only sends a signal to this process: stopped as by SIGSTOP, every thread at once.
+            unsafe { libc::raise(libc::SIGSTOP) };
+            Ok(())
+        }
         "hang" => {
             std::thread::sleep(Duration::from_secs(600));
             Ok(())
@@ -50,6 +66,6 @@ pub fn fault_point(place: &str, n: i64) -> Result<()> {
             std::thread::sleep(Duration::from_secs(secs));
             Ok(())
         }
-        other => Err(Error::option("LMIM_FAULT", format!("`{other}` is not a fault (panic, error, die, hang, slow=S)"))),
+        other => Err(Error::option("LMIM_FAULT", format!("`{other}` is not a fault (panic, error, die, stop, hang, slow=S)"))),
     }
 }

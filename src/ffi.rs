@@ -39,6 +39,9 @@ extern "C" {
     pub fn lmim_c10d_finish(g: *mut c_void, host: c_int, timeout_ms: i64, all_done: *mut c_int) -> c_int;
     pub fn lmim_c10d_store_set(g: *mut c_void, key: *const c_char) -> c_int;
     pub fn lmim_c10d_store_wait(g: *mut c_void, key: *const c_char, timeout_ms: i64) -> c_int;
+    pub fn lmim_c10d_store_put(g: *mut c_void, key: *const c_char, data: *const c_char, len: c_int, watch: c_int) -> c_int;
+    pub fn lmim_c10d_store_get(g: *mut c_void, key: *const c_char, timeout_ms: i64, buf: *mut c_char, len: c_int, out_len: *mut c_int) -> c_int;
+    pub fn lmim_c10d_store_add(g: *mut c_void, key: *const c_char, delta: i64, watch: c_int, value: *mut i64) -> c_int;
     pub fn lmim_c10d_free(g: *mut c_void);
     pub fn lmim_set_cudnn_tf32(on: c_int) -> c_int;
 

@@ -406,9 +406,14 @@ pub fn append_lines_locked(path: &Path, header: &[u8], lines: &[u8]) -> Result<(
         Some(_) => {}
     }
     buf.extend_from_slice(lines);
-    // O_APPEND: the write goes to the end even if the file was truncated above.
-    f.write_all(&buf).map_err(io)?;
-    f.sync_data().map_err(io)
+    let before = f.metadata().map_err(io)?.len();
+    // O_APPEND: the write goes to the end even if the file was truncated above. A write that fails part-way (a
+    // full disk) is cut back off, so the table keeps its previous rows and nothing torn.
+    if let Err(e) = f.write_all(&buf).and_then(|_| f.sync_data()) {
+        let _ = f.set_len(before).and_then(|_| f.sync_data());
+        return Err(io(e));
+    }
+    Ok(())
     // The lock goes with the file descriptor.
 }
 

@@ -279,3 +279,29 @@ fn baseline_check_fails_for_a_broken_checkpoint() {
         .code(1)
         .stdout(contains("| pico | knn | top1@k20 |").and(contains("FAIL")));
 }
+
+/// Write errors are run failures (exit 1) naming what could not be written, whether the output is a named file
+/// that is a device (`-o /dev/full`, written in place, never replaced by a file) or stdout; a pipe that is not
+/// read any more is not an error.
+#[test]
+fn write_errors_exit_1_and_leave_devices_alone() {
+    use std::os::unix::fs::FileTypeExt;
+    if !Path::new("/dev/full").exists() {
+        eprintln!("no /dev/full on this machine");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    runs(dir.path());
+    let full = || std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    bin().arg("table").arg(dir.path()).args(["-o", "/dev/full"]).assert().code(1).stderr(contains("/dev/full"));
+    assert!(std::fs::metadata("/dev/full").unwrap().file_type().is_char_device(), "/dev/full is still the device");
+    let raw = || std::process::Command::new(assert_cmd::cargo::cargo_bin("lmim-bench"));
+    let o = raw().arg("table").arg(dir.path()).stdout(full()).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("<stdout>"));
+    let data = dir.path().join("data");
+    bin().args(["data", "synth", "--classes", "2", "--train-per-class", "2", "--val-per-class", "1", "--size", "16", "--out"]).arg(&data).assert().success();
+    let o = raw().args(["data", "info", "--json", "--data"]).arg(&data).stdout(full()).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("<stdout>"));
+}

@@ -261,6 +261,7 @@ fn eval_fails(data: &Path, ckpt: &Path, out: &Path, names: &str) {
         .arg(data)
         .arg("--output")
         .arg(out)
+        .timeout(std::time::Duration::from_secs(120))
         .assert()
         .code(2)
         .stderr(contains(names));
@@ -301,4 +302,47 @@ fn bad_input_exits_2_naming_the_file() {
     let d = copy("no_frame_ann");
     std::fs::remove_file(d.join("Annotations/480p/seq_000/00002.png")).unwrap();
     eval_fails(&d, &ckpt, &out, "seq_000/00002.png");
+
+    // A FIFO (would block for ever) or a device (would be read without end) in place of a frame, an annotation or
+    // the list: refused by name as not a regular file.
+    let mkfifo = |p: &Path| {
+        std::fs::remove_file(p).unwrap();
+        assert!(std::process::Command::new("mkfifo").arg(p).status().unwrap().success());
+    };
+    for (name, rel) in [("fifo_frame", "JPEGImages/480p/seq_001/00001.jpg"), ("fifo_ann", "Annotations/480p/seq_000/00001.png"), ("fifo_list", "ImageSets/2017/val.txt")] {
+        let d = copy(name);
+        mkfifo(&d.join(rel));
+        eval_fails(&d, &ckpt, &out, &format!("{rel}: a named pipe (FIFO), not a regular file"));
+    }
+    let d = copy("zero_frame");
+    let frame = d.join("JPEGImages/480p/seq_001/00001.jpg");
+    std::fs::remove_file(&frame).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &frame).unwrap();
+    eval_fails(&d, &ckpt, &out, "seq_001/00001.jpg: a character device, not a regular file");
+}
+
+/// A temperature for which exp(similarity / temperature) overflows float32 is refused naming the bound, before
+/// any work (it would give NaN masks and a J&F of 0).
+#[test]
+fn a_temperature_that_overflows_float32_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(&dir.path().join("set"), 1, 4, 96, 64);
+    let ckpt = dir.path().join("enc.safetensors");
+    bin().args(["init", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/configs/lmim_tiny.toml"), "-o"]).arg(&ckpt).assert().success();
+    for (t, ok) in [("0.011", false), ("0.0113", true)] {
+        let a = bin()
+            .args(["eval", "--protocol", "davis", "--device", "cpu", "--quiet", "short_side=64", &format!("temperature={t}")])
+            .arg("--checkpoint")
+            .arg(&ckpt)
+            .arg("--data")
+            .arg(&data)
+            .arg("--output")
+            .arg(dir.path().join("runs"))
+            .assert();
+        if ok {
+            a.success();
+        } else {
+            a.code(2).stderr(contains("temperature")).stderr(contains("0.01127")).stderr(contains("overflows float32"));
+        }
+    }
 }

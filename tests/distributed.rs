@@ -32,13 +32,20 @@ fn s(p: &Path) -> &str {
 }
 
 /// The same command as `world` processes, rank r with the variables `vars(r, port)`.
+/// `timeout_s` 0: no `--dist-timeout`, PyTorch's default.
 fn spawn_with(args: &[String], world: usize, timeout_s: u64, vars: impl Fn(usize, &str) -> Vec<(&'static str, String)>) -> Vec<Child> {
+    spawn_ranks(|_| args.to_vec(), world, timeout_s, vars)
+}
+
+/// As [`spawn_with`], with rank r's own arguments `args(r)`.
+fn spawn_ranks(args: impl Fn(usize) -> Vec<String>, world: usize, timeout_s: u64, vars: impl Fn(usize, &str) -> Vec<(&'static str, String)>) -> Vec<Child> {
     let port = free_port().to_string();
     (0..world)
         .map(|r| {
+            let timeout = if timeout_s > 0 { vec!["--dist-timeout".to_string(), timeout_s.to_string()] } else { vec![] };
             bin()
-                .args(args)
-                .args(["--dist-timeout", &timeout_s.to_string()])
+                .args(args(r))
+                .args(timeout)
                 .envs(vars(r, &port))
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -552,3 +559,157 @@ fn the_nn_monitor_sharded_over_two_ranks_gives_the_one_rank_score() {
     assert!((n1[1] - n2[1]).abs() <= 100.0 / 36.0 + 1e-9, "{n1:?} vs {n2:?}");
 }
 
+
+/// A rank killed (SIGKILL) or stopped (SIGSTOP) says nothing: with the default --dist-timeout (30 minutes on Gloo)
+/// its peer is out within a minute anyway, naming it, through the heartbeat it stopped beating.
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn a_killed_or_stopped_rank_ends_its_peer_within_a_minute_with_the_default_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    for fault in ["step=1:stop", "step=1:die"] {
+        let t0 = Instant::now();
+        let mut children = spawn_faulty(&long_pretrain(&data, &dir.path().join(fault.replace([':', '='], "-"))), 2, 0, &[(1, fault)]);
+        let mut rank1 = children.pop().unwrap();
+        let out0 = children.pop().unwrap().wait_with_output().unwrap();
+        let took = t0.elapsed();
+        let _ = rank1.kill();
+        let _ = rank1.wait();
+        let e0 = stderr(&out0);
+        assert_eq!(out0.status.code(), Some(1), "{fault}: {e0}");
+        assert!(e0.contains("rank 1 has not been heard from"), "{fault}: rank 0 names rank 1: {e0}");
+        assert!(took < Duration::from_secs(60), "{fault}: took {took:?} with the default 30-minute timeout");
+    }
+}
+
+/// Rank 0's first scan of the data set, longer than --dist-timeout: the other rank waits on the store, not in a
+/// collective, and the job trains.
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn a_first_scan_slower_than_the_timeout_does_not_end_the_job_and_every_rank_names_its_decode_threads() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let out = dir.path().join("out");
+    let mut args = pretrain_args(&data, &out);
+    args.retain(|a| a != "-q");
+    replace_arg(&mut args, "num_workers=1", "num_workers=0");
+    args.push("epochs=1".into());
+    let t0 = Instant::now();
+    let outs = wait_all(spawn_with(&args, 2, 6, |r, port| {
+        let mut v = launcher_vars(r, 2, port);
+        v.push(("LOCAL_WORLD_SIZE", "2".into()));
+        if r == 0 {
+            v.push(("LMIM_FAULT", "scan=1:slow=15".into()));
+        }
+        v
+    }));
+    assert_ok(&outs);
+    assert!(t0.elapsed() > Duration::from_secs(15), "the scan was delayed");
+    for (r, o) in outs.iter().enumerate() {
+        let e = stderr(o);
+        let line = e.lines().find(|l| l.contains("decode threads")).unwrap_or_else(|| panic!("rank {r} names its decode threads: {e}"));
+        assert!(line.starts_with(&format!("rank {r} of 2: decode threads: ")) && line.contains("shared by 2 ranks"), "rank {r}: {line}");
+    }
+}
+
+/// Two Slurm jobs on one node, neither naming MASTER_PORT: each job's store is on a port of its own (from its job
+/// id), so both run.
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn two_slurm_jobs_on_one_node_without_master_port_both_run() {
+    let jobs: Vec<Vec<Child>> = ["7001", "7002"]
+        .iter()
+        .map(|job| {
+            spawn_with(&strings(&["bench", "dist-check"]), 2, 30, |r, _| {
+                vec![
+                    ("SLURM_PROCID", r.to_string()),
+                    ("SLURM_NTASKS", "2".into()),
+                    ("SLURM_STEP_ID", "0".into()),
+                    ("SLURM_LOCALID", r.to_string()),
+                    ("SLURM_NTASKS_PER_NODE", "2".into()),
+                    ("SLURM_JOB_NODELIST", "localhost".into()),
+                    ("SLURM_JOB_ID", job.to_string()),
+                ]
+            })
+        })
+        .collect();
+    for (j, children) in jobs.into_iter().enumerate() {
+        let outs = wait_all(children);
+        for (r, o) in outs.iter().enumerate() {
+            assert!(o.status.success(), "job {j} rank {r}: {}", stderr(o));
+            let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("job {j} rank {r}: {e}: {}", String::from_utf8_lossy(&o.stdout)));
+            assert_eq!(report["world_size"], 2, "{report}");
+            assert_eq!(report["pass"], true, "{report}");
+        }
+    }
+}
+
+/// Node-local output folders: rank 0 finds checkpoints, rank 1 none. Every rank exits 2 within seconds, naming
+/// both ranks' resume points, before any collective (not a SIGABRT, not two ranks training from two states).
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn ranks_that_would_resume_from_different_points_all_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let (out0, out1) = (dir.path().join("node0"), dir.path().join("node1"));
+    let mut first = pretrain_args(&data, &out0);
+    first.push("epochs=1".into());
+    run_one(&first);
+    assert!(out0.join("checkpoints").read_dir().unwrap().count() >= 1);
+    let t0 = Instant::now();
+    let outs = wait_all(spawn_ranks(|r| pretrain_args(&data, if r == 0 { &out0 } else { &out1 }), 2, 0, |r, port| launcher_vars(r, 2, port)));
+    for (r, o) in outs.iter().enumerate() {
+        let e = stderr(o);
+        assert_eq!(o.status.code(), Some(2), "rank {r}: {e}");
+        assert!(e.contains("disagree on the resume point") && e.contains("rank 0: step") && e.contains("rank 1: a fresh start"), "rank {r}: {e}");
+        assert!(e.contains(s(&out1)), "rank {r} names rank 1's folder: {e}");
+    }
+    assert!(t0.elapsed() < Duration::from_secs(30), "took {:?}", t0.elapsed());
+    assert!(!out1.join("checkpoints").read_dir().map_or(false, |mut d| d.next().is_some()), "rank 1 wrote no checkpoint");
+}
+
+/// Every file under `dir` (relative path, bytes), sorted.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// DAVIS on 2 ranks deals the sequences over them: one masks folder with the one-rank masks, one record with the
+/// one-rank scores.
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn davis_on_two_ranks_gives_the_one_rank_masks_and_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("davis");
+    run_one(&strings(&["data", "synth-davis", "--out", s(&data), "--sequences", "5", "--frames", "6"]));
+    let ckpt = dir.path().join("enc.safetensors");
+    run_one(&strings(&["init", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/configs/lmim_tiny.toml"), "-o", s(&ckpt)]));
+    let args = |out: &Path| strings(&["eval", "--protocol", "davis", "--device", "cpu", "--quiet", "--name", "tiny", "--checkpoint", s(&ckpt), "--data", s(&data), "--output", s(out), "short_side=64"]);
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    run_one(&args(&one));
+    run_world(&args(&two), 2);
+    let run_dir = |out: &Path| std::fs::read_dir(out).unwrap().map(|e| e.unwrap().path()).find(|p| p.is_dir()).expect("a run folder");
+    let (m1, m2) = (files_under(&run_dir(&one).join("masks")), files_under(&run_dir(&two).join("masks")));
+    assert_eq!(m1.len(), 5 * 6, "every frame's mask");
+    assert!(m1 == m2, "the 2-rank masks folder equals the 1-rank one");
+    assert!(!std::fs::read_dir(run_dir(&two)).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".masks")), "no partial folder left");
+    let (r1, r2) = (record(&one), record(&two));
+    assert_eq!(r1["metrics"], r2["metrics"]);
+    for k in ["per_sequence", "per_object", "objects", "frames", "sequences", "predicted_objects_differ"] {
+        assert_eq!(r1["details"][k], r2["details"][k], "{k}");
+    }
+    let records = std::fs::read_dir(&two).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json")).count();
+    assert_eq!(records, 1, "one record for the job");
+}

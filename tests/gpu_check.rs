@@ -67,7 +67,7 @@ fn gpu_check_cpu_mode_runs_every_step_and_writes_the_report() {
         assert!(listing.contains(want), "raw.tar.gz lacks {want}: {listing}");
     }
     let report = std::fs::read_to_string(out.join("gpu-cpu.md")).unwrap();
-    for want in ["## Parity", "forward_features fp32 vs timm", "one Latent MIM step", "SDPA kernel", "## Latent MIM pretraining step", "lmim-bench", "Fine-tuning ratio lmim-bench / timm", "Inference ratio", "k-NN (weighted, k = 20", "52-head linear sweep", "Loader,", "## Commands", "not run: LATENTMIM_DIR was not set"] {
+    for want in ["## Parity", "forward_features fp32 vs timm", "one Latent MIM step", "SDPA kernel", "## Latent MIM pretraining step", "lmim-bench", "Fine-tuning ratio lmim-bench / timm", "Inference ratio", "k-NN (weighted, k = 20", "52-head linear sweep", "Loader,", "## Commands", "not run: LATENTMIM_DIR was not set", "## Collectives"] {
         assert!(report.contains(want), "the report lacks `{want}`:\n{report}");
     }
     // The report is printed too (a device call returns stdout even when its files do not come back).
@@ -106,4 +106,26 @@ fn parity_over_tolerance_exits_1() {
     let v: serde_json::Value = serde_json::from_slice(&res.stdout).unwrap();
     let max = v["f32"]["max_abs"].as_f64().unwrap();
     assert!((max - 0.01).abs() < 1e-4 && v["pass"] == false, "{v}");
+}
+
+/// On a GPU the NCCL row is required: a report whose collectives check did not run (or was marked missing because
+/// the binary has no NCCL) says FAILED in that row and exits 1, never a blank row and exit 0.
+#[test]
+fn the_gpu_report_fails_when_the_nccl_check_did_not_run() {
+    for steps in ["info\t0\t1\tlmim-bench info\n", "info\t0\t1\tlmim-bench info\ndist-check\tmissing\t0\tthis binary has no NCCL\n"] {
+        let dir = tempfile::tempdir().unwrap();
+        let scratch = dir.path();
+        std::fs::write(scratch.join("mode"), "gpu\n").unwrap();
+        std::fs::write(scratch.join("steps.tsv"), steps).unwrap();
+        let res = Command::new(common::python())
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/benches/py/gpu_report.py"))
+            .args([scratch.to_str().unwrap(), env!("CARGO_MANIFEST_DIR"), "", scratch.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(res.status.code(), Some(1), "{}", String::from_utf8_lossy(&res.stderr));
+        let path = String::from_utf8_lossy(&res.stdout).trim().to_string();
+        let report = std::fs::read_to_string(&path).unwrap();
+        let row = report.lines().find(|l| l.contains("process group of one")).unwrap_or_else(|| panic!("no collectives row:\n{report}"));
+        assert!(row.contains("**FAILED: not run"), "{row}");
+    }
 }

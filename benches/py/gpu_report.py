@@ -58,11 +58,36 @@ budget = [row[0] for row in steps if len(row) > 1 and row[1] == "budget"]
 if budget:
     p(f"\n**Steps not run (the run's time budget was spent):** {', '.join(budget)}.")
 
+# Collectives: on a GPU the NCCL row is required; a row that did not run is a failure, never a blank.
+ok = True
+p("\n## Collectives\n")
+p("| check | result |\n|---|---|")
+ran = {row[0]: row for row in steps if len(row) > 1}
+for name, what in [("dist-check", "process group of one: all-reduce, broadcast, bucketed gradient average, abort"),
+                   ("dist-check-2gpu", "2 ranks on 2 GPUs through NCCL (P2P), the same checks"),
+                   ("dist-fault", "2-rank pretraining, rank 1 killed mid-run: rank 0 out within a minute naming it")]:
+    row = ran.get(name)
+    if row is None:
+        if name == "dist-check" and mode == "gpu":
+            p(f"| {what} | **FAILED: not run** |")
+            ok = False
+        elif name != "dist-check":
+            p(f"| {what} | not run (fewer than 2 GPUs visible) |" if mode == "gpu" else f"| {what} | not run (CPU mode) |")
+        continue
+    if row[1] == "missing":
+        p(f"| {what} | **FAILED: not run: {row[3]}** |")
+        ok = False
+        continue
+    r = load(name)
+    passed = row[1] == "0" and (name != "dist-check" or bool(r and r.get("pass")))
+    detail = f"{r.get('backend')} x {r.get('world_size')}, max errors {r.get('all_reduce_max_err')}/{r.get('broadcast_max_err')}/{r.get('gradient_average_max_err')}" if name == "dist-check" and r else f"exit {row[1]} after {row[2]} s"
+    p(f"| {what} | {'pass' if passed else '**FAILED**'} ({detail}) |")
+    ok &= passed
+
 # Parity.
 p("\n## Parity\n")
 p("| check | max abs diff | mean abs diff | tolerance | pass |\n|---|---|---|---|---|")
 par = load("parity")
-ok = True
 if par:
     f = par["f32"]
     p(f"| {par['arch']} forward_features fp32 vs timm, same device, batch {par['batch']} | {f['max_abs']:.2e} | {f['mean_abs']:.2e} | max {f['tolerance_max']:g} | {f['max_abs'] <= f['tolerance_max']} |")

@@ -88,14 +88,23 @@ pub fn open_regular(path: &Path) -> Result<std::fs::File> {
 /// one call to the next, so two saves of the same model hashed differently). Same layout as safetensors'
 /// own writer (huggingface/safetensors, safetensors/src/tensor.rs): tensors by descending dtype, then name; the
 /// JSON header padded with spaces to a multiple of 8 bytes.
-fn serialize_deterministic(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)], metadata: &BTreeMap<String, String>) -> Result<Vec<u8>> {
+fn serialize_deterministic(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)], metadata: &BTreeMap<String, String>, checksum: bool) -> Result<Vec<u8>> {
     let mut order: Vec<usize> = (0..tensors.len()).collect();
     order.sort_by(|&a, &b| tensors[b].1.cmp(&tensors[a].1).then_with(|| tensors[a].0.cmp(&tensors[b].0)));
     if let Some(w) = order.windows(2).find(|w| tensors[w[0]].0 == tensors[w[1]].0) {
         return Err(Error::checkpoint(path, format!("tensor name `{}` appears twice", tensors[w[0]].0)));
     }
+    let mut metadata = std::borrow::Cow::Borrowed(metadata);
+    if checksum {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for &i in &order {
+            h.update(&tensors[i].3);
+        }
+        metadata.to_mut().insert(DATA_SHA256.to_string(), hex::encode(h.finalize()));
+    }
     let mut header = String::from("{\"__metadata__\":");
-    header.push_str(&json(metadata));
+    header.push_str(&json(metadata.as_ref()));
     let mut offset = 0usize;
     for &i in &order {
         let (name, dtype, shape, bytes) = &tensors[i];
@@ -128,26 +137,58 @@ fn json<T: serde::Serialize + ?Sized>(v: &T) -> String {
     serde_json::to_string(v).expect("header values serialise")
 }
 
+/// The metadata key of the sha256 of a checkpoint's tensor bytes ([`save_checked`]).
+pub const DATA_SHA256: &str = "data_sha256";
+
 /// Saves named tensors with metadata as safetensors, atomically; the same input gives the same bytes.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
+    save_with(path, tensors, metadata, false)
+}
+
+/// As [`save`], with the sha256 of the tensor bytes in the metadata ([`DATA_SHA256`]), which [`load_checked`]
+/// verifies: for the checkpoints a run resumes from, where a flipped bit would otherwise load and diverge.
+pub fn save_checked(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>) -> Result<()> {
+    save_with(path, tensors, metadata, true)
+}
+
+fn save_with(path: &Path, tensors: &[(String, Tensor)], metadata: &BTreeMap<String, String>, checksum: bool) -> Result<()> {
     let mut owned = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let dtype = to_dtype(t.kind()).ok_or_else(|| Error::checkpoint(path, format!("tensor `{name}` has unsupported kind {:?}", t.kind())))?;
         let shape: Vec<usize> = t.size().iter().map(|&s| s as usize).collect();
         owned.push((name.clone(), dtype, shape, tensor_bytes(t)));
     }
-    let bytes = serialize_deterministic(path, &owned, metadata)?;
+    let bytes = serialize_deterministic(path, &owned, metadata, checksum)?;
     write_atomic(path, &bytes)
 }
 
 /// Loads a safetensors file onto the CPU.
 pub fn load(path: &Path) -> Result<Checkpoint> {
+    load_impl(path, false)
+}
+
+/// As [`load`], verifying the tensor bytes against the checksum [`save_checked`] wrote (a file without one, of
+/// an older version, loads unverified); a mismatch is an error naming both sums.
+pub fn load_checked(path: &Path) -> Result<Checkpoint> {
+    load_impl(path, true)
+}
+
+fn load_impl(path: &Path, verify: bool) -> Result<Checkpoint> {
     let mut bytes = Vec::new();
     open_regular(path)?.read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::checkpoint(path, format!("cannot parse safetensors ({e}); truncated or not a safetensors file?")))?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::checkpoint(path, e.to_string()))?;
-    let metadata = header.metadata().clone().unwrap_or_default().into_iter().collect();
+    let metadata: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+    if let (true, Some(want)) = (verify, metadata.get(DATA_SHA256)) {
+        use sha2::{Digest, Sha256};
+        // The data section follows the 8-byte length and the header (safetensors' layout).
+        let start = 8 + u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes, parsed above")) as usize;
+        let got = hex::encode(Sha256::digest(&bytes[start..]));
+        if &got != want {
+            return Err(Error::checkpoint(path, format!("its tensors do not match the checksum written with them (sha256 {got}, written {want}): the file was changed or corrupted after it was saved")));
+        }
+    }
     let mut tensors = Vec::new();
     let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
     names.sort();

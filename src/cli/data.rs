@@ -364,17 +364,18 @@ fn pack(a: PackArgs) -> anyhow::Result<()> {
     let ds = Dataset::open_with(&a.data, &a.split, &OpenOptions { rescan: a.scan.rescan, ..Default::default() })?;
     let r = crate::data::shards::pack_locked(&ds, &a.out, a.shard_size, &lock)
         .with_context(|| format!("packing {} into {}", ds.dir.display(), a.out.display()))?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+    let text = if a.json {
+        serde_json::to_string_pretty(&r)? + "\n"
     } else {
-        println!(
-            "{}: {} shards, {} images, {:.1} MB; fingerprint files {} (equal to the folder's)",
+        format!(
+            "{}: {} shards, {} images, {:.1} MB; fingerprint files {} (equal to the folder's)\n",
             r.dir.display(),
             r.shards,
             r.samples,
             r.bytes as f64 / 1e6,
             r.fingerprint.files_hash
-        );
-    }
+        )
+    };
+    crate::results::write_output("-", &text)?;
     Ok(())
 }

@@ -240,6 +240,7 @@ impl EvalArgs {
                 strict: self.strict,
                 skip_bad: self.skip_bad,
                 tensorboard: !self.no_tensorboard,
+                suite_entry: None,
             },
         }
     }

@@ -8,6 +8,7 @@ pub mod plot;
 pub mod report;
 #[cfg(unix)]
 mod stderr_pipe;
+pub mod suite;
 mod train_cmds;
 pub mod visualize;
 
@@ -41,6 +42,10 @@ pub enum Command {
     Extract(eval::ExtractArgs),
     /// Evaluate a checkpoint with a protocol (knn, nn-loo, linear, linear-sweep, finetune) and write a results record.
     Eval(eval::EvalArgs),
+    /// Evaluate a checkpoint on every axis of a suite file (k-NN, probes, DAVIS, low-shot, ...) in one job:
+    /// checked before any work, cheap entries first, resumable (entries whose record exists are kept), the table
+    /// row at the end; exit 1 when an entry failed or `--reference` finds a regression.
+    Suite(suite::SuiteArgs),
     /// Render results records as an NN / LP / Ft table beside the reference numbers (Markdown, CSV or JSON).
     Table(report::TableArgs),
     /// Compare results with a reference or a baseline; exit 1 when a metric falls below reference - tolerance.
@@ -176,6 +181,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Check(a) => return report::check(a),
         Command::Bench(a) => return bench_cmds::bench(a),
+        Command::Suite(a) => return suite::suite(a),
         _ => {}
     }
     match cli.command {
@@ -188,7 +194,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Extract(a) => eval::extract(a),
         Command::Eval(a) => eval::eval(a),
         Command::Table(a) => report::table(a),
-        Command::Check(_) | Command::Bench(_) => unreachable!("handled above"),
+        Command::Check(_) | Command::Bench(_) | Command::Suite(_) => unreachable!("handled above"),
         Command::Visualize(a) => visualize::visualize(a),
         Command::Plot(a) => plot::plot(a),
     }
@@ -273,7 +279,8 @@ pub fn main() -> i32 {
                 _ if code != 0 => eprintln!("error: {e:#}"),
                 _ => {}
             }
-            crate::dist::shutdown((code != 0).then(|| format!("{e:#}")).as_deref());
+            let msg = format!("{e:#}");
+            crate::dist::shutdown_with((code != 0).then_some((msg.as_str(), code)));
             code
         }
     }

@@ -303,7 +303,8 @@ pub struct DavisSet {
 /// error naming it. Annotations are matched to frames by stem (davis2017-evaluation reads them so).
 pub fn open_set(root: &Path, subset: &str, resolution: &str) -> Result<DavisSet> {
     let list = root.join("ImageSets").join("2017").join(format!("{subset}.txt"));
-    if !list.is_file() {
+    // Only a missing list is "not found": a FIFO or a device is refused by the reader below, by name.
+    if std::fs::metadata(&list).is_err() {
         return Err(Error::data(&list, "sequence list not found (a DAVIS-2017 root has ImageSets/2017/val.txt, JPEGImages/480p and Annotations/480p; download DAVIS-2017 trainval 480p from https://davischallenge.org/davis2017/code.html)"));
     }
     let text = crate::fsutil::read_regular_text(&list, Some(crate::fsutil::TEXT_LIMIT))?;

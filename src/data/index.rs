@@ -485,15 +485,19 @@ fn evict(dir: &Path) {
 
 /// Under a launcher (a world of more than one that has been joined), rank 0 runs `make` and broadcasts the index
 /// it made (or its failure) to the other ranks, which return it without touching the file system; otherwise
-/// `make` runs here. Every rank must call it at the same point.
+/// `make` runs here. Every rank must call it at the same point. While rank 0 scans (an hour for a first walk of
+/// ImageNet on a network file system), the others wait on the store, not inside the broadcast: NCCL's watchdog
+/// counts from the moment a collective is queued. (`LMIM_FAULT=scan=1:slow=S` delays rank 0's scan.)
 pub fn shared_by_rank0(
     what: &Path,
     make: impl FnOnce() -> Result<(DatasetIndex, IndexSource)>,
 ) -> Result<(DatasetIndex, IndexSource)> {
     let Some(world) = crate::dist::joined_world().filter(|w| w.is_distributed()) else { return make() };
     use tch::{Kind, Tensor};
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (made, payload) = if world.is_main() {
-        let made = make();
+        let made = crate::fault::fault_point("scan", 1).and_then(|_| make());
         let payload = match &made {
             Ok((idx, _)) => idx.encode(),
             Err(e) => e.to_string().into_bytes(),
@@ -502,6 +506,7 @@ pub fn shared_by_rank0(
     } else {
         (None, Vec::new())
     };
+    world.after_rank0_writes(&format!("dataset index {call} ({})", what.display()))?;
     let head = Tensor::from_slice(&[made.as_ref().map_or(0, |m| m.is_ok() as i64), payload.len() as i64]);
     world.broadcast(std::slice::from_ref(&head), 0, "the dataset index broadcast")?;
     let (ok, len) = (head.int64_value(&[0]) == 1, head.int64_value(&[1]) as usize);

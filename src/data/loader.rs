@@ -36,30 +36,57 @@ pub struct DecodeThreads {
 }
 
 /// The decode threads of this process, from what it may run on: the CPUs of its affinity mask (and cgroup quota,
-/// as `available_parallelism` reads them) when a launcher gave it a share of the node (`srun --cpus-per-task`,
-/// `taskset`, `numactl`), else the node's CPUs divided among its ranks on this node (torchrun on a bare node: every
-/// rank sees the whole node, and 8 ranks would each start as many threads as there are cores).
+/// as `available_parallelism` reads them) when a launcher gave each rank a share of its own (`srun
+/// --cpus-per-task` with task binding, `taskset`, `numactl`); divided among the ranks on this node when they share
+/// one mask (torchrun on a bare node or inside a partial allocation, a container's cpuset, srun without per-task
+/// binding: 8 ranks would each start as many threads as the mask has CPUs); never above `SLURM_CPUS_PER_TASK`.
 pub fn decode_threads() -> DecodeThreads {
     static ONCE: std::sync::OnceLock<DecodeThreads> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
         let usable = std::thread::available_parallelism().map_or(1, |n| n.get());
-        decode_threads_for(affinity_cpus().unwrap_or(usable), online_cpus().unwrap_or(usable), usable, crate::dist::launch::local_world_size())
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let launch = crate::dist::launch::LaunchEnv::from_env().map(|e| e.launcher).unwrap_or(crate::dist::launch::Launcher::Single);
+        let per_task = env("SLURM_CPUS_PER_TASK").and_then(|v| v.trim().parse::<usize>().ok()).filter(|&c| c > 0);
+        let cpus = Cpus { mask: affinity_cpus().unwrap_or(usable), online: online_cpus().unwrap_or(usable), usable, per_task };
+        decode_threads_for(cpus, crate::dist::launch::local_world_size(), launch == crate::dist::launch::Launcher::Torchrun)
     })
     .clone()
 }
 
-/// [`decode_threads`] from its inputs: the CPUs of the affinity mask, the node's online CPUs, the CPUs this process
-/// may use (mask and cgroup quota) and the ranks on this node.
-pub fn decode_threads_for(mask: usize, online: usize, usable: usize, local_ranks: usize) -> DecodeThreads {
+/// What a process may run on, for [`decode_threads_for`].
+#[derive(Debug, Clone, Copy)]
+pub struct Cpus {
+    /// CPUs in its affinity mask.
+    pub mask: usize,
+    /// The node's online CPUs.
+    pub online: usize,
+    /// CPUs it may use (mask and cgroup quota).
+    pub usable: usize,
+    /// Slurm's `SLURM_CPUS_PER_TASK`.
+    pub per_task: Option<usize>,
+}
+
+/// [`decode_threads`] from its inputs: the CPUs, the ranks on this node and whether the launcher is torchrun
+/// (whose ranks never get masks of their own).
+pub fn decode_threads_for(c: Cpus, local_ranks: usize, torchrun: bool) -> DecodeThreads {
     let local_ranks = local_ranks.max(1);
-    if mask < online {
-        DecodeThreads { threads: usable.max(1), why: format!("the {usable} CPUs this process may use (its affinity mask holds {mask} of the node's {online}: the launcher's share, not divided again)") }
-    } else if local_ranks > 1 {
-        let threads = (usable / local_ranks).max(1);
-        DecodeThreads { threads, why: format!("the node's {usable} CPUs shared by {local_ranks} ranks on this node (every rank's affinity mask is the whole node)") }
+    let (mask, online, usable) = (c.mask, c.online, c.usable);
+    // Whether the ranks on this node share one mask: always under torchrun; under Slurm when the mask is larger
+    // than a task's share; otherwise when the ranks' masks could not be disjoint.
+    let shared = local_ranks > 1
+        && (torchrun || mask >= online || c.per_task.map_or(mask.saturating_mul(local_ranks) > online, |t| mask > t));
+    let (mut threads, mut why) = if shared {
+        ((usable / local_ranks).max(1), format!("the {usable} CPUs of one affinity mask ({mask} of the node's {online}) shared by {local_ranks} ranks on this node"))
+    } else if mask < online {
+        (usable.max(1), format!("the {usable} CPUs this process may use (its affinity mask holds {mask} of the node's {online}: the launcher's share, not divided again)"))
     } else {
-        DecodeThreads { threads: usable.max(1), why: format!("the {usable} CPUs this process may use") }
+        (usable.max(1), format!("the {usable} CPUs this process may use"))
+    };
+    if let Some(t) = c.per_task.filter(|&t| t < threads) {
+        threads = t;
+        why.push_str(&format!(", capped by SLURM_CPUS_PER_TASK={t}"));
     }
+    DecodeThreads { threads, why }
 }
 
 /// The decode threads of a run and why, for its first lines: `explicit` is the count the user asked for
@@ -460,19 +487,33 @@ impl Drop for EpochIter {
 
 #[cfg(test)]
 mod tests {
-    use super::decode_threads_for;
+    use super::{decode_threads_for, Cpus};
 
     #[test]
     fn decode_threads_follow_the_launchers_share() {
+        let c = |mask, online, usable, per_task| Cpus { mask, online, usable, per_task };
         // srun --ntasks-per-node=8 --cpus-per-task=12 on a 96-core node: each task's mask is its 12 CPUs.
-        assert_eq!(decode_threads_for(12, 96, 12, 8).threads, 12);
+        assert_eq!(decode_threads_for(c(12, 96, 12, Some(12)), 8, false).threads, 12);
+        // The same without SLURM_CPUS_PER_TASK (12 x 8 ranks fit the node: per-task masks).
+        assert_eq!(decode_threads_for(c(12, 96, 12, None), 8, false).threads, 12);
         // torchrun on a bare node: every rank sees all 96, shared by the 8 local ranks.
-        assert_eq!(decode_threads_for(96, 96, 96, 8).threads, 12);
-        // A cgroup quota below the mask (a container of 16 CPUs' worth on a 96-core node, one rank).
-        assert_eq!(decode_threads_for(96, 96, 16, 1).threads, 16);
+        assert_eq!(decode_threads_for(c(96, 96, 96, None), 8, true).threads, 12);
+        // torchrun inside a partial allocation (a 32-CPU cpuset of a 96-core node): the 32 shared by 8.
+        assert_eq!(decode_threads_for(c(32, 96, 32, None), 8, true).threads, 4);
+        // srun without per-task binding: every task's mask is the job's 48 CPUs, each task asked for 6.
+        assert_eq!(decode_threads_for(c(48, 96, 48, Some(6)), 8, false).threads, 6);
+        // A shared mask whose share is above the task's: capped by SLURM_CPUS_PER_TASK.
+        let d = decode_threads_for(c(96, 96, 96, Some(4)), 8, false);
+        assert_eq!(d.threads, 4);
+        assert!(d.why.contains("SLURM_CPUS_PER_TASK=4"), "{}", d.why);
+        // A container's cpuset of 16 CPUs on a 96-core node, one rank / 8 ranks under a plain launcher.
+        assert_eq!(decode_threads_for(c(16, 96, 16, None), 1, false).threads, 16);
+        assert_eq!(decode_threads_for(c(16, 96, 16, None), 8, false).threads, 2);
+        // A cgroup quota below the mask (16 CPUs' worth on a 96-core node, one rank).
+        assert_eq!(decode_threads_for(c(96, 96, 16, None), 1, false).threads, 16);
         // More ranks than CPUs still decode on one thread each.
-        assert_eq!(decode_threads_for(4, 4, 4, 8).threads, 1);
-        assert!(decode_threads_for(12, 96, 12, 8).why.contains("affinity mask holds 12 of the node's 96"));
-        assert!(decode_threads_for(96, 96, 96, 8).why.contains("shared by 8 ranks"));
+        assert_eq!(decode_threads_for(c(4, 4, 4, None), 8, true).threads, 1);
+        assert!(decode_threads_for(c(12, 96, 12, Some(12)), 8, false).why.contains("affinity mask holds 12 of the node's 96"));
+        assert!(decode_threads_for(c(96, 96, 96, None), 8, true).why.contains("shared by 8 ranks"));
     }
 }

@@ -19,6 +19,7 @@ pub mod decode;
 pub mod fmnist;
 pub mod index;
 pub mod loader;
+pub mod pil_resample;
 pub mod shards;
 pub mod synth;
 pub mod transforms;

@@ -1,14 +1,15 @@
 //! torchvision transforms on 8-bit RGB images, matching torchvision on PIL images.
 //!
-//! Resizing uses fast_image_resize's convolution with the Catmull-Rom kernel (a = -0.5), which is PIL's
-//! antialiased bicubic: the kernel is widened by the downscale factor and the two separable passes round to u8 in
-//! between, as PIL does. Crops follow torchvision's integer arithmetic (Python's round-half-even included).
+//! Resizing is Pillow's own convolution resampling ([`super::pil_resample`], exact to Pillow 11 to the value):
+//! torchvision's PIL path calls `Image.resize`, so `Resize`, `CenterCrop` and `RandomResizedCrop` give PIL's pixels.
+//! Crops follow torchvision's integer arithmetic (Python's round-half-even included) and are cut before the resize,
+//! as `F.resized_crop` does on a PIL image.
 use std::cell::RefCell;
 
-use fast_image_resize as fr;
 use rand::Rng;
 
 use super::decode::{decode_image, RgbImage};
+use super::pil_resample;
 use crate::error::{Error, Result};
 
 pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -23,10 +24,10 @@ pub enum Interp {
 }
 
 impl Interp {
-    fn alg(self) -> fr::ResizeAlg {
+    fn filter(self) -> pil_resample::Filter {
         match self {
-            Interp::Bicubic => fr::ResizeAlg::Convolution(fr::FilterType::CatmullRom),
-            Interp::Bilinear => fr::ResizeAlg::Convolution(fr::FilterType::Bilinear),
+            Interp::Bicubic => pil_resample::Filter::Bicubic,
+            Interp::Bilinear => pil_resample::Filter::Bilinear,
         }
     }
 }
@@ -139,40 +140,14 @@ fn uniform(rng: &mut impl Rng, a: f64, b: f64) -> f64 {
 
 thread_local! {
     // Reused per thread: the resizer keeps its intermediate buffers.
-    static RESIZER: RefCell<fr::Resizer> = RefCell::new(fr::Resizer::new());
+    static RESIZER: RefCell<pil_resample::Resizer> = RefCell::new(pil_resample::Resizer::new());
 }
 
-fn resize_impl(
-    src: &RgbImage,
-    int_crop: Option<CropBox>,
-    float_crop: Option<(f64, f64, f64, f64)>,
-    out_w: u32,
-    out_h: u32,
-    interp: Interp,
-) -> std::result::Result<RgbImage, String> {
-    let src_ref = fr::images::ImageRef::new(src.width, src.height, &src.data, fr::PixelType::U8x3)
-        .map_err(|e| format!("resize: {e}"))?;
+/// Pillow's `img.resize((out_w, out_h), filter, box)`; `box_` None is the whole image.
+fn resize_impl(src: &RgbImage, box_: Option<(f64, f64, f64, f64)>, out_w: u32, out_h: u32, interp: Interp) -> std::result::Result<RgbImage, String> {
+    let b = box_.map_or([0.0, 0.0, src.width as f64, src.height as f64], |(left, top, w, h)| [left, top, left + w, top + h]);
     let mut dst = RgbImage::new(out_w, out_h);
-    {
-        let mut dst_img = fr::images::Image::from_slice_u8(out_w, out_h, &mut dst.data, fr::PixelType::U8x3)
-            .map_err(|e| format!("resize: {e}"))?;
-        let mut opts = fr::ResizeOptions::new().resize_alg(interp.alg());
-        if let Some((left, top, w, h)) = float_crop {
-            opts = opts.crop(left, top, w, h);
-        }
-        RESIZER.with(|r| {
-            let mut r = r.borrow_mut();
-            match int_crop {
-                // A real sub-image: PIL crops first, so the kernel is clipped at the crop's edges, not the image's.
-                Some(b) => {
-                    let view = fr::images::CroppedImage::new(&src_ref, b.left, b.top, b.width, b.height)
-                        .map_err(|e| format!("crop: {e}"))?;
-                    r.resize(&view, &mut dst_img, &opts).map_err(|e| format!("resize: {e}"))
-                }
-                None => r.resize(&src_ref, &mut dst_img, &opts).map_err(|e| format!("resize: {e}")),
-            }
-        })?;
-    }
+    RESIZER.with(|r| r.borrow_mut().resize_into(&src.data, src.width, src.height, 3, out_w, out_h, interp.filter(), b, &mut dst.data)).map_err(|e| format!("resize: {e}"))?;
     Ok(dst)
 }
 
@@ -210,13 +185,12 @@ pub fn crop_resize(
     if h == 0 || w == 0 || size.0 == 0 || size.1 == 0 {
         return Err(format!("empty crop {h}x{w} or output size {size:?}"));
     }
-    let b = CropBox { top, left, height: h, width: w };
-    if top as u64 + h as u64 <= img.height as u64 && left as u64 + w as u64 <= img.width as u64 {
-        resize_impl(img, Some(b), None, size.1, size.0, interp)
-    } else {
-        let c = crop_padded(img, top as i64, left as i64, h, w);
-        resize_impl(&c, None, None, size.1, size.0, interp)
+    // PIL crops first (a new image), so the kernel is clipped at the crop's edges, not the image's.
+    if (top, left, h, w) == (0, 0, img.height, img.width) {
+        return resize_impl(img, None, size.1, size.0, interp);
     }
+    let c = crop_padded(img, top as i64, left as i64, h, w);
+    resize_impl(&c, None, size.1, size.0, interp)
 }
 
 /// [`crop_resize`] of the box `b` of the full-size image on `img`, the same image decoded at 1/`denom` of its size
@@ -240,7 +214,7 @@ pub fn crop_resize_scaled(
     if fbox.0 + fbox.2 > img.width as f64 || fbox.1 + fbox.3 > img.height as f64 {
         return Err(format!("crop {b:?} at 1/{denom} lies outside the {}x{} decoded image", img.width, img.height));
     }
-    resize_impl(img, None, Some(fbox), size.1, size.0, interp)
+    resize_impl(img, Some(fbox), size.1, size.0, interp)
 }
 
 /// The output size of torchvision's `Resize(size)` with an int: the shorter side becomes `size`.
@@ -260,7 +234,7 @@ pub fn resize_shorter(img: &RgbImage, size: u32, interp: Interp) -> std::result:
     if (w, h) == (img.width, img.height) {
         return Ok(img.clone());
     }
-    resize_impl(img, None, None, w, h, interp)
+    resize_impl(img, None, w, h, interp)
 }
 
 fn center_offsets(width: u32, height: u32, size: (u32, u32)) -> (i64, i64) {
@@ -275,24 +249,15 @@ pub fn center_crop(img: &RgbImage, size: (u32, u32)) -> RgbImage {
     crop_padded(img, top, left, size.0, size.1)
 }
 
-/// `Resize(size)` then `CenterCrop(crop)` in one resampling pass that computes only the kept pixels: the crop
-/// becomes a fractional source box with the same scale and centres as the full resize, and the kernel is still
-/// clipped at the image's edges, so the result is that of the two steps.
+/// `Resize(size)` then `CenterCrop(crop)`, as torchvision runs them on a PIL image: the whole resize, then the
+/// crop (a box-limited resize would differ from it in the last bit: Pillow takes the box in single precision).
 pub fn resize_center_crop(
     img: &RgbImage,
     size: u32,
     crop: (u32, u32),
     interp: Interp,
 ) -> std::result::Result<RgbImage, String> {
-    let (rw, rh) = resized_dims(img.width, img.height, size);
-    if crop.0 > rh || crop.1 > rw {
-        return Ok(center_crop(&resize_shorter(img, size, interp)?, crop));
-    }
-    let (top, left) = center_offsets(rw, rh, crop);
-    let sx = img.width as f64 / rw as f64;
-    let sy = img.height as f64 / rh as f64;
-    let fbox = (left as f64 * sx, top as f64 * sy, crop.1 as f64 * sx, crop.0 as f64 * sy);
-    resize_impl(img, None, Some(fbox), crop.1, crop.0, interp)
+    Ok(center_crop(&resize_shorter(img, size, interp)?, crop))
 }
 
 /// Flips left-right in place.

@@ -38,6 +38,9 @@ pub struct LaunchEnv {
     /// torchrun's agent already serves the store on MASTER_PORT: every rank connects as a client.
     pub agent_store: bool,
     pub restart_count: u32,
+    /// The job this process belongs to (Slurm's `SLURM_JOB_ID.SLURM_STEP_ID`, torchrun's run id), which the
+    /// store's port (when none is named) and key prefix derive from, so that two jobs on one node never meet.
+    pub job: Option<String>,
     /// What the run's first lines say about a launch that is not what it looks like (a Slurm job's batch step).
     pub note: Option<String>,
 }
@@ -88,19 +91,33 @@ impl LaunchEnv {
             (None, _) if world == 1 => "127.0.0.1".into(),
             (None, _) => return Err(Error::option("MASTER_ADDR", "is not set: the address of rank 0's host")),
         };
+        let job = match launcher {
+            Launcher::Slurm => get("SLURM_JOB_ID").map(|j| format!("{j}.{}", get("SLURM_STEP_ID").or_else(|| get("SLURM_STEPID")).unwrap_or_else(|| "0".into()))),
+            Launcher::Torchrun => get("TORCHELASTIC_RUN_ID"),
+            _ => None,
+        };
         let master_port = match port("MASTER_PORT")? {
             Some(p) => p,
-            None if launcher == Launcher::Slurm || world == 1 => DEFAULT_PORT,
+            None if launcher == Launcher::Slurm => job.as_deref().map_or(DEFAULT_PORT, job_port),
+            None if world == 1 => DEFAULT_PORT,
             None => return Err(Error::option("MASTER_PORT", "is not set: the port of the rendezvous store")),
         };
         let agent_store = get("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
         let restart_count = num("TORCHELASTIC_RESTART_COUNT")?.unwrap_or(0) as u32;
-        Ok(LaunchEnv { rank, world_size: world, local_rank: local, master_addr, master_port, launcher, agent_store, restart_count, note: None })
+        Ok(LaunchEnv { rank, world_size: world, local_rank: local, master_addr, master_port, launcher, agent_store, restart_count, job, note: None })
     }
 
     fn single() -> LaunchEnv {
-        LaunchEnv { rank: 0, world_size: 1, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: DEFAULT_PORT, launcher: Launcher::Single, agent_store: false, restart_count: 0, note: None }
+        LaunchEnv { rank: 0, world_size: 1, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: DEFAULT_PORT, launcher: Launcher::Single, agent_store: false, restart_count: 0, job: None, note: None }
     }
+}
+
+/// The store's port of a Slurm job step that names none: in 20000..60000 (the range Meta's job launchers use),
+/// from an FNV-1a hash of the job and step ids, so that two jobs (or two steps of one job) sharing a node do not
+/// both ask for 29500, while every task of one step computes the same port.
+pub fn job_port(job: &str) -> u16 {
+    let h = job.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    (20_000 + h % 40_000) as u16
 }
 
 /// Whether this process is a task of a Slurm job step (started by `srun`), not the job's batch script: srun sets
@@ -265,6 +282,19 @@ mod tests {
         assert_eq!(m(&[("SLURM_STEP_ID", "1"), ("SLURM_TASKS_PER_NODE", "8"), ("SLURM_STEP_TASKS_PER_NODE", "2")]), 2);
         // The batch script of a job with 8 tasks per node is one process.
         assert_eq!(m(&[("SLURM_NTASKS_PER_NODE", "8"), ("SLURM_TASKS_PER_NODE", "8")]), 1);
+    }
+
+    #[test]
+    fn two_slurm_jobs_on_a_node_get_different_ports() {
+        let task = |job: &str, step: &str| env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_STEP_ID", step), ("SLURM_JOB_ID", job), ("SLURM_JOB_NODELIST", "n1")]).unwrap();
+        let (a, b, a1) = (task("4242", "0"), task("4243", "0"), task("4242", "1"));
+        assert!(a.master_port != b.master_port && a.master_port != a1.master_port, "{} {} {}", a.master_port, b.master_port, a1.master_port);
+        assert!((20_000..60_000).contains(&a.master_port));
+        assert_eq!(a.master_port, task("4242", "0").master_port, "every task of a step computes the same port");
+        assert_eq!((a.job.as_deref(), b.job.as_deref()), (Some("4242.0"), Some("4243.0")));
+        // MASTER_PORT still wins.
+        let named = env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "2"), ("SLURM_STEP_ID", "0"), ("SLURM_JOB_ID", "4242"), ("SLURM_JOB_NODELIST", "n1"), ("MASTER_PORT", "1234")]).unwrap();
+        assert_eq!(named.master_port, 1234);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::ffi::{c_char, c_int, c_void, CString};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
@@ -132,6 +132,50 @@ impl Group {
         }
     }
 
+    /// Sets `key` to `value` over the main connection, or the watcher's own (`watch`).
+    fn put(&self, key: &str, value: &[u8], watch: bool) -> std::result::Result<(), String> {
+        let key = CString::new(key).map_err(|_| format!("store key `{key}` holds a NUL byte"))?;
+        // SAFETY: a live group; `value` outlives the call and its length is passed.
+        let rc = unsafe { ffi::lmim_c10d_store_put(self.0, key.as_ptr(), value.as_ptr() as *const c_char, value.len() as c_int, watch as c_int) };
+        if rc != 0 {
+            return Err(ffi::last_error());
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for `key`, then reads its value (over the main connection).
+    fn get(&self, key: &str, timeout: Duration) -> std::result::Result<Vec<u8>, String> {
+        let ckey = CString::new(key).map_err(|_| format!("store key `{key}` holds a NUL byte"))?;
+        let ms = timeout.as_millis().min(i64::MAX as u128) as i64;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let mut n: c_int = 0;
+            // SAFETY: `buf` outlives the call and its length is passed; the shim writes at most that many bytes.
+            let rc = unsafe { ffi::lmim_c10d_store_get(self.0, ckey.as_ptr(), ms, buf.as_mut_ptr() as *mut c_char, buf.len() as c_int, &mut n) };
+            if rc != 0 {
+                return Err(ffi::last_error());
+            }
+            let n = n.max(0) as usize;
+            if n <= buf.len() {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            buf.resize(n, 0);
+        }
+    }
+
+    /// Adds `delta` to the counter `key` (0 reads it) over the main connection or the watcher's (`watch`).
+    fn add(&self, key: &str, delta: i64, watch: bool) -> std::result::Result<i64, String> {
+        let ckey = CString::new(key).map_err(|_| format!("store key `{key}` holds a NUL byte"))?;
+        let mut v: i64 = 0;
+        // SAFETY: a live group, a NUL-terminated key and an out-parameter that outlive the call.
+        let rc = unsafe { ffi::lmim_c10d_store_add(self.0, ckey.as_ptr(), delta, watch as c_int, &mut v) };
+        if rc != 0 {
+            return Err(ffi::last_error());
+        }
+        Ok(v)
+    }
+
     /// Counts this rank done; the store's host waits (up to `timeout`) for every rank. Whether all were done.
     fn finish(&self, host: bool, timeout: Duration) -> bool {
         let mut all: c_int = 0;
@@ -219,12 +263,31 @@ pub fn init(opts: &DistOptions) -> Result<&'static World> {
 /// (so they stop at once instead of waiting out the timeout) and aborts the group; without, shuts it down
 /// (NCCL must be shut down before exit). A no-op for a world of one or a world already ended.
 pub fn shutdown(failure: Option<&str>) {
+    end_world(failure, None)
+}
+
+/// As [`shutdown`] at the end of a process, with the exit code a failing process ends with: it leaves with that
+/// code within [`ABORT_GRACE`] even when aborting its communicators blocks.
+pub fn shutdown_with(failure: Option<(&str, i32)>) {
+    end_world(failure.map(|f| f.0), failure.map(|f| f.1))
+}
+
+fn end_world(failure: Option<&str>, exit_code: Option<i32>) {
     let Some(w) = WORLD.get() else { return };
+    if failure.is_none() {
+        if let Some(g) = w.panic_group.as_ref() {
+            // A finished rank beats no more: its watcher must not take that for a lost rank.
+            let _ = g.add(&heartbeat_key(w.rank), HEARTBEAT_DONE, true);
+        }
+    }
     w.stop_watcher();
     let group = w.group.lock().unwrap_or_else(|e| e.into_inner()).take();
     let Some(g) = group else { return };
     match failure {
         Some(msg) => {
+            if let Some(code) = exit_code {
+                exit_after(ABORT_GRACE, code);
+            }
             g.fail(msg);
             w.keep_store_for_peers();
         }
@@ -247,6 +310,7 @@ pub fn fail_on_panic(msg: &str) -> bool {
     let Some(w) = WORLD.get() else { return false };
     let Some(g) = w.panic_group.as_ref() else { return false };
     eprintln!("error: rank {} of {}: {msg}", w.rank, w.size);
+    exit_after(ABORT_GRACE, 1);
     g.fail(msg);
     w.keep_store_for_peers();
     crate::signals::drain_stderr();
@@ -273,6 +337,76 @@ pub const WRITE_WAIT: Duration = Duration::from_secs(2 * 3600);
 
 /// How often a rank looks for a peer's failure in the store.
 const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// How often a rank counts its heartbeat up and reads the next rank's.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+
+/// How long the next rank's heartbeat may stand still before it counts as lost (killed, stopped, its node gone):
+/// independent of `--dist-timeout`, since the watcher thread beats whatever the main thread is doing.
+pub const HEARTBEAT_STALE: Duration = Duration::from_secs(30);
+
+/// What a rank adds to its heartbeat at a normal end: a finished rank is not waited for.
+const HEARTBEAT_DONE: i64 = 1 << 40;
+
+/// How long a failing rank gives the abort of its communicators before it exits anyway.
+const ABORT_GRACE: Duration = Duration::from_secs(10);
+
+fn heartbeat_key(rank: usize) -> String {
+    format!("lmim-bench/alive/{rank}")
+}
+
+/// Ends the process with `code` after `after`, from a thread of its own: the exit of a failing rank must not hang
+/// in a blocked abort.
+fn exit_after(after: Duration, code: i32) {
+    let _ = std::thread::Builder::new().name("lmim-exit-timer".into()).spawn(move || {
+        std::thread::sleep(after);
+        crate::signals::drain_stderr();
+        // SAFETY: ends the process; the other threads may be blocked in libtorch or NCCL.
+        unsafe { libc::_exit(code) };
+    });
+}
+
+/// This rank's heartbeat in the store and its watch over the next rank's.
+struct Heartbeat {
+    rank: usize,
+    next: usize,
+    last_beat: Option<Instant>,
+    seen: Option<i64>,
+    changed: Instant,
+}
+
+impl Heartbeat {
+    fn new(rank: usize, size: usize) -> Heartbeat {
+        Heartbeat { rank, next: (rank + 1) % size, last_beat: None, seen: None, changed: Instant::now() }
+    }
+
+    /// Beats (every [`HEARTBEAT_EVERY`]) and returns why to stop when the next rank's heartbeat stood still for
+    /// [`HEARTBEAT_STALE`]. A store that does not answer is left to the failure poll.
+    fn tick(&mut self, g: &Group) -> Option<String> {
+        if self.next == self.rank || self.last_beat.is_some_and(|t| t.elapsed() < HEARTBEAT_EVERY) {
+            return None;
+        }
+        self.last_beat = Some(Instant::now());
+        g.add(&heartbeat_key(self.rank), 1, true).ok()?;
+        let v = g.add(&heartbeat_key(self.next), 0, true).ok()?;
+        if v >= HEARTBEAT_DONE {
+            return None;
+        }
+        if self.seen != Some(v) {
+            self.seen = Some(v);
+            self.changed = Instant::now();
+            return None;
+        }
+        let still = self.changed.elapsed();
+        (still >= HEARTBEAT_STALE).then(|| {
+            format!(
+                "rank {} has not been heard from for {} s (its heartbeat in the store stopped at {v}): it was killed, stopped (SIGSTOP) or its node was lost",
+                self.next,
+                still.as_secs()
+            )
+        })
+    }
+}
 
 impl World {
     /// The peers learn of a failure through the store this process serves (when it does): keep it up for two of
@@ -322,7 +456,7 @@ impl World {
         let c = |s: &str, what: &str| CString::new(s).map_err(|_| Error::option(what, format!("`{s}` holds a NUL byte")));
         let (name, host) = (c(backend.name(), "--dist-backend")?, c(&env.master_addr, "MASTER_ADDR")?);
         // torchrun's agent serves the store and counts restarts; keys of another attempt must not be read.
-        let prefix = c(&format!("/worker/attempt_{}/lmim-bench/", env.restart_count), "TORCHELASTIC_RESTART_COUNT")?;
+        let prefix = c(&format!("/worker/attempt_{}/lmim-bench/{}/", env.restart_count, env.job.as_deref().unwrap_or("job")), "TORCHELASTIC_RESTART_COUNT")?;
         let ms = timeout.as_millis().min(i64::MAX as u128) as i64;
         let dev = if let Device::Cuda(d) = device { d as c_int } else { -1 };
         // SAFETY: NUL-terminated strings that outlive the call; the shim catches C++ exceptions.
@@ -362,10 +496,12 @@ impl World {
 
     /// A thread that ends this process soon after a peer fails, whatever this rank is doing (a collective, or
     /// rank-local work such as decoding or writing a checkpoint): a failure a peer reported in the store, the
-    /// store itself gone (its host, rank 0 or torchrun's agent, died: that is a failure, never "no failure"), or
-    /// ProcessGroupNCCL's watchdog reporting a timed-out collective. Under NCCL the host never waits in a
-    /// collective (wait() only orders streams), so without it a rank whose peer died would sit until a timeout.
-    /// It polls over its own store connection, so a long store call of the main thread cannot hold it up.
+    /// store itself gone (its host, rank 0 or torchrun's agent, died: that is a failure, never "no failure"),
+    /// ProcessGroupNCCL's watchdog reporting a timed-out collective, or the next rank's heartbeat standing still
+    /// for [`HEARTBEAT_STALE`] (a rank killed, stopped or on a lost node says nothing; each rank watches the next
+    /// one in a ring, so any lost set of ranks short of all has a live watcher). Under NCCL the host never waits
+    /// in a collective (wait() only orders streams), so without it a rank whose peer died would sit until a
+    /// timeout. It polls over its own store connection, so a long store call of the main thread cannot hold it up.
     fn start_watcher(&self) {
         let Some(g) = self.group.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
         let stop = Arc::new(AtomicBool::new(false));
@@ -374,6 +510,8 @@ impl World {
         let handle = std::thread::Builder::new().name("lmim-dist-watch".into()).spawn(move || {
             let end = |why: String| {
                 eprintln!("error: rank {rank} of {size}: stopping because {why}");
+                // Out within seconds even if aborting the communicators blocks (ncclCommAbort can).
+                exit_after(ABORT_GRACE, 1);
                 // Tells the others (where the store still answers) and aborts this rank's communicators.
                 g.fail(&why);
                 if host {
@@ -386,6 +524,7 @@ impl World {
                 unsafe { libc::_exit(1) };
             };
             let mut unreachable = 0u32;
+            let mut beat = Heartbeat::new(rank, size);
             while !stop2.load(Ordering::Relaxed) {
                 std::thread::sleep(WATCH_EVERY);
                 if stop2.load(Ordering::Relaxed) {
@@ -396,6 +535,7 @@ impl World {
                 }
                 match g.peer_failure() {
                     Ok(Some(msg)) if msg.starts_with(&format!("rank {rank}:")) => return,
+                    Ok(Some(_)) if stop2.load(Ordering::Relaxed) => return,
                     Ok(Some(msg)) => end(msg),
                     Ok(None) => unreachable = 0,
                     // Twice in a row (a second), so one slow answer is not taken for a dead host.
@@ -404,6 +544,12 @@ impl World {
                         if unreachable >= 2 && !stop2.load(Ordering::Relaxed) {
                             end(format!("{store} is gone: its process exited or its node failed ({e})"));
                         }
+                        continue;
+                    }
+                }
+                if let Some(why) = beat.tick(&g) {
+                    if !stop2.load(Ordering::Relaxed) {
+                        end(why);
                     }
                 }
             }
@@ -449,6 +595,57 @@ impl World {
         Ok(())
     }
 
+    /// Every rank's `mine`, in rank order, through the store rather than a collective (values of any length,
+    /// rank-local work of any duration before the call: nothing waits inside NCCL). Each `what` is used once per
+    /// run. A world of one gets its own value back.
+    pub fn exchange(&self, what: &str, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let Some(g) = self.panic_group.as_ref() else { return Ok(vec![mine.to_vec()]) };
+        let base = format!("lmim-bench/exchange/{}", what.replace(' ', "_"));
+        let fail = |e: String| Error::Dist(format!("rank {} of {}: exchanging {what} over the store failed: {e}", self.rank, self.size));
+        g.put(&format!("{base}/{}", self.rank), mine, false).map_err(fail)?;
+        (0..self.size).map(|r| g.get(&format!("{base}/{r}"), self.timeout.max(WRITE_WAIT)).map_err(fail)).collect()
+    }
+
+    /// Checks over the store, before any collective, that every rank holds the same `key` for `what` (a resume
+    /// point, say); `desc` is what a mismatch shows of this rank (its folder, its step). Every rank finds a
+    /// mismatch itself and returns [`Error::RanksDisagree`] naming each rank's value, so all of them exit 2, none
+    /// with a collective's abort. Each `what` is used once per run.
+    pub fn agree(&self, what: &str, key: &str, desc: &str) -> Result<()> {
+        let Some(g) = self.panic_group.as_ref() else { return Ok(()) };
+        let base = format!("lmim-bench/agree/{}", what.replace(' ', "_"));
+        let fail = |e: String| Error::Dist(format!("rank {} of {}: comparing {what} over the store failed: {e}", self.rank, self.size));
+        let all: Vec<(String, String)> = self
+            .exchange(&format!("agree {what}"), format!("{key}\t{desc}").as_bytes())?
+            .into_iter()
+            .map(|v| {
+                let v = String::from_utf8_lossy(&v).into_owned();
+                let (k, d) = v.split_once('\t').unwrap_or((v.as_str(), ""));
+                (k.to_string(), d.to_string())
+            })
+            .collect();
+        let same = all.iter().all(|(k, _)| *k == all[0].0);
+        if !same {
+            // The failure this rank is about to report is expected from every rank: the watcher must not end it
+            // with another rank's report first.
+            self.stop_watcher();
+        }
+        // Every rank has read every value (and stopped its watcher where they differ) before any reports.
+        let read = format!("{base}/read");
+        g.add(&read, 1, false).map_err(fail)?;
+        let deadline = Instant::now() + self.timeout.max(WRITE_WAIT);
+        while g.add(&read, 0, false).map_err(fail)? < self.size as i64 {
+            if Instant::now() > deadline {
+                return Err(fail("not every rank read the others' values in time".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if same {
+            return Ok(());
+        }
+        let lines: Vec<String> = all.iter().enumerate().map(|(r, (k, d))| format!("rank {r}: {k} ({d})")).collect();
+        Err(Error::RanksDisagree(format!("{what}: {}", lines.join("; "))))
+    }
+
     pub fn is_main(&self) -> bool {
         self.rank == 0
     }
@@ -470,7 +667,18 @@ impl World {
         }
         let err = ffi::last_error();
         // The first failure's reason, when a peer reported one, says more than the broken connection it caused.
-        let cause = g.peer_failure().ok().flatten().map_or(String::new(), |m| format!(" (first failure: {m})"));
+        let mut cause = g.peer_failure().ok().flatten();
+        if cause.is_none() && !err.to_lowercase().contains("timed out") && !err.contains("timeout") {
+            // A connection closed without a word (a peer killed): its heartbeat stops, and the watcher of the
+            // rank before it says which rank it was; this rank waits for that report rather than leave without
+            // a name. The watcher may end this process meanwhile, with the same report.
+            let deadline = Instant::now() + HEARTBEAT_STALE + 2 * HEARTBEAT_EVERY;
+            while cause.is_none() && Instant::now() < deadline {
+                std::thread::sleep(WATCH_EVERY);
+                cause = g.peer_failure().ok().flatten();
+            }
+        }
+        let cause = cause.map_or(String::new(), |m| format!(" (first failure: {m})"));
         let waited = match self.backend {
             Backend::Gloo => format!("a peer exited or did not answer within {} s", self.timeout.as_secs()),
             Backend::Nccl => "a peer exited or the communicator was aborted".to_string(),

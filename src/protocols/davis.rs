@@ -96,6 +96,11 @@ impl DavisConfig {
         if self.pos_embed == GridPosEmbed::Timm {
             return Err(Error::option("pos_embed", "`timm` resamples square grids only; use \"interpolate\" (DINO's) or \"sincos\""));
         }
+        // exp(sim / temperature) with |sim| <= 1 (L2-normalised features) overflows float32 above ln(f32::MAX).
+        let bound = 1.0 / (f32::MAX as f64).ln();
+        if self.temperature < bound {
+            return Err(Error::option("temperature", format!("{} is below {bound:.5}: exp(similarity / temperature) overflows float32 (the affinities become inf, the masks NaN)", self.temperature)));
+        }
         for (k, v) in [("subset", &self.subset), ("resolution", &self.resolution)] {
             if v.is_empty() || v.contains('/') || v.contains('\\') || v == ".." {
                 return Err(Error::option(k, format!("`{v}` is not a folder name")));
@@ -180,8 +185,8 @@ fn soft_to_labels(seg: &Tensor, patch: i64) -> Vec<u8> {
 }
 
 /// Propagates a video: `feats` `[T, hw, D]` (frame order), `first_seg` `[1, C, h, w]`. Returns the label maps of
-/// frames 1.. at `[h*patch, w*patch]`.
-pub fn propagate(p: &PropParams, feats: &Tensor, first_seg: &Tensor, h: i64, w: i64, mask: Option<&Tensor>) -> Vec<Vec<u8>> {
+/// frames 1.. at `[h*patch, w*patch]`; a soft mask holding NaN or infinity is an error naming the frame.
+pub fn propagate(p: &PropParams, feats: &Tensor, first_seg: &Tensor, h: i64, w: i64, mask: Option<&Tensor>) -> Result<Vec<Vec<u8>>> {
     let t = feats.size()[0];
     let first = feats.get(0).transpose(0, 1);
     let mut queue: std::collections::VecDeque<(Tensor, Tensor)> = std::collections::VecDeque::new();
@@ -196,13 +201,16 @@ pub fn propagate(p: &PropParams, feats: &Tensor, first_seg: &Tensor, h: i64, w: 
         }
         let seg = label_propagation(p, &tar, &ctx_f, &ctx_s, h, w, mask);
         drop(ctx_s);
+        if seg.isfinite().all().int64_value(&[]) == 0 {
+            return Err(Error::NonFinite(format!("the propagated mask of frame {i} holds NaN or infinity")));
+        }
         if queue.len() == p.n_last_frames {
             queue.pop_front();
         }
         queue.push_back((tar.transpose(0, 1), seg.copy()));
         out.push(soft_to_labels(&seg, p.patch));
     }
-    out
+    Ok(out)
 }
 
 /// A sequence checked before anything runs: frame size, annotations.
@@ -212,7 +220,9 @@ struct Checked {
 }
 
 fn header_size(path: &Path) -> Result<(usize, usize)> {
-    let r = image::ImageReader::open(path).map_err(|e| Error::io(path, e))?.with_guessed_format().map_err(|e| Error::io(path, e))?;
+    // Through the regular-file guard: a FIFO among the frames would block the open, a device be read forever.
+    let f = crate::fsutil::open_regular(path, Some(crate::fsutil::IMAGE_LIMIT))?;
+    let r = image::ImageReader::new(std::io::BufReader::new(f)).with_guessed_format().map_err(|e| Error::io(path, e))?;
     let (w, h) = r.into_dimensions().map_err(|e| Error::data(path, format!("cannot read the image header: {e}")))?;
     Ok((w as usize, h as usize))
 }
@@ -236,7 +246,7 @@ fn check_sequence(seq: &davis::Sequence) -> Result<Checked> {
         Ok(())
     })?;
     seq.annotations.par_iter().enumerate().try_for_each(|(i, a)| {
-        if !a.is_file() {
+        if std::fs::metadata(a).is_err() {
             let what = if i == 0 { "first annotation" } else { "annotation" };
             return Err(Error::data(a, format!("{what} of frame {} of `{}` not found", seq.frames[i].display(), seq.name)));
         }
@@ -256,7 +266,7 @@ fn check_sequence(seq: &davis::Sequence) -> Result<Checked> {
 }
 
 /// One hash over the list, every frame's and annotation's relative path and size.
-fn set_fingerprint(set: &DavisSet) -> Result<SplitPrint> {
+pub(crate) fn set_fingerprint(set: &DavisSet) -> Result<SplitPrint> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     let (mut frames, mut bytes) = (0usize, 0u64);
@@ -304,7 +314,119 @@ fn sequence_features(model: &VisionTransformer, seq: &davis::Sequence, short: us
     Ok((Tensor::cat(&parts, 0), gh, gw))
 }
 
-/// `eval --protocol davis`.
+/// What one sequence gives: its objects' scores, its summary, whether the predicted objects differ, and its
+/// timings and geometry. Serialisable, so that ranks can hand theirs to the others through the store.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SequenceOutcome {
+    index: usize,
+    objects: Vec<super::jandf::ObjectScore>,
+    summary: serde_json::Value,
+    mismatch: Option<serde_json::Value>,
+    seconds_features: f64,
+    seconds_propagation: f64,
+    frames: usize,
+    grid: (i64, i64),
+    input: (i64, i64),
+}
+
+/// The model and settings every sequence is run with.
+struct Propagation<'a> {
+    model: &'a VisionTransformer,
+    cfg: &'a DavisConfig,
+    params: PropParams,
+    batch: usize,
+    device: Device,
+    amp: Option<Kind>,
+}
+
+impl Propagation<'_> {
+    /// Features, propagation, masks written under `masks_dir/<sequence>/`, and the scores of one sequence.
+    fn sequence(&self, index: usize, seq: &davis::Sequence, chk: &Checked, masks_dir: &Path, masks_cache: &mut Option<((i64, i64), Tensor)>) -> Result<SequenceOutcome> {
+        let (cfg, device, patch) = (self.cfg, self.device, self.params.patch);
+        let first = davis::read_indexed_png(&seq.annotations[0])?;
+        let (sw, sh) = davis::dino_seg_size(first.width, first.height, cfg.short_side as usize);
+        let (gw, gh) = (sw as i64 / patch, sh as i64 / patch);
+        let small = davis::pil_resize_nearest(&first.indices, first.width, first.height, gw as usize, gh as usize);
+        let t0 = Instant::now();
+        let (feats, fh, fw) = sequence_features(self.model, seq, cfg.short_side as usize, cfg.pos_embed, self.batch, device, self.amp)?;
+        if (fh, fw) != (gh, gw) {
+            return Err(Error::data(&seq.annotations[0], format!("its patch grid {gh}x{gw} differs from the frames' {fh}x{fw}")));
+        }
+        if cfg.topk > gh * gw {
+            return Err(Error::option("topk", format!("{} is more than the {} patches of a frame of `{}`", cfg.topk, gh * gw, seq.name)));
+        }
+        // A device read, so that the time of the (asynchronous) CUDA forward is counted here.
+        let _ = device.is_cuda().then(|| feats.sum(Kind::Float).double_value(&[]));
+        let seconds_features = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        let first_seg = one_hot(&small, gh, gw, device);
+        let mask = if cfg.neighborhood > 0 {
+            if !matches!(masks_cache, Some((g, _)) if *g == (gh, gw)) {
+                *masks_cache = Some(((gh, gw), neighborhood_mask(gh, gw, cfg.neighborhood, device).unsqueeze(0)));
+            }
+            masks_cache.as_ref().map(|(_, m)| m.shallow_clone())
+        } else {
+            None
+        };
+        if feats.isfinite().all().int64_value(&[]) == 0 {
+            return Err(Error::NonFinite(format!("the features of sequence `{}` hold NaN or infinity (the checkpoint's weights?)", seq.name)));
+        }
+        let labels = tch::no_grad(|| propagate(&self.params, &feats, &first_seg, gh, gw, mask.as_ref()))
+            .map_err(|e| match e {
+                Error::NonFinite(m) => Error::NonFinite(format!("sequence `{}`: {m}", seq.name)),
+                other => other,
+            })?;
+        let seconds_propagation = t1.elapsed().as_secs_f64();
+        // Resize back (PIL nearest) and write; the first frame's mask is its annotation, as DINO writes it.
+        let (ow, oh) = (chk.width, chk.height);
+        let (lw, lh) = ((gw * patch) as usize, (gh * patch) as usize);
+        let mut preds: Vec<Vec<u8>> = vec![first.indices.clone()];
+        preds.extend(labels.iter().map(|l| davis::pil_resize_nearest(l, lw, lh, ow, oh)));
+        let dir = masks_dir.join(&seq.name);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        for (i, p) in preds.iter().enumerate() {
+            let img = IndexedImage { width: ow, height: oh, indices: p.clone(), palette: first.palette.clone() };
+            let path = dir.join(format!("{}.png", seq.frame_stem(i)));
+            crate::fsutil::write_atomic(&path, &davis::encode_indexed_png(&img)?)?;
+        }
+        let gt: Vec<Vec<u8>> = seq.annotations.iter().map(|a| davis::read_indexed_png(a).map(|i| i.indices)).collect::<Result<_>>()?;
+        let (scores, pred_objects) = super::jandf::score_sequence(&seq.name, &gt, &preds, ow, oh, cfg.bound_th);
+        let mismatch = (pred_objects != scores.len()).then(|| serde_json::json!({ "sequence": seq.name, "objects": scores.len(), "predicted_objects": pred_objects }));
+        let s = super::jandf::summarise(&scores);
+        let summary = serde_json::json!({ "objects": scores.len(), "frames": seq.frames.len(), "j_mean": 100.0 * s.j_mean, "f_mean": 100.0 * s.f_mean, "j_and_f": 100.0 * s.j_and_f });
+        Ok(SequenceOutcome { index, objects: scores, summary, mismatch, seconds_features, seconds_propagation, frames: seq.frames.len(), grid: (gh, gw), input: (fw * patch, fh * patch) })
+    }
+}
+
+/// The masks folder every rank writes its sequences into: rank 0 clears it, the others wait for that on the store.
+fn shared_masks_folder(run_dir: &Path) -> Result<std::path::PathBuf> {
+    let world = crate::dist::world();
+    // One name for every rank of a job (they write into one folder), a name per process otherwise.
+    let tag = if world.is_distributed() { "ranks".to_string() } else { std::process::id().to_string() };
+    let masks_tmp = run_dir.join(format!(".masks.partial-{tag}"));
+    if world.is_main() && masks_tmp.exists() {
+        std::fs::remove_dir_all(&masks_tmp).map_err(|e| Error::io(&masks_tmp, e))?;
+    }
+    world.after_rank0_writes("the DAVIS masks folder")?;
+    Ok(masks_tmp)
+}
+
+/// Every rank's outcomes, in the set's sequence order (each rank ran the sequences `i % size == rank`), through
+/// the store: the record of a job is the one-rank record.
+fn gather_outcomes(mine: Vec<SequenceOutcome>) -> Result<Vec<SequenceOutcome>> {
+    let world = crate::dist::world();
+    let bytes = serde_json::to_vec(&mine).expect("outcomes serialise");
+    let mut all = Vec::new();
+    for (r, b) in world.exchange("davis outcomes", &bytes)?.into_iter().enumerate() {
+        let part: Vec<SequenceOutcome> = serde_json::from_slice(&b).map_err(|e| Error::Dist(format!("rank {r}'s DAVIS outcomes do not parse: {e}")))?;
+        all.extend(part);
+    }
+    all.sort_by_key(|o| o.index);
+    Ok(all)
+}
+
+/// `eval --protocol davis`. Under a launcher the sequences are dealt over the ranks (one masks folder, one
+/// record, equal to the one-rank record).
 pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let loaded = Protocol::Davis.load::<DavisConfig>(req.protocol_file.as_deref(), &req.sets)?;
     let cfg = &loaded.cfg;
@@ -320,89 +442,46 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let enc = load_vit_with(ckpt, &req.load_options(), device, 0)?;
     let model = &enc.model;
     let patch = model.cfg.patch_size;
-    let short = cfg.short_side as usize;
     let params = PropParams { n_last_frames: cfg.n_last_frames as usize, neighborhood: cfg.neighborhood, topk: cfg.topk, temperature: cfg.temperature, patch };
     let name = req.model_name("model");
     let overrides = loaded.overrides(&[]);
     let run_dir = req.output.join(format!("{}-davis-{}", crate::results::sanitize(&name), &enc.sha256[..12]));
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
     let masks_final = run_dir.join("masks");
-    let masks_tmp = run_dir.join(format!(".masks.partial-{}", std::process::id()));
-    if masks_tmp.exists() {
-        std::fs::remove_dir_all(&masks_tmp).map_err(|e| Error::io(&masks_tmp, e))?;
-    }
-    let batch = frames_per_batch(req, device);
-    let pb = if req.run.quiet { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(set.sequences.iter().map(|s| s.frames.len() as u64).sum()) };
+    let masks_tmp = shared_masks_folder(&run_dir)?;
+    let world = crate::dist::world();
+    let mine: Vec<usize> = (0..set.sequences.len()).filter(|i| i % world.size == world.rank).collect();
+    let pb = if req.run.quiet || !world.is_main() { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(mine.iter().map(|&i| set.sequences[i].frames.len() as u64).sum()) };
+    let prop = Propagation { model, cfg, params, batch: frames_per_batch(req, device), device, amp };
     let mut masks_cache: Option<((i64, i64), Tensor)> = None;
-    let mut objects = Vec::new();
-    let mut per_sequence = serde_json::Map::new();
-    let mut mismatched = Vec::new();
-    let (mut grid, mut input) = ((0, 0), (0, 0));
-    let (mut t_feat, mut t_prop, mut n_frames) = (0f64, 0f64, 0usize);
-    let result = (|| -> Result<()> {
-        for (seq, chk) in set.sequences.iter().zip(&checked) {
-            let first = davis::read_indexed_png(&seq.annotations[0])?;
-            let (sw, sh) = davis::dino_seg_size(first.width, first.height, short);
-            let (gw, gh) = (sw as i64 / patch, sh as i64 / patch);
-            let small = davis::pil_resize_nearest(&first.indices, first.width, first.height, gw as usize, gh as usize);
-            let t0 = Instant::now();
-            let (feats, fh, fw) = sequence_features(model, seq, short, cfg.pos_embed, batch, device, amp)?;
-            if (fh, fw) != (gh, gw) {
-                return Err(Error::data(&seq.annotations[0], format!("its patch grid {gh}x{gw} differs from the frames' {fh}x{fw}")));
-            }
-            if cfg.topk > gh * gw {
-                return Err(Error::option("topk", format!("{} is more than the {} patches of a frame of `{}`", cfg.topk, gh * gw, seq.name)));
-            }
-            // A device read, so that the time of the (asynchronous) CUDA forward is counted here.
-            let _ = device.is_cuda().then(|| feats.sum(Kind::Float).double_value(&[]));
-            t_feat += t0.elapsed().as_secs_f64();
-            let t1 = Instant::now();
-            let first_seg = one_hot(&small, gh, gw, device);
-            let mask = if cfg.neighborhood > 0 {
-                if !matches!(&masks_cache, Some((g, _)) if *g == (gh, gw)) {
-                    masks_cache = Some(((gh, gw), neighborhood_mask(gh, gw, cfg.neighborhood, device).unsqueeze(0)));
-                }
-                masks_cache.as_ref().map(|(_, m)| m.shallow_clone())
-            } else {
-                None
-            };
-            let labels = tch::no_grad(|| propagate(&params, &feats, &first_seg, gh, gw, mask.as_ref()));
-            t_prop += t1.elapsed().as_secs_f64();
-            n_frames += seq.frames.len();
-            pb.inc(seq.frames.len() as u64);
-            (grid, input) = ((gh, gw), (fw * patch, fh * patch));
-            // Resize back (PIL nearest) and write; the first frame's mask is its annotation, as DINO writes it.
-            let (ow, oh) = (chk.width, chk.height);
-            let (lw, lh) = ((gw * patch) as usize, (gh * patch) as usize);
-            let mut preds: Vec<Vec<u8>> = vec![first.indices.clone()];
-            preds.extend(labels.iter().map(|l| davis::pil_resize_nearest(l, lw, lh, ow, oh)));
-            let dir = masks_tmp.join(&seq.name);
-            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            for (i, p) in preds.iter().enumerate() {
-                let img = IndexedImage { width: ow, height: oh, indices: p.clone(), palette: first.palette.clone() };
-                let path = dir.join(format!("{}.png", seq.frame_stem(i)));
-                crate::fsutil::write_atomic(&path, &davis::encode_indexed_png(&img)?)?;
-            }
-            let gt: Vec<Vec<u8>> = seq.annotations.iter().map(|a| davis::read_indexed_png(a).map(|i| i.indices)).collect::<Result<_>>()?;
-            let (scores, pred_objects) = super::jandf::score_sequence(&seq.name, &gt, &preds, ow, oh, cfg.bound_th);
-            if pred_objects != scores.len() {
-                mismatched.push(serde_json::json!({ "sequence": seq.name, "objects": scores.len(), "predicted_objects": pred_objects }));
-            }
-            let s = super::jandf::summarise(&scores);
-            per_sequence.insert(seq.name.clone(), serde_json::json!({ "objects": scores.len(), "frames": seq.frames.len(), "j_mean": 100.0 * s.j_mean, "f_mean": 100.0 * s.f_mean, "j_and_f": 100.0 * s.j_and_f }));
-            objects.extend(scores);
-        }
-        Ok(())
-    })();
+    let result = mine
+        .iter()
+        .map(|&i| {
+            let o = prop.sequence(i, &set.sequences[i], &checked[i], &masks_tmp, &mut masks_cache);
+            pb.inc(set.sequences[i].frames.len() as u64);
+            o
+        })
+        .collect::<Result<Vec<_>>>();
     pb.finish_and_clear();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&masks_tmp);
-        return Err(e);
+    let outcomes = match result.and_then(gather_outcomes) {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&masks_tmp);
+            return Err(e);
+        }
+    };
+    if world.is_main() {
+        if masks_final.exists() {
+            std::fs::remove_dir_all(&masks_final).map_err(|e| Error::io(&masks_final, e))?;
+        }
+        std::fs::rename(&masks_tmp, &masks_final).map_err(|e| Error::io(&masks_final, e))?;
     }
-    if masks_final.exists() {
-        std::fs::remove_dir_all(&masks_final).map_err(|e| Error::io(&masks_final, e))?;
-    }
-    std::fs::rename(&masks_tmp, &masks_final).map_err(|e| Error::io(&masks_final, e))?;
+    let objects: Vec<super::jandf::ObjectScore> = outcomes.iter().flat_map(|o| o.objects.iter().cloned()).collect();
+    let per_sequence: serde_json::Map<String, serde_json::Value> = outcomes.iter().map(|o| (set.sequences[o.index].name.clone(), o.summary.clone())).collect();
+    let mismatched: Vec<serde_json::Value> = outcomes.iter().filter_map(|o| o.mismatch.clone()).collect();
+    let (t_feat, t_prop) = (outcomes.iter().map(|o| o.seconds_features).sum::<f64>(), outcomes.iter().map(|o| o.seconds_propagation).sum::<f64>());
+    let n_frames: usize = outcomes.iter().map(|o| o.frames).sum();
+    let (grid, input) = outcomes.last().map_or(((0, 0), (0, 0)), |o| (o.grid, o.input));
     let s = super::jandf::summarise(&objects);
     let per_object: serde_json::Map<String, serde_json::Value> = objects
         .iter()
@@ -424,7 +503,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         "feature": "last block's patch tokens after the final norm (get_intermediate_layers(n=1)), prefix tokens dropped, L2-normalised",
         "frame_reading": "cv2.imread + cv2.resize INTER_LINEAR (fixed point) to the short side, long side floored to a multiple of 64; /255, mean (0.485, 0.456, 0.406), std (0.228, 0.224, 0.225); annotation by PIL nearest to the grid",
         "precision": precision.effective(device),
-        "frames_per_forward": batch,
+        "frames_per_forward": prop.batch,
         "masks_palette": "the first annotation's",
         "source": SOURCE,
     });

@@ -146,7 +146,7 @@ pub fn statistics(v: &[f64]) -> (f64, f64, f64) {
 }
 
 /// The scores of one object of one sequence.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct ObjectScore {
     pub sequence: String,
     pub object: usize,

@@ -13,6 +13,7 @@ pub mod lowshot;
 pub mod neighbors;
 pub mod probe;
 pub mod record;
+pub mod suite;
 
 use std::path::{Path, PathBuf};
 
@@ -155,6 +156,20 @@ impl std::fmt::Display for Protocol {
     }
 }
 
+/// Loads `protocol`'s recipe with `sets` applied, through its own recipe type: every key and value is checked by
+/// the one validation table (unknown keys, ranges) and the recipe's own checks, before any work.
+pub fn check_sets(protocol: Protocol, file: Option<&Path>, sets: &[String]) -> Result<()> {
+    match protocol {
+        Protocol::Knn | Protocol::KnnSweep | Protocol::NnLoo => protocol.load::<knn::ProtocolSpec>(file, sets).map(|_| ()),
+        Protocol::Linear => protocol.load::<linear::LinearConfig>(file, sets).map(|_| ()),
+        Protocol::Attentive => protocol.load::<attentive::AttentiveConfig>(file, sets).map(|_| ()),
+        Protocol::LinearSweep => protocol.load::<linear_sweep::SweepConfig>(file, sets).map(|_| ()),
+        Protocol::Finetune => protocol.load::<finetune::FinetuneConfig>(file, sets).and_then(|l| l.cfg.validate()),
+        Protocol::Davis => protocol.load::<davis::DavisConfig>(file, sets).and_then(|l| l.cfg.validate()),
+        Protocol::Lowshot => protocol.load::<lowshot::LowshotConfig>(file, sets).map(|_| ()),
+    }
+}
+
 /// `protocols/linear.toml` (the struct is in `linear.rs`).
 impl crate::config::Recipe for linear::LinearConfig {
     fn rules() -> Vec<crate::config::Rule> {
@@ -233,6 +248,9 @@ pub struct RunOptions {
     pub skip_bad: bool,
     /// TensorBoard event files beside the metrics of the training protocols.
     pub tensorboard: bool,
+    /// The suite entry a record belongs to (`lmim-bench suite`): the key that finds it again on a second run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suite_entry: Option<String>,
 }
 
 impl Default for RunOptions {
@@ -251,6 +269,7 @@ impl Default for RunOptions {
             strict: false,
             skip_bad: false,
             tensorboard: true,
+            suite_entry: None,
         }
     }
 }
@@ -367,8 +386,11 @@ pub(crate) fn eval_loader(ds: Dataset, t: Transform, batch: usize, run: &RunOpti
 
 /// Runs the request's protocol, writes its record (JSON + a CSV row) into `req.output` and returns it.
 pub fn run(req: &EvalRequest) -> Result<RunRecord> {
-    if !req.run.quiet && crate::dist::world().is_main() {
-        eprintln!("{}", crate::data::loader::workers_line(req.run.workers, "--workers N").1);
+    // Every rank that decodes says how many threads it takes, before any scan.
+    if !req.run.quiet {
+        let w = crate::dist::world();
+        let who = if w.is_distributed() { format!("rank {} of {}: ", w.rank, w.size) } else { String::new() };
+        eprintln!("{who}{}", crate::data::loader::workers_line(req.run.workers, "--workers N").1);
     }
     match req.protocol {
         Protocol::Knn | Protocol::KnnSweep | Protocol::NnLoo => neighbors::run(req),

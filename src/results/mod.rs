@@ -288,7 +288,9 @@ pub fn markdown_table(header: &[String], rows: &[Vec<String>]) -> String {
     s
 }
 
-/// Writes text to a path, or to stdout for `-`; a closed stdout pipe is not an error.
+/// Writes text to a path, or to stdout for `-`; a closed stdout pipe is not an error, any other write error is
+/// (a full disk: exit 1). A path that exists and is not a regular file (a FIFO, `/dev/stdout`, `/dev/full`) is
+/// written in place: the atomic rename would replace the device or pipe with a file.
 pub fn write_output(path: &str, text: &str) -> Result<()> {
     if path == "-" {
         let mut out = std::io::stdout().lock();
@@ -297,5 +299,13 @@ pub fn write_output(path: &str, text: &str) -> Result<()> {
             r => r.map_err(|e| Error::io("<stdout>", e)),
         };
     }
-    write_atomic(Path::new(path), text.as_bytes())
+    let p = Path::new(path);
+    if std::fs::metadata(p).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        let mut f = std::fs::OpenOptions::new().write(true).open(p).map_err(|e| Error::io(p, e))?;
+        return match f.write_all(text.as_bytes()).and_then(|_| f.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            r => r.map_err(|e| Error::io(p, e)),
+        };
+    }
+    write_atomic(p, text.as_bytes())
 }

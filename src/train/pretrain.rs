@@ -250,6 +250,8 @@ pub struct Trainer {
     window: Window,
     /// The log sums of the checkpoint resumed from ([`Window::state`]), restored when training starts.
     resumed_window: Option<serde_json::Value>,
+    /// The checksum of the tensors of the checkpoint resumed from (its `data_sha256`), for the ranks' agreement.
+    resumed_sha256: Option<String>,
 }
 
 /// The schedules' values of the current optimiser step.
@@ -428,7 +430,7 @@ impl Trainer {
             .collect();
         let opt = AdamW::new(params, cfg.beta1, cfg.beta2, 1e-8);
         let amp = cfg.precision.autocast(device);
-        Ok(Trainer { cfg: cfg.clone(), vs, model, opt, pos: Position::default(), device, amp, dataset_hash: None, iters_per_epoch: 1, step_state: StepState::default(), window: Window::default(), resumed_window: None })
+        Ok(Trainer { cfg: cfg.clone(), vs, model, opt, pos: Position::default(), device, amp, dataset_hash: None, iters_per_epoch: 1, step_state: StepState::default(), window: Window::default(), resumed_window: None, resumed_sha256: None })
     }
 
     /// The step rule of this run (one process).
@@ -472,7 +474,7 @@ impl Trainer {
         if let Some(w) = window {
             meta.insert("log_sums".to_string(), w.to_string());
         }
-        checkpoint::save(path, &tensors, &meta)
+        checkpoint::save_checked(path, &tensors, &meta)
     }
 
     /// Refuses to resume from `path` when its recipe or data differ from this run's (keys named), unless `anyway`.
@@ -503,7 +505,7 @@ impl Trainer {
 
     /// Restores everything [`Trainer::save_checkpoint`] wrote. A checkpoint of another model is an error.
     pub fn load_checkpoint(&mut self, path: &Path) -> Result<()> {
-        let ck = checkpoint::load(path)?;
+        let ck = checkpoint::load_checked(path)?;
         if ck.metadata.get("format").map(String::as_str) != Some("lmim-bench-pretrain") {
             return Err(Error::checkpoint(path, "not a pretraining checkpoint of lmim-bench (metadata `format` differs)"));
         }
@@ -522,6 +524,10 @@ impl Trainer {
         self.opt.load_state(|k| by_name.get(k).map(|t| t.shallow_clone()), step).map_err(|r| Error::checkpoint(path, r))?;
         self.pos = Position { epoch: num("epoch")? as usize, iter: num("iter")? as usize, step };
         self.resumed_window = ck.metadata.get("log_sums").and_then(|s| serde_json::from_str(s).ok());
+        self.resumed_sha256 = match ck.metadata.get(checkpoint::DATA_SHA256) {
+            Some(h) => Some(h.clone()),
+            None => Some(crate::fsutil::sha256_file(path)?),
+        };
         Ok(())
     }
 
@@ -790,16 +796,49 @@ fn progress_bar(total: u64, quiet: bool) -> indicatif::ProgressBar {
     bar
 }
 
-/// Finds the checkpoint to resume from: the newest in the run directory. A newest checkpoint that cannot be read
-/// is an error naming it (and the previous one, which is still there) rather than a silent fallback.
-pub fn latest_checkpoint(paths: &RunPaths) -> Result<Option<PathBuf>> {
+/// Finds the checkpoint to resume from: the newest in the run directory whose tensors match the checksum written
+/// with them. A newest checkpoint that cannot be read or fails its checksum is passed over for the one before it,
+/// with a warning naming both; `set_aside` (the run's writer) renames it to `*.corrupt`, so that it is kept for
+/// inspection but never listed again, nor named as the last good checkpoint. None readable: an error naming the
+/// newest.
+pub fn latest_checkpoint(paths: &RunPaths, set_aside: bool) -> Result<Option<PathBuf>> {
     let all = paths.list_checkpoints();
-    let Some(last) = all.last() else { return Ok(None) };
-    if let Err(e) = checkpoint::load(last) {
-        let prev = all.iter().rev().nth(1).map_or("none".to_string(), |p| p.display().to_string());
-        return Err(Error::checkpoint(last, format!("{e}; the previous checkpoint is {prev} (resume from it with --resume-from)")));
+    let mut first_error = None;
+    for (i, p) in all.iter().enumerate().rev() {
+        match checkpoint::load_checked(p) {
+            Ok(_) => return Ok(Some(p.clone())),
+            Err(e) => {
+                let prev = i.checked_sub(1).map_or("none".to_string(), |j| all[j].display().to_string());
+                eprintln!("warning: not resuming from {}: {e}; trying the previous checkpoint, {prev}", p.display());
+                if set_aside {
+                    let aside = p.with_extension("safetensors.corrupt");
+                    if std::fs::rename(p, &aside).is_ok() {
+                        eprintln!("warning: {} set aside as {}", p.display(), aside.display());
+                    }
+                }
+                first_error.get_or_insert(e);
+            }
+        }
     }
-    Ok(Some(last.clone()))
+    match first_error {
+        Some(e) => Err(Error::checkpoint(all.last().expect("an error means a file"), format!("no checkpoint of the run can be resumed from; the newest: {e}"))),
+        None => Ok(None),
+    }
+}
+
+/// Every rank of a data-parallel run must resume from the same point (node-local output folders, or a checkpoint
+/// that only some ranks see, would otherwise train the ranks from different states, or meet in mismatched
+/// collectives): the step and the checkpoint's checksum are compared over the store before any collective; a
+/// mismatch is exit 2 on every rank, naming each rank's folder and step.
+fn agree_on_resume(world: &crate::dist::World, out: &Path, resume: Option<&Path>, trainer: &Trainer) -> Result<()> {
+    let (key, desc) = match resume {
+        Some(p) => (
+            format!("step {} (checkpoint sha256 {})", trainer.pos.step, trainer.resumed_sha256.as_deref().map_or("?", |h| &h[..h.len().min(12)])),
+            format!("{}", p.display()),
+        ),
+        None => ("a fresh start (no checkpoint)".to_string(), format!("{} holds none", out.join("checkpoints").display())),
+    };
+    world.agree("the resume point", &key, &desc)
 }
 
 /// A pretraining run as the command gives it.
@@ -859,6 +898,11 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     let device = crate::info::parse_device(&cfg.device)?;
     let train_size = cfg.model.train_size()? as u32;
     let root = Path::new(&cfg.data);
+    // Every rank that decodes says how many threads it takes, before rank 0's first scan (which can be long).
+    let (workers, workers_line) = crate::data::loader::workers_line(Some(cfg.num_workers), "num_workers=N");
+    if !req.quiet {
+        eprintln!("{}{workers_line}", if world.is_distributed() { format!("rank {} of {}: ", world.rank, world.size) } else { String::new() });
+    }
     let dataset = Dataset::open_on_all_ranks(root, "train")?;
     let fingerprint = serde_json::to_value(dataset.fingerprint()?).expect("fingerprint serialises");
     let dataset_hash = crate::protocols::extract::fingerprint_hash(&fingerprint);
@@ -866,7 +910,6 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     if let crate::data::Op::RandomResizedCrop { scale, .. } = &mut transform.ops[0] {
         scale.1 = cfg.crop_scale_max;
     }
-    let (workers, workers_line) = crate::data::loader::workers_line(Some(cfg.num_workers), "num_workers=N");
     let loader_cfg = LoaderConfig { batch_size: cfg.micro_batch_size as usize, shuffle: true, drop_last: true, seed: cfg.seed, rank: world.rank, world_size: world.size, workers, quiet, pin_device: Some(device), ..Default::default() };
     let source = LoaderSource(Loader::new(dataset, transform, loader_cfg)?);
 
@@ -874,7 +917,7 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     trainer.dataset_hash = Some(dataset_hash.clone());
     let resume = match (&req.resume_from, req.no_resume) {
         (Some(p), _) => Some(p.clone()),
-        (None, false) => latest_checkpoint(&paths)?,
+        (None, false) => latest_checkpoint(&paths, main)?,
         (None, true) => {
             if let Some(p) = paths.list_checkpoints().last() {
                 return Err(Error::option("--no-resume", format!("{} already holds checkpoints (newest {}); choose another --output", out.display(), p.display())));
@@ -885,6 +928,9 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     if let Some(p) = &resume {
         trainer.check_resume(p, req.resume_anyway)?;
         trainer.load_checkpoint(p)?;
+    }
+    agree_on_resume(world, &out, resume.as_deref(), &trainer)?;
+    if let Some(p) = &resume {
         if trainer.pos.iter % world.size != 0 {
             return Err(Error::checkpoint(p, format!("it stopped at micro-batch {} of its epoch, which {} processes cannot split; resume it on a number of processes that divides it", trainer.pos.iter, world.size)));
         }
@@ -933,7 +979,6 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
             cfg.epochs,
             out.display()
         );
-        eprintln!("{workers_line}");
     }
     let started = crate::results::now_rfc3339();
     let t0 = Instant::now();
