@@ -78,6 +78,18 @@ fn c10d_shim(lib: &Path, cuda: bool) {
     if std::process::Command::new("unshare").args(["--mount", "true"]).stderr(std::process::Stdio::null()).status().is_ok_and(|s| s.success()) {
         println!("cargo:rustc-cfg=lmim_noroot");
     }
+    // tests/data_loader.rs's decode-thread test needs two CPUs and a whole-node affinity mask (to make a narrower
+    // one): where the build saw neither it is reported as ignored, with the reason, not passed without running.
+    println!("cargo:rustc-check-cfg=cfg(lmim_whole_node_mask)");
+    let count = |cmd: &str, args: &[&str]| -> Option<usize> {
+        let o = std::process::Command::new(cmd).args(args).output().ok()?;
+        String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+    };
+    if let (Some(mask), Some(online)) = (count("nproc", &[]), count("getconf", &["_NPROCESSORS_ONLN"])) {
+        if online >= 2 && mask == online {
+            println!("cargo:rustc-cfg=lmim_whole_node_mask");
+        }
+    }
     shim.file("csrc/c10d_shim.cpp").file("csrc/aten_shim.cpp");
     // The CUDA wheels' headers sit beside torch in site-packages.
     let nvidia = torch.parent().map(|p| p.join("nvidia"));

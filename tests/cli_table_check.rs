@@ -55,11 +55,25 @@ fn table_shows_runs_references_and_marks() {
     runs(dir.path());
     let out = bin().arg("table").arg(dir.path()).assert().success();
     let md = String::from_utf8(out.get_output().stdout.clone()).unwrap();
-    assert!(md.starts_with("| model | arch | data | NN (LOO 1-NN) | k-NN | k-NN top-5 | k-NN sweep | LP | EP | Ft |"), "{md}");
-    assert!(md.contains("| pico | vit_pico_patch4_32 | demo | 55.50 | 61.20 (k=20) | 95.00 | – | – |"), "{md}");
-    assert!(md.contains("| pico-pretrained | vit_pico_patch4_32 | demo | – | 70.40 (k=20) | 97.00 |"), "{md}");
+    // Grouped columns (image-level, region-level, label efficiency), empty ones left out (no LP sweep here).
+    assert!(md.starts_with("| model | arch | data | NN (LOO 1-NN) | k-NN | k-NN sweep | LP | EP | Ft | DAVIS J&F | 1 img |"), "{md}");
+    assert!(md.contains("Columns by group: image-level: NN (LOO 1-NN), k-NN, k-NN sweep, LP, EP, Ft; region-level: DAVIS J&F; label efficiency: 1 img"), "{md}");
+    assert!(md.contains("| pico | vit_pico_patch4_32 | demo | 55.50 | 61.20 (k=20) | – | – |"), "{md}");
+    assert!(md.contains("| pico-pretrained | vit_pico_patch4_32 | demo | – | 70.40 (k=20) |"), "{md}");
     // Reference rows, with the Latent MIM NN note.
-    assert!(md.contains("| *Latent MIM 800 ep (published)* | vit_base_patch16_224 | imagenet-1k | 50.1 [1] | – | – | – | 72.0 [2] | – | 83.0 [3] |"), "{md}");
+    assert!(md.contains("| *Latent MIM 800 ep (published)* | vit_base_patch16_224 | imagenet-1k | 50.1 [1] | – | – | 72.0 [2] | – | 83.0 [3] |"), "{md}");
+    // Versions and sources are numbered footnotes: no cell of the table is longer than 60 characters.
+    let longest = md.lines().filter(|l| l.starts_with('|') && !l.starts_with("|---")).flat_map(|l| l.split(" | ").map(|c| c.trim_matches(['|', ' ']).chars().count()).collect::<Vec<_>>()).max().unwrap();
+    assert!(longest <= 60, "a cell of {longest} characters:\n{md}");
+    let knn_note = md.lines().find(|l| l.contains("] k-NN: protocol knn v1")).unwrap_or_else(|| panic!("a footnote for the k-NN version: {md}"));
+    let n = &knn_note[..knn_note.find(']').unwrap() + 1];
+    assert!(md.lines().any(|l| l.starts_with("| pico |") && l.contains(n)), "the pico row points to {n}: {md}");
+    assert!(md.contains("] facebookresearch/dino:README.md"), "reference sources are footnotes: {md}");
+    // --columns keeps the named ones.
+    let out = bin().arg("table").arg(dir.path()).args(["--columns", "knn,NN (LOO 1-NN)"]).assert().success();
+    let sel = String::from_utf8(out.get_output().stdout.clone()).unwrap();
+    assert!(sel.starts_with("| model | arch | data | NN (LOO 1-NN) | k-NN | versions | source |"), "{sel}");
+    bin().arg("table").arg(dir.path()).args(["--columns", "nope"]).assert().code(2).stderr(contains("--columns")).stderr(contains("`nope` is not a column"));
     assert!(md.contains("| *DINO (published)* |") && md.contains("76.1"), "{md}");
     assert!(md.contains("| *MAE 1600 ep (published)* |") && md.contains("| 68.0 | – | 83.6 |"), "{md}");
     // Another protocol version and another dataset are marked, and explained.
@@ -304,4 +318,24 @@ fn write_errors_exit_1_and_leave_devices_alone() {
     let o = raw().args(["data", "info", "--json", "--data"]).arg(&data).stdout(full()).output().unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("<stdout>"));
+}
+
+/// A record cut short (a full disk) or of another schema version is named in a warning by `table` and `check`,
+/// not left out silently; other JSON files in the folder (configs) are not.
+#[test]
+fn unreadable_records_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    runs(dir.path());
+    let some = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().path()).find(|p| p.extension().is_some_and(|e| e == "json")).unwrap();
+    let text = std::fs::read_to_string(&some).unwrap();
+    std::fs::write(dir.path().join("cut.json"), &text[..text.len() / 2]).unwrap();
+    std::fs::write(dir.path().join("future.json"), text.replacen("\"schema_version\": ", "\"schema_version\": 9", 1)).unwrap();
+    std::fs::write(dir.path().join("config.json"), "{\"epochs\": 3}").unwrap();
+    for cmd in [vec!["table"], vec!["check", "--reference", "protocols/reference.toml"]] {
+        let o = std::process::Command::new(assert_cmd::cargo::cargo_bin("lmim-bench")).current_dir(env!("CARGO_MANIFEST_DIR")).args(&cmd).arg(dir.path()).output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("cut.json: left out: not readable JSON"), "{cmd:?}: {e}");
+        assert!(e.contains("future.json: left out:") && e.contains("schema"), "{cmd:?}: {e}");
+        assert!(!e.contains("config.json"), "{cmd:?}: {e}");
+    }
 }

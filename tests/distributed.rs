@@ -567,9 +567,12 @@ fn the_nn_monitor_sharded_over_two_ranks_gives_the_one_rank_score() {
 fn a_killed_or_stopped_rank_ends_its_peer_within_a_minute_with_the_default_timeout() {
     let dir = tempfile::tempdir().unwrap();
     let data = synth(dir.path());
-    for fault in ["step=1:stop", "step=1:die"] {
-        let t0 = Instant::now();
-        let mut children = spawn_faulty(&long_pretrain(&data, &dir.path().join(fault.replace([':', '='], "-"))), 2, 0, &[(1, fault)]);
+    // Both faults at once (two jobs of two ranks): the heartbeat's 30 s are waited once.
+    let jobs: Vec<(&str, Instant, Vec<Child>)> = ["step=1:stop", "step=1:die"]
+        .into_iter()
+        .map(|fault| (fault, Instant::now(), spawn_faulty(&long_pretrain(&data, &dir.path().join(fault.replace([':', '='], "-"))), 2, 0, &[(1, fault)])))
+        .collect();
+    for (fault, t0, mut children) in jobs {
         let mut rank1 = children.pop().unwrap();
         let out0 = children.pop().unwrap().wait_with_output().unwrap();
         let took = t0.elapsed();
@@ -617,10 +620,15 @@ fn a_first_scan_slower_than_the_timeout_does_not_end_the_job_and_every_rank_name
 #[test]
 #[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
 fn two_slurm_jobs_on_one_node_without_master_port_both_run() {
-    let jobs: Vec<Vec<Child>> = ["7001", "7002"]
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let jobs: Vec<(PathBuf, Vec<Child>)> = ["7001", "7002"]
         .iter()
         .map(|job| {
-            spawn_with(&strings(&["bench", "dist-check"]), 2, 30, |r, _| {
+            let out = dir.path().join(format!("job{job}"));
+            let mut args = pretrain_args(&data, &out);
+            args.push("epochs=1".into());
+            let children = spawn_with(&args, 2, 60, |r, _| {
                 vec![
                     ("SLURM_PROCID", r.to_string()),
                     ("SLURM_NTASKS", "2".into()),
@@ -630,17 +638,14 @@ fn two_slurm_jobs_on_one_node_without_master_port_both_run() {
                     ("SLURM_JOB_NODELIST", "localhost".into()),
                     ("SLURM_JOB_ID", job.to_string()),
                 ]
-            })
+            });
+            (out, children)
         })
         .collect();
-    for (j, children) in jobs.into_iter().enumerate() {
+    for (out, children) in jobs {
         let outs = wait_all(children);
-        for (r, o) in outs.iter().enumerate() {
-            assert!(o.status.success(), "job {j} rank {r}: {}", stderr(o));
-            let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("job {j} rank {r}: {e}: {}", String::from_utf8_lossy(&o.stdout)));
-            assert_eq!(report["world_size"], 2, "{report}");
-            assert_eq!(report["pass"], true, "{report}");
-        }
+        assert_ok(&outs);
+        assert_eq!(record(&out)["config"]["world_size"], 2, "{}", out.display());
     }
 }
 
@@ -712,4 +717,40 @@ fn davis_on_two_ranks_gives_the_one_rank_masks_and_record() {
     }
     let records = std::fs::read_dir(&two).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json")).count();
     assert_eq!(records, 1, "one record for the job");
+}
+
+/// `lmim-bench suite` on 2 ranks (k-NN, whose extraction is sharded, and DAVIS, dealt over the ranks) writes the
+/// records of the 1-rank suite; run again on 2 ranks, both entries are kept on every rank.
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn a_suite_on_two_ranks_gives_the_one_rank_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    run_one(&strings(&["data", "synth-davis", "--out", s(&dir.path().join("davis")), "--sequences", "3", "--frames", "5"]));
+    let ckpt = dir.path().join("enc.safetensors");
+    run_one(&strings(&["init", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/configs/lmim_tiny.toml"), "-o", s(&ckpt)]));
+    let suite = dir.path().join("suite.toml");
+    std::fs::write(&suite, format!("[data]\nimg = \"{}\"\ndavis = \"davis\"\n[[eval]]\nprotocol = \"knn\"\ndata = \"img\"\n[[eval]]\nprotocol = \"davis\"\ndata = \"davis\"\nset = {{ short_side = 64 }}\n", s(&data))).unwrap();
+    let args = |out: &Path| strings(&["suite", s(&suite), "--checkpoint", s(&ckpt), "--name", "tiny", "--device", "cpu", "--quiet", "--no-cache", "--output", s(out)]);
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    run_one(&args(&one));
+    run_world(&args(&two), 2);
+    let recs = |out: &Path| {
+        let mut v: Vec<(String, String, String)> = std::fs::read_dir(out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .map(|p| {
+                let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+                (r["protocol"].to_string(), r["metrics"].to_string(), r["config"]["run"]["suite_entry"].to_string())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(recs(&one).len(), 2);
+    assert_eq!(recs(&one), recs(&two), "the 2-rank suite's records are the 1-rank suite's");
+    let again = run_world(&args(&two), 2);
+    assert!(stderr(&again[0]).matches(": kept (").count() == 2, "{}", stderr(&again[0]));
+    assert_eq!(recs(&two).len(), 2, "kept, not run again");
 }

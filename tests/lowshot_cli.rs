@@ -110,6 +110,15 @@ fn lowshot_draw_list_and_table() {
         .stderr(contains("line 21"));
     assert!(!dir.path().join("runs4").join("results.csv").exists());
 
+    // A list with a line twice and only the first class's images: both named in warnings, the run goes on.
+    let first_two: Vec<&str> = text.lines().take(2).collect();
+    let partial = dir.path().join("partial.txt");
+    std::fs::write(&partial, format!("{}\n{}\n{}\n", first_two[0], first_two[1], first_two[0])).unwrap();
+    eval(&["--subset", partial.to_str().unwrap()], &ckpt, &data, &dir.path().join("runs6"), &cache)
+        .success()
+        .stderr(contains("1 line(s) name an image already listed"))
+        .stderr(contains("9 class(es) have no training image in the list"));
+
     // nn-loo on the reference's DDP subset of the 200 val images: 3 ranks x batch 16 -> 3 x 64 = 192 rows.
     let out5 = dir.path().join("runs5");
     bin()

@@ -40,7 +40,8 @@ pub enum Command {
     Init(train_cmds::InitArgs),
     /// Extract features of a checkpoint over a data split into a cached safetensors file.
     Extract(eval::ExtractArgs),
-    /// Evaluate a checkpoint with a protocol (knn, nn-loo, linear, linear-sweep, finetune) and write a results record.
+    /// Evaluate a checkpoint with a protocol (nn-loo, knn, knn-sweep, linear, attentive, finetune, linear-sweep,
+    /// davis, lowshot) and write a results record.
     Eval(eval::EvalArgs),
     /// Evaluate a checkpoint on every axis of a suite file (k-NN, probes, DAVIS, low-shot, ...) in one job:
     /// checked before any work, cheap entries first, resumable (entries whose record exists are kept), the table

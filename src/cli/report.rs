@@ -31,6 +31,10 @@ pub struct TableArgs {
     /// No reference rows.
     #[arg(long)]
     pub no_reference: bool,
+    /// Only these columns, comma-separated: protocol names (`knn`, `davis`, `lowshot:1img`) or headers
+    /// (`k-NN`, `1 img`). Empty columns are always left out; CSV and JSON keep every field of a kept column.
+    #[arg(long, value_delimiter = ',')]
+    pub columns: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -71,7 +75,10 @@ pub fn table(a: TableArgs) -> anyhow::Result<()> {
         let shown: Vec<String> = a.inputs.iter().map(|p| p.display().to_string()).collect();
         return Err(Error::data(shown.join(", "), "no results records found").into());
     }
-    let t = table::build(&records, reference.as_ref());
+    let mut t = table::build(&records, reference.as_ref());
+    if !a.columns.is_empty() {
+        t.select(&a.columns)?;
+    }
     let text = match a.format {
         Format::Markdown => t.markdown(),
         Format::Csv => t.csv(),

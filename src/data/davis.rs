@@ -158,13 +158,11 @@ pub fn dino_seg_size(w: usize, h: usize, short: usize) -> (usize, usize) {
 pub const DINO_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 pub const DINO_STD: [f32; 3] = [0.228, 0.224, 0.225];
 
-/// A frame as `read_frame` returns it: CHW f32, normalised, at `(width, height)`, and the original size.
+/// A frame as `read_frame` returns it: CHW f32, normalised, at `(width, height)`.
 pub struct Frame {
     pub chw: Vec<f32>,
     pub width: usize,
     pub height: usize,
-    pub orig_width: usize,
-    pub orig_height: usize,
 }
 
 /// DINO's `read_frame(path, [short])`: decode (libjpeg-turbo, islow IDCT, fancy upsampling: OpenCV's and PIL's
@@ -186,7 +184,7 @@ pub fn read_frame(path: &Path, short: usize) -> Result<Frame> {
             chw[c * n + i] = (p[c] as f32 / 255.0 - DINO_MEAN[c]) / DINO_STD[c];
         }
     }
-    Ok(Frame { chw, width: tw, height: th, orig_width: w, orig_height: h })
+    Ok(Frame { chw, width: tw, height: th })
 }
 
 /// An 8-bit indexed image with its palette (RGB triplets as stored in PLTE).

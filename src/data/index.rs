@@ -506,7 +506,8 @@ pub fn shared_by_rank0(
     } else {
         (None, Vec::new())
     };
-    world.after_rank0_writes(&format!("dataset index {call} ({})", what.display()))?;
+    // Keyed by the call's place in the run only: the ranks' paths may differ (node-local copies of the data).
+    world.after_rank0_writes(&format!("dataset index {call}"))?;
     let head = Tensor::from_slice(&[made.as_ref().map_or(0, |m| m.is_ok() as i64), payload.len() as i64]);
     world.broadcast(std::slice::from_ref(&head), 0, "the dataset index broadcast")?;
     let (ok, len) = (head.int64_value(&[0]) == 1, head.int64_value(&[1]) as usize);

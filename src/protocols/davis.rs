@@ -114,7 +114,6 @@ impl DavisConfig {
 #[derive(Clone, Copy, Debug)]
 pub struct PropParams {
     pub n_last_frames: usize,
-    pub neighborhood: i64,
     pub topk: i64,
     pub temperature: f64,
     pub patch: i64,
@@ -294,11 +293,12 @@ fn frames_per_batch(req: &EvalRequest, device: Device) -> usize {
     req.run.batch_size.clamp(1, cap)
 }
 
-/// Features `[T, hw, D]` of a sequence's frames (read in parallel, forwarded in batches on `device`).
-fn sequence_features(model: &VisionTransformer, seq: &davis::Sequence, short: usize, mode: GridPosEmbed, batch: usize, device: Device, amp: Option<Kind>) -> Result<(Tensor, i64, i64)> {
+/// Features `[T, hw, D]` of a sequence's frames (read in parallel, forwarded in batches on `device`), the patch
+/// grid and the frames' input size `(W, H)`.
+fn sequence_features(model: &VisionTransformer, seq: &davis::Sequence, short: usize, mode: GridPosEmbed, batch: usize, device: Device, amp: Option<Kind>) -> Result<(Tensor, i64, i64, (i64, i64))> {
     use rayon::prelude::*;
     let mut parts = Vec::new();
-    let (mut gh, mut gw) = (0, 0);
+    let (mut gh, mut gw, mut size) = (0, 0, (0, 0));
     let p = model.cfg.patch_size;
     for chunk in seq.frames.chunks(batch) {
         let frames: Vec<davis::Frame> = chunk.par_iter().map(|f| davis::read_frame(f, short)).collect::<Result<_>>()?;
@@ -309,9 +309,9 @@ fn sequence_features(model: &VisionTransformer, seq: &davis::Sequence, short: us
         let prefix = model.cfg.num_prefix_tokens();
         let n = tokens.size()[1];
         parts.push(tokens.narrow(1, prefix, n - prefix).to_kind(Kind::Float));
-        (gh, gw) = (fh / p, fw / p);
+        (gh, gw, size) = (fh / p, fw / p, (fw, fh));
     }
-    Ok((Tensor::cat(&parts, 0), gh, gw))
+    Ok((Tensor::cat(&parts, 0), gh, gw, size))
 }
 
 /// What one sequence gives: its objects' scores, its summary, whether the predicted objects differ, and its
@@ -344,16 +344,16 @@ impl Propagation<'_> {
     fn sequence(&self, index: usize, seq: &davis::Sequence, chk: &Checked, masks_dir: &Path, masks_cache: &mut Option<((i64, i64), Tensor)>) -> Result<SequenceOutcome> {
         let (cfg, device, patch) = (self.cfg, self.device, self.params.patch);
         let first = davis::read_indexed_png(&seq.annotations[0])?;
+        if let Some(w) = missing_ids_warning(&first.indices) {
+            eprintln!("warning: {}: {w}", seq.annotations[0].display());
+        }
         let (sw, sh) = davis::dino_seg_size(first.width, first.height, cfg.short_side as usize);
         let (gw, gh) = (sw as i64 / patch, sh as i64 / patch);
         let small = davis::pil_resize_nearest(&first.indices, first.width, first.height, gw as usize, gh as usize);
         let t0 = Instant::now();
-        let (feats, fh, fw) = sequence_features(self.model, seq, cfg.short_side as usize, cfg.pos_embed, self.batch, device, self.amp)?;
+        let (feats, fh, fw, frame_size) = sequence_features(self.model, seq, cfg.short_side as usize, cfg.pos_embed, self.batch, device, self.amp)?;
         if (fh, fw) != (gh, gw) {
             return Err(Error::data(&seq.annotations[0], format!("its patch grid {gh}x{gw} differs from the frames' {fh}x{fw}")));
-        }
-        if cfg.topk > gh * gw {
-            return Err(Error::option("topk", format!("{} is more than the {} patches of a frame of `{}`", cfg.topk, gh * gw, seq.name)));
         }
         // A device read, so that the time of the (asynchronous) CUDA forward is counted here.
         let _ = device.is_cuda().then(|| feats.sum(Kind::Float).double_value(&[]));
@@ -371,7 +371,8 @@ impl Propagation<'_> {
         if feats.isfinite().all().int64_value(&[]) == 0 {
             return Err(Error::NonFinite(format!("the features of sequence `{}` hold NaN or infinity (the checkpoint's weights?)", seq.name)));
         }
-        let labels = tch::no_grad(|| propagate(&self.params, &feats, &first_seg, gh, gw, mask.as_ref()))
+        let bytes = propagation_bytes(cfg, (gh * gw) as u128, seq.frames.len() as u128, feats.size()[2] as u128);
+        let labels = crate::info::allocating(&format!("the DAVIS propagation of `{}`", seq.name), bytes, || tch::no_grad(|| propagate(&self.params, &feats, &first_seg, gh, gw, mask.as_ref())))?
             .map_err(|e| match e {
                 Error::NonFinite(m) => Error::NonFinite(format!("sequence `{}`: {m}", seq.name)),
                 other => other,
@@ -394,8 +395,30 @@ impl Propagation<'_> {
         let mismatch = (pred_objects != scores.len()).then(|| serde_json::json!({ "sequence": seq.name, "objects": scores.len(), "predicted_objects": pred_objects }));
         let s = super::jandf::summarise(&scores);
         let summary = serde_json::json!({ "objects": scores.len(), "frames": seq.frames.len(), "j_mean": 100.0 * s.j_mean, "f_mean": 100.0 * s.f_mean, "j_and_f": 100.0 * s.j_and_f });
-        Ok(SequenceOutcome { index, objects: scores, summary, mismatch, seconds_features, seconds_propagation, frames: seq.frames.len(), grid: (gh, gw), input: (fw * patch, fh * patch) })
+        Ok(SequenceOutcome { index, objects: scores, summary, mismatch, seconds_features, seconds_propagation, frames: seq.frames.len(), grid: (gh, gw), input: frame_size })
     }
+}
+
+/// Rough peak bytes of one sequence's propagation: the affinities of every context frame to the target (and their
+/// masked, transposed and top-k copies), the neighbourhood mask, and the frames' features.
+fn propagation_bytes(cfg: &DavisConfig, patches: u128, frames: u128, dim: u128) -> u128 {
+    let ctx = cfg.n_last_frames.max(0) as u128 + 1;
+    let aff = ctx * patches * patches * 4;
+    3 * aff + patches * patches * 4 + frames * patches * dim * 4
+}
+
+/// davis2017-evaluation scores objects 1..=max id of the first annotation; an id missing below the max (ids {1, 3})
+/// has an empty truth and an empty prediction, which it scores as perfect: worth a warning naming the ids.
+fn missing_ids_warning(first: &[u8]) -> Option<String> {
+    let mut present = [false; 256];
+    for &v in first {
+        present[v as usize] = true;
+    }
+    let max = (1..255).rev().find(|&i| present[i])?;
+    let missing: Vec<String> = (1..max).filter(|&i| !present[i]).map(|i| i.to_string()).collect();
+    (!missing.is_empty()).then(|| {
+        format!("object id(s) {} missing from the first annotation (ids 1..={max} are scored): davis2017-evaluation scores a missing object as perfect (J = F = 1), which lifts J&F", missing.join(", "))
+    })
 }
 
 /// The masks folder every rank writes its sequences into: rank 0 clears it, the others wait for that on the store.
@@ -442,7 +465,22 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let enc = load_vit_with(ckpt, &req.load_options(), device, 0)?;
     let model = &enc.model;
     let patch = model.cfg.patch_size;
-    let params = PropParams { n_last_frames: cfg.n_last_frames as usize, neighborhood: cfg.neighborhood, topk: cfg.topk, temperature: cfg.temperature, patch };
+    // Every sequence's grid is known from its size: `topk` and the memory of the propagation are checked before
+    // any forward.
+    for (seq, chk) in set.sequences.iter().zip(&checked) {
+        let (sw, sh) = davis::dino_seg_size(chk.width, chk.height, cfg.short_side as usize);
+        let (gh, gw) = (sh as i64 / patch, sw as i64 / patch);
+        let patches = gh * gw;
+        if cfg.topk > patches {
+            return Err(Error::option("topk", format!("{} is more than the {patches} patches of a frame of `{}`", cfg.topk, seq.name)));
+        }
+        if !device.is_cuda() {
+            let bytes = propagation_bytes(cfg, patches as u128, seq.frames.len() as u128, model.cfg.embed_dim as u128);
+            let what = format!("DAVIS propagation of `{}` (a {gh}x{gw} patch grid at short_side {}: {} context frames of {patches}^2 affinities; lower short_side or n_last_frames, or take a larger patch)", seq.name, cfg.short_side, cfg.n_last_frames + 1);
+            crate::info::check_fits("short_side", &what, bytes)?;
+        }
+    }
+    let params = PropParams { n_last_frames: cfg.n_last_frames as usize, topk: cfg.topk, temperature: cfg.temperature, patch };
     let name = req.model_name("model");
     let overrides = loaded.overrides(&[]);
     let run_dir = req.output.join(format!("{}-davis-{}", crate::results::sanitize(&name), &enc.sha256[..12]));
@@ -467,6 +505,8 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         Ok(o) => o,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&masks_tmp);
+            // No empty run folder is left behind (remove_dir only removes an empty one).
+            let _ = std::fs::remove_dir(&run_dir);
             return Err(e);
         }
     };
@@ -562,4 +602,35 @@ pub fn score_folder(set: &DavisSet, results: &Path, bound_th: f64) -> Result<(Ve
         all.extend(scores);
     }
     Ok((all, pred_objects))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::missing_ids_warning;
+
+    /// DINO's `norm_mask` (min-max per channel before the argmax) is what lets an object whose propagated mass is
+    /// weak everywhere take the pixels where it peaks: without it the background wins them all.
+    #[test]
+    fn norm_mask_decides_a_weak_object() {
+        use tch::{Kind, Tensor};
+        // Background 0.6 to 0.7 across a 2x4 grid; the object 0.05 everywhere but 0.3 at one patch.
+        let bg = Tensor::from_slice(&[0.6f32, 0.62, 0.64, 0.66, 0.68, 0.7, 0.65, 0.63]).view([2, 4]);
+        let obj = Tensor::from_slice(&[0.05f32, 0.05, 0.05, 0.05, 0.05, 0.3, 0.05, 0.05]).view([2, 4]);
+        let seg = Tensor::stack(&[bg, obj], 0).unsqueeze(0).to_kind(Kind::Float);
+        let labels = super::soft_to_labels(&seg, 2);
+        // The object takes the pixel at its peak patch (row 1, column 1, upsampled x2: pixel (3, 3) of the 4x8 map).
+        assert_eq!(labels[3 * 8 + 3], 1, "{labels:?}");
+        // Without the normalisation the background's larger values would win every pixel.
+        let (_, raw) = seg.upsample_bilinear2d([4, 8], false, Some(2.0), Some(2.0)).get(0).max_dim(0, false);
+        assert_eq!(raw.sum(Kind::Int64).int64_value(&[]), 0);
+    }
+
+    #[test]
+    fn a_gap_in_the_first_annotations_ids_is_named() {
+        assert_eq!(missing_ids_warning(&[0, 1, 2, 3, 255]), None);
+        let w = missing_ids_warning(&[0, 1, 3, 3, 255]).unwrap();
+        assert!(w.starts_with("object id(s) 2 missing") && w.contains("ids 1..=3"), "{w}");
+        assert!(missing_ids_warning(&[0, 4]).unwrap().starts_with("object id(s) 1, 2, 3 missing"));
+        assert_eq!(missing_ids_warning(&[0, 0, 255]), None);
+    }
 }

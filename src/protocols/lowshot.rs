@@ -323,6 +323,11 @@ impl NameIndex {
         self.by_rel.get(&format!("{class}/{name}")).copied()
     }
 
+    /// A bare file name that several classes hold (`find` cannot take it).
+    fn is_ambiguous(&self, name: &str) -> bool {
+        matches!(self.by_base.get(name), Some(None))
+    }
+
     /// The name written for row `i`: the file name where it is unique, else `class/file`.
     fn name_of(&self, ds: &Dataset, i: usize) -> String {
         let rel = ds.rel_path(i).replace('\\', "/");
@@ -375,13 +380,40 @@ pub fn read_list(path: &Path, ds: &Dataset) -> Result<Subset> {
         }
         match index.find(name) {
             Some(i) => rows.push(i as i64),
+            None if index.is_ambiguous(name) => {
+                return Err(Error::data(path, format!("line {}: `{name}` is the name of images in several classes of {}: write it as `class/{name}`", no + 1, ds.dir.display())))
+            }
             None => return Err(Error::data(path, format!("line {}: `{name}` is not an image of {}", no + 1, ds.dir.display()))),
         }
     }
     if rows.is_empty() {
         return Err(Error::data(path, "the subset list names no image"));
     }
+    for w in list_warnings(&rows, ds) {
+        eprintln!("warning: {}: {w}", path.display());
+    }
     Ok(describe(path.to_path_buf(), text.as_bytes(), rows, ds, None))
+}
+
+/// What a list's rows leave to say: images named more than once (each counted once per line, as MSN's loader
+/// does), and classes with no training image in the list (the solver then never predicts them).
+fn list_warnings(rows: &[i64], ds: &Dataset) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let dups = rows.iter().filter(|r| !seen.insert(**r)).count();
+    if dups > 0 {
+        out.push(format!("{dups} line(s) name an image already listed (each line is one training row, as in MSN's loader)"));
+    }
+    let mut has = vec![false; ds.classes.len()];
+    for &r in rows {
+        has[ds.samples[r as usize].1 as usize] = true;
+    }
+    let without: Vec<&str> = ds.classes.iter().zip(&has).filter(|(_, h)| !**h).map(|(c, _)| c.as_str()).collect();
+    if !without.is_empty() {
+        let shown: Vec<&str> = without.iter().take(5).copied().collect();
+        out.push(format!("{} class(es) have no training image in the list ({}{}): they can never be predicted", without.len(), shown.join(", "), if without.len() > 5 { ", ..." } else { "" }));
+    }
+    out
 }
 
 /// The list files of `--subset` arguments: files as given, a folder's `*.txt` files in name order.

@@ -250,9 +250,15 @@ pub fn collect_records(inputs: &[PathBuf]) -> Result<Vec<RunRecord>> {
             let mut entries: Vec<PathBuf> = walk_json(input)?;
             entries.sort();
             for p in entries {
-                // Directories also hold configs and metric logs: keep only what parses as a record.
-                if let Ok(rec) = RunRecord::read(&p) {
-                    out.push(rec);
+                // Directories also hold configs and metric logs: keep what parses as a record, and name what looks
+                // like one but cannot be read (cut short, another schema) instead of leaving it out silently.
+                match RunRecord::read(&p) {
+                    Ok(rec) => out.push(rec),
+                    Err(e) => {
+                        if let Some(why) = unreadable_record(&p, &e) {
+                            eprintln!("warning: {}: left out: {why}", p.display());
+                        }
+                    }
                 }
             }
         } else if input.exists() {
@@ -262,6 +268,18 @@ pub fn collect_records(inputs: &[PathBuf]) -> Result<Vec<RunRecord>> {
         }
     }
     Ok(out)
+}
+
+/// Why a `.json` file that failed to read as a record is worth a warning: it is not JSON at all (a record cut short
+/// by a full disk), or it is a record of another schema version, or one that does not parse; None for other JSON
+/// files (configs, reports) that share the folders.
+fn unreadable_record(path: &Path, e: &Error) -> Option<String> {
+    let text = crate::fsutil::read_regular_text(path, Some(crate::fsutil::TEXT_LIMIT)).ok()?;
+    match serde_json::from_str::<serde_json::Value>(&text) {
+        Err(j) => Some(format!("not readable JSON ({j}); a record cut short?")),
+        Ok(v) if v.get("schema_version").is_some() && v.get("protocol").is_some() => Some(e.to_string()),
+        Ok(_) => None,
+    }
 }
 
 fn walk_json(dir: &Path) -> Result<Vec<PathBuf>> {

@@ -10,8 +10,6 @@ use super::check::{Entry, ReferenceFile};
 use crate::protocols::Protocol;
 use super::{markdown_table, version_label, RunRecord};
 
-/// NN, k-NN, LP and Ft are always shown; the other columns when a row has a number in them.
-const ALWAYS: [Protocol; 4] = [Protocol::NnLoo, Protocol::Knn, Protocol::Linear, Protocol::Finetune];
 /// The MAE probe on the global-pool feature gets a column of its own beside the CLS probe.
 const LP_GAP: &str = "linear:global_pool";
 
@@ -19,16 +17,31 @@ const LP_GAP: &str = "linear:global_pool";
 /// the protocol's own "low-shot" column.
 const LOWSHOT: [(&str, &str, &str); 4] = [("lowshot:1img", "1 img", "lowshot_1img"), ("lowshot:2img", "2 img", "lowshot_2img"), ("lowshot:5img", "5 img", "lowshot_5img"), ("lowshot:1pct", "1 %", "lowshot_1pct")];
 
-/// Column key, Markdown header and CSV prefix, in table order: the protocols, with LP on the global-pool feature
-/// after the CLS probe, and the low-shot columns by subset kind before the other low-shot runs.
+/// The longest cell of the Markdown table: versions and sources go to numbered footnotes, names are cut.
+pub const MAX_CELL: usize = 60;
+
+/// Column key, Markdown header and CSV prefix, in table order, by group: image-level (NN, k-NN, the k-NN sweep,
+/// LP with its global-pool column and the LP sweep, EP, Ft), region-level (DAVIS J&F), label efficiency (the
+/// low-shot columns by subset kind, then the other low-shot runs).
 fn columns() -> Vec<(String, &'static str, &'static str)> {
-    let mut cols: Vec<(String, &'static str, &'static str)> =
-        Protocol::ALL.iter().filter(|p| **p != Protocol::Lowshot).map(|p| (p.name().to_string(), p.column().0, p.column().1)).collect();
-    cols.push((LP_GAP.into(), "LP (avg pool)", "lp_gap"));
+    let p = |p: Protocol| (p.name().to_string(), p.column().0, p.column().1);
+    let mut cols = vec![p(Protocol::NnLoo), p(Protocol::Knn), p(Protocol::KnnSweep), p(Protocol::Linear), (LP_GAP.into(), "LP (avg pool)", "lp_gap")];
+    cols.extend([p(Protocol::LinearSweep), p(Protocol::Attentive), p(Protocol::Finetune), p(Protocol::Davis)]);
     cols.extend(LOWSHOT.iter().map(|(k, h, c)| (k.to_string(), *h, *c)));
-    let ls = Protocol::Lowshot;
-    cols.push((ls.name().to_string(), ls.column().0, ls.column().1));
+    cols.push(p(Protocol::Lowshot));
+    debug_assert!(Protocol::ALL.iter().all(|x| cols.iter().any(|c| c.0 == x.name())), "every protocol has a column");
     cols
+}
+
+/// The group a column belongs to, for the legend under the table.
+fn group_of(key: &str) -> &'static str {
+    if key == Protocol::Davis.name() {
+        "region-level"
+    } else if key.starts_with(Protocol::Lowshot.name()) {
+        "label efficiency"
+    } else {
+        "image-level"
+    }
 }
 
 /// Whether `key` is a column of the table (a protocol, or a protocol's column by feature or subset kind).
@@ -338,11 +351,8 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
         }
     }
     rows.extend(refs.into_iter().flatten());
-    let columns = cols
-        .iter()
-        .filter(|c| ALWAYS.iter().any(|p| p.name() == c.0) || rows.iter().any(|r| r.cells.contains_key(&c.0)))
-        .map(|c| c.0.clone())
-        .collect();
+    // Empty columns are left out.
+    let columns = cols.iter().filter(|c| rows.iter().any(|r| r.cells.contains_key(&c.0))).map(|c| c.0.clone()).collect();
     Table {
         columns,
         rows,
@@ -382,17 +392,61 @@ fn cell_text(c: &Cell, reference: bool) -> String {
     s
 }
 
+/// Numbered footnotes, one per distinct text, continuing after the reference notes' numbers.
+struct Numbered {
+    texts: Vec<String>,
+    first: usize,
+}
+
+impl Numbered {
+    fn mark(&mut self, text: String) -> String {
+        let i = match self.texts.iter().position(|t| *t == text) {
+            Some(i) => i,
+            None => {
+                self.texts.push(text);
+                self.texts.len() - 1
+            }
+        };
+        format!("[{}]", self.first + i)
+    }
+}
+
+/// `s` cut to [`MAX_CELL`] characters (an ellipsis in the last).
+fn fit(s: String) -> String {
+    if s.chars().count() <= MAX_CELL {
+        return s;
+    }
+    let mut t: String = s.chars().take(MAX_CELL - 1).collect();
+    t.push('…');
+    t
+}
+
 impl Table {
-    pub fn markdown(&self) -> String {
-        let mut header = vec!["model".to_string(), "arch".into(), "data".into()];
-        for p in &self.columns {
-            header.push(header_of(p).into());
-            if p == Protocol::Knn.name() {
-                header.push("k-NN top-5".into());
+    /// Keeps only these columns (keys such as `knn`, `lowshot:1img`, or headers such as `k-NN`, `1 img`), in the
+    /// table's order; a name that is no column is an error listing the columns.
+    pub fn select(&mut self, wanted: &[String]) -> crate::error::Result<()> {
+        let cols = columns();
+        for w in wanted {
+            if !cols.iter().any(|c| c.0.eq_ignore_ascii_case(w) || c.1.eq_ignore_ascii_case(w)) {
+                let known: Vec<String> = cols.iter().map(|c| c.0.clone()).collect();
+                return Err(crate::error::Error::option("--columns", format!("`{w}` is not a column (columns: {})", known.join(", "))));
             }
         }
-        header.push("protocol versions".into());
+        let keep = |key: &str| wanted.iter().any(|w| cols.iter().any(|c| c.0 == key && (c.0.eq_ignore_ascii_case(w) || c.1.eq_ignore_ascii_case(w))));
+        self.columns.retain(|c| keep(c));
+        Ok(())
+    }
+
+    /// The Markdown table: model, arch, data, the columns, the versions and sources as footnote numbers; no cell
+    /// longer than [`MAX_CELL`]. Under it the marks' and notes' footnotes, then one numbered footnote per distinct
+    /// protocol version and per distinct source, and the columns' groups.
+    pub fn markdown(&self) -> String {
+        let mut header = vec!["model".to_string(), "arch".into(), "data".into()];
+        header.extend(self.columns.iter().map(|p| header_of(p).to_string()));
+        header.push("versions".into());
         header.push("source".into());
+        let first = self.footnotes.iter().filter_map(|f| f.strip_prefix('[')?.split(']').next()?.parse::<usize>().ok()).max().unwrap_or(0) + 1;
+        let mut notes = Numbered { texts: Vec::new(), first };
         let rows: Vec<Vec<String>> = self
             .rows
             .iter()
@@ -403,29 +457,47 @@ impl Table {
                     (Some(m), false) => format!("{} ({m})", r.model),
                     (None, false) => r.model.clone(),
                 };
-                let mut v = vec![model, r.arch.clone().unwrap_or_default(), r.dataset.clone().unwrap_or_default()];
+                let mut v = vec![fit(model), fit(r.arch.clone().unwrap_or_default()), fit(r.dataset.clone().unwrap_or_default())];
                 for p in &self.columns {
-                    v.push(r.cells.get(p).map(|c| cell_text(c, reference)).unwrap_or_else(|| "–".into()));
-                    if p == Protocol::Knn.name() {
-                        v.push(r.cells.get(p).and_then(|c| c.top5).map(|t| format!("{t:.2}")).unwrap_or_else(|| "–".into()));
-                    }
+                    v.push(fit(r.cells.get(p).map(|c| cell_text(c, reference)).unwrap_or_else(|| "–".into())));
                 }
                 let versions: Vec<String> = if reference {
-                    r.cells.values().next().and_then(|c| c.version.clone()).into_iter().collect()
+                    r.cells.values().next().and_then(|c| c.version.clone()).map(|v| notes.mark(format!("published numbers: {v}"))).into_iter().collect()
                 } else {
-                    r.cells.iter().map(|(p, c)| format!("{p} {}", version_label(c.version.as_deref().unwrap_or("?")))).collect()
+                    r.cells
+                        .iter()
+                        .filter(|(p, _)| self.columns.contains(p))
+                        .map(|(p, c)| notes.mark(format!("{}: protocol {p} {}", header_of(p), version_label(c.version.as_deref().unwrap_or("?")))))
+                        .collect()
                 };
-                v.push(versions.join(", "));
-                v.push(r.source.clone());
+                v.push(fit(versions.join(" ")));
+                let source = if reference {
+                    r.source.split("; ").filter(|s| !s.is_empty()).map(|s| notes.mark(s.to_string())).collect::<Vec<_>>().join(" ")
+                } else {
+                    r.source.clone()
+                };
+                v.push(fit(source));
                 v
             })
             .collect();
         let mut s = markdown_table(&header, &rows);
-        if !self.footnotes.is_empty() {
-            s.push('\n');
-            for f in &self.footnotes {
-                s.push_str(&format!("{f}  \n"));
+        s.push('\n');
+        for f in &self.footnotes {
+            s.push_str(&format!("{f}  \n"));
+        }
+        for (i, t) in notes.texts.iter().enumerate() {
+            s.push_str(&format!("[{}] {t}  \n", notes.first + i));
+        }
+        let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+        for p in &self.columns {
+            match groups.last_mut() {
+                Some((g, cols)) if *g == group_of(p) => cols.push(header_of(p)),
+                _ => groups.push((group_of(p), vec![header_of(p)])),
             }
+        }
+        if !groups.is_empty() {
+            let line: Vec<String> = groups.iter().map(|(g, cols)| format!("{g}: {}", cols.join(", "))).collect();
+            s.push_str(&format!("Columns by group: {}.\n", line.join("; ")));
         }
         s
     }

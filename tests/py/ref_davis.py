@@ -180,12 +180,12 @@ def extract_feature(m, frame, patch):
     return out[0].reshape(h * w, -1), h, w
 
 
-def label_propagation(feat_tar, list_feats, list_segs, h, w, mask, topk=5, size=12):
+def label_propagation(feat_tar, list_feats, list_segs, h, w, mask, topk=5, size=12, temperature=0.1):
     return_feat = feat_tar.T
     n = len(list_feats)
     src = F.normalize(torch.stack(list_feats), dim=1, p=2)
     tar = F.normalize(feat_tar, dim=1, p=2).unsqueeze(0).repeat(n, 1, 1)
-    aff = torch.exp(torch.bmm(tar, src) / 0.1)
+    aff = torch.exp(torch.bmm(tar, src) / temperature)
     if size > 0:
         if mask is None:
             mask = restrict_neighborhood(h, w, size).unsqueeze(0).repeat(n, 1, 1)
@@ -212,7 +212,7 @@ def norm_mask(mask):
     return mask
 
 
-def propagate_video(m, frames, out_dir, short, patch, n_last=7, topk=5, size=12, limit=None):
+def propagate_video(m, frames, out_dir, short, patch, n_last=7, topk=5, size=12, limit=None, temperature=0.1, norm=True):
     import queue
     first_seg, seg_ori, palette = read_seg(ann_of(frames[0]), patch, short)
     os.makedirs(out_dir, exist_ok=True)
@@ -227,12 +227,13 @@ def propagate_video(m, frames, out_dir, short, patch, n_last=7, topk=5, size=12,
         feat_tar, h, w = extract_feature(m, tar, patch)
         feats = [f1_feat] + [p[0] for p in list(que.queue)]
         segs = [first_seg] + [p[1] for p in list(que.queue)]
-        avg, feat, mask = label_propagation(feat_tar, feats, segs, h, w, mask, topk, size)
+        avg, feat, mask = label_propagation(feat_tar, feats, segs, h, w, mask, topk, size, temperature)
         if que.qsize() == n_last:
             que.get()
         que.put([feat, avg.clone()])
         up = F.interpolate(avg, scale_factor=patch, mode="bilinear", align_corners=False, recompute_scale_factor=False)[0]
-        up = norm_mask(up)
+        if norm:
+            up = norm_mask(up)
         _, seg = torch.max(up, dim=0)
         seg = np.array(seg.squeeze().cpu(), dtype=np.uint8)
         seg = np.array(Image.fromarray(seg).resize((ori_w, ori_h), 0))
@@ -358,11 +359,25 @@ def main():
         save_file({"images": x, "interpolate": dino_tokens(m, x, "interpolate").contiguous(),
                    "sincos": dino_tokens(m, x, "sincos").contiguous()}, os.path.join(out, "io.safetensors"))
     elif cmd == "propagate":
+        # Optional: n_last topk size temperature norm (DINO's defaults 7 5 12 0.1 1), for the mutation table of
+        # tests/davis.rs.
         data, ckpt, short, out = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+        n_last, topk, size = (int(v) for v in (sys.argv[6:9] if len(sys.argv) > 8 else (7, 5, 12)))
+        temperature = float(sys.argv[9]) if len(sys.argv) > 9 else 0.1
+        norm = sys.argv[10] != "0" if len(sys.argv) > 10 else True
         m = load_timm(ckpt)
         patch = m.patch_embed.proj.kernel_size[0]
         for name, frames in sequences(data):
-            propagate_video(m, frames, os.path.join(out, name), short, patch)
+            propagate_video(m, frames, os.path.join(out, name), short, patch, n_last, topk, size, temperature=temperature, norm=norm)
+    elif cmd == "propagate-many":
+        # One process for many settings (tests/davis.rs's mutation table): VARIANTS is JSON
+        # [[name, n_last, topk, size, temperature, norm], ...]; each goes to OUT/<name>/<sequence>/.
+        data, ckpt, short, out, variants = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], json.loads(sys.argv[6])
+        m = load_timm(ckpt)
+        patch = m.patch_embed.proj.kernel_size[0]
+        for name, n_last, topk, size, temperature, norm in variants:
+            for seq, frames in sequences(data):
+                propagate_video(m, frames, os.path.join(out, name, seq), short, patch, n_last, topk, size, temperature=temperature, norm=bool(norm))
     elif cmd == "jf":
         with open(sys.argv[4], "w") as f:
             json.dump(jf(sys.argv[2], sys.argv[3]), f)
