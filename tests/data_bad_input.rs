@@ -220,3 +220,24 @@ fn evaluation_refuses_an_unreadable_val_file_unless_skip_bad_which_lists_it_in_t
     let md = String::from_utf8_lossy(&t.stdout);
     assert!(md.contains("§") && md.contains("1 unreadable files of the evaluation split skipped"), "{md}");
 }
+
+/// A `counts.tsv` of a packed split that is a FIFO is refused by name (exit 2), not taken for an absent file.
+#[test]
+fn a_fifo_counts_file_of_shards_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    bin().args(["data", "synth", "--classes", "2", "--train-per-class", "4", "--val-per-class", "2", "--size", "16", "--out"]).arg(&data).assert().success();
+    let packed = dir.path().join("packed");
+    bin().args(["data", "pack", "--split", "val", "--data"]).arg(&data).arg("--out").arg(&packed).assert().success();
+    let counts = packed.join("val/counts.tsv");
+    assert!(counts.is_file());
+    std::fs::remove_file(&counts).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(&counts).status().unwrap().success());
+    bin()
+        .args(["data", "info", "--split", "val", "--rescan", "--data"])
+        .arg(&packed)
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("counts.tsv: a named pipe (FIFO), not a regular file"));
+}

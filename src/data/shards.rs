@@ -298,7 +298,9 @@ pub(crate) fn scan(root: &Path, split: &str, dir: &Path, items: &[Item]) -> Resu
         stamps.push(index::stamp(dir, CLASSES_FILE)?);
     }
     let counts_path = dir.join(COUNTS_FILE);
-    let packed: Option<std::collections::HashMap<String, u64>> = if counts_path.is_file() {
+    // Present in any form (a FIFO or a device included) means read through the regular-file guard, which refuses
+    // anything but a file by name; only a missing file means "no counts".
+    let packed: Option<std::collections::HashMap<String, u64>> = if std::fs::symlink_metadata(&counts_path).is_ok() {
         stamps.push(index::stamp(dir, COUNTS_FILE)?);
         Some(read_counts(&counts_path)?)
     } else {
