@@ -607,7 +607,7 @@ pub struct ClassifierOutcome {
 }
 
 /// The memory a fit on `rows` training rows takes, checked against what this process may use.
-fn check_fit_memory(cfg: &SegConfig, which: Classifier, rows: i64, dim: i64, pixels: i64, classes: i64) -> Result<()> {
+pub fn check_fit_memory(cfg: &SegConfig, which: Classifier, rows: i64, dim: i64, pixels: i64, classes: i64) -> Result<()> {
     let rows = (rows / cfg.train_subsample.max(1)) as u128;
     let (dim, pixels, classes) = (dim as u128, pixels as u128, classes as u128);
     let (bytes, what) = match which {

@@ -1,0 +1,292 @@
+//! `eval --protocol seg`: CAPI's frozen-patch segmentation probes, against tests/py/ref_seg.py, a reference written
+//! from facebookresearch/capi's eval_segmentation.py (KNNClassifier, LogregClassifier with scikit-learn's
+//! LogisticRegression in cuML's place, select_hparams, mIoU, accuracy) on a generated ADE20K-layout set and a
+//! seeded timm ViT (224 px, patch 16):
+//! - images and labels read as CAPI's transforms read them (PIL `convert("P")` + nearest, to the pixel);
+//! - patch tokens after the final norm within 1e-5 of timm's `forward_features`;
+//! - one-point grids: k-NN mIoU and accuracy equal to 1e-9 (cosine and L2), the logistic regression's within 0.1
+//!   point; a perturbed reference (torch.mode's tie rule replaced by the largest label) is caught;
+//! - the full grids on the same held-out split: the same chosen grid points, the k-NN's held-out scores to 1e-9;
+//! - the command end to end (record, `table` columns, `check`), and bad input exiting 2 naming the file.
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use lmim_bench::checkpoint::{self, load_vit};
+use lmim_bench::data::ade20k::{self, SynthAdeOptions};
+use lmim_bench::protocols::seg::{self, Classifier, Distance, Extracted, Extractor, Prepared, SegConfig, SegFeature, Standardize, TrainSplit};
+use predicates::str::contains;
+use tch::{Device, Tensor};
+
+fn bin() -> Command {
+    Command::cargo_bin("lmim-bench").unwrap()
+}
+
+fn synth(out: &Path, train: usize, val: usize) -> PathBuf {
+    let opts = SynthAdeOptions { out: out.to_path_buf(), train, val, classes: 6, width: 150, height: 110, seed: 4, quality: 90 };
+    ade20k::synth_ade20k(&opts).unwrap();
+    out.to_path_buf()
+}
+
+fn vit(dir: &Path) -> PathBuf {
+    let p = dir.join("vit.safetensors");
+    common::run_py("ref_seg.py", &["vit", p.to_str().unwrap()]);
+    p
+}
+
+#[test]
+fn images_and_labels_read_as_capi_reads_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(&dir.path().join("ade"), 6, 3);
+    // A palette (P) annotation and a low-depth one, beside the generated L ones.
+    let set = ade20k::open_set(&data).unwrap();
+    let (w, h, lab) = ade20k::read_label_png(&set.val[0].annotation).unwrap();
+    let img = lmim_bench::data::davis::IndexedImage { width: w, height: h, indices: lab, palette: lmim_bench::data::davis::voc_palette() };
+    std::fs::write(&set.val[0].annotation, lmim_bench::data::davis::encode_indexed_png(&img).unwrap()).unwrap();
+    let out = dir.path().join("read.safetensors");
+    // The reference resizes to 224 and to an odd size, where nearest's rounding matters.
+    for res in [224u32, 97] {
+        common::run_py("ref_seg.py", &["read", data.to_str().unwrap(), &res.to_string(), out.to_str().unwrap()]);
+        let r = checkpoint::load(&out).unwrap();
+        for (split, pairs) in [("training", &set.train), ("validation", &set.val)] {
+            for (i, p) in pairs.iter().enumerate() {
+                let ours = ade20k::read_label(&p.annotation, res, &[0, 255]).unwrap();
+                let theirs = Vec::<u8>::try_from(r.get(&format!("{split}_label_{i}")).unwrap().contiguous().view([-1])).unwrap();
+                let diff = ours.iter().zip(&theirs).filter(|(a, b)| a != b).count();
+                assert_eq!(diff, 0, "{}: {diff} label pixels differ from PIL's at {res}", p.annotation.display());
+                let x = Tensor::from_slice(&ade20k::read_image(&p.image, res).unwrap()).view([3, res as i64, res as i64]);
+                let err = common::max_abs(&x, r.get(&format!("{split}_image_{i}")).unwrap());
+                assert!(err < 1e-6, "{}: the image differs from torchvision's by {err}", p.image.display());
+            }
+        }
+    }
+}
+
+fn extractor(model: &lmim_bench::model::vit::VisionTransformer) -> Extractor<'_> {
+    Extractor { model, resolution: 224, feature: SegFeature::PatchNorm, ignore: vec![0, 255], batch: 8, device: Device::Cpu, amp: None }
+}
+
+#[test]
+fn patch_tokens_match_timm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(&dir.path().join("ade"), 4, 1);
+    let ckpt = vit(dir.path());
+    let out = dir.path().join("tokens.safetensors");
+    common::run_py("ref_seg.py", &["features", data.to_str().unwrap(), ckpt.to_str().unwrap(), "4", out.to_str().unwrap()]);
+    let r = checkpoint::load(&out).unwrap();
+    let m = load_vit(&ckpt, None, Device::Cpu, 0).unwrap();
+    let ex = extractor(&m.model);
+    let theirs = r.get("tokens").unwrap();
+    let err = common::max_abs(&ex.tokens(r.get("images").unwrap()), theirs);
+    assert!(err < 1e-5, "tokens differ from timm's forward_features by {err}");
+    // Through the reader too: the rows are image-major, patches row-major.
+    let set = ade20k::open_set(&data).unwrap();
+    let e = ex.extract(&set.train, true, "training").unwrap();
+    assert_eq!(e.features.size(), vec![4 * 196, 96]);
+    assert_eq!(e.labels.size(), vec![4 * 196, 256]);
+    let err = common::max_abs(&e.features, &theirs.reshape([-1, 96]));
+    assert!(err < 1e-5, "extracted features differ from timm's by {err}");
+}
+
+/// The features of a generated set (train 30, val 8 images), extracted once per test.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    data: PathBuf,
+    ckpt: PathBuf,
+    train: Extracted,
+    val: Extracted,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(&dir.path().join("ade"), 30, 8);
+    let ckpt = vit(dir.path());
+    let m = load_vit(&ckpt, None, Device::Cpu, 0).unwrap();
+    let set = ade20k::open_set(&data).unwrap();
+    let ex = extractor(&m.model);
+    let train = ex.extract(&set.train, true, "training").unwrap();
+    let val = ex.extract(&set.val, true, "validation").unwrap();
+    let path = dir.path().to_path_buf();
+    Fixture { _dir: dir, dir: path, data, ckpt, train, val }
+}
+
+/// The reference's results on the fixture's features with `cfg` and `split` (`perturb` swaps torch.mode's tie
+/// rule in the k-NN vote).
+fn reference(f: &Fixture, cfg: &SegConfig, split: &TrainSplit, tag: &str) -> serde_json::Value {
+    let feats = f.dir.join("features.safetensors");
+    if !feats.exists() {
+        let t = [("train_x", &f.train.features), ("train_y", &f.train.labels), ("val_x", &f.val.features), ("val_y", &f.val.labels)];
+        Tensor::write_safetensors(&t, &feats).unwrap();
+    }
+    let names = |v: &[Classifier]| v.iter().map(|c| if *c == Classifier::Knn { "knn" } else { "logreg" }).collect::<Vec<_>>();
+    let c = serde_json::json!({
+        "per_image": f.train.per_image, "ignore": cfg.ignore, "held": split.held, "rest": split.rest,
+        "standardize": cfg.standardize == Standardize::Standard, "classifiers": names(&cfg.classifiers),
+        "knn_chunk": cfg.knn_chunk, "train_subsample": cfg.train_subsample, "knn_dtype": "float32",
+        "knn_k": cfg.knn_k, "knn_distance": cfg.knn_distance.iter().map(|d| d.name()).collect::<Vec<_>>(),
+        "logreg_c": cfg.logreg_c, "logreg_max_iter": cfg.logreg_max_iter, "logreg_tol": cfg.logreg_tol,
+        "perturb": tag == "perturbed",
+    });
+    let cfg_path = f.dir.join(format!("cfg-{tag}.json"));
+    let out = f.dir.join(format!("ref-{tag}.json"));
+    std::fs::write(&cfg_path, c.to_string()).unwrap();
+    common::run_py("ref_seg.py", &["classify", feats.to_str().unwrap(), cfg_path.to_str().unwrap(), out.to_str().unwrap()]);
+    serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+}
+
+fn num(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+#[test]
+fn one_point_grids_equal_capis_scores() {
+    let f = fixture();
+    let split = TrainSplit::all(30);
+    for (k, d) in [(10, Distance::Cosine), (3, Distance::L2)] {
+        // knn_chunk below the bank size: the chunked search and its merge are exercised.
+        let cfg = SegConfig { knn_k: vec![k], knn_distance: vec![d], logreg_c: vec![1.0], knn_chunk: 2000, ..Default::default() };
+        let data = Prepared::new(&f.train, &f.val, &split, cfg.standardize);
+        let r = reference(&f, &cfg, &split, &format!("{k}"));
+        let knn = seg::evaluate(&cfg, Classifier::Knn, &data, Device::Cpu).unwrap();
+        let (m, a) = (num(&r["knn"]["miou"]), num(&r["knn"]["acc"]));
+        eprintln!("k-NN k={k} {}: mIoU {:.6} vs {m:.6}, accuracy {:.6} vs {a:.6}", d.name(), knn.scores.miou, knn.scores.accuracy);
+        assert!((knn.scores.miou - m).abs() < 1e-9, "k-NN mIoU {} vs CAPI's {m}", knn.scores.miou);
+        assert!((knn.scores.accuracy - a).abs() < 1e-9, "k-NN accuracy {} vs CAPI's {a}", knn.scores.accuracy);
+        for (c, v) in &knn.scores.per_class {
+            assert!((v - num(&r["knn"]["per_class"][c.to_string()])).abs() < 1e-9, "class {c}");
+        }
+        assert_eq!(knn.scores.per_class.len(), r["knn"]["per_class"].as_object().unwrap().len());
+        if k == 10 {
+            let lr = seg::evaluate(&cfg, Classifier::Logreg, &data, Device::Cpu).unwrap();
+            let (m, a) = (num(&r["logreg"]["miou"]), num(&r["logreg"]["acc"]));
+            eprintln!("logreg C=1: mIoU {:.6} vs {m:.6}, accuracy {:.6} vs {a:.6}", lr.scores.miou, lr.scores.accuracy);
+            assert!((100.0 * (lr.scores.miou - m)).abs() <= 0.1, "logistic regression mIoU {} vs CAPI's {m}", lr.scores.miou);
+            assert!((100.0 * (lr.scores.accuracy - a)).abs() <= 0.1, "logistic regression accuracy {} vs CAPI's {a}", lr.scores.accuracy);
+            // The perturbed reference (the largest label wins a tie of the vote) is told apart.
+            let p = reference(&f, &SegConfig { classifiers: vec![Classifier::Knn], ..cfg.clone() }, &split, "perturbed");
+            let gap = (knn.scores.miou - num(&p["knn"]["miou"])).abs();
+            eprintln!("perturbed reference: mIoU off by {gap:.2e}");
+            assert!(gap > 1e-9, "a reference with another tie rule gives the same mIoU: the comparison cannot fail");
+        }
+    }
+}
+
+#[test]
+fn grids_choose_capis_points_on_the_same_split() {
+    let f = fixture();
+    let cfg = SegConfig { knn_chunk: 2000, ..Default::default() };
+    let split = TrainSplit::seeded(30, cfg.holdout, 0).unwrap();
+    assert_eq!(split.held.len(), 3);
+    let data = Prepared::new(&f.train, &f.val, &split, cfg.standardize);
+    let r = reference(&f, &cfg, &split, "grid");
+    let knn = seg::evaluate(&cfg, Classifier::Knn, &data, Device::Cpu).unwrap();
+    let chosen = &r["knn"]["chosen"];
+    assert_eq!(knn.chosen, format!("num_neighbors={}_distance={}", chosen["num_neighbors"], chosen["distance"].as_str().unwrap()));
+    for (point, score) in &knn.grid {
+        let theirs = 100.0 * num(&r["knn"]["grid"][point]);
+        assert!((score - theirs).abs() < 1e-7, "{point}: held-out mIoU {score} vs CAPI's {theirs}");
+    }
+    assert!((knn.scores.miou - num(&r["knn"]["miou"])).abs() < 1e-9);
+    let lr = seg::evaluate(&cfg, Classifier::Logreg, &data, Device::Cpu).unwrap();
+    let c_theirs = num(&r["logreg"]["chosen"]["C"]);
+    eprintln!("k-NN chose {} ({:.4}), logreg chose {} vs C={c_theirs}; held-out {:?}", knn.chosen, knn.scores.miou, lr.chosen, lr.grid);
+    assert_eq!(lr.chosen, format!("C={c_theirs}"), "the logistic regression's grid point differs from CAPI's");
+    assert!((100.0 * (lr.scores.miou - num(&r["logreg"]["miou"]))).abs() <= 0.1);
+}
+
+#[test]
+fn the_command_writes_a_record_the_table_shows() {
+    let f = fixture();
+    let out = f.dir.join("runs");
+    let assert = bin()
+        .args(["eval", "--protocol", "seg", "--device", "cpu", "--quiet", "--json", "--name", "tiny", "knn_k=10", "knn_distance=cosine", "logreg_c=1.0", "knn_chunk=2000"])
+        .arg("--checkpoint")
+        .arg(&f.ckpt)
+        .arg("--data")
+        .arg(f.data.join("ADEChallengeData2016"))
+        .arg("--output")
+        .arg(&out)
+        .assert()
+        .success();
+    let rec: serde_json::Value = serde_json::from_slice(&assert.get_output().stdout).unwrap();
+    assert_eq!(rec["protocol"], "seg");
+    assert_eq!(rec["headline"], "miou_knn");
+    assert!(rec["protocol_version"].as_str().unwrap().starts_with("1+"));
+    assert_eq!(rec["details"]["split"]["held_out_images"].as_array().unwrap().len(), 0);
+    // The library on the same features gives the record's numbers.
+    let cfg = SegConfig { knn_k: vec![10], knn_distance: vec![Distance::Cosine], logreg_c: vec![1.0], knn_chunk: 2000, ..Default::default() };
+    let data = Prepared::new(&f.train, &f.val, &TrainSplit::all(30), Standardize::Standard);
+    let knn = seg::evaluate(&cfg, Classifier::Knn, &data, Device::Cpu).unwrap();
+    let miou = num(&rec["metrics"]["miou_knn"]);
+    assert!((miou - 100.0 * knn.scores.miou).abs() < 1e-9);
+    let lr = num(&rec["metrics"]["miou_logreg"]);
+    for key in ["acc_knn", "acc_logreg"] {
+        assert!(num(&rec["metrics"][key]) > 0.0);
+    }
+    bin().args(["table"]).arg(&out).assert().success().stdout(contains("ADE20K k-NN")).stdout(contains("ADE20K LR")).stdout(contains(format!("{miou:.2}"))).stdout(contains(format!("{lr:.2}")));
+    let golden = f.dir.join("golden.toml");
+    let gate = |v: f64, metric: &str| format!("version = \"1\"\n[[expect]]\nmodel = \"tiny\"\nprotocol = \"seg\"\nmetric = \"{metric}\"\nvalue = {v:.4}\ntolerance = 0.01\n");
+    std::fs::write(&golden, gate(lr + 1.0, "miou_logreg")).unwrap();
+    bin().args(["check"]).arg(&out).arg("--reference").arg(&golden).assert().code(1);
+    std::fs::write(&golden, gate(miou, "miou_knn") + &gate(lr, "miou_logreg").replace("version = \"1\"\n", "")).unwrap();
+    bin().args(["check"]).arg(&out).arg("--reference").arg(&golden).assert().success();
+}
+
+fn eval_fails(data: &Path, ckpt: &Path, out: &Path, names: &str) {
+    bin()
+        .args(["eval", "--protocol", "seg", "--device", "cpu", "--quiet", "knn_k=1", "knn_distance=L2", "classifiers=knn"])
+        .arg("--checkpoint")
+        .arg(ckpt)
+        .arg("--data")
+        .arg(data)
+        .arg("--output")
+        .arg(out)
+        .timeout(std::time::Duration::from_secs(120))
+        .assert()
+        .code(2)
+        .stderr(contains(names));
+    let written: Vec<_> = std::fs::read_dir(out).map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(written.iter().all(|p| !p.extension().is_some_and(|e| e == "json")), "nothing written: {written:?}");
+}
+
+#[test]
+fn bad_input_exits_2_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = vit(dir.path());
+    let base = synth(&dir.path().join("base"), 3, 2);
+    let copy = |name: &str| {
+        let to = dir.path().join(name);
+        assert!(std::process::Command::new("cp").arg("-r").arg(&base).arg(&to).status().unwrap().success());
+        to.join("ADEChallengeData2016")
+    };
+    let out = dir.path().join("runs");
+
+    let d = copy("no_annotation");
+    std::fs::remove_file(d.join("annotations/training/ADE_training_00000002.png")).unwrap();
+    eval_fails(&d, &ckpt, &out, "ADE_training_00000002.jpg");
+
+    let d = copy("bad_png");
+    std::fs::write(d.join("annotations/validation/ADE_validation_00000001.png"), b"not a png").unwrap();
+    eval_fails(&d, &ckpt, &out, "ADE_validation_00000001.png");
+
+    let d = copy("label_151");
+    let p = d.join("annotations/training/ADE_training_00000003.png");
+    let (w, h, mut lab) = ade20k::read_label_png(&p).unwrap();
+    lab[5] = 151;
+    std::fs::write(&p, ade20k::encode_l_png(&lab, w, h).unwrap()).unwrap();
+    eval_fails(&d, &ckpt, &out, "ADE_training_00000003.png");
+
+    let d = copy("empty");
+    for e in std::fs::read_dir(d.join("images/validation")).unwrap() {
+        std::fs::remove_file(e.unwrap().path()).unwrap();
+    }
+    eval_fails(&d, &ckpt, &out, "images/validation");
+
+    // Too much for the memory this process may use: the size check names train_subsample before any allocation.
+    let cfg = SegConfig::default();
+    let err = seg::check_fit_memory(&cfg, Classifier::Knn, 1 << 42, 768, 256, 151).unwrap_err();
+    assert!(err.to_string().contains("train_subsample"), "{err}");
+    assert!(seg::check_fit_memory(&SegConfig { train_subsample: 1 << 40, ..cfg }, Classifier::Knn, 1 << 42, 768, 256, 151).is_ok());
+}
