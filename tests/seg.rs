@@ -6,7 +6,8 @@
 //! - patch tokens after the final norm within 1e-5 of timm's `forward_features`;
 //! - one-point grids: k-NN mIoU and accuracy equal to 1e-9 (cosine and L2), the logistic regression's within 0.1
 //!   point; a perturbed reference (torch.mode's tie rule replaced by the largest label) is caught;
-//! - the full grids on the same held-out split: the same chosen grid points, the k-NN's held-out scores to 1e-9;
+//! - the grids on the same held-out split (the k-NN's whole grid, the C grid's five smallest values): the same
+//!   chosen grid points, the k-NN's held-out scores to 1e-9;
 //! - the command end to end (record, `table` columns, `check`), and bad input exiting 2 naming the file.
 mod common;
 
@@ -63,8 +64,8 @@ fn images_and_labels_read_as_capi_reads_them() {
     }
 }
 
-fn extractor(model: &lmim_bench::model::vit::VisionTransformer) -> Extractor<'_> {
-    Extractor { model, resolution: 224, feature: SegFeature::PatchNorm, ignore: vec![0, 255], batch: 8, device: Device::Cpu, amp: None }
+fn extractor(model: &lmim_bench::model::vit::VisionTransformer, resolution: i64) -> Extractor<'_> {
+    Extractor { model, resolution, feature: SegFeature::PatchNorm, ignore: vec![0, 255], batch: 8, device: Device::Cpu, amp: None }
 }
 
 #[test]
@@ -76,7 +77,7 @@ fn patch_tokens_match_timm() {
     common::run_py("ref_seg.py", &["features", data.to_str().unwrap(), ckpt.to_str().unwrap(), "4", out.to_str().unwrap()]);
     let r = checkpoint::load(&out).unwrap();
     let m = load_vit(&ckpt, None, Device::Cpu, 0).unwrap();
-    let ex = extractor(&m.model);
+    let ex = extractor(&m.model, 224);
     let theirs = r.get("tokens").unwrap();
     let err = common::max_abs(&ex.tokens(r.get("images").unwrap()), theirs);
     assert!(err < 1e-5, "tokens differ from timm's forward_features by {err}");
@@ -89,6 +90,9 @@ fn patch_tokens_match_timm() {
     assert!(err < 1e-5, "extracted features differ from timm's by {err}");
 }
 
+/// The fixture's input size.
+const RES: i64 = 112;
+
 /// The features of a generated set (train 30, val 8 images), extracted once per test.
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -100,40 +104,53 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    let t0 = std::time::Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let data = synth(&dir.path().join("ade"), 30, 8);
     let ckpt = vit(dir.path());
-    let m = load_vit(&ckpt, None, Device::Cpu, 0).unwrap();
+    // At 112 px (7 x 7 patches of 16 x 16 pixels, the position embedding resampled as the command does), so that
+    // the fits are quick; the features at 224 are compared with timm's above.
+    let opts = checkpoint::LoadOptions { img_size: Some(RES), ..Default::default() };
+    let m = checkpoint::load_vit_with(&ckpt, &opts, Device::Cpu, 0).unwrap();
     let set = ade20k::open_set(&data).unwrap();
-    let ex = extractor(&m.model);
+    let ex = extractor(&m.model, RES);
     let train = ex.extract(&set.train, true, "training").unwrap();
     let val = ex.extract(&set.val, true, "validation").unwrap();
     let path = dir.path().to_path_buf();
+    eprintln!("fixture: {:.1} s", t0.elapsed().as_secs_f64());
     Fixture { _dir: dir, dir: path, data, ckpt, train, val }
 }
 
-/// The reference's results on the fixture's features with `cfg` and `split` (`perturb` swaps torch.mode's tie
-/// rule in the k-NN vote).
-fn reference(f: &Fixture, cfg: &SegConfig, split: &TrainSplit, tag: &str) -> serde_json::Value {
+/// The reference's results on the fixture's features, one per `(cfg, split, tag)`, from one Python process (tag
+/// `perturbed` swaps torch.mode's tie rule in the reference's k-NN vote).
+fn reference(f: &Fixture, runs: &[(&SegConfig, &TrainSplit, &str)]) -> Vec<serde_json::Value> {
     let feats = f.dir.join("features.safetensors");
     if !feats.exists() {
         let t = [("train_x", &f.train.features), ("train_y", &f.train.labels), ("val_x", &f.val.features), ("val_y", &f.val.labels)];
         Tensor::write_safetensors(&t, &feats).unwrap();
     }
     let names = |v: &[Classifier]| v.iter().map(|c| if *c == Classifier::Knn { "knn" } else { "logreg" }).collect::<Vec<_>>();
-    let c = serde_json::json!({
-        "per_image": f.train.per_image, "ignore": cfg.ignore, "held": split.held, "rest": split.rest,
-        "standardize": cfg.standardize == Standardize::Standard, "classifiers": names(&cfg.classifiers),
-        "knn_chunk": cfg.knn_chunk, "train_subsample": cfg.train_subsample, "knn_dtype": "float32",
-        "knn_k": cfg.knn_k, "knn_distance": cfg.knn_distance.iter().map(|d| d.name()).collect::<Vec<_>>(),
-        "logreg_c": cfg.logreg_c, "logreg_max_iter": cfg.logreg_max_iter, "logreg_tol": cfg.logreg_tol,
-        "perturb": tag == "perturbed",
-    });
-    let cfg_path = f.dir.join(format!("cfg-{tag}.json"));
-    let out = f.dir.join(format!("ref-{tag}.json"));
-    std::fs::write(&cfg_path, c.to_string()).unwrap();
-    common::run_py("ref_seg.py", &["classify", feats.to_str().unwrap(), cfg_path.to_str().unwrap(), out.to_str().unwrap()]);
-    serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+    let mut args = vec!["classify".to_string(), feats.display().to_string()];
+    let mut outs = Vec::new();
+    for (cfg, split, tag) in runs {
+        let c = serde_json::json!({
+            "per_image": f.train.per_image, "ignore": cfg.ignore, "held": split.held, "rest": split.rest,
+            "standardize": cfg.standardize == Standardize::Standard, "classifiers": names(&cfg.classifiers),
+            "knn_chunk": cfg.knn_chunk, "train_subsample": cfg.train_subsample, "knn_dtype": "float32",
+            "knn_k": cfg.knn_k, "knn_distance": cfg.knn_distance.iter().map(|d| d.name()).collect::<Vec<_>>(),
+            "logreg_c": cfg.logreg_c, "logreg_max_iter": cfg.logreg_max_iter, "logreg_tol": cfg.logreg_tol,
+            "perturb": *tag == "perturbed",
+        });
+        let cfg_path = f.dir.join(format!("cfg-{tag}.json"));
+        let out = f.dir.join(format!("ref-{tag}.json"));
+        std::fs::write(&cfg_path, c.to_string()).unwrap();
+        args.extend([cfg_path.display().to_string(), out.display().to_string()]);
+        outs.push(out);
+    }
+    let t0 = std::time::Instant::now();
+    common::run_py("ref_seg.py", &args.iter().map(String::as_str).collect::<Vec<_>>());
+    eprintln!("reference: {:.1} s", t0.elapsed().as_secs_f64());
+    outs.iter().map(|o| serde_json::from_str(&std::fs::read_to_string(o).unwrap()).unwrap()).collect()
 }
 
 fn num(v: &serde_json::Value) -> f64 {
@@ -144,31 +161,33 @@ fn num(v: &serde_json::Value) -> f64 {
 fn one_point_grids_equal_capis_scores() {
     let f = fixture();
     let split = TrainSplit::all(30);
-    for (k, d) in [(10, Distance::Cosine), (3, Distance::L2)] {
-        // knn_chunk below the bank size: the chunked search and its merge are exercised.
-        let cfg = SegConfig { knn_k: vec![k], knn_distance: vec![d], logreg_c: vec![1.0], knn_chunk: 2000, ..Default::default() };
-        let data = Prepared::new(&f.train, &f.val, &split, cfg.standardize);
-        let r = reference(&f, &cfg, &split, &format!("{k}"));
-        let knn = seg::evaluate(&cfg, Classifier::Knn, &data, Device::Cpu).unwrap();
+    // knn_chunk below the bank size: the chunked search and its merge are exercised.
+    let knn_only = |k: i64, d: Distance| SegConfig { classifiers: vec![Classifier::Knn], knn_k: vec![k], knn_distance: vec![d], knn_chunk: 2000, ..Default::default() };
+    let both = SegConfig { classifiers: vec![Classifier::Knn, Classifier::Logreg], logreg_c: vec![1.0], ..knn_only(10, Distance::Cosine) };
+    let l2 = knn_only(3, Distance::L2);
+    let perturbed = knn_only(10, Distance::Cosine);
+    let refs = reference(&f, &[(&both, &split, "cosine"), (&l2, &split, "l2"), (&perturbed, &split, "perturbed")]);
+    let data = Prepared::new(&f.train, &f.val, &split, Standardize::Standard);
+    for (cfg, r) in [(&both, &refs[0]), (&l2, &refs[1])] {
+        let knn = seg::evaluate(cfg, Classifier::Knn, &data, Device::Cpu).unwrap();
         let (m, a) = (num(&r["knn"]["miou"]), num(&r["knn"]["acc"]));
-        eprintln!("k-NN k={k} {}: mIoU {:.6} vs {m:.6}, accuracy {:.6} vs {a:.6}", d.name(), knn.scores.miou, knn.scores.accuracy);
+        eprintln!("k-NN {}: mIoU {:.6} vs {m:.6}, accuracy {:.6} vs {a:.6}", knn.chosen, knn.scores.miou, knn.scores.accuracy);
         assert!((knn.scores.miou - m).abs() < 1e-9, "k-NN mIoU {} vs CAPI's {m}", knn.scores.miou);
         assert!((knn.scores.accuracy - a).abs() < 1e-9, "k-NN accuracy {} vs CAPI's {a}", knn.scores.accuracy);
         for (c, v) in &knn.scores.per_class {
             assert!((v - num(&r["knn"]["per_class"][c.to_string()])).abs() < 1e-9, "class {c}");
         }
         assert_eq!(knn.scores.per_class.len(), r["knn"]["per_class"].as_object().unwrap().len());
-        if k == 10 {
-            let lr = seg::evaluate(&cfg, Classifier::Logreg, &data, Device::Cpu).unwrap();
+        if cfg.classifiers.contains(&Classifier::Logreg) {
+            // The perturbed reference (the largest label wins a tie of the vote) is told apart.
+            let gap = (knn.scores.miou - num(&refs[2]["knn"]["miou"])).abs();
+            eprintln!("perturbed reference: k-NN mIoU off by {gap:.2e}");
+            assert!(gap > 1e-9, "a reference with another tie rule gives the same mIoU: the comparison cannot fail");
+            let lr = seg::evaluate(cfg, Classifier::Logreg, &data, Device::Cpu).unwrap();
             let (m, a) = (num(&r["logreg"]["miou"]), num(&r["logreg"]["acc"]));
-            eprintln!("logreg C=1: mIoU {:.6} vs {m:.6}, accuracy {:.6} vs {a:.6}", lr.scores.miou, lr.scores.accuracy);
+            eprintln!("logreg C=1 ({:.1} s): mIoU {:.6} vs {m:.6}, accuracy {:.6} vs {a:.6}", lr.seconds, lr.scores.miou, lr.scores.accuracy);
             assert!((100.0 * (lr.scores.miou - m)).abs() <= 0.1, "logistic regression mIoU {} vs CAPI's {m}", lr.scores.miou);
             assert!((100.0 * (lr.scores.accuracy - a)).abs() <= 0.1, "logistic regression accuracy {} vs CAPI's {a}", lr.scores.accuracy);
-            // The perturbed reference (the largest label wins a tie of the vote) is told apart.
-            let p = reference(&f, &SegConfig { classifiers: vec![Classifier::Knn], ..cfg.clone() }, &split, "perturbed");
-            let gap = (knn.scores.miou - num(&p["knn"]["miou"])).abs();
-            eprintln!("perturbed reference: mIoU off by {gap:.2e}");
-            assert!(gap > 1e-9, "a reference with another tie rule gives the same mIoU: the comparison cannot fail");
         }
     }
 }
@@ -176,11 +195,14 @@ fn one_point_grids_equal_capis_scores() {
 #[test]
 fn grids_choose_capis_points_on_the_same_split() {
     let f = fixture();
-    let cfg = SegConfig { knn_chunk: 2000, ..Default::default() };
+    // The k-NN's whole grid; the first five points of the C grid (the three largest C run scikit-learn's L-BFGS to
+    // its 1000 iterations, minutes on two cores, and score below these on this set).
+    let c_grid = seg::default_c_grid()[..5].to_vec();
+    let cfg = SegConfig { knn_chunk: 2000, logreg_c: c_grid, ..Default::default() };
     let split = TrainSplit::seeded(30, cfg.holdout, 0).unwrap();
     assert_eq!(split.held.len(), 3);
     let data = Prepared::new(&f.train, &f.val, &split, cfg.standardize);
-    let r = reference(&f, &cfg, &split, "grid");
+    let r = reference(&f, &[(&cfg, &split, "grid")]).remove(0);
     let knn = seg::evaluate(&cfg, Classifier::Knn, &data, Device::Cpu).unwrap();
     let chosen = &r["knn"]["chosen"];
     assert_eq!(knn.chosen, format!("num_neighbors={}_distance={}", chosen["num_neighbors"], chosen["distance"].as_str().unwrap()));
@@ -191,6 +213,7 @@ fn grids_choose_capis_points_on_the_same_split() {
     assert!((knn.scores.miou - num(&r["knn"]["miou"])).abs() < 1e-9);
     let lr = seg::evaluate(&cfg, Classifier::Logreg, &data, Device::Cpu).unwrap();
     let c_theirs = num(&r["logreg"]["chosen"]["C"]);
+    eprintln!("seconds: k-NN {:.1}, logreg {:.1}", knn.seconds, lr.seconds);
     eprintln!("k-NN chose {} ({:.4}), logreg chose {} vs C={c_theirs}; held-out {:?}", knn.chosen, knn.scores.miou, lr.chosen, lr.grid);
     assert_eq!(lr.chosen, format!("C={c_theirs}"), "the logistic regression's grid point differs from CAPI's");
     assert!((100.0 * (lr.scores.miou - num(&r["logreg"]["miou"]))).abs() <= 0.1);
@@ -201,7 +224,7 @@ fn the_command_writes_a_record_the_table_shows() {
     let f = fixture();
     let out = f.dir.join("runs");
     let assert = bin()
-        .args(["eval", "--protocol", "seg", "--device", "cpu", "--quiet", "--json", "--name", "tiny", "knn_k=10", "knn_distance=cosine", "logreg_c=1.0", "knn_chunk=2000"])
+        .args(["eval", "--protocol", "seg", "--device", "cpu", "--quiet", "--json", "--name", "tiny", "knn_k=10", "knn_distance=cosine", "logreg_c=1.0", "knn_chunk=2000", "resolution=112"])
         .arg("--checkpoint")
         .arg(&f.ckpt)
         .arg("--data")
@@ -236,7 +259,7 @@ fn the_command_writes_a_record_the_table_shows() {
 
 fn eval_fails(data: &Path, ckpt: &Path, out: &Path, names: &str) {
     bin()
-        .args(["eval", "--protocol", "seg", "--device", "cpu", "--quiet", "knn_k=1", "knn_distance=L2", "classifiers=knn"])
+        .args(["eval", "--protocol", "seg", "--device", "cpu", "--quiet", "knn_k=1", "knn_distance=L2", "classifiers=knn", "resolution=112"])
         .arg("--checkpoint")
         .arg(ckpt)
         .arg("--data")

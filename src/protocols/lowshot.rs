@@ -177,17 +177,19 @@ pub struct SolveOptions {
 /// recursion, Armijo backtracking from the unit step) in f64, from W = 0, until max |grad| <= grad_tol. Two products
 /// with `x` per iteration, however many trial steps the line search takes.
 pub fn fit(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions) -> Result<Fit> {
-    fit_penalized(x, y, num_classes, opts, None)
+    fit_penalized(x, y, num_classes, opts, None, None)
 }
 
 /// [`fit`] with an unpenalised intercept, as scikit-learn's `LogisticRegression(fit_intercept=True)`: a column of
 /// ones is appended to `x` and its row of weights left out of the L2 term. The weights are `[D + 1, C]`, the
-/// intercept last; [`predict`] takes rows with the ones column appended ([`with_ones`]).
-pub fn fit_with_intercept(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions) -> Result<Fit> {
+/// intercept last; [`predict`] takes rows with the ones column appended ([`with_ones`]). `ftol` adds scipy's
+/// L-BFGS-B stop on a relative decrease `(f_k - f_k+1) / max(|f_k|, |f_k+1|, 1) <= ftol` (scikit-learn passes
+/// `64 * eps`).
+pub fn fit_with_intercept(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions, ftol: Option<f64>) -> Result<Fit> {
     let d = x.size()[1];
     let mask = Tensor::ones([d + 1, 1], (Kind::Double, opts.device));
     let _ = mask.narrow(0, d, 1).fill_(0.0);
-    fit_penalized(&with_ones(x), y, num_classes, opts, Some(&mask))
+    fit_penalized(&with_ones(x), y, num_classes, opts, Some(&mask), ftol)
 }
 
 /// `x` with a column of ones appended (the intercept's input).
@@ -196,7 +198,7 @@ pub fn with_ones(x: &Tensor) -> Tensor {
 }
 
 /// [`fit`], the L2 term restricted to the rows of W where `penalty` ([D, 1], 0 or 1) is 1 (None: every row).
-fn fit_penalized(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions, penalty: Option<&Tensor>) -> Result<Fit> {
+fn fit_penalized(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions, penalty: Option<&Tensor>, ftol: Option<f64>) -> Result<Fit> {
     let pen = |t: &Tensor| match penalty {
         Some(m) => t * m,
         None => t.shallow_clone(),
@@ -277,10 +279,14 @@ fn fit_penalized(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions, 
             }
         }
         w = w_new;
+        let decrease = f - f_new;
         f = f_new;
         g = g_new;
         gmax = max_abs(&g);
         iterations += 1;
+        if ftol.is_some_and(|t| decrease <= t * (f + decrease).abs().max(f.abs()).max(1.0)) {
+            break;
+        }
     }
     // The objective reported is evaluated afresh at the weights (the kept logits carry the steps' round-off).
     let f = cross_entropy(&x.mm(&w), &y).0 + 0.5 * lambda * dot(&pen(&w), &w);

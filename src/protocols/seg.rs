@@ -454,7 +454,8 @@ impl Logreg {
         let y_idx = Tensor::from_slice(&lut).index_select(0, &y);
         // CAPI sets lbfgs_memory (history) to 5.
         let opts = super::lowshot::SolveOptions { lambd: 1.0 / c, grad_tol: tol, max_iter, memory: 5, device };
-        let fit = super::lowshot::fit_with_intercept(features, &y_idx, classes.size()[0], &opts)?;
+        // scikit-learn's lbfgs options: gtol = tol, ftol = 64 * eps.
+        let fit = super::lowshot::fit_with_intercept(features, &y_idx, classes.size()[0], &opts, Some(64.0 * f64::EPSILON))?;
         Ok(Logreg { fit, classes })
     }
 

@@ -12,7 +12,7 @@ Commands:
   read DATA RES OUT               images and labels of both splits through CAPI's transforms
   features DATA CKPT N OUT        timm forward_features patch tokens (after the final norm) of the first N
                                   training images
-  classify IN.safetensors CFG.json OUT.json
+  classify IN.safetensors CFG.json OUT.json [CFG.json OUT.json ...]
                                   CAPI's pipeline on given features: scaler, grid selection, refit, scores
 """
 import itertools
@@ -294,7 +294,9 @@ def main():
             tok = m.forward_features(xs)[:, m.num_prefix_tokens:]
         save_file({"images": xs.contiguous(), "tokens": tok.contiguous()}, out)
     elif cmd == "classify":
-        classify(sys.argv[2], sys.argv[3], sys.argv[4])
+        # One process for several configurations: CFG OUT pairs.
+        for cfg, out in zip(sys.argv[3::2], sys.argv[4::2]):
+            classify(sys.argv[2], cfg, out)
     else:
         raise SystemExit(f"unknown command {cmd}")
 
