@@ -819,3 +819,52 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     }
     builder.finish(details, &device_name(device), &req.output)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_builtin_file_is_the_default_and_one_value_is_a_one_point_grid() {
+        let l = Protocol::Seg.load::<SegConfig>(None, &[]).unwrap();
+        assert_eq!(l.cfg, SegConfig { description: l.cfg.description.clone(), ..SegConfig::default() });
+        assert!(l.cfg.needs_holdout());
+        let sets: Vec<String> = ["knn_k=10", "knn_distance=\"L2\"", "logreg_c=1.0", "classifiers=\"knn\""].iter().map(|s| s.to_string()).collect();
+        let l = Protocol::Seg.load::<SegConfig>(None, &sets).unwrap();
+        assert_eq!((l.cfg.knn_k.clone(), l.cfg.knn_distance.clone(), l.cfg.logreg_c.clone()), (vec![10], vec![Distance::L2], vec![1.0]));
+        assert_eq!(l.cfg.classifiers, vec![Classifier::Knn]);
+        assert!(!l.cfg.needs_holdout());
+        // A grid of the unused classifier holds nothing out either.
+        let l = Protocol::Seg.load::<SegConfig>(None, &sets[..3]).unwrap();
+        assert!(!l.cfg.needs_holdout());
+        let bad = Protocol::Seg.load::<SegConfig>(None, &["knn_k=[]".to_string()]).unwrap().cfg.validate().unwrap_err();
+        assert!(bad.to_string().contains("knn_k"), "{bad}");
+    }
+
+    #[test]
+    fn scores_are_sklearns_macro_jaccard_over_the_labels_present() {
+        // Truth 1 1 2 2 0(ignored) 3; prediction 1 2 2 0 1 4: labels present {0, 1, 2, 3, 4} over the 5 scored pixels.
+        let truth = Tensor::from_slice(&[1u8, 1, 2, 2, 0, 3]).view([1, 6]);
+        let pred = Tensor::from_slice(&[1u8, 2, 2, 0, 1, 4]).view([1, 6]);
+        let s = score(&truth, &pred, &[0, 255]).unwrap();
+        // IoU: 0 -> 0/1, 1 -> 1/2, 2 -> 1/3, 3 -> 0/2, 4 -> 0/1.
+        assert!((s.miou - (0.5 + 1.0 / 3.0) / 5.0).abs() < 1e-15);
+        assert!((s.accuracy - 2.0 / 5.0).abs() < 1e-15);
+        assert_eq!(s.per_class.iter().map(|(c, _)| *c).collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn patch_labels_are_torch_modes_and_the_split_is_seeded() {
+        // A tie between 3 and 7: torch.mode gives the smaller.
+        let l = Tensor::from_slice(&[7u8, 3, 7, 3, 5, 5, 5, 1]).view([2, 4]);
+        assert_eq!(Vec::<u8>::try_from(patch_modes(&l)).unwrap(), vec![3, 5]);
+        let a = TrainSplit::seeded(25, 0.1, 3).unwrap();
+        assert_eq!(a.held.len(), 2);
+        assert_eq!(a.held, TrainSplit::seeded(25, 0.1, 3).unwrap().held);
+        assert_ne!(a.held, TrainSplit::seeded(25, 0.1, 4).unwrap().held);
+        let mut all = a.final_order();
+        all.sort();
+        assert_eq!(all, (0..25).collect::<Vec<_>>());
+        assert!(TrainSplit::seeded(5, 0.1, 0).is_err());
+    }
+}
