@@ -4,7 +4,8 @@
 //! seeded timm ViT (224 px, patch 16):
 //! - images and labels read as CAPI's transforms read them (PIL `convert("P")` + nearest, to the pixel);
 //! - patch tokens after the final norm within 1e-5 of timm's `forward_features`;
-//! - one-point grids: k-NN mIoU and accuracy equal to 1e-9 (cosine and L2), the logistic regression's within 0.1
+//! - one-point grids: k-NN mIoU and accuracy equal to 1e-9 (cosine and L2 in f32, cosine in bf16 on every other
+//!   training patch), the logistic regression's within 0.1
 //!   point; a perturbed reference (torch.mode's tie rule replaced by the largest label) is caught;
 //! - the grids on the same held-out split (the k-NN's whole grid, the C grid's five smallest values): the same
 //!   chosen grid points, the k-NN's held-out scores to 1e-9;
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use assert_cmd::Command;
 use lmim_bench::checkpoint::{self, load_vit};
 use lmim_bench::data::ade20k::{self, SynthAdeOptions};
-use lmim_bench::protocols::seg::{self, Classifier, Distance, Extracted, Extractor, Prepared, SegConfig, SegFeature, Standardize, TrainSplit};
+use lmim_bench::protocols::seg::{self, Classifier, Distance, Extracted, Extractor, KnnDtype, Prepared, SegConfig, SegFeature, Standardize, TrainSplit};
 use predicates::str::contains;
 use tch::{Device, Tensor};
 
@@ -146,7 +147,8 @@ fn reference(f: &Fixture, runs: &[(&SegConfig, &TrainSplit, &str)]) -> Vec<serde
         let c = serde_json::json!({
             "per_image": f.train.per_image, "ignore": cfg.ignore, "held": split.held, "rest": split.rest,
             "standardize": cfg.standardize == Standardize::Standard, "classifiers": names(&cfg.classifiers),
-            "knn_chunk": cfg.knn_chunk, "train_subsample": cfg.train_subsample, "knn_dtype": "float32",
+            "knn_chunk": cfg.knn_chunk, "train_subsample": cfg.train_subsample,
+            "knn_dtype": if cfg.knn_dtype == KnnDtype::Bf16 { "bfloat16" } else { "float32" },
             "knn_k": cfg.knn_k, "knn_distance": cfg.knn_distance.iter().map(|d| d.name()).collect::<Vec<_>>(),
             "logreg_c": cfg.logreg_c, "logreg_max_iter": cfg.logreg_max_iter, "logreg_tol": cfg.logreg_tol,
             "perturb": *tag == "perturbed",
@@ -176,12 +178,14 @@ fn one_point_grids_equal_capis_scores() {
     let both = SegConfig { classifiers: vec![Classifier::Knn, Classifier::Logreg], logreg_c: vec![1.0], ..knn_only(10, Distance::Cosine) };
     let l2 = knn_only(3, Distance::L2);
     let perturbed = knn_only(10, Distance::Cosine);
-    let refs = reference(&f, &[(&both, &split, "cosine"), (&l2, &split, "l2"), (&perturbed, &split, "perturbed")]);
+    // CAPI's ADE20K config searches in bfloat16 (with every other training patch, here, as train_set_subsampling).
+    let bf16 = SegConfig { knn_dtype: KnnDtype::Bf16, train_subsample: 2, ..knn_only(10, Distance::Cosine) };
+    let refs = reference(&f, &[(&both, &split, "cosine"), (&l2, &split, "l2"), (&perturbed, &split, "perturbed"), (&bf16, &split, "bf16")]);
     let data = Prepared::new(&f.train, &f.val, &split, Standardize::Standard);
-    for (cfg, r) in [(&both, &refs[0]), (&l2, &refs[1])] {
+    for (cfg, r) in [(&both, &refs[0]), (&l2, &refs[1]), (&bf16, &refs[3])] {
         let knn = seg::evaluate(cfg, Classifier::Knn, &data, Device::Cpu).unwrap();
         let (m, a) = (num(&r["knn"]["miou"]), num(&r["knn"]["acc"]));
-        eprintln!("k-NN {}: mIoU {:.6} vs {m:.6}, accuracy {:.6} vs {a:.6}", knn.chosen, knn.scores.miou, knn.scores.accuracy);
+        eprintln!("k-NN {} {:?}: mIoU {:.6} vs {m:.6}, accuracy {:.6} vs {a:.6}", knn.chosen, cfg.knn_dtype, knn.scores.miou, knn.scores.accuracy);
         assert!((knn.scores.miou - m).abs() < 1e-9, "k-NN mIoU {} vs CAPI's {m}", knn.scores.miou);
         assert!((knn.scores.accuracy - a).abs() < 1e-9, "k-NN accuracy {} vs CAPI's {a}", knn.scores.accuracy);
         for (c, v) in &knn.scores.per_class {
