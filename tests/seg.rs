@@ -332,3 +332,26 @@ fn bad_input_exits_2_naming_the_file() {
     assert!(err.to_string().contains("train_subsample"), "{err}");
     assert!(seg::check_fit_memory(&SegConfig { train_subsample: 1 << 40, ..cfg }, Classifier::Knn, 1 << 42, 768, 256, 151).is_ok());
 }
+
+#[test]
+fn synth_ade20k_writes_the_layout_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ade");
+    let run = || bin().args(["data", "synth-ade20k", "--train", "3", "--val", "2", "--classes", "4", "--size", "40x30", "--out"]).arg(&out).assert().success();
+    run().stdout(contains("written (training 3 images, validation 2, 4 classes"));
+    run().stdout(contains("up to date"));
+    let set = ade20k::open_set(&out).unwrap();
+    assert_eq!((set.train.len(), set.val.len()), (3, 2));
+    let mut seen = [false; 256];
+    for p in set.train.iter().chain(&set.val) {
+        let bytes = std::fs::read(&p.annotation).unwrap();
+        let info = png::Decoder::new(std::io::Cursor::new(&bytes[..])).read_info().unwrap().info().clone();
+        assert_eq!((info.color_type, info.bit_depth), (png::ColorType::Grayscale, png::BitDepth::Eight), "L-mode labels");
+        let (w, h, lab) = ade20k::read_label_png(&p.annotation).unwrap();
+        assert_eq!(image::image_dimensions(&p.image).unwrap(), (w as u32, h as u32));
+        lab.iter().for_each(|&v| seen[v as usize] = true);
+    }
+    assert!(seen[0], "an unlabeled band");
+    assert!(seen[5..].iter().all(|s| !s), "labels within 0..=4");
+    assert!(seen[1..5].iter().filter(|s| **s).count() >= 2, "several classes");
+}
