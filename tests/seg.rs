@@ -355,3 +355,32 @@ fn synth_ade20k_writes_the_layout_once() {
     assert!(seen[5..].iter().all(|s| !s), "labels within 0..=4");
     assert!(seen[1..5].iter().filter(|s| **s).count() >= 2, "several classes");
 }
+
+/// `cargo test --test seg -- --ignored bench --nocapture`: the CPU time of lmim-bench's k-NN (k = 10, cosine) and
+/// logistic regression (C = 1), fit and predict, beside CAPI's classes (scikit-learn for cuML) on the same clustered
+/// features, at `LMIM_SEG_BENCH` shapes (`n_train:n_val:dim:classes,...`). The numbers of benchmarks/seg.md.
+#[test]
+#[ignore]
+fn bench_against_capis_classes() {
+    let shapes = std::env::var("LMIM_SEG_BENCH").unwrap_or_else(|_| "20000:4000:384:20,60000:8000:768:50".into());
+    let dir = tempfile::tempdir().unwrap();
+    for shape in shapes.split(',') {
+        let v: Vec<&str> = shape.split(':').collect();
+        let file = dir.path().join("bench.safetensors");
+        common::run_py("ref_seg.py", &["bench-data", v[0], v[1], v[2], v[3], file.to_str().unwrap()]);
+        let t = checkpoint::load(&file).unwrap();
+        let (tx, ty, vx, vy) = (t.get("train_x").unwrap(), t.get("train_y").unwrap(), t.get("val_x").unwrap(), t.get("val_y").unwrap());
+        let cfg = SegConfig { knn_k: vec![10], knn_distance: vec![Distance::Cosine], logreg_c: vec![1.0], ..Default::default() };
+        let data = Prepared { train_x: tx.shallow_clone(), train_y: ty.shallow_clone(), rest_rows: tx.size()[0], val_x: vx.shallow_clone(), val_y: vy.shallow_clone(), pixels: 256 };
+        let knn = seg::evaluate(&cfg, Classifier::Knn, &data, Device::Cpu).unwrap();
+        let lr = seg::evaluate(&cfg, Classifier::Logreg, &data, Device::Cpu).unwrap();
+        let out = dir.path().join("bench.json");
+        common::run_py("ref_seg.py", &["bench", file.to_str().unwrap(), out.to_str().unwrap()]);
+        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        println!(
+            "{shape}: k-NN {:.2} s (mIoU {:.4}) vs CAPI's {:.2} s ({:.4}); logreg {:.2} s ({:.4}, {} iterations) vs CAPI's with scikit-learn {:.2} s ({:.4}); torch threads {}",
+            knn.seconds, knn.scores.miou, num(&r["knn"]["seconds"]), num(&r["knn"]["miou"]),
+            lr.seconds, lr.scores.miou, lr.fit["solver"]["fit"]["iterations"], num(&r["logreg"]["seconds"]), num(&r["logreg"]["miou"]), r["threads"]
+        );
+    }
+}

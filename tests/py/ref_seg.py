@@ -12,6 +12,10 @@ Commands:
   read DATA RES OUT               images and labels of both splits through CAPI's transforms
   features DATA CKPT N OUT        timm forward_features patch tokens (after the final norm) of the first N
                                   training images
+  bench-data N_TRAIN N_VAL DIM CLASSES OUT
+                                  clustered patch features and labels for timing
+  bench IN.safetensors OUT.json   time of the k-NN (k = 10, cosine) and the logistic regression (C = 1), fit
+                                  and predict, on them
   classify IN.safetensors CFG.json OUT.json [CFG.json OUT.json ...]
                                   CAPI's pipeline on given features: scaler, grid selection, refit, scores
 """
@@ -293,6 +297,35 @@ def main():
         with torch.no_grad():
             tok = m.forward_features(xs)[:, m.num_prefix_tokens:]
         save_file({"images": xs.contiguous(), "tokens": tok.contiguous()}, out)
+    elif cmd == "bench-data":
+        # Clustered patch features of `classes` classes and their 256 pixel labels (a patch's own class, a
+        # neighbour's on a quarter of its pixels, unlabeled on some), for timing on realistic label structure.
+        n_train, n_val, dim, classes = (int(v) for v in sys.argv[2:6])
+        out = sys.argv[6]
+        g = torch.Generator().manual_seed(0)
+        means = torch.randn(classes + 1, dim, generator=g)
+        tensors = {}
+        for split, n in (("train", n_train), ("val", n_val)):
+            y = torch.randint(1, classes + 1, (n,), generator=g)
+            x = means[y] + 2.0 * torch.randn(n, dim, generator=g)
+            lab = y[:, None].repeat(1, 256)
+            other = torch.randint(0, classes + 1, (n,), generator=g)
+            lab[:, :64] = torch.where(torch.rand(n, 1, generator=g) < 0.5, other[:, None], lab[:, :64])
+            tensors[f"{split}_x"], tensors[f"{split}_y"] = x.float().contiguous(), lab.to(torch.uint8).contiguous()
+        save_file(tensors, out)
+    elif cmd == "bench":
+        import time
+        t = load_file(sys.argv[2])
+        res = {"threads": torch.get_num_threads()}
+        for name, make in (("knn", lambda: KNNClassifier([0, 255], num_neighbors=(10,), distance=("cosine",))),
+                           ("logreg", lambda: LogregClassifier([0, 255], C=(1.0,)))):
+            c = make()
+            t0 = time.perf_counter()
+            c.select_hparams(t["train_x"], t["train_y"], None, None)
+            c.fit(t["train_x"], t["train_y"])
+            preds = c.predict(t["val_x"])
+            res[name] = {"seconds": time.perf_counter() - t0, "miou": miou(t["val_y"], preds, [0, 255])}
+        json.dump(res, open(sys.argv[3], "w"))
     elif cmd == "classify":
         # One process for several configurations: CFG OUT pairs.
         for cfg, out in zip(sys.argv[3::2], sys.argv[4::2]):
