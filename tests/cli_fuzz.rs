@@ -449,6 +449,7 @@ fn every_numeric_key_of_every_recipe_is_in_the_table_and_checked() {
     n += every_key_of::<AttentiveConfig>(&builtin(Protocol::Attentive), |c| c.validate());
     n += every_key_of::<lmim_bench::protocols::davis::DavisConfig>(&builtin(Protocol::Davis), |c| c.validate());
     n += every_key_of::<LowshotConfig>(&builtin(Protocol::Lowshot), |c| c.validate("lowshot"));
+    n += every_key_of::<lmim_bench::protocols::seg::SegConfig>(&builtin(Protocol::Seg), |c| c.validate());
     eprintln!("{n} overrides tried");
 }
 

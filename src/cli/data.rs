@@ -28,6 +28,10 @@ enum DataCmd {
     /// JPEGImages/480p/<seq>/*.jpg, Annotations/480p/<seq>/*.png (indexed, the DAVIS palette, every frame) and
     /// ImageSets/2017/val.txt, deterministic from the seed; for `eval --protocol davis` tests and demos.
     SynthDavis(SynthDavisArgs),
+    /// Generate an ADE20K-layout set (ADEChallengeData2016/{images,annotations}/{training,validation}): JPEG images
+    /// of textured regions of known classes and L-mode PNG labels (0 = unlabeled band along the top), deterministic
+    /// from the seed; for `eval --protocol seg` tests and demos.
+    SynthAde20k(SynthAdeArgs),
     /// Print image and class counts and the fingerprint of each split of a dataset.
     Info(InfoArgs),
     /// Decode every image of a split through the loader; unreadable files are reported (warning on stderr) and
@@ -173,6 +177,33 @@ struct SynthDavisArgs {
     json: bool,
 }
 
+#[derive(Debug, Args)]
+struct SynthAdeArgs {
+    /// Output folder (replaced only when it was made by a `data` generator); the tree is OUT/ADEChallengeData2016.
+    #[arg(long)]
+    out: PathBuf,
+    /// Training images.
+    #[arg(long, default_value_t = 40)]
+    train: usize,
+    /// Validation images.
+    #[arg(long, default_value_t = 10)]
+    val: usize,
+    /// Classes 1..=N (at most 150).
+    #[arg(long, default_value_t = 6)]
+    classes: u8,
+    /// Nominal image size WxH (each image adds 0..8 pixels per side).
+    #[arg(long, default_value = "160x120")]
+    size: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// JPEG quality.
+    #[arg(long, default_value_t = 90)]
+    quality: u8,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
 fn parse_size(s: &str) -> Result<(u32, u32), Error> {
     let bad = || Error::option("--size", format!("`{s}` is not S or WxH"));
     let (w, h) = match s.split_once(['x', 'X']) {
@@ -228,6 +259,17 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
             } else {
                 let verb = if r.reused { "up to date" } else { "written" };
                 crate::results::write_output("-", &format!("{}: {verb} ({} sequences, {} frames, {width}x{height})\n", r.out.display(), r.sequences, r.frames))?;
+            }
+        }
+        DataCmd::SynthAde20k(a) => {
+            let (width, height) = parse_size(&a.size)?;
+            let opts = crate::data::ade20k::SynthAdeOptions { out: a.out, train: a.train, val: a.val, classes: a.classes, width, height, seed: a.seed, quality: a.quality };
+            let r = crate::data::ade20k::synth_ade20k(&opts)?;
+            if a.json {
+                crate::results::write_output("-", &(serde_json::to_string_pretty(&r)? + "\n"))?;
+            } else {
+                let verb = if r.reused { "up to date" } else { "written" };
+                crate::results::write_output("-", &format!("{}: {verb} (training {} images, validation {}, {} classes, {width}x{height})\n", r.out.display(), r.train_images, r.val_images, r.classes))?;
             }
         }
         DataCmd::Synth(a) => {

@@ -334,6 +334,16 @@ fn summary(rec: &RunRecord) -> String {
             rec.details.get("masks").and_then(|v| v.as_str()).unwrap_or("?"),
         );
     }
+    if rec.protocol == Protocol::Seg.name() {
+        let mut s = format!("{} seg (ADE20K):", rec.model_name);
+        for (tag, what) in [("knn", "k-NN"), ("logreg", "logistic regression")] {
+            if rec.metrics.contains_key(&format!("miou_{tag}")) {
+                let chosen = rec.details.get(tag).and_then(|d| d.get("chosen")).and_then(|v| v.as_str()).unwrap_or("?");
+                s.push_str(&format!(" {what} mIoU {:.2}, accuracy {:.2} ({chosen});", m(&format!("miou_{tag}")), m(&format!("acc_{tag}"))));
+            }
+        }
+        return format!("{} (protocol {})\n", s.trim_end_matches(';'), crate::results::version_label(&rec.protocol_version));
+    }
     let mut s = format!("{} {}: top-1 {:.2}", rec.model_name, rec.protocol, m("top1"));
     if rec.metrics.contains_key("top5") {
         s.push_str(&format!(", top-5 {:.2}", m("top5")));

@@ -12,6 +12,7 @@
 //!   and resumable positions.
 //! - [`fmnist`] and [`synth`]: the demo dataset (Debian's Fashion-MNIST) and generated ImageFolder trees.
 //! - [`davis`]: the DAVIS-2017 layout, DINO's frame and annotation reading, and generated video sets.
+pub mod ade20k;
 pub mod augment;
 pub mod dataset;
 pub mod davis;

@@ -177,6 +177,32 @@ pub struct SolveOptions {
 /// recursion, Armijo backtracking from the unit step) in f64, from W = 0, until max |grad| <= grad_tol. Two products
 /// with `x` per iteration, however many trial steps the line search takes.
 pub fn fit(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions) -> Result<Fit> {
+    fit_penalized(x, y, num_classes, opts, None, None)
+}
+
+/// [`fit`] with an unpenalised intercept, as scikit-learn's `LogisticRegression(fit_intercept=True)`: a column of
+/// ones is appended to `x` and its row of weights left out of the L2 term. The weights are `[D + 1, C]`, the
+/// intercept last; [`predict`] takes rows with the ones column appended ([`with_ones`]). `ftol` adds scipy's
+/// L-BFGS-B stop on a relative decrease `(f_k - f_k+1) / max(|f_k|, |f_k+1|, 1) <= ftol` (scikit-learn passes
+/// `64 * eps`).
+pub fn fit_with_intercept(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions, ftol: Option<f64>) -> Result<Fit> {
+    let d = x.size()[1];
+    let mask = Tensor::ones([d + 1, 1], (Kind::Double, opts.device));
+    let _ = mask.narrow(0, d, 1).fill_(0.0);
+    fit_penalized(&with_ones(x), y, num_classes, opts, Some(&mask), ftol)
+}
+
+/// `x` with a column of ones appended (the intercept's input).
+pub fn with_ones(x: &Tensor) -> Tensor {
+    Tensor::cat(&[x.shallow_clone(), Tensor::ones([x.size()[0], 1], (x.kind(), x.device()))], 1)
+}
+
+/// [`fit`], the L2 term restricted to the rows of W where `penalty` ([D, 1], 0 or 1) is 1 (None: every row).
+fn fit_penalized(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions, penalty: Option<&Tensor>, ftol: Option<f64>) -> Result<Fit> {
+    let pen = |t: &Tensor| match penalty {
+        Some(m) => t * m,
+        None => t.shallow_clone(),
+    };
     let t0 = Instant::now();
     let _guard = tch::no_grad_guard();
     let (n, d) = (x.size()[0], x.size()[1]);
@@ -191,7 +217,7 @@ pub fn fit(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions) -> Res
     // product x dir per iteration and each trial step costs a log-sum-exp, not a matrix product.
     let mut z = Tensor::zeros([n, num_classes], (Kind::Double, opts.device));
     let (mut f, lse) = cross_entropy(&z, &y);
-    let mut g = gradient(&x, &y, &z, &lse, &w, lambda);
+    let mut g = gradient(&x, &y, &z, &lse, &pen(&w), lambda);
     let mut evaluations = 1;
     let mut hist: std::collections::VecDeque<(Tensor, Tensor, f64)> = std::collections::VecDeque::new();
     let mut iterations = 0;
@@ -224,7 +250,7 @@ pub fn fit(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions) -> Res
         }
         let zd = x.mm(&dir);
         // ||w + t dir||^2 = ww + 2 t wd + t^2 dd.
-        let (ww, wd, dd) = (dot(&w, &w), dot(&w, &dir), dot(&dir, &dir));
+        let (ww, wd, dd) = (dot(&pen(&w), &w), dot(&pen(&w), &dir), dot(&pen(&dir), &dir));
         let mut step = 1.0;
         let (f_new, z_new, lse_new) = loop {
             let z_try = &z + &zd * step;
@@ -241,7 +267,7 @@ pub fn fit(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions) -> Res
             break;
         }
         let w_new = &w + &dir * step;
-        let g_new = gradient(&x, &y, &z_new, &lse_new, &w_new, lambda);
+        let g_new = gradient(&x, &y, &z_new, &lse_new, &pen(&w_new), lambda);
         z = z_new;
         let s = &w_new - &w;
         let yv = &g_new - &g;
@@ -253,13 +279,17 @@ pub fn fit(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions) -> Res
             }
         }
         w = w_new;
+        let decrease = f - f_new;
         f = f_new;
         g = g_new;
         gmax = max_abs(&g);
         iterations += 1;
+        if ftol.is_some_and(|t| decrease <= t * (f + decrease).abs().max(f.abs()).max(1.0)) {
+            break;
+        }
     }
     // The objective reported is evaluated afresh at the weights (the kept logits carry the steps' round-off).
-    let f = cross_entropy(&x.mm(&w), &y).0 + 0.5 * lambda * dot(&w, &w);
+    let f = cross_entropy(&x.mm(&w), &y).0 + 0.5 * lambda * dot(&pen(&w), &w);
     let grad_norm = g.norm().double_value(&[]);
     Ok(Fit { weights: w, objective: f, grad_max: gmax, grad_norm, iterations, evaluations, converged: gmax <= opts.grad_tol, lambda, seconds: t0.elapsed().as_secs_f64() })
 }

@@ -13,6 +13,7 @@ pub mod lowshot;
 pub mod neighbors;
 pub mod probe;
 pub mod record;
+pub mod seg;
 pub mod suite;
 
 use std::path::{Path, PathBuf};
@@ -50,11 +51,13 @@ pub enum Protocol {
     /// MSN's low-shot evaluation: logistic regression on the features of a few labelled training images per class
     /// (`--subset` lists or `shots=N`), scored on val (protocols/lowshot.toml).
     Lowshot,
+    /// CAPI's frozen-patch segmentation probes on ADE20K: k-NN and logistic regression mIoU (protocols/seg.toml).
+    Seg,
 }
 
 impl Protocol {
     /// In table order.
-    pub const ALL: [Protocol; 9] = [Protocol::NnLoo, Protocol::Knn, Protocol::KnnSweep, Protocol::Linear, Protocol::Attentive, Protocol::Finetune, Protocol::LinearSweep, Protocol::Davis, Protocol::Lowshot];
+    pub const ALL: [Protocol; 10] = [Protocol::NnLoo, Protocol::Knn, Protocol::KnnSweep, Protocol::Linear, Protocol::Attentive, Protocol::Finetune, Protocol::LinearSweep, Protocol::Davis, Protocol::Lowshot, Protocol::Seg];
 
     /// The name in records, tables and on the command line.
     pub fn name(self) -> &'static str {
@@ -68,6 +71,7 @@ impl Protocol {
             Protocol::Finetune => "finetune",
             Protocol::Davis => "davis",
             Protocol::Lowshot => "lowshot",
+            Protocol::Seg => "seg",
         }
     }
 
@@ -87,6 +91,7 @@ impl Protocol {
             Protocol::Finetune => "finetune.toml",
             Protocol::Davis => "davis.toml",
             Protocol::Lowshot => "lowshot.toml",
+            Protocol::Seg => "seg.toml",
         }
     }
 
@@ -102,6 +107,7 @@ impl Protocol {
             Protocol::Finetune => include_str!("../../protocols/finetune.toml"),
             Protocol::Davis => include_str!("../../protocols/davis.toml"),
             Protocol::Lowshot => include_str!("../../protocols/lowshot.toml"),
+            Protocol::Seg => include_str!("../../protocols/seg.toml"),
         }
     }
 
@@ -117,13 +123,15 @@ impl Protocol {
             Protocol::LinearSweep => ("LP sweep", "lp_sweep"),
             Protocol::Lowshot => ("low-shot", "lowshot"),
             Protocol::Davis => ("DAVIS J&F", "davis"),
+            Protocol::Seg => ("ADE20K k-NN", "ade_knn"),
         }
     }
 
-    /// The metric the table and `check` read: `top1`, or `j_and_f` for DAVIS.
+    /// The metric the table and `check` read: `top1`, `j_and_f` for DAVIS, `miou_knn` for ADE20K.
     pub fn headline_metric(self) -> &'static str {
         match self {
             Protocol::Davis => "j_and_f",
+            Protocol::Seg => "miou_knn",
             _ => "top1",
         }
     }
@@ -167,6 +175,7 @@ pub fn check_sets(protocol: Protocol, file: Option<&Path>, sets: &[String]) -> R
         Protocol::Finetune => protocol.load::<finetune::FinetuneConfig>(file, sets).and_then(|l| l.cfg.validate()),
         Protocol::Davis => protocol.load::<davis::DavisConfig>(file, sets).and_then(|l| l.cfg.validate()),
         Protocol::Lowshot => protocol.load::<lowshot::LowshotConfig>(file, sets).map(|_| ()),
+        Protocol::Seg => protocol.load::<seg::SegConfig>(file, sets).and_then(|l| l.cfg.validate()),
     }
 }
 
@@ -400,5 +409,6 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         Protocol::Finetune => finetune::run(req),
         Protocol::Davis => davis::run(req),
         Protocol::Lowshot => lowshot::run(req),
+        Protocol::Seg => seg::run(req),
     }
 }

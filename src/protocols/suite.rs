@@ -144,7 +144,7 @@ fn cost_rank(p: Protocol) -> u8 {
         Protocol::KnnSweep => 2,
         Protocol::Lowshot => 3,
         Protocol::LinearSweep => 4,
-        Protocol::Davis => 5,
+        Protocol::Davis | Protocol::Seg => 5,
         Protocol::Linear => 6,
         Protocol::Attentive => 7,
         Protocol::Finetune => 8,
@@ -224,6 +224,9 @@ fn check_entry(e: &Entry) -> Result<()> {
             let loaded = Protocol::Davis.load::<super::davis::DavisConfig>(e.protocol_file.as_deref(), &e.sets)?;
             crate::data::davis::open_set(root, &loaded.cfg.subset, &loaded.cfg.resolution)?;
         }
+        Protocol::Seg => {
+            crate::data::ade20k::open_set(root)?;
+        }
         p => {
             let splits: &[&str] = if p == Protocol::NnLoo { &["val"] } else { &["train", "val"] };
             for s in splits {
@@ -276,6 +279,7 @@ fn data_key(e: &Entry) -> Result<String> {
             let set = crate::data::davis::open_set(&e.data, &loaded.cfg.subset, &loaded.cfg.resolution)?;
             Ok(super::davis::set_fingerprint(&set)?.hash)
         }
+        Protocol::Seg => Ok(super::seg::set_fingerprint(&crate::data::ade20k::open_set(&e.data)?)?.hash),
         _ => {
             let mut keys = Vec::new();
             for s in ["train", "val"] {

@@ -331,13 +331,13 @@ fn finish(rows: Vec<CheckRow>, skipped: usize) -> CheckOutcome {
     CheckOutcome { rows, failed, skipped }
 }
 
-/// Higher-is-better metrics of a record: accuracies (`top1`, `top5`, `top1@k20`, ...) and DAVIS's J&F, J and F
+/// Higher-is-better metrics of a record: accuracies (`top1`, `top5`, `top1@k20`, ...), ADE20K's mIoU and DAVIS's J&F, J and F
 /// means and recalls (their decays are lower-is-better and are left out).
 fn accuracy_metrics(rec: &RunRecord) -> impl Iterator<Item = (&String, &f64)> {
     // DAVIS's J&F, J and F means and recalls are accuracies too; a spread over splits (`top1_std`) is not: a lower
     // one is no regression.
     const DAVIS: [&str; 5] = ["j_and_f", "j_mean", "f_mean", "j_recall", "f_recall"];
-    rec.metrics.iter().filter(|(k, v)| (k.starts_with("top") || k.starts_with("acc") || DAVIS.contains(&k.as_str())) && !k.ends_with("_std") && v.is_finite())
+    rec.metrics.iter().filter(|(k, v)| (k.starts_with("top") || k.starts_with("acc") || k.starts_with("miou") || DAVIS.contains(&k.as_str())) && !k.ends_with("_std") && v.is_finite())
 }
 
 /// Compares records with a baseline run: every accuracy metric of the baseline's latest record per (model,

@@ -12,6 +12,8 @@ use super::{markdown_table, version_label, RunRecord};
 
 /// The MAE probe on the global-pool feature gets a column of its own beside the CLS probe.
 const LP_GAP: &str = "linear:global_pool";
+/// The seg protocol's second number, the logistic regression's mIoU (`miou_logreg`), beside its k-NN headline.
+pub const SEG_LR: &str = "seg:logreg";
 
 /// The low-shot columns by images per class of the subset (`protocols::lowshot::column_kind`); other subsets go to
 /// the protocol's own "low-shot" column.
@@ -26,7 +28,8 @@ pub const MAX_CELL: usize = 60;
 fn columns() -> Vec<(String, &'static str, &'static str)> {
     let p = |p: Protocol| (p.name().to_string(), p.column().0, p.column().1);
     let mut cols = vec![p(Protocol::NnLoo), p(Protocol::Knn), p(Protocol::KnnSweep), p(Protocol::Linear), (LP_GAP.into(), "LP (avg pool)", "lp_gap")];
-    cols.extend([p(Protocol::LinearSweep), p(Protocol::Attentive), p(Protocol::Finetune), p(Protocol::Davis)]);
+    cols.extend([p(Protocol::LinearSweep), p(Protocol::Attentive), p(Protocol::Finetune), p(Protocol::Davis), p(Protocol::Seg)]);
+    cols.push((SEG_LR.into(), "ADE20K LR", "ade_lr"));
     cols.extend(LOWSHOT.iter().map(|(k, h, c)| (k.to_string(), *h, *c)));
     cols.push(p(Protocol::Lowshot));
     debug_assert!(Protocol::ALL.iter().all(|x| cols.iter().any(|c| c.0 == x.name())), "every protocol has a column");
@@ -35,7 +38,7 @@ fn columns() -> Vec<(String, &'static str, &'static str)> {
 
 /// The group a column belongs to, for the legend under the table.
 fn group_of(key: &str) -> &'static str {
-    if key == Protocol::Davis.name() {
+    if key == Protocol::Davis.name() || key.starts_with(Protocol::Seg.name()) {
         "region-level"
     } else if key.starts_with(Protocol::Lowshot.name()) {
         "label efficiency"
@@ -134,9 +137,13 @@ fn num(v: &serde_json::Value, key: &str) -> Option<f64> {
     v.get(key).and_then(|x| x.as_f64())
 }
 
-fn cell_of(recs: &[&RunRecord]) -> Option<Cell> {
-    let rec = recs.iter().max_by(|a, b| a.started_at.cmp(&b.started_at))?;
-    let value = rec.headline_value().or_else(|| rec.metrics.get("top1").copied())?;
+/// The latest record's headline, or `metric` of the latest record that has it.
+fn cell_of(recs: &[&RunRecord], metric: Option<&str>) -> Option<Cell> {
+    let rec = recs.iter().filter(|r| metric.is_none_or(|m| r.metrics.contains_key(m))).max_by(|a, b| a.started_at.cmp(&b.started_at))?;
+    let value = match metric {
+        Some(m) => rec.metrics.get(m).copied()?,
+        None => rec.headline_value().or_else(|| rec.metrics.get("top1").copied())?,
+    };
     let splits = rec.config.get("splits").and_then(|s| s.as_i64()).unwrap_or(1);
     Some(Cell {
         value,
@@ -183,8 +190,10 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
     for ((name, sha), recs) in &groups {
         let mut cells = BTreeMap::new();
         for (proto, _, _) in &cols {
-            let of: Vec<&RunRecord> = recs.iter().copied().filter(|r| column_key(r) == *proto).collect();
-            if let Some(c) = cell_of(&of) {
+            // A seg record fills two columns: its k-NN headline and, in SEG_LR, its logistic regression's mIoU.
+            let lr = proto == SEG_LR;
+            let of: Vec<&RunRecord> = recs.iter().copied().filter(|r| if lr { r.protocol == Protocol::Seg.name() } else { column_key(r) == *proto }).collect();
+            if let Some(c) = cell_of(&of, lr.then_some("miou_logreg")) {
                 cells.insert(proto.to_string(), c);
             }
         }
@@ -254,12 +263,14 @@ pub fn build(records: &[RunRecord], reference: Option<&ReferenceFile>) -> Table 
     }
 
     if let Some(rf) = reference {
+        // A seg reference entry of `miou_logreg` belongs to the SEG_LR column.
+        let seg_lr: Vec<Entry> = rf.entries.iter().filter(|e| e.protocol == Protocol::Seg.name() && e.metric == "miou_logreg").map(|e| Entry { protocol: SEG_LR.into(), ..e.clone() }).collect();
         let mut order: Vec<&str> = Vec::new();
         let mut by_model: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
         // The row's headline metric per column (`j_and_f` for DAVIS; `top1` for the rest, low-shot's `lowshot:1img` ...
         // columns included).
-        let headline = |p: &str| Protocol::from_name(p.split(':').next().unwrap_or(p)).map(Protocol::headline_metric);
-        for e in rf.entries.iter().filter(|e| is_column(&e.protocol) && headline(&e.protocol) == Some(e.metric.as_str())) {
+        let headline = |p: &str| if p == SEG_LR { Some("miou_logreg") } else { Protocol::from_name(p.split(':').next().unwrap_or(p)).map(Protocol::headline_metric) };
+        for e in rf.entries.iter().chain(&seg_lr).filter(|e| is_column(&e.protocol) && headline(&e.protocol) == Some(e.metric.as_str())) {
             if !by_model.contains_key(e.model.as_str()) {
                 order.push(&e.model);
             }
