@@ -56,6 +56,8 @@ static PIPE_WRITE: AtomicI32 = AtomicI32::new(-1);
 /// Open [`SafePoints`] guards.
 static SAFE_POINTS: AtomicUsize = AtomicUsize::new(0);
 static HINT: Mutex<Option<String>> = Mutex::new(None);
+/// Set when the watcher has begun to stop the process at once.
+static STOPPING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// Set once the command's work is on disk: a signal after it is no failure.
 static FINISHED: Mutex<Option<String>> = Mutex::new(None);
 
@@ -68,6 +70,12 @@ pub fn set_finished(what: impl Into<String>) {
 /// The signal that asked this process to stop, if one did.
 pub fn interrupted() -> Option<Signal> {
     Signal::from_raw(RECEIVED.load(Ordering::SeqCst))
+}
+
+/// Whether the watcher is stopping the process at once: an error the work meets from now on (a temporary file
+/// it removed) is a consequence of the stop, and its line would only confuse the stop's own.
+pub fn stopping() -> bool {
+    STOPPING.load(Ordering::SeqCst)
 }
 
 /// While the returned guard lives, the first signal waits for the caller to reach a safe point (it polls
@@ -155,6 +163,7 @@ fn watch(read_end: i32) {
 /// Removes this process's temporary files, prints how to resume, and exits without running destructors (other
 /// threads are still inside libtorch).
 fn stop_now(sig: Signal) -> ! {
+    STOPPING.store(true, Ordering::SeqCst);
     crate::fsutil::remove_own_temps();
     let dirs = crate::fsutil::remove_own_temp_dirs();
     if let Some(done) = FINISHED.lock().unwrap_or_else(|e| e.into_inner()).clone() {

@@ -374,7 +374,8 @@ fn shards_give_the_folder_fingerprint_samples_and_batches_and_truncation_is_name
         assert_eq!((theirs.samples[i].1, theirs.read_bytes(i).unwrap()), (mine.samples[i].1, mine.read_bytes(i).unwrap()));
     }
 
-    // The last shard cut inside its last image: named at open, skipped and counted in training, refused strictly.
+    // The last shard cut inside its last image: named at open; that sample is lost with the cut (listed once by
+    // --skip-bad), and a strict loader refuses the split up front.
     let last = tar_dir.join(format!("shard-{:06}.tar", report.shards - 1));
     let (m, _) = shards::read_members(&last).unwrap();
     let f = std::fs::OpenOptions::new().write(true).open(&last).unwrap();
@@ -383,14 +384,13 @@ fn shards_give_the_folder_fingerprint_samples_and_batches_and_truncation_is_name
     let err = Dataset::open_with(&out, "train", &OpenOptions { strict: true, ..opts.clone() }).unwrap_err().to_string();
     assert!(err.contains(name) && err.contains("truncated"), "{err}");
     let cut = Dataset::open_with(&out, "train", &opts).unwrap();
-    assert_eq!(cut.len(), folder.len());
+    assert_eq!((cut.len(), cut.lost().len()), (folder.len() - 1, 1));
     let l = Loader::new(cut, Transform::eval(16, 16), LoaderConfig { shuffle: false, ..cfg(2) }).unwrap();
     let seen: usize = collect(l.epoch(0)).iter().map(|b| b.indices.len()).sum();
-    assert_eq!((seen, l.skipped()), (folder.len() - 1, 1));
+    assert_eq!((seen, l.skipped(), l.skipped_files().len()), (folder.len() - 1, 0, 1));
     let strict = Dataset::open_with(&out, "train", &opts).unwrap();
-    let l = Loader::new(strict, Transform::eval(16, 16), LoaderConfig { shuffle: false, strict: true, quiet: true, ..cfg(2) }).unwrap();
-    let err = l.epoch(0).find_map(|b| b.err()).expect("a strict loader stops at the cut member").to_string();
-    assert!(err.contains(name) && err.contains("truncated"), "{err}");
+    let err = Loader::new(strict, Transform::eval(16, 16), LoaderConfig { shuffle: false, strict: true, quiet: true, ..cfg(2) }).err().expect("a strict loader refuses a cut split").to_string();
+    assert!(err.contains(name) && err.contains("truncated") && err.contains("1 samples"), "{err}");
 }
 
 /// `lmim-bench info` as a task would run it: under `taskset -c CPUS` when given, with `vars`.
@@ -614,6 +614,8 @@ fn cut_or_corrupt_shards_lose_named_samples_that_evaluation_refuses_or_lists() {
         // Cut at a member boundary, with the end-of-archive blocks put back: only the counts show it.
         ("cut at a member boundary", Box::new(|| [&good[..header_of(12) as usize], &[0u8; 1024][..]].concat()), header_of(12) + 1024, 12),
         ("cut inside a header", Box::new(|| good[..header_of(9) as usize + 100].to_vec()), header_of(9), 9),
+        // Cut inside sample 7's image bytes: that sample is lost with the rest, counted once by both paths.
+        ("cut inside an image", Box::new(|| good[..members[2 * 7 + 1].offset as usize + 10].to_vec()), members[2 * 7 + 1].offset - 512, 7),
         ("a bad header checksum", Box::new(|| {
             let mut b = good.clone();
             b[header_of(5) as usize + 3] ^= 0x20;

@@ -6,6 +6,7 @@ use std::path::Path;
 use assert_cmd::Command;
 use lmim_bench::checkpoint;
 use lmim_bench::model::{VisionTransformer, VitConfig};
+use predicates::prelude::PredicateBooleanExt;
 use predicates::str::contains;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -107,4 +108,24 @@ fn mismatched_feature_files_are_exit_2() {
     bin().args(["eval", "--protocol", "knn"]).assert().code(2).stderr(contains("--train-features and --val-features"));
     // Nothing was written for the failed runs.
     assert!(!d.join("runs").exists());
+}
+
+/// A shorthand flag's bad value is named by the flag the user typed, not by the `--set` it stands for.
+#[test]
+fn a_bad_shorthand_value_names_its_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, expect) in [
+        (vec!["--k", "10,0"], "option --k: `--k 10,0`: key `ks`"),
+        (vec!["--temperature=-1"], "option --temperature: `--temperature -1`: key `temperature`"),
+        (vec!["--k", "10", "--headline-k", "7"], "option --headline-k: `--headline-k 7`: key `headline_k`"),
+    ] {
+        bin()
+            .args(["eval", "--protocol", "knn", "--checkpoint", "none.safetensors", "--data", "none"])
+            .args(["--output", dir.path().to_str().unwrap()])
+            .args(&args)
+            .assert()
+            .code(2)
+            .stderr(contains(expect))
+            .stderr(contains("--set").not());
+    }
 }

@@ -75,6 +75,10 @@ fn logistic_regression_matches_scikit_learn_and_preprocessing_matches_cyanure() 
     }
 }
 
+/// A deliberate deviation from cyanure 1.2.2, named in the README's low-shot section: its `preprocess` gives a
+/// feature row that is constant (zero after centering) a random unit vector; here it stays zero, so the number does
+/// not depend on a random draw. Real features are never constant; the test pins the choice and the arithmetic of
+/// the other row (centred by its own mean, then L2-normalised).
 #[test]
 fn a_constant_row_stays_zero() {
     let x = Tensor::from_slice(&[2.0f64, 2.0, 2.0, 1.0, 2.0, 4.0]).view([2, 3]);

@@ -9,7 +9,7 @@ use assert_cmd::Command;
 use lmim_bench::checkpoint;
 use lmim_bench::model::{VisionTransformer, VitConfig};
 use predicates::str::contains;
-use tch::{nn, Device};
+use tch::{nn, Device, Kind, Tensor};
 
 fn bin() -> Command {
     Command::cargo_bin("lmim-bench").unwrap()
@@ -49,6 +49,32 @@ fn eval(args: &[&str], ckpt: &Path, data: &Path, out: &Path, cache: &Path) -> as
         .assert()
 }
 
+/// Top-1 of scikit-learn's logistic regression (tests/py/ref_lowshot.py `fit`: cyanure's preprocessing, then
+/// `LogisticRegression(C = 1 / lambd, fit_intercept=False)`) on the cache's train and val features of the protocol's
+/// run, on the rows the subset `list` names.
+fn scikit_learn_top1(cache: &Path, data: &Path, list: &Path, work: &Path) -> f64 {
+    let file_of = |split: &str| {
+        let mut f: Vec<_> = std::fs::read_dir(cache).unwrap().map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_string_lossy().contains(&format!("-{split}-"))).collect();
+        assert_eq!(f.len(), 1, "one {split} features file in the cache: {f:?}");
+        checkpoint::load(&f.pop().unwrap()).unwrap()
+    };
+    let (train, val) = (file_of("train"), file_of("val"));
+    let ds = lmim_bench::data::Dataset::open(data, "train").unwrap();
+    let names: Vec<String> = std::fs::read_to_string(list).unwrap().lines().map(String::from).collect();
+    let rows: Vec<i64> = names.iter().map(|n| ds.samples.iter().position(|(p, _)| p.file_name().unwrap().to_string_lossy() == *n).expect("listed image in the split") as i64).collect();
+    let rows = Tensor::from_slice(&rows);
+    let x = train.get("features").unwrap().index_select(0, &rows).to_kind(Kind::Double);
+    let y = train.get("labels").unwrap().index_select(0, &rows);
+    let (vx, vy) = (val.get("features").unwrap().to_kind(Kind::Double), val.get("labels").unwrap().shallow_clone());
+    let cfg = serde_json::json!({ "lambd": 0.25, "num_classes": 10, "tol": 1e-10 });
+    let meta = [("config".to_string(), cfg.to_string())].into_iter().collect();
+    let (inp, out) = (work.join("sk-in.safetensors"), work.join("sk-out.safetensors"));
+    checkpoint::save(&inp, &[("train".into(), x), ("train_labels".into(), y), ("val".into(), vx)], &meta).unwrap();
+    common::run_py("ref_lowshot.py", &["fit", inp.to_str().unwrap(), out.to_str().unwrap()]);
+    let pred = checkpoint::load(&out).unwrap().get("val_pred").unwrap().shallow_clone();
+    100.0 * pred.eq_tensor(&vy).to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+}
+
 #[test]
 fn lowshot_draw_list_and_table() {
     let dir = tempfile::tempdir().unwrap();
@@ -72,9 +98,11 @@ fn lowshot_draw_list_and_table() {
     assert_eq!(split["solve"]["converged"], true, "{}", split["solve"]);
     assert!(split["solve"]["grad_max"].as_f64().unwrap() <= 1e-7);
     let top1 = r["metrics"]["top1"].as_f64().unwrap();
-    // 200 val images of 10 classes; a random pico ViT's features still beat chance (10 %) with 2 labels per class.
-    assert!(top1 > 15.0 && top1 <= 100.0, "top-1 {top1}");
     let list = std::path::PathBuf::from(split["subset"]["file"].as_str().unwrap());
+    // The same cached features, the same subset rows, solved by scikit-learn after cyanure's preprocessing
+    // (tests/py/ref_lowshot.py): the same top-1 on the 200 val images.
+    let want = scikit_learn_top1(&cache, &data, &list, dir.path());
+    assert!((top1 - want).abs() < 1e-9, "top-1 {top1}, scikit-learn's {want}");
     assert!(list.starts_with(out.join("lowshot-subsets")), "{}", list.display());
     let text = std::fs::read_to_string(&list).unwrap();
     assert_eq!(text.lines().count(), 20);

@@ -193,23 +193,46 @@ impl EvalArgs {
     /// Every override in order: `--set`, the bare ones, then the shorthands.
     fn all_sets(&self) -> Vec<String> {
         let mut sets: Vec<String> = self.sets.iter().chain(&self.overrides).cloned().collect();
+        sets.extend(self.shorthands().into_iter().map(|(set, _)| set));
+        sets
+    }
+
+    /// The override each shorthand flag stands for, with the flag as the user wrote it.
+    fn shorthands(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
         if let Some(f) = &self.feature {
             let name = FeatureKind::parse(f).map_or_else(|_| f.clone(), |k| k.name().to_string());
-            sets.push(format!("feature=\"{name}\""));
+            out.push((format!("feature=\"{name}\""), format!("--feature {f}")));
         }
         if let Some(n) = self.last_blocks {
-            sets.push(format!("last_blocks={n}"));
+            out.push((format!("last_blocks={n}"), format!("--last-blocks {n}")));
         }
         if let Some(k) = &self.k {
-            sets.push(format!("ks=[{}]", k.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(",")));
+            let list = k.iter().map(|v| v.to_string()).collect::<Vec<_>>();
+            out.push((format!("ks=[{}]", list.join(",")), format!("--k {}", list.join(","))));
         }
         if let Some(t) = self.temperature {
-            sets.push(format!("temperature={t:?}"));
+            out.push((format!("temperature={t:?}"), format!("--temperature {t}")));
         }
         if let Some(h) = self.headline_k {
-            sets.push(format!("headline_k={h}"));
+            out.push((format!("headline_k={h}"), format!("--headline-k {h}")));
         }
-        sets
+        out
+    }
+
+    /// An error about an override a shorthand made names the shorthand (`--k 0`), not `--set ks=[0]`.
+    fn name_shorthand(&self, e: Error) -> Error {
+        if let Error::BadOption { option, reason } = &e {
+            if option == "--set" {
+                for (set, flag) in self.shorthands() {
+                    if let Some(rest) = reason.strip_prefix(&format!("`{set}`")) {
+                        let option = flag.split(' ').next().unwrap_or(&flag).to_string();
+                        return Error::BadOption { option, reason: format!("`{flag}`{rest}") };
+                    }
+                }
+            }
+        }
+        e
     }
 
     pub fn request(&self) -> EvalRequest {
@@ -372,7 +395,7 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     if a.protocol == Protocol::Finetune {
         crate::signals::set_resume_hint(format!("run the same command again to resume fine-tuning from its last finished epoch (run folders in {})", a.output.display()));
     }
-    let rec = crate::protocols::run(&req).with_context(|| format!("evaluating with the {} protocol", a.protocol))?;
+    let rec = crate::protocols::run(&req).map_err(|e| a.name_shorthand(e)).with_context(|| format!("evaluating with the {} protocol", a.protocol))?;
     if !world.is_main() {
         return Ok(());
     }

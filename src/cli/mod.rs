@@ -273,6 +273,12 @@ pub fn main() -> i32 {
             code
         }
         Err(e) => {
+            if crate::signals::stopping() {
+                // The watcher ends the process with the stop's own line and code.
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
             let code = exit_code(&e);
             match e.chain().find_map(|c| c.downcast_ref::<crate::Error>()) {
                 // Not an error: the one line says where the run stopped and how to resume.

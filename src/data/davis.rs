@@ -28,17 +28,18 @@ fn cv_round_i16(v: f32) -> i16 {
 /// form of `VResizeLinearVec_32s8u` (`>> 4`, 16-bit high multiply, saturating add, `(+2) >> 2`). That form, not
 /// the scalar `(v + 2^21) >> 22`, is what opencv-python 4.12 gives for every pixel of a row, tails included
 /// (checked against `cv2.resize` on random sizes down to 1 pixel: tests/davis.rs). The same size is a copy. An
-/// exact 2x downscale on both axes, which OpenCV sends to INTER_AREA, is refused (None).
-pub fn cv2_resize_linear(src: &[u8], sw: usize, sh: usize, cn: usize, dw: usize, dh: usize) -> Option<Vec<u8>> {
+/// exact 2x downscale on both axes is what OpenCV sends to INTER_AREA's fast path: each value the mean of its 2x2
+/// block, `(a + b + c + d + 2) >> 2` (`ResizeAreaFastVec`).
+pub fn cv2_resize_linear(src: &[u8], sw: usize, sh: usize, cn: usize, dw: usize, dh: usize) -> Vec<u8> {
     assert_eq!(src.len(), sw * sh * cn, "image buffer is sw x sh x cn");
     if sw == dw && sh == dh {
-        return Some(src.to_vec());
+        return src.to_vec();
     }
     let (inv_x, inv_y) = (dw as f64 / sw as f64, dh as f64 / sh as f64);
     let (scale_x, scale_y) = (1.0 / inv_x, 1.0 / inv_y);
     let (ix, iy) = (scale_x.round() as i64, scale_y.round() as i64);
     if (scale_x - ix as f64).abs() < f64::EPSILON && (scale_y - iy as f64).abs() < f64::EPSILON && ix == 2 && iy == 2 {
-        return None;
+        return area_fast_2x(src, sw, cn, dw, dh);
     }
     // Horizontal tables, per pixel.
     let mut xmax = dw;
@@ -94,7 +95,24 @@ pub fn cv2_resize_linear(src: &[u8], sw: usize, sh: usize, cn: usize, dw: usize,
             out[x] = ((sum + 2) >> 2).clamp(0, 255) as u8;
         }
     });
-    Some(dst)
+    dst
+}
+
+/// OpenCV's INTER_AREA at exactly half size on both axes (`sw = 2 dw`, `sh = 2 dh`): the rounded mean of each 2x2
+/// block, channel by channel.
+fn area_fast_2x(src: &[u8], sw: usize, cn: usize, dw: usize, dh: usize) -> Vec<u8> {
+    let mut dst = vec![0u8; dw * dh * cn];
+    dst.par_chunks_mut(dw * cn).enumerate().for_each(|(dy, out)| {
+        let (r0, r1) = (&src[2 * dy * sw * cn..], &src[(2 * dy + 1) * sw * cn..]);
+        for dx in 0..dw {
+            for k in 0..cn {
+                let i = 2 * dx * cn + k;
+                let sum = r0[i] as u32 + r0[i + cn] as u32 + r1[i] as u32 + r1[i + cn] as u32;
+                out[dx * cn + k] = ((sum + 2) >> 2) as u8;
+            }
+        }
+    });
+    dst
 }
 
 /// PIL's `Image.resize((dw, dh), NEAREST)` of a one-channel 8-bit image (Pillow's `ImagingScaleAffine`: the source
@@ -174,9 +192,7 @@ pub fn read_frame(path: &Path, short: usize) -> Result<Frame> {
     if tw == 0 || th == 0 {
         return Err(Error::data(path, format!("{w}x{h} at short side {short} gives a {tw}x{th} input (the long side is floored to a multiple of 64)")));
     }
-    let px = cv2_resize_linear(&img.data, w, h, 3, tw, th).ok_or_else(|| {
-        Error::data(path, format!("{w}x{h} -> {tw}x{th} is an exact 2x downscale, which OpenCV computes with INTER_AREA; not reproduced (choose another short_side)"))
-    })?;
+    let px = cv2_resize_linear(&img.data, w, h, 3, tw, th);
     let n = tw * th;
     let mut chw = vec![0f32; 3 * n];
     for (i, p) in px.chunks_exact(3).enumerate() {

@@ -249,7 +249,11 @@ impl Loader {
         }
         // Samples a cut or corrupt shard lost are unreadable images that no batch will meet: refused here.
         if let Some(l) = dataset.lost().first().filter(|_| cfg.strict) {
-            return Err(Error::data(dataset.dir.join(&l.shard), format!("{} samples cannot be read from byte {} ({}); an evaluation over part of the split is not comparable (--skip-bad evaluates the rest and lists them)", l.count.map_or("the rest of the shard's".to_string(), |n| n.to_string()), l.offset, l.why)));
+            let others = match &dataset.lost()[1..] {
+                [] => String::new(),
+                more => format!(", and {} in {} other shard(s)", more.iter().map(|m| m.count.map_or("the rest".to_string(), |n| n.to_string())).collect::<Vec<_>>().join(" + "), more.len()),
+            };
+            return Err(Error::data(dataset.dir.join(&l.shard), format!("{} samples cannot be read from byte {} ({}){others}; an evaluation over part of the split is not comparable (--skip-bad evaluates the rest and lists them)", l.count.map_or("the rest of the shard's".to_string(), |n| n.to_string()), l.offset, l.why)));
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(cfg.workers.max(1))

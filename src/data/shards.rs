@@ -221,11 +221,12 @@ pub fn scan_members(path: &Path) -> Result<(Vec<Member>, Option<(u64, String)>)>
             b'0' | 0 | b'7' => {
                 let name = pax.0.take().or(long_name.take()).unwrap_or(h.name);
                 let size = pax.1.take().unwrap_or(h.size);
-                members.push(Member { name, offset: data, size });
                 if data + size > len {
-                    // The member is listed: reading it reports the truncation by name.
-                    break Some((len, format!("ends inside member `{}` (a truncated tar)", members.last().expect("pushed").name)));
+                    // A member cut short is lost with the rest, not listed: the refusal and --skip-bad's list then
+                    // count the same samples.
+                    break Some((pos, format!("ends inside member `{name}` (a truncated tar)")));
                 }
+                members.push(Member { name, offset: data, size });
                 pos = data + size.div_ceil(BLOCK) * BLOCK;
                 continue;
             }
@@ -253,7 +254,9 @@ fn is_image_field(field: &str) -> bool {
 }
 
 /// One shard's samples: (image member, label member), grouped as WebDataset does.
-fn samples_of(members: &[Member]) -> (Vec<(&Member, Option<&Member>)>, usize) {
+/// A shard `cut` short ends inside its last sample: a label left without its image there is part of what was lost,
+/// not an orphan.
+fn samples_of(members: &[Member], cut: bool) -> (Vec<(&Member, Option<&Member>)>, usize) {
     let mut out = Vec::new();
     let mut orphans = 0;
     let mut i = 0;
@@ -275,7 +278,7 @@ fn samples_of(members: &[Member]) -> (Vec<(&Member, Option<&Member>)>, usize) {
         }
         match image {
             Some(m) => out.push((m, cls)),
-            None if cls.is_some() => orphans += 1,
+            None if cls.is_some() && !(cut && j == members.len()) => orphans += 1,
             None => {}
         }
         i = j;
@@ -315,7 +318,7 @@ pub(crate) fn scan(root: &Path, split: &str, dir: &Path, items: &[Item]) -> Resu
             let id = FileId::of(&std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?);
             let (members, stop) = scan_members(&path)?;
             let mut problems: Vec<String> = stop.iter().map(|(_, p)| format!("{name}: {p}")).collect();
-            let (samples, orphans) = samples_of(&members);
+            let (samples, orphans) = samples_of(&members, stop.is_some());
             let found = samples.len() as u64;
             let lost = match (packed.as_ref().and_then(|c| c.get(name)), &stop) {
                 (Some(&want), _) if found < want => Some(Lost {

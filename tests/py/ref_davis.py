@@ -327,11 +327,14 @@ def main():
         rng = np.random.default_rng(0)
         tensors = {}
         cases = [(854, 480, 832, 480), (160, 72, 128, 64), (37, 23, 64, 41), (100, 60, 51, 29), (20, 9, 7, 5),
-                 (64, 33, 128, 66), (71, 40, 71, 24), (300, 200, 19, 13), (11, 7, 33, 21), (129, 65, 64, 32)]
-        while len(cases) < 40:
+                 (64, 33, 128, 66), (71, 40, 71, 24), (300, 200, 19, 13), (11, 7, 33, 21), (129, 65, 64, 32),
+                 # exact 2x downscales, which OpenCV computes with INTER_AREA's fast path
+                 (128, 64, 64, 32), (854, 480, 427, 240), (6, 2, 3, 1), (90, 34, 45, 17),
+                 # 2x on one axis only stays INTER_LINEAR
+                 (128, 64, 64, 31)]
+        while len(cases) < 45:
             sw, sh, dw, dh = (int(v) for v in rng.integers(2, 90, 4))
-            if not (sw == 2 * dw and sh == 2 * dh):
-                cases.append((sw, sh, dw, dh))
+            cases.append((sw, sh, dw, dh))
         for i, (sw, sh, dw, dh) in enumerate(cases):
             src = rng.integers(0, 256, size=(sh, sw, 3), dtype=np.uint8)
             # smooth content too, where rounding ties are frequent
