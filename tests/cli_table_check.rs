@@ -56,8 +56,8 @@ fn table_shows_runs_references_and_marks() {
     let out = bin().arg("table").arg(dir.path()).assert().success();
     let md = String::from_utf8(out.get_output().stdout.clone()).unwrap();
     // Grouped columns (image-level, region-level, label efficiency), empty ones left out (no LP sweep here).
-    assert!(md.starts_with("| model | arch | data | NN (LOO 1-NN) | k-NN | k-NN sweep | LP | EP | Ft | DAVIS J&F | ADE20K k-NN | 1 img |"), "{md}");
-    assert!(md.contains("Columns by group: image-level: NN (LOO 1-NN), k-NN, k-NN sweep, LP, EP, Ft; region-level: DAVIS J&F, ADE20K k-NN; label efficiency: 1 img"), "{md}");
+    assert!(md.starts_with("| model | arch | data | NN (LOO 1-NN) | k-NN | k-NN sweep | LP | EP | Ft | DAVIS J&F | ADE20K k-NN | ADE20K LR | 1 img |"), "{md}");
+    assert!(md.contains("Columns by group: image-level: NN (LOO 1-NN), k-NN, k-NN sweep, LP, EP, Ft; region-level: DAVIS J&F, ADE20K k-NN, ADE20K LR; label efficiency: 1 img"), "{md}");
     assert!(md.contains("| pico | vit_pico_patch4_32 | demo | 55.50 | 61.20 (k=20) | – | – |"), "{md}");
     assert!(md.contains("| pico-pretrained | vit_pico_patch4_32 | demo | – | 70.40 (k=20) |"), "{md}");
     // Reference rows, with the Latent MIM NN note.
