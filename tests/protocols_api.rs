@@ -178,10 +178,9 @@ fn feature_cache_sees_a_same_size_rewrite_after_rescan_and_extra_tensors_are_nam
     bytes.resize(len, 0);
     std::fs::write(&target, &bytes).unwrap();
     assert!(val(&run(&req).unwrap()).0, "the index cannot see it: the old features are served");
-    lmim_bench::data::index::set_rescan(true);
-    let rescanned = run(&req);
-    lmim_bench::data::index::set_rescan(false);
-    let rescanned = rescanned.unwrap();
+    let mut with_rescan = req.clone();
+    with_rescan.run.scan.rescan = true;
+    let rescanned = run(&with_rescan).unwrap();
     assert!(!val(&rescanned).0, "--rescan makes the rewrite visible to the feature cache");
     assert_ne!(val(&rescanned).1, val(&first).1);
     assert_eq!(rescanned.dataset_fingerprint, first.dataset_fingerprint, "the fingerprint (names, sizes) is the same");

@@ -403,7 +403,7 @@ fn check(a: CheckArgs) -> anyhow::Result<()> {
 fn pack(a: PackArgs) -> anyhow::Result<()> {
     // Before the source is opened: a second pack of this split into this folder is refused at once.
     let lock = crate::data::shards::pack_lock(&a.out, &a.split)?;
-    let ds = Dataset::open_with(&a.data, &a.split, &OpenOptions { rescan: a.scan.rescan, ..Default::default() })?;
+    let ds = Dataset::open_with(&a.data, &a.split, &OpenOptions { rescan: a.scan.rescan, content_key: a.scan.content_key, ..Default::default() })?;
     let r = crate::data::shards::pack_locked(&ds, &a.out, a.shard_size, &lock)
         .with_context(|| format!("packing {} into {}", ds.dir.display(), a.out.display()))?;
     let text = if a.json {

@@ -264,6 +264,7 @@ impl EvalArgs {
                 skip_bad: self.skip_bad,
                 tensorboard: !self.no_tensorboard,
                 suite_entry: None,
+                scan: self.scan.flags(),
             },
         }
     }
@@ -291,6 +292,7 @@ pub fn extract(a: ExtractArgs) -> anyhow::Result<()> {
         precision: a.precision,
         quiet: a.quiet,
         skip_bad: false,
+        scan: a.scan.flags(),
     };
     let (set, report) = extract::extract(&req).with_context(|| format!("extracting {} features of {}", a.split, a.checkpoint.display()))?;
     if !world.is_main() {
@@ -343,16 +345,13 @@ fn copy_file(from: &Path, to: &Path) -> anyhow::Result<()> {
 fn summary(rec: &RunRecord) -> String {
     let m = |k: &str| rec.metrics.get(k).copied().unwrap_or(f64::NAN);
     if rec.protocol == Protocol::Davis.name() {
+        let measures: Vec<String> = crate::protocols::jandf::MEASURES.iter().map(|(k, label)| format!("{label} {:.2}", m(k))).collect();
         return format!(
-            "{} davis: J&F-Mean {:.2} (J-Mean {:.2}, J-Recall {:.2}, J-Decay {:.2}; F-Mean {:.2}, F-Recall {:.2}, F-Decay {:.2}) (protocol {})\nmasks: {}\n",
+            "{} davis: J&F-Mean {:.2} ({}; {}) (protocol {})\nmasks: {}\n",
             rec.model_name,
             m("j_and_f"),
-            m("j_mean"),
-            m("j_recall"),
-            m("j_decay"),
-            m("f_mean"),
-            m("f_recall"),
-            m("f_decay"),
+            measures[..3].join(", "),
+            measures[3..].join(", "),
             crate::results::version_label(&rec.protocol_version),
             rec.details.get("masks").and_then(|v| v.as_str()).unwrap_or("?"),
         );

@@ -75,6 +75,12 @@ pub struct ScanArgs {
     pub content_key: bool,
 }
 
+impl ScanArgs {
+    pub fn flags(&self) -> crate::data::ScanFlags {
+        crate::data::ScanFlags { rescan: self.rescan, content_key: self.content_key }
+    }
+}
+
 /// Options of a data-parallel run: one process per device started by `torchrun --no-python` or `srun`, which
 /// set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT (or SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID /
 /// SLURM_JOB_NODELIST). Without a launcher the command runs as one process.
@@ -171,14 +177,6 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
 
 /// Runs a command; returns the exit code of a completed command (1 for a failed check).
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
-    let scan = match &cli.command {
-        Command::Pretrain(a) => Some(&a.scan),
-        Command::Extract(a) => Some(&a.scan),
-        Command::Eval(a) => Some(&a.scan),
-        _ => None,
-    };
-    crate::data::index::set_rescan(scan.is_some_and(|s| s.rescan));
-    crate::data::index::set_content_key(scan.is_some_and(|s| s.content_key));
     match cli.command {
         Command::Check(a) => return report::check(a),
         Command::Bench(a) => return bench_cmds::bench(a),

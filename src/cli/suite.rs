@@ -69,6 +69,8 @@ pub struct SuiteArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub dist: super::DistArgs,
+    #[command(flatten)]
+    pub scan: super::ScanArgs,
 }
 
 fn parse_data(s: &str) -> Result<(String, PathBuf), String> {
@@ -97,6 +99,7 @@ pub fn suite(a: SuiteArgs) -> anyhow::Result<i32> {
             batch_size: a.batch_size,
             cache_dir: (!a.no_cache).then(|| a.cache_dir.clone()),
             quiet: a.quiet || !world.is_main(),
+            scan: a.scan.flags(),
             ..Default::default()
         },
     };

@@ -60,6 +60,7 @@ pub fn pretrain(a: PretrainArgs) -> anyhow::Result<()> {
         resume_anyway: a.resume_anyway,
         quiet: a.quiet,
         tensorboard: !a.no_tensorboard,
+        scan: a.scan.flags(),
     };
     let rec = crate::train::pretrain::run(&req).context("pretraining")?;
     if !world.is_main() {

@@ -11,6 +11,15 @@ use super::index::{self, DatasetIndex, Entry, FileId, Header, IndexCache, IndexS
 use super::shards::ShardSet;
 use crate::error::{Error, Result};
 
+/// How a run opens its splits (`--rescan`, `--content-key`): carried by each request, not held by the process.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ScanFlags {
+    /// Walk the folders even when the cached index is up to date.
+    pub rescan: bool,
+    /// Key the caches by a hash of every file's bytes.
+    pub content_key: bool,
+}
+
 /// File extensions taken as images (case-insensitive).
 pub const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png"];
 
@@ -143,8 +152,8 @@ impl Dataset {
 
     /// Opens `root/split` on every rank of a job: rank 0 reads or makes the index and sends it to the others
     /// (see [`index::shared_by_rank0`]); every rank must call it at the same point.
-    pub fn open_on_all_ranks(root: &Path, split: &str) -> Result<Dataset> {
-        Self::open_with(root, split, &OpenOptions { all_ranks: true, ..Default::default() })
+    pub fn open_on_all_ranks(root: &Path, split: &str, scan: ScanFlags) -> Result<Dataset> {
+        Self::open_with(root, split, &OpenOptions { all_ranks: true, rescan: scan.rescan, content_key: scan.content_key, ..Default::default() })
     }
 
     pub fn open_with(root: &Path, split: &str, opts: &OpenOptions) -> Result<Dataset> {
@@ -152,7 +161,7 @@ impl Dataset {
         let make = || -> Result<(DatasetIndex, IndexSource)> {
             check_root(root, split, &dir)?;
             let cache = opts.index_dir.clone().or_else(index::default_dir).map(|d| IndexCache::new(&d, root, split));
-            if !(opts.rescan || index::rescan_forced()) {
+            if !opts.rescan {
                 if let Some(c) = cache.as_ref() {
                     match c.load(&dir) {
                         Ok(Some(idx)) => return Ok((idx, IndexSource::Cache)),
@@ -192,7 +201,7 @@ impl Dataset {
             }
         }
         let mut ds = Dataset::from_index(dir, split, idx, source);
-        if opts.content_key || index::content_key_forced() {
+        if opts.content_key {
             ds.cache_key = ds.content_key()?;
         }
         Ok(ds)

@@ -8,7 +8,6 @@
 //! symlink only where the entry is one, as torchvision's `find_classes` / `make_dataset` do with `os.scandir`
 //! (pytorch/vision torchvision/datasets/folder.py). The sizes that the fingerprint hashes cost one stat per file.
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -140,27 +139,6 @@ const KEEP: usize = 16;
 /// A folder modified this shortly before its scan may change again within the file system's timestamp
 /// granularity without its time changing (git's "racy" entries): such an index is not kept.
 const RACY: Duration = Duration::from_secs(2);
-
-static RESCAN: AtomicBool = AtomicBool::new(false);
-static CONTENT_KEY: AtomicBool = AtomicBool::new(false);
-
-/// Makes every later open of this process key its caches by the files' bytes (`--content-key`).
-pub fn set_content_key(on: bool) {
-    CONTENT_KEY.store(on, Ordering::Relaxed);
-}
-
-pub fn content_key_forced() -> bool {
-    CONTENT_KEY.load(Ordering::Relaxed)
-}
-
-/// Makes every later open of this process walk the folders instead of reading the cache (`--rescan`).
-pub fn set_rescan(on: bool) {
-    RESCAN.store(on, Ordering::Relaxed);
-}
-
-pub fn rescan_forced() -> bool {
-    RESCAN.load(Ordering::Relaxed)
-}
 
 /// `$LMIM_CACHE/data-index`, else `$XDG_CACHE_HOME/lmim-bench/data-index`, else `~/.cache/lmim-bench/data-index`
 /// (the cache folder of scripts/env.sh); None without any of them.

@@ -25,7 +25,7 @@ pub mod shards;
 pub mod synth;
 pub mod transforms;
 
-pub use dataset::{Dataset, Fingerprint, OpenOptions};
+pub use dataset::{Dataset, Fingerprint, OpenOptions, ScanFlags};
 pub use decode::{decode_image, load_rgb, RgbImage};
 pub use loader::{sample_rng, Batch, EpochIter, Loader, LoaderConfig};
 pub use transforms::{CropBox, Interp, Op, Transform, IMAGENET_MEAN, IMAGENET_STD};

@@ -179,7 +179,7 @@ pub fn read_members(path: &Path) -> Result<(Vec<Member>, Option<String>)> {
     Ok((members, stop.map(|(_, why)| why)))
 }
 
-/// As [`read_members`], with the byte offset where the reading stopped (the file's end for a cut member).
+/// As [`read_members`], with the byte offset where the reading stopped (the header of a member cut short).
 pub fn scan_members(path: &Path) -> Result<(Vec<Member>, Option<(u64, String)>)> {
     let f = crate::fsutil::open_regular(path, None)?;
     let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -663,11 +663,13 @@ mod tests {
         for (m, (_, d)) in members.iter().zip(&files) {
             assert_eq!(&bytes[m.offset as usize..][..m.size as usize], d.as_slice(), "{}", m.name);
         }
-        // Cut inside the second member's data.
+        // Cut inside the second member's data: that member is not listed, and the stop is its header.
         std::fs::write(&p, &bytes[..members[1].offset as usize + 100]).unwrap();
         let (cut, problem) = read_members(&p).unwrap();
-        assert_eq!(cut.len(), 2);
-        assert!(problem.unwrap().contains("ends inside member `a/k1.jpg`"));
+        assert_eq!(cut.len(), 1);
+        let (at, why) = scan_members(&p).unwrap().1.unwrap();
+        assert_eq!(at, members[1].offset - 512);
+        assert!(why.contains("ends inside member `a/k1.jpg`") && problem.as_deref() == Some(why.as_str()), "{why}");
         let mut bad = bytes.clone();
         bad[10] ^= 1;
         std::fs::write(&p, &bad).unwrap();

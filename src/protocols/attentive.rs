@@ -299,7 +299,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     if !enc.model.cfg.class_token && cfg.feature == EpFeature::EpAll {
         return Err(Error::option("feature", format!("`ep_all`: {} has no CLS token; use feature=\"ep\"", ckpt.display())));
     }
-    let (train_ds, val_ds) = super::open_splits(req.data()?)?;
+    let (train_ds, val_ds) = super::open_splits(req.data()?, &req.run)?;
     let prints = [SplitPrint::of_dataset("train", &train_ds)?, SplitPrint::of_dataset("val", &val_ds)?];
     let classes = train_ds.classes.len() as i64;
     let size = enc.model.cfg.img_size as u32;

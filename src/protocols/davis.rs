@@ -394,7 +394,7 @@ impl Propagation<'_> {
         let (scores, pred_objects) = super::jandf::score_sequence(&seq.name, &gt, &preds, ow, oh, cfg.bound_th);
         let mismatch = (pred_objects != scores.len()).then(|| serde_json::json!({ "sequence": seq.name, "objects": scores.len(), "predicted_objects": pred_objects }));
         let s = super::jandf::summarise(&scores);
-        let summary = serde_json::json!({ "objects": scores.len(), "frames": seq.frames.len(), "j_mean": 100.0 * s.j_mean, "f_mean": 100.0 * s.f_mean, "j_and_f": 100.0 * s.j_and_f });
+        let summary = serde_json::json!({ "objects": scores.len(), "frames": seq.frames.len(), "j_mean": 100.0 * s.measures.j_mean, "f_mean": 100.0 * s.measures.f_mean, "j_and_f": 100.0 * s.j_and_f });
         Ok(SequenceOutcome { index, objects: scores, summary, mismatch, seconds_features, seconds_propagation, frames: seq.frames.len(), grid: (gh, gw), input: frame_size })
     }
 }
@@ -526,10 +526,8 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let per_object: serde_json::Map<String, serde_json::Value> = objects
         .iter()
         .map(|o| {
-            (format!("{}_{}", o.sequence, o.object), serde_json::json!({
-                "j_mean": 100.0 * o.j_mean, "j_recall": 100.0 * o.j_recall, "j_decay": 100.0 * o.j_decay,
-                "f_mean": 100.0 * o.f_mean, "f_recall": 100.0 * o.f_recall, "f_decay": 100.0 * o.f_decay,
-            }))
+            let m: serde_json::Map<String, serde_json::Value> = o.measures.percent().map(|(k, v)| (k.to_string(), v.into())).collect();
+            (format!("{}_{}", o.sequence, o.object), serde_json::Value::Object(m))
         })
         .collect();
     let pos = match cfg.pos_embed {
@@ -554,12 +552,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         .data(Some(root.display().to_string()), &[print])
         .config(&loaded.origin, cfg, &overrides, &req.run, extra)
         .metric("j_and_f", 100.0 * s.j_and_f)
-        .metric("j_mean", 100.0 * s.j_mean)
-        .metric("j_recall", 100.0 * s.j_recall)
-        .metric("j_decay", 100.0 * s.j_decay)
-        .metric("f_mean", 100.0 * s.f_mean)
-        .metric("f_recall", 100.0 * s.f_recall)
-        .metric("f_decay", 100.0 * s.f_decay)
+        .metrics(s.measures.percent())
         .finish(
             serde_json::json!({
                 "masks": masks_final, "run_dir": run_dir, "sequences": set.sequences.len(), "objects": objects.len(), "frames": n_frames,

@@ -271,6 +271,8 @@ pub struct ExtractRequest {
     /// Unreadable files are skipped and listed in the report instead of stopping the extraction; the features
     /// then cover part of the split and are not cached.
     pub skip_bad: bool,
+    /// `--rescan` and `--content-key`.
+    pub scan: crate::data::ScanFlags,
 }
 
 /// How a request was served.
@@ -461,7 +463,7 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     if req.last_blocks > cfg.depth {
         return Err(Error::option("--last-blocks", format!("{} is more than the model's {} blocks", req.last_blocks, cfg.depth)));
     }
-    let dataset = Dataset::open_on_all_ranks(&req.data_root, &req.split)?;
+    let dataset = Dataset::open_on_all_ranks(&req.data_root, &req.split, req.scan)?;
     if dataset.is_empty() {
         return Err(Error::data(&dataset.dir, "the split has no images"));
     }

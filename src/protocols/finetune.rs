@@ -586,7 +586,7 @@ impl Finetuner {
 
 /// The train loader (RandomResizedCrop, flip, RandAugment, normalisation, RandomErasing) and the eval loader.
 pub fn loaders(data_root: &Path, size: u32, cfg: &FinetuneConfig, run: &RunOptions) -> Result<(Loader, Loader)> {
-    let (train_ds, val_ds) = super::open_splits(data_root)?;
+    let (train_ds, val_ds) = super::open_splits(data_root, run)?;
     let (randaug, erasing) = cfg.augmentations()?;
     let train = super::train_loader(train_ds, Transform::finetune_train(size, randaug, erasing), cfg.micro_batch_size, cfg.seed, run)?;
     let resize = (size as f64 / cfg.crop_pct) as u32;
@@ -609,7 +609,7 @@ pub fn run_finetune_with(
     cfg.validate()?;
     let device = run.device()?;
     let precision = run.precision.unwrap_or_default();
-    let classes = super::open_splits(data_root)?.0.classes.len() as i64;
+    let classes = super::open_splits(data_root, run)?.0.classes.len() as i64;
     let mut ft = Finetuner::new(model_ckpt, arch, classes, cfg, device, precision)?;
     let (train, val) = loaders(data_root, ft.fm.cfg.img_size as u32, cfg, run)?;
     if ft.rule().used_iters(train.global_batches()) == 0 {
@@ -696,7 +696,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let cfg = &loaded.cfg;
     cfg.validate()?;
     let data = req.data()?;
-    let (train_ds, val_ds) = super::open_splits(data)?;
+    let (train_ds, val_ds) = super::open_splits(data, &req.run)?;
     let prints = [SplitPrint::of_dataset("train", &train_ds)?, SplitPrint::of_dataset("val", &val_ds)?];
     let sha = req.checkpoint.as_deref().map(sha256_file).transpose()?;
     let name = match &req.checkpoint {

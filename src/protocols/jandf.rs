@@ -145,6 +145,40 @@ pub fn statistics(v: &[f64]) -> (f64, f64, f64) {
     (m, r, bin(0) - bin(3))
 }
 
+/// The six measures of davis2017-evaluation in its order: the record's key and the printed name.
+pub const MEASURES: [(&str, &str); 6] = [("j_mean", "J-Mean"), ("j_recall", "J-Recall"), ("j_decay", "J-Decay"), ("f_mean", "F-Mean"), ("f_recall", "F-Recall"), ("f_decay", "F-Decay")];
+
+/// Mean, recall and decay of J and of F (fractions, not percent), in [`MEASURES`]' order by [`Measures::values`].
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize)]
+pub struct Measures {
+    pub j_mean: f64,
+    pub j_recall: f64,
+    pub j_decay: f64,
+    pub f_mean: f64,
+    pub f_recall: f64,
+    pub f_decay: f64,
+}
+
+impl Measures {
+    fn of(j: &[f64], f: &[f64]) -> Measures {
+        let ((j_mean, j_recall, j_decay), (f_mean, f_recall, f_decay)) = (statistics(j), statistics(f));
+        Measures { j_mean, j_recall, j_decay, f_mean, f_recall, f_decay }
+    }
+
+    pub fn values(&self) -> [f64; 6] {
+        [self.j_mean, self.j_recall, self.j_decay, self.f_mean, self.f_recall, self.f_decay]
+    }
+
+    fn from_values(v: [f64; 6]) -> Measures {
+        Measures { j_mean: v[0], j_recall: v[1], j_decay: v[2], f_mean: v[3], f_recall: v[4], f_decay: v[5] }
+    }
+
+    /// `(key, 100 x value)` for each measure, as records hold them.
+    pub fn percent(&self) -> impl Iterator<Item = (&'static str, f64)> {
+        MEASURES.into_iter().zip(self.values()).map(|((k, _), v)| (k, 100.0 * v))
+    }
+}
+
 /// The scores of one object of one sequence.
 #[derive(Clone, Debug, Serialize, serde::Deserialize)]
 pub struct ObjectScore {
@@ -152,12 +186,8 @@ pub struct ObjectScore {
     pub object: usize,
     pub j: Vec<f64>,
     pub f: Vec<f64>,
-    pub j_mean: f64,
-    pub j_recall: f64,
-    pub j_decay: f64,
-    pub f_mean: f64,
-    pub f_recall: f64,
-    pub f_decay: f64,
+    #[serde(flatten)]
+    pub measures: Measures,
 }
 
 /// One sequence: the ground-truth label maps and the predicted ones of every frame (same size, first and last
@@ -190,31 +220,31 @@ pub fn score_sequence(name: &str, gt: &[Vec<u8>], pred: &[Vec<u8>], w: usize, h:
         .map(|o| {
             let j: Vec<f64> = per_frame.iter().map(|f| f[o].0).collect();
             let f: Vec<f64> = per_frame.iter().map(|f| f[o].1).collect();
-            let (jm, jr, jd) = statistics(&j);
-            let (fm, fr, fd) = statistics(&f);
-            ObjectScore { sequence: name.to_string(), object: o + 1, j, f, j_mean: jm, j_recall: jr, j_decay: jd, f_mean: fm, f_recall: fr, f_decay: fd }
+            let measures = Measures::of(&j, &f);
+            ObjectScore { sequence: name.to_string(), object: o + 1, j, f, measures }
         })
         .collect();
     (scores, pred_objects)
 }
 
-/// The global measures of `evaluation_method.py`, over every object: J&F-Mean, J-Mean, J-Recall, J-Decay,
-/// F-Mean, F-Recall, F-Decay (fractions, not percent).
+/// The global measures of `evaluation_method.py`, over every object: J&F-Mean and the six [`MEASURES`] (fractions,
+/// not percent).
 #[derive(Clone, Debug, Serialize)]
 pub struct Summary {
     pub j_and_f: f64,
-    pub j_mean: f64,
-    pub j_recall: f64,
-    pub j_decay: f64,
-    pub f_mean: f64,
-    pub f_recall: f64,
-    pub f_decay: f64,
+    #[serde(flatten)]
+    pub measures: Measures,
 }
 
 pub fn summarise(objects: &[ObjectScore]) -> Summary {
-    let mean = |f: &dyn Fn(&ObjectScore) -> f64| objects.iter().map(f).sum::<f64>() / objects.len() as f64;
-    let (jm, fm) = (mean(&|o| o.j_mean), mean(&|o| o.f_mean));
-    Summary { j_and_f: (jm + fm) / 2.0, j_mean: jm, j_recall: mean(&|o| o.j_recall), j_decay: mean(&|o| o.j_decay), f_mean: fm, f_recall: mean(&|o| o.f_recall), f_decay: mean(&|o| o.f_decay) }
+    let mut sum = [0.0; 6];
+    for o in objects {
+        for (s, v) in sum.iter_mut().zip(o.measures.values()) {
+            *s += v;
+        }
+    }
+    let measures = Measures::from_values(sum.map(|s| s / objects.len() as f64));
+    Summary { j_and_f: (measures.j_mean + measures.f_mean) / 2.0, measures }
 }
 
 #[cfg(test)]

@@ -274,7 +274,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     if !enc.model.cfg.class_token && cfg.feature == ProbeFeature::Cls {
         return Err(crate::error::Error::option("feature", format!("`cls`: {} has no CLS token; use feature=\"global_pool\"", ckpt.display())));
     }
-    let (train_ds, val_ds) = super::open_splits(req.data()?)?;
+    let (train_ds, val_ds) = super::open_splits(req.data()?, &req.run)?;
     let prints = [SplitPrint::of_dataset("train", &train_ds)?, SplitPrint::of_dataset("val", &val_ds)?];
     let size = enc.model.cfg.img_size as u32;
     let micro = cfg.micro_batch_size as usize;

@@ -306,7 +306,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     if !enc.model.cfg.class_token {
         return Err(Error::option("--checkpoint", format!("{} has no CLS token; the sweep's heads read CLS tokens", ckpt.display())));
     }
-    let (train_ds, val_ds) = super::open_splits(req.data()?)?;
+    let (train_ds, val_ds) = super::open_splits(req.data()?, &req.run)?;
     let prints = [SplitPrint::of_dataset("train", &train_ds)?, SplitPrint::of_dataset("val", &val_ds)?];
     let classes = train_ds.classes.len() as i64;
     let overrides = loaded.overrides(&[]);

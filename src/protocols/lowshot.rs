@@ -558,7 +558,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         return Err(Error::option("--subset", "either subset lists or shots=N, not both"));
     }
     let device = req.run.device()?;
-    let train_ds = Dataset::open_on_all_ranks(&data, "train")?;
+    let train_ds = Dataset::open_on_all_ranks(&data, "train", req.run.scan)?;
     let train_print = SplitPrint::of_dataset("train", &train_ds)?;
     // Lists are read (and every name checked) before any feature is extracted.
     let mut subsets = Vec::new();

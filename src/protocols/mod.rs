@@ -260,6 +260,8 @@ pub struct RunOptions {
     /// The suite entry a record belongs to (`lmim-bench suite`): the key that finds it again on a second run.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suite_entry: Option<String>,
+    /// `--rescan` and `--content-key`.
+    pub scan: crate::data::ScanFlags,
 }
 
 impl Default for RunOptions {
@@ -279,6 +281,7 @@ impl Default for RunOptions {
             skip_bad: false,
             tensorboard: true,
             suite_entry: None,
+            scan: Default::default(),
         }
     }
 }
@@ -365,9 +368,9 @@ impl EvalRequest {
 
 /// The train and val splits of a dataset root; their class lists must agree. Every rank opens them (rank 0
 /// scans and sends the index).
-pub(crate) fn open_splits(root: &Path) -> Result<(Dataset, Dataset)> {
-    let train = Dataset::open_on_all_ranks(root, "train")?;
-    let val = Dataset::open_on_all_ranks(root, "val")?;
+pub(crate) fn open_splits(root: &Path, run: &RunOptions) -> Result<(Dataset, Dataset)> {
+    let train = Dataset::open_on_all_ranks(root, "train", run.scan)?;
+    let val = Dataset::open_on_all_ranks(root, "val", run.scan)?;
     if train.classes != val.classes {
         return Err(Error::data(root, format!("train has {} classes and val {}: the class folders differ", train.classes.len(), val.classes.len())));
     }

@@ -46,6 +46,7 @@ pub(crate) fn extract_split(req: &EvalRequest, feature: FeatureKind, last_blocks
         precision: run.precision.unwrap_or(Precision::F32),
         quiet: run.quiet,
         skip_bad: run.skip_bad,
+        scan: run.scan,
     };
     let (set, report): (FeatureSet, ExtractReport) = extract::extract(&er)?;
     if !run.quiet {

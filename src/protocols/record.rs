@@ -110,6 +110,11 @@ impl RecordBuilder {
         self
     }
 
+    pub fn metrics<'a>(mut self, kv: impl IntoIterator<Item = (&'a str, f64)>) -> Self {
+        self.rec.metrics.extend(kv.into_iter().map(|(k, v)| (k.to_string(), v)));
+        self
+    }
+
     /// Completes the record (provenance of `device`, duration) and writes it into `output` (rank 0 only in a
     /// data-parallel run).
     pub fn finish(mut self, details: serde_json::Value, device: &str, output: &Path) -> Result<RunRecord> {

@@ -249,7 +249,7 @@ fn check_entry(e: &Entry) -> Result<()> {
 /// The key an entry's record carries (`config.run.suite_entry`): the checkpoint, the entry's definition (protocol,
 /// overrides, protocol file, subset lists by content) and its data (root and cache key). A record with the same
 /// key in the output is that entry done.
-fn entry_key(e: &Entry, checkpoint_sha256: &str) -> Result<String> {
+fn entry_key(e: &Entry, checkpoint_sha256: &str, scan: crate::data::ScanFlags) -> Result<String> {
     use sha2::{Digest, Sha256};
     let protocol_text = e.protocol.source(e.protocol_file.as_deref())?.text;
     let subsets: Vec<(String, String)> = e
@@ -265,14 +265,14 @@ fn entry_key(e: &Entry, checkpoint_sha256: &str) -> Result<String> {
         "protocol_file": hex::encode(Sha256::digest(protocol_text.as_bytes())),
         "subsets": subsets,
         "data": std::fs::canonicalize(&e.data).unwrap_or_else(|_| e.data.clone()),
-        "data_key": data_key(e)?,
+        "data_key": data_key(e, scan)?,
     });
     Ok(hex::encode(Sha256::digest(key.to_string().as_bytes()))[..24].to_string())
 }
 
 /// The data's cache key: the splits' (size, mtime, inode) keys for image protocols (`Dataset::cache_key`, read
 /// from the index cache), the frames' sizes for DAVIS.
-fn data_key(e: &Entry) -> Result<String> {
+fn data_key(e: &Entry, scan: crate::data::ScanFlags) -> Result<String> {
     match e.protocol {
         Protocol::Davis => {
             let loaded = Protocol::Davis.load::<super::davis::DavisConfig>(e.protocol_file.as_deref(), &e.sets)?;
@@ -284,7 +284,7 @@ fn data_key(e: &Entry) -> Result<String> {
             let mut keys = Vec::new();
             for s in ["train", "val"] {
                 if e.data.join(s).exists() {
-                    let opts = crate::data::OpenOptions { quiet: true, ..Default::default() };
+                    let opts = crate::data::OpenOptions { quiet: true, rescan: scan.rescan, content_key: scan.content_key, ..Default::default() };
                     let ds = crate::data::Dataset::open_with(&e.data, s, &opts)?;
                     keys.push(ds.cache_key().to_string());
                 }
@@ -357,7 +357,7 @@ pub fn run(req: &SuiteRequest) -> Result<SuiteResult> {
     let mut out = SuiteResult { entries: Vec::new(), skipped };
     let n = entries.len();
     for (i, e) in entries.into_iter().enumerate() {
-        let key = entry_key(&e, &checkpoint_sha256)?;
+        let key = entry_key(&e, &checkpoint_sha256, req.run.scan)?;
         // Every rank must take the same turn (ranks that see different output folders would otherwise part ways).
         let decision = if done.contains_key(&key) { "kept" } else { "to run" };
         world.agree(&format!("suite entry {}", e.label), &format!("{decision} (key {key})"), &req.output.display().to_string())?;

@@ -737,11 +737,11 @@ pub struct NnMonitor {
 
 impl NnMonitor {
     /// None when the data root has no `val` split. Called on every rank.
-    pub fn new(root: &Path, img_size: i64, workers: usize, device: Device, quiet: bool) -> Result<Option<NnMonitor>> {
+    pub fn new(root: &Path, img_size: i64, workers: usize, device: Device, quiet: bool, scan: crate::data::ScanFlags) -> Result<Option<NnMonitor>> {
         if !root.join("val").is_dir() {
             return Ok(None);
         }
-        let ds = Dataset::open_on_all_ranks(root, "val")?;
+        let ds = Dataset::open_on_all_ranks(root, "val", scan)?;
         let classes = ds.classes.len() as i64;
         let world = crate::dist::world();
         let cfg = LoaderConfig { batch_size: 256, shuffle: false, drop_last: false, rank: world.rank, world_size: world.size, workers, quiet, pin_device: Some(device), ..Default::default() };
@@ -857,6 +857,8 @@ pub struct PretrainRequest {
     pub resume_anyway: bool,
     pub quiet: bool,
     pub tensorboard: bool,
+    /// `--rescan` and `--content-key`.
+    pub scan: crate::data::ScanFlags,
 }
 
 struct LoaderSource(Loader);
@@ -903,7 +905,7 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     if !req.quiet {
         eprintln!("{}{workers_line}", if world.is_distributed() { format!("rank {} of {}: ", world.rank, world.size) } else { String::new() });
     }
-    let dataset = Dataset::open_on_all_ranks(root, "train")?;
+    let dataset = Dataset::open_on_all_ranks(root, "train", req.scan)?;
     let fingerprint = serde_json::to_value(dataset.fingerprint()?).expect("fingerprint serialises");
     let dataset_hash = crate::protocols::extract::fingerprint_hash(&fingerprint);
     let mut transform = Transform::train(train_size, cfg.crop_scale_min);
@@ -963,7 +965,7 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
     if main {
         crate::config::save(&cfg, &paths.config())?;
     }
-    let monitor = NnMonitor::new(root, trainer.model.vit_cfg.img_size, workers, device, quiet)?;
+    let monitor = NnMonitor::new(root, trainer.model.vit_cfg.img_size, workers, device, quiet, req.scan)?;
     if !quiet {
         eprintln!(
             "pretraining {} on {} ({}{}), batch {} = {} x {} accumulated x {} process(es), lr {:.3e}, {} epochs -> {}",
