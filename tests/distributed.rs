@@ -253,6 +253,19 @@ fn knn_on_two_ranks_gives_the_one_rank_record() {
     run_world(&feats(&f2), 2);
     assert!(!dir.path().join("f2.safetensors.tmp").exists());
     assert_eq!(max_diff(&f1, &f2, |_| true), 0.0, "2-rank features differ from 1-rank features");
+    // The content key is read once per job, by rank 0, and is the 1-rank run's.
+    let keyed = |out: &Path| {
+        let mut a = feats(out);
+        a.retain(|x| x != "--quiet");
+        a.extend(strings(&["--content-key", "--json"]));
+        a
+    };
+    let one_key = run_one(&keyed(&dir.path().join("k1.safetensors")));
+    let two_keys = run_world(&keyed(&dir.path().join("k2.safetensors")), 2);
+    let reads = |o: &Output| stderr(o).matches("content key: reading every file").count();
+    assert_eq!((reads(&one_key), reads(&two_keys[0]), reads(&two_keys[1])), (1, 1, 0), "{}", stderr(&two_keys[1]));
+    let key = |o: &Output| serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["cache"]["cache_key"].as_str().unwrap().to_string();
+    assert_eq!(key(&one_key), key(&two_keys[0]));
 }
 
 #[test]

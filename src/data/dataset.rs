@@ -202,7 +202,14 @@ impl Dataset {
         }
         let mut ds = Dataset::from_index(dir, split, idx, source);
         if opts.content_key {
-            ds.cache_key = ds.content_key()?;
+            let make = || {
+                if !opts.quiet {
+                    eprintln!("{}: content key: reading every file of the split ({} samples)", ds.dir.display(), ds.len());
+                }
+                ds.content_key()
+            };
+            // Once per job: rank 0 reads the bytes, the others wait for its key on the store.
+            ds.cache_key = if opts.all_ranks { index::string_from_rank0("content key", &ds.dir, make)? } else { make()? };
         }
         Ok(ds)
     }

@@ -502,6 +502,31 @@ pub fn shared_by_rank0(
     Ok((idx, IndexSource::Rank0))
 }
 
+/// `make` on rank 0 only (work every rank would otherwise repeat, such as reading every byte of a split), its
+/// result sent to the others over the store: they wait there, not inside a collective. Without a process group,
+/// `make` itself.
+pub fn string_from_rank0(what: &str, path: &Path, make: impl FnOnce() -> Result<String>) -> Result<String> {
+    let Some(world) = crate::dist::joined_world().filter(|w| w.is_distributed()) else { return make() };
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let key = format!("{what} {}", CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let made = if world.is_main() { Some(make()) } else { None };
+    let payload = match &made {
+        Some(Ok(v)) => format!("ok:{v}"),
+        Some(Err(e)) => format!("error:{e}"),
+        None => String::new(),
+    };
+    world.after_rank0_writes(&key)?;
+    let all = world.exchange(&key, payload.as_bytes())?;
+    if let Some(made) = made {
+        return made;
+    }
+    let sent = String::from_utf8_lossy(&all[0]).into_owned();
+    match sent.strip_prefix("ok:") {
+        Some(v) => Ok(v.to_string()),
+        None => Err(Error::data(path, format!("rank 0 could not compute the {what}: {}", sent.strip_prefix("error:").unwrap_or(&sent)))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
