@@ -628,6 +628,31 @@ fn a_first_scan_slower_than_the_timeout_does_not_end_the_job_and_every_rank_name
     }
 }
 
+/// Rank 0's read of a feature-cache file, longer than --dist-timeout: the other rank waits on the store, not in a
+/// collective, and the evaluation completes from the cache.
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn a_feature_cache_read_slower_than_the_timeout_does_not_end_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = synth(dir.path());
+    let enc = dir.path().join("enc.safetensors");
+    run_one(&strings(&["init", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/configs/lmim_tiny.toml"), "-o", s(&enc)]));
+    let cache = dir.path().join("cache");
+    let args = |out: &Path| strings(&["eval", "--protocol", "knn", "--device", "cpu", "--quiet", "--workers", "1", "--checkpoint", s(&enc), "--data", s(&data), "--output", s(out), "--cache-dir", s(&cache)]);
+    run_one(&args(&dir.path().join("first")));
+    let t0 = Instant::now();
+    let outs = wait_all(spawn_with(&args(&dir.path().join("second")), 2, 4, |r, port| {
+        let mut v = launcher_vars(r, 2, port);
+        if r == 0 {
+            v.push(("LMIM_FAULT", "cache=1:slow=10".into()));
+        }
+        v
+    }));
+    assert_ok(&outs);
+    assert!(t0.elapsed() > Duration::from_secs(10), "the cache read was delayed");
+    assert_eq!(record(&dir.path().join("first"))["metrics"], record(&dir.path().join("second"))["metrics"]);
+}
+
 /// Two Slurm jobs on one node, neither naming MASTER_PORT: each job's store is on a port of its own (from its job
 /// id), so both run.
 #[test]

@@ -497,11 +497,16 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
     });
     let world = crate::dist::world();
     // Rank 0 reads the cache; the others only learn whether it hit, since the features end up on rank 0 alone.
+    if cache_path.as_ref().is_some_and(|p| world.is_main() && p.is_file()) {
+        crate::fault::fault_point("cache", 1)?;
+    }
     let cached = cache_path.as_ref().filter(|p| world.is_main() && p.is_file()).and_then(|p| {
         // A file that does not load, or carries another key, is recomputed and overwritten.
         FeatureSet::load(p).ok().filter(|set| set.meta.cache_key.as_deref() == Some(key.as_str()) && set.len() == dataset.len() as i64).map(|set| (p.clone(), set))
     });
-    let hit = world.sum_f64(&[cached.is_some() as u8 as f64], "the feature cache check")?[0] > 0.0;
+    // The others wait for rank 0's read on the store, not inside a collective (a large cache file on a slow file
+    // system would otherwise trip NCCL's watchdog).
+    let hit = crate::data::index::string_from_rank0("feature cache check", &req.data_root, || Ok(cached.is_some().to_string()))? == "true";
     if hit {
         let report = ExtractReport { cache_key: key, path: cache_path.clone(), cache_hit: true, seconds: t0.elapsed().as_secs_f64(), images_per_s: None, skipped_paths: Vec::new(), ignored_keys };
         let set = cached.map_or_else(|| FeatureSet::empty_on_peer(cfg.embed_dim), |(_, set)| set);
