@@ -792,3 +792,34 @@ fn a_suite_on_two_ranks_gives_the_one_rank_records() {
     assert!(stderr(&again[0]).matches(": kept (").count() == 2, "{}", stderr(&again[0]));
     assert_eq!(recs(&two).len(), 2, "kept, not run again");
 }
+
+/// ADE20K segmentation on 2 ranks shares the forward passes (each rank its block of images, gathered to rank 0 in
+/// image order): the one-rank record, written once.
+#[test]
+#[cfg_attr(not(lmim_gloo), ignore = "this build has no Gloo (no gloo headers when it was built): apt-get install libgloo-dev or set LMIM_GLOO_INCLUDE, then rebuild")]
+fn seg_on_two_ranks_gives_the_one_rank_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("ade");
+    run_one(&strings(&["data", "synth-ade20k", "--out", s(&data), "--train", "13", "--val", "5", "--size", "48x40"]));
+    let ckpt = dir.path().join("enc.safetensors");
+    run_one(&strings(&["init", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/configs/lmim_tiny.toml"), "-o", s(&ckpt)]));
+    let args = |out: &Path| strings(&["eval", "--protocol", "seg", "--device", "cpu", "--quiet", "--name", "tiny", "--checkpoint", s(&ckpt), "--data", s(&data), "--output", s(out), "--batch-size", "4", "resolution=32", "logreg_c=1.0"]);
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    run_one(&args(&one));
+    run_world(&args(&two), 2);
+    let (r1, r2) = (record(&one), record(&two));
+    assert!(r1["metrics"]["miou_knn"].as_f64().is_some() && r1["metrics"]["miou_logreg"].as_f64().is_some(), "{}", r1["metrics"]);
+    assert_eq!(r1["metrics"], r2["metrics"]);
+    // Times aside: every number of both classifiers, the split and the patch counts.
+    fn untimed(v: &serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => m.iter().filter(|(k, _)| !k.contains("seconds")).map(|(k, v)| (k.clone(), untimed(v))).collect(),
+            other => other.clone(),
+        }
+    }
+    for k in ["knn", "logreg", "split", "training_patches", "validation_patches"] {
+        assert_eq!(untimed(&r1["details"][k]), untimed(&r2["details"][k]), "{k}");
+    }
+    let records = std::fs::read_dir(&two).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json")).count();
+    assert_eq!(records, 1, "one record for the job");
+}

@@ -297,6 +297,34 @@ impl Extractor<'_> {
         }
         Ok(Extracted { features: Tensor::cat(&feats, 0), labels: Tensor::cat(&labels, 0), per_image: g * g })
     }
+
+    /// [`Extractor::extract`] over the ranks of a job: each rank runs the model on its contiguous block of `pairs`,
+    /// the feature rows are gathered to rank 0 in image order, and rank 0 reads every label map itself (a PNG
+    /// decode, cheap beside a forward). `None` on the other ranks.
+    pub fn extract_sharded(&self, pairs: &[Pair], quiet: bool, what: &str) -> Result<Option<Extracted>> {
+        let world = crate::dist::world();
+        if !world.is_distributed() {
+            return self.extract(pairs, quiet, what).map(Some);
+        }
+        let per = pairs.len().div_ceil(world.size);
+        let (lo, hi) = ((world.rank * per).min(pairs.len()), ((world.rank + 1) * per).min(pairs.len()));
+        let mine = if lo < hi { Some(self.extract(&pairs[lo..hi], quiet || !world.is_main(), what)?) } else { None };
+        let per_image = (self.resolution / self.model.cfg.patch_size).pow(2);
+        let local = mine.map(|e| {
+            let m = e.features.size()[0];
+            let ids = Tensor::arange_start(lo as i64 * per_image, lo as i64 * per_image + m, (Kind::Int64, Device::Cpu));
+            (e.features, ids, Tensor::zeros([m], (Kind::Int64, Device::Cpu)))
+        });
+        let Some((features, _, filled)) = super::extract::gather_rows(world, local, pairs.len() as i64 * per_image)? else { return Ok(None) };
+        let features = features.ok_or_else(|| Error::data(&pairs[0].image, format!("no {what} image was extracted")))?;
+        if filled as i64 != pairs.len() as i64 * per_image {
+            return Err(Error::data(&pairs[0].image, format!("the ranks extracted {filled} of {} {what} patches", pairs.len() as i64 * per_image)));
+        }
+        use rayon::prelude::*;
+        let (res, patch, ignore) = (self.resolution, self.model.cfg.patch_size, &self.ignore);
+        let labels: Vec<Tensor> = pairs.par_iter().map(|p| Ok(patchify_labels(&ade20k::read_label(&p.annotation, res as u32, ignore)?, res, patch))).collect::<Result<_>>()?;
+        Ok(Some(Extracted { features, labels: Tensor::cat(&labels, 0), per_image }))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------- scaler
@@ -768,8 +796,13 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let split = if cfg.needs_holdout() { TrainSplit::seeded(set.train.len(), cfg.holdout, cfg.seed as u64)? } else { TrainSplit::all(set.train.len()) };
     let ex = Extractor { model, resolution: cfg.resolution, feature: cfg.feature, ignore: cfg.ignore.clone(), batch: req.run.batch_size.clamp(1, if device.is_cuda() { 256 } else { 32 }), device, amp };
     let t0 = Instant::now();
-    let train = ex.extract(&set.train, req.run.quiet, "training")?;
-    let val = ex.extract(&set.val, req.run.quiet, "validation")?;
+    // Under a launcher the ranks share the forward passes; the fits and the k-NN search run on rank 0.
+    let train = ex.extract_sharded(&set.train, req.run.quiet, "training")?;
+    let val = ex.extract_sharded(&set.val, req.run.quiet, "validation")?;
+    let (Some(train), Some(val)) = (train, val) else {
+        let b = RecordBuilder::new(Protocol::Seg, &cfg.version, &loaded.overrides(&[]));
+        return b.finish(serde_json::json!({ "fits": "on rank 0" }), &device_name(device), &req.output);
+    };
     let seconds_features = t0.elapsed().as_secs_f64();
     let data = Prepared::new(&train, &val, &split, cfg.standardize);
     drop((train, val));
