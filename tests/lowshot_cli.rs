@@ -66,7 +66,7 @@ fn scikit_learn_top1(cache: &Path, data: &Path, list: &Path, work: &Path) -> f64
     let x = train.get("features").unwrap().index_select(0, &rows).to_kind(Kind::Double);
     let y = train.get("labels").unwrap().index_select(0, &rows);
     let (vx, vy) = (val.get("features").unwrap().to_kind(Kind::Double), val.get("labels").unwrap().shallow_clone());
-    let cfg = serde_json::json!({ "lambd": 0.25, "num_classes": 10, "tol": 1e-10 });
+    let cfg = serde_json::json!({ "lambd": 0.0025, "num_classes": 10, "tol": 1e-10 });
     let meta = [("config".to_string(), cfg.to_string())].into_iter().collect();
     let (inp, out) = (work.join("sk-in.safetensors"), work.join("sk-out.safetensors"));
     checkpoint::save(&inp, &[("train".into(), x), ("train_labels".into(), y), ("val".into(), vx)], &meta).unwrap();

@@ -286,6 +286,56 @@ fn samples_of(members: &[Member], cut: bool) -> (Vec<(&Member, Option<&Member>)>
     (out, orphans)
 }
 
+/// One shard's part of the index: its samples, the problems found, its stamp, what a cut or corrupt shard lost
+/// (against `counts.tsv` where there is one) and its file id.
+type ShardScan = (Vec<Entry>, Vec<String>, Stamp, Option<Lost>, FileId);
+
+fn scan_shard(dir: &Path, s: usize, name: &str, packed: Option<&std::collections::HashMap<String, u64>>) -> Result<ShardScan> {
+    let path = dir.join(name);
+    let stamp = index::stamp(dir, name)?;
+    let id = FileId::of(&std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?);
+    let (members, stop) = scan_members(&path)?;
+    let mut problems: Vec<String> = stop.iter().map(|(_, p)| format!("{name}: {p}")).collect();
+    let (samples, orphans) = samples_of(&members, stop.is_some());
+    let found = samples.len() as u64;
+    let lost = match (packed.and_then(|c| c.get(name)), &stop) {
+        (Some(&want), _) if found < want => Some(Lost {
+            shard: name.to_string(),
+            offset: stop.as_ref().map_or(stamp.size, |(o, _)| *o),
+            first: found,
+            count: Some(want - found),
+            why: stop.as_ref().map_or_else(|| format!("{COUNTS_FILE} says {want} samples, the shard holds {found}"), |(_, w)| w.clone()),
+        }),
+        (Some(_), _) => None,
+        (None, Some((offset, why))) => Some(Lost { shard: name.to_string(), offset: *offset, first: found, count: None, why: why.clone() }),
+        (None, None) => None,
+    };
+    if orphans > 0 {
+        problems.push(format!("{name}: {orphans} label(s) without an image member"));
+    }
+    let f = crate::fsutil::open_regular(&path, None)?;
+    let mut unlabelled = 0;
+    let entries = samples
+        .into_iter()
+        .map(|(img, cls)| {
+            let label = cls.and_then(|c| {
+                let mut v = vec![0u8; c.size.min(64) as usize];
+                f.read_exact_at(&mut v, c.offset).ok()?;
+                std::str::from_utf8(&v).ok()?.trim().parse::<i64>().ok().filter(|&l| l >= 0)
+            });
+            unlabelled += label.is_none() as usize;
+            Entry { rel: img.name.to_string(), label: label.unwrap_or(-1), size: img.size, shard: s as u32, offset: img.offset }
+        })
+        .collect();
+    if unlabelled > 0 {
+        problems.push(format!("{name}: {unlabelled} sample(s) without a readable `.cls` label"));
+    }
+    if let Some(l) = lost.as_ref().filter(|_| stop.is_none()) {
+        problems.push(l.describe());
+    }
+    Ok((entries, problems, stamp, lost, id))
+}
+
 /// The index of a folder of tar shards (sorted by name), from one pass over each shard's headers.
 pub(crate) fn scan(root: &Path, split: &str, dir: &Path, items: &[Item]) -> Result<DatasetIndex> {
     let names: Vec<String> = items.iter().filter(|e| !e.is_dir && is_shard_name(&e.name)).map(|e| e.name.clone()).collect();
@@ -309,55 +359,7 @@ pub(crate) fn scan(root: &Path, split: &str, dir: &Path, items: &[Item]) -> Resu
     } else {
         None
     };
-    let per_shard: Vec<Result<(Vec<Entry>, Vec<String>, Stamp, Option<Lost>, FileId)>> = names
-        .par_iter()
-        .enumerate()
-        .map(|(s, name)| {
-            let path = dir.join(name);
-            let stamp = index::stamp(dir, name)?;
-            let id = FileId::of(&std::fs::metadata(&path).map_err(|e| Error::io(&path, e))?);
-            let (members, stop) = scan_members(&path)?;
-            let mut problems: Vec<String> = stop.iter().map(|(_, p)| format!("{name}: {p}")).collect();
-            let (samples, orphans) = samples_of(&members, stop.is_some());
-            let found = samples.len() as u64;
-            let lost = match (packed.as_ref().and_then(|c| c.get(name)), &stop) {
-                (Some(&want), _) if found < want => Some(Lost {
-                    shard: name.clone(),
-                    offset: stop.as_ref().map_or(stamp.size, |(o, _)| *o),
-                    first: found,
-                    count: Some(want - found),
-                    why: stop.as_ref().map_or_else(|| format!("{COUNTS_FILE} says {want} samples, the shard holds {found}"), |(_, w)| w.clone()),
-                }),
-                (Some(_), _) => None,
-                (None, Some((offset, why))) => Some(Lost { shard: name.clone(), offset: *offset, first: found, count: None, why: why.clone() }),
-                (None, None) => None,
-            };
-            if orphans > 0 {
-                problems.push(format!("{name}: {orphans} label(s) without an image member"));
-            }
-            let f = crate::fsutil::open_regular(&path, None)?;
-            let mut unlabelled = 0;
-            let entries = samples
-                .into_iter()
-                .map(|(img, cls)| {
-                    let label = cls.and_then(|c| {
-                        let mut v = vec![0u8; c.size.min(64) as usize];
-                        f.read_exact_at(&mut v, c.offset).ok()?;
-                        std::str::from_utf8(&v).ok()?.trim().parse::<i64>().ok().filter(|&l| l >= 0)
-                    });
-                    unlabelled += label.is_none() as usize;
-                    Entry { rel: img.name.clone(), label: label.unwrap_or(-1), size: img.size, shard: s as u32, offset: img.offset }
-                })
-                .collect();
-            if unlabelled > 0 {
-                problems.push(format!("{name}: {unlabelled} sample(s) without a readable `.cls` label"));
-            }
-            if let Some(l) = lost.as_ref().filter(|_| stop.is_none()) {
-                problems.push(l.describe());
-            }
-            Ok((entries, problems, stamp, lost, id))
-        })
-        .collect();
+    let per_shard: Vec<Result<ShardScan>> = names.par_iter().enumerate().map(|(s, name)| scan_shard(dir, s, name, packed.as_ref())).collect();
     let (mut entries, mut problems, mut lost, mut ids) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in per_shard {
         let (e, p, s, l, id) = r?;

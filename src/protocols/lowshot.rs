@@ -197,6 +197,36 @@ pub fn with_ones(x: &Tensor) -> Tensor {
     Tensor::cat(&[x.shallow_clone(), Tensor::ones([x.size()[0], 1], (x.kind(), x.device()))], 1)
 }
 
+/// The L-BFGS direction -H g by the two-loop recursion over `hist` ((s, y, 1 / s.y) pairs, oldest first) and its
+/// slope g.dir; steepest descent, with the history cleared, where round-off leaves no descent direction.
+fn lbfgs_direction(hist: &mut std::collections::VecDeque<(Tensor, Tensor, f64)>, g: &Tensor, gmax: f64) -> (Tensor, f64) {
+    let mut q = g.copy();
+    let mut alphas = Vec::with_capacity(hist.len());
+    for (s, yv, rho) in hist.iter().rev() {
+        let a = rho * dot(s, &q);
+        q -= yv * a;
+        alphas.push(a);
+    }
+    let gamma = match hist.back() {
+        Some((s, yv, _)) => dot(s, yv) / dot(yv, yv),
+        None => 1.0 / gmax.max(1e-300),
+    };
+    let mut r = q * gamma;
+    for ((s, yv, rho), a) in hist.iter().zip(alphas.iter().rev()) {
+        let b = rho * dot(yv, &r);
+        r += s * (a - b);
+    }
+    let dir = -r;
+    let slope = dot(g, &dir);
+    if slope < 0.0 {
+        return (dir, slope);
+    }
+    hist.clear();
+    let dir = -g / gmax.max(1e-300);
+    let slope = dot(g, &dir);
+    (dir, slope)
+}
+
 /// [`fit`], the L2 term restricted to the rows of W where `penalty` ([D, 1], 0 or 1) is 1 (None: every row).
 fn fit_penalized(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions, penalty: Option<&Tensor>, ftol: Option<f64>) -> Result<Fit> {
     let pen = |t: &Tensor| match penalty {
@@ -223,31 +253,7 @@ fn fit_penalized(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions, 
     let mut iterations = 0;
     let mut gmax = max_abs(&g);
     while gmax > opts.grad_tol && iterations < opts.max_iter {
-        // Two-loop recursion: the L-BFGS direction -H g.
-        let mut q = g.copy();
-        let mut alphas = Vec::with_capacity(hist.len());
-        for (s, yv, rho) in hist.iter().rev() {
-            let a = rho * dot(s, &q);
-            q -= yv * a;
-            alphas.push(a);
-        }
-        let gamma = match hist.back() {
-            Some((s, yv, _)) => dot(s, yv) / dot(yv, yv),
-            None => 1.0 / gmax.max(1e-300),
-        };
-        let mut r = q * gamma;
-        for ((s, yv, rho), a) in hist.iter().zip(alphas.iter().rev()) {
-            let b = rho * dot(yv, &r);
-            r += s * (a - b);
-        }
-        let mut dir = -r;
-        let mut slope = dot(&g, &dir);
-        if !(slope < 0.0) {
-            // Not a descent direction (round-off): restart from steepest descent.
-            hist.clear();
-            dir = -&g / gmax.max(1e-300);
-            slope = dot(&g, &dir);
-        }
+        let (dir, slope) = lbfgs_direction(&mut hist, &g, gmax);
         let zd = x.mm(&dir);
         // ||w + t dir||^2 = ww + 2 t wd + t^2 dd.
         let (ww, wd, dd) = (dot(&pen(&w), &w), dot(&pen(&w), &dir), dot(&pen(&dir), &dir));
@@ -283,6 +289,9 @@ fn fit_penalized(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions, 
         f = f_new;
         g = g_new;
         gmax = max_abs(&g);
+        if !f.is_finite() || !gmax.is_finite() {
+            return Err(Error::NonFinite(format!("the logistic regression's objective or gradient after {iterations} iterations (objective {f}, max |gradient| {gmax}): the features hold values too large?")));
+        }
         iterations += 1;
         if ftol.is_some_and(|t| decrease <= t * (f + decrease).abs().max(f.abs()).max(1.0)) {
             break;
@@ -538,6 +547,46 @@ fn accuracy(pred: &Tensor, labels: &Tensor) -> f64 {
     100.0 * correct as f64 / labels.size()[0] as f64
 }
 
+/// The splits of a run, read (every name checked) or drawn before any feature is extracted: the subset lists, then
+/// `draws` draws of `shots` images per class, each written as a list under `output`.
+fn subsets_of(lists: &[PathBuf], cfg: &LowshotConfig, train_ds: &Dataset, data_hash: &str, output: &Path) -> Result<Vec<Subset>> {
+    let mut subsets = Vec::new();
+    for l in lists {
+        subsets.push(read_list(l, train_ds)?);
+    }
+    if cfg.shots > 0 {
+        for i in 0..cfg.draws {
+            let seed = cfg.seed + i;
+            let rows = draw_rows(train_ds, cfg.shots as usize, seed as u64)?;
+            subsets.push(write_draw(output, train_ds, rows, cfg.shots as usize, seed, data_hash)?);
+        }
+    }
+    Ok(subsets)
+}
+
+/// One logistic regression per split on its rows of `train` (f64 features on the device, preprocessed here), scored
+/// on the preprocessed `val`: each split's details and its top-1.
+fn solve_splits(subsets: &[Subset], (train_x, train_y): (&Tensor, &Tensor), (val_x, val_y): (&Tensor, &Tensor), num_classes: i64, opts: &SolveOptions, quiet: bool) -> Result<(Vec<serde_json::Value>, Vec<f64>)> {
+    let (mut splits, mut tops) = (Vec::new(), Vec::new());
+    for (i, s) in subsets.iter().enumerate() {
+        let idx = Tensor::from_slice(&s.rows).to_device(opts.device);
+        let x = preprocess(&train_x.index_select(0, &idx));
+        let y = train_y.index_select(0, &Tensor::from_slice(&s.rows));
+        let f = fit(&x, &y, num_classes, opts)?;
+        if !f.converged && !quiet {
+            eprintln!("warning: split {}: max |gradient| {:.3e} after {} iterations, above grad_tol {:.1e}", i + 1, f.grad_max, f.iterations, opts.grad_tol);
+        }
+        let train_top1 = accuracy(&predict(&x, &f.weights), &y);
+        let top1 = accuracy(&predict(val_x, &f.weights), val_y);
+        if !quiet {
+            eprintln!("split {} ({}, {} images): top-1 {top1:.2} ({} iterations, {:.1} s)", i + 1, s.file.display(), s.count, f.iterations, f.seconds);
+        }
+        tops.push(top1);
+        splits.push(serde_json::json!({ "subset": s, "top1": top1, "train_top1": train_top1, "solve": f }));
+    }
+    Ok((splits, tops))
+}
+
 pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let loaded = req.protocol.load::<LowshotConfig>(req.protocol_file.as_deref(), &req.sets)?;
     let origin = loaded.origin.clone();
@@ -560,18 +609,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let device = req.run.device()?;
     let train_ds = Dataset::open_on_all_ranks(&data, "train", req.run.scan)?;
     let train_print = SplitPrint::of_dataset("train", &train_ds)?;
-    // Lists are read (and every name checked) before any feature is extracted.
-    let mut subsets = Vec::new();
-    for l in &lists {
-        subsets.push(read_list(l, &train_ds)?);
-    }
-    if cfg.shots > 0 {
-        for i in 0..cfg.draws {
-            let seed = cfg.seed + i;
-            let rows = draw_rows(&train_ds, cfg.shots as usize, seed as u64)?;
-            subsets.push(write_draw(&req.output, &train_ds, rows, cfg.shots as usize, seed, &train_print.hash)?);
-        }
-    }
+    let subsets = subsets_of(&lists, &cfg, &train_ds, &train_print.hash, &req.output)?;
     let split = |name: &str| super::neighbors::extract_split(req, cfg.feature, cfg.last_blocks, &cfg.transform, name, device);
     let train = split("train")?;
     let val = split("val")?;
@@ -591,24 +629,9 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let opts = SolveOptions { lambd: cfg.lambd, grad_tol: cfg.grad_tol, max_iter: cfg.max_iter, memory: cfg.memory, device };
     let overrides = loaded.overrides(&[]);
     let mut b = RecordBuilder::new(req.protocol, &cfg.version, &overrides);
-    let mut splits = Vec::new();
-    let mut tops = Vec::new();
-    for (i, s) in subsets.iter().enumerate() {
-        let idx = Tensor::from_slice(&s.rows).to_device(device);
-        let x = preprocess(&train_x.index_select(0, &idx));
-        let y = train.set.labels.index_select(0, &Tensor::from_slice(&s.rows));
-        let f = fit(&x, &y, num_classes, &opts)?;
-        if !f.converged && !req.run.quiet {
-            eprintln!("warning: split {}: max |gradient| {:.3e} after {} iterations, above grad_tol {:.1e}", i + 1, f.grad_max, f.iterations, cfg.grad_tol);
-        }
-        let train_top1 = accuracy(&predict(&x, &f.weights), &y);
-        let top1 = accuracy(&predict(&val_x, &f.weights), &val.set.labels);
-        if !req.run.quiet {
-            eprintln!("split {} ({}, {} images): top-1 {top1:.2} ({} iterations, {:.1} s)", i + 1, s.file.display(), s.count, f.iterations, f.seconds);
-        }
-        b = b.metric(&format!("top1@split{}", i + 1), top1);
-        tops.push(top1);
-        splits.push(serde_json::json!({ "subset": s, "top1": top1, "train_top1": train_top1, "solve": f }));
+    let (splits, tops) = solve_splits(&subsets, (&train_x, &train.set.labels), (&val_x, &val.set.labels), num_classes, &opts, req.run.quiet)?;
+    for (i, top1) in tops.iter().enumerate() {
+        b = b.metric(&format!("top1@split{}", i + 1), *top1);
     }
     let (mean, std) = mean_std(&tops);
     b = b.metric("top1", mean).metric("top1_std", std);
