@@ -70,8 +70,8 @@ impl Error {
             Error::Torch(_) | Error::Diverged(_) | Error::NonFinite(_) | Error::Dist(_) | Error::OutOfMemory { .. } => 1,
             Error::Interrupted { signal, .. } => signal.exit_code(),
             Error::Io { io, .. } if io.kind() == std::io::ErrorKind::BrokenPipe => 0,
-            // A full or read-only disk is a failure of the run, not a bad input.
-            Error::Io { io, .. } if matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::ReadOnlyFilesystem) => 1,
+            // A full or read-only disk, or a file-size limit, is a failure of the run, not a bad input.
+            Error::Io { io, .. } if matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::FileTooLarge) => 1,
             _ => 2,
         }
     }

@@ -129,3 +129,43 @@ fn a_bad_shorthand_value_names_its_flag() {
             .stderr(contains("--set").not());
     }
 }
+
+/// A results table that cannot grow (a file-size limit met in the middle of the row): exit 1 naming it, and the
+/// table as it was before, not cut or half a row longer.
+#[test]
+fn a_results_csv_append_that_fails_leaves_the_table_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, val, out) = (dir.path().join("train.safetensors"), dir.path().join("val.safetensors"), dir.path().join("out"));
+    features(&train, 30, 30, 3);
+    features(&val, 12, 12, 3);
+    let eval = |limit: Option<u64>| {
+        let bin = assert_cmd::cargo::cargo_bin("lmim-bench");
+        let cmd = format!(
+            "{}exec '{}' eval --protocol knn --quiet --train-features '{}' --val-features '{}' --output '{}'",
+            limit.map_or(String::new(), |b| format!("ulimit -f {b}; ")),
+            bin.display(),
+            train.display(),
+            val.display(),
+            out.display()
+        );
+        std::process::Command::new("bash").args(["-c", &cmd]).output().unwrap()
+    };
+    assert!(eval(None).status.success());
+    let csv = out.join("results.csv");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let row = text.lines().nth(1).unwrap().to_string() + "\n";
+    // Rows until the last 1 KiB block has less room than a row: the next append is cut by the limit mid-row.
+    let mut padded = text.clone();
+    while padded.len() < 8192 || {
+        let room = (1024 - padded.len() % 1024) % 1024;
+        room == 0 || room >= row.len() - 20
+    } {
+        padded.push_str(&row);
+    }
+    std::fs::write(&csv, &padded).unwrap();
+    let o = eval(Some(padded.len().div_ceil(1024) as u64));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("results.csv"), "{err}");
+    assert_eq!(std::fs::read_to_string(&csv).unwrap(), padded, "the table as it was");
+}

@@ -244,6 +244,9 @@ pub fn main() -> i32 {
     #[cfg(unix)]
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+        // A file-size limit (`ulimit -f`) makes the write fail with EFBIG, which the writers report and roll back,
+        // instead of killing the process mid-write.
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
     #[cfg(unix)]
     let _stderr = stderr_pipe::install();
