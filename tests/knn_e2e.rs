@@ -135,3 +135,54 @@ fn features_and_accuracy_match_timm_and_cache_is_keyed() {
     assert_eq!(rec["details"]["val"]["cache_hit"], false);
     assert_ne!(rec["details"]["val"]["cache_key"], loo_key);
 }
+
+/// Largest |a - b| of a row over the largest |b| of that row, over all rows.
+fn max_relative(a: &Tensor, b: &Tensor) -> f64 {
+    let (a, b) = (a.to_kind(Kind::Double), b.to_kind(Kind::Double));
+    let diff = (&a - &b).abs().amax([1i64].as_slice(), false);
+    let scale = b.abs().amax([1i64].as_slice(), false);
+    (diff / scale).max().double_value(&[])
+}
+
+/// PNGs of odd sizes, smaller and larger than the eval transform's 36: the features equal timm + torchvision's on
+/// PIL (Resize(36, bicubic) with Pillow's antialiasing, CenterCrop(32)) within 1e-5 of each row's scale, since the
+/// resize is Pillow's to the value.
+#[test]
+fn odd_sized_pngs_give_timms_features() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("odd");
+    let sizes = [(23u32, 29u32), (45, 37), (31, 61), (57, 41), (37, 37), (19, 53)];
+    let mut k = 0u32;
+    for (split, per_class) in [("train", 12), ("val", 6)] {
+        for c in 0..2u32 {
+            let folder = data.join(split).join(format!("c{c}"));
+            std::fs::create_dir_all(&folder).unwrap();
+            for i in 0..per_class {
+                let (w, h) = sizes[(k as usize) % sizes.len()];
+                k += 1;
+                // Gradients, a per-image phase and a hashed texture: edges and smooth parts for both filters' taps.
+                let img = image::RgbImage::from_fn(w, h, |x, y| {
+                    let t = (x * 7 + y * 13 + k * 31).wrapping_mul(2654435761) >> 24;
+                    image::Rgb([((x * 255) / w) as u8 ^ (c * 90) as u8, ((y * 255) / h) as u8, (t as u8).wrapping_add((i * 17) as u8)])
+                });
+                img.save(folder.join(format!("{i:03}.png"))).unwrap();
+            }
+        }
+    }
+    let ckpt = d.join("pico.safetensors");
+    random_pico(&ckpt, 1);
+    let cache = d.join("cache");
+    for split in ["train", "val"] {
+        extract(&ckpt, &data, split, "cls", &cache, &d.join(format!("{split}.st")));
+    }
+    let py = d.join("py.safetensors");
+    common::run_py("ref_extract.py", &["features", ckpt.to_str().unwrap(), data.to_str().unwrap(), py.to_str().unwrap()]);
+    let r = checkpoint::load(&py).unwrap();
+    for split in ["train", "val"] {
+        let set = FeatureSet::load(&d.join(format!("{split}.st"))).unwrap();
+        let rel = max_relative(&set.features, r.get(&format!("{split}_cls")).unwrap());
+        eprintln!("{split}: largest relative difference {rel:.2e}");
+        assert!(rel < 1e-5, "{split}: features differ from timm + torchvision's by {rel:e} of their scale");
+    }
+}
