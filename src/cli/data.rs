@@ -104,6 +104,31 @@ struct PrepareDemoArgs {
     json: bool,
 }
 
+/// What every generator takes beside its sizes.
+#[derive(Debug, Args)]
+struct GenArgs {
+    /// Seed of the generated content.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// JPEG quality (1-100).
+    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
+    quality: u8,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// A generator's result: its JSON, or one line saying whether it was written or found up to date.
+fn report_generated<R: serde::Serialize>(json: bool, r: &R, reused: bool, line: impl FnOnce(&str) -> String) -> anyhow::Result<()> {
+    let text = if json {
+        serde_json::to_string_pretty(r)? + "\n"
+    } else {
+        line(if reused { "up to date" } else { "written" }) + "\n"
+    };
+    crate::results::write_output("-", &text)?;
+    Ok(())
+}
+
 #[derive(Debug, Args)]
 struct SynthArgs {
     /// Output folder (replaced only when it was made by `data synth` or `data prepare-demo`).
@@ -121,15 +146,8 @@ struct SynthArgs {
     /// Image size: S (square) or WxH, e.g. 500x375 like an ImageNet photo.
     #[arg(long, default_value = "64")]
     size: String,
-    /// Seed of the generated content.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// JPEG quality (1-100).
-    #[arg(long, default_value_t = 90, value_parser = clap::value_parser!(u8).range(1..=100))]
-    quality: u8,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    gen: GenArgs,
 }
 
 #[derive(Debug, Args)]
@@ -167,14 +185,8 @@ struct SynthDavisArgs {
     /// Frame size WxH (DAVIS 480p is 854x480).
     #[arg(long, default_value = "160x72")]
     size: String,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// JPEG quality of the frames.
-    #[arg(long, default_value_t = 90)]
-    quality: u8,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    gen: GenArgs,
 }
 
 #[derive(Debug, Args)]
@@ -194,14 +206,8 @@ struct SynthAdeArgs {
     /// Nominal image size WxH (each image adds 0..8 pixels per side).
     #[arg(long, default_value = "160x120")]
     size: String,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// JPEG quality.
-    #[arg(long, default_value_t = 90)]
-    quality: u8,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    gen: GenArgs,
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), Error> {
@@ -229,17 +235,7 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
                 val_per_class: a.val_per_class,
             };
             let r = fmnist::prepare_demo(&opts)?;
-            if a.json {
-                crate::results::write_output("-", &(serde_json::to_string_pretty(&r)? + "\n"))?;
-            } else {
-                let verb = if r.reused { "up to date" } else { "written" };
-                crate::results::write_output("-", &format!(
-                    "{}: {verb} (train {} images, val {} images, 10 classes)\n",
-                    r.out.display(),
-                    r.train_images,
-                    r.val_images
-                ))?;
-            }
+            report_generated(a.json, &r, r.reused, |verb| format!("{}: {verb} (train {} images, val {} images, 10 classes)", r.out.display(), r.train_images, r.val_images))?;
         }
         DataCmd::SynthDavis(a) => {
             let (width, height) = parse_size(&a.size)?;
@@ -250,27 +246,17 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
                 max_objects: a.max_objects,
                 width,
                 height,
-                seed: a.seed,
-                quality: a.quality,
+                seed: a.gen.seed,
+                quality: a.gen.quality,
             };
             let r = crate::data::davis::synth_davis(&opts)?;
-            if a.json {
-                crate::results::write_output("-", &(serde_json::to_string_pretty(&r)? + "\n"))?;
-            } else {
-                let verb = if r.reused { "up to date" } else { "written" };
-                crate::results::write_output("-", &format!("{}: {verb} ({} sequences, {} frames, {width}x{height})\n", r.out.display(), r.sequences, r.frames))?;
-            }
+            report_generated(a.gen.json, &r, r.reused, |verb| format!("{}: {verb} ({} sequences, {} frames, {width}x{height})", r.out.display(), r.sequences, r.frames))?;
         }
         DataCmd::SynthAde20k(a) => {
             let (width, height) = parse_size(&a.size)?;
-            let opts = crate::data::ade20k::SynthAdeOptions { out: a.out, train: a.train, val: a.val, classes: a.classes, width, height, seed: a.seed, quality: a.quality };
+            let opts = crate::data::ade20k::SynthAdeOptions { out: a.out, train: a.train, val: a.val, classes: a.classes, width, height, seed: a.gen.seed, quality: a.gen.quality };
             let r = crate::data::ade20k::synth_ade20k(&opts)?;
-            if a.json {
-                crate::results::write_output("-", &(serde_json::to_string_pretty(&r)? + "\n"))?;
-            } else {
-                let verb = if r.reused { "up to date" } else { "written" };
-                crate::results::write_output("-", &format!("{}: {verb} (training {} images, validation {}, {} classes, {width}x{height})\n", r.out.display(), r.train_images, r.val_images, r.classes))?;
-            }
+            report_generated(a.gen.json, &r, r.reused, |verb| format!("{}: {verb} (training {} images, validation {}, {} classes, {width}x{height})", r.out.display(), r.train_images, r.val_images, r.classes))?;
         }
         DataCmd::Synth(a) => {
             let (width, height) = parse_size(&a.size)?;
@@ -281,22 +267,11 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
                 val_per_class: a.val_per_class,
                 width,
                 height,
-                seed: a.seed,
-                quality: a.quality,
+                seed: a.gen.seed,
+                quality: a.gen.quality,
             };
             let r = synth::synth(&opts)?;
-            if a.json {
-                crate::results::write_output("-", &(serde_json::to_string_pretty(&r)? + "\n"))?;
-            } else {
-                let verb = if r.reused { "up to date" } else { "written" };
-                crate::results::write_output("-", &format!(
-                    "{}: {verb} (train {} images, val {} images, {} classes, {width}x{height})\n",
-                    r.out.display(),
-                    r.train_images,
-                    r.val_images,
-                    opts.classes
-                ))?;
-            }
+            report_generated(a.gen.json, &r, r.reused, |verb| format!("{}: {verb} (train {} images, val {} images, {} classes, {width}x{height})", r.out.display(), r.train_images, r.val_images, opts.classes))?;
         }
         DataCmd::Info(a) => info(a)?,
         DataCmd::Check(a) => check(a)?,
