@@ -669,3 +669,29 @@ fn a_pack_that_fails_its_check_leaves_no_split_and_an_existing_one_as_it_was() {
     let after: Vec<(String, Vec<u8>)> = std::fs::read_dir(out.join("train")).unwrap().map(|e| e.unwrap().path()).map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())).collect();
     assert_eq!(before, after);
 }
+
+/// A selection of rows (low-shot's subsets) reads the same bytes and labels as the split, from folders and from tar
+/// shards, under a cache key of its own.
+#[test]
+fn a_selection_of_rows_reads_the_splits_samples_under_its_own_key() {
+    use lmim_bench::data::{shards, OpenOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let root = make_synth(dir.path(), 3, 4);
+    let opts = OpenOptions { index_dir: Some(dir.path().join("index")), quiet: true, ..Default::default() };
+    let folder = Dataset::open_with(&root, "train", &opts).unwrap();
+    let out = dir.path().join("packed");
+    shards::pack(&folder, &out, 1 << 12).unwrap();
+    let packed = Dataset::open_with(&out, "train", &opts).unwrap();
+    for ds in [&folder, &packed] {
+        let rows = [7usize, 2, 11];
+        let sel = ds.select(&rows).unwrap();
+        assert_eq!(sel.len(), 3);
+        for (k, &r) in rows.iter().enumerate() {
+            assert_eq!((sel.samples[k].1, sel.read_bytes(k).unwrap()), (ds.samples[r].1, ds.read_bytes(r).unwrap()), "{} row {r}", ds.layout);
+        }
+        assert_eq!(sel.fingerprint().unwrap(), ds.fingerprint().unwrap());
+        assert_ne!(sel.cache_key(), ds.cache_key());
+        assert_ne!(sel.cache_key(), ds.select(&[2, 7, 11]).unwrap().cache_key(), "the order is part of the key");
+        assert!(ds.select(&[ds.len()]).is_err());
+    }
+}

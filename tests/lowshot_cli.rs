@@ -9,7 +9,7 @@ use assert_cmd::Command;
 use lmim_bench::checkpoint;
 use lmim_bench::model::{VisionTransformer, VitConfig};
 use predicates::str::contains;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device, Kind};
 
 fn bin() -> Command {
     Command::cargo_bin("lmim-bench").unwrap()
@@ -51,7 +51,7 @@ fn eval(args: &[&str], ckpt: &Path, data: &Path, out: &Path, cache: &Path) -> as
 
 /// Top-1 of scikit-learn's logistic regression (tests/py/ref_lowshot.py `fit`: cyanure's preprocessing, then
 /// `LogisticRegression(C = 1 / lambd, fit_intercept=False)`) on the cache's train and val features of the protocol's
-/// run, on the rows the subset `list` names.
+/// run (the train file holds only the rows the subset `list` names, in split order).
 fn scikit_learn_top1(cache: &Path, data: &Path, list: &Path, work: &Path) -> f64 {
     let file_of = |split: &str| {
         let mut f: Vec<_> = std::fs::read_dir(cache).unwrap().map(|e| e.unwrap().path()).filter(|p| p.file_name().unwrap().to_string_lossy().contains(&format!("-{split}-"))).collect();
@@ -61,10 +61,14 @@ fn scikit_learn_top1(cache: &Path, data: &Path, list: &Path, work: &Path) -> f64
     let (train, val) = (file_of("train"), file_of("val"));
     let ds = lmim_bench::data::Dataset::open(data, "train").unwrap();
     let names: Vec<String> = std::fs::read_to_string(list).unwrap().lines().map(String::from).collect();
-    let rows: Vec<i64> = names.iter().map(|n| ds.samples.iter().position(|(p, _)| p.file_name().unwrap().to_string_lossy() == *n).expect("listed image in the split") as i64).collect();
-    let rows = Tensor::from_slice(&rows);
-    let x = train.get("features").unwrap().index_select(0, &rows).to_kind(Kind::Double);
-    let y = train.get("labels").unwrap().index_select(0, &rows);
+    let mut rows: Vec<usize> = names.iter().map(|n| ds.samples.iter().position(|(p, _)| p.file_name().unwrap().to_string_lossy() == *n).expect("listed image in the split")).collect();
+    rows.sort();
+    // Only the listed rows were extracted, in split order: their labels are theirs.
+    assert_eq!(train.get("features").unwrap().size()[0], rows.len() as i64, "the train features hold the subset's rows only");
+    let want: Vec<i64> = rows.iter().map(|&r| ds.samples[r].1).collect();
+    assert_eq!(Vec::<i64>::try_from(train.get("labels").unwrap()).unwrap(), want);
+    let x = train.get("features").unwrap().to_kind(Kind::Double);
+    let y = train.get("labels").unwrap().shallow_clone();
     let (vx, vy) = (val.get("features").unwrap().to_kind(Kind::Double), val.get("labels").unwrap().shallow_clone());
     let cfg = serde_json::json!({ "lambd": 0.0025, "num_classes": 10, "tol": 1e-10 });
     let meta = [("config".to_string(), cfg.to_string())].into_iter().collect();

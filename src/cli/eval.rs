@@ -293,6 +293,7 @@ pub fn extract(a: ExtractArgs) -> anyhow::Result<()> {
         quiet: a.quiet,
         skip_bad: false,
         scan: a.scan.flags(),
+        rows: None,
     };
     let (set, report) = extract::extract(&req).with_context(|| format!("extracting {} features of {}", a.split, a.checkpoint.display()))?;
     if !world.is_main() {

@@ -389,6 +389,28 @@ impl Dataset {
         Ok(self.fingerprint.clone())
     }
 
+    /// The samples `rows` (indices into this split, in that order) as a dataset of their own, for a protocol that
+    /// reads only some rows (low-shot's subsets): the split's fingerprint, a cache key that adds the rows, and none
+    /// of the split's lost samples (they are not among its samples).
+    pub fn select(&self, rows: &[usize]) -> Result<Dataset> {
+        use sha2::{Digest, Sha256};
+        if let Some(&bad) = rows.iter().find(|&&i| i >= self.samples.len()) {
+            return Err(Error::data(&self.dir, format!("row {bad} is beyond the split's {} samples", self.samples.len())));
+        }
+        let mut h = Sha256::new();
+        for &i in rows {
+            h.update((i as u64).to_le_bytes());
+        }
+        Ok(Dataset {
+            samples: rows.iter().map(|&i| self.samples[i].clone()).collect(),
+            sizes: rows.iter().map(|&i| self.sizes[i]).collect(),
+            shards: self.shards.as_ref().map(|s| Arc::new(s.select(rows))),
+            cache_key: format!("{}+rows-{}", self.cache_key, &hex::encode(h.finalize())[..16]),
+            lost: Vec::new(),
+            ..self.clone()
+        })
+    }
+
     /// The key of the caches made from this split (the feature cache): the fingerprint plus each file's
     /// modification time and inode when the folders were last walked (see [`index::cache_key`]).
     pub fn cache_key(&self) -> &str {

@@ -69,6 +69,11 @@ impl ShardSet {
     }
 
     /// Sample `i`'s member (`size` bytes); `path` (shard/member) names it in errors.
+    /// The samples `rows` (indices into this set, in that order) as a set of their own, over the same shard files.
+    pub fn select(&self, rows: &[usize]) -> ShardSet {
+        ShardSet { paths: self.paths.clone(), files: self.paths.iter().map(|_| OnceLock::new()).collect(), loc: rows.iter().map(|&i| self.loc[i]).collect() }
+    }
+
     /// The shard files, in shard order.
     pub fn paths(&self) -> &[PathBuf] {
         &self.paths

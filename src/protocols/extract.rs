@@ -273,6 +273,8 @@ pub struct ExtractRequest {
     pub skip_bad: bool,
     /// `--rescan` and `--content-key`.
     pub scan: crate::data::ScanFlags,
+    /// Only these rows of the split, in this order (None: every row); the cache keys them.
+    pub rows: Option<Vec<usize>>,
 }
 
 /// How a request was served.
@@ -464,6 +466,10 @@ pub fn extract(req: &ExtractRequest) -> Result<(FeatureSet, ExtractReport)> {
         return Err(Error::option("--last-blocks", format!("{} is more than the model's {} blocks", req.last_blocks, cfg.depth)));
     }
     let dataset = Dataset::open_on_all_ranks(&req.data_root, &req.split, req.scan)?;
+    let dataset = match &req.rows {
+        Some(rows) => dataset.select(rows)?,
+        None => dataset,
+    };
     if dataset.is_empty() {
         return Err(Error::data(&dataset.dir, "the split has no images"));
     }

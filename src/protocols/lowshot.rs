@@ -610,16 +610,20 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let train_ds = Dataset::open_on_all_ranks(&data, "train", req.run.scan)?;
     let train_print = SplitPrint::of_dataset("train", &train_ds)?;
     let subsets = subsets_of(&lists, &cfg, &train_ds, &train_print.hash, &req.output)?;
-    let split = |name: &str| super::neighbors::extract_split(req, cfg.feature, cfg.last_blocks, &cfg.transform, name, device);
-    let train = split("train")?;
-    let val = split("val")?;
+    // Only the training rows some subset names are extracted (their union, in split order), and all of val.
+    let union: Vec<usize> = subsets.iter().flat_map(|s| s.rows.iter().map(|&r| r as usize)).collect::<BTreeSet<_>>().into_iter().collect();
+    let position: HashMap<i64, i64> = union.iter().enumerate().map(|(p, &r)| (r as i64, p as i64)).collect();
+    let local: Vec<Subset> = subsets.iter().map(|s| Subset { rows: s.rows.iter().map(|r| position[r]).collect(), ..s.clone() }).collect();
+    let split = |name: &str, rows| super::neighbors::extract_rows(req, cfg.feature, cfg.last_blocks, &cfg.transform, name, device, rows);
+    let train = split("train", Some(union.clone()))?;
+    let val = split("val", None)?;
     if !crate::dist::world().is_main() {
         let b = RecordBuilder::new(req.protocol, &cfg.version, &loaded.overrides(&[]));
         return b.finish(serde_json::json!({ "solve": "on rank 0" }), &device_name(device), &req.output);
     }
     super::neighbors::check_pair(&train.set, &val.set)?;
-    if train.set.len() as usize != train_ds.len() {
-        return Err(Error::data(&data, format!("the train features have {} rows but the split has {} images", train.set.len(), train_ds.len())));
+    if train.set.len() as usize != union.len() {
+        return Err(Error::data(&data, format!("the train features have {} rows but the subsets name {} images", train.set.len(), union.len())));
     }
     let num_classes = val.set.num_classes();
     let _guard = tch::no_grad_guard();
@@ -629,7 +633,11 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let opts = SolveOptions { lambd: cfg.lambd, grad_tol: cfg.grad_tol, max_iter: cfg.max_iter, memory: cfg.memory, device };
     let overrides = loaded.overrides(&[]);
     let mut b = RecordBuilder::new(req.protocol, &cfg.version, &overrides);
-    let (splits, tops) = solve_splits(&subsets, (&train_x, &train.set.labels), (&val_x, &val.set.labels), num_classes, &opts, req.run.quiet)?;
+    let (mut splits, tops) = solve_splits(&local, (&train_x, &train.set.labels), (&val_x, &val.set.labels), num_classes, &opts, req.run.quiet)?;
+    // The record names each subset's rows in the split, not in the extracted union.
+    for (d, s) in splits.iter_mut().zip(&subsets) {
+        d["subset"] = serde_json::to_value(s).expect("subset serialises");
+    }
     for (i, top1) in tops.iter().enumerate() {
         b = b.metric(&format!("top1@split{}", i + 1), *top1);
     }
@@ -642,6 +650,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         "top1_std": std,
         "std": "population (ddof = 0) over the splits",
         "n_val": val.set.len(),
+        "train_rows_extracted": union.len(),
         "train": train.source,
         "val": val.source,
         "skipped_eval": val.source.get("skipped_paths").cloned().unwrap_or(serde_json::json!([])),

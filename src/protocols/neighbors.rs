@@ -26,6 +26,11 @@ fn load_file(path: &Path) -> Result<Split> {
 
 /// A split's features for a protocol (extracted, or from the cache), with the extraction report as its source.
 pub(crate) fn extract_split(req: &EvalRequest, feature: FeatureKind, last_blocks: i64, transform: &TransformSpec, split: &str, device: tch::Device) -> Result<Split> {
+    extract_rows(req, feature, last_blocks, transform, split, device, None)
+}
+
+/// As [`extract_split`], for the `rows` of the split only (in that order) when given.
+pub(crate) fn extract_rows(req: &EvalRequest, feature: FeatureKind, last_blocks: i64, transform: &TransformSpec, split: &str, device: tch::Device, rows: Option<Vec<usize>>) -> Result<Split> {
     let run = &req.run;
     let er = ExtractRequest {
         checkpoint: req.checkpoint()?.to_path_buf(),
@@ -47,6 +52,7 @@ pub(crate) fn extract_split(req: &EvalRequest, feature: FeatureKind, last_blocks
         quiet: run.quiet,
         skip_bad: run.skip_bad,
         scan: run.scan,
+        rows,
     };
     let (set, report): (FeatureSet, ExtractReport) = extract::extract(&er)?;
     if !run.quiet {
