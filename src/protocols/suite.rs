@@ -135,6 +135,36 @@ impl SuiteResult {
     }
 }
 
+/// The probes that train (LP, EP, Ft): minutes to days each, where the others take seconds to minutes.
+fn is_trained(p: Protocol) -> bool {
+    matches!(p, Protocol::Linear | Protocol::Attentive | Protocol::Finetune)
+}
+
+/// The remaining entries' time (`left`: whether each is a trained probe) by the mean of the entries of the same kind
+/// that ran; trained probes before any has run are said, not guessed from the cheap entries.
+fn estimate(left: &[bool], took: &[(f64, usize); 2]) -> String {
+    let (mut seconds, mut known, mut unknown) = (0.0, 0, 0);
+    for kind in [false, true] {
+        let count = left.iter().filter(|&&t| t == kind).count();
+        match took[kind as usize] {
+            (s, ran) if ran > 0 => {
+                seconds += s / ran as f64 * count as f64;
+                known += count;
+            }
+            _ if kind => unknown += count,
+            _ => {}
+        }
+    }
+    let mut out = String::new();
+    if known > 0 && took.iter().any(|t| t.1 > 0) {
+        out = format!(", about {seconds:.0} s for {known} of the {} left by the mean of their kind so far", left.len());
+    }
+    if unknown > 0 {
+        out += &format!("{}{unknown} trained probe(s) not yet estimated", if out.is_empty() { ", " } else { "; " });
+    }
+    out
+}
+
 /// Cheap first: protocols on cached features, then DAVIS, then the trained probes (the order; a stable
 /// sort keeps the file's order within a rank).
 fn cost_rank(p: Protocol) -> u8 {
@@ -356,6 +386,9 @@ pub fn run(req: &SuiteRequest) -> Result<SuiteResult> {
     let t0 = Instant::now();
     let mut out = SuiteResult { entries: Vec::new(), skipped };
     let n = entries.len();
+    let trained: Vec<bool> = entries.iter().map(|e| is_trained(e.protocol)).collect();
+    // Seconds and count of the entries that ran, cheap ones and trained probes apart.
+    let mut took = [(0.0f64, 0usize); 2];
     for (i, e) in entries.into_iter().enumerate() {
         let key = entry_key(&e, &checkpoint_sha256, req.run.scan)?;
         // Every rank must take the same turn (ranks that see different output folders would otherwise part ways).
@@ -366,9 +399,8 @@ pub fn run(req: &SuiteRequest) -> Result<SuiteResult> {
             out.entries.push((e, Outcome::Kept(Box::new(rec.clone()))));
             continue;
         }
-        let elapsed = t0.elapsed().as_secs_f64();
-        let eta = if i > 0 { format!(", about {:.0} s for the remaining {} by the mean so far", elapsed / i as f64 * (n - i) as f64, n - i) } else { String::new() };
-        say(format!("[{}/{n}] {} on {} ({}){eta}", i + 1, e.label, e.data_name, e.data.display()));
+        let eta = estimate(&trained[i..], &took);
+        say(format!("[{}/{n}] {} on {} ({}); {:.0} s elapsed{eta}", i + 1, e.label, e.data_name, e.data.display(), t0.elapsed().as_secs_f64()));
         let started = Instant::now();
         let mut ereq = EvalRequest::new(e.protocol, &req.output);
         ereq.checkpoint = Some(req.checkpoint.clone());
@@ -381,7 +413,10 @@ pub fn run(req: &SuiteRequest) -> Result<SuiteResult> {
         ereq.run = RunOptions { suite_entry: Some(key), ..req.run.clone() };
         match super::run(&ereq) {
             Ok(rec) => {
-                say(format!("[{}/{n}] {}: {} = {:.2} in {:.1} s; {}", i + 1, e.label, rec.headline, rec.headline_value().unwrap_or(f64::NAN), started.elapsed().as_secs_f64(), feature_source(&rec)));
+                let seconds = started.elapsed().as_secs_f64();
+                let t = &mut took[trained[i] as usize];
+                *t = (t.0 + seconds, t.1 + 1);
+                say(format!("[{}/{n}] {}: {} = {:.2} in {seconds:.1} s; {}", i + 1, e.label, rec.headline, rec.headline_value().unwrap_or(f64::NAN), feature_source(&rec)));
                 out.entries.push((e, Outcome::Ran(Box::new(rec))));
             }
             Err(err @ Error::Interrupted { .. }) => return Err(err),
@@ -396,4 +431,19 @@ pub fn run(req: &SuiteRequest) -> Result<SuiteResult> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::estimate;
+
+    #[test]
+    fn the_estimate_keeps_trained_probes_apart() {
+        // Nothing ran yet: no estimate, but the trained probes are named.
+        assert_eq!(estimate(&[false, true], &[(0.0, 0), (0.0, 0)]), ", 1 trained probe(s) not yet estimated");
+        // Two cheap entries took 10 s each: two more cheap ones are about 20 s; the trained one is not guessed from them.
+        assert_eq!(estimate(&[false, false, true], &[(20.0, 2), (0.0, 0)]), ", about 20 s for 2 of the 3 left by the mean of their kind so far; 1 trained probe(s) not yet estimated");
+        // A trained probe took 300 s: the next one is estimated by it.
+        assert_eq!(estimate(&[true, false], &[(20.0, 2), (300.0, 1)]), ", about 310 s for 2 of the 2 left by the mean of their kind so far");
+    }
 }
