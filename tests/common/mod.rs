@@ -64,3 +64,26 @@ pub fn age_folders(root: &Path) {
         std::fs::File::open(&d).unwrap().set_modified(old).unwrap();
     }
 }
+
+/// `eval` with `args` (the protocol and its overrides) on `ckpt` and `data` into `out`: exit 2 within two minutes,
+/// stderr naming `names`, and no record (nor anything `also_absent` says of a written path) left in `out`.
+pub fn eval_fails(args: &[&str], ckpt: &Path, data: &Path, out: &Path, names: &str, also_absent: impl Fn(&Path) -> bool) {
+    let o = assert_cmd::Command::cargo_bin("lmim-bench")
+        .unwrap()
+        .arg("eval")
+        .args(args)
+        .arg("--checkpoint")
+        .arg(ckpt)
+        .arg("--data")
+        .arg(data)
+        .arg("--output")
+        .arg(out)
+        .timeout(std::time::Duration::from_secs(120))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains(names), "stderr names `{names}`: {err}");
+    let written: Vec<PathBuf> = std::fs::read_dir(out).map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(written.iter().all(|p| !p.extension().is_some_and(|e| e == "json") && !also_absent(p)), "nothing written: {written:?}");
+}
