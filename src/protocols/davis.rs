@@ -450,6 +450,65 @@ fn gather_outcomes(mine: Vec<SequenceOutcome>) -> Result<Vec<SequenceOutcome>> {
 
 /// `eval --protocol davis`. Under a launcher the sequences are dealt over the ranks (one masks folder, one
 /// record, equal to the one-rank record).
+/// Every sequence's grid is known from its size: `topk` and the memory of the propagation are checked before any
+/// forward.
+fn check_grids(set: &DavisSet, checked: &[Checked], cfg: &DavisConfig, patch: i64, dim: i64, device: Device) -> Result<()> {
+    for (seq, chk) in set.sequences.iter().zip(checked) {
+        let (sw, sh) = davis::dino_seg_size(chk.width, chk.height, cfg.short_side as usize);
+        let (gh, gw) = (sh as i64 / patch, sw as i64 / patch);
+        let patches = gh * gw;
+        if cfg.topk > patches {
+            return Err(Error::option("topk", format!("{} is more than the {patches} patches of a frame of `{}`", cfg.topk, seq.name)));
+        }
+        if !device.is_cuda() {
+            let bytes = propagation_bytes(cfg, patches as u128, seq.frames.len() as u128, dim as u128);
+            let what = format!("DAVIS propagation of `{}` (a {gh}x{gw} patch grid at short_side {}: {} context frames of {patches}^2 affinities; lower short_side or n_last_frames, or take a larger patch)", seq.name, cfg.short_side, cfg.n_last_frames + 1);
+            crate::info::check_fits("short_side", &what, bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// The record's details of a run's sequences: counts, times, per-sequence and per-object scores, mismatches.
+fn outcome_details(set: &DavisSet, outcomes: &[SequenceOutcome], objects: &[super::jandf::ObjectScore]) -> serde_json::Value {
+    let per_sequence: serde_json::Map<String, serde_json::Value> = outcomes.iter().map(|o| (set.sequences[o.index].name.clone(), o.summary.clone())).collect();
+    let mismatched: Vec<serde_json::Value> = outcomes.iter().filter_map(|o| o.mismatch.clone()).collect();
+    let (t_feat, t_prop) = (outcomes.iter().map(|o| o.seconds_features).sum::<f64>(), outcomes.iter().map(|o| o.seconds_propagation).sum::<f64>());
+    let n_frames: usize = outcomes.iter().map(|o| o.frames).sum();
+    let per_object: serde_json::Map<String, serde_json::Value> = objects
+        .iter()
+        .map(|o| {
+            let m: serde_json::Map<String, serde_json::Value> = o.measures.percent().map(|(k, v)| (k.to_string(), v.into())).collect();
+            (format!("{}_{}", o.sequence, o.object), serde_json::Value::Object(m))
+        })
+        .collect();
+    serde_json::json!({
+        "sequences": set.sequences.len(), "objects": objects.len(), "frames": n_frames,
+        "seconds_features": t_feat, "seconds_propagation": t_prop,
+        "frames_per_second": if t_feat + t_prop > 0.0 { n_frames as f64 / (t_feat + t_prop) } else { 0.0 },
+        "per_sequence": per_sequence, "per_object": per_object,
+        "predicted_objects_differ": mismatched,
+        "scoring": "davis2017-evaluation semi-supervised: first and last frames excluded; void (255) read as background; objects 1..max(first annotation)",
+    })
+}
+
+/// What the record's config says of how the frames were read and the features made.
+fn record_config(cfg: &DavisConfig, model: &crate::model::VitConfig, grid: (i64, i64), input: (i64, i64)) -> serde_json::Value {
+    let pos = match cfg.pos_embed {
+        GridPosEmbed::Sincos => format!("sincos ({:?} coordinates) regenerated for the {}x{} grid", model.pos_embed, grid.0, grid.1).to_lowercase(),
+        _ => format!("DINO's interpolate_pos_encoding from {g}x{g} to {}x{} (bicubic, no antialias, +0.1)", grid.0, grid.1, g = model.grid()),
+    };
+    serde_json::json!({
+        "input_size": format!("{}x{} (W x H)", input.0, input.1),
+        "grid": format!("{}x{} (rows x cols)", grid.0, grid.1),
+        "pos_embed_handling": pos,
+        "feature": "last block's patch tokens after the final norm (get_intermediate_layers(n=1)), prefix tokens dropped, L2-normalised",
+        "frame_reading": "cv2.imread + cv2.resize INTER_LINEAR (fixed point) to the short side, long side floored to a multiple of 64; /255, mean (0.485, 0.456, 0.406), std (0.228, 0.224, 0.225); annotation by PIL nearest to the grid",
+        "masks_palette": "the first annotation's",
+        "source": SOURCE,
+    })
+}
+
 pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let loaded = Protocol::Davis.load::<DavisConfig>(req.protocol_file.as_deref(), &req.sets)?;
     let cfg = &loaded.cfg;
@@ -465,21 +524,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let enc = load_vit_with(ckpt, &req.load_options(), device, 0)?;
     let model = &enc.model;
     let patch = model.cfg.patch_size;
-    // Every sequence's grid is known from its size: `topk` and the memory of the propagation are checked before
-    // any forward.
-    for (seq, chk) in set.sequences.iter().zip(&checked) {
-        let (sw, sh) = davis::dino_seg_size(chk.width, chk.height, cfg.short_side as usize);
-        let (gh, gw) = (sh as i64 / patch, sw as i64 / patch);
-        let patches = gh * gw;
-        if cfg.topk > patches {
-            return Err(Error::option("topk", format!("{} is more than the {patches} patches of a frame of `{}`", cfg.topk, seq.name)));
-        }
-        if !device.is_cuda() {
-            let bytes = propagation_bytes(cfg, patches as u128, seq.frames.len() as u128, model.cfg.embed_dim as u128);
-            let what = format!("DAVIS propagation of `{}` (a {gh}x{gw} patch grid at short_side {}: {} context frames of {patches}^2 affinities; lower short_side or n_last_frames, or take a larger patch)", seq.name, cfg.short_side, cfg.n_last_frames + 1);
-            crate::info::check_fits("short_side", &what, bytes)?;
-        }
-    }
+    check_grids(&set, &checked, cfg, patch, model.cfg.embed_dim, device)?;
     let params = PropParams { n_last_frames: cfg.n_last_frames as usize, topk: cfg.topk, temperature: cfg.temperature, patch };
     let name = req.model_name("model");
     let overrides = loaded.overrides(&[]);
@@ -517,34 +562,14 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         std::fs::rename(&masks_tmp, &masks_final).map_err(|e| Error::io(&masks_final, e))?;
     }
     let objects: Vec<super::jandf::ObjectScore> = outcomes.iter().flat_map(|o| o.objects.iter().cloned()).collect();
-    let per_sequence: serde_json::Map<String, serde_json::Value> = outcomes.iter().map(|o| (set.sequences[o.index].name.clone(), o.summary.clone())).collect();
-    let mismatched: Vec<serde_json::Value> = outcomes.iter().filter_map(|o| o.mismatch.clone()).collect();
-    let (t_feat, t_prop) = (outcomes.iter().map(|o| o.seconds_features).sum::<f64>(), outcomes.iter().map(|o| o.seconds_propagation).sum::<f64>());
-    let n_frames: usize = outcomes.iter().map(|o| o.frames).sum();
     let (grid, input) = outcomes.last().map_or(((0, 0), (0, 0)), |o| (o.grid, o.input));
     let s = super::jandf::summarise(&objects);
-    let per_object: serde_json::Map<String, serde_json::Value> = objects
-        .iter()
-        .map(|o| {
-            let m: serde_json::Map<String, serde_json::Value> = o.measures.percent().map(|(k, v)| (k.to_string(), v.into())).collect();
-            (format!("{}_{}", o.sequence, o.object), serde_json::Value::Object(m))
-        })
-        .collect();
-    let pos = match cfg.pos_embed {
-        GridPosEmbed::Sincos => format!("sincos ({:?} coordinates) regenerated for the {}x{} grid", model.cfg.pos_embed, grid.0, grid.1).to_lowercase(),
-        _ => format!("DINO's interpolate_pos_encoding from {g}x{g} to {}x{} (bicubic, no antialias, +0.1)", grid.0, grid.1, g = model.cfg.grid()),
-    };
-    let extra = serde_json::json!({
-        "input_size": format!("{}x{} (W x H)", input.0, input.1),
-        "grid": format!("{}x{} (rows x cols)", grid.0, grid.1),
-        "pos_embed_handling": pos,
-        "feature": "last block's patch tokens after the final norm (get_intermediate_layers(n=1)), prefix tokens dropped, L2-normalised",
-        "frame_reading": "cv2.imread + cv2.resize INTER_LINEAR (fixed point) to the short side, long side floored to a multiple of 64; /255, mean (0.485, 0.456, 0.406), std (0.228, 0.224, 0.225); annotation by PIL nearest to the grid",
-        "precision": precision.effective(device),
-        "frames_per_forward": prop.batch,
-        "masks_palette": "the first annotation's",
-        "source": SOURCE,
-    });
+    let mut details = outcome_details(&set, &outcomes, &objects);
+    details["masks"] = serde_json::json!(masks_final);
+    details["run_dir"] = serde_json::json!(run_dir);
+    let mut extra = record_config(cfg, &model.cfg, grid, input);
+    extra["precision"] = precision.effective(device).into();
+    extra["frames_per_forward"] = prop.batch.into();
     RecordBuilder::new(Protocol::Davis, &cfg.version, &overrides)
         .headline("j_and_f")
         .model(name, Some(ckpt), Some(enc.sha256.clone()), Some(model.cfg.arch.clone()))
@@ -553,18 +578,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         .config(&loaded.origin, cfg, &overrides, &req.run, extra)
         .metric("j_and_f", 100.0 * s.j_and_f)
         .metrics(s.measures.percent())
-        .finish(
-            serde_json::json!({
-                "masks": masks_final, "run_dir": run_dir, "sequences": set.sequences.len(), "objects": objects.len(), "frames": n_frames,
-                "seconds_features": t_feat, "seconds_propagation": t_prop,
-                "frames_per_second": if t_feat + t_prop > 0.0 { n_frames as f64 / (t_feat + t_prop) } else { 0.0 },
-                "per_sequence": per_sequence, "per_object": per_object,
-                "predicted_objects_differ": mismatched,
-                "scoring": "davis2017-evaluation semi-supervised: first and last frames excluded; void (255) read as background; objects 1..max(first annotation)",
-            }),
-            &device_name(device),
-            &req.output,
-        )
+        .finish(details, &device_name(device), &req.output)
 }
 
 /// Scores a results folder as davis2017-evaluation's `evaluation_method.py --results_path` does:
