@@ -665,7 +665,16 @@ fn a_pack_that_fails_its_check_leaves_no_split_and_an_existing_one_as_it_was() {
     let fresh = Dataset::open_with(&root, "train", &OpenOptions { rescan: true, ..opts.clone() }).unwrap();
     shards::pack(&fresh, &out, 1 << 20).unwrap();
     let before: Vec<(String, Vec<u8>)> = std::fs::read_dir(out.join("train")).unwrap().map(|e| e.unwrap().path()).map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())).collect();
+    // A second pack of the same split is refused up front (the split exists); a pack of another split into the same
+    // folder that fails its own check (a val file grown after the open) leaves no val and the train split as it was.
     assert!(shards::pack(&ds, &out, 1 << 20).unwrap_err().to_string().contains("exists already"));
+    let val = Dataset::open_with(&root, "val", &opts).unwrap();
+    let mut bytes = std::fs::read(&val.samples[1].0).unwrap();
+    bytes.extend_from_slice(&[0u8; 5]);
+    std::fs::write(&val.samples[1].0, &bytes).unwrap();
+    let err = shards::pack(&val, &out, 1 << 20).unwrap_err().to_string();
+    assert!(err.contains("fingerprint") && err.contains("nothing was kept"), "{err}");
+    assert!(!out.join("val").exists());
     let after: Vec<(String, Vec<u8>)> = std::fs::read_dir(out.join("train")).unwrap().map(|e| e.unwrap().path()).map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read(&p).unwrap())).collect();
     assert_eq!(before, after);
 }
