@@ -192,8 +192,8 @@ pub struct ObjectScore {
 
 /// One sequence: the ground-truth label maps and the predicted ones of every frame (same size, first and last
 /// included: they are dropped here). Returns the per-object scores and the number of objects the predictions
-/// hold (davis2017-evaluation stops when it differs from the ground truth's; here the ground truth's objects are
-/// scored and the difference is reported by the caller).
+/// hold (davis2017-evaluation pads fewer predicted objects with empty masks, scoring them 0 as here, and stops on more;
+/// the caller reports a difference).
 pub fn score_sequence(name: &str, gt: &[Vec<u8>], pred: &[Vec<u8>], w: usize, h: usize, bound_th: f64) -> (Vec<ObjectScore>, usize) {
     assert_eq!(gt.len(), pred.len());
     let clean = |m: &Vec<u8>| m.iter().map(|&v| if v == 255 { 0 } else { v }).collect::<Vec<u8>>();
