@@ -28,6 +28,14 @@ fn bin() -> Command {
     Command::cargo_bin("lmim-bench").unwrap()
 }
 
+/// A successful `eval --protocol davis --json` of `ckpt` on `data` with the overrides `sets`: its record.
+fn eval_json(sets: &[String], ckpt: &Path, data: &Path, out: &Path) -> serde_json::Value {
+    let mut args: Vec<String> = ["--protocol", "davis", "--device", "cpu", "--quiet", "--json", "--name", "pico"].iter().map(|s| s.to_string()).collect();
+    args.extend_from_slice(sets);
+    let assert = common::eval_cmd(&args, ckpt, data, out).assert().success();
+    serde_json::from_slice(&assert.get_output().stdout).unwrap()
+}
+
 fn synth(out: &Path, sequences: usize, frames: usize, w: u32, h: u32) -> PathBuf {
     let opts = SynthDavisOptions { out: out.to_path_buf(), sequences, frames, max_objects: 3, width: w, height: h, seed: 3, quality: 90 };
     davis::synth_davis(&opts).unwrap();
@@ -188,17 +196,7 @@ fn eval_davis_end_to_end_matches_dinos_algorithm() {
     common::run_py("ref_davis.py", &["vit", dir.path().join("model").to_str().unwrap()]);
     let ckpt = dir.path().join("model/pico.safetensors");
     let out = dir.path().join("runs");
-    let assert = bin()
-        .args(["eval", "--protocol", "davis", "--device", "cpu", "--quiet", "--json", "--name", "pico", "short_side=64"])
-        .arg("--checkpoint")
-        .arg(&ckpt)
-        .arg("--data")
-        .arg(&data)
-        .arg("--output")
-        .arg(&out)
-        .assert()
-        .success();
-    let rec: serde_json::Value = serde_json::from_slice(&assert.get_output().stdout).unwrap();
+    let rec = eval_json(&["short_side=64".to_string()], &ckpt, &data, &out);
     assert_eq!(rec["protocol"], "davis");
     assert_eq!(rec["protocol_version"], "1+short_side=64");
     assert_eq!(rec["headline"], "j_and_f");
@@ -359,18 +357,8 @@ fn davis_masks_equal_dinos_on_every_pixel_and_every_mutation_is_caught() {
     let out = dir.path().join("runs");
     // n_last_frames 2 with 8 frames: the queue fills and evicts; neighbourhood 3: a 7x7 window on an 8x16 grid.
     let (n_last, topk, size) = (2, 5, 3);
-    let assert = bin()
-        .args(["eval", "--protocol", "davis", "--device", "cpu", "--quiet", "--json", "--name", "pico", "short_side=32"])
-        .args([format!("n_last_frames={n_last}"), format!("topk={topk}"), format!("neighborhood={size}")])
-        .arg("--checkpoint")
-        .arg(&ckpt)
-        .arg("--data")
-        .arg(&data)
-        .arg("--output")
-        .arg(&out)
-        .assert()
-        .success();
-    let rec: serde_json::Value = serde_json::from_slice(&assert.get_output().stdout).unwrap();
+    let sets = ["short_side=32".to_string(), format!("n_last_frames={n_last}"), format!("topk={topk}"), format!("neighborhood={size}")];
+    let rec = eval_json(&sets, &ckpt, &data, &out);
     assert_eq!(rec["config"]["grid"], "8x16 (rows x cols)");
     assert_eq!(rec["config"]["input_size"], "64x32 (W x H)");
     let masks = PathBuf::from(rec["details"]["masks"].as_str().unwrap());

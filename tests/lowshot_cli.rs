@@ -35,18 +35,9 @@ fn records(dir: &Path) -> Vec<serde_json::Value> {
 }
 
 fn eval(args: &[&str], ckpt: &Path, data: &Path, out: &Path, cache: &Path) -> assert_cmd::assert::Assert {
-    bin()
-        .args(["eval", "--protocol", "lowshot", "--device", "cpu", "--workers", "2", "--quiet", "--name", "pico"])
-        .args(args)
-        .arg("--checkpoint")
-        .arg(ckpt)
-        .arg("--data")
-        .arg(data)
-        .arg("--output")
-        .arg(out)
-        .arg("--cache-dir")
-        .arg(cache)
-        .assert()
+    let mut a = vec!["--protocol", "lowshot", "--device", "cpu", "--workers", "2", "--quiet", "--name", "pico"];
+    a.extend_from_slice(args);
+    common::eval_cmd(&a, ckpt, data, out).arg("--cache-dir").arg(cache).assert()
 }
 
 /// Top-1 of scikit-learn's logistic regression (tests/py/ref_lowshot.py `fit`: cyanure's preprocessing, then
@@ -153,18 +144,8 @@ fn lowshot_draw_list_and_table() {
 
     // nn-loo on the reference's DDP subset of the 200 val images: 3 ranks x batch 16 -> 3 x 64 = 192 rows.
     let out5 = dir.path().join("runs5");
-    bin()
-        .args(["eval", "--protocol", "nn-loo", "--device", "cpu", "--workers", "2", "--quiet", "subset=\"lmim-ddp\"", "world_size=3", "batch_size=16"])
-        .arg("--checkpoint")
-        .arg(&ckpt)
-        .arg("--data")
-        .arg(&data)
-        .arg("--output")
-        .arg(&out5)
-        .arg("--cache-dir")
-        .arg(&cache)
-        .assert()
-        .success();
+    let nn = ["--protocol", "nn-loo", "--device", "cpu", "--workers", "2", "--quiet", "subset=\"lmim-ddp\"", "world_size=3", "batch_size=16"];
+    common::eval_cmd(&nn, &ckpt, &data, &out5).arg("--cache-dir").arg(&cache).assert().success();
     let r5 = &records(&out5)[0];
     assert_eq!(r5["details"]["scored"]["rows"], 192);
     assert_eq!(r5["details"]["nn_loo"]["n"], 192);

@@ -65,22 +65,17 @@ pub fn age_folders(root: &Path) {
     }
 }
 
-/// `eval` with `args` (the protocol and its overrides) on `ckpt` and `data` into `out`: exit 2 within two minutes,
-/// stderr naming `names`, and no record (nor anything `also_absent` says of a written path) left in `out`.
+/// `lmim-bench eval` with `args` (the protocol, its options and overrides) on `ckpt` and `data`, records into `out`.
+pub fn eval_cmd<S: AsRef<std::ffi::OsStr>>(args: &[S], ckpt: &Path, data: &Path, out: &Path) -> assert_cmd::Command {
+    let mut c = assert_cmd::Command::cargo_bin("lmim-bench").unwrap();
+    c.arg("eval").args(args).arg("--checkpoint").arg(ckpt).arg("--data").arg(data).arg("--output").arg(out);
+    c
+}
+
+/// [`eval_cmd`]: exit 2 within two minutes, stderr naming `names`, and no record (nor anything `also_absent` says
+/// of a written path) left in `out`.
 pub fn eval_fails(args: &[&str], ckpt: &Path, data: &Path, out: &Path, names: &str, also_absent: impl Fn(&Path) -> bool) {
-    let o = assert_cmd::Command::cargo_bin("lmim-bench")
-        .unwrap()
-        .arg("eval")
-        .args(args)
-        .arg("--checkpoint")
-        .arg(ckpt)
-        .arg("--data")
-        .arg(data)
-        .arg("--output")
-        .arg(out)
-        .timeout(std::time::Duration::from_secs(120))
-        .output()
-        .unwrap();
+    let o = eval_cmd(args, ckpt, data, out).timeout(std::time::Duration::from_secs(120)).output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains(names), "stderr names `{names}`: {err}");
