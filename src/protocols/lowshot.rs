@@ -564,14 +564,15 @@ fn subsets_of(lists: &[PathBuf], cfg: &LowshotConfig, train_ds: &Dataset, data_h
     Ok(subsets)
 }
 
-/// One logistic regression per split on its rows of `train` (f64 features on the device, preprocessed here), scored
-/// on the preprocessed `val`: each split's details and its top-1.
-fn solve_splits(subsets: &[Subset], (train_x, train_y): (&Tensor, &Tensor), (val_x, val_y): (&Tensor, &Tensor), num_classes: i64, opts: &SolveOptions, quiet: bool) -> Result<(Vec<serde_json::Value>, Vec<f64>)> {
+/// One logistic regression per split on its rows of `train` (the extracted union: `position` maps a split row to its
+/// row there; f64 features on the device, preprocessed here), scored on the preprocessed `val`: each split's
+/// details and its top-1.
+fn solve_splits(subsets: &[Subset], position: &HashMap<i64, i64>, (train_x, train_y): (&Tensor, &Tensor), (val_x, val_y): (&Tensor, &Tensor), num_classes: i64, opts: &SolveOptions, quiet: bool) -> Result<(Vec<serde_json::Value>, Vec<f64>)> {
     let (mut splits, mut tops) = (Vec::new(), Vec::new());
     for (i, s) in subsets.iter().enumerate() {
-        let idx = Tensor::from_slice(&s.rows).to_device(opts.device);
-        let x = preprocess(&train_x.index_select(0, &idx));
-        let y = train_y.index_select(0, &Tensor::from_slice(&s.rows));
+        let rows = Tensor::from_slice(&s.rows.iter().map(|r| position[r]).collect::<Vec<i64>>());
+        let x = preprocess(&train_x.index_select(0, &rows.to_device(opts.device)));
+        let y = train_y.index_select(0, &rows);
         let f = fit(&x, &y, num_classes, opts)?;
         if !f.converged && !quiet {
             eprintln!("warning: split {}: max |gradient| {:.3e} after {} iterations, above grad_tol {:.1e}", i + 1, f.grad_max, f.iterations, opts.grad_tol);
@@ -613,7 +614,6 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     // Only the training rows some subset names are extracted (their union, in split order), and all of val.
     let union: Vec<usize> = subsets.iter().flat_map(|s| s.rows.iter().map(|&r| r as usize)).collect::<BTreeSet<_>>().into_iter().collect();
     let position: HashMap<i64, i64> = union.iter().enumerate().map(|(p, &r)| (r as i64, p as i64)).collect();
-    let local: Vec<Subset> = subsets.iter().map(|s| Subset { rows: s.rows.iter().map(|r| position[r]).collect(), ..s.clone() }).collect();
     let split = |name: &str, rows| super::neighbors::extract_rows(req, cfg.feature, cfg.last_blocks, &cfg.transform, name, device, rows);
     let train = split("train", Some(union.clone()))?;
     let val = split("val", None)?;
@@ -633,11 +633,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let opts = SolveOptions { lambd: cfg.lambd, grad_tol: cfg.grad_tol, max_iter: cfg.max_iter, memory: cfg.memory, device };
     let overrides = loaded.overrides(&[]);
     let mut b = RecordBuilder::new(req.protocol, &cfg.version, &overrides);
-    let (mut splits, tops) = solve_splits(&local, (&train_x, &train.set.labels), (&val_x, &val.set.labels), num_classes, &opts, req.run.quiet)?;
-    // The record names each subset's rows in the split, not in the extracted union.
-    for (d, s) in splits.iter_mut().zip(&subsets) {
-        d["subset"] = serde_json::to_value(s).expect("subset serialises");
-    }
+    let (splits, tops) = solve_splits(&subsets, &position, (&train_x, &train.set.labels), (&val_x, &val.set.labels), num_classes, &opts, req.run.quiet)?;
     for (i, top1) in tops.iter().enumerate() {
         b = b.metric(&format!("top1@split{}", i + 1), *top1);
     }
