@@ -803,17 +803,23 @@ fn seg_on_two_ranks_gives_the_one_rank_record() {
     run_one(&strings(&["data", "synth-ade20k", "--out", s(&data), "--train", "13", "--val", "5", "--size", "48x40"]));
     let ckpt = dir.path().join("enc.safetensors");
     run_one(&strings(&["init", "-c", concat!(env!("CARGO_MANIFEST_DIR"), "/configs/lmim_tiny.toml"), "-o", s(&ckpt)]));
-    let args = |out: &Path| strings(&["eval", "--protocol", "seg", "--device", "cpu", "--quiet", "--name", "tiny", "--checkpoint", s(&ckpt), "--data", s(&data), "--output", s(out), "--batch-size", "4", "resolution=32", "logreg_c=1.0"]);
+    let args = |out: &Path| strings(&["eval", "--protocol", "seg", "--device", "cpu", "--quiet", "--name", "tiny", "--checkpoint", s(&ckpt), "--data", s(&data), "--output", s(out), "--batch-size", "4", "resolution=32", "logreg_c=1.0", "knn_chunk=8"]);
     let (one, two) = (dir.path().join("one"), dir.path().join("two"));
     run_one(&args(&one));
     run_world(&args(&two), 2);
     let (r1, r2) = (record(&one), record(&two));
     assert!(r1["metrics"]["miou_knn"].as_f64().is_some() && r1["metrics"]["miou_logreg"].as_f64().is_some(), "{}", r1["metrics"]);
     assert_eq!(r1["metrics"], r2["metrics"]);
-    // Times aside: every number of both classifiers, the split and the patch counts.
+    // The bank's chunks (8 rows each) dealt over both ranks: each searched its own and rank 0 merged them.
+    let (s1, s2) = (&r1["details"]["knn"]["fit"]["search"], &r2["details"]["knn"]["fit"]["search"]);
+    assert_eq!((s1["ranks"].as_u64(), s2["ranks"].as_u64()), (Some(1), Some(2)), "{s1} {s2}");
+    let chunks = s2["chunks"].as_u64().unwrap();
+    assert!(chunks >= 4, "{s2}");
+    assert_eq!(s2["chunks_on_device"].as_u64().unwrap() + s2["chunks_on_host"].as_u64().unwrap(), chunks.div_ceil(2), "rank 0 holds every other chunk: {s2}");
+    // Times and the search's layout aside: every number of both classifiers, the split and the patch counts.
     fn untimed(v: &serde_json::Value) -> serde_json::Value {
         match v {
-            serde_json::Value::Object(m) => m.iter().filter(|(k, _)| !k.contains("seconds")).map(|(k, v)| (k.clone(), untimed(v))).collect(),
+            serde_json::Value::Object(m) => m.iter().filter(|(k, _)| !k.contains("seconds") && *k != "search").map(|(k, v)| (k.clone(), untimed(v))).collect(),
             other => other.clone(),
         }
     }

@@ -180,9 +180,11 @@ fn one_point_grids_equal_capis_scores() {
     let perturbed = knn_only(10, Distance::Cosine);
     // CAPI's ADE20K config searches in bfloat16 (with every other training patch, here, as train_set_subsampling).
     let bf16 = SegConfig { knn_dtype: KnnDtype::Bf16, train_subsample: 2, ..knn_only(10, Distance::Cosine) };
+    // The bank on the host in 7-row chunks, each copied over for its search: the same neighbours.
+    let host = SegConfig { knn_bank: seg::BankPlace::Host, knn_chunk: 7, ..knn_only(10, Distance::Cosine) };
     let refs = reference(&f, &[(&both, &split, "cosine"), (&l2, &split, "l2"), (&perturbed, &split, "perturbed"), (&bf16, &split, "bf16")]);
     let data = Prepared::new(&f.train, &f.val, &split, Standardize::Standard);
-    for (cfg, r) in [(&both, &refs[0]), (&l2, &refs[1]), (&bf16, &refs[3])] {
+    for (cfg, r) in [(&both, &refs[0]), (&l2, &refs[1]), (&bf16, &refs[3]), (&host, &refs[0])] {
         let knn = seg::evaluate(cfg, Classifier::Knn, &data, Device::Cpu).unwrap();
         let (m, a) = (num(&r["knn"]["miou"]), num(&r["knn"]["acc"]));
         eprintln!("k-NN {} {:?}: mIoU {:.6} vs {m:.6}, accuracy {:.6} vs {a:.6}", knn.chosen, cfg.knn_dtype, knn.scores.miou, knn.scores.accuracy);
@@ -192,6 +194,11 @@ fn one_point_grids_equal_capis_scores() {
             assert!((v - num(&r["knn"]["per_class"][c.to_string()])).abs() < 1e-9, "class {c}");
         }
         assert_eq!(knn.scores.per_class.len(), r["knn"]["per_class"].as_object().unwrap().len());
+        if cfg.knn_bank == seg::BankPlace::Host {
+            let rep = &knn.fit["search"];
+            assert_eq!((rep["chunks_on_device"].as_u64(), rep["chunks_on_host"].as_u64()), (Some(0), rep["chunks"].as_u64()), "{rep}");
+            assert!(rep["chunks"].as_u64().unwrap() > 100, "{rep}");
+        }
         if cfg.classifiers.contains(&Classifier::Logreg) {
             // The perturbed reference (the largest label wins a tie of the vote) is told apart.
             let gap = (knn.scores.miou - num(&refs[2]["knn"]["miou"])).abs();

@@ -14,6 +14,7 @@ pub mod neighbors;
 pub mod probe;
 pub mod record;
 pub mod seg;
+pub mod seg_knn;
 pub mod suite;
 
 use std::path::{Path, PathBuf};

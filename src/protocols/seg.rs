@@ -31,6 +31,8 @@ use crate::info::device_name;
 use crate::model::pos_embed::GridPosEmbed;
 use crate::model::vit::VisionTransformer;
 use crate::results::RunRecord;
+pub use super::seg_knn::BankPlace;
+use super::seg_knn::{Search, SearchOptions};
 
 pub const SOURCE: &str = "facebookresearch/capi:eval_segmentation.py (KNNClassifier, LogregClassifier, mIoU, accuracy, eval_model); utils.py (extract_features, StandardScaler); data.py (ADE20K)";
 
@@ -137,6 +139,8 @@ pub struct SegConfig {
     pub knn_dtype: KnnDtype,
     /// Training patches per distance block (CAPI's `train_set_chunk_size`).
     pub knn_chunk: i64,
+    /// Where the bank is held: "auto" (the device as far as it fits, the rest on the host), "device", "host".
+    pub knn_bank: BankPlace,
     #[serde(deserialize_with = "one_or_many")]
     pub logreg_c: Vec<f64>,
     pub logreg_max_iter: i64,
@@ -168,6 +172,7 @@ impl Default for SegConfig {
             knn_distance: vec![Distance::Cosine, Distance::L2],
             knn_dtype: KnnDtype::F32,
             knn_chunk: 262_144,
+            knn_bank: BankPlace::Auto,
             logreg_c: default_c_grid(),
             logreg_max_iter: 1000,
             logreg_tol: 1e-12,
@@ -399,67 +404,6 @@ pub fn patch_modes(labels: &Tensor) -> Tensor {
     labels.mode(-1, false).0
 }
 
-/// CAPI's `KNNClassifier` fitted: the bank and its pixel labels.
-pub struct Knn {
-    pub bank: Tensor,
-    pub labels: Tensor,
-    pub k: i64,
-    pub distance: Distance,
-    pub chunk: i64,
-    pub dtype: Kind,
-}
-
-impl Knn {
-    pub fn fit(features: &Tensor, labels: &Tensor, k: i64, distance: Distance, chunk: i64, dtype: Kind, device: Device) -> Knn {
-        Knn { bank: features.to_kind(dtype).to_device(device), labels: labels.to_device(device), k, distance, chunk, dtype }
-    }
-
-    /// `_cdist`.
-    fn cdist(&self, a: &Tensor, b: &Tensor) -> Tensor {
-        match self.distance {
-            Distance::L2 => Tensor::cdist(a, b, 2.0, None::<i64>),
-            Distance::Cosine => {
-                let an = a / a.linalg_norm(2.0, [-1i64].as_slice(), false, None::<Kind>).unsqueeze(1);
-                let bn = b / b.linalg_norm(2.0, [-1i64].as_slice(), false, None::<Kind>).unsqueeze(1);
-                1.0 - an.mm(&bn.transpose(0, 1))
-            }
-        }
-    }
-
-    /// `_predict_batch`: per bank chunk the `min(k, chunk)` smallest distances and their label rows, then the `k`
-    /// smallest over the chunks and the mode of their labels per pixel. `[q, p * p]` u8 on the CPU.
-    fn predict_batch(&self, q: &Tensor) -> Tensor {
-        let q = q.to_kind(self.dtype).to_device(self.bank.device());
-        let n = self.bank.size()[0];
-        let (mut dists, mut vals) = (Vec::new(), Vec::new());
-        for i in (0..n).step_by(self.chunk as usize) {
-            let len = (n - i).min(self.chunk);
-            let keys = self.bank.narrow(0, i, len);
-            let values = self.labels.narrow(0, i, len);
-            let d = self.cdist(&q, &keys);
-            let kk = self.k.min(d.size()[1]);
-            let (dist, idx) = d.topk(kk, -1, false, true);
-            let l = values.size()[1];
-            let gathered = values.gather(0, &idx.flatten(0, -1).unsqueeze(-1).expand([idx.numel() as i64, l], false), false).reshape([idx.size()[0], kk, l]);
-            dists.push(dist.to_device(Device::Cpu));
-            vals.push(gathered.to_device(Device::Cpu));
-        }
-        let (_, agg) = Tensor::cat(&dists, 1).topk(self.k, 1, false, true);
-        let all = Tensor::cat(&vals, 1);
-        let l = all.size()[2];
-        let neighbours = all.gather(1, &agg.unsqueeze(-1).expand([agg.size()[0], agg.size()[1], l], false), false);
-        neighbours.mode(1, false).0
-    }
-
-    /// `predict`: batches of [`INFERENCE_BS`] query rows.
-    pub fn predict(&self, features: &Tensor) -> Tensor {
-        let _g = tch::no_grad_guard();
-        let n = features.size()[0];
-        let parts: Vec<Tensor> = (0..n).step_by(INFERENCE_BS as usize).map(|i| self.predict_batch(&features.narrow(0, i, (n - i).min(INFERENCE_BS)))).collect();
-        Tensor::cat(&parts, 0)
-    }
-}
-
 /// The logistic regression fitted: weights `[D + 1, C']` over the classes present in the fit (scikit-learn's
 /// `classes_`), the intercept last.
 pub struct Logreg {
@@ -662,14 +606,16 @@ fn c_point(c: f64) -> String {
     format!("C={c}")
 }
 
-/// A k-NN fitted on `(x, y)` and scored on `(qx, qy)`.
-fn knn_score(cfg: &SegConfig, point: (i64, Distance), (x, y): (Tensor, Tensor), (qx, qy): (&Tensor, &Tensor), device: Device) -> Result<Scores> {
+/// The k-NN search's settings.
+fn search_options(cfg: &SegConfig, device: Device) -> SearchOptions {
+    SearchOptions { chunk: cfg.knn_chunk, dtype: cfg.knn_dtype.kind(), place: cfg.knn_bank, device }
+}
+
+/// The scores of the k-NN at each of `points`, its bank fitted on `(x, y)`, queried with `(qx, qy)`.
+fn knn_scores(cfg: &SegConfig, search: &mut Search, points: &[(i64, Distance)], (x, y): (Tensor, Tensor), (qx, qy): (&Tensor, &Tensor)) -> Result<Vec<Scores>> {
     let (fx, fy) = fit_rows(&x, &y, cfg.train_subsample, &cfg.ignore);
-    if fx.size()[0] < point.0 {
-        return Err(Error::option("knn_k", format!("k = {} is more than the {} training patches left to search", point.0, fx.size()[0])));
-    }
-    let knn = Knn::fit(&fx, &fy, point.0, point.1, cfg.knn_chunk, cfg.knn_dtype.kind(), device);
-    score(qy, &knn.predict(qx), &cfg.ignore)
+    search.load(&fx, &fy)?;
+    points.iter().map(|&(k, d)| score(qy, &search.predict(qx, k, d)?, &cfg.ignore)).collect()
 }
 
 /// A logistic regression fitted on `(x, y)` and scored on `(qx, qy)`; also the fit's report.
@@ -696,21 +642,26 @@ pub fn evaluate(cfg: &SegConfig, which: Classifier, data: &Prepared, device: Dev
     let val = (&data.val_x, &data.val_y);
     let (chosen, scores, fit) = match which {
         Classifier::Knn => {
+            // Under a launcher the other ranks search their chunks of the bank (`follow`).
+            let mut search = Search::new(crate::dist::world(), search_options(cfg, device));
             let points = cfg.knn_grid();
             let mut best = points[0];
             if points.len() > 1 {
                 let (hx, hy) = data.held();
+                let held = knn_scores(cfg, &mut search, &points, data.rest(), (&hx, &hy))?;
                 let mut best_score = f64::NEG_INFINITY;
-                for &p in &points {
-                    let s = knn_score(cfg, p, data.rest(), (&hx, &hy), device)?.miou;
-                    grid.push((knn_point(p), 100.0 * s));
+                for (&p, s) in points.iter().zip(&held) {
+                    grid.push((knn_point(p), 100.0 * s.miou));
                     // CAPI's max() over the grid keeps the first best.
-                    if s > best_score {
-                        (best, best_score) = (p, s);
+                    if s.miou > best_score {
+                        (best, best_score) = (p, s.miou);
                     }
                 }
             }
-            (knn_point(best), knn_score(cfg, best, all, val, device)?, serde_json::json!({ "k": best.0, "distance": best.1.name() }))
+            let s = knn_scores(cfg, &mut search, &[best], all, val)?.remove(0);
+            let report = search.report();
+            search.stop()?;
+            (knn_point(best), s, serde_json::json!({ "k": best.0, "distance": best.1.name(), "search": report }))
         }
         Classifier::Logreg => {
             let mut best = cfg.logreg_c[0];
@@ -796,18 +747,24 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let split = if cfg.needs_holdout() { TrainSplit::seeded(set.train.len(), cfg.holdout, cfg.seed as u64)? } else { TrainSplit::all(set.train.len()) };
     let ex = Extractor { model, resolution: cfg.resolution, feature: cfg.feature, ignore: cfg.ignore.clone(), batch: req.run.batch_size.clamp(1, if device.is_cuda() { 256 } else { 32 }), device, amp };
     let t0 = Instant::now();
-    // Under a launcher the ranks share the forward passes; the fits and the k-NN search run on rank 0.
+    // Under a launcher the ranks share the forward passes and the k-NN search; the fits run on rank 0.
     let train = ex.extract_sharded(&set.train, req.run.quiet, "training")?;
     let val = ex.extract_sharded(&set.val, req.run.quiet, "validation")?;
     let (Some(train), Some(val)) = (train, val) else {
+        if cfg.classifiers.contains(&Classifier::Knn) {
+            Search::new(crate::dist::world(), search_options(cfg, device)).follow()?;
+        }
         let b = RecordBuilder::new(Protocol::Seg, &cfg.version, &loaded.overrides(&[]));
-        return b.finish(serde_json::json!({ "fits": "on rank 0" }), &device_name(device), &req.output);
+        return b.finish(serde_json::json!({ "fits": "on rank 0", "k-NN search": "this rank's chunks of the bank" }), &device_name(device), &req.output);
     };
     let seconds_features = t0.elapsed().as_secs_f64();
     let data = Prepared::new(&train, &val, &split, cfg.standardize);
     drop((train, val));
+    // The k-NN first: under a launcher the other ranks wait in its collectives, not through the fits.
+    let mut order = cfg.classifiers.clone();
+    order.sort_by_key(|c| *c != Classifier::Knn);
     let mut outcomes = Vec::new();
-    for &c in &cfg.classifiers {
+    for c in order {
         outcomes.push((c, evaluate(cfg, c, &data, device)?));
     }
     let name = req.model_name("model");
