@@ -170,6 +170,18 @@ pub struct SolveOptions {
     pub max_iter: i64,
     pub memory: i64,
     pub device: Device,
+    pub line_search: LineSearch,
+}
+
+/// How a step length is chosen along the L-BFGS direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineSearch {
+    /// Backtracking by halves from the unit step until the objective decreases enough (Armijo, c1 = 1e-4).
+    Armijo,
+    /// The strong Wolfe conditions with scipy L-BFGS-B's constants (c1 = 1e-3, c2 = 0.9): the step also flattens the
+    /// slope, so the curvature pairs are informative and far fewer iterations are needed (Nocedal & Wright,
+    /// Numerical Optimization, algorithms 3.5 and 3.6).
+    Wolfe,
 }
 
 /// Multinomial logistic regression without intercept on rows `x` [n, D] (already preprocessed) and labels `y`
@@ -195,6 +207,65 @@ pub fn fit_with_intercept(x: &Tensor, y: &Tensor, num_classes: i64, opts: &Solve
 /// `x` with a column of ones appended (the intercept's input).
 pub fn with_ones(x: &Tensor) -> Tensor {
     Tensor::cat(&[x.shallow_clone(), Tensor::ones([x.size()[0], 1], (x.kind(), x.device()))], 1)
+}
+
+/// A step `t` along a descent direction of `phi(t) = (objective, slope, state)` with `phi(0) = (f0, g0)` that meets
+/// the strong Wolfe conditions (c1 = 1e-3, c2 = 0.9, scipy L-BFGS-B's `dcsrch` constants): doubling from the unit
+/// step until the minimum is bracketed, then the bracket narrowed by safeguarded cubic interpolation (Nocedal &
+/// Wright, algorithms 3.5 and 3.6). At most 30 evaluations; then the best step with sufficient decrease found, or
+/// None when there is none. Returns the step, its objective, its state and the evaluations made.
+fn wolfe_step<S>(mut phi: impl FnMut(f64) -> (f64, f64, S), f0: f64, g0: f64) -> (f64, f64, Option<S>, usize) {
+    const C1: f64 = 1e-3;
+    const C2: f64 = 0.9;
+    const MAX_EVALS: usize = 30;
+    let armijo = |t: f64, f: f64| f <= f0 + C1 * t * g0;
+    let mut evals = 0;
+    // (step, objective, slope, state) of the bracket's low end: the best step with sufficient decrease so far.
+    let mut lo: (f64, f64, f64, Option<S>) = (0.0, f0, g0, None);
+    let mut hi: Option<(f64, f64, f64)> = None;
+    let mut t = 1.0;
+    while evals < MAX_EVALS {
+        let (f, g, s) = phi(t);
+        evals += 1;
+        if !armijo(t, f) || f >= lo.1 {
+            hi = Some((t, f, g));
+        } else if g.abs() <= -C2 * g0 {
+            return (t, f, Some(s), evals);
+        } else {
+            // The bracket's low end moves to t; the high end is the side the slope points away from.
+            if let Some(h) = hi {
+                if g * (h.0 - t) >= 0.0 {
+                    hi = Some((lo.0, lo.1, lo.2));
+                }
+            } else if g >= 0.0 {
+                hi = Some((lo.0, lo.1, lo.2));
+            }
+            lo = (t, f, g, Some(s));
+        }
+        t = match hi {
+            None => 2.0 * t,
+            Some(h) => {
+                let (a, b) = (lo.0.min(h.0), lo.0.max(h.0));
+                if b - a <= 1e-12 * b.max(1e-300) {
+                    break;
+                }
+                let c = cubic_min((lo.0, lo.1, lo.2), h);
+                if c.is_finite() && c > a + 0.1 * (b - a) && c < b - 0.1 * (b - a) { c } else { 0.5 * (a + b) }
+            }
+        };
+    }
+    (lo.0, lo.1, lo.3, evals)
+}
+
+/// The minimiser of the cubic through two points with their values and slopes (Nocedal & Wright, eq. 3.59).
+fn cubic_min((t1, f1, g1): (f64, f64, f64), (t2, f2, g2): (f64, f64, f64)) -> f64 {
+    let d1 = g1 + g2 - 3.0 * (f1 - f2) / (t1 - t2);
+    let disc = d1 * d1 - g1 * g2;
+    if disc < 0.0 {
+        return f64::NAN;
+    }
+    let d2 = (t2 - t1).signum() * disc.sqrt();
+    t2 - (t2 - t1) * (g2 + d2 - d1) / (g2 - g1 + 2.0 * d2)
 }
 
 /// The L-BFGS direction -H g by the two-loop recursion over `hist` ((s, y, 1 / s.y) pairs, oldest first) and its
@@ -257,16 +328,39 @@ fn fit_penalized(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions, 
         let zd = x.mm(&dir);
         // ||w + t dir||^2 = ww + 2 t wd + t^2 dd.
         let (ww, wd, dd) = (dot(&pen(&w), &w), dot(&pen(&w), &dir), dot(&pen(&dir), &dir));
-        let mut step = 1.0;
-        let (f_new, z_new, lse_new) = loop {
-            let z_try = &z + &zd * step;
-            let (ce, lse_try) = cross_entropy(&z_try, &y);
-            let ft = ce + 0.5 * lambda * (ww + 2.0 * step * wd + step * step * dd);
-            evaluations += 1;
-            if ft <= f + 1e-4 * step * slope || step < 1e-20 {
-                break (ft, z_try, lse_try);
+        let (step, f_new, (z_new, lse_new)) = match opts.line_search {
+            LineSearch::Armijo => {
+                let mut step = 1.0;
+                loop {
+                    let z_try = &z + &zd * step;
+                    let (ce, lse_try) = cross_entropy(&z_try, &y);
+                    let ft = ce + 0.5 * lambda * (ww + 2.0 * step * wd + step * step * dd);
+                    evaluations += 1;
+                    if ft <= f + 1e-4 * step * slope || step < 1e-20 {
+                        break (step, ft, (z_try, lse_try));
+                    }
+                    step *= 0.5;
+                }
             }
-            step *= 0.5;
+            LineSearch::Wolfe => {
+                // Along the direction the objective and its slope need no product with x: the logits move by t zd.
+                let picked_zd = zd.gather(1, &y.unsqueeze(1), false).sum(Kind::Double).double_value(&[]) / n as f64;
+                let phi = |t: f64| {
+                    let z_try = &z + &zd * t;
+                    let (ce, lse_try) = cross_entropy(&z_try, &y);
+                    let ft = ce + 0.5 * lambda * (ww + 2.0 * t * wd + t * t * dd);
+                    let p = (&z_try - &lse_try).exp();
+                    let gt = (p * &zd).sum(Kind::Double).double_value(&[]) / n as f64 - picked_zd + lambda * (wd + t * dd);
+                    (ft, gt, (z_try, lse_try))
+                };
+                let (step, ft, state, evals) = wolfe_step(phi, f, slope);
+                evaluations += evals as i64;
+                match state {
+                    Some(st) => (step, ft, st),
+                    // No step decreases the objective in floating point.
+                    None => break,
+                }
+            }
         };
         if f_new > f {
             // No decrease is possible in floating point: the gradient is as small as this precision allows.
@@ -630,7 +724,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let work = |set: &FeatureSet| set.features.to_device(device).to_kind(Kind::Double);
     let val_x = preprocess(&work(&val.set));
     let train_x = work(&train.set);
-    let opts = SolveOptions { lambd: cfg.lambd, grad_tol: cfg.grad_tol, max_iter: cfg.max_iter, memory: cfg.memory, device };
+    let opts = SolveOptions { lambd: cfg.lambd, grad_tol: cfg.grad_tol, max_iter: cfg.max_iter, memory: cfg.memory, device, line_search: LineSearch::Armijo };
     let overrides = loaded.overrides(&[]);
     let mut b = RecordBuilder::new(req.protocol, &cfg.version, &overrides);
     let (splits, tops) = solve_splits(&subsets, &position, (&train_x, &train.set.labels), (&val_x, &val.set.labels), num_classes, &opts, req.run.quiet)?;
@@ -675,4 +769,26 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         .data(Some(data.display().to_string()), &prints)
         .config(&origin, &cfg, &overrides, &req.run, extra)
         .finish(details, &device_name(device), &req.output)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wolfe_step;
+
+    #[test]
+    fn the_wolfe_step_meets_both_conditions_whether_the_unit_step_is_short_or_long() {
+        // (t - m)^2 + (1 - cos t) / 10, with the minimum below, near and far above the unit step.
+        for m in [0.01, 0.7, 1.0, 40.0, 3000.0] {
+            let phi = |t: f64| ((t - m).powi(2) + (1.0 - t.cos()) / 10.0, 2.0 * (t - m) + t.sin() / 10.0, t);
+            let (f0, g0, _) = phi(0.0);
+            let (t, f, state, evals) = wolfe_step(phi, f0, g0);
+            assert_eq!(state, Some(t));
+            assert!(f <= f0 + 1e-3 * t * g0, "minimum {m}: step {t} lacks sufficient decrease");
+            assert!(phi(t).1.abs() <= 0.9 * -g0, "minimum {m}: step {t} leaves the slope {} of {g0}", phi(t).1);
+            assert!(evals <= 20, "minimum {m}: {evals} evaluations");
+        }
+        // An ascent direction has no step: None.
+        let (_, _, state, _) = wolfe_step(|t: f64| (t, 1.0, ()), 0.0, -1.0);
+        assert!(state.is_none());
+    }
 }

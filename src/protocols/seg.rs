@@ -425,7 +425,7 @@ impl Logreg {
         }
         let y_idx = Tensor::from_slice(&lut).index_select(0, &y);
         // CAPI sets lbfgs_memory (history) to 5.
-        let opts = super::lowshot::SolveOptions { lambd: 1.0 / c, grad_tol: tol, max_iter, memory: 5, device };
+        let opts = super::lowshot::SolveOptions { lambd: 1.0 / c, grad_tol: tol, max_iter, memory: 5, device, line_search: super::lowshot::LineSearch::Wolfe };
         // scikit-learn's lbfgs options: gtol = tol, ftol = 64 * eps.
         let fit = super::lowshot::fit_with_intercept(features, &y_idx, classes.size()[0], &opts, Some(64.0 * f64::EPSILON))?;
         Ok(Logreg { fit, classes })
@@ -781,7 +781,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         "image_transform": "convert RGB, Resize((r, r)) bicubic (Pillow), ToTensor, Normalize(ImageNet)",
         "label_transform": "convert P, Resize((r, r)) nearest (Pillow)",
         "knn_search_dtype": format!("{:?}", cfg.knn_dtype).to_lowercase(),
-        "logreg_solver": "scikit-learn's LogisticRegression objective (multinomial, L2 / (2 C n), intercept unpenalised) by the low-shot L-BFGS in f64, history 5 (CAPI: cuML)",
+        "logreg_solver": "scikit-learn's LogisticRegression objective (multinomial, L2 / (2 C n), intercept unpenalised) by the low-shot L-BFGS in f64, history 5, strong-Wolfe line search (CAPI: cuML)",
     });
     let mut details = serde_json::json!({
         "split": {
