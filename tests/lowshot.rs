@@ -57,7 +57,7 @@ fn logistic_regression_matches_scikit_learn_and_preprocessing_matches_cyanure() 
         assert!(xt.mean_dim(1, false, Kind::Double).abs().max().double_value(&[]) < 1e-12);
         assert!((xt.square().sum_dim_intlist(1, false, Kind::Double) - 1.0).abs().max().double_value(&[]) < 1e-12);
 
-        let opts = SolveOptions { lambd, grad_tol: 1e-8, max_iter: 100_000, memory: 20, device: Device::Cpu, line_search: lmim_bench::protocols::lowshot::LineSearch::Armijo };
+        let opts = SolveOptions { lambd, grad_tol: 1e-8, max_iter: 100_000, memory: 20, device: Device::Cpu, line_search: lmim_bench::protocols::lowshot::LineSearch::Armijo, f32_products: false };
         let f = fit(&xt, &tl, 8, &opts).unwrap();
         assert!(f.converged, "lambd {lambd}: max |grad| {:e} after {} iterations", f.grad_max, f.iterations);
         assert!((f.lambda - lambd / 400.0).abs() < 1e-18, "lambda = lambd / n");

@@ -289,7 +289,7 @@ fn lowshot(path: &std::path::Path, sets: &[String], device: tch::Device, steps: 
     let get = |n: &str| f.get(n).map(|t| t.shallow_clone()).ok_or_else(|| crate::Error::data(path, format!("no tensor `{n}` (expected `x` [n, D] and `y` [n])")));
     let (x, y) = (get("x")?, get("y")?.to_kind(tch::Kind::Int64));
     let classes = y.max().int64_value(&[]) + 1;
-    let opts = SolveOptions { lambd: cfg.lambd, grad_tol: cfg.grad_tol, max_iter: cfg.max_iter, memory: cfg.memory, device, line_search: crate::protocols::lowshot::LineSearch::Armijo };
+    let opts = SolveOptions { lambd: cfg.lambd, grad_tol: cfg.grad_tol, max_iter: cfg.max_iter, memory: cfg.memory, device, line_search: crate::protocols::lowshot::LineSearch::Armijo, f32_products: false };
     let mut runs = Vec::new();
     for _ in 0..steps.max(1) {
         let t0 = std::time::Instant::now();

@@ -425,7 +425,7 @@ impl Logreg {
         }
         let y_idx = Tensor::from_slice(&lut).index_select(0, &y);
         // CAPI sets lbfgs_memory (history) to 5.
-        let opts = super::lowshot::SolveOptions { lambd: 1.0 / c, grad_tol: tol, max_iter, memory: 5, device, line_search: super::lowshot::LineSearch::Wolfe };
+        let opts = super::lowshot::SolveOptions { lambd: 1.0 / c, grad_tol: tol, max_iter, memory: 5, device, line_search: super::lowshot::LineSearch::Wolfe, f32_products: true };
         // scikit-learn's lbfgs options: gtol = tol, ftol = 64 * eps.
         let fit = super::lowshot::fit_with_intercept(features, &y_idx, classes.size()[0], &opts, Some(64.0 * f64::EPSILON))?;
         Ok(Logreg { fit, classes })
@@ -592,8 +592,8 @@ pub fn check_fit_memory(cfg: &SegConfig, which: Classifier, rows: i64, dim: i64,
             let chunks = rows.div_ceil(chunk.max(1));
             (rows * (dim * el + pixels) + INFERENCE_BS as u128 * (chunk * 4 + chunks * k * (pixels + 4)), "the k-NN bank and a search block")
         }
-        // f64 rows with the ones column, and a few [rows, classes] f64 logit matrices.
-        Classifier::Logreg => (rows * ((dim + 1) * 8 + classes * 8 * 6), "the logistic regression's f64 rows and logits"),
+        // f32 rows with the ones column, and a few [rows, classes] f64 logit matrices.
+        Classifier::Logreg => (rows * ((dim + 1) * 4 + classes * 8 * 6), "the logistic regression's f32 rows and f64 logits"),
     };
     crate::info::check_fits("train_subsample", &format!("{what} ({rows} training patches; fewer with train_subsample=N)"), bytes)
 }
@@ -781,7 +781,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         "image_transform": "convert RGB, Resize((r, r)) bicubic (Pillow), ToTensor, Normalize(ImageNet)",
         "label_transform": "convert P, Resize((r, r)) nearest (Pillow)",
         "knn_search_dtype": format!("{:?}", cfg.knn_dtype).to_lowercase(),
-        "logreg_solver": "scikit-learn's LogisticRegression objective (multinomial, L2 / (2 C n), intercept unpenalised) by the low-shot L-BFGS in f64, history 5, strong-Wolfe line search (CAPI: cuML)",
+        "logreg_solver": "scikit-learn's LogisticRegression objective (multinomial, L2 / (2 C n), intercept unpenalised) by the low-shot L-BFGS (products with the rows in f32, weights, logits and solver state in f64), history 5, strong-Wolfe line search (CAPI: cuML)",
     });
     let mut details = serde_json::json!({
         "split": {
