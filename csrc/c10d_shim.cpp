@@ -11,6 +11,7 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -41,9 +42,12 @@ struct Group {
   // watcher would wait behind a long get of the main thread.
   c10::intrusive_ptr<c10d::Store> watch_store;
   c10::intrusive_ptr<c10d::Backend> backend;
+  // `backend` once it is made (lmim_c10d_join): the watcher and a failing thread run while the main thread is still
+  // inside the back-end's construction (Gloo's full mesh, NCCL's eager communicator), and must not read it before.
+  std::atomic<c10d::Backend*> ready{nullptr};
   int rank = 0;
   int size = 1;
-  bool nccl = false;
+  std::atomic<bool> nccl{false};
 };
 
 std::vector<at::Tensor> tensors(at::Tensor** ts, int n) {
@@ -79,17 +83,19 @@ int lmim_c10d_has_nccl() {
 // Rendezvous through a TCPStore at host:port (rank 0 serves it unless `client_only`, as under torchrun whose agent
 // already serves it), keys under `prefix`, then a process group of `backend` ("gloo" or "nccl"). `device` is the
 // CUDA device an NCCL group is bound to (its communicator is created there, never guessed).
-void* lmim_c10d_init(const char* backend, const char* host, int port, int rank, int size, int client_only,
-                     long long timeout_ms, const char* prefix, int device) {
+// The rendezvous: connects to (rank 0: serves) the TCPStore and returns a group without a back-end yet, so that
+// the heartbeat and the failure watcher run before the back-end is made (lmim_c10d_join), where a lost peer would
+// otherwise leave the others waiting out the timeout.
+void* lmim_c10d_connect(const char* host, int port, int rank, int size, int client_only, long long timeout_ms,
+                        const char* prefix) {
   Group* g = nullptr;
   int rc = lmim_guarded([&] {
-    auto timeout = std::chrono::milliseconds(timeout_ms);
     c10d::TCPStoreOptions o;
     o.port = static_cast<std::uint16_t>(port);
     o.isServer = !client_only && rank == 0;
     o.numWorkers = size;
     o.waitWorkers = !client_only;
-    o.timeout = timeout;
+    o.timeout = std::chrono::milliseconds(timeout_ms);
     auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), o);
     auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
     auto group = std::make_unique<Group>();
@@ -97,7 +103,18 @@ void* lmim_c10d_init(const char* backend, const char* host, int port, int rank, 
     group->watch_store = store->clone();
     group->rank = rank;
     group->size = size;
+    g = group.release();
+  });
+  return rc == 0 ? g : nullptr;
+}
+
+// Makes the group's back-end over its store: Gloo or NCCL (on `device`, communicator made now).
+int lmim_c10d_join(void* h, const char* backend, long long timeout_ms, int device) {
+  return lmim_guarded([&] {
+    auto* g = static_cast<Group*>(h);
+    auto timeout = std::chrono::milliseconds(timeout_ms);
     std::string name(backend);
+    c10::intrusive_ptr<c10d::Backend> made;
     if (name == "gloo") {
 #ifdef LMIM_WITH_GLOO
       auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
@@ -115,23 +132,23 @@ void* lmim_c10d_init(const char* backend, const char* host, int port, int rank, 
       } else {
         opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
       }
-      group->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, size, opts);
+      made = c10::make_intrusive<c10d::ProcessGroupGloo>(g->store, g->rank, g->size, opts);
 #else
       throw std::runtime_error("this build of lmim-bench has no Gloo (it was compiled without gloo's headers)");
 #endif
     } else if (name == "nccl") {
 #ifdef LMIM_WITH_NCCL
-      group->backend = lmim_make_nccl(store, rank, size, timeout, device);
-      group->nccl = true;
+      made = lmim_make_nccl(g->store, g->rank, g->size, timeout, device);
+      g->nccl = true;
 #else
       throw std::runtime_error("this build of lmim-bench has no NCCL (it was compiled without the CUDA headers)");
 #endif
     } else {
       throw std::runtime_error("unknown backend '" + name + "' (gloo or nccl)");
     }
-    g = group.release();
+    g->backend = made;
+    g->ready.store(made.get());
   });
-  return rc == 0 ? g : nullptr;
 }
 
 // In-place sum over ranks of each tensor; all are started before the first is waited for.
@@ -188,7 +205,7 @@ int lmim_c10d_fail(void* h, const char* msg) {
     } catch (...) {
       // The store's host may be gone already; aborting matters more.
     }
-    g->backend->abort();
+    if (auto* b = g->ready.load()) b->abort();
   });
 }
 
@@ -213,9 +230,10 @@ int lmim_c10d_peer_failure(void* h, char* buf, int len, int* found) {
 // 3 a peer's error); 0 when none or for Gloo, whose errors surface in the collective that meets them.
 int lmim_c10d_backend_error(void* h) {
   auto* g = static_cast<Group*>(h);
-  if (!g->nccl) return 0;
+  auto* b = g->ready.load();
+  if (!g->nccl || b == nullptr) return 0;
   int code = 0;
-  lmim_guarded([&] { code = static_cast<int>(g->backend->getError()); });
+  lmim_guarded([&] { code = static_cast<int>(b->getError()); });
   return code;
 }
 
@@ -283,7 +301,7 @@ int lmim_c10d_store_add(void* h, const char* key, long long delta, int watch, lo
 int lmim_c10d_shutdown(void* h) {
   return lmim_guarded([&] {
     auto* g = static_cast<Group*>(h);
-    if (g->nccl) g->backend->shutdown();
+    if (auto* b = g->ready.load(); b != nullptr && g->nccl) b->shutdown();
   });
 }
 

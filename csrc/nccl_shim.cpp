@@ -11,6 +11,10 @@ c10::intrusive_ptr<c10d::Backend> lmim_make_nccl(const c10::intrusive_ptr<c10d::
   // every rank. PyTorch's default (3, SkipCleanUp) ends the process from the watchdog thread with std::terminate:
   // SIGABRT and a core dump, without lmim-bench's message. A value the user set is kept.
   setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2", 0);
+  // A CUDA error the watchdog meets (a device-side assert in a kernel) is rethrown into the next wait() on the main
+  // thread, so it reaches lmim-bench's failure path (message to the store, then the abort) rather than ending the
+  // process from the watchdog thread. PyTorch's default, said here so a changed default cannot drop it.
+  setenv("TORCH_NCCL_RETHROW_CUDA_ERRORS", "1", 0);
   auto opts = c10d::ProcessGroupNCCL::Options::create();
   opts->timeout = timeout;
   auto pg = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, size, opts);

@@ -22,7 +22,8 @@ pub fn set_rank(rank: i64) {
 /// acts on rank 0 before it writes the checkpoint of step N. Set it on one rank only (`env LMIM_FAULT=...
 /// lmim-bench` in that task). `LMIM_FAULT=pack=1:KIND` acts in `data pack` after the split took its final name;
 /// `LMIM_FAULT=scan=1:KIND` on rank 0 before its dataset scan; `LMIM_FAULT=cache=1:KIND` on rank 0 before it reads
-/// a feature-cache file. A malformed value is refused.
+/// a feature-cache file; `LMIM_FAULT=init=1:KIND` on the rank where it is set, after the rendezvous and before the
+/// process group is made. A malformed value is refused.
 pub fn fault_point(place: &str, n: i64) -> Result<()> {
     static FAULT: OnceLock<std::result::Result<Option<(String, i64, String)>, String>> = OnceLock::new();
     let fault = FAULT.get_or_init(|| {
@@ -31,8 +32,8 @@ pub fn fault_point(place: &str, n: i64) -> Result<()> {
         let (at, kind) = v.split_once(':').ok_or_else(bad)?;
         let (p, k) = at.split_once('=').ok_or_else(bad)?;
         let n = k.trim().parse().map_err(|_| bad())?;
-        if !["step", "checkpoint", "pack", "scan", "cache"].contains(&p) {
-            return Err(format!("`{p}` is not a fault point (step, checkpoint, pack, scan, cache)"));
+        if !["step", "checkpoint", "pack", "scan", "cache", "init"].contains(&p) {
+            return Err(format!("`{p}` is not a fault point (step, checkpoint, pack, scan, cache, init)"));
         }
         if !matches!(kind, "panic" | "error" | "die" | "stop" | "hang") && !kind.strip_prefix("slow=").is_some_and(|s| s.parse::<u64>().is_ok()) {
             return Err(format!("`{kind}` is not a fault (panic, error, die, stop, hang, slow=S)"));

@@ -17,17 +17,8 @@ extern "C" {
 
     pub fn lmim_c10d_has_nccl() -> c_int;
     pub fn lmim_c10d_has_gloo() -> c_int;
-    pub fn lmim_c10d_init(
-        backend: *const c_char,
-        host: *const c_char,
-        port: c_int,
-        rank: c_int,
-        size: c_int,
-        client_only: c_int,
-        timeout_ms: i64,
-        prefix: *const c_char,
-        device: c_int,
-    ) -> *mut c_void;
+    pub fn lmim_c10d_connect(host: *const c_char, port: c_int, rank: c_int, size: c_int, client_only: c_int, timeout_ms: i64, prefix: *const c_char) -> *mut c_void;
+    pub fn lmim_c10d_join(g: *mut c_void, backend: *const c_char, timeout_ms: i64, device: c_int) -> c_int;
     pub fn lmim_c10d_allreduce_sum(g: *mut c_void, ts: *mut CTensor, n: c_int) -> c_int;
     pub fn lmim_c10d_broadcast(g: *mut c_void, ts: *mut CTensor, n: c_int, root: c_int) -> c_int;
     pub fn lmim_c10d_allgather(g: *mut c_void, input: CTensor, outs: *mut CTensor, size: c_int) -> c_int;

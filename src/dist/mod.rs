@@ -91,6 +91,16 @@ impl Drop for Group {
 }
 
 impl Group {
+    /// Makes the group's back-end over its store (Gloo's full mesh, or NCCL's communicator on device `dev`).
+    fn join(&self, backend: Backend, timeout_ms: i64, dev: c_int) -> std::result::Result<(), String> {
+        let name = CString::new(backend.name()).expect("a back-end name has no NUL");
+        // SAFETY: a live group and a NUL-terminated name; the shim catches C++ exceptions.
+        if unsafe { ffi::lmim_c10d_join(self.0, name.as_ptr(), timeout_ms, dev) } != 0 {
+            return Err(ffi::last_error());
+        }
+        Ok(())
+    }
+
     /// Shuts NCCL's communicators down (a normal end).
     fn shutdown(&self) {
         // SAFETY: a live group; the shim catches C++ exceptions.
@@ -255,7 +265,14 @@ pub fn init(opts: &DistOptions) -> Result<&'static World> {
     let w = if env.world_size <= 1 && !group_of_one { World::single() } else { World::connect(&env, opts)? };
     let w = WORLD.get_or_init(|| w);
     crate::fault::set_rank(w.rank as i64);
+    // The heartbeat and the failure watcher run before the back-end is made: a rank lost between the rendezvous and
+    // the group (Gloo's full mesh, NCCL's communicator initialisation) ends the others with its name, not after
+    // the timeout.
     w.start_watcher();
+    if !w.no_group() {
+        crate::fault::fault_point("init", 1)?;
+        w.join()?;
+    }
     Ok(w)
 }
 
@@ -454,15 +471,12 @@ impl World {
         }
         let timeout = opts.timeout.unwrap_or_else(|| default_timeout(backend));
         let c = |s: &str, what: &str| CString::new(s).map_err(|_| Error::option(what, format!("`{s}` holds a NUL byte")));
-        let (name, host) = (c(backend.name(), "--dist-backend")?, c(&env.master_addr, "MASTER_ADDR")?);
+        let host = c(&env.master_addr, "MASTER_ADDR")?;
         // torchrun's agent serves the store and counts restarts; keys of another attempt must not be read.
         let prefix = c(&format!("/worker/attempt_{}/lmim-bench/{}/", env.restart_count, env.job.as_deref().unwrap_or("job")), "TORCHELASTIC_RESTART_COUNT")?;
         let ms = timeout.as_millis().min(i64::MAX as u128) as i64;
-        let dev = if let Device::Cuda(d) = device { d as c_int } else { -1 };
         // SAFETY: NUL-terminated strings that outlive the call; the shim catches C++ exceptions.
-        let ptr = unsafe {
-            ffi::lmim_c10d_init(name.as_ptr(), host.as_ptr(), env.master_port as c_int, env.rank as c_int, env.world_size as c_int, env.agent_store as c_int, ms, prefix.as_ptr(), dev)
-        };
+        let ptr = unsafe { ffi::lmim_c10d_connect(host.as_ptr(), env.master_port as c_int, env.rank as c_int, env.world_size as c_int, env.agent_store as c_int, ms, prefix.as_ptr()) };
         if ptr.is_null() {
             return Err(Error::Dist(format!(
                 "rank {} of {}: cannot join the {} group at {}:{} ({}): {}",
@@ -502,6 +516,14 @@ impl World {
     /// one in a ring, so any lost set of ranks short of all has a live watcher). Under NCCL the host never waits
     /// in a collective (wait() only orders streams), so without it a rank whose peer died would sit until a
     /// timeout. It polls over its own store connection, so a long store call of the main thread cannot hold it up.
+    /// Makes the back-end over the rendezvous store.
+    fn join(&self) -> Result<()> {
+        let Some(g) = self.group.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return Ok(()) };
+        let dev = if let Device::Cuda(d) = self.device { d as c_int } else { -1 };
+        let ms = self.timeout.as_millis().min(i64::MAX as u128) as i64;
+        g.join(self.backend, ms, dev).map_err(|e| Error::Dist(format!("rank {} of {}: cannot make the {} group over {}: {e}", self.rank, self.size, self.backend.name(), self.store_desc)))
+    }
+
     fn start_watcher(&self) {
         let Some(g) = self.group.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
         let stop = Arc::new(AtomicBool::new(false));
