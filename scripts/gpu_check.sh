@@ -87,7 +87,7 @@ declare -A SHARE=(
     [pretrain-ours-1]=40 [pretrain-original-fp16]=40 [pretrain-original-bf16]=40 [pretrain-original-none]=40 [pretrain-ours-2]=40
     [finetune-ours]=30 [finetune-timm]=30 [infer-ours]=20 [infer-timm]=20
     [knn-ours]=30 [knn-dino]=30 [sweep-probe]=10 [sweep]=30 [synth]=25 [loader]=20 [dist-check]=15
-    [dist-check-2gpu]=20 [synth-fault]=10 [dist-fault]=60
+    [dist-check-2gpu]=20 [synth-fault]=10 [device-assert]=40 [dist-fault]=60
 )
 FAILED=()
 # The report from what ran so far (to $OUT with the raw files' tarball when OUT is set); a kill keeps it.
@@ -138,6 +138,24 @@ if "$BIN" info --json 2>/dev/null | grep -q "\"$DIST_BACKEND\""; then
 elif [ "$MODE" = gpu ]; then
     dist_missing dist-check "this binary has no NCCL (built without the CUDA headers): every multi-GPU run would fail"
 fi
+# A kernel's out-of-range index (LMIM_FAULT=step=1:assert: on the GPU a device-side assert, which poisons the CUDA
+# context) in the one rank of a process group: the panic path (message to the store, the group aborted) must end
+# the process with exit 1 and the message within a minute, not hang in the abort of a poisoned communicator.
+step synth-fault "$BIN" data synth --out "$SCRATCH/fault-data" --classes 4 --train-per-class 32 --val-per-class 4 --size 64
+if "$BIN" info --json 2>/dev/null | grep -q "\"$DIST_BACKEND\""; then
+    device_assert() {
+        local t0=$SECONDS rc
+        env RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$(( DIST_PORT + 7 )) GLOO_SOCKET_IFNAME=lo LMIM_FAULT=step=1:assert \
+            "$BIN" pretrain -q -c "$ROOT/configs/lmim_tiny.toml" --data "$SCRATCH/fault-data" -o "$SCRATCH/assert-run" --no-tensorboard \
+            --dist-backend "$DIST_BACKEND" --dist-timeout 60 epochs=5 batch_size=32 micro_batch_size=16 nn_every=0 "device=\"$DEV\"" \
+            2>"$SCRATCH/device-assert-run.err"
+        rc=$?
+        echo "{\"exit_code\": $rc, \"seconds\": $(( SECONDS - t0 ))}"
+        [ "$rc" = 1 ] && grep -q "panicked" "$SCRATCH/device-assert-run.err" && [ $(( SECONDS - t0 )) -lt 60 ]
+    }
+    export -f device_assert; export BIN ROOT SCRATCH DIST_PORT DIST_BACKEND DEV
+    step device-assert bash -c device_assert
+fi
 GPUS=0
 [ "$MODE" = gpu ] && GPUS="$(timeout -k 5 60 "$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
 if [ "$MODE" = gpu ] && [ "${GPUS:-0}" -ge 2 ] && "$BIN" info --json 2>/dev/null | grep -q '"nccl"'; then
@@ -169,7 +187,6 @@ if [ "$MODE" = gpu ] && [ "${GPUS:-0}" -ge 2 ] && "$BIN" info --json 2>/dev/null
     export -f two_ranks two_ranks_check two_ranks_fault; export BIN ROOT SCRATCH DIST_PORT
     step dist-check-2gpu bash -c two_ranks_check
     DIST_PORT=$(( DIST_PORT + 1 ))
-    step synth-fault "$BIN" data synth --out "$SCRATCH/fault-data" --classes 4 --train-per-class 32 --val-per-class 4 --size 64
     export DIST_PORT
     step dist-fault bash -c two_ranks_fault
 fi

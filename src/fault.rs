@@ -7,6 +7,12 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 
 static RANK: AtomicI64 = AtomicI64::new(0);
+static DEVICE: std::sync::Mutex<Option<tch::Device>> = std::sync::Mutex::new(None);
+
+/// The device the `assert` fault runs its kernel on (the run's own; the CPU when unset).
+pub fn set_device(device: tch::Device) {
+    *DEVICE.lock().unwrap_or_else(|e| e.into_inner()) = Some(device);
+}
 
 /// This process's rank in its job, for the injected panic's message (set by `dist` when the world is known).
 pub fn set_rank(rank: i64) {
@@ -17,7 +23,9 @@ pub fn set_rank(rank: i64) {
 /// (the tests do; so can a user on a new cluster): `LMIM_FAULT=step=N:KIND` acts right after optimiser step N of
 /// pretraining, in rank-local code between collectives. KIND: `panic` (a bug or a tch unwrap, e.g. CUDA out of
 /// memory), `error` (an ordinary error), `die` (SIGKILL: no message, nothing told), `stop` (SIGSTOP: every thread
-/// stopped, heartbeat included), `hang` (stuck for 10 minutes,
+/// stopped, heartbeat included), `assert` (an index out of range in a kernel on the run's device: on a GPU a
+/// device-side assert, which poisons the CUDA context, surfacing as a panic at the next synchronisation), `hang`
+/// (stuck for 10 minutes,
 /// as in a kernel that never ends), `slow=S` (S seconds of delay, as a slow file system). `LMIM_FAULT=checkpoint=N:KIND`
 /// acts on rank 0 before it writes the checkpoint of step N. Set it on one rank only (`env LMIM_FAULT=...
 /// lmim-bench` in that task). `LMIM_FAULT=pack=1:KIND` acts in `data pack` after the split took its final name;
@@ -35,8 +43,8 @@ pub fn fault_point(place: &str, n: i64) -> Result<()> {
         if !["step", "checkpoint", "pack", "scan", "cache", "init"].contains(&p) {
             return Err(format!("`{p}` is not a fault point (step, checkpoint, pack, scan, cache, init)"));
         }
-        if !matches!(kind, "panic" | "error" | "die" | "stop" | "hang") && !kind.strip_prefix("slow=").is_some_and(|s| s.parse::<u64>().is_ok()) {
-            return Err(format!("`{kind}` is not a fault (panic, error, die, stop, hang, slow=S)"));
+        if !matches!(kind, "panic" | "error" | "die" | "stop" | "hang" | "assert") && !kind.strip_prefix("slow=").is_some_and(|s| s.parse::<u64>().is_ok()) {
+            return Err(format!("`{kind}` is not a fault (panic, error, die, stop, hang, assert, slow=S)"));
         }
         Ok(Some((p.to_string(), n, kind.to_string())))
     });
@@ -59,6 +67,14 @@ pub fn fault_point(place: &str, n: i64) -> Result<()> {
             unsafe { libc::raise(libc::SIGSTOP) };
             Ok(())
         }
+        "assert" => {
+            let device = DEVICE.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or(tch::Device::Cpu);
+            let t = tch::Tensor::zeros([4], (tch::Kind::Float, device));
+            let bad = tch::Tensor::from_slice(&[1i64 << 40]).to_device(device);
+            // Read back, so that an asynchronous device error surfaces here, in this rank's main thread.
+            let v = t.index_select(0, &bad).sum(tch::Kind::Double).double_value(&[]);
+            Err(Error::Dist(format!("LMIM_FAULT: the out-of-range index after {place} {n} read {v} on {device:?} without an error")))
+        }
         "hang" => {
             std::thread::sleep(Duration::from_secs(600));
             Ok(())
@@ -68,6 +84,6 @@ pub fn fault_point(place: &str, n: i64) -> Result<()> {
             std::thread::sleep(Duration::from_secs(secs));
             Ok(())
         }
-        other => Err(Error::option("LMIM_FAULT", format!("`{other}` is not a fault (panic, error, die, stop, hang, slow=S)"))),
+        other => Err(Error::option("LMIM_FAULT", format!("`{other}` is not a fault (panic, error, die, stop, hang, assert, slow=S)"))),
     }
 }

@@ -39,6 +39,12 @@ fn gpu_check_cpu_mode_runs_every_step_and_writes_the_report() {
         assert!(names.contains(&"dist-check"), "step dist-check missing from {steps}");
         let check: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(scratch.join("dist-check.json")).unwrap()).unwrap();
         assert_eq!((check["backend"].as_str(), check["world_size"].as_i64(), check["pass"].as_bool()), (Some("gloo"), Some(1), Some(true)), "{check}");
+        // The injected out-of-range index ended the group-of-one pretraining through the panic path: exit 1.
+        assert!(names.contains(&"device-assert"), "step device-assert missing from {steps}");
+        let run: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(scratch.join("device-assert.json")).unwrap()).unwrap();
+        assert_eq!(run["exit_code"].as_i64(), Some(1), "{run}");
+        let err = std::fs::read_to_string(scratch.join("device-assert-run.err")).unwrap();
+        assert!(err.contains("panicked") && err.contains("out of range"), "{err}");
     }
     for l in steps.lines() {
         assert_eq!(l.split('\t').nth(1), Some("0"), "a step failed: {l}");

@@ -64,14 +64,15 @@ p("\n## Collectives\n")
 p("| check | result |\n|---|---|")
 ran = {row[0]: row for row in steps if len(row) > 1}
 for name, what in [("dist-check", "process group of one: all-reduce, broadcast, bucketed gradient average, abort"),
+                   ("device-assert", "an index out of range in a kernel (a device-side assert on the GPU) in a process group of one: exit 1 with the panic's message within a minute"),
                    ("dist-check-2gpu", "2 ranks on 2 GPUs through NCCL (P2P), the same checks"),
                    ("dist-fault", "2-rank pretraining, rank 1 killed mid-run: rank 0 out within a minute naming it")]:
     row = ran.get(name)
     if row is None:
-        if name == "dist-check" and mode == "gpu":
+        if name in ("dist-check", "device-assert") and mode == "gpu":
             p(f"| {what} | **FAILED: not run** |")
             ok = False
-        elif name != "dist-check":
+        elif name not in ("dist-check", "device-assert"):
             p(f"| {what} | not run (fewer than 2 GPUs visible) |" if mode == "gpu" else f"| {what} | not run (CPU mode) |")
         continue
     if row[1] == "missing":

@@ -898,6 +898,7 @@ pub fn run(req: &PretrainRequest) -> Result<RunRecord> {
         crate::fsutil::clean_stale_temps(&paths.checkpoints())?;
     }
     let device = crate::info::parse_device(&cfg.device)?;
+    crate::fault::set_device(if world.device.is_cuda() { world.device } else { device });
     let train_size = cfg.model.train_size()? as u32;
     let root = Path::new(&cfg.data);
     // Every rank that decodes says how many threads it takes, before rank 0's first scan (which can be long).
