@@ -840,4 +840,12 @@ fn seg_on_two_ranks_gives_the_one_rank_record() {
     }
     let records = std::fs::read_dir(&two).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "json")).count();
     assert_eq!(records, 1, "one record for the job");
+    // One chunk for the whole bank: rank 1 holds none and sends only padding; the same numbers.
+    let one_chunk = dir.path().join("one-chunk");
+    let mut a = args(&one_chunk);
+    *a.last_mut().unwrap() = "knn_chunk=1000000".into();
+    run_world(&a, 2);
+    let r3 = record(&one_chunk);
+    assert_eq!(r3["details"]["knn"]["fit"]["search"]["chunks"].as_u64(), Some(1), "{}", r3["details"]["knn"]["fit"]["search"]);
+    assert_eq!(r1["metrics"], r3["metrics"]);
 }
