@@ -145,6 +145,9 @@ pub struct SegConfig {
     pub logreg_c: Vec<f64>,
     pub logreg_max_iter: i64,
     pub logreg_tol: f64,
+    /// L-BFGS corrections kept (CAPI's cuML `lbfgs_memory`, 5; scikit-learn's scipy keeps 10): the path, not the
+    /// optimum.
+    pub logreg_history: i64,
     /// Every n-th training patch row is fitted (CAPI's `train_set_subsampling`: `features[::n]`).
     pub train_subsample: i64,
 }
@@ -176,6 +179,7 @@ impl Default for SegConfig {
             logreg_c: default_c_grid(),
             logreg_max_iter: 1000,
             logreg_tol: 1e-12,
+            logreg_history: 5,
             train_subsample: 1,
         }
     }
@@ -194,6 +198,7 @@ impl crate::config::Recipe for SegConfig {
             Rule::above("logreg_c", 0.0, 1e300),
             Rule::int("logreg_max_iter", 1, 100_000_000),
             Rule::real("logreg_tol", 0.0, 1.0),
+            Rule::int("logreg_history", 1, 1000),
             Rule::int("train_subsample", 1, 1 << 40),
         ]
     }
@@ -414,7 +419,7 @@ pub struct Logreg {
 impl Logreg {
     /// scikit-learn's `LogisticRegression(penalty="l2", C, max_iter, tol)` with lbfgs: the mean cross-entropy plus
     /// `||W||^2 / (2 C n)` (intercept unpenalised), on the patches' mode labels.
-    pub fn fit(features: &Tensor, labels: &Tensor, c: f64, max_iter: i64, tol: f64, device: Device) -> Result<Logreg> {
+    pub fn fit(features: &Tensor, labels: &Tensor, c: f64, (max_iter, tol, history): (i64, f64, i64), device: Device) -> Result<Logreg> {
         let y = patch_modes(labels).to_kind(Kind::Int64);
         let classes = y.unique_dim(0, true, false, false).0;
         // Each label's index among the classes present (scikit-learn's `classes_`).
@@ -424,8 +429,7 @@ impl Logreg {
             lut[c as usize] = i as i64;
         }
         let y_idx = Tensor::from_slice(&lut).index_select(0, &y);
-        // CAPI sets lbfgs_memory (history) to 5.
-        let opts = super::lowshot::SolveOptions { lambd: 1.0 / c, grad_tol: tol, max_iter, memory: 5, device, line_search: super::lowshot::LineSearch::Wolfe, f32_products: true };
+        let opts = super::lowshot::SolveOptions { lambd: 1.0 / c, grad_tol: tol, max_iter, memory: history, device, line_search: super::lowshot::LineSearch::Wolfe, f32_products: true };
         // scikit-learn's lbfgs options: gtol = tol, ftol = 64 * eps.
         let fit = super::lowshot::fit_with_intercept(features, &y_idx, classes.size()[0], &opts, Some(64.0 * f64::EPSILON))?;
         Ok(Logreg { fit, classes })
@@ -624,7 +628,7 @@ fn logreg_score(cfg: &SegConfig, c: f64, (x, y): (Tensor, Tensor), (qx, qy): (&T
     if fx.size()[0] == 0 {
         return Err(Error::option("ignore", "every training patch's label is ignored: nothing to fit"));
     }
-    let lr = Logreg::fit(&fx, &fy, c, cfg.logreg_max_iter, cfg.logreg_tol, device)?;
+    let lr = Logreg::fit(&fx, &fy, c, (cfg.logreg_max_iter, cfg.logreg_tol, cfg.logreg_history), device)?;
     let s = score(qy, &lr.predict(qx, pixels), &cfg.ignore)?;
     let classes = Vec::<i64>::try_from(&lr.classes).unwrap_or_default();
     Ok((s, serde_json::json!({ "fit": lr.fit, "classes": classes })))
@@ -781,7 +785,7 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
         "image_transform": "convert RGB, Resize((r, r)) bicubic (Pillow), ToTensor, Normalize(ImageNet)",
         "label_transform": "convert P, Resize((r, r)) nearest (Pillow)",
         "knn_search_dtype": format!("{:?}", cfg.knn_dtype).to_lowercase(),
-        "logreg_solver": "scikit-learn's LogisticRegression objective (multinomial, L2 / (2 C n), intercept unpenalised) by the low-shot L-BFGS (products with the rows in f32, weights, logits and solver state in f64), history 5, strong-Wolfe line search (CAPI: cuML)",
+        "logreg_solver": "scikit-learn's LogisticRegression objective (multinomial, L2 / (2 C n), intercept unpenalised) by the low-shot L-BFGS (products with the rows in f32, weights, logits and solver state in f64), history logreg_history, strong-Wolfe line search (CAPI: cuML)",
     });
     let mut details = serde_json::json!({
         "split": {
