@@ -60,7 +60,7 @@ struct Bank {
     on_device: usize,
 }
 
-/// The search of one job: rank 0 calls [`Search::load`] and [`Search::nearest`]; the other ranks call
+/// The search of one job: rank 0 calls [`Search::load`] and [`Search::predict`]; the other ranks call
 /// [`Search::follow`]. Dropped on rank 0, it releases the followers.
 pub struct Search<'a> {
     world: &'a World,
