@@ -43,7 +43,7 @@ pub fn fault_point(place: &str, n: i64) -> Result<()> {
         if !["step", "checkpoint", "pack", "scan", "cache", "init"].contains(&p) {
             return Err(format!("`{p}` is not a fault point (step, checkpoint, pack, scan, cache, init)"));
         }
-        if !matches!(kind, "panic" | "error" | "die" | "stop" | "hang" | "assert") && !kind.strip_prefix("slow=").is_some_and(|s| s.parse::<u64>().is_ok()) {
+        if !matches!(kind, "panic" | "error" | "die" | "stop" | "hang" | "assert") && kind.strip_prefix("slow=").is_none_or(|s| s.parse::<u64>().is_err()) {
             return Err(format!("`{kind}` is not a fault (panic, error, die, stop, hang, assert, slow=S)"));
         }
         Ok(Some((p.to_string(), n, kind.to_string())))
