@@ -213,6 +213,64 @@ pub fn with_ones(x: &Tensor) -> Tensor {
     Tensor::cat(&[x.shallow_clone(), Tensor::ones([x.size()[0], 1], (x.kind(), x.device()))], 1)
 }
 
+/// The objective along a direction from the logits `z` and their change `zd = x dir` (the logits are linear in the
+/// step): the mean cross-entropy plus `lambda / 2 ||w + t dir||^2 = lambda / 2 (ww + 2 t wd + t^2 dd)`.
+struct Along<'a> {
+    z: &'a Tensor,
+    zd: &'a Tensor,
+    y: &'a Tensor,
+    lambda: f64,
+    ww: f64,
+    wd: f64,
+    dd: f64,
+}
+
+impl Along<'_> {
+    /// The objective at step `t`, with the logits and their log-sum-exp there.
+    fn at(&self, t: f64) -> (f64, Tensor, Tensor) {
+        let z = self.z + self.zd * t;
+        let (ce, lse) = cross_entropy(&z, self.y);
+        (ce + 0.5 * self.lambda * (self.ww + 2.0 * t * self.wd + t * t * self.dd), z, lse)
+    }
+
+    /// The slope at step `t` from its logits and log-sum-exp: `mean(softmax . zd) - mean(zd[y]) + lambda (wd + t dd)`,
+    /// `picked` the second term.
+    fn slope(&self, t: f64, z: &Tensor, lse: &Tensor, picked: f64) -> f64 {
+        let p = (z - lse).exp();
+        (p * self.zd).sum(Kind::Double).double_value(&[]) / z.size()[0] as f64 - picked + self.lambda * (self.wd + t * self.dd)
+    }
+}
+
+/// One step along the direction by `search`, from the objective `f` and its slope there: (step, objective, logits,
+/// log-sum-exp), None when no step decreases the objective; and the objective evaluations made.
+fn line_step(search: LineSearch, along: &Along, f: f64, slope: f64) -> (Option<(f64, f64, Tensor, Tensor)>, i64) {
+    match search {
+        LineSearch::Armijo => {
+            let mut step = 1.0;
+            let mut evals = 0;
+            loop {
+                let (ft, z, lse) = along.at(step);
+                evals += 1;
+                if ft <= f + 1e-4 * step * slope || step < 1e-20 {
+                    return (Some((step, ft, z, lse)), evals);
+                }
+                step *= 0.5;
+            }
+        }
+        LineSearch::Wolfe => {
+            // Along the direction the slope needs no product with x either.
+            let picked = along.zd.gather(1, &along.y.unsqueeze(1), false).sum(Kind::Double).double_value(&[]) / along.z.size()[0] as f64;
+            let phi = |t: f64| {
+                let (ft, z, lse) = along.at(t);
+                let gt = along.slope(t, &z, &lse, picked);
+                (ft, gt, (z, lse))
+            };
+            let (step, ft, state, evals) = wolfe_step(phi, f, slope);
+            (state.map(|(z, lse)| (step, ft, z, lse)), evals as i64)
+        }
+    }
+}
+
 /// A step `t` along a descent direction of `phi(t) = (objective, slope, state)` with `phi(0) = (f0, g0)` that meets
 /// the strong Wolfe conditions (c1 = 1e-3, c2 = 0.9, scipy L-BFGS-B's `dcsrch` constants): doubling from the unit
 /// step until the minimum is bracketed, then the bracket narrowed by safeguarded cubic interpolation (Nocedal &
@@ -333,40 +391,11 @@ fn fit_penalized(x: &Tensor, y: &Tensor, num_classes: i64, opts: &SolveOptions, 
         let zd = mm(&x, &dir);
         // ||w + t dir||^2 = ww + 2 t wd + t^2 dd.
         let (ww, wd, dd) = (dot(&pen(&w), &w), dot(&pen(&w), &dir), dot(&pen(&dir), &dir));
-        let (step, f_new, (z_new, lse_new)) = match opts.line_search {
-            LineSearch::Armijo => {
-                let mut step = 1.0;
-                loop {
-                    let z_try = &z + &zd * step;
-                    let (ce, lse_try) = cross_entropy(&z_try, &y);
-                    let ft = ce + 0.5 * lambda * (ww + 2.0 * step * wd + step * step * dd);
-                    evaluations += 1;
-                    if ft <= f + 1e-4 * step * slope || step < 1e-20 {
-                        break (step, ft, (z_try, lse_try));
-                    }
-                    step *= 0.5;
-                }
-            }
-            LineSearch::Wolfe => {
-                // Along the direction the objective and its slope need no product with x: the logits move by t zd.
-                let picked_zd = zd.gather(1, &y.unsqueeze(1), false).sum(Kind::Double).double_value(&[]) / n as f64;
-                let phi = |t: f64| {
-                    let z_try = &z + &zd * t;
-                    let (ce, lse_try) = cross_entropy(&z_try, &y);
-                    let ft = ce + 0.5 * lambda * (ww + 2.0 * t * wd + t * t * dd);
-                    let p = (&z_try - &lse_try).exp();
-                    let gt = (p * &zd).sum(Kind::Double).double_value(&[]) / n as f64 - picked_zd + lambda * (wd + t * dd);
-                    (ft, gt, (z_try, lse_try))
-                };
-                let (step, ft, state, evals) = wolfe_step(phi, f, slope);
-                evaluations += evals as i64;
-                match state {
-                    Some(st) => (step, ft, st),
-                    // No step decreases the objective in floating point.
-                    None => break,
-                }
-            }
-        };
+        let along = Along { z: &z, zd: &zd, y: &y, lambda, ww, wd, dd };
+        let (found, evals) = line_step(opts.line_search, &along, f, slope);
+        evaluations += evals;
+        // None: no step decreases the objective in floating point.
+        let Some((step, f_new, z_new, lse_new)) = found else { break };
         if f_new > f {
             // No decrease is possible in floating point: the gradient is as small as this precision allows.
             break;
