@@ -727,7 +727,33 @@ fn outcome_json(o: &ClassifierOutcome) -> serde_json::Value {
     })
 }
 
-/// `eval --protocol seg`. Runs on one process (under a launcher every rank computes the same and rank 0 writes).
+/// Every classifier of `cfg`, the k-NN first: under a launcher the other ranks wait in its collectives, not
+/// through the fits.
+fn evaluate_all(cfg: &SegConfig, data: &Prepared, device: Device) -> Result<Vec<(Classifier, ClassifierOutcome)>> {
+    let mut order = cfg.classifiers.clone();
+    order.sort_by_key(|c| *c != Classifier::Knn);
+    order.into_iter().map(|c| Ok((c, evaluate(cfg, c, data, device)?))).collect()
+}
+
+/// What the record's config says of the inputs, the features and the solvers, in words.
+fn config_text(cfg: &SegConfig, patch: i64, precision: crate::config::Precision, device: Device) -> serde_json::Value {
+    serde_json::json!({
+        "input_size": format!("{r}x{r}", r = cfg.resolution),
+        "grid": format!("{g}x{g}", g = cfg.resolution / patch),
+        "precision": precision.effective(device),
+        "feature_text": match cfg.feature {
+            SegFeature::PatchNorm => "last block's patch tokens after the final norm, prefix tokens dropped, f32",
+            SegFeature::PatchPrenorm => "last block's patch tokens before the final norm, prefix tokens dropped, f32",
+        },
+        "image_transform": "convert RGB, Resize((r, r)) bicubic (Pillow), ToTensor, Normalize(ImageNet)",
+        "label_transform": "convert P, Resize((r, r)) nearest (Pillow)",
+        "knn_search_dtype": format!("{:?}", cfg.knn_dtype).to_lowercase(),
+        "logreg_solver": format!("scikit-learn's LogisticRegression objective (multinomial, L2 / (2 C n), intercept unpenalised) by the low-shot L-BFGS (products with the rows in f32, weights, logits and solver state in f64), history {}, strong-Wolfe line search (CAPI: cuML)", cfg.logreg_history),
+    })
+}
+
+/// `eval --protocol seg`. Under a launcher the ranks share the forward passes and the k-NN search ([`Search`]);
+/// rank 0 fits the logistic regression and writes the record.
 pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let loaded = Protocol::Seg.load::<SegConfig>(req.protocol_file.as_deref(), &req.sets)?;
     let cfg = &loaded.cfg;
@@ -764,29 +790,11 @@ pub fn run(req: &EvalRequest) -> Result<RunRecord> {
     let seconds_features = t0.elapsed().as_secs_f64();
     let data = Prepared::new(&train, &val, &split, cfg.standardize);
     drop((train, val));
-    // The k-NN first: under a launcher the other ranks wait in its collectives, not through the fits.
-    let mut order = cfg.classifiers.clone();
-    order.sort_by_key(|c| *c != Classifier::Knn);
-    let mut outcomes = Vec::new();
-    for c in order {
-        outcomes.push((c, evaluate(cfg, c, &data, device)?));
-    }
+    let outcomes = evaluate_all(cfg, &data, device)?;
     let name = req.model_name("model");
     let overrides = loaded.overrides(&[]);
     let held_stems: Vec<&str> = split.held.iter().map(|&i| set.train[i].stem.as_str()).collect();
-    let extra = serde_json::json!({
-        "input_size": format!("{r}x{r}", r = cfg.resolution),
-        "grid": format!("{g}x{g}", g = cfg.resolution / patch),
-        "precision": precision.effective(device),
-        "feature_text": match cfg.feature {
-            SegFeature::PatchNorm => "last block's patch tokens after the final norm, prefix tokens dropped, f32",
-            SegFeature::PatchPrenorm => "last block's patch tokens before the final norm, prefix tokens dropped, f32",
-        },
-        "image_transform": "convert RGB, Resize((r, r)) bicubic (Pillow), ToTensor, Normalize(ImageNet)",
-        "label_transform": "convert P, Resize((r, r)) nearest (Pillow)",
-        "knn_search_dtype": format!("{:?}", cfg.knn_dtype).to_lowercase(),
-        "logreg_solver": "scikit-learn's LogisticRegression objective (multinomial, L2 / (2 C n), intercept unpenalised) by the low-shot L-BFGS (products with the rows in f32, weights, logits and solver state in f64), history logreg_history, strong-Wolfe line search (CAPI: cuML)",
-    });
+    let extra = config_text(cfg, patch, precision, device);
     let mut details = serde_json::json!({
         "split": {
             "seed": cfg.seed, "holdout": cfg.holdout, "training_images": set.train.len(), "validation_images": set.val.len(),
