@@ -326,9 +326,9 @@ fn bad_input_exits_2_naming_the_file() {
 
     // Too much for the memory this process may use: the size check names train_subsample before any allocation.
     let cfg = SegConfig::default();
-    let err = seg::check_fit_memory(&cfg, Classifier::Knn, 1 << 42, 768, 256, 151).unwrap_err();
+    let err = seg::check_fit_memory(&cfg, Classifier::Knn, (1 << 42, 2000), 768, 256, 151).unwrap_err();
     assert!(err.to_string().contains("train_subsample"), "{err}");
-    assert!(seg::check_fit_memory(&SegConfig { train_subsample: 1 << 40, ..cfg }, Classifier::Knn, 1 << 42, 768, 256, 151).is_ok());
+    assert!(seg::check_fit_memory(&SegConfig { train_subsample: 1 << 40, ..cfg }, Classifier::Knn, (1 << 42, 2000), 768, 256, 151).is_ok());
 }
 
 #[test]

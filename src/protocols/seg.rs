@@ -584,17 +584,19 @@ pub struct ClassifierOutcome {
 }
 
 /// The memory a fit on `rows` training rows takes, checked against what this process may use.
-pub fn check_fit_memory(cfg: &SegConfig, which: Classifier, rows: i64, dim: i64, pixels: i64, classes: i64) -> Result<()> {
+/// `queries` is the most rows one search scores (the held-out or the validation patches).
+pub fn check_fit_memory(cfg: &SegConfig, which: Classifier, (rows, queries): (i64, i64), dim: i64, pixels: i64, classes: i64) -> Result<()> {
     let rows = (rows / cfg.train_subsample.max(1)) as u128;
-    let (dim, pixels, classes) = (dim as u128, pixels as u128, classes as u128);
+    let (queries, dim, pixels, classes) = (queries as u128, dim as u128, pixels as u128, classes as u128);
     let (bytes, what) = match which {
-        // The bank and its labels, plus one block of distances and the neighbours' label rows of a query batch.
+        // The bank and its labels; the queries' copy in the search dtype and their k nearest so far (distances and
+        // ids, twice while merging); one block of distances, and the neighbours' label rows of one vote.
         Classifier::Knn => {
             let el = if cfg.knn_dtype == KnnDtype::Bf16 { 2 } else { 4 };
             let k = *cfg.knn_k.iter().max().unwrap_or(&1) as u128;
             let chunk = (cfg.knn_chunk as u128).min(rows.max(1));
-            let chunks = rows.div_ceil(chunk.max(1));
-            (rows * (dim * el + pixels) + INFERENCE_BS as u128 * (chunk * 4 + chunks * k * (pixels + 4)), "the k-NN bank and a search block")
+            let search = queries * (dim * el + 2 * k * (el + 8)) + INFERENCE_BS as u128 * (chunk * 4 + k * pixels);
+            (rows * (dim * el + pixels) + search, "the k-NN bank and its search")
         }
         // f32 rows with the ones column, and a few [rows, classes] f64 logit matrices.
         Classifier::Logreg => (rows * ((dim + 1) * 4 + classes * 8 * 6), "the logistic regression's f32 rows and f64 logits"),
@@ -639,7 +641,8 @@ fn logreg_score(cfg: &SegConfig, c: f64, (x, y): (Tensor, Tensor), (qx, qy): (&T
 pub fn evaluate(cfg: &SegConfig, which: Classifier, data: &Prepared, device: Device) -> Result<ClassifierOutcome> {
     let t0 = Instant::now();
     let dim = data.train_x.size()[1];
-    check_fit_memory(cfg, which, data.train_x.size()[0], dim, data.pixels, 151)?;
+    let rows = data.train_x.size()[0];
+    check_fit_memory(cfg, which, (rows, data.val_x.size()[0].max(rows - data.rest_rows)), dim, data.pixels, 151)?;
     let has_held = data.rest_rows < data.train_x.size()[0];
     let mut grid = Vec::new();
     let all = (data.train_x.shallow_clone(), data.train_y.shallow_clone());

@@ -146,11 +146,9 @@ impl<'a> Search<'a> {
 
     /// Rank 0: releases the followers.
     pub fn stop(&mut self) -> Result<()> {
-        if !self.stopped && self.world.is_distributed() {
-            self.stopped = true;
+        if !std::mem::replace(&mut self.stopped, true) && self.world.is_distributed() {
             self.command([STOP; 4])?;
         }
-        self.stopped = true;
         Ok(())
     }
 
